@@ -1,0 +1,310 @@
+"""``KoreaInvestment``: a KIS Open API client whose token comes from a shared ``TokenStorage``."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import requests
+
+from ._faults import fault_point
+from .errors import KisApiError, TokenIssueError
+from .secrets import resolve_api_secret
+from .storage.base import TokenStorage
+from .storage.factory import create_token_storage
+from .token import REFRESH_MARGIN_S, Token, mask
+
+__all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
+
+REAL_BASE_URL = "https://openapi.koreainvestment.com:9443"
+VIRTUAL_BASE_URL = "https://openapivts.koreainvestment.com:29443"
+BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
+
+CONNECT_TIMEOUT_S = 3.05
+READ_TIMEOUT_S = 10.0
+ISSUE_WINDOW_S = 61.0
+"""KIS allows one issuance per app key per minute; after ``EGW00133`` wait this long."""
+
+RATE_LIMITED = "EGW00133"
+TOKEN_INVALID = "EGW00121"
+TOKEN_EXPIRED = "EGW00123"
+PRICE_PATH = "/uapi/domestic-stock/v1/quotations/inquire-price"
+
+
+class KoreaInvestment:
+    """A KIS client that shares one access token with every other process using the same store.
+
+    The token is kept in memory and checked against its expiry locally (no I/O per request);
+    the store is touched at start, near expiry, and when KIS says the token is invalid or
+    expired (``EGW00121``/``EGW00123``) — then the stored token is dropped only if it is still
+    the one that failed, and a fresh one comes through ``get_or_issue``, so N workers seeing the
+    same failure make one issuance.
+
+    ``api_secret=None``: the keyring, then ``$KOREA_INVESTMENT_API_SECRET``
+    (:class:`SecretNotFoundError` otherwise). ``token_storage=None``: from the environment
+    (:func:`create_token_storage`). ``base_url=None``: ``$KOREA_INVESTMENT_BASE_URL``, else the
+    real host, or the virtual-trading host for ``mock=True``. ``session`` and ``clock`` are
+    injectable. ``rate_limit_wait_s``: how long to sit out an ``EGW00133``.
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        api_secret: str | None = None,
+        acc_no: str | None = None,
+        mock: bool = False,
+        token_storage: TokenStorage | None = None,
+        *,
+        base_url: str | None = None,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        custtype: str = "P",
+    ) -> None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise ValueError("api_key must be a non-empty string")
+        self.api_key = api_key
+        self.api_secret = resolve_api_secret(api_key, api_secret)
+        self.acc_no = acc_no
+        self.mock = mock
+        self.base_url = (
+            base_url
+            or os.environ.get(BASE_URL_ENV, "").strip()
+            or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
+        ).rstrip("/")
+        self.token_storage = token_storage if token_storage is not None else create_token_storage()
+        self.timeout = timeout
+        self.rate_limit_wait_s = rate_limit_wait_s
+        self.custtype = custtype
+        self._clock = clock
+        self._margin_s = float(getattr(self.token_storage, "refresh_margin_s", REFRESH_MARGIN_S))
+        lock_ttl = getattr(self.token_storage, "lock_ttl", None)
+        if lock_ttl is not None and lock_ttl <= sum(timeout):
+            raise ValueError(
+                f"lock_ttl of the token storage ({lock_ttl:.1f} s) must exceed the HTTP timeout "
+                f"of the issue call ({sum(timeout):.1f} s), or a slow KIS answer would let a "
+                "second process issue while the first is still waiting"
+            )
+        self._own_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._pid = os.getpid()
+        self._refresh_lock = threading.Lock()
+        self._token: Token | None = None
+        self._bearer = ""
+        self._fresh_until = float("-inf")
+        self._refresh()
+
+    def __repr__(self) -> str:
+        return (
+            f"KoreaInvestment(api_key={mask(self.api_key, 4)!r}, base_url={self.base_url!r}, "
+            f"token_storage={self.token_storage!r})"
+        )
+
+    # -- the token -------------------------------------------------------------------------------
+    @property
+    def access_token(self) -> str:
+        """``Bearer <token>``, refreshed through the store when near its expiry."""
+        if self._clock() < self._fresh_until:
+            return self._bearer
+        return self._refresh().bearer
+
+    @property
+    def token(self) -> Token:
+        """The current token record (refreshed if needed)."""
+        self.access_token  # noqa: B018 - refreshes if needed
+        assert self._token is not None
+        return self._token
+
+    def _set(self, token: Token) -> Token:
+        self._token = token
+        self._bearer = token.bearer
+        self._fresh_until = token.expires_at - self._margin_s
+        return token
+
+    def _refresh(self) -> Token:
+        with self._refresh_lock:
+            if self._token is not None and self._clock() < self._fresh_until:
+                return self._token
+            data = self.token_storage.get_or_issue(self.api_key, self.api_secret, self._issue)
+            return self._set(Token.from_token_data(data))
+
+    def _forget(self) -> None:
+        self._token = None
+        self._fresh_until = float("-inf")
+
+    def issue_access_token(self, force: bool = False) -> Token:
+        """Get a token through the store's single flight; ``force`` first drops the stored one."""
+        if force:
+            stored = self.token_storage.load_token(self.api_key, self.api_secret)
+            if stored:
+                self.token_storage.invalidate_token(
+                    self.api_key, self.api_secret, stored["access_token"]
+                )
+            self._forget()
+        return self._refresh()
+
+    def check_access_token(self) -> bool:
+        """Whether the store holds a valid token for these credentials (the seed's check)."""
+        return self.token_storage.check_token_valid(self.api_key, self.api_secret)
+
+    def load_access_token(self) -> None:
+        """Load the stored token into memory, if there is a valid one (the seed's load)."""
+        data = self.token_storage.load_token(self.api_key, self.api_secret)
+        if data:
+            self._set(Token.from_token_data(data))
+
+    def revoke_access_token(self) -> None:
+        """Revoke the current token at KIS and drop it from the store and from memory."""
+        token = self._token
+        if token is None:
+            return
+        self._post_json(
+            "/oauth2/revokeP",
+            {"appkey": self.api_key, "appsecret": self.api_secret, "token": token.access_token},
+        )
+        self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
+        self._forget()
+
+    def _issue(self) -> dict[str, Any]:
+        """Ask KIS for a token (called by the store, holding the issuance lock)."""
+        fault_point("issue.before_kis")
+        body = {"grant_type": "client_credentials", "appkey": self.api_key, "appsecret": self.api_secret}
+        try:
+            resp = self._http().post(f"{self.base_url}/oauth2/tokenP", json=body, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+        payload = _json_or_none(resp)
+        if resp.status_code != 200 or payload is None or "access_token" not in payload:
+            code = _kis_code(payload)
+            message = _kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token"
+            retry = self.rate_limit_wait_s if code == RATE_LIMITED else None
+            raise TokenIssueError(message, code=code, status=resp.status_code, retry_after_s=retry)
+        try:
+            token = Token.from_kis_response(payload, now=self._clock())
+        except ValueError as exc:
+            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
+        fault_point("issue.after_kis")
+        return token.to_token_data(self.api_key, self.api_secret)
+
+    # -- API calls -------------------------------------------------------------------------------
+    def _http(self) -> requests.Session:
+        if self._own_session and os.getpid() != self._pid:
+            # A client built before fork() (gunicorn --preload) must not share pooled sockets.
+            self._session = requests.Session()
+            self._pid = os.getpid()
+        return self._session
+
+    def _headers(self, tr_id: str) -> dict[str, str]:
+        return {
+            "content-type": "application/json; charset=utf-8",
+            "authorization": self.access_token,
+            "appkey": self.api_key,
+            "appsecret": self.api_secret,
+            "tr_id": tr_id,
+            "custtype": self.custtype,
+        }
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        tr_id: str,
+        params: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Call a KIS endpoint with the token headers; one retry with a fresh token on
+        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure."""
+        for attempt in (1, 2):
+            headers = self._headers(tr_id)
+            used = self._token
+            try:
+                resp = self._http().request(
+                    method, f"{self.base_url}{path}", headers=headers, params=params,
+                    json=body, timeout=self.timeout,
+                )
+            except requests.RequestException as exc:
+                raise KisApiError(f"KIS request {path} failed: {type(exc).__name__}") from None
+            payload = _json_or_none(resp)
+            code = _kis_code(payload)
+            if code in (TOKEN_INVALID, TOKEN_EXPIRED) and attempt == 1 and used is not None:
+                self.token_storage.invalidate_token(self.api_key, self.api_secret, used.access_token)
+                if self._token is used:
+                    self._forget()
+                continue
+            if payload is None:
+                raise KisApiError(f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
+                                  status=resp.status_code)
+            if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
+                raise KisApiError(
+                    _kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
+                    code=code, status=resp.status_code,
+                )
+            return payload
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _post_json(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            resp = self._http().post(f"{self.base_url}{path}", json=dict(body), timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise KisApiError(f"KIS request {path} failed: {type(exc).__name__}") from None
+        payload = _json_or_none(resp)
+        if resp.status_code != 200 or payload is None:
+            raise KisApiError(
+                _kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
+                code=_kis_code(payload), status=resp.status_code,
+            )
+        return payload
+
+    def fetch_price(self, symbol: str) -> dict[str, Any]:
+        """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
+        return self.request(
+            "GET", PRICE_PATH, tr_id="FHKST01010100",
+            params={"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol},
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+    def __enter__(self) -> KoreaInvestment:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _json_or_none(resp: requests.Response) -> dict[str, Any] | None:
+    try:
+        payload = resp.json()
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _kis_code(payload: Mapping[str, Any] | None) -> str | None:
+    if not payload:
+        return None
+    code = payload.get("error_code") or payload.get("msg_cd")
+    return str(code) if code else None
+
+
+def _kis_message(payload: Mapping[str, Any] | None) -> str | None:
+    if not payload:
+        return None
+    text = payload.get("error_description") or payload.get("msg1")
+    code = _kis_code(payload)
+    if not text:
+        return None
+    return f"{code}: {str(text)[:200]}" if code else str(text)[:200]

@@ -1,0 +1,89 @@
+"""Keys, fingerprints and sealing of cache entries.
+
+The Fernet key is derived from the api_secret with HKDF-SHA256, its salt and info binding the app
+key and a format version, so a reader of the cache file, of Redis or of a backup learns nothing
+without the secret. A credential fingerprint (HMAC-SHA256 keyed by the secret over the app key)
+tells whether an entry belongs to these credentials without storing the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+from functools import lru_cache
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .token import Token
+
+__all__ = ["Sealer", "derive_key", "fingerprint", "key_id"]
+
+FORMAT_VERSION = b"kis_safe_token/v1"
+
+
+def key_id(api_key: str) -> str:
+    """Short public name of an app key for file entries and Redis keys (not the key itself)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+@lru_cache(maxsize=64)
+def derive_key(api_key: str, api_secret: str) -> bytes:
+    """The url-safe base64 Fernet key for these credentials (HKDF-SHA256)."""
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=FORMAT_VERSION + b"|salt|" + api_key.encode(),
+        info=FORMAT_VERSION + b"|fernet|" + api_key.encode(),
+    )
+    return base64.urlsafe_b64encode(hkdf.derive(api_secret.encode()))
+
+
+@lru_cache(maxsize=64)
+def fingerprint(api_key: str, api_secret: str) -> str:
+    """HMAC-SHA256 keyed by the secret over the app key: whose entry this is, secret not stored."""
+    mac = hmac.new(api_secret.encode(), FORMAT_VERSION + b"|fp|" + api_key.encode(), "sha256")
+    return mac.hexdigest()
+
+
+class Sealer:
+    """Seals tokens for one set of credentials; opens them or says they are not ours.
+
+    ``keys`` are optional explicit Fernet keys (the first encrypts; all decrypt, for rotation).
+    Without them the key derived from the secret is used. Opening also tries the derived key,
+    so entries written before explicit keys were configured stay readable.
+    """
+
+    __slots__ = ("_fernet", "_fingerprint")
+
+    def __init__(self, api_key: str, api_secret: str, keys: Sequence[bytes | str] = ()) -> None:
+        if not isinstance(api_key, str) or not api_key:
+            raise ValueError("api_key must be a non-empty string")
+        if not isinstance(api_secret, str) or not api_secret:
+            raise ValueError("api_secret must be a non-empty string")
+        fernets = [Fernet(k) for k in keys]
+        fernets.append(Fernet(derive_key(api_key, api_secret)))
+        self._fernet = MultiFernet(fernets)
+        self._fingerprint = fingerprint(api_key, api_secret)
+
+    def __repr__(self) -> str:
+        return "Sealer(<keys hidden>)"
+
+    def seal(self, token: Token) -> bytes:
+        return self._fernet.encrypt(token.to_payload(self._fingerprint))
+
+    def open(self, sealed: bytes | str | None) -> Token | None:
+        """The token in ``sealed``, or ``None`` if it is unreadable or not these credentials'."""
+        if not sealed:
+            return None
+        try:
+            raw = self._fernet.decrypt(sealed)
+            token, fp = Token.from_payload(raw)
+        except (InvalidToken, ValueError, TypeError):
+            return None
+        if not hmac.compare_digest(fp, self._fingerprint):
+            return None
+        return token

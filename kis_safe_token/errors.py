@@ -1,0 +1,52 @@
+"""The errors this library raises: one base class and a few precise subclasses."""
+
+from __future__ import annotations
+
+__all__ = [
+    "KisTokenError",
+    "SecretNotFoundError",
+    "TokenIssueError",
+    "TokenStorageError",
+]
+
+
+class KisTokenError(Exception):
+    """Base of every error this library raises."""
+
+
+class TokenStorageError(KisTokenError):
+    """The token store cannot be reached or used (Redis down, disk full, lock wait timed out)."""
+
+
+class TokenIssueError(KisTokenError):
+    """KIS refused to issue (or answered garbage to) a token request.
+
+    ``code`` is KIS's ``error_code`` / ``msg_cd`` (for example ``EGW00133``), ``status`` the HTTP
+    status, and ``retry_after_s`` how long to wait before asking again when KIS rate-limited us.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class KisApiError(KisTokenError):
+    """A KIS API call (other than token issuance) failed; carries ``msg_cd`` and HTTP status."""
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class SecretNotFoundError(KisTokenError, LookupError):
+    """No api_secret was given and none could be found; the message says how to store one."""

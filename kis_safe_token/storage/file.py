@@ -1,0 +1,258 @@
+"""File backend: one Fernet-sealed JSON document, written atomically, guarded by ``filelock``.
+
+Layout: ``{"format": "kis_safe_token", "version": 1, "entries": {<key id>: <fernet token>}}``;
+each entry is sealed with its own app key's secret-derived key, so one file serves several app
+keys without them evicting each other, and nobody without a secret can read its entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import filelock
+import platformdirs
+
+from .._faults import fault_point
+from ..crypto import key_id
+from ..errors import TokenStorageError
+from ..token import REFRESH_MARGIN_S, Token
+from .base import WAIT_TIMEOUT_S, SealedTokenStorage, jittered
+
+__all__ = ["FileTokenStorage", "default_token_path"]
+
+logger = logging.getLogger("kis_safe_token")
+
+FILE_FORMAT = "kis_safe_token"
+FILE_VERSION = 1
+POLL_INTERVAL_S = 0.004
+_Signature = tuple[int, int, int]
+
+
+def default_token_path() -> Path:
+    """``<user cache dir>/kis_safe_token/tokens.json`` (``~/.cache/...`` on Linux)."""
+    return Path(platformdirs.user_cache_dir("kis_safe_token", appauthor=False)) / "tokens.json"
+
+
+class FileTokenStorage(SealedTokenStorage):
+    """Tokens in one local file, shared by every process of this user on this host.
+
+    Issuance is guarded by an exclusive ``filelock`` on ``<file>.lock`` (kept, never deleted:
+    deleting a lock file lets two processes lock two different inodes). Writes go to a temp file
+    in the same folder, are fsynced and ``os.replace``-d in, so a reader sees the old document or
+    the new one, never half. Reads take no lock and skip decrypting while the file's
+    ``(mtime_ns, size, inode)`` is unchanged.
+
+    ``file_path``: default :func:`default_token_path`. ``encryption_keys``: optional explicit
+    Fernet keys (first encrypts). ``wait_timeout``: how long to wait for another's issuance.
+    """
+
+    def __init__(
+        self,
+        file_path: Path | str | None = None,
+        *,
+        encryption_keys: Sequence[bytes | str] = (),
+        refresh_margin_s: float = REFRESH_MARGIN_S,
+        wait_timeout: float = WAIT_TIMEOUT_S,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            encryption_keys=encryption_keys,
+            refresh_margin_s=refresh_margin_s,
+            wait_timeout=wait_timeout,
+            clock=clock,
+        )
+        self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
+        self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
+        self.poll_interval_s = poll_interval_s
+        self._flock: filelock.FileLock | None = None
+        self._doc: tuple[_Signature, dict[str, str]] | None = None
+        self._opened: dict[tuple[str, str], tuple[_Signature, Token | None]] = {}
+
+    def __repr__(self) -> str:
+        return f"FileTokenStorage({str(self.token_file)!r})"
+
+    # -- reading -----------------------------------------------------------------------------
+    def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
+        sig = self._signature()
+        if sig is None:
+            return None
+        creds = (api_key, api_secret)
+        seen = self._opened.get(creds)
+        if seen is not None and seen[0] == sig and not fresh:
+            return seen[1]
+        entries = self._entries(sig, fresh=fresh)
+        token = self._sealer(api_key, api_secret).open(entries.get(key_id(api_key)))
+        self._opened[creds] = (sig, token)
+        return token
+
+    def _signature(self) -> _Signature | None:
+        try:
+            st = os.stat(self.token_file)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TokenStorageError(f"cannot stat token file {self.token_file}: {exc}") from exc
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _entries(self, sig: _Signature, *, fresh: bool = False) -> dict[str, str]:
+        if self._doc is not None and self._doc[0] == sig and not fresh:
+            return self._doc[1]
+        try:
+            raw = self.token_file.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise TokenStorageError(f"cannot read token file {self.token_file}: {exc}") from exc
+        entries = _parse_document(raw, self.token_file)
+        self._doc = (sig, entries)
+        return entries
+
+    # -- writing (the caller may or may not hold the lock: it is re-entrant) ------------------
+    def _write(self, api_key: str, api_secret: str, token: Token) -> None:
+        sealed = self._sealer(api_key, api_secret).seal(token).decode()
+        self._update(lambda entries: entries.__setitem__(key_id(api_key), sealed) or True)
+
+    def _delete(self, api_key: str) -> None:
+        self._update(lambda entries: entries.pop(key_id(api_key), None) is not None)
+
+    def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
+        def drop_if_same(entries: dict[str, str]) -> bool:
+            sealed = entries.get(key_id(api_key))
+            token = self._sealer(api_key, api_secret).open(sealed)
+            if token is None or token.access_token != access_token:
+                return False
+            del entries[key_id(api_key)]
+            return True
+
+        return self._update(drop_if_same)
+
+    def _update(self, change: Callable[[dict[str, str]], bool]) -> bool:
+        """Read-modify-write the document under the lock; write only if ``change`` says so."""
+        lock = self._lock()
+        try:
+            lock.acquire(timeout=self.wait_timeout)
+        except filelock.Timeout:
+            raise TokenStorageError(
+                f"timed out after {self.wait_timeout:.1f} s waiting for {self.lock_file}"
+            ) from None
+        except OSError as exc:
+            raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
+        try:
+            sig = self._signature()
+            entries = dict(self._entries(sig, fresh=True)) if sig else {}
+            changed = change(entries)
+            if changed:
+                self._replace(entries)
+            return changed
+        finally:
+            lock.release()
+
+    def _replace(self, entries: dict[str, str]) -> None:
+        doc = {"format": FILE_FORMAT, "version": FILE_VERSION, "entries": entries}
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        folder = self.token_file.parent
+        tmp: str | None = None
+        try:
+            _make_private_dir(folder)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.token_file.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            fault_point("file.before_replace")
+            os.replace(tmp, self.token_file)
+            tmp = None
+            _fsync_dir(folder)
+        except OSError as exc:
+            raise TokenStorageError(f"cannot write token file {self.token_file}: {exc}") from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    # -- the issuance lock -------------------------------------------------------------------
+    def _lock(self) -> filelock.FileLock:
+        if self._flock is None:
+            try:
+                _make_private_dir(self.lock_file.parent)
+            except OSError as exc:
+                raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
+            self._flock = filelock.FileLock(self.lock_file, mode=0o600)
+        return self._flock
+
+    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
+        lock = self._lock()
+        while True:
+            try:
+                lock.acquire(timeout=0)
+                return lock
+            except filelock.Timeout:
+                pass
+            except OSError as exc:
+                raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
+            token = self._read(api_key, api_secret)
+            if self._usable(token):
+                return token
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TokenStorageError(
+                    f"timed out after {self.wait_timeout:.1f} s waiting for the issuing process "
+                    f"holding {self.lock_file}"
+                )
+            time.sleep(min(left, jittered(self.poll_interval_s)))
+
+    def _release(self, handle: object) -> None:
+        assert isinstance(handle, filelock.BaseFileLock)
+        handle.release()
+
+
+def _parse_document(raw: bytes, path: Path) -> dict[str, str]:
+    """The entries of a token file; an unreadable file is logged and read as empty."""
+    if raw[:1] == b"\x80":
+        logger.warning("ignoring %s: it looks like a pickle (never unpickled); it will be replaced", path)
+        return {}
+    try:
+        doc: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        logger.warning("ignoring %s: not a kis_safe_token file (unreadable or torn)", path)
+        return {}
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != FILE_FORMAT
+        or doc.get("version") != FILE_VERSION
+        or not isinstance(doc.get("entries"), dict)
+    ):
+        logger.warning("ignoring %s: unknown format or version", path)
+        return {}
+    return {k: v for k, v in doc["entries"].items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _make_private_dir(folder: Path) -> None:
+    """Create the token folder readable by its owner only (an existing folder is left as is)."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,277 @@
+"""Redis backends: ``RedisTokenStorage`` (seed-compatible) and ``LockedRedisTokenStorage``.
+
+Keys share a Redis Cluster hash tag so a token and its lock live on one slot::
+
+    korea_investment:token:{<sha256(app key)[:12]>}              sealed token, TTL = time to expiry
+    korea_investment:token:{<...>}:lock                         owner id, PX lock_ttl
+    korea_investment:token:{<...>}:wake:<owner>                 wake-up list of that holder
+
+A value is one Fernet token (the secret-derived key of :mod:`kis_safe_token.crypto`); Redis never
+sees the access token or the api_secret in clear. A warm ``load_token`` is one ``GET``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..crypto import key_id
+from ..errors import TokenStorageError
+from ..token import REFRESH_MARGIN_S, Token
+from .base import WAIT_TIMEOUT_S, SealedTokenStorage, jittered
+from .factory import DEFAULT_REDIS_URL, validate_redis_url
+
+try:
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - exercised only without the [redis] extra
+    redis = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_TTL_S", "LockedRedisTokenStorage", "RedisTokenStorage"]
+
+logger = logging.getLogger("kis_safe_token")
+
+DEFAULT_KEY_PREFIX = "korea_investment:token"
+CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 5.0
+LOCK_TTL_S = 30.0
+POLL_INTERVAL_S = 0.25
+WAKE_FANOUT = 8
+WAKE_TTL_MS = 10_000
+
+_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+if redis is not None:
+    _ERRORS = (redis.exceptions.RedisError, OSError)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisTokenStorage(SealedTokenStorage):
+    """Tokens in Redis, readable by every process on every host that has the secret.
+
+    Built with ``redis.from_url(redis_url, password=...)`` (the password goes in as a keyword,
+    never spliced into the URL, so ``rediss://user:pass@…`` and ``unix://`` work) or with an
+    injected ``client`` (``Redis``, ``RedisCluster``, a Sentinel master; decoding or not).
+    This class takes no lock: use :class:`LockedRedisTokenStorage` for single flight across hosts.
+    Connection failures raise :class:`TokenStorageError` within about ``connect_timeout_s`` x 3.
+    """
+
+    def __init__(
+        self,
+        redis_url: str = DEFAULT_REDIS_URL,
+        password: str | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        *,
+        client: Any = None,
+        encryption_keys: Sequence[bytes | str] = (),
+        refresh_margin_s: float = REFRESH_MARGIN_S,
+        wait_timeout: float = WAIT_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        socket_timeout_s: float = SOCKET_TIMEOUT_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            encryption_keys=encryption_keys,
+            refresh_margin_s=refresh_margin_s,
+            wait_timeout=wait_timeout,
+            clock=clock,
+        )
+        if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
+            raise ValueError("key_prefix must be a non-empty string without '{'")
+        self.key_prefix = key_prefix
+        if client is None:
+            if redis is None:
+                raise ImportError(
+                    "the Redis backend needs redis-py: pip install 'kis-safe-token[redis]'"
+                )
+            validate_redis_url(redis_url)
+            options: dict[str, Any] = {
+                "socket_connect_timeout": connect_timeout_s,
+                "socket_timeout": socket_timeout_s,
+                "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            }
+            if password:
+                options["password"] = password
+            client = redis.from_url(redis_url, **options)
+            self._where = redis_url.split("@")[-1] if "@" in redis_url else redis_url
+        else:
+            self._where = type(client).__name__
+        self.redis_client = client
+        self._scripts: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where!r}, key_prefix={self.key_prefix!r})"
+
+    def _get_redis_key(self, api_key: str) -> str:
+        """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
+        return f"{self.key_prefix}:{{{key_id(api_key)}}}"
+
+    def _script(self, source: str) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.redis_client.register_script(source)
+        return script
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except _ERRORS as exc:
+            raise TokenStorageError(f"Redis {what} failed ({self._where}): {exc}") from exc
+
+    # -- primitives ------------------------------------------------------------------------------
+    def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
+        raw = self._call("GET", lambda: self.redis_client.get(self._get_redis_key(api_key)))
+        return self._sealer(api_key, api_secret).open(raw)
+
+    def _write(self, api_key: str, api_secret: str, token: Token) -> None:
+        ttl_ms = int((token.expires_at - self.clock()) * 1000)
+        key = self._get_redis_key(api_key)
+        if ttl_ms <= 0:
+            self._call("DEL", lambda: self.redis_client.delete(key))
+            return
+        sealed = self._sealer(api_key, api_secret).seal(token)
+        self._call("SET", lambda: self.redis_client.set(key, sealed, px=ttl_ms))
+
+    def _delete(self, api_key: str) -> None:
+        self._call("DEL", lambda: self.redis_client.delete(self._get_redis_key(api_key)))
+
+    def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
+        key = self._get_redis_key(api_key)
+        raw = self._call("GET", lambda: self.redis_client.get(key))
+        token = self._sealer(api_key, api_secret).open(raw)
+        if token is None or token.access_token != access_token:
+            return False
+        # Delete only the exact value we decrypted: another process may have saved a new token
+        # between our GET and now, and that one must survive.
+        script = self._script(COMPARE_AND_DELETE_LUA)
+        return bool(self._call("compare-and-delete", lambda: script(keys=[key], args=[raw])))
+
+
+COMPARE_AND_DELETE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+RELEASE_LUA = """
+-- Wake the waiters of this holder first, then delete the lock only if we still own it: a holder
+-- whose lock expired must never free the lock its successor now holds.
+for i = 1, tonumber(ARGV[2]) do redis.call('rpush', KEYS[2], '1') end
+redis.call('pexpire', KEYS[2], ARGV[3])
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+EXTEND_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class _Held:
+    __slots__ = ("lock_key", "owner", "wake_key")
+
+    def __init__(self, lock_key: str, owner: str) -> None:
+        self.lock_key = lock_key
+        self.owner = owner
+        self.wake_key = f"{lock_key}:wake:{owner}"
+
+
+class LockedRedisTokenStorage(RedisTokenStorage):
+    """:class:`RedisTokenStorage` plus a fleet-wide issuance lock: one process issues, the rest
+    wait and reload.
+
+    The lock is ``SET <key>:lock <owner> NX PX lock_ttl``; release and extend are Lua
+    compare-and-set on the owner id, unique per acquisition (so threads and forked children never
+    share one). Waiters block in ``BLPOP`` on the holder's wake-up list, which the holder fills
+    the moment the token is saved (each waiter passes one wake-up on, so any number wake within
+    milliseconds); the ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is only the fallback
+    that notices a holder that died. Its lock then expires after ``lock_ttl`` and one waiter takes
+    over. Every wait ends in :class:`TokenStorageError` after ``wait_timeout``.
+
+    ``lock_ttl`` must exceed the HTTP timeout of the issue call; ``KoreaInvestment`` checks it.
+    """
+
+    def __init__(
+        self,
+        redis_url: str = DEFAULT_REDIS_URL,
+        password: str | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        *,
+        client: Any = None,
+        lock_ttl: float = LOCK_TTL_S,
+        wait_timeout: float = WAIT_TIMEOUT_S,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        **options: Any,
+    ) -> None:
+        if not lock_ttl > 0:
+            raise ValueError(f"lock_ttl must be > 0 seconds, got {lock_ttl!r}")
+        if not 0 < poll_interval_s <= SOCKET_TIMEOUT_S / 2:
+            raise ValueError(f"poll_interval_s must be in (0, {SOCKET_TIMEOUT_S / 2}] seconds")
+        super().__init__(
+            redis_url, password, key_prefix, client=client, wait_timeout=wait_timeout, **options
+        )
+        self.lock_ttl = float(lock_ttl)
+        self.poll_interval_s = poll_interval_s
+
+    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
+        token_key = self._get_redis_key(api_key)
+        held = _Held(f"{token_key}:lock", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}")
+        ttl_ms = int(self.lock_ttl * 1000)
+        client = self.redis_client
+        sealer = self._sealer(api_key, api_secret)
+        while True:
+            if self._call("SET NX", lambda: client.set(held.lock_key, held.owner, nx=True, px=ttl_ms)):
+                return held
+            pipe = client.pipeline(transaction=False)
+            pipe.get(held.lock_key)
+            pipe.get(token_key)
+            holder, raw = self._call("GET", pipe.execute)
+            token = sealer.open(raw)
+            if self._usable(token):
+                return token
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TokenStorageError(
+                    f"timed out after {self.wait_timeout:.1f} s waiting for the process "
+                    "holding the issuance lock"
+                )
+            holder = _text(holder)
+            if holder is None:
+                continue  # the lock was just released: try to take it, or read its result
+            wake_key = f"{held.lock_key}:wake:{holder}"
+            timeout = max(0.001, min(left, jittered(self.poll_interval_s)))
+            if self._call("BLPOP", lambda: client.blpop([wake_key], timeout=timeout)):
+                self._call("LPUSH", lambda: client.lpush(wake_key, "1"))
+
+    def _release(self, handle: object) -> None:
+        assert isinstance(handle, _Held)
+        script = self._script(RELEASE_LUA)
+        try:
+            script(
+                keys=[handle.lock_key, handle.wake_key],
+                args=[handle.owner, WAKE_FANOUT, WAKE_TTL_MS],
+            )
+        except _ERRORS as exc:
+            logger.warning(
+                "could not release the issuance lock (it expires by itself in %.0f s): %s",
+                self.lock_ttl, exc,
+            )
+
+    def _extend(self, handle: object) -> None:
+        assert isinstance(handle, _Held)
+        script = self._script(EXTEND_LUA)
+        kept = self._call(
+            "PEXPIRE", lambda: script(keys=[handle.lock_key], args=[handle.owner, int(self.lock_ttl * 1000)])
+        )
+        if not kept:
+            logger.warning("the issuance lock expired while held (lock_ttl %.1f s too short?)", self.lock_ttl)

@@ -1,0 +1,279 @@
+"""A small offline KIS over real HTTP on 127.0.0.1, for tests, demos and users' own code.
+
+It behaves like KIS for what this library touches: ``POST /oauth2/tokenP`` (one issue per app
+key per ``issue_window_s`` or ``EGW00133``), ``/oauth2/revokeP``, ``/oauth2/Approval`` and the
+domestic price quote, which answers HTTP 500 ``EGW00121`` (invalid token) / ``EGW00123``
+(expired token) as KIS does. It counts what it saw, so tests can assert "exactly one issuance".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from ..token import format_kst
+
+__all__ = ["KisSimulator"]
+
+PRICE_PATH = "/uapi/domestic-stock/v1/quotations/inquire-price"
+RATE_LIMIT_MESSAGE = "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)"
+
+
+@dataclass
+class _Issued:
+    app_key: str
+    expires_at: float
+    revoked: bool = False
+
+
+class KisSimulator:
+    """Offline KIS: ``with KisSimulator() as sim: KoreaInvestment(..., base_url=sim.base_url)``.
+
+    ``apps``: app key -> secret to accept (``None`` accepts any pair). ``issue_window_s``: the
+    one-issue-per-app-key window (KIS: 60 s). ``token_lifetime_s``: validity of issued tokens.
+    ``issue_latency_s``: artificial delay of ``tokenP`` (widens races the way a slow KIS does).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        apps: dict[str, str] | None = None,
+        issue_window_s: float = 60.0,
+        token_lifetime_s: float = 86_400.0,
+        issue_latency_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.apps = dict(apps) if apps is not None else None
+        self.issue_window_s = issue_window_s
+        self.token_lifetime_s = token_lifetime_s
+        self.issue_latency_s = issue_latency_s
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self._tokens: dict[str, _Issued] = {}
+        self._last_issue: dict[str, float] = {}
+        self._cond = threading.Condition()
+        self.issue_gate = threading.Event()
+        """Cleared, ``tokenP`` requests wait (up to 60 s) until it is set: a KIS that hangs."""
+        self.issue_gate.set()
+        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> KisSimulator:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, name="kis-simulator", daemon=True,
+                kwargs={"poll_interval": 0.05},
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.issue_gate.set()
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> KisSimulator:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- what tests look at and do -----------------------------------------------------------
+    @property
+    def issued(self) -> int:
+        """Tokens issued so far (successful ``tokenP`` answers)."""
+        return self.counts["issued"]
+
+    @property
+    def rate_limited(self) -> int:
+        """``EGW00133`` answers so far."""
+        return self.counts["EGW00133"]
+
+    def issued_tokens(self) -> list[str]:
+        with self._cond:
+            return list(self._tokens)
+
+    def wait_for(self, predicate: Callable[[KisSimulator], bool], timeout: float = 10.0) -> bool:
+        """Block until ``predicate(self)`` holds (re-checked on every request) or ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def expire_tokens(self, *, reset_window: bool = True) -> None:
+        """Make every issued token expired server-side (KIS then answers ``EGW00123``).
+
+        ``reset_window`` also forgets the last issue times, so the next issue is not refused
+        with ``EGW00133`` (a test round need not wait a minute).
+        """
+        now = self.clock()
+        with self._cond:
+            for issued in self._tokens.values():
+                issued.expires_at = min(issued.expires_at, now - 1)
+            if reset_window:
+                self._last_issue.clear()
+            self._cond.notify_all()
+
+    def _count(self, name: str) -> None:
+        with self._cond:
+            self.counts[name] += 1
+            self._cond.notify_all()
+
+    # -- endpoints ---------------------------------------------------------------------------
+    def _issue(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._count("issue_requests")
+        if not self.issue_gate.wait(60):
+            return 504, {"error_description": "gateway timeout", "error_code": "EGW00000"}
+        key, secret = body.get("appkey"), body.get("appsecret")
+        if body.get("grant_type") != "client_credentials" or not key or not secret:
+            return 403, {"error_description": "잘못된 요청입니다.", "error_code": "EGW00002"}
+        refused = self._check_app(str(key), str(secret))
+        if refused:
+            return 403, refused
+        if self.issue_latency_s:
+            time.sleep(self.issue_latency_s)
+        now = self.clock()
+        with self._cond:
+            last = self._last_issue.get(key)
+            if last is not None and now - last < self.issue_window_s:
+                self.counts["EGW00133"] += 1
+                self._cond.notify_all()
+                return 403, {"error_description": RATE_LIMIT_MESSAGE, "error_code": "EGW00133"}
+            self._last_issue[key] = now
+            token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(96)
+            expires_at = now + self.token_lifetime_s
+            self._tokens[token] = _Issued(str(key), expires_at)
+            self.counts["issued"] += 1
+            self._cond.notify_all()
+        return 200, {
+            "access_token": token,
+            "access_token_token_expired": format_kst(expires_at),
+            "token_type": "Bearer",
+            "expires_in": int(self.token_lifetime_s),
+        }
+
+    def _check_app(self, key: str, secret: str) -> dict[str, Any] | None:
+        if self.apps is None:
+            return None
+        if key not in self.apps:
+            return {"error_description": "유효하지 않은 AppKey입니다.", "error_code": "EGW00103"}
+        if not secrets.compare_digest(self.apps[key].encode(), secret.encode()):
+            return {"error_description": "유효하지 않은 AppSecret입니다.", "error_code": "EGW00105"}
+        return None
+
+    def _revoke(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._count("revoke_requests")
+        with self._cond:
+            issued = self._tokens.get(str(body.get("token")))
+            if issued is None or issued.app_key != body.get("appkey"):
+                return 403, {"error_description": "유효하지 않은 token 입니다.", "error_code": "EGW00121"}
+            issued.revoked = True
+        return 200, {"code": 200, "message": "접근토큰 폐기에 성공하였습니다"}
+
+    def _approval(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        refused = self._check_app(str(body.get("appkey")), str(body.get("secretkey")))
+        if refused:
+            return 403, refused
+        return 200, {"approval_key": secrets.token_hex(18)}
+
+    def _price(self, headers: Any, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+        self._count("price_requests")
+        auth = headers.get("authorization") or ""
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        now = self.clock()
+        with self._cond:
+            issued = self._tokens.get(token)
+            valid_app = issued is not None and issued.app_key == headers.get("appkey")
+            if not valid_app or issued is None or issued.revoked:
+                self.counts["EGW00121"] += 1
+                self._cond.notify_all()
+                return 500, {"rt_cd": "1", "msg_cd": "EGW00121", "msg1": "유효하지 않은 token 입니다."}
+            if now >= issued.expires_at:
+                self.counts["EGW00123"] += 1
+                self._cond.notify_all()
+                return 500, {"rt_cd": "1", "msg_cd": "EGW00123", "msg1": "기간이 만료된 token 입니다."}
+        if headers.get("tr_id") != "FHKST01010100":
+            return 500, {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "tr_id 가 올바르지 않습니다."}
+        symbol = (query.get("FID_INPUT_ISCD") or [""])[0]
+        if len(symbol) != 6 or not symbol.isalnum():
+            return 200, {"rt_cd": "1", "msg_cd": "MCA00124", "msg1": "종목코드가 올바르지 않습니다."}
+        price = 1_000 + int(hashlib.sha256(symbol.encode()).hexdigest()[:6], 16) % 99_000
+        return 200, {
+            "output": {
+                "stck_shrn_iscd": symbol,
+                "stck_prpr": str(price),
+                "prdy_vrss": "0",
+                "prdy_ctrt": "0.00",
+                "acml_vol": "0",
+            },
+            "rt_cd": "0",
+            "msg_cd": "MCA00000",
+            "msg1": "정상처리 되었습니다.",
+        }
+
+
+def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by design
+            pass
+
+        def _reply(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload, ensure_ascii=False).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json; charset=utf-8")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict[str, Any]:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw or b"{}")
+            except ValueError:
+                return {}
+            return body if isinstance(body, dict) else {}
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            path = urlsplit(self.path).path
+            body = self._body()
+            routes = {"/oauth2/tokenP": sim._issue, "/oauth2/revokeP": sim._revoke,
+                      "/oauth2/Approval": sim._approval}
+            route = routes.get(path)
+            if route is None:
+                self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})
+                return
+            self._reply(*route(body))
+
+        def do_GET(self) -> None:  # noqa: N802
+            parts = urlsplit(self.path)
+            if parts.path != PRICE_PATH:
+                self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})
+                return
+            self._reply(*sim._price(self.headers, parse_qs(parts.query)))
+
+    return Handler
