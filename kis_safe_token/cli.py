@@ -34,8 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--redis-url", help=f"default: ${REDIS_URL_ENV}")
     common.add_argument("--base-url", help=f"KIS host; default: ${BASE_URL_ENV} or the real host")
     keyed = argparse.ArgumentParser(add_help=False, parents=[common])
-    keyed.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                       help=f"the app key (default: ${API_KEY_ENV})")
+    keyed.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the app key (default: ${API_KEY_ENV})",
+    )
 
     parser = argparse.ArgumentParser(prog="kis-token", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,7 +109,9 @@ def _describe(token: Token | None, storage: TokenStorage) -> dict[str, Any]:
         info.update(
             token=mask(token.access_token),
             expires_kst=token.expired_kst,
-            expires_local=datetime.fromtimestamp(token.expires_at).astimezone().isoformat(" ", "seconds"),
+            expires_local=datetime.fromtimestamp(token.expires_at)
+            .astimezone()
+            .isoformat(" ", "seconds"),
             seconds_left=int(left),
             valid=left > 0,
         )
@@ -138,7 +143,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> KoreaInvestment:
-    return KoreaInvestment(_api_key(args), None, token_storage=_storage(args), base_url=args.base_url)
+    return KoreaInvestment(
+        _api_key(args), None, token_storage=_storage(args), base_url=args.base_url
+    )
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
@@ -187,8 +194,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "secret": _cmd_secret, "status": _cmd_status, "issue": _cmd_issue, "revoke": _cmd_revoke,
-    "clear": _cmd_clear, "simulator": _cmd_simulator, "demo": _cmd_demo,
+    "secret": _cmd_secret,
+    "status": _cmd_status,
+    "issue": _cmd_issue,
+    "revoke": _cmd_revoke,
+    "clear": _cmd_clear,
+    "simulator": _cmd_simulator,
+    "demo": _cmd_demo,
 }
 
 

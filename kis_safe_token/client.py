@@ -173,15 +173,23 @@ class KoreaInvestment:
     def _issue(self) -> dict[str, Any]:
         """Ask KIS for a token (called by the store, holding the issuance lock)."""
         fault_point("issue.before_kis")
-        body = {"grant_type": "client_credentials", "appkey": self.api_key, "appsecret": self.api_secret}
+        body = {
+            "grant_type": "client_credentials",
+            "appkey": self.api_key,
+            "appsecret": self.api_secret,
+        }
         try:
-            resp = self._http().post(f"{self.base_url}/oauth2/tokenP", json=body, timeout=self.timeout)
+            resp = self._http().post(
+                f"{self.base_url}/oauth2/tokenP", json=body, timeout=self.timeout
+            )
         except requests.RequestException as exc:
             raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
         payload = _json_or_none(resp)
         if resp.status_code != 200 or payload is None or "access_token" not in payload:
             code = _kis_code(payload)
-            message = _kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token"
+            message = (
+                _kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token"
+            )
             retry = self.rate_limit_wait_s if code == RATE_LIMITED else None
             raise TokenIssueError(message, code=code, status=resp.status_code, retry_after_s=retry)
         try:
@@ -225,46 +233,60 @@ class KoreaInvestment:
             used = self._token
             try:
                 resp = self._http().request(
-                    method, f"{self.base_url}{path}", headers=headers, params=params,
-                    json=body, timeout=self.timeout,
+                    method,
+                    f"{self.base_url}{path}",
+                    headers=headers,
+                    params=params,
+                    json=body,
+                    timeout=self.timeout,
                 )
             except requests.RequestException as exc:
                 raise KisApiError(f"KIS request {path} failed: {type(exc).__name__}") from None
             payload = _json_or_none(resp)
             code = _kis_code(payload)
             if code in (TOKEN_INVALID, TOKEN_EXPIRED) and attempt == 1 and used is not None:
-                self.token_storage.invalidate_token(self.api_key, self.api_secret, used.access_token)
+                self.token_storage.invalidate_token(
+                    self.api_key, self.api_secret, used.access_token
+                )
                 if self._token is used:
                     self._forget()
                 continue
             if payload is None:
-                raise KisApiError(f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
-                                  status=resp.status_code)
+                raise KisApiError(
+                    f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
+                    status=resp.status_code,
+                )
             if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
                 raise KisApiError(
                     _kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
-                    code=code, status=resp.status_code,
+                    code=code,
+                    status=resp.status_code,
                 )
             return payload
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _post_json(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            resp = self._http().post(f"{self.base_url}{path}", json=dict(body), timeout=self.timeout)
+            resp = self._http().post(
+                f"{self.base_url}{path}", json=dict(body), timeout=self.timeout
+            )
         except requests.RequestException as exc:
             raise KisApiError(f"KIS request {path} failed: {type(exc).__name__}") from None
         payload = _json_or_none(resp)
         if resp.status_code != 200 or payload is None:
             raise KisApiError(
                 _kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
-                code=_kis_code(payload), status=resp.status_code,
+                code=_kis_code(payload),
+                status=resp.status_code,
             )
         return payload
 
     def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
         return self.request(
-            "GET", PRICE_PATH, tr_id="FHKST01010100",
+            "GET",
+            PRICE_PATH,
+            tr_id="FHKST01010100",
             params={"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol},
         )
 

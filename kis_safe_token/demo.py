@@ -1,4 +1,4 @@
-"""``kis-token demo``: N processes start at once against the offline simulator and share one token."""
+"""``kis-token demo``: N processes start at once against the offline simulator, share one token."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def _worker(index: int, barrier: Any, results: Any) -> None:
             quote = client.fetch_price(SYMBOL)
             token_id = hashlib.sha256(client.access_token.encode()).hexdigest()[:8]
         elapsed_ms = (time.perf_counter() - started) * 1000
-        results.put(("done", index, (os.getpid(), elapsed_ms, token_id, quote["output"]["stck_prpr"])))
+        results.put(
+            ("done", index, (os.getpid(), elapsed_ms, token_id, quote["output"]["stck_prpr"]))
+        )
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the demo
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
@@ -106,8 +108,10 @@ def run_demo(workers: int, storage: str) -> int:
         print(line)
     distinct = len({row[2] for row in rows.values()})
     print()
-    print(f"tokens issued by KIS: {sim.issued}   EGW00133 refusals: {sim.rate_limited}   "
-          f"distinct tokens held: {distinct}   wall time: {wall_ms:.0f} ms")
+    print(
+        f"tokens issued by KIS: {sim.issued}   EGW00133 refusals: {sim.rate_limited}   "
+        f"distinct tokens held: {distinct}   wall time: {wall_ms:.0f} ms"
+    )
     ok = sim.issued == 1 and sim.rate_limited == 0 and distinct == 1 and not errors
     print("OK: one issuance shared by every worker" if ok else "FAILED: see above")
     return 0 if ok else 1

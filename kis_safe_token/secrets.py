@@ -78,7 +78,8 @@ def get_api_secret(api_key: str) -> str:
     secret = _keyring_secret(api_key)
     if not secret:
         raise SecretNotFoundError(
-            "no api_secret in the keyring for this app key: " + _HOW_TO_STORE.format(app_key=api_key)
+            "no api_secret in the keyring for this app key: "
+            + _HOW_TO_STORE.format(app_key=api_key)
         )
     return secret
 

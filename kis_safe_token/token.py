@@ -75,10 +75,7 @@ class Token:
         object.__setattr__(self, "expires_at", _finite(self.expires_at, "expires_at"))
 
     def __repr__(self) -> str:
-        return (
-            f"Token(access_token={mask(self.access_token)!r}, "
-            f"expires={self.expired_kst!r} KST)"
-        )
+        return f"Token(access_token={mask(self.access_token)!r}, expires={self.expired_kst!r} KST)"
 
     __str__ = __repr__
 
@@ -170,5 +167,5 @@ class Token:
         fingerprint = body.get("fp")
         if not isinstance(fingerprint, str):
             raise ValueError("payload has no fingerprint")
-        token = cls(body.get("access_token"), body.get("expires_at"), str(body.get("token_type")))
+        token = cls(body.get("access_token", ""), body.get("expires_at", "nan"), str(body.get("token_type")))
         return token, fingerprint

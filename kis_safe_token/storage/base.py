@@ -159,7 +159,7 @@ class TokenStorage(ABC):
         assert isinstance(handle, _LOCK_TYPE)
         handle.release()
 
-    def _extend(self, handle: object) -> None:
+    def _extend(self, handle: object) -> None:  # noqa: B027 - optional hook
         """Keep holding the lock a while longer (for locks that expire)."""
 
 

@@ -35,9 +35,7 @@ def validate_redis_url(url: str, source: str = "redis_url") -> str:
     except ValueError:
         raise ValueError(f"{source} is not a valid Redis URL; expected {allowed}") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(
-            f"{source} has scheme {parts.scheme or '(none)'!r}; expected {allowed}"
-        )
+        raise ValueError(f"{source} has scheme {parts.scheme or '(none)'!r}; expected {allowed}")
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError(f"{source} names no socket path; expected {allowed}")

@@ -72,7 +72,9 @@ class FileTokenStorage(SealedTokenStorage):
         self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
         self.poll_interval_s = poll_interval_s
-        self._flock: filelock.FileLock | None = None
+        # One lock object per storage, made here and not lazily: two threads racing to create it
+        # would each lock a different object and the holder's re-entrant write would deadlock.
+        self._flock = filelock.FileLock(self.lock_file, mode=0o600, preserve_lock_file=True)
         self._doc: tuple[_Signature, dict[str, str]] | None = None
         self._opened: dict[tuple[str, str], tuple[_Signature, Token | None]] = {}
 
@@ -118,7 +120,12 @@ class FileTokenStorage(SealedTokenStorage):
     # -- writing (the caller may or may not hold the lock: it is re-entrant) ------------------
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
         sealed = self._sealer(api_key, api_secret).seal(token).decode()
-        self._update(lambda entries: entries.__setitem__(key_id(api_key), sealed) or True)
+
+        def put(entries: dict[str, str]) -> bool:
+            entries[key_id(api_key)] = sealed
+            return True
+
+        self._update(put)
 
     def _delete(self, api_key: str) -> None:
         self._update(lambda entries: entries.pop(key_id(api_key), None) is not None)
@@ -162,7 +169,9 @@ class FileTokenStorage(SealedTokenStorage):
         tmp: str | None = None
         try:
             _make_private_dir(folder)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.token_file.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(
+                dir=folder, prefix=f".{self.token_file.name}.", suffix=".tmp"
+            )
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -183,12 +192,11 @@ class FileTokenStorage(SealedTokenStorage):
 
     # -- the issuance lock -------------------------------------------------------------------
     def _lock(self) -> filelock.FileLock:
-        if self._flock is None:
-            try:
-                _make_private_dir(self.lock_file.parent)
-            except OSError as exc:
-                raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
-            self._flock = filelock.FileLock(self.lock_file, mode=0o600)
+        """The issuance lock (re-entrant in one thread), its folder created if missing."""
+        try:
+            _make_private_dir(self.lock_file.parent)
+        except OSError as exc:
+            raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
         return self._flock
 
     def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
@@ -220,7 +228,9 @@ class FileTokenStorage(SealedTokenStorage):
 def _parse_document(raw: bytes, path: Path) -> dict[str, str]:
     """The entries of a token file; an unreadable file is logged and read as empty."""
     if raw[:1] == b"\x80":
-        logger.warning("ignoring %s: it looks like a pickle (never unpickled); it will be replaced", path)
+        logger.warning(
+            "ignoring %s: it looks like a pickle (never unpickled); it will be replaced", path
+        )
         return {}
     try:
         doc: Any = json.loads(raw)

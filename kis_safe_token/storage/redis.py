@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from ..crypto import key_id
@@ -225,12 +226,16 @@ class LockedRedisTokenStorage(RedisTokenStorage):
 
     def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
         token_key = self._get_redis_key(api_key)
-        held = _Held(f"{token_key}:lock", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}")
+        held = _Held(
+            f"{token_key}:lock", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        )
         ttl_ms = int(self.lock_ttl * 1000)
         client = self.redis_client
         sealer = self._sealer(api_key, api_secret)
         while True:
-            if self._call("SET NX", lambda: client.set(held.lock_key, held.owner, nx=True, px=ttl_ms)):
+            if self._call(
+                "SET NX", lambda: client.set(held.lock_key, held.owner, nx=True, px=ttl_ms)
+            ):
                 return held
             pipe = client.pipeline(transaction=False)
             pipe.get(held.lock_key)
@@ -250,8 +255,8 @@ class LockedRedisTokenStorage(RedisTokenStorage):
                 continue  # the lock was just released: try to take it, or read its result
             wake_key = f"{held.lock_key}:wake:{holder}"
             timeout = max(0.001, min(left, jittered(self.poll_interval_s)))
-            if self._call("BLPOP", lambda: client.blpop([wake_key], timeout=timeout)):
-                self._call("LPUSH", lambda: client.lpush(wake_key, "1"))
+            if self._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout)):
+                self._call("LPUSH", partial(client.lpush, wake_key, "1"))
 
     def _release(self, handle: object) -> None:
         assert isinstance(handle, _Held)
@@ -264,14 +269,18 @@ class LockedRedisTokenStorage(RedisTokenStorage):
         except _ERRORS as exc:
             logger.warning(
                 "could not release the issuance lock (it expires by itself in %.0f s): %s",
-                self.lock_ttl, exc,
+                self.lock_ttl,
+                exc,
             )
 
     def _extend(self, handle: object) -> None:
         assert isinstance(handle, _Held)
         script = self._script(EXTEND_LUA)
         kept = self._call(
-            "PEXPIRE", lambda: script(keys=[handle.lock_key], args=[handle.owner, int(self.lock_ttl * 1000)])
+            "PEXPIRE",
+            lambda: script(keys=[handle.lock_key], args=[handle.owner, int(self.lock_ttl * 1000)]),
         )
         if not kept:
-            logger.warning("the issuance lock expired while held (lock_ttl %.1f s too short?)", self.lock_ttl)
+            logger.warning(
+                "the issuance lock expired while held (lock_ttl %.1f s too short?)", self.lock_ttl
+            )

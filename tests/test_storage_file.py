@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import pickle
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kis_safe_token import FileTokenStorage, TokenStorageError
+from kis_safe_token.crypto import Sealer
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.herd import run_herd
+from kis_safe_token.token import Token
+
+TOKEN_A = "tokA-" + "a" * 80
+TOKEN_B = "tokB-" + "b" * 80
+
+
+def token_data(
+    api_key: str = "key1",
+    secret: str = "secret1",
+    token: str = TOKEN_A,
+    expires_at: float | None = None,
+) -> dict[str, Any]:
+    expires_at = expires_at or time.time() + 86_400
+    return Token(token, expires_at).to_token_data(api_key, secret)
+
+
+def test_save_then_load_returns_the_seed_dict(token_path: Path) -> None:
+    storage = FileTokenStorage(token_path)
+    assert storage.save_token(token_data())
+    loaded = storage.load_token("key1", "secret1")
+    assert loaded is not None
+    assert loaded["access_token"] == TOKEN_A
+    assert loaded["api_key"] == "key1" and loaded["api_secret"] == "secret1"
+    assert storage.check_token_valid("key1", "secret1")
+
+
+def test_file_holds_neither_token_nor_secret_in_clear(token_path: Path) -> None:
+    FileTokenStorage(token_path).save_token(token_data())
+    raw = token_path.read_bytes()
+    assert TOKEN_A.encode() not in raw and b"secret1" not in raw and b"key1" not in raw
+    assert json.loads(raw)["format"] == "kis_safe_token"
+
+
+def test_wrong_secret_gets_none(token_path: Path) -> None:
+    storage = FileTokenStorage(token_path)
+    storage.save_token(token_data())
+    assert storage.load_token("key1", "not-the-secret") is None
+    assert FileTokenStorage(token_path).load_token("key1", "not-the-secret") is None
+    assert not storage.check_token_valid("key1", "not-the-secret")
+
+
+def test_expired_token_is_not_loaded(token_path: Path) -> None:
+    storage = FileTokenStorage(token_path)
+    storage.save_token(token_data(expires_at=time.time() - 1))
+    assert storage.load_token("key1", "secret1") is None
+
+
+def test_two_app_keys_in_one_file_keep_both_tokens(token_path: Path) -> None:
+    first, second = FileTokenStorage(token_path), FileTokenStorage(token_path)
+    assert first.save_token(token_data("key1", "secret1", TOKEN_A))
+    assert second.save_token(token_data("key2", "secret2", TOKEN_B))
+    assert first.load_token("key1", "secret1")["access_token"] == TOKEN_A
+    assert first.load_token("key2", "secret2")["access_token"] == TOKEN_B
+    assert first.delete_token("key2", "secret2")
+    assert second.load_token("key1", "secret1")["access_token"] == TOKEN_A
+    assert second.load_token("key2", "secret2") is None
+
+
+def test_file_is_0600_and_new_folder_0700(token_path: Path) -> None:
+    FileTokenStorage(token_path).save_token(token_data())
+    assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_path.parent.stat().st_mode) == 0o700
+
+
+def test_lock_file_stays_after_issuance(token_path: Path) -> None:
+    storage = FileTokenStorage(token_path)
+    storage.get_or_issue("key1", "secret1", lambda: token_data())
+    assert storage.lock_file.exists()
+    assert stat.S_IMODE(storage.lock_file.stat().st_mode) & 0o077 == 0
+
+
+class _Planted:
+    """A pickle that would create a file if anybody ever unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    "kind", ["pickle", "truncated", "tampered", "garbage", "wrong-format", "empty"]
+)
+def test_unreadable_file_is_a_miss_and_is_replaced(
+    token_path: Path, tmp_path: Path, kind: str
+) -> None:
+    storage = FileTokenStorage(token_path)
+    storage.save_token(token_data())
+    good = token_path.read_bytes()
+    marker = tmp_path / "pwned"
+    if kind == "pickle":
+        bad = pickle.dumps({"access_token": _Planted(marker), "api_key": "key1"})
+    elif kind == "truncated":
+        bad = good[: len(good) // 2]
+    elif kind == "tampered":
+        doc = json.loads(good)
+        ((entry_id, sealed),) = doc["entries"].items()
+        doc["entries"][entry_id] = sealed[:40] + ("A" if sealed[40] != "A" else "B") + sealed[41:]
+        bad = json.dumps(doc).encode()
+    elif kind == "garbage":
+        bad = os.urandom(300)
+    elif kind == "wrong-format":
+        bad = json.dumps({"format": "kis_safe_token", "version": 99, "entries": {}}).encode()
+    else:
+        bad = b""
+    token_path.write_bytes(bad)
+    fresh = FileTokenStorage(token_path)
+    assert fresh.load_token("key1", "secret1") is None
+    assert not marker.exists()
+    got = fresh.get_or_issue("key1", "secret1", lambda: token_data(token=TOKEN_B))
+    assert got["access_token"] == TOKEN_B
+    assert FileTokenStorage(token_path).load_token("key1", "secret1")["access_token"] == TOKEN_B
+    assert not marker.exists()
+
+
+def test_warm_read_does_not_decrypt_an_unchanged_file(
+    token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FileTokenStorage(token_path)
+    storage.save_token(token_data())
+    assert storage.load_token("key1", "secret1")
+    opened: list[int] = []
+    real_open = Sealer.open
+    monkeypatch.setattr(
+        Sealer, "open", lambda self, sealed: opened.append(1) or real_open(self, sealed)
+    )
+    for _ in range(5):
+        assert storage.load_token("key1", "secret1")
+    assert opened == []
+    FileTokenStorage(token_path).save_token(token_data(token=TOKEN_B))  # the file changes
+    assert storage.load_token("key1", "secret1")["access_token"] == TOKEN_B
+    assert opened == [1]
+
+
+def test_get_or_issue_issues_once_then_serves_the_cache(token_path: Path) -> None:
+    calls: list[int] = []
+
+    def issue() -> dict[str, Any]:
+        calls.append(1)
+        return token_data()
+
+    storage = FileTokenStorage(token_path)
+    assert storage.get_or_issue("key1", "secret1", issue)["access_token"] == TOKEN_A
+    assert storage.get_or_issue("key1", "secret1", issue)["access_token"] == TOKEN_A
+    assert (
+        FileTokenStorage(token_path).get_or_issue("key1", "secret1", issue)["access_token"]
+        == TOKEN_A
+    )
+    assert calls == [1]
+
+
+def test_eight_threads_share_one_issuance(token_path: Path) -> None:
+    calls: list[int] = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    def issue() -> dict[str, Any]:
+        calls.append(1)
+        entered.set()
+        release.wait(10)
+        return token_data()
+
+    storage = FileTokenStorage(token_path)
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def run() -> None:
+        barrier.wait(10)
+        results.append(storage.get_or_issue("key1", "secret1", issue)["access_token"])
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert entered.wait(10)
+    release.set()
+    for t in threads:
+        t.join(20)
+    assert calls == [1]
+    assert results == [TOKEN_A] * 8
+
+
+def test_wait_for_a_stuck_holder_ends_in_storage_error(token_path: Path) -> None:
+    holder = FileTokenStorage(token_path)
+    waiter = FileTokenStorage(token_path, wait_timeout=0.3)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_issue() -> dict[str, Any]:
+        entered.set()
+        release.wait(10)
+        return token_data()
+
+    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", slow_issue))
+    t.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        with pytest.raises(TokenStorageError, match="timed out"):
+            waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
+        t.join(10)
+
+
+def test_eight_processes_cold_start_share_one_issuance(sim: KisSimulator, token_path: Path) -> None:
+    herd = run_herd(8, {"kind": "file", "path": str(token_path)}, sim.base_url)
+    assert herd.errors == []
+    assert len(herd.rows) == 8
+    assert sim.issued == 1
+    assert sim.rate_limited == 0
+    assert len(herd.tokens()) == 1
+    later = run_herd(1, {"kind": "file", "path": str(token_path)}, sim.base_url)
+    assert later.errors == []
+    assert later.tokens() == herd.tokens()
+    assert sim.issued == 1
+
+
+def test_four_live_clients_make_one_reissue_after_expiry(
+    sim: KisSimulator, token_path: Path
+) -> None:
+    herd = run_herd(
+        4,
+        {"kind": "file", "path": str(token_path)},
+        sim.base_url,
+        rounds=2,
+        between_rounds=lambda _: sim.expire_tokens(),
+    )
+    assert herd.errors == []
+    assert sim.issued == 2
+    assert sim.counts["EGW00123"] >= 1
+    assert sim.rate_limited == 0
+    assert len(herd.tokens(0)) == 1 and len(herd.tokens(1)) == 1
+    assert herd.tokens(0) != herd.tokens(1)
+
+
+def _hammer_writer(path: str, n: int, barrier: Any) -> None:
+    storage = FileTokenStorage(path)
+    barrier.wait(30)
+    for i in range(n):
+        storage.save_token(token_data(token=f"tok{i:06d}-" + "w" * 200))
+
+
+def _hammer_reader(path: str, n: int, barrier: Any, out: Any) -> None:
+    sealer = Sealer("key1", "secret1")
+    bad = reads = 0
+    barrier.wait(30)
+    deadline = time.monotonic() + 60
+    while reads < n and time.monotonic() < deadline:
+        try:
+            doc = json.loads(Path(path).read_bytes())
+            (sealed,) = doc["entries"].values()
+            if sealer.open(sealed) is None:
+                bad += 1
+        except Exception:
+            bad += 1
+        reads += 1
+    out.put((reads, bad))
+
+
+def test_reader_never_sees_a_torn_file_while_writers_replace_it(token_path: Path) -> None:
+    FileTokenStorage(token_path).save_token(token_data())
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_hammer_writer, args=(str(token_path), 150, barrier)) for _ in range(2)
+    ]
+    procs += [
+        ctx.Process(target=_hammer_reader, args=(str(token_path), 3000, barrier, out))
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=90) for _ in range(2)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert all(reads > 100 for reads, _ in results)
+    assert [bad for _, bad in results] == [0, 0]
