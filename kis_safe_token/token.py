@@ -167,5 +167,7 @@ class Token:
         fingerprint = body.get("fp")
         if not isinstance(fingerprint, str):
             raise ValueError("payload has no fingerprint")
-        token = cls(body.get("access_token", ""), body.get("expires_at", "nan"), str(body.get("token_type")))
+        token = cls(
+            body.get("access_token", ""), body.get("expires_at", "nan"), str(body.get("token_type"))
+        )
         return token, fingerprint

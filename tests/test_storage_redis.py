@@ -1,0 +1,357 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+
+from kis_safe_token import (
+    LockedRedisTokenStorage,
+    RedisTokenStorage,
+    TokenStorageError,
+)
+from kis_safe_token.storage.factory import create_token_storage
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, build_storage, run_herd, token_id
+from kis_safe_token.testing.redis_server import RedisServer, free_port
+from kis_safe_token.token import Token
+
+TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + "r" * 120
+
+
+def token_data(
+    api_key: str = "key1", secret: str = "secret1", token: str = TOKEN, expires_in: float = 86_400
+) -> dict[str, Any]:
+    return Token(token, time.time() + expires_in).to_token_data(api_key, secret)
+
+
+# -- fast unit tests on fakeredis ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_round_trip_whether_or_not_the_client_decodes(decode: bool) -> None:
+    storage = RedisTokenStorage(client=fakeredis.FakeRedis(decode_responses=decode))
+    assert storage.save_token(token_data())
+    assert storage.load_token("key1", "secret1")["access_token"] == TOKEN
+    assert storage.load_token("key1", "wrong") is None
+    assert storage.delete_token("key1", "secret1")
+    assert storage.load_token("key1", "secret1") is None
+
+
+def test_key_is_a_cluster_hash_tag_shared_by_the_lock() -> None:
+    storage = LockedRedisTokenStorage(client=fakeredis.FakeRedis())
+    key = storage._get_redis_key("key1")
+    assert key.startswith("korea_investment:token:{") and key.endswith("}")
+    assert len(key.split("{")[1].rstrip("}")) == 12
+
+
+def test_corrupt_value_is_a_miss_and_gets_replaced() -> None:
+    fake = fakeredis.FakeRedis()
+    storage = LockedRedisTokenStorage(client=fake)
+    fake.set(storage._get_redis_key("key1"), b"\x80\x04garbage")
+    assert storage.load_token("key1", "secret1") is None
+    got = storage.get_or_issue("key1", "secret1", lambda: token_data())
+    assert got["access_token"] == TOKEN
+    assert storage.load_token("key1", "secret1")["access_token"] == TOKEN
+
+
+def test_invalidate_deletes_only_the_token_that_failed() -> None:
+    storage = RedisTokenStorage(client=fakeredis.FakeRedis())
+    storage.save_token(token_data(token="new-" + "n" * 40))
+    assert not storage.invalidate_token("key1", "secret1", "old-" + "o" * 40)
+    assert storage.load_token("key1", "secret1") is not None
+    assert storage.invalidate_token("key1", "secret1", "new-" + "n" * 40)
+    assert storage.load_token("key1", "secret1") is None
+
+
+def test_password_goes_in_as_a_keyword_not_into_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def from_url(url: str, **kwargs: Any) -> Any:
+        seen.update(url=url, **kwargs)
+        return fakeredis.FakeRedis()
+
+    monkeypatch.setattr("redis.from_url", from_url)
+    RedisTokenStorage("rediss://kisuser@redis.example:6380/1", password="p@ss:w/rd")
+    assert seen["url"] == "rediss://kisuser@redis.example:6380/1"
+    assert seen["password"] == "p@ss:w/rd"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://localhost:6379",
+        "localhost:6379",
+        "redis://",
+        "redis://h:99999/0",
+        "redis://h:6379/notanumber",
+        "unix://",
+    ],
+)
+def test_bad_url_from_the_environment_names_the_variable(bad: str) -> None:
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_REDIS_URL"):
+        create_token_storage(
+            {"KOREA_INVESTMENT_TOKEN_STORAGE": "redis", "KOREA_INVESTMENT_REDIS_URL": bad}
+        )
+
+
+def test_lock_parameters_are_validated() -> None:
+    with pytest.raises(ValueError, match="lock_ttl"):
+        LockedRedisTokenStorage(client=fakeredis.FakeRedis(), lock_ttl=0)
+    with pytest.raises(ValueError, match="wait_timeout"):
+        LockedRedisTokenStorage(client=fakeredis.FakeRedis(), wait_timeout=-1)
+
+
+# -- on a real redis-server ---------------------------------------------------------------------
+
+
+def locked(redis_url: str, key_prefix: str, **options: Any) -> LockedRedisTokenStorage:
+    return LockedRedisTokenStorage(redis_url, key_prefix=key_prefix, **options)
+
+
+def test_environment_selects_the_locked_backend(redis_url: str) -> None:
+    storage = create_token_storage(
+        {"KOREA_INVESTMENT_TOKEN_STORAGE": "redis", "KOREA_INVESTMENT_REDIS_URL": redis_url}
+    )
+    assert isinstance(storage, LockedRedisTokenStorage)
+    assert storage.save_token(token_data())
+
+
+def test_warm_load_is_one_redis_command(redis_url: str, key_prefix: str) -> None:
+    storage = locked(redis_url, key_prefix)
+    storage.save_token(token_data())
+    commands: list[str] = []
+    real = storage.redis_client.execute_command
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        commands.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    storage.redis_client.execute_command = counting  # type: ignore[method-assign]
+    assert storage.load_token("key1", "secret1")["access_token"] == TOKEN
+    assert commands == ["GET"]
+    commands.clear()
+    storage.get_or_issue("key1", "secret1", lambda: pytest.fail("must not issue"))
+    assert commands == ["GET"]
+
+
+def test_redis_holds_neither_token_nor_secret_in_clear(redis_url: str, key_prefix: str) -> None:
+    storage = locked(redis_url, key_prefix)
+    storage.get_or_issue("key1", "secret1", lambda: token_data())
+    raw = redis.from_url(redis_url)
+    keys = list(raw.scan_iter(f"{key_prefix}*"))
+    assert keys
+    for key in keys:
+        value = raw.dump(key) or b""
+        assert TOKEN.encode() not in value and b"secret1" not in value
+        assert b"key1" not in key
+    ttl = raw.ttl(storage._get_redis_key("key1"))
+    assert 86_000 < ttl <= 86_400
+
+
+def test_password_with_odd_characters_works_on_a_real_server() -> None:
+    password = "p@ss:w/rd#?"
+    with RedisServer(password=password) as server:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        storage = RedisTokenStorage(url, password=password, key_prefix="pw")
+        assert storage.save_token(token_data())
+        assert storage.load_token("key1", "secret1")["access_token"] == TOKEN
+        assert not RedisTokenStorage(url, password="wrong", key_prefix="pw").save_token(
+            token_data()
+        )
+
+
+def test_expired_holder_never_frees_its_successors_lock(redis_url: str, key_prefix: str) -> None:
+    a = locked(redis_url, key_prefix, lock_ttl=0.2)
+    b = locked(redis_url, key_prefix, lock_ttl=30)
+    deadline = time.monotonic() + 10
+    held_a = a._acquire("key1", "secret1", deadline)
+    lock_key = held_a.lock_key
+    raw = redis.from_url(redis_url)
+    while raw.exists(lock_key) and time.monotonic() < deadline:  # bounded wait for A's expiry
+        time.sleep(0.01)
+    held_b = b._acquire("key1", "secret1", deadline)
+    assert held_b.owner != held_a.owner
+    a._release(held_a)  # A comes back late: must not delete B's lock
+    assert raw.get(lock_key).decode() == held_b.owner
+    a._extend(held_a)  # nor extend it
+    assert raw.pttl(lock_key) > 20_000
+    b._release(held_b)
+    assert not raw.exists(lock_key)
+
+
+def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: str) -> None:
+    holder = locked(redis_url, key_prefix)
+    waiter = locked(redis_url, key_prefix, poll_interval_s=2.0)  # a poll would take ~2 s
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_issue() -> dict[str, Any]:
+        entered.set()
+        release.wait(10)
+        return token_data()
+
+    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", slow_issue))
+    t.start()
+    assert entered.wait(10)
+    got: list[float] = []
+
+    def wait() -> None:
+        waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
+        got.append(time.monotonic())
+
+    w = threading.Thread(target=wait)
+    w.start()
+    time.sleep(0.2)  # let the waiter block in BLPOP (not needed for correctness)
+    released = time.monotonic()
+    release.set()
+    w.join(10)
+    t.join(10)
+    assert got and got[0] - released < 0.5
+
+
+def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefix: str) -> None:
+    holder = locked(redis_url, key_prefix)
+    waiter = locked(redis_url, key_prefix, wait_timeout=0.5, poll_interval_s=0.1)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_issue() -> dict[str, Any]:
+        entered.set()
+        release.wait(10)
+        return token_data()
+
+    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", slow_issue))
+    t.start()
+    try:
+        assert entered.wait(10)
+        started = time.monotonic()
+        with pytest.raises(TokenStorageError, match="timed out"):
+            waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
+        assert time.monotonic() - started < 3
+    finally:
+        release.set()
+        t.join(10)
+
+
+def test_nothing_listening_is_a_storage_error_within_bounded_time() -> None:
+    storage = LockedRedisTokenStorage(f"redis://127.0.0.1:{free_port()}/0", key_prefix="dead")
+    started = time.monotonic()
+    with pytest.raises(TokenStorageError):
+        storage.get_or_issue("key1", "secret1", lambda: pytest.fail("must not issue"))
+    assert time.monotonic() - started < 5
+    assert storage.load_token("key1", "secret1") is None
+    assert storage.save_token(token_data()) is False
+
+
+def test_server_restart_mid_run_is_an_error_then_recovery() -> None:
+    with RedisServer() as server:
+        storage = LockedRedisTokenStorage(server.url, key_prefix="restart")
+        assert (
+            storage.get_or_issue("key1", "secret1", lambda: token_data())["access_token"] == TOKEN
+        )
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(TokenStorageError):
+            storage.get_or_issue("key1", "secret1", lambda: token_data())
+        assert time.monotonic() - started < 5
+        server.start()
+        # The server came back empty (no persistence): one new issuance, then served warm.
+        calls: list[int] = []
+        got = storage.get_or_issue("key1", "secret1", lambda: calls.append(1) or token_data())
+        assert got["access_token"] == TOKEN and calls == [1]
+
+
+def _forked_get(storage: LockedRedisTokenStorage, barrier: Any, out: Any) -> None:
+    from kis_safe_token import KoreaInvestment
+
+    barrier.wait(30)
+    client = KoreaInvestment(
+        HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=os.environ["KIS_TEST_BASE_URL"]
+    )
+    out.put(token_id(client.access_token))
+
+
+def test_storage_built_before_fork_is_safe_in_children(
+    sim: KisSimulator, redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = locked(redis_url, key_prefix)
+    storage.load_token("warm", "up")  # the parent's pool now has a connection
+    monkeypatch.setenv("KIS_TEST_BASE_URL", sim.base_url)
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_forked_get, args=(storage, barrier, out)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    tokens = {out.get(timeout=60) for _ in procs}
+    for p in procs:
+        p.join(30)
+    assert len(tokens) == 1
+    assert sim.issued == 1 and sim.rate_limited == 0
+
+
+def spec(redis_url: str, key_prefix: str, **options: Any) -> dict[str, Any]:
+    return {"kind": "redis", "url": redis_url, "key_prefix": key_prefix, "options": options}
+
+
+def test_sixteen_processes_cold_start_share_one_issuance(
+    sim: KisSimulator, redis_url: str, key_prefix: str
+) -> None:
+    herd = run_herd(16, spec(redis_url, key_prefix), sim.base_url)
+    assert herd.errors == []
+    assert len(herd.rows) == 16
+    assert sim.issued == 1
+    assert sim.rate_limited == 0
+    assert len(herd.tokens()) == 1
+    assert herd.save_to_last_holder_s() is not None
+
+
+def _kis_waiter(spec_: dict[str, Any], base_url: str, out: Any) -> None:
+    from kis_safe_token import KoreaInvestment
+
+    try:
+        client = KoreaInvestment(
+            HERD_APP_KEY,
+            HERD_SECRET,
+            token_storage=build_storage(spec_),
+            base_url=base_url,
+            rate_limit_wait_s=0.5,
+            timeout=(1.0, 1.0),
+        )
+        out.put(("ok", token_id(client.access_token), time.monotonic()))
+    except Exception as exc:  # noqa: BLE001
+        out.put(("error", f"{type(exc).__name__}: {exc}", time.monotonic()))
+
+
+def test_holder_killed_while_kis_is_slow_one_waiter_takes_over(
+    redis_url: str, key_prefix: str
+) -> None:
+    with KisSimulator(
+        apps={HERD_APP_KEY: HERD_SECRET}, issue_window_s=1.0, issue_latency_s=0
+    ) as sim:
+        lock_ttl = 3.0
+        s = spec(redis_url, key_prefix, lock_ttl=lock_ttl, poll_interval_s=0.1)
+        sim.issue_gate.clear()  # KIS hangs
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        holder = ctx.Process(target=_kis_waiter, args=(s, sim.base_url, out))
+        holder.start()
+        assert sim.wait_for(lambda m: m.counts["issue_requests"] == 1, timeout=30)
+        waiters = [ctx.Process(target=_kis_waiter, args=(s, sim.base_url, out)) for _ in range(3)]
+        for w in waiters:
+            w.start()
+        holder.kill()
+        holder.join(10)
+        killed_at = time.monotonic()
+        sim.issue_gate.set()  # the dead holder's request still completes at KIS
+        results = [out.get(timeout=60) for _ in waiters]
+        for w in waiters:
+            w.join(10)
+        assert [r[0] for r in results] == ["ok"] * 3, results
+        assert len({r[1] for r in results}) == 1
+        assert max(r[2] for r in results) - killed_at < lock_ttl + 5
+        # The dead holder's issuance went through at KIS and was lost; exactly one more followed.
+        assert sim.issued == 2
