@@ -57,6 +57,14 @@ class HerdResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    released_at: list[float] = field(default_factory=list)
+
+    def herd_wall_s(self, round_no: int = 0) -> float | None:
+        """Seconds from the barrier's release to the last process holding the token."""
+        holders: list[float] = [r["holding_at"] for r in self.rows if r["round"] == round_no]
+        if not holders or len(self.released_at) <= round_no:
+            return None
+        return max(holders) - self.released_at[round_no]
 
     def tokens(self, round_no: int | None = None) -> set[str]:
         return {r["token"] for r in self.rows if round_no is None or r["round"] == round_no}
@@ -109,8 +117,9 @@ def _worker(
                         token_storage=storage,
                         **client_kwargs,
                     )
+                bearer = client.access_token
+                holding_at = time.time()  # holding the token; the price call below is extra
                 quote = client.fetch_price(SYMBOL)
-                holding_at = time.time()
                 results.put(
                     (
                         "row",
@@ -120,7 +129,7 @@ def _worker(
                             "thread": t,
                             "round": round_no,
                             "pid": os.getpid(),
-                            "token": token_id(client.access_token),
+                            "token": token_id(bearer),
                             "started_at": started,
                             "holding_at": holding_at,
                             "latency_s": holding_at - started,
@@ -193,6 +202,7 @@ def run_herd(
             if round_no and between_rounds is not None:
                 between_rounds(round_no)
             barrier.wait(120)
+            out.released_at.append(time.time())
             pending = processes
             saves: dict[int, list[float]] = {}
             while pending:
