@@ -4,9 +4,11 @@ cache folder, an in-memory keyring. Every test gets its own paths, key prefix an
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import keyring
 import pytest
@@ -93,3 +95,35 @@ def memory_keyring() -> Iterator[MemoryKeyring]:
         yield backend
     finally:
         keyring.set_keyring(previous)
+
+
+class HeldIssuance:
+    """A thread holding ``storage``'s issuance lock inside a slow ``issue`` until the block ends.
+
+    ``with HeldIssuance(storage, make_token_data) as held: ...`` returns once the holder is
+    inside ``issue``; ``held.finish()`` (or leaving the block) lets it save and release.
+    """
+
+    def __init__(self, storage: Any, make: Callable[[], dict[str, Any]]) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+        def slow_issue() -> dict[str, Any]:
+            self.entered.set()
+            self.release.wait(10)
+            return make()
+
+        self.thread = threading.Thread(
+            target=storage.get_or_issue, args=("key1", "secret1", slow_issue)
+        )
+
+    def __enter__(self) -> HeldIssuance:
+        self.thread.start()
+        assert self.entered.wait(10), "the holder never reached issue()"
+        return self
+
+    def finish(self) -> None:
+        self.release.set()
+        self.thread.join(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()

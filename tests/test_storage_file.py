@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HeldIssuance
 
 from kis_safe_token import FileTokenStorage, TokenStorageError
 from kis_safe_token.crypto import Sealer
@@ -199,26 +200,12 @@ def test_eight_threads_share_one_issuance(token_path: Path) -> None:
 
 
 def test_wait_for_a_stuck_holder_ends_in_storage_error(token_path: Path) -> None:
-    holder = FileTokenStorage(token_path)
     waiter = FileTokenStorage(token_path, wait_timeout=0.3)
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_issue() -> dict[str, Any]:
-        entered.set()
-        release.wait(10)
-        return token_data()
-
-    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", slow_issue))
-    t.start()
-    try:
-        assert entered.wait(10)
+    with HeldIssuance(FileTokenStorage(token_path), token_data):
         started = time.monotonic()
         with pytest.raises(TokenStorageError, match="timed out"):
             waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
         assert time.monotonic() - started < 3
-    finally:
-        release.set()
-        t.join(10)
 
 
 def test_eight_processes_cold_start_share_one_issuance(sim: KisSimulator, token_path: Path) -> None:

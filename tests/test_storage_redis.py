@@ -9,6 +9,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from conftest import HeldIssuance
 
 from kis_safe_token import (
     LockedRedisTokenStorage,
@@ -186,55 +187,30 @@ def test_expired_holder_never_frees_its_successors_lock(redis_url: str, key_pref
 
 
 def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: str) -> None:
-    holder = locked(redis_url, key_prefix)
     waiter = locked(redis_url, key_prefix, poll_interval_s=2.0)  # a poll would take ~2 s
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_issue() -> dict[str, Any]:
-        entered.set()
-        release.wait(10)
-        return token_data()
-
-    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", slow_issue))
-    t.start()
-    assert entered.wait(10)
     got: list[float] = []
 
     def wait() -> None:
         waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
         got.append(time.monotonic())
 
-    w = threading.Thread(target=wait)
-    w.start()
-    time.sleep(0.2)  # let the waiter block in BLPOP (not needed for correctness)
-    released = time.monotonic()
-    release.set()
-    w.join(10)
-    t.join(10)
+    with HeldIssuance(locked(redis_url, key_prefix), token_data) as held:
+        w = threading.Thread(target=wait)
+        w.start()
+        time.sleep(0.2)  # let the waiter block in BLPOP (not needed for correctness)
+        released = time.monotonic()
+        held.finish()
+        w.join(10)
     assert got and got[0] - released < 0.5
 
 
 def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefix: str) -> None:
-    holder = locked(redis_url, key_prefix)
     waiter = locked(redis_url, key_prefix, wait_timeout=0.5, poll_interval_s=0.1)
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_issue() -> dict[str, Any]:
-        entered.set()
-        release.wait(10)
-        return token_data()
-
-    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", slow_issue))
-    t.start()
-    try:
-        assert entered.wait(10)
+    with HeldIssuance(locked(redis_url, key_prefix), token_data):
         started = time.monotonic()
         with pytest.raises(TokenStorageError, match="timed out"):
             waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
         assert time.monotonic() - started < 3
-    finally:
-        release.set()
-        t.join(10)
 
 
 def test_nothing_listening_is_a_storage_error_within_bounded_time() -> None:
