@@ -113,14 +113,19 @@ def test_wrong_secret_is_a_token_issue_error_with_kis_code(
     assert "wrong-secret" not in str(info.value)
 
 
+def issue_elsewhere(sim: KisSimulator) -> None:
+    """Someone else (a process that died after KIS answered) issued within the window."""
+    answer = requests.post(
+        f"{sim.base_url}/oauth2/tokenP",
+        timeout=5,
+        json={"grant_type": "client_credentials", "appkey": APP_KEY, "appsecret": SECRET},
+    )
+    assert answer.status_code == 200
+
+
 def test_rate_limited_issue_backs_off_rechecks_and_retries(token_path: Path) -> None:
     with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=1.0, issue_latency_s=0) as sim:
-        # Someone else (a process that died after KIS answered) issued within the window.
-        requests.post(
-            f"{sim.base_url}/oauth2/tokenP",
-            timeout=5,
-            json={"grant_type": "client_credentials", "appkey": APP_KEY, "appsecret": SECRET},
-        )
+        issue_elsewhere(sim)
         started = time.monotonic()
         broker = client(sim, token_path, rate_limit_wait_s=1.1)
         assert broker.fetch_price("005930")["rt_cd"] == "0"
@@ -131,11 +136,7 @@ def test_rate_limited_issue_backs_off_rechecks_and_retries(token_path: Path) -> 
 
 def test_rate_limit_past_the_wait_timeout_raises_token_issue_error(token_path: Path) -> None:
     with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=60, issue_latency_s=0) as sim:
-        requests.post(
-            f"{sim.base_url}/oauth2/tokenP",
-            timeout=5,
-            json={"grant_type": "client_credentials", "appkey": APP_KEY, "appsecret": SECRET},
-        )
+        issue_elsewhere(sim)
         with pytest.raises(TokenIssueError) as info:
             KoreaInvestment(
                 APP_KEY,
