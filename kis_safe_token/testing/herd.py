@@ -56,7 +56,6 @@ class HerdResult:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    wall_s: float = 0.0
     released_at: list[float] = field(default_factory=list)
 
     def herd_wall_s(self, round_no: int = 0) -> float | None:
@@ -199,7 +198,6 @@ def run_herd(
             elif kind == "error":
                 out.errors.append(payload)
                 return out
-        started = time.perf_counter()
         for round_no in range(rounds):
             if round_no and between_rounds is not None:
                 between_rounds(round_no)
@@ -221,7 +219,6 @@ def run_herd(
             for row in out.rows:
                 if row["round"] == round_no and row["thread"] == 0:
                     row["saved_at"] = saves.get(row["process"], [])
-        out.wall_s = time.perf_counter() - started
     except (queue.Empty, threading.BrokenBarrierError):
         out.errors.append(f"herd did not finish within {timeout_s:.0f} s")
     finally:
