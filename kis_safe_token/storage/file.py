@@ -74,7 +74,9 @@ class FileTokenStorage(SealedTokenStorage):
         self.poll_interval_s = poll_interval_s
         # One lock object per storage, made here and not lazily: two threads racing to create it
         # would each lock a different object and the holder's re-entrant write would deadlock.
-        self._flock = filelock.FileLock(self.lock_file, mode=0o600, preserve_lock_file=True)
+        self._flock = filelock.FileLock(
+            self.lock_file, mode=0o600, preserve_lock_file=True, poll_interval=poll_interval_s
+        )
         self._doc: tuple[_Signature, dict[str, str]] | None = None
         self._opened: dict[tuple[str, str], tuple[_Signature, Token | None]] = {}
 
@@ -131,6 +133,10 @@ class FileTokenStorage(SealedTokenStorage):
         self._update(lambda entries: entries.pop(key_id(api_key), None) is not None)
 
     def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
+        stored = self._read(api_key, api_secret)
+        if stored is None or stored.access_token != access_token:
+            return False  # already replaced: N workers seeing one failure lock the file once
+
         def drop_if_same(entries: dict[str, str]) -> bool:
             sealed = entries.get(key_id(api_key))
             token = self._sealer(api_key, api_secret).open(sealed)
