@@ -67,8 +67,7 @@ class KisSimulator:
         self.issue_gate = threading.Event()
         """Cleared, ``tokenP`` requests wait (up to 60 s) until it is set: a KIS that hangs."""
         self.issue_gate.set()
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -252,6 +251,13 @@ class KisSimulator:
             "msg_cd": "MCA00000",
             "msg1": "정상처리 되었습니다.",
         }
+
+
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 drops connection attempts when a herd of 64 processes calls at
+    # once; their SYN retries then look like a KIS outage (ConnectTimeout).
+    request_queue_size = 1024
+    daemon_threads = True
 
 
 def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:

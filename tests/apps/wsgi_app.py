@@ -1,0 +1,49 @@
+"""A small WSGI app for the gunicorn tests: every request fetches a price through one shared
+``KoreaInvestment`` per worker process (built at import, so ``--preload`` builds it in the master).
+
+Configured by the environment: ``KOREA_INVESTMENT_*`` for storage and host, plus
+``KIS_TEST_APP_KEY`` / ``KIS_TEST_APP_SECRET``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+
+from kis_safe_token import KoreaInvestment
+
+_client: KoreaInvestment | None = None
+_guard = threading.Lock()
+
+
+def _broker() -> KoreaInvestment:
+    global _client
+    with _guard:
+        if _client is None:
+            _client = KoreaInvestment(
+                os.environ["KIS_TEST_APP_KEY"], os.environ["KIS_TEST_APP_SECRET"]
+            )
+        return _client
+
+
+if os.environ.get("KIS_TEST_BUILD_AT_IMPORT") == "1":
+    _broker()
+
+
+def app(environ, start_response):  # type: ignore[no-untyped-def]
+    symbol = environ.get("PATH_INFO", "/").strip("/") or "005930"
+    broker = _broker()
+    quote = broker.fetch_price(symbol)
+    body = json.dumps(
+        {
+            "pid": os.getpid(),
+            "price": quote["output"]["stck_prpr"],
+            "token": hashlib.sha256(broker.access_token.encode()).hexdigest()[:8],
+        }
+    ).encode()
+    start_response(
+        "200 OK", [("content-type", "application/json"), ("content-length", str(len(body)))]
+    )
+    return [body]

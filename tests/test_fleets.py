@@ -1,0 +1,178 @@
+"""Real fleets: gunicorn (sync and gthread, with and without --preload) and a celery prefork
+worker, each process with its own KoreaInvestment, all sharing one token through the store."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import APP_KEY, SECRET
+
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.stress
+
+APPS = Path(__file__).parent / "apps"
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: the fleets use the default key prefix."""
+    with RedisServer() as server:
+        yield server
+
+
+def fleet_env(
+    sim: KisSimulator, storage: str, tmp_path: Path, redis: RedisServer
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOREA_INVESTMENT_")}
+    env.update(
+        KOREA_INVESTMENT_BASE_URL=sim.base_url,
+        KOREA_INVESTMENT_TOKEN_STORAGE=storage,
+        KOREA_INVESTMENT_TOKEN_FILE=str(tmp_path / "cache" / "tokens.json"),
+        KOREA_INVESTMENT_REDIS_URL=redis.url,
+        KIS_TEST_APP_KEY=APP_KEY,
+        KIS_TEST_APP_SECRET=SECRET,
+        PYTHONPATH=os.pathsep.join([str(APPS), env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "gunicorn exited during start-up"
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"gunicorn did not serve {url} within {timeout} s")
+
+
+@pytest.mark.parametrize("storage", ["file", "redis"])
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_gunicorn_workers_share_one_issuance(
+    sim: KisSimulator,
+    tmp_path: Path,
+    private_redis: RedisServer,
+    storage: str,
+    worker_class: str,
+    preload: bool,
+) -> None:
+    env = fleet_env(sim, storage, tmp_path, private_redis)
+    env["KIS_TEST_BUILD_AT_IMPORT"] = "1"  # with --preload: in the master, before fork()
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-w",
+        "4",
+        "-k",
+        worker_class,
+        "--threads",
+        "4",
+        "-b",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "warning",
+        "wsgi_app:app",
+    ]
+    if preload:
+        args.insert(3, "--preload")
+    proc = subprocess.Popen(args, env=env, cwd=APPS)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{url}/005930", proc)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: requests.get(f"{url}/005930", timeout=30), range(48)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert [a.status_code for a in answers] == [200] * 48
+    bodies = [a.json() for a in answers]
+    assert len({b["token"] for b in bodies}) == 1
+    assert {b["price"] for b in bodies} == {bodies[0]["price"]}
+    assert sim.issued == 1
+    assert sim.rate_limited == 0
+
+
+@pytest.fixture
+def celery_fleet(
+    sim: KisSimulator, tmp_path: Path, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[object]:
+    env = fleet_env(sim, "redis", tmp_path, private_redis)
+    env["KIS_TEST_BROKER_URL"] = f"redis://127.0.0.1:{private_redis.port}/1"
+    for key in ("KIS_TEST_BROKER_URL", "KIS_TEST_APP_KEY", "KIS_TEST_APP_SECRET"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.syspath_prepend(str(APPS))
+    sys.modules.pop("celery_app", None)
+    module = importlib.import_module("celery_app")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "celery_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "4",
+            "--loglevel=WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            f"kis-{uuid.uuid4().hex[:8]}@%h",
+        ],
+        env=env,
+        cwd=APPS,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not module.app.control.ping(timeout=0.5):
+            assert worker.poll() is None, "the celery worker exited during start-up"
+            assert time.monotonic() < deadline, "the celery worker did not answer a ping in 60 s"
+        yield module
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(10)
+        module.app.close()
+        sys.modules.pop("celery_app", None)
+
+
+def test_celery_prefork_worker_makes_one_issuance_per_expiry(
+    sim: KisSimulator, celery_fleet
+) -> None:
+    from celery import group
+
+    fetch = celery_fleet.fetch
+    first = group(fetch.s("005930") for _ in range(24))().get(timeout=90)
+    assert len({r["token"] for r in first}) == 1
+    assert sim.issued == 1 and sim.rate_limited == 0
+    sim.expire_tokens()
+    second = group(fetch.s("005930") for _ in range(24))().get(timeout=90)
+    assert len({r["token"] for r in second}) == 1
+    assert {r["token"] for r in second} != {r["token"] for r in first}
+    assert sim.issued == 2 and sim.rate_limited == 0
+    assert sim.counts["EGW00123"] >= 1
