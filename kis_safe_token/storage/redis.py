@@ -233,14 +233,14 @@ class LockedRedisTokenStorage(RedisTokenStorage):
         client = self.redis_client
         sealer = self._sealer(api_key, api_secret)
         while True:
-            if self._call(
-                "SET NX", lambda: client.set(held.lock_key, held.owner, nx=True, px=ttl_ms)
-            ):
-                return held
+            # One round trip: try the lock, and learn who holds it and what is stored.
             pipe = client.pipeline(transaction=False)
+            pipe.set(held.lock_key, held.owner, nx=True, px=ttl_ms)
             pipe.get(held.lock_key)
             pipe.get(token_key)
-            holder, raw = self._call("GET", pipe.execute)
+            acquired, holder, raw = self._call("SET NX", pipe.execute)
+            if acquired:
+                return held
             token = sealer.open(raw)
             if self._usable(token):
                 return token
@@ -256,7 +256,15 @@ class LockedRedisTokenStorage(RedisTokenStorage):
             wake_key = f"{held.lock_key}:wake:{holder}"
             timeout = max(0.001, min(left, jittered(self.poll_interval_s)))
             if self._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout)):
-                self._call("LPUSH", partial(client.lpush, wake_key, "1"))
+                # Woken by the save: pass one wake-up on and read the token in one round trip,
+                # instead of racing the other waiters for the (now free) lock first.
+                pipe = client.pipeline(transaction=False)
+                pipe.lpush(wake_key, "1")
+                pipe.get(token_key)
+                _, raw = self._call("GET", pipe.execute)
+                token = sealer.open(raw)
+                if self._usable(token):
+                    return token
 
     def _release(self, handle: object) -> None:
         assert isinstance(handle, _Held)

@@ -1,0 +1,219 @@
+"""Crashes at precise steps, Redis and disk faults: survivors get a valid token, nothing is torn.
+
+A victim process arms a fault point (``KIS_SAFE_TOKEN_FAULT``) and SIGKILLs itself exactly there;
+then the survivors, already started and imported, go.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing as mp
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import HeldIssuance
+
+from kis_safe_token import FileTokenStorage, LockedRedisTokenStorage, TokenStorageError
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, build_storage, token_id
+from kis_safe_token.testing.redis_server import RedisServer
+from kis_safe_token.token import Token
+
+LOCK_TTL_S = 3.0
+OTHER_TOKEN = "other-" + "o" * 80
+
+
+def _client(spec: dict[str, Any], base_url: str, fault: str | None, go: Any, out: Any) -> None:
+    from kis_safe_token import KoreaInvestment
+
+    if fault:
+        os.environ["KIS_SAFE_TOKEN_FAULT"] = fault
+    try:
+        if go is not None:
+            out.put(("ready", "", 0.0))
+            go.wait(120)
+        client = KoreaInvestment(
+            HERD_APP_KEY,
+            HERD_SECRET,
+            token_storage=build_storage(spec),
+            base_url=base_url,
+            rate_limit_wait_s=0.5,
+            timeout=(1.0, 1.5),  # lock_ttl (3 s) must exceed it
+        )
+        out.put(("ok", token_id(client.access_token), time.monotonic()))
+    except Exception as exc:  # noqa: BLE001
+        out.put(("error", f"{type(exc).__name__}: {exc}", time.monotonic()))
+
+
+FILE_FAULTS = ["issue.before_kis", "issue.after_kis", "file.before_replace", "storage.after_save"]
+REDIS_FAULTS = ["issue.before_kis", "issue.after_kis", "storage.after_save"]
+# KIS issuances the victim makes before it dies (lost unless it saved).
+VICTIM_ISSUES = {
+    "issue.before_kis": 0,
+    "issue.after_kis": 1,
+    "file.before_replace": 1,
+    "storage.after_save": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "fault"),
+    [("file", f) for f in FILE_FAULTS] + [("redis", f) for f in REDIS_FAULTS],
+)
+def test_issuer_killed_at_each_step_survivors_recover(
+    backend: str, fault: str, tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    token_path = tmp_path / "cache" / "tokens.json"
+    if backend == "file":
+        spec = {"kind": "file", "path": str(token_path)}
+        # Another app key's entry must survive whatever happens to ours.
+        FileTokenStorage(token_path).save_token(
+            Token(OTHER_TOKEN, time.time() + 3600).to_token_data("other-key", "other-secret")
+        )
+    else:
+        spec = {
+            "kind": "redis",
+            "url": redis_url,
+            "key_prefix": key_prefix,
+            "options": {"lock_ttl": LOCK_TTL_S, "poll_interval_s": 0.1},
+        }
+    with KisSimulator(
+        apps={HERD_APP_KEY: HERD_SECRET}, issue_window_s=1.0, issue_latency_s=0
+    ) as sim:
+        ctx = mp.get_context("spawn")
+        out, go = ctx.Queue(), ctx.Event()
+        survivors = [
+            ctx.Process(target=_client, args=(spec, sim.base_url, None, go, out)) for _ in range(3)
+        ]
+        for p in survivors:
+            p.start()
+        assert [out.get(timeout=120)[0] for _ in survivors] == ["ready"] * 3
+        victim = ctx.Process(target=_client, args=(spec, sim.base_url, fault, None, out))
+        victim.start()
+        victim.join(60)
+        assert victim.exitcode == -9, f"the victim did not die at {fault}"
+        assert sim.issued == VICTIM_ISSUES[fault]
+        started = time.monotonic()
+        go.set()
+        results = [out.get(timeout=60) for _ in survivors]
+        for p in survivors:
+            p.join(10)
+    assert [r[0] for r in results] == ["ok"] * 3, results
+    assert len({r[1] for r in results}) == 1
+    assert max(r[2] for r in results) - started < LOCK_TTL_S + 5
+    assert sim.issued <= VICTIM_ISSUES[fault] + 1  # at most one extra issuance
+    assert sim.issued >= 1
+    if backend == "file":
+        doc = json.loads(token_path.read_bytes())  # never torn
+        assert doc["format"] == "kis_safe_token"
+        other = FileTokenStorage(token_path).load_token("other-key", "other-secret")
+        assert other is not None and other["access_token"] == OTHER_TOKEN
+
+
+# -- Redis faults ---------------------------------------------------------------------------------
+
+
+def test_dropped_connection_while_waiting_never_hangs(redis_url: str, key_prefix: str) -> None:
+    waiter = LockedRedisTokenStorage(
+        redis_url, key_prefix=key_prefix, poll_interval_s=2.0, wait_timeout=10
+    )
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("no issue")))
+        except TokenStorageError as exc:
+            outcome.append(exc)
+
+    data = Token("tok-" + "t" * 60, time.time() + 86_400).to_token_data("key1", "secret1")
+    with HeldIssuance(
+        LockedRedisTokenStorage(redis_url, key_prefix=key_prefix), lambda: data
+    ) as held:
+        t = threading.Thread(target=wait)
+        t.start()
+        admin = redis.from_url(redis_url)
+        deadline = time.monotonic() + 10
+        while not any(c.get("cmd") == "blpop" for c in admin.client_list()):
+            assert time.monotonic() < deadline, "the waiter never blocked in BLPOP"
+            time.sleep(0.01)
+        killed = sum(
+            admin.client_kill_filter(_id=int(c["id"]))
+            for c in admin.client_list()
+            if c.get("cmd") == "blpop"
+        )
+        assert killed >= 1
+        held.finish()
+        t.join(8)
+    assert not t.is_alive(), "the waiter hung after its connection was dropped"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], (dict, TokenStorageError))
+    if isinstance(outcome[0], dict):
+        assert outcome[0]["access_token"] == data["access_token"]
+
+
+def test_server_restarted_mid_herd_recovers(sim: KisSimulator) -> None:
+    from kis_safe_token.testing.herd import run_herd
+
+    with RedisServer() as server:
+        spec = {"kind": "redis", "url": server.url, "key_prefix": "restart"}
+        first = run_herd(4, spec, sim.base_url)
+        assert first.errors == [] and sim.issued == 1
+        server.stop()
+        storage = LockedRedisTokenStorage(server.url, key_prefix="restart")
+        started = time.monotonic()
+        with pytest.raises(TokenStorageError):
+            storage.get_or_issue(HERD_APP_KEY, HERD_SECRET, lambda: pytest.fail("no issue"))
+        assert time.monotonic() - started < 5
+        server.start()
+        sim.expire_tokens()  # the restarted server lost the token: the next herd issues once
+        second = run_herd(4, spec, sim.base_url)
+        assert second.errors == []
+        assert sim.issued == 2 and sim.rate_limited == 0
+        assert len(second.tokens()) == 1
+
+
+# -- disk faults ----------------------------------------------------------------------------------
+
+
+def _good_file(token_path: Path) -> bytes:
+    FileTokenStorage(token_path).save_token(
+        Token(OTHER_TOKEN, time.time() + 3600).to_token_data("key1", "secret1")
+    )
+    return token_path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("where", "err"),
+    [
+        ("mkstemp", errno.EROFS),
+        ("mkstemp", errno.EACCES),
+        ("fsync", errno.ENOSPC),
+        ("replace", errno.EROFS),
+    ],
+)
+def test_disk_fault_is_a_clear_error_and_the_old_file_survives(
+    token_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, err: int
+) -> None:
+    before = _good_file(token_path)
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(err, os.strerror(err))
+
+    target = {"mkstemp": "tempfile.mkstemp", "fsync": "os.fsync", "replace": "os.replace"}[where]
+    monkeypatch.setattr(target, fail)
+    storage = FileTokenStorage(token_path)
+    fresh = Token("new-" + "n" * 60, time.time() + 86_400)
+    assert storage.save_token(fresh.to_token_data("key1", "secret1")) is False
+    with pytest.raises(TokenStorageError, match=os.strerror(err)):
+        storage.invalidate_token("key1", "secret1", OTHER_TOKEN)
+    monkeypatch.undo()
+    assert token_path.read_bytes() == before
+    assert [p.name for p in token_path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    loaded = FileTokenStorage(token_path).load_token("key1", "secret1")
+    assert loaded is not None and loaded["access_token"] == OTHER_TOKEN
