@@ -20,14 +20,25 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .token import Token
 
-__all__ = ["Sealer", "derive_key", "fingerprint", "key_id"]
+__all__ = ["Sealer", "derive_key", "fingerprint", "key_id", "utf8"]
 
 FORMAT_VERSION = b"kis_safe_token/v1"
 
 
+def utf8(value: str, name: str) -> bytes:
+    """``value`` as UTF-8; a ``ValueError`` naming ``name`` (and not echoing the value) if it
+    is not a non-empty string that UTF-8 can encode."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} contains characters UTF-8 cannot encode") from None
+
+
 def key_id(api_key: str) -> str:
     """Short public name of an app key for file entries and Redis keys (not the key itself)."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    return hashlib.sha256(utf8(api_key, "api_key")).hexdigest()[:12]
 
 
 @lru_cache(maxsize=64)
@@ -60,10 +71,8 @@ class Sealer:
     __slots__ = ("_fernet", "_fingerprint")
 
     def __init__(self, api_key: str, api_secret: str, keys: Sequence[bytes | str] = ()) -> None:
-        if not isinstance(api_key, str) or not api_key:
-            raise ValueError("api_key must be a non-empty string")
-        if not isinstance(api_secret, str) or not api_secret:
-            raise ValueError("api_secret must be a non-empty string")
+        utf8(api_key, "api_key")
+        utf8(api_secret, "api_secret")
         fernets = [Fernet(k) for k in keys]
         fernets.append(Fernet(derive_key(api_key, api_secret)))
         self._fernet = MultiFernet(fernets)

@@ -66,7 +66,14 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
         password = env.get(REDIS_PASSWORD_ENV) or None
         from .redis import LockedRedisTokenStorage
 
-        return LockedRedisTokenStorage(url, password=password)
+        try:
+            return LockedRedisTokenStorage(url, password=password)
+        except (ValueError, TypeError) as exc:
+            # redis-py's own message may quote the URL, password included: name the variable.
+            raise ValueError(
+                f"{REDIS_URL_ENV} is not a usable Redis URL ({type(exc).__name__}); "
+                "expected redis://[user:password@]host[:port][/db], rediss://… or unix:///path"
+            ) from None
     raise ValueError(
         f"{STORAGE_ENV}={kind[:40]!r} is not a storage type; allowed values: "
         + ", ".join(STORAGE_TYPES)

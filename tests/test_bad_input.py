@@ -1,0 +1,259 @@
+"""Hostile and broken input, fuzzed with hypothesis: a miss, a clear KisTokenError subclass or a
+clear ValueError naming the input; never a raw traceback from a dependency, never code execution."""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import requests
+from cryptography.fernet import Fernet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kis_safe_token import (
+    FileTokenStorage,
+    KisApiError,
+    KoreaInvestment,
+    LockedRedisTokenStorage,
+    RedisTokenStorage,
+    TokenIssueError,
+    create_token_storage,
+)
+from kis_safe_token.crypto import derive_key
+from kis_safe_token.token import Token, format_kst
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+KEY, SECRET = "fuzz-key", "fuzz-secret"
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def good_data(token: str = "tok-" + "g" * 60) -> dict[str, Any]:
+    return Token(token, time.time() + 86_400).to_token_data(KEY, SECRET)
+
+
+# -- what is stored ------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    st.one_of(
+        st.binary(max_size=400),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(st.text(max_size=12), st.text(max_size=200), max_size=3).map(
+            lambda e: json.dumps({"format": "kis_safe_token", "version": 1, "entries": e}).encode()
+        ),
+    )
+)
+def test_any_file_content_is_a_miss_then_replaced(content: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokens.json"
+        path.write_bytes(content)
+        storage = FileTokenStorage(path)
+        assert storage.load_token(KEY, SECRET) is None
+        assert (
+            storage.get_or_issue(KEY, SECRET, good_data)["access_token"]
+            == good_data()["access_token"]
+        )
+
+
+@FUZZ
+@given(json_values)
+def test_valid_fernet_of_any_json_is_a_miss(payload: Any) -> None:
+    sealed = Fernet(derive_key(KEY, SECRET)).encrypt(json.dumps(payload).encode())
+    fake = fakeredis.FakeRedis()
+    storage = RedisTokenStorage(client=fake)
+    fake.set(storage._get_redis_key(KEY), sealed)
+    assert storage.load_token(KEY, SECRET) is None
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_any_redis_value_is_a_miss(value: bytes) -> None:
+    fake = fakeredis.FakeRedis()
+    storage = LockedRedisTokenStorage(client=fake)
+    fake.set(storage._get_redis_key(KEY), value)
+    assert storage.load_token(KEY, SECRET) is None
+    assert (
+        storage.get_or_issue(KEY, SECRET, good_data)["access_token"] == good_data()["access_token"]
+    )
+
+
+@FUZZ
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_odd_app_keys_and_secrets_round_trip_or_are_named_value_errors(
+    key: str, secret: str
+) -> None:
+    data = Token("tok-" + "x" * 40, time.time() + 3600).to_token_data(key, secret)
+    storage = RedisTokenStorage(client=fakeredis.FakeRedis(decode_responses=True))
+    try:
+        saved = storage.save_token(data)
+        loaded = storage.load_token(key, secret)
+    except ValueError as exc:
+        assert "api_key" in str(exc) or "api_secret" in str(exc)
+        assert secret not in str(exc) or len(secret) < 3
+        return
+    assert saved
+    assert loaded is not None and loaded["access_token"] == data["access_token"]
+
+
+# -- what KIS answers ---------------------------------------------------------------------
+
+
+class CannedKis(requests.adapters.BaseAdapter):
+    """Answers tokenP with ``token_answer`` and everything else with ``other_answer``."""
+
+    def __init__(self, token_answer: tuple[int, bytes], other_answer: tuple[int, bytes]) -> None:
+        super().__init__()
+        self.token_answer, self.other_answer = token_answer, other_answer
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        status, body = self.token_answer if "tokenP" in (request.url or "") else self.other_answer
+        resp = requests.Response()
+        resp.status_code, resp._content, resp.url, resp.request = status, body, request.url, request
+        resp.headers["content-type"] = "application/json; charset=utf-8"
+        return resp
+
+    def close(self) -> None:
+        pass
+
+
+def canned_session(
+    token_answer: tuple[int, bytes], other: tuple[int, bytes] = (200, b"{}")
+) -> requests.Session:
+    session = requests.Session()
+    session.mount("http://", CannedKis(token_answer, other))
+    return session
+
+
+def build(tmp: str, session: requests.Session) -> KoreaInvestment:
+    return KoreaInvestment(
+        KEY,
+        SECRET,
+        token_storage=FileTokenStorage(Path(tmp) / "t.json", wait_timeout=0.2),
+        base_url="http://127.0.0.1:9",
+        session=session,
+        rate_limit_wait_s=0.05,
+    )
+
+
+kis_bodies = st.one_of(
+    st.binary(max_size=200),
+    st.just(b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "access_token": st.text(max_size=50) | st.integers(),
+            "access_token_token_expired": st.text(max_size=25) | st.just("2031-01-01 00:00:00"),
+            "expires_in": st.integers() | st.text(max_size=5),
+            "token_type": st.text(max_size=8),
+            "error_code": st.sampled_from(["EGW00133", "EGW00103", "EGW00002"]),
+            "error_description": st.text(max_size=30),
+        },
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@FUZZ
+@given(st.sampled_from([200, 403, 500, 502]), kis_bodies)
+def test_any_token_answer_is_a_token_or_a_token_issue_error(status: int, body: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            broker = build(tmp, canned_session((status, body)))
+        except TokenIssueError:
+            return
+        assert broker.access_token.startswith("Bearer ")
+
+
+@FUZZ
+@given(st.sampled_from([200, 500, 502]), kis_bodies)
+def test_any_api_answer_is_json_or_a_kis_api_error(status: int, body: bytes) -> None:
+    valid = json.dumps(
+        {
+            "access_token": "tok-" + "v" * 40,
+            "token_type": "Bearer",
+            "access_token_token_expired": format_kst(time.time() + 86_400),
+            "expires_in": 86_400,
+        }
+    ).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = build(tmp, canned_session((200, valid), (status, body)))
+        try:
+            answer = broker.fetch_price("005930")
+        except KisApiError:
+            return
+        assert isinstance(answer, dict)
+
+
+# -- what the environment says ----------------------------------------------------------
+
+
+@FUZZ
+@given(st.text(max_size=12))
+def test_any_storage_type_is_a_storage_or_a_named_value_error(kind: str) -> None:
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": kind,
+        "KOREA_INVESTMENT_TOKEN_FILE": "/nonexistent-kis-test/tokens.json",
+    }
+    try:
+        storage = create_token_storage(env)
+    except ValueError as exc:
+        assert "KOREA_INVESTMENT_TOKEN_STORAGE" in str(exc) and "file, redis" in str(exc)
+        return
+    assert kind.strip().lower() in ("", "file", "redis")
+    assert storage is not None
+
+
+url_parts = st.text(alphabet=string.ascii_letters + string.digits + ":/@?=&.%-_[]", max_size=30)
+
+
+@FUZZ
+@given(st.sampled_from(["redis://", "rediss://", "unix://", "http://", "", "redis:"]), url_parts)
+def test_any_redis_url_is_a_storage_or_a_named_value_error(scheme: str, rest: str) -> None:
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+        "KOREA_INVESTMENT_REDIS_URL": scheme + rest,
+        "KOREA_INVESTMENT_REDIS_PASSWORD": "pw-secret-123",
+    }
+    try:
+        storage = create_token_storage(env)
+    except ValueError as exc:
+        assert "KOREA_INVESTMENT_REDIS_URL" in str(exc)
+        assert "pw-secret-123" not in str(exc)
+        return
+    assert isinstance(storage, LockedRedisTokenStorage)
+    assert "pw-secret-123" not in repr(storage)
+
+
+def test_empty_values_take_the_defaults() -> None:
+    storage = create_token_storage(
+        {"KOREA_INVESTMENT_TOKEN_STORAGE": "", "KOREA_INVESTMENT_TOKEN_FILE": ""}
+    )
+    assert isinstance(storage, FileTokenStorage)
+    redis_storage = create_token_storage(
+        {
+            "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+            "KOREA_INVESTMENT_REDIS_URL": "",
+            "KOREA_INVESTMENT_REDIS_PASSWORD": "",
+        }
+    )
+    assert isinstance(redis_storage, LockedRedisTokenStorage)
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_blank_app_key_is_a_named_value_error(bad: str) -> None:
+    with pytest.raises(ValueError, match="api_key"):
+        KoreaInvestment(bad, SECRET, base_url="http://127.0.0.1:9")
