@@ -94,6 +94,9 @@ def _worker(
     os.environ.update(env)
     try:
         storage = build_storage(spec)
+        # A worker that is up has its store connection and key derivation ready: do that before
+        # the barrier, so the herd times the protocol, not connection set-up (~8 ms of CPU each).
+        storage.load_token(HERD_APP_KEY, HERD_SECRET)
         saved_at: list[float] = []
         write = storage._write
 
