@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pytest
 from conftest import HeldIssuance
 
@@ -283,3 +284,17 @@ def test_reader_never_sees_a_torn_file_while_writers_replace_it(token_path: Path
         assert p.exitcode == 0
     assert all(reads > 100 for reads, _ in results)
     assert [bad for _, bad in results] == [0, 0]
+
+
+def test_invalidating_an_already_replaced_token_takes_no_lock(token_path: Path) -> None:
+    storage = FileTokenStorage(token_path, wait_timeout=0.2)
+    storage.save_token(token_data(token=TOKEN_B))
+    other = filelock.FileLock(storage.lock_file)
+    with other.acquire(timeout=5):  # another process is busy issuing
+        started = time.monotonic()
+        assert storage.invalidate_token("key1", "secret1", TOKEN_A) is False
+        assert time.monotonic() - started < 0.1
+        with pytest.raises(TokenStorageError, match="timed out"):
+            storage.invalidate_token("key1", "secret1", TOKEN_B)  # this one needs the lock
+    assert storage.invalidate_token("key1", "secret1", TOKEN_B) is True
+    assert storage.load_token("key1", "secret1") is None
