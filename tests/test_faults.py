@@ -21,7 +21,7 @@ from conftest import HeldIssuance
 
 from kis_safe_token import FileTokenStorage, LockedRedisTokenStorage, TokenStorageError
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, build_storage, token_id
+from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client
 from kis_safe_token.testing.redis_server import RedisServer
 from kis_safe_token.token import Token
 
@@ -29,26 +29,8 @@ LOCK_TTL_S = 3.0
 OTHER_TOKEN = "other-" + "o" * 80
 
 
-def _client(spec: dict[str, Any], base_url: str, fault: str | None, go: Any, out: Any) -> None:
-    from kis_safe_token import KoreaInvestment
-
-    if fault:
-        os.environ["KIS_SAFE_TOKEN_FAULT"] = fault
-    try:
-        if go is not None:
-            out.put(("ready", "", 0.0))
-            go.wait(120)
-        client = KoreaInvestment(
-            HERD_APP_KEY,
-            HERD_SECRET,
-            token_storage=build_storage(spec),
-            base_url=base_url,
-            rate_limit_wait_s=0.5,
-            timeout=(1.0, 1.5),  # lock_ttl (3 s) must exceed it
-        )
-        out.put(("ok", token_id(client.access_token), time.monotonic()))
-    except Exception as exc:  # noqa: BLE001
-        out.put(("error", f"{type(exc).__name__}: {exc}", time.monotonic()))
+# Short timeouts so takeovers are quick; lock_ttl (3 s) must exceed the HTTP timeout.
+FAST = {"rate_limit_wait_s": 0.5, "timeout": (1.0, 1.5)}
 
 
 FILE_FAULTS = ["issue.before_kis", "issue.after_kis", "file.before_replace", "storage.after_save"]
@@ -89,12 +71,13 @@ def test_issuer_killed_at_each_step_survivors_recover(
         ctx = mp.get_context("spawn")
         out, go = ctx.Queue(), ctx.Event()
         survivors = [
-            ctx.Process(target=_client, args=(spec, sim.base_url, None, go, out)) for _ in range(3)
+            ctx.Process(target=gated_client, args=(spec, sim.base_url, go, out, None, FAST))
+            for _ in range(3)
         ]
         for p in survivors:
             p.start()
         assert [out.get(timeout=120)[0] for _ in survivors] == ["ready"] * 3
-        victim = ctx.Process(target=_client, args=(spec, sim.base_url, fault, None, out))
+        victim = ctx.Process(target=gated_client, args=(spec, sim.base_url, None, out, fault, FAST))
         victim.start()
         victim.join(60)
         assert victim.exitcode == -9, f"the victim did not die at {fault}"

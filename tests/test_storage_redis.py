@@ -18,7 +18,7 @@ from kis_safe_token import (
 )
 from kis_safe_token.storage.factory import create_token_storage
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, build_storage, run_herd, token_id
+from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client, run_herd, token_id
 from kis_safe_token.testing.redis_server import RedisServer, free_port
 from kis_safe_token.token import Token
 
@@ -285,27 +285,6 @@ def test_sixteen_processes_cold_start_share_one_issuance(
     assert herd.save_to_last_holder_s() is not None
 
 
-def _kis_client(spec_: dict[str, Any], base_url: str, go: Any, out: Any) -> None:
-    """Build a client (after ``go`` is set, if given) and report its token id."""
-    from kis_safe_token import KoreaInvestment
-
-    try:
-        if go is not None:
-            out.put(("ready", "", time.monotonic()))
-            go.wait(120)
-        client = KoreaInvestment(
-            HERD_APP_KEY,
-            HERD_SECRET,
-            token_storage=build_storage(spec_),
-            base_url=base_url,
-            rate_limit_wait_s=0.5,
-            timeout=(1.0, 1.0),  # lock_ttl (3 s) must exceed it
-        )
-        out.put(("ok", token_id(client.access_token), time.monotonic()))
-    except Exception as exc:  # noqa: BLE001
-        out.put(("error", f"{type(exc).__name__}: {exc}", time.monotonic()))
-
-
 def test_holder_killed_while_kis_is_slow_one_waiter_takes_over(
     redis_url: str, key_prefix: str
 ) -> None:
@@ -313,20 +292,22 @@ def test_holder_killed_while_kis_is_slow_one_waiter_takes_over(
         apps={HERD_APP_KEY: HERD_SECRET}, issue_window_s=1.0, issue_latency_s=0
     ) as sim:
         lock_ttl = 3.0
+        fast = {"rate_limit_wait_s": 0.5, "timeout": (1.0, 1.5)}  # lock_ttl must exceed it
         s = spec(redis_url, key_prefix, lock_ttl=lock_ttl, poll_interval_s=0.1)
         ctx = mp.get_context("spawn")
         out, go = ctx.Queue(), ctx.Event()
         # The waiters are started (and imported) first, so the kill below is not racing their
         # start-up nor the holder's 1 s read timeout.
         waiters = [
-            ctx.Process(target=_kis_client, args=(s, sim.base_url, go, out)) for _ in range(3)
+            ctx.Process(target=gated_client, args=(s, sim.base_url, go, out, None, fast))
+            for _ in range(3)
         ]
         for w in waiters:
             w.start()
         ready = [out.get(timeout=120) for _ in waiters]
         assert [r[0] for r in ready] == ["ready"] * 3, ready
         sim.issue_gate.clear()  # KIS hangs
-        holder = ctx.Process(target=_kis_client, args=(s, sim.base_url, None, out))
+        holder = ctx.Process(target=gated_client, args=(s, sim.base_url, None, out, None, fast))
         holder.start()
         assert sim.wait_for(lambda m: m.counts["issue_requests"] == 1, timeout=60)
         holder.kill()  # inside its KIS call, holding the lock

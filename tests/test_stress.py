@@ -25,6 +25,18 @@ def make_spec(backend: str, token_path: Path, redis_url: str, key_prefix: str) -
     return {"kind": "redis", "url": redis_url, "key_prefix": key_prefix}
 
 
+class ExpireBetweenRounds:
+    """``between_rounds`` callback: note the issuance count, then expire the token at KIS."""
+
+    def __init__(self, sim: KisSimulator) -> None:
+        self.sim = sim
+        self.issued_before: list[int] = []
+
+    def __call__(self, round_no: int) -> None:
+        self.issued_before.append(self.sim.issued)
+        self.sim.expire_tokens()
+
+
 def assert_one_issuance_per_round(
     herd: Any, sim: KisSimulator, issued_before: list[int], rounds: int, clients: int
 ) -> None:
@@ -49,12 +61,7 @@ def test_herd_rounds_make_one_issuance_each(
     redis_url: str,
     key_prefix: str,
 ) -> None:
-    issued_before: list[int] = []
-
-    def next_round(_: int) -> None:
-        issued_before.append(sim.issued)
-        sim.expire_tokens()
-
+    next_round = ExpireBetweenRounds(sim)
     herd = run_herd(
         processes,
         make_spec(backend, token_path, redis_url, key_prefix),
@@ -63,19 +70,14 @@ def test_herd_rounds_make_one_issuance_each(
         between_rounds=next_round,
         timeout_s=280,
     )
-    assert_one_issuance_per_round(herd, sim, issued_before, ROUNDS, processes)
+    assert_one_issuance_per_round(herd, sim, next_round.issued_before, ROUNDS, processes)
 
 
 @pytest.mark.parametrize("backend", ["file", "redis"])
 def test_eight_processes_of_eight_threads_make_one_issuance_per_round(
     sim: KisSimulator, backend: str, token_path: Path, redis_url: str, key_prefix: str
 ) -> None:
-    issued_before: list[int] = []
-
-    def next_round(_: int) -> None:
-        issued_before.append(sim.issued)
-        sim.expire_tokens()
-
+    next_round = ExpireBetweenRounds(sim)
     herd = run_herd(
         8,
         make_spec(backend, token_path, redis_url, key_prefix),
@@ -85,4 +87,4 @@ def test_eight_processes_of_eight_threads_make_one_issuance_per_round(
         between_rounds=next_round,
         timeout_s=200,
     )
-    assert_one_issuance_per_round(herd, sim, issued_before, 2, 64)
+    assert_one_issuance_per_round(herd, sim, next_round.issued_before, 2, 64)

@@ -238,3 +238,35 @@ def run_herd(
                 p.kill()
                 p.join(5)
     return out
+
+
+def gated_client(
+    spec: dict[str, Any],
+    base_url: str,
+    go: Any,
+    out: Any,
+    fault: str | None = None,
+    client_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """One client in a spawned process, for crash and takeover tests.
+
+    Arms the fault point ``fault``; if ``go`` (an event) is given, reports ``("ready", "", t)``
+    and waits for it; then builds a client and reports ``("ok", token id, t)`` or
+    ``("error", text, t)`` on ``out`` (``t``: ``time.monotonic()``).
+    """
+    if fault:
+        os.environ["KIS_SAFE_TOKEN_FAULT"] = fault
+    try:
+        if go is not None:
+            out.put(("ready", "", time.monotonic()))
+            go.wait(120)
+        client = KoreaInvestment(
+            HERD_APP_KEY,
+            HERD_SECRET,
+            token_storage=build_storage(spec),
+            base_url=base_url,
+            **(client_kwargs or {}),
+        )
+        out.put(("ok", token_id(client.access_token), time.monotonic()))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        out.put(("error", f"{type(exc).__name__}: {exc}", time.monotonic()))
