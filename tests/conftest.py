@@ -14,6 +14,7 @@ import keyring
 import pytest
 from keyring.backend import KeyringBackend
 
+from kis_safe_token.errors import KisTokenError
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET
 from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
@@ -112,9 +113,14 @@ class HeldIssuance:
             self.release.wait(10)
             return make()
 
-        self.thread = threading.Thread(
-            target=storage.get_or_issue, args=("key1", "secret1", slow_issue)
-        )
+        def hold() -> None:
+            try:
+                storage.get_or_issue("key1", "secret1", slow_issue)
+            except KisTokenError as exc:
+                self.error = exc
+
+        self.error: KisTokenError | None = None
+        self.thread = threading.Thread(target=hold)
 
     def __enter__(self) -> HeldIssuance:
         self.thread.start()

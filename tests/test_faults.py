@@ -19,7 +19,12 @@ import pytest
 import redis
 from conftest import HeldIssuance
 
-from kis_safe_token import FileTokenStorage, LockedRedisTokenStorage, TokenStorageError
+from kis_safe_token import (
+    FileTokenStorage,
+    LockedRedisTokenStorage,
+    TokenIssueError,
+    TokenStorageError,
+)
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client
 from kis_safe_token.testing.redis_server import RedisServer
@@ -200,3 +205,34 @@ def test_disk_fault_is_a_clear_error_and_the_old_file_survives(
     assert [p.name for p in token_path.parent.iterdir() if p.name.endswith(".tmp")] == []
     loaded = FileTokenStorage(token_path).load_token("key1", "secret1")
     assert loaded is not None and loaded["access_token"] == OTHER_TOKEN
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_holder_whose_issue_fails_lets_a_waiter_issue(
+    backend: str, token_path: Path, redis_url: str, key_prefix: str
+) -> None:
+    def storage() -> Any:
+        if backend == "file":
+            return FileTokenStorage(token_path, wait_timeout=10)
+        return LockedRedisTokenStorage(
+            redis_url, key_prefix=key_prefix, wait_timeout=10, poll_interval_s=2.0
+        )
+
+    def refused() -> dict[str, Any]:
+        raise TokenIssueError("KIS is down", code="EGW00000", status=503)
+
+    data = Token("tok-" + "w" * 60, time.time() + 86_400).to_token_data("key1", "secret1")
+    got: list[dict[str, Any]] = []
+    waiter = storage()
+    with HeldIssuance(storage(), refused) as held:
+        t = threading.Thread(
+            target=lambda: got.append(waiter.get_or_issue("key1", "secret1", lambda: data))
+        )
+        t.start()
+        time.sleep(0.1)  # let the waiter start waiting (not needed for correctness)
+        started = time.monotonic()
+        held.finish()
+        t.join(10)
+    assert isinstance(held.error, TokenIssueError)  # the holder saw KIS's refusal
+    assert got and got[0]["access_token"] == data["access_token"]  # the waiter then issued
+    assert time.monotonic() - started < 1.5

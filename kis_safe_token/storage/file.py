@@ -32,6 +32,7 @@ logger = logging.getLogger("kis_safe_token")
 FILE_FORMAT = "kis_safe_token"
 FILE_VERSION = 1
 POLL_INTERVAL_S = 0.004
+LOCK_RETRY_S = 0.05
 _Signature = tuple[int, int, int]
 
 
@@ -206,15 +207,23 @@ class FileTokenStorage(SealedTokenStorage):
         return self._flock
 
     def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
+        """Take the lock, or watch the file until the holder's save shows up.
+
+        The save is seen by a ``stat`` every ``poll_interval_s`` (~2 us); the lock, which costs
+        ~50 us a try, is retried only every ``LOCK_RETRY_S``, to notice a holder that gave up
+        or died. Dozens of waiters on two cores would otherwise burn the CPU the holder needs.
+        """
         lock = self._lock()
+        next_try = 0.0
         while True:
-            try:
-                lock.acquire(timeout=0)
-                return lock
-            except filelock.Timeout:
-                pass
-            except OSError as exc:
-                raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
+            if time.monotonic() >= next_try:
+                try:
+                    lock.acquire(timeout=0)
+                    return lock
+                except filelock.Timeout:
+                    next_try = time.monotonic() + jittered(LOCK_RETRY_S)
+                except OSError as exc:
+                    raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
             token = self._read(api_key, api_secret)
             if self._usable(token):
                 return token
