@@ -12,22 +12,17 @@ from typing import Any
 import requests
 
 from ._faults import fault_point
+from ._fork import renew_after_fork
 from .errors import KisApiError, TokenIssueError
+from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
 from .secrets import resolve_api_secret
 from .storage.base import TokenStorage
 from .storage.factory import create_token_storage
-from .token import REFRESH_MARGIN_S, Token, mask
+from .token import Token, mask
 
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
-REAL_BASE_URL = "https://openapi.koreainvestment.com:9443"
-VIRTUAL_BASE_URL = "https://openapivts.koreainvestment.com:29443"
 BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
-
-CONNECT_TIMEOUT_S = 3.05
-READ_TIMEOUT_S = 10.0
-ISSUE_WINDOW_S = 61.0
-"""KIS allows one issuance per app key per minute; after ``EGW00133`` wait this long."""
 
 RATE_LIMITED = "EGW00133"
 TOKEN_INVALID = "EGW00121"
@@ -62,7 +57,7 @@ class KoreaInvestment:
         base_url: str | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
-        timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+        timeout: tuple[float, float] = HTTP_TIMEOUT_S,
         rate_limit_wait_s: float = ISSUE_WINDOW_S,
         custtype: str = "P",
     ) -> None:
@@ -82,18 +77,14 @@ class KoreaInvestment:
         self.rate_limit_wait_s = rate_limit_wait_s
         self.custtype = custtype
         self._clock = clock
-        self._margin_s = float(getattr(self.token_storage, "refresh_margin_s", REFRESH_MARGIN_S))
-        lock_ttl = getattr(self.token_storage, "lock_ttl", None)
-        if lock_ttl is not None and lock_ttl <= sum(timeout):
-            raise ValueError(
-                f"lock_ttl of the token storage ({lock_ttl:.1f} s) must exceed the HTTP timeout "
-                f"of the issue call ({sum(timeout):.1f} s), or a slow KIS answer would let a "
-                "second process issue while the first is still waiting"
-            )
+        self._margin_s = self.token_storage.refresh_margin_s
+        self.token_storage.check_timing(
+            http_timeout_s=sum(timeout), issue_window_s=rate_limit_wait_s
+        )
         self._own_session = session is None
         self._session = session if session is not None else requests.Session()
-        self._pid = os.getpid()
         self._refresh_lock = threading.Lock()
+        renew_after_fork(self)
         self._token: Token | None = None
         self._bearer = ""
         self._fresh_until = float("-inf")
@@ -199,12 +190,16 @@ class KoreaInvestment:
         fault_point("issue.after_kis")
         return token.to_token_data(self.api_key, self.api_secret)
 
+    def _after_fork(self) -> None:
+        # In a child forked while another thread refreshed the token (gunicorn --preload with a
+        # background thread), the inherited lock would stay held for ever; a client built before
+        # fork() must not share pooled sockets with its parent either.
+        self._refresh_lock = threading.Lock()
+        if self._own_session:
+            self._session = requests.Session()
+
     # -- API calls -------------------------------------------------------------------------------
     def _http(self) -> requests.Session:
-        if self._own_session and os.getpid() != self._pid:
-            # A client built before fork() (gunicorn --preload) must not share pooled sockets.
-            self._session = requests.Session()
-            self._pid = os.getpid()
         return self._session
 
     def _headers(self, tr_id: str) -> dict[str, str]:

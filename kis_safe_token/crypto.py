@@ -11,18 +11,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import TypeVar
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .failure import IssueFailure
 from .token import Token
 
 __all__ = ["Sealer", "derive_key", "fingerprint", "key_id", "utf8"]
 
 FORMAT_VERSION = b"kis_safe_token/v1"
+
+_Record = TypeVar("_Record", Token, IssueFailure)
 
 
 def utf8(value: str, name: str) -> bytes:
@@ -86,13 +90,24 @@ class Sealer:
 
     def open(self, sealed: bytes | str | None) -> Token | None:
         """The token in ``sealed``, or ``None`` if it is unreadable or not these credentials'."""
+        return self._open(sealed, Token.from_payload)
+
+    def seal_failure(self, failure: IssueFailure) -> bytes:
+        return self._fernet.encrypt(failure.to_payload(self._fingerprint))
+
+    def open_failure(self, sealed: bytes | str | None) -> IssueFailure | None:
+        """The failure record in ``sealed``, or ``None`` (unreadable, or not ours)."""
+        return self._open(sealed, IssueFailure.from_payload)
+
+    def _open(
+        self, sealed: bytes | str | None, parse: Callable[[bytes], tuple[_Record, str]]
+    ) -> _Record | None:
         if not sealed:
             return None
         try:
-            raw = self._fernet.decrypt(sealed)
-            token, fp = Token.from_payload(raw)
+            record, fp = parse(self._fernet.decrypt(sealed))
         except (InvalidToken, ValueError, TypeError):
             return None
         if not hmac.compare_digest(fp, self._fingerprint):
             return None
-        return token
+        return record

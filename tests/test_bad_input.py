@@ -146,6 +146,7 @@ def build(tmp: str, session: requests.Session) -> KoreaInvestment:
         base_url="http://127.0.0.1:9",
         session=session,
         rate_limit_wait_s=0.05,
+        timeout=(0.02, 0.02),  # canned answers; wait_timeout must outlast 2 calls + the window
     )
 
 

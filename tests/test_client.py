@@ -134,18 +134,18 @@ def test_rate_limited_issue_backs_off_rechecks_and_retries(token_path: Path) -> 
         assert 1.0 <= time.monotonic() - started < 10
 
 
-def test_rate_limit_past_the_wait_timeout_raises_token_issue_error(token_path: Path) -> None:
-    with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=60, issue_latency_s=0) as sim:
-        issue_elsewhere(sim)
-        with pytest.raises(TokenIssueError) as info:
-            KoreaInvestment(
-                APP_KEY,
-                SECRET,
-                token_storage=FileTokenStorage(token_path, wait_timeout=2),
-                base_url=sim.base_url,
-            )
-        assert info.value.code == "EGW00133"
-        assert sim.rate_limited == 1
+def test_a_wait_timeout_shorter_than_the_holders_worst_case_is_refused(token_path: Path) -> None:
+    # A waiter must outlast a holder that meets EGW00133: one call, the window, a second call.
+    with pytest.raises(ValueError, match="wait_timeout") as info:
+        KoreaInvestment(
+            APP_KEY,
+            SECRET,
+            token_storage=FileTokenStorage(token_path, wait_timeout=60),
+            base_url="http://127.0.0.1:9",
+        )
+    assert "issue window" in str(info.value)
+    storage = FileTokenStorage(token_path, wait_timeout=60)
+    storage.check_timing(http_timeout_s=2.0, issue_window_s=50.0)  # 54 s needed: fine
 
 
 def test_base_url_comes_from_the_environment(

@@ -34,8 +34,9 @@ LOCK_TTL_S = 3.0
 OTHER_TOKEN = "other-" + "o" * 80
 
 
-# Short timeouts so takeovers are quick; lock_ttl (3 s) must exceed the HTTP timeout.
-FAST = {"rate_limit_wait_s": 0.5, "timeout": (1.0, 1.5)}
+# Short timeouts so takeovers are quick; lock_ttl (3 s) must exceed the HTTP timeout, and the
+# EGW00133 sit-out must be longer than the simulator's 1 s window, as 61 s is longer than KIS's.
+FAST = {"rate_limit_wait_s": 1.1, "timeout": (1.0, 1.5)}
 
 
 FILE_FAULTS = ["issue.before_kis", "issue.after_kis", "file.before_replace", "storage.after_save"]
@@ -109,7 +110,7 @@ def test_issuer_killed_at_each_step_survivors_recover(
 
 def test_dropped_connection_while_waiting_never_hangs(redis_url: str, key_prefix: str) -> None:
     waiter = LockedRedisTokenStorage(
-        redis_url, key_prefix=key_prefix, poll_interval_s=2.0, wait_timeout=10
+        redis_url, key_prefix=key_prefix, poll_interval_s=2.0, wait_timeout=40
     )
     outcome: list[object] = []
 
@@ -208,31 +209,49 @@ def test_disk_fault_is_a_clear_error_and_the_old_file_survives(
 
 
 @pytest.mark.parametrize("backend", ["file", "redis"])
-def test_holder_whose_issue_fails_lets_a_waiter_issue(
+def test_waiters_of_a_failed_issuance_get_its_failure_at_once(
     backend: str, token_path: Path, redis_url: str, key_prefix: str
 ) -> None:
+    now = [time.time()]
+
     def storage() -> Any:
         if backend == "file":
-            return FileTokenStorage(token_path, wait_timeout=10)
+            return FileTokenStorage(token_path, clock=lambda: now[0])
         return LockedRedisTokenStorage(
-            redis_url, key_prefix=key_prefix, wait_timeout=10, poll_interval_s=2.0
+            redis_url, key_prefix=key_prefix, poll_interval_s=2.0, clock=lambda: now[0]
         )
 
     def refused() -> dict[str, Any]:
         raise TokenIssueError("KIS is down", code="EGW00000", status=503)
 
+    def must_not_issue() -> dict[str, Any]:
+        raise AssertionError("a waiter of a failed issuance asked KIS itself")
+
     data = Token("tok-" + "w" * 60, time.time() + 86_400).to_token_data("key1", "secret1")
-    got: list[dict[str, Any]] = []
-    waiter = storage()
+    errors: list[BaseException] = []
+    waiters = [storage() for _ in range(3)]
+
+    def wait(waiter: Any) -> None:
+        try:
+            waiter.get_or_issue("key1", "secret1", must_not_issue)
+        except BaseException as exc:
+            errors.append(exc)
+
     with HeldIssuance(storage(), refused) as held:
-        t = threading.Thread(
-            target=lambda: got.append(waiter.get_or_issue("key1", "secret1", lambda: data))
-        )
-        t.start()
-        time.sleep(0.1)  # let the waiter start waiting (not needed for correctness)
+        threads = [threading.Thread(target=wait, args=(w,)) for w in waiters]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)  # let the waiters start waiting (not needed for correctness)
         started = time.monotonic()
         held.finish()
-        t.join(10)
+        for t in threads:
+            t.join(10)
     assert isinstance(held.error, TokenIssueError)  # the holder saw KIS's refusal
-    assert got and got[0]["access_token"] == data["access_token"]  # the waiter then issued
+    assert len(errors) == 3 and all(isinstance(e, TokenIssueError) for e in errors), errors
+    assert all(e.code == "EGW00000" and "KIS is down" in str(e) for e in errors)
     assert time.monotonic() - started < 1.5
+    # A newcomer during the hold gets it too, without asking KIS; after the hold, one asks.
+    with pytest.raises(TokenIssueError, match="KIS is down"):
+        storage().get_or_issue("key1", "secret1", must_not_issue)
+    now[0] += 6  # past the first failure's 5 s hold
+    assert storage().get_or_issue("key1", "secret1", lambda: data) == data

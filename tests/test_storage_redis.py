@@ -14,6 +14,7 @@ from conftest import HeldIssuance
 from kis_safe_token import (
     LockedRedisTokenStorage,
     RedisTokenStorage,
+    TokenIssueError,
     TokenStorageError,
 )
 from kis_safe_token.storage.factory import create_token_storage
@@ -205,12 +206,28 @@ def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: 
 
 
 def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefix: str) -> None:
-    waiter = locked(redis_url, key_prefix, wait_timeout=0.5, poll_interval_s=0.1)
-    with HeldIssuance(locked(redis_url, key_prefix), token_data):
-        started = time.monotonic()
-        with pytest.raises(TokenStorageError, match="timed out"):
-            waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
-        assert time.monotonic() - started < 3
+    # The holder is alive and keeps extending its 1 s lock while it sits out a 3 s EGW00133.
+    calls: list[float] = []
+    entered = threading.Event()
+
+    def rate_limited_once() -> dict[str, Any]:
+        calls.append(time.monotonic())
+        entered.set()
+        if len(calls) == 1:
+            raise TokenIssueError("EGW00133", code="EGW00133", retry_after_s=3.0)
+        return token_data()
+
+    holder = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=5.0)
+    waiter = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=1.5, poll_interval_s=0.1)
+    t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", rate_limited_once))
+    t.start()
+    assert entered.wait(10)
+    started = time.monotonic()
+    with pytest.raises(TokenStorageError, match="timed out"):
+        waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
+    assert 1.5 <= time.monotonic() - started < 3
+    t.join(10)
+    assert len(calls) == 2  # the holder kept its lock through the sit-out and asked again
 
 
 def test_nothing_listening_is_a_storage_error_within_bounded_time() -> None:
@@ -292,7 +309,7 @@ def test_holder_killed_while_kis_is_slow_one_waiter_takes_over(
         apps={HERD_APP_KEY: HERD_SECRET}, issue_window_s=1.0, issue_latency_s=0
     ) as sim:
         lock_ttl = 3.0
-        fast = {"rate_limit_wait_s": 0.5, "timeout": (1.0, 1.5)}  # lock_ttl must exceed it
+        fast = {"rate_limit_wait_s": 1.1, "timeout": (1.0, 1.5)}  # lock_ttl must exceed it
         s = spec(redis_url, key_prefix, lock_ttl=lock_ttl, poll_interval_s=0.1)
         ctx = mp.get_context("spawn")
         out, go = ctx.Queue(), ctx.Event()

@@ -10,28 +10,55 @@ process saved meanwhile; the holder looks again, issues only if still needed, sa
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from .._faults import fault_point
-from ..crypto import Sealer
+from ..crypto import Sealer, fingerprint
 from ..errors import TokenIssueError, TokenStorageError
+from ..failure import IssueFailure
+from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 
-__all__ = ["WAIT_TIMEOUT_S", "SealedTokenStorage", "TokenStorage"]
+__all__ = ["SealedTokenStorage", "TokenStorage", "default_wait_timeout"]
 
 logger = logging.getLogger("kis_safe_token")
 
-WAIT_TIMEOUT_S = 90.0
-"""How long a process waits for another's issuance. Longer than KIS's one-minute issue window, so
-a holder that must sit out an ``EGW00133`` does not make its waiters give up."""
 BACKOFF_SLICE_S = 1.0
+WAIT_SLACK_S = 5.0
 
 IssueFn = Callable[[], dict[str, Any]]
+Acquired: TypeAlias = "object | Token | IssueFailure"
+"""What ``_acquire`` hands back: a lock handle, a token saved meanwhile, or a failure."""
+
+
+def default_wait_timeout(takeover_s: float = 0.0) -> float:
+    """How long a waiter waits for another's issuance by default: the holder's worst case.
+
+    A holder may need ``takeover_s`` to be replaced if it died (a Redis lock's ``lock_ttl``), one
+    KIS call, an ``EGW00133`` window sat out, and a second KIS call. A waiter that gave up sooner
+    would fail while the fleet is about to hold a token.
+    """
+    return takeover_s + ISSUE_WINDOW_S + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
+
+
+def check_seconds(name: str, value: float, *, low: float = 0.0, high: float = 86_400.0) -> float:
+    """``value`` as a float if ``low < value <= high``; else a ``ValueError`` naming ``name``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name} must be a number of seconds, not {type(value).__name__}"
+        ) from None
+    if not (math.isfinite(number) and low < number <= high):
+        raise ValueError(f"{name} must be more than {low:g} and at most {high:g} seconds")
+    return number
 
 
 class TokenStorage(ABC):
@@ -43,7 +70,7 @@ class TokenStorage(ABC):
     """
 
     refresh_margin_s: float = REFRESH_MARGIN_S
-    wait_timeout: float = WAIT_TIMEOUT_S
+    wait_timeout: float = default_wait_timeout()
     clock: Callable[[], float] = staticmethod(time.time)
 
     # -- the seed's interface --------------------------------------------------------------------
@@ -63,14 +90,40 @@ class TokenStorage(ABC):
     def delete_token(self, api_key: str, api_secret: str) -> bool:
         """Forget the token of this app key; ``False`` if the store could not be changed."""
 
+    # -- timing ----------------------------------------------------------------------------------
+    def takeover_s(self) -> float:
+        """How long a dead holder can keep others from issuing (0: its lock dies with it)."""
+        return 0.0
+
+    def check_timing(
+        self, *, http_timeout_s: float, issue_window_s: float = ISSUE_WINDOW_S
+    ) -> None:
+        """``ValueError`` unless a waiter outlasts a holder's worst case with these timings.
+
+        The worst case: a dead holder taken over (:meth:`takeover_s`), one KIS call of up to
+        ``http_timeout_s``, an ``EGW00133`` window of ``issue_window_s`` sat out, a second call.
+        Clients call this with their HTTP timeout; call it yourself when you issue by hand.
+        """
+        need = self.takeover_s() + issue_window_s + 2 * http_timeout_s
+        if self.wait_timeout < need:
+            raise ValueError(
+                f"wait_timeout ({self.wait_timeout:.1f} s) must be at least {need:.1f} s: "
+                f"takeover {self.takeover_s():.1f} s + KIS issue window {issue_window_s:.1f} s "
+                f"+ 2 x HTTP timeout {http_timeout_s:.1f} s, or a waiter gives up while the "
+                "fleet is about to hold a token"
+            )
+
     # -- single flight ---------------------------------------------------------------------------
     def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> dict[str, Any]:
         """A usable token: the cached one, or one issued by exactly one caller fleet-wide.
 
         ``issue`` calls KIS and returns a ``token_data`` dict; it runs only while holding the
         issuance lock and only if, looking again under the lock, no usable token is stored. If it
-        raises :class:`TokenIssueError` with ``retry_after_s`` (KIS said ``EGW00133``), the holder
-        keeps the lock, re-checks the cache while it waits, and retries once the window passed.
+        raises :class:`TokenIssueError` with ``retry_after_s`` (KIS said ``EGW00133``: someone,
+        perhaps a holder that died after KIS answered, issued within the minute), the holder
+        keeps the lock, re-checks the cache while it sits out the window, and asks once more.
+        Any other failure is recorded for the fleet (:mod:`kis_safe_token.failure`): waiters and
+        later callers get the same :class:`TokenIssueError` at once instead of each asking KIS.
 
         Raises :class:`TokenStorageError` if the store is unreachable or the wait exceeds
         ``wait_timeout``, and :class:`TokenIssueError` if KIS refuses.
@@ -83,10 +136,12 @@ class TokenStorage(ABC):
         got = self._acquire(api_key, api_secret, deadline)
         if isinstance(got, Token):
             return got.to_token_data(api_key, api_secret)
+        if isinstance(got, IssueFailure):
+            raise got.error(self.clock())
         try:
             token = self._read(api_key, api_secret, fresh=True)
             if not self._usable(token):
-                token = self._issue_holding(got, api_key, api_secret, issue, deadline)
+                token = self._issue_recording(got, api_key, api_secret, issue)
                 self._extend(got)
                 self._write(api_key, api_secret, token)
                 fault_point("storage.after_save")
@@ -103,30 +158,61 @@ class TokenStorage(ABC):
         """
         return self._compare_and_delete(api_key, api_secret, access_token)
 
-    def _issue_holding(
-        self, handle: object, api_key: str, api_secret: str, issue: IssueFn, deadline: float
+    def _issue_recording(
+        self, handle: object, api_key: str, api_secret: str, issue: IssueFn
     ) -> Token:
-        while True:
-            try:
-                return Token.from_token_data(issue())
-            except TokenIssueError as exc:
-                if exc.retry_after_s is None:
-                    raise
-                resume = time.monotonic() + exc.retry_after_s
-                if resume > deadline:
-                    raise
-                logger.warning(
-                    "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
-                    exc.code,
-                    exc.retry_after_s,
-                )
-            while (left := resume - time.monotonic()) > 0:
-                time.sleep(min(BACKOFF_SLICE_S, left))
-                self._extend(handle)
-                token = self._read(api_key, api_secret, fresh=True)
-                if self._usable(token):
-                    assert token is not None
-                    return token
+        """Issue holding the lock, unless a recent failure says KIS is not worth asking yet;
+        record a failure for the fleet (or, if it is this host's own, for this process)."""
+        previous = self._failure(api_key, api_secret)
+        now = self.clock()
+        if previous is not None and previous.active(now):
+            raise previous.error(now)
+        try:
+            return self._issue_holding(handle, api_key, api_secret, issue)
+        except TokenIssueError as exc:
+            failure = IssueFailure.after(exc, self.clock(), previous)
+            if exc.local:
+                _local_failures[_failure_key(api_key, api_secret)] = failure
+            else:
+                try:
+                    self._write_failure(api_key, api_secret, failure)
+                except TokenStorageError as store_exc:
+                    logger.warning("could not record the failed issuance: %s", store_exc)
+            raise
+
+    def _failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        """The most recent failure: this process's own, else the store's."""
+        local = _local_failures.get(_failure_key(api_key, api_secret))
+        if local is not None and local.active(self.clock()):
+            return local
+        return self._read_failure(api_key, api_secret) or local
+
+    def _issue_holding(
+        self, handle: object, api_key: str, api_secret: str, issue: IssueFn
+    ) -> Token:
+        """Ask KIS; after ``EGW00133`` sit out the window, re-checking the cache, and ask once
+        more. The holder does not give up early: its waiters' ``wait_timeout`` covers this."""
+        try:
+            return Token.from_token_data(issue())
+        except TokenIssueError as exc:
+            if exc.retry_after_s is None:
+                raise
+            logger.warning(
+                "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
+                exc.code,
+                exc.retry_after_s,
+            )
+            resume = time.monotonic() + exc.retry_after_s
+        takeover = self.takeover_s()
+        slice_s = min(BACKOFF_SLICE_S, takeover / 3) if takeover > 0 else BACKOFF_SLICE_S
+        while (left := resume - time.monotonic()) > 0:
+            time.sleep(min(slice_s, left))
+            self._extend(handle)
+            token = self._read(api_key, api_secret, fresh=True)
+            if self._usable(token):
+                assert token is not None
+                return token
+        return Token.from_token_data(issue())
 
     def _usable(self, token: Token | None) -> bool:
         return token is not None and token.is_valid(self.clock(), self.refresh_margin_s)
@@ -137,8 +223,18 @@ class TokenStorage(ABC):
         return Token.from_token_data(data) if data else None
 
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
+        """Save ``token`` and clear any failure record: a success ends an outage's hold."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
+        _local_failures.pop(_failure_key(api_key, api_secret), None)
+
+    def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        """The failure record in the store (the default store has none: see ``_write_failure``)."""
+        return None
+
+    def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
+        """Share ``failure`` with the fleet; by default with this process only."""
+        _local_failures[_failure_key(api_key, api_secret)] = failure
 
     def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
         with _local_lock(api_key):
@@ -147,9 +243,10 @@ class TokenStorage(ABC):
                 return False
             return self.delete_token(api_key, api_secret)
 
-    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
-        """Block until holding the issuance lock (return a handle) or a usable token appears
-        (return the :class:`Token`); :class:`TokenStorageError` past ``deadline``."""
+    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> Acquired:
+        """Block until holding the issuance lock (return a handle), a usable token appears (return
+        the :class:`Token`) or a failure is recorded (return the :class:`IssueFailure`);
+        :class:`TokenStorageError` past ``deadline``."""
         lock = _local_lock(api_key)
         if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise TokenStorageError(f"timed out after {self.wait_timeout:.1f} s waiting to issue")
@@ -166,11 +263,29 @@ class TokenStorage(ABC):
 _LOCK_TYPE = type(threading.Lock())
 _local_locks: dict[str, threading.Lock] = {}
 _local_locks_guard = threading.Lock()
+_local_failures: dict[tuple[str, str], IssueFailure] = {}
+"""Failures only this process may act on: its own clock's, and those of a store without a
+place for them. Keyed by app key and credential fingerprint (never the secret itself)."""
+
+
+def _failure_key(api_key: str, api_secret: str) -> tuple[str, str]:
+    return api_key, fingerprint(api_key, api_secret)
 
 
 def _local_lock(api_key: str) -> threading.Lock:
     with _local_locks_guard:
         return _local_locks.setdefault(api_key, threading.Lock())
+
+
+def _fresh_local_locks() -> None:
+    """In a forked child: locks a parent's thread held at the fork would never be released."""
+    global _local_locks_guard
+    _local_locks_guard = threading.Lock()
+    _local_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_local_locks)
 
 
 class SealedTokenStorage(TokenStorage):
@@ -185,16 +300,18 @@ class SealedTokenStorage(TokenStorage):
         *,
         encryption_keys: Sequence[bytes | str] = (),
         refresh_margin_s: float = REFRESH_MARGIN_S,
-        wait_timeout: float = WAIT_TIMEOUT_S,
+        wait_timeout: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not wait_timeout > 0:
-            raise ValueError(f"wait_timeout must be > 0 seconds, got {wait_timeout!r}")
-        if not refresh_margin_s >= 0:
-            raise ValueError(f"refresh_margin_s must be >= 0 seconds, got {refresh_margin_s!r}")
         self._encryption_keys = tuple(encryption_keys)
-        self.refresh_margin_s = float(refresh_margin_s)
-        self.wait_timeout = float(wait_timeout)
+        self.refresh_margin_s = (
+            0.0 if refresh_margin_s == 0 else check_seconds("refresh_margin_s", refresh_margin_s)
+        )
+        self.wait_timeout = (
+            default_wait_timeout(self.takeover_s())
+            if wait_timeout is None
+            else check_seconds("wait_timeout", wait_timeout)
+        )
         self.clock = clock
         self._sealers: dict[tuple[str, str], Sealer] = {}
         self._failing = False

@@ -20,10 +20,12 @@ import filelock
 import platformdirs
 
 from .._faults import fault_point
+from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
+from ..failure import IssueFailure
 from ..token import REFRESH_MARGIN_S, Token
-from .base import WAIT_TIMEOUT_S, SealedTokenStorage, jittered
+from .base import Acquired, SealedTokenStorage, check_seconds, jittered
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -60,7 +62,7 @@ class FileTokenStorage(SealedTokenStorage):
         *,
         encryption_keys: Sequence[bytes | str] = (),
         refresh_margin_s: float = REFRESH_MARGIN_S,
-        wait_timeout: float = WAIT_TIMEOUT_S,
+        wait_timeout: float | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -72,17 +74,27 @@ class FileTokenStorage(SealedTokenStorage):
         )
         self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
-        self.poll_interval_s = poll_interval_s
+        self.poll_interval_s = check_seconds("poll_interval_s", poll_interval_s, high=1.0)
         # One lock object per storage, made here and not lazily: two threads racing to create it
         # would each lock a different object and the holder's re-entrant write would deadlock.
-        self._flock = filelock.FileLock(
-            self.lock_file, mode=0o600, preserve_lock_file=True, poll_interval=poll_interval_s
-        )
+        self._flock = self._new_flock()
+        renew_after_fork(self)
         self._doc: tuple[_Signature, dict[str, str]] | None = None
         self._opened: dict[tuple[str, str], tuple[_Signature, Token | None]] = {}
 
     def __repr__(self) -> str:
         return f"FileTokenStorage({str(self.token_file)!r})"
+
+    def _new_flock(self) -> filelock.FileLock:
+        return filelock.FileLock(
+            self.lock_file, mode=0o600, preserve_lock_file=True, poll_interval=self.poll_interval_s
+        )
+
+    def _after_fork(self) -> None:
+        # A lock the parent held at fork() is the parent's: filelock raises RuntimeError on an
+        # inherited lock object for the child's whole life. (filelock itself closes the child's
+        # copy of the parent's descriptor.)
+        self._flock = self._new_flock()
 
     # -- reading -----------------------------------------------------------------------------
     def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
@@ -126,6 +138,23 @@ class FileTokenStorage(SealedTokenStorage):
 
         def put(entries: dict[str, str]) -> bool:
             entries[key_id(api_key)] = sealed
+            entries.pop(_failure_id(api_key), None)
+            return True
+
+        self._update(put)
+
+    def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        sig = self._signature()
+        if sig is None:
+            return None
+        sealed = self._entries(sig).get(_failure_id(api_key))
+        return self._sealer(api_key, api_secret).open_failure(sealed)
+
+    def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
+        sealed = self._sealer(api_key, api_secret).seal_failure(failure).decode()
+
+        def put(entries: dict[str, str]) -> bool:
+            entries[_failure_id(api_key)] = sealed
             return True
 
         self._update(put)
@@ -206,8 +235,8 @@ class FileTokenStorage(SealedTokenStorage):
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
         return self._flock
 
-    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
-        """Take the lock, or watch the file until the holder's save shows up.
+    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> Acquired:
+        """Take the lock, or watch the file until the holder's save (or failure) shows up.
 
         The save is seen by a ``stat`` every ``poll_interval_s`` (~2 us); the lock, which costs
         ~50 us a try, is retried only every ``LOCK_RETRY_S``, to notice a holder that gave up
@@ -226,7 +255,11 @@ class FileTokenStorage(SealedTokenStorage):
                     raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
             token = self._read(api_key, api_secret)
             if self._usable(token):
+                assert token is not None
                 return token
+            failure = self._read_failure(api_key, api_secret)
+            if failure is not None and failure.active(self.clock()):
+                return failure
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TokenStorageError(
@@ -261,6 +294,11 @@ def _parse_document(raw: bytes, path: Path) -> dict[str, str]:
         logger.warning("ignoring %s: unknown format or version", path)
         return {}
     return {k: v for k, v in doc["entries"].items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _failure_id(api_key: str) -> str:
+    """The entry of an app key's failure record (beside its token's, in the same document)."""
+    return key_id(api_key) + ":failure"
 
 
 def _make_private_dir(folder: Path) -> None:

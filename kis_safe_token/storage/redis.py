@@ -4,7 +4,8 @@ Keys share a Redis Cluster hash tag so a token and its lock live on one slot::
 
     korea_investment:token:{<sha256(app key)[:12]>}              sealed token, TTL = time to expiry
     korea_investment:token:{<...>}:lock                         owner id, PX lock_ttl
-    korea_investment:token:{<...>}:wake:<owner>                 wake-up list of that holder
+    korea_investment:token:{<...>}:lock:wake:<owner>            wake-up list of that holder
+    korea_investment:token:{<...>}:failure                      sealed failed-issuance record
 
 A value is one Fernet token (the secret-derived key of :mod:`kis_safe_token.crypto`); Redis never
 sees the access token or the api_secret in clear. A warm ``load_token`` is one ``GET``.
@@ -13,6 +14,7 @@ sees the access token or the api_secret in clear. A warm ``load_token`` is one `
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -21,10 +23,13 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
+from ..failure import IssueFailure
+from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
-from .base import WAIT_TIMEOUT_S, SealedTokenStorage, jittered
+from .base import Acquired, SealedTokenStorage, check_seconds, jittered
 from .factory import DEFAULT_REDIS_URL, validate_redis_url
 
 try:
@@ -46,9 +51,12 @@ POLL_INTERVAL_S = 0.25
 WAKE_FANOUT = 64
 WAKE_TTL_MS = 10_000
 
+MIN_LOCK_TTL_S = 0.1
+
 _ERRORS: tuple[type[BaseException], ...] = (OSError,)
 if redis is not None:
-    _ERRORS = (redis.exceptions.RedisError, OSError)
+    # ChildDeadlockedError: a pool whose lock a parent's thread held at fork() (not a RedisError).
+    _ERRORS = (redis.exceptions.RedisError, redis.exceptions.ChildDeadlockedError, OSError)
 
 
 def _text(value: Any) -> str | None:
@@ -76,7 +84,7 @@ class RedisTokenStorage(SealedTokenStorage):
         client: Any = None,
         encryption_keys: Sequence[bytes | str] = (),
         refresh_margin_s: float = REFRESH_MARGIN_S,
-        wait_timeout: float = WAIT_TIMEOUT_S,
+        wait_timeout: float | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
@@ -103,15 +111,26 @@ class RedisTokenStorage(SealedTokenStorage):
             }
             if password:
                 options["password"] = password
-            client = redis.from_url(redis_url, **options)
+            self._connect: Callable[[], Any] | None = partial(redis.from_url, redis_url, **options)
+            client = self._connect()
             self._where = redis_url.split("@")[-1] if "@" in redis_url else redis_url
         else:
+            self._connect = None
             self._where = type(client).__name__
         self.redis_client = client
         self._scripts: dict[str, Any] = {}
+        renew_after_fork(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._where!r}, key_prefix={self.key_prefix!r})"
+
+    def _after_fork(self) -> None:
+        # A client this storage built gets fresh connections and pool locks in a forked child
+        # (a pool lock held by a parent's thread at fork() would never be released). An injected
+        # client is the caller's: redis-py resets its pool on the first use in the child.
+        if self._connect is not None:
+            self.redis_client = self._connect()
+            self._scripts = {}
 
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
@@ -135,12 +154,32 @@ class RedisTokenStorage(SealedTokenStorage):
         return self._sealer(api_key, api_secret).open(raw)
 
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
+        """Save ``token`` with a TTL of its time left and clear the failure record.
+
+        A token this host's clock already sees as expired is refused, never written as a
+        delete: a host whose clock runs a day fast must not wipe the fleet's good token.
+        """
         ttl_ms = int((token.expires_at - self.clock()) * 1000)
-        key = self._get_redis_key(api_key)
         if ttl_ms <= 0:
-            self._call("DEL", lambda: self.redis_client.delete(key))
-            return
+            raise TokenStorageError(
+                "refusing to save a token this host's clock sees as expired (is the clock right?)"
+            )
+        key = self._get_redis_key(api_key)
         sealed = self._sealer(api_key, api_secret).seal(token)
+        pipe = self.redis_client.pipeline(transaction=False)
+        pipe.set(key, sealed, px=ttl_ms)
+        pipe.delete(f"{key}:failure")
+        self._call("SET", pipe.execute)
+
+    def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        key = f"{self._get_redis_key(api_key)}:failure"
+        raw = self._call("GET", lambda: self.redis_client.get(key))
+        return self._sealer(api_key, api_secret).open_failure(raw)
+
+    def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
+        key = f"{self._get_redis_key(api_key)}:failure"
+        sealed = self._sealer(api_key, api_secret).seal_failure(failure)
+        ttl_ms = int(failure.ttl_s * 1000)
         self._call("SET", lambda: self.redis_client.set(key, sealed, px=ttl_ms))
 
     def _delete(self, api_key: str) -> None:
@@ -161,6 +200,29 @@ class RedisTokenStorage(SealedTokenStorage):
 COMPARE_AND_DELETE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
+"""
+
+ACQUIRE_LUA = """
+-- KEYS[1] lock, KEYS[2] token, KEYS[3] failure record; ARGV[1] owner id, ARGV[2] lock_ttl in ms.
+-- Returns {acquired (1/0), holder or false, sealed token or false, sealed failure or false}:
+-- one round trip tries the lock and tells a waiter what it needs to decide its next step.
+local ttl = tonumber(ARGV[2])
+local holder = redis.call('get', KEYS[1])
+if not holder then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ttl)
+  return {1, ARGV[1], false, false}
+end
+if holder == ARGV[1] then
+  -- Our own SET went through but its reply was lost (a retried command): we hold it.
+  return {1, holder, false, false}
+end
+local left = redis.call('pttl', KEYS[1])
+if left == -1 or left > ttl then
+  -- A lock with no expiry, or one longer than ours, was not set by a holder of this library
+  -- (a stray SET, a RESTORE with TTL 0): bound it, so it cannot block the fleet for ever.
+  redis.call('pexpire', KEYS[1], ttl)
+end
+return {0, holder, redis.call('get', KEYS[2]) or false, redis.call('get', KEYS[3]) or false}
 """
 
 RELEASE_LUA = """
@@ -191,15 +253,19 @@ class LockedRedisTokenStorage(RedisTokenStorage):
     """:class:`RedisTokenStorage` plus a fleet-wide issuance lock: one process issues, the rest
     wait and reload.
 
-    The lock is ``SET <key>:lock <owner> NX PX lock_ttl``; release and extend are Lua
-    compare-and-set on the owner id, unique per acquisition (so threads and forked children never
-    share one). Waiters block in ``BLPOP`` on the holder's wake-up list, which the holder fills
-    the moment the token is saved (each waiter passes one wake-up on, so any number wake within
-    milliseconds); the ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is only the fallback
-    that notices a holder that died. Its lock then expires after ``lock_ttl`` and one waiter takes
-    over. Every wait ends in :class:`TokenStorageError` after ``wait_timeout``.
+    The lock is ``SET <key>:lock <owner> NX PX lock_ttl`` (in a Lua script that also reads the
+    token and the failure record, one round trip); release and extend are Lua compare-and-set on
+    the owner id, unique per acquisition (so threads and forked children never share one). A
+    lock found without an expiry, or with one beyond ``lock_ttl``, was not set by this library
+    and is cut to ``lock_ttl``. Waiters block in ``BLPOP`` on the holder's wake-up list, which
+    the holder fills the moment the token is saved (each waiter passes one wake-up on, so any
+    number wake within milliseconds); the ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is
+    only the fallback that notices a holder that died. Its lock then expires after ``lock_ttl``
+    and one waiter takes over. Every wait ends in :class:`TokenStorageError` after
+    ``wait_timeout`` (default: long enough for a takeover, a KIS call, an ``EGW00133`` window sat
+    out and a second call; see :meth:`check_timing`).
 
-    ``lock_ttl`` must exceed the HTTP timeout of the issue call; ``KoreaInvestment`` checks it.
+    ``lock_ttl`` must exceed the HTTP timeout of the issue call (``KoreaInvestment`` checks it).
     """
 
     def __init__(
@@ -210,61 +276,88 @@ class LockedRedisTokenStorage(RedisTokenStorage):
         *,
         client: Any = None,
         lock_ttl: float = LOCK_TTL_S,
-        wait_timeout: float = WAIT_TIMEOUT_S,
+        wait_timeout: float | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
         **options: Any,
     ) -> None:
-        if not lock_ttl > 0:
-            raise ValueError(f"lock_ttl must be > 0 seconds, got {lock_ttl!r}")
-        if not 0 < poll_interval_s <= SOCKET_TIMEOUT_S / 2:
-            raise ValueError(f"poll_interval_s must be in (0, {SOCKET_TIMEOUT_S / 2}] seconds")
+        self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=3600.0)
+        self.poll_interval_s = check_seconds(
+            "poll_interval_s", poll_interval_s, high=SOCKET_TIMEOUT_S / 2
+        )
         super().__init__(
             redis_url, password, key_prefix, client=client, wait_timeout=wait_timeout, **options
         )
-        self.lock_ttl = float(lock_ttl)
-        self.poll_interval_s = poll_interval_s
+        if self.wait_timeout <= self.lock_ttl:
+            raise ValueError(
+                f"wait_timeout ({self.wait_timeout:.1f} s) must exceed lock_ttl "
+                f"({self.lock_ttl:.1f} s), or no waiter outlives a dead holder's lock"
+            )
 
-    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> object:
+    def takeover_s(self) -> float:
+        return self.lock_ttl
+
+    def check_timing(
+        self, *, http_timeout_s: float, issue_window_s: float = ISSUE_WINDOW_S
+    ) -> None:
+        if self.lock_ttl <= http_timeout_s:
+            raise ValueError(
+                f"lock_ttl of the token storage ({self.lock_ttl:.1f} s) must exceed the HTTP "
+                f"timeout of the issue call ({http_timeout_s:.1f} s), or a slow KIS answer would "
+                "let a second process issue while the first is still waiting"
+            )
+        super().check_timing(http_timeout_s=http_timeout_s, issue_window_s=issue_window_s)
+
+    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> Acquired:
         token_key = self._get_redis_key(api_key)
         held = _Held(
             f"{token_key}:lock", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         )
-        ttl_ms = int(self.lock_ttl * 1000)
-        client = self.redis_client
+        keys = [held.lock_key, token_key, f"{token_key}:failure"]
+        args = [held.owner, math.ceil(self.lock_ttl * 1000)]
+        script = self._script(ACQUIRE_LUA)
         sealer = self._sealer(api_key, api_secret)
+        spurious: str | None = None  # a wake-up list that woke us without a token
         while True:
-            # One round trip: try the lock, and learn who holds it and what is stored.
-            pipe = client.pipeline(transaction=False)
-            pipe.set(held.lock_key, held.owner, nx=True, px=ttl_ms)
-            pipe.get(held.lock_key)
-            pipe.get(token_key)
-            acquired, holder, raw = self._call("SET NX", pipe.execute)
+            acquired, holder, raw, raw_failure = self._call(
+                "lock", lambda: script(keys=keys, args=args)
+            )
             if acquired:
                 return held
             token = sealer.open(raw)
             if self._usable(token):
+                assert token is not None
                 return token
+            failure = sealer.open_failure(raw_failure)
+            if failure is not None and failure.active(self.clock()):
+                return failure
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TokenStorageError(
                     f"timed out after {self.wait_timeout:.1f} s waiting for the process "
                     "holding the issuance lock"
                 )
-            holder = _text(holder)
-            if holder is None:
-                continue  # the lock was just released: try to take it, or read its result
-            wake_key = f"{held.lock_key}:wake:{holder}"
+            wake_key = f"{held.lock_key}:wake:{_text(holder)}"
             timeout = max(0.001, min(left, jittered(self.poll_interval_s)))
-            if self._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout)):
+            if wake_key == spurious:
+                # Someone filled this holder's list without saving a token: do not spin on it.
+                time.sleep(timeout)
+                continue
+            if self._call("BLPOP", partial(self.redis_client.blpop, [wake_key], timeout=timeout)):
                 # Woken by the save: pass one wake-up on and read the token in one round trip,
                 # instead of racing the other waiters for the (now free) lock first.
-                pipe = client.pipeline(transaction=False)
+                pipe = self.redis_client.pipeline(transaction=False)
                 pipe.lpush(wake_key, "1")
                 pipe.get(token_key)
-                _, raw = self._call("GET", pipe.execute)
+                pipe.get(f"{token_key}:failure")
+                _, raw, raw_failure = self._call("GET", pipe.execute)
                 token = sealer.open(raw)
                 if self._usable(token):
+                    assert token is not None
                     return token
+                failure = sealer.open_failure(raw_failure)
+                if failure is not None and failure.active(self.clock()):
+                    return failure
+                spurious = wake_key
 
     def _release(self, handle: object) -> None:
         assert isinstance(handle, _Held)
@@ -284,9 +377,9 @@ class LockedRedisTokenStorage(RedisTokenStorage):
     def _extend(self, handle: object) -> None:
         assert isinstance(handle, _Held)
         script = self._script(EXTEND_LUA)
+        ttl_ms = math.ceil(self.lock_ttl * 1000)
         kept = self._call(
-            "PEXPIRE",
-            lambda: script(keys=[handle.lock_key], args=[handle.owner, int(self.lock_ttl * 1000)]),
+            "PEXPIRE", lambda: script(keys=[handle.lock_key], args=[handle.owner, ttl_ms])
         )
         if not kept:
             logger.warning(

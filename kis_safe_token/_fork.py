@@ -1,0 +1,37 @@
+"""Fresh in-process state in a forked child.
+
+``fork()`` copies a process with every lock in the state some thread of the parent left it: a
+thread refreshing the token at that moment leaves its ``threading.Lock`` held forever in the
+child (which has no such thread), and ``filelock`` refuses an inherited lock with
+``RuntimeError``. Objects that hold such state register here and get their ``_after_fork()``
+called in the child, before any of its code runs (``os.register_at_fork``).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Protocol
+
+__all__ = ["renew_after_fork"]
+
+
+class _Renewable(Protocol):
+    def _after_fork(self) -> None: ...
+
+
+_objects: weakref.WeakSet[_Renewable] = weakref.WeakSet()
+
+
+def renew_after_fork(obj: _Renewable) -> None:
+    """Call ``obj._after_fork()`` in every child forked from now on (while ``obj`` lives)."""
+    _objects.add(obj)
+
+
+def _renew_all() -> None:
+    for obj in list(_objects):
+        obj._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_all)
