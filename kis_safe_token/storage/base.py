@@ -50,15 +50,11 @@ def default_wait_timeout(takeover_s: float = 0.0) -> float:
 
 def check_seconds(name: str, value: float, *, low: float = 0.0, high: float = 86_400.0) -> float:
     """``value`` as a float if ``low < value <= high``; else a ``ValueError`` naming ``name``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{name} must be a number of seconds, not {type(value).__name__}"
-        ) from None
-    if not (math.isfinite(number) and low < number <= high):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and low < value <= high):
         raise ValueError(f"{name} must be more than {low:g} and at most {high:g} seconds")
-    return number
+    return float(value)
 
 
 class TokenStorage(ABC):

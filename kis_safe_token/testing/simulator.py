@@ -67,6 +67,8 @@ class KisSimulator:
         self.issue_gate = threading.Event()
         """Cleared, ``tokenP`` requests wait (up to 60 s) until it is set: a KIS that hangs."""
         self.issue_gate.set()
+        self.outage = threading.Event()
+        """Set, ``tokenP`` answers HTTP 502 with an HTML page, as a KIS gateway does when down."""
         self._server = _Server((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
 
@@ -146,8 +148,11 @@ class KisSimulator:
             self._cond.notify_all()
 
     # -- endpoints ---------------------------------------------------------------------------
-    def _issue(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _issue(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | bytes]:
         self._count("issue_requests")
+        if self.outage.is_set():
+            self._count("outage_answers")
+            return 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>"
         if not self.issue_gate.wait(60):
             return 504, {"error_description": "gateway timeout", "error_code": "EGW00000"}
         key, secret = body.get("appkey"), body.get("appsecret")
@@ -267,10 +272,14 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by design
             pass
 
-        def _reply(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload, ensure_ascii=False).encode()
+        def _reply(self, status: int, payload: dict[str, Any] | bytes) -> None:
+            if isinstance(payload, bytes):
+                data, kind = payload, "text/html"
+            else:
+                data = json.dumps(payload, ensure_ascii=False).encode()
+                kind = "application/json; charset=utf-8"
             self.send_response(status)
-            self.send_header("content-type", "application/json; charset=utf-8")
+            self.send_header("content-type", kind)
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
