@@ -86,7 +86,9 @@ def test_holder_killed_after_kis_answered_with_the_library_defaults(
     # One process at a time asks KIS: one EGW00133, then the retry after the window.
     assert sim.rate_limited == 1
     assert sim.counts["issue_requests"] == 3
-    assert max(r[2] for r in results) - died < takeover_s + 61 + 5
+    last_s = max(r[2] for r in results) - died
+    print(f"\n{backend}: every survivor held a token {last_s:.1f} s after the holder died")
+    assert last_s < takeover_s + 61 + 5
 
 
 # -- 7. KIS down: waiters get the failure, the fleet asks KIS a few times, not N --------------
@@ -143,6 +145,7 @@ def test_kis_outage_costs_the_fleet_a_few_token_calls_not_one_per_worker(
     assert sum(r[1] for r in results) >= 16  # the workers did see the outage
     assert sim.issued == 1
     # Holds of 5 s then 10 s: about three calls over the 10 s outage, fleet-wide.
+    print(f"\n{backend}: {sim.counts['outage_answers']} tokenP calls during the outage")
     assert sim.counts["outage_answers"] <= 4, sim.counts
 
 
