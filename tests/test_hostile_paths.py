@@ -363,3 +363,31 @@ def test_directory_at_the_lock_path_is_a_storage_error(token_dir: Path, token_pa
     with pytest.raises(TokenStorageError, match="lock"):
         storage.get_or_issue("key1", "secret1", fail_issue)
     assert time.monotonic() - started < OPERATION_BOUND_S
+
+
+# -- the folders the library creates -------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o077, 0o777])
+def test_every_folder_created_is_0700_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    before = stat.S_IMODE(tmp_path.stat().st_mode)
+    path = tmp_path / "one" / "two" / "three" / "tokens.json"
+    previous = os.umask(umask)
+    try:
+        assert FileTokenStorage(path).save_token(token_data())
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "one", tmp_path / "one" / "two", path.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == before
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_existing_folder_is_left_as_it_is(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o750)
+    path = shared / "mine" / "tokens.json"
+    assert FileTokenStorage(path).save_token(token_data())
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o750
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -374,10 +374,23 @@ def _read_capped(fd: int) -> bytes:
 
 
 def _make_private_dir(folder: Path) -> None:
-    """Create the token folder readable by its owner only (an existing folder is left as is)."""
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
+    """Create the token folder and each missing parent, every one 0700 whatever the umask.
+
+    ``mkdir(parents=True)`` makes the parents ``0777 & ~umask``: 0755 or even 0777, listing
+    the token folder to everyone. An existing folder is the user's and is left as it is.
+    """
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for level in reversed(missing):
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process, which sets its mode
+        os.chmod(level, 0o700)  # the umask may have taken bits off: 0o277 would leave 0500
 
 
 def _fsync_dir(folder: Path) -> None:
