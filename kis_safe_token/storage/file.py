@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import filelock
 import platformdirs
@@ -35,6 +36,18 @@ FILE_FORMAT = "kis_safe_token"
 FILE_VERSION = 1
 POLL_INTERVAL_S = 0.004
 LOCK_RETRY_S = 0.05
+#: Reads stop past this many bytes. One app key's sealed entry is about 0.5 KB, so a token file
+#: is a few KB; a bigger one was not written by us (planted, or something else's file) and is a
+#: miss, instead of memory, CPU and an fsync of all of it spent on every read and every save.
+MAX_TOKEN_FILE_BYTES: Final = 1 << 20
+#: A link is not followed (ELOOP); a FIFO opens at once instead of waiting for a writer.
+_OPEN_FLAGS: Final = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+_geteuid: Final = getattr(os, "geteuid", None)  # none on Windows: no owner check there
 _Signature = tuple[int, int, int]
 
 
@@ -51,6 +64,20 @@ class FileTokenStorage(SealedTokenStorage):
     in the same folder, are fsynced and ``os.replace``-d in, so a reader sees the old document or
     the new one, never half. Reads take no lock and skip decrypting while the file's
     ``(mtime_ns, size, inode)`` is unchanged.
+
+    What is at the token path is checked on the opened descriptor, never trusted by name: the
+    file is opened without following a link and without blocking, and read only if it is a
+    regular file owned by this user (``os.geteuid()``, root included: root does not trust a file
+    another account planted) and at most :data:`MAX_TOKEN_FILE_BYTES` long. Anything else is a
+    cache miss, logged once with the path (never the contents): a symlink (to a device, or to a
+    file elsewhere, which is left untouched), a FIFO, socket or device, another user's file, an
+    oversized file. The next save's ``os.replace`` swaps the directory entry itself for a fresh
+    0600 file (rename never follows a link). A directory at the token path cannot be replaced,
+    so it is a :class:`TokenStorageError`, raised before anything is issued. The lock file is
+    opened by filelock (>= 4.3) with ``O_NOFOLLOW | O_NONBLOCK``: a symlink or a directory there
+    is a :class:`TokenStorageError` at once (nothing is followed, and the lock file is never
+    replaced, since waiters must share its inode); a FIFO there locks like a file (``flock``
+    needs no read or write).
 
     ``file_path``: default :func:`default_token_path`. ``encryption_keys``: optional explicit
     Fernet keys (first encrypts). ``wait_timeout``: how long to wait for another's issuance.
@@ -111,8 +138,10 @@ class FileTokenStorage(SealedTokenStorage):
         return token
 
     def _signature(self) -> _Signature | None:
+        # lstat, as cheap as stat: the warm-path cache keys on the entry a read would open, so a
+        # link whose target changes stays the miss the read made of it.
         try:
-            st = os.stat(self.token_file)
+            st = os.lstat(self.token_file)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -122,15 +151,54 @@ class FileTokenStorage(SealedTokenStorage):
     def _entries(self, sig: _Signature, *, fresh: bool = False) -> dict[str, str]:
         if self._doc is not None and self._doc[0] == sig and not fresh:
             return self._doc[1]
-        try:
-            raw = self.token_file.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise TokenStorageError(f"cannot read token file {self.token_file}: {exc}") from exc
-        entries = _parse_document(raw, self.token_file)
+        raw = self._read_file(sig)
+        entries = {} if raw is None else _parse_document(raw, self.token_file)
         self._doc = (sig, entries)
         return entries
+
+    def _read_file(self, sig: _Signature) -> bytes | None:
+        """The token file's bytes; ``None`` if it is gone or is not ours to read (a miss).
+
+        Bounded whatever is there: the open neither follows a link nor waits on a FIFO, and at
+        most ``MAX_TOKEN_FILE_BYTES + 1`` bytes are read, only from a regular file.
+        """
+        path = self.token_file
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            problem = _why_not_opened(path)
+            if problem is None:
+                raise TokenStorageError(f"cannot read token file {path}: {exc}") from exc
+            self._skip(sig, problem)
+            return None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise TokenStorageError(
+                    f"token path {path} is a directory: move it away or use another file path"
+                )
+            problem = _not_a_private_file(st)
+            if problem is None:
+                raw = _read_capped(fd)
+                if len(raw) <= MAX_TOKEN_FILE_BYTES:
+                    return raw
+                problem = f"it is larger than {MAX_TOKEN_FILE_BYTES} bytes"
+        except OSError as exc:
+            raise TokenStorageError(f"cannot read token file {path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        self._skip(sig, problem)
+        return None
+
+    _last_skipped: tuple[_Signature, str] | None = None
+
+    def _skip(self, sig: _Signature, reason: str) -> None:
+        """Log a miss once per file and cause: a fresh read under the lock sees it again."""
+        if self._last_skipped != (sig, reason):
+            self._last_skipped = (sig, reason)
+            logger.warning("ignoring %s: %s; the next save replaces it", self.token_file, reason)
 
     # -- writing (the caller may or may not hold the lock: it is re-entrant) ------------------
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
@@ -301,11 +369,66 @@ def _failure_id(api_key: str) -> str:
     return key_id(api_key) + ":failure"
 
 
+def _why_not_opened(path: Path) -> str | None:
+    """Why a failed open is a miss, or ``None`` if it is an error a save would not mend.
+
+    A link fails with ELOOP (EMLINK or EFTYPE on some BSDs), a socket or a driverless device
+    with ENXIO, another user's file with EACCES: the next save replaces each of them. A
+    directory, or our own file we may not read, is a real fault.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link (not followed; point at the real file)"
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    return _not_a_private_file(st)
+
+
+def _not_a_private_file(st: os.stat_result) -> str | None:
+    """Why a token path is not read, or ``None`` if it is a private regular file."""
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file (a FIFO, socket or device)"
+    if _geteuid is not None and st.st_uid != _geteuid():
+        return f"it is owned by uid {st.st_uid}, not by this user"
+    if st.st_size > MAX_TOKEN_FILE_BYTES:
+        return f"it is larger than {MAX_TOKEN_FILE_BYTES} bytes"
+    return None
+
+
+def _read_capped(fd: int) -> bytes:
+    """Up to ``MAX_TOKEN_FILE_BYTES + 1`` bytes: one past the cap tells a file that grew."""
+    chunks: list[bytes] = []
+    left = MAX_TOKEN_FILE_BYTES + 1
+    while left > 0:
+        chunk = os.read(fd, left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def _make_private_dir(folder: Path) -> None:
-    """Create the token folder readable by its owner only (an existing folder is left as is)."""
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
+    """Create the token folder and each missing parent, every one 0700 whatever the umask.
+
+    ``mkdir(parents=True)`` makes the parents ``0777 & ~umask``: 0755 or even 0777, listing
+    the token folder to everyone. An existing folder is the user's and is left as it is.
+    """
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for level in reversed(missing):
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process, which sets its mode
+        os.chmod(level, 0o700)  # the umask may have taken bits off: 0o277 would leave 0500
 
 
 def _fsync_dir(folder: Path) -> None:
