@@ -6,6 +6,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
@@ -28,6 +30,9 @@ CONNECT_TIMEOUT_S = 3.05
 READ_TIMEOUT_S = 10.0
 ISSUE_WINDOW_S = 61.0
 """KIS allows one issuance per app key per minute; after ``EGW00133`` wait this long."""
+CLOCK_TOLERANCE_S = 5.0
+"""KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
+difference from this host's clock says nothing about the clock."""
 
 RATE_LIMITED = "EGW00133"
 TOKEN_INVALID = "EGW00121"
@@ -123,7 +128,7 @@ class KoreaInvestment:
     def _set(self, token: Token) -> Token:
         self._token = token
         self._bearer = token.bearer
-        self._fresh_until = token.expires_at - self._margin_s
+        self._fresh_until = token.refresh_at(self._margin_s)
         return token
 
     def _refresh(self) -> Token:
@@ -192,10 +197,11 @@ class KoreaInvestment:
             )
             retry = self.rate_limit_wait_s if code == RATE_LIMITED else None
             raise TokenIssueError(message, code=code, status=resp.status_code, retry_after_s=retry)
+        now = self._clock()
         try:
-            token = Token.from_kis_response(payload, now=self._clock())
+            token = Token.from_kis_response(payload, now=now)
         except ValueError as exc:
-            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
+            raise _unusable_token(exc, payload, now, _kis_time(resp)) from None
         fault_point("issue.after_kis")
         return token.to_token_data(self.api_key, self.api_secret)
 
@@ -305,6 +311,44 @@ class KoreaInvestment:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _kis_time(resp: requests.Response) -> float | None:
+    """KIS's clock when it answered: the HTTP ``Date`` of ``resp``, if it has a usable one."""
+    try:
+        moment = parsedate_to_datetime(resp.headers.get("Date") or "")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _unusable_token(
+    exc: ValueError, payload: Mapping[str, Any], now: float, kis_now: float | None
+) -> TokenIssueError:
+    """The error for a tokenP answer that ``Token.from_kis_response`` refused at ``now``.
+
+    If the token is fine by KIS's own clock, the fault is this host's clock (ahead by more than
+    a token's lifetime, every fresh token looks expired): say so, and mark it ``local`` so a
+    storage does not pass it to other processes, whose clocks may be right.
+    """
+    if kis_now is not None and abs(now - kis_now) > CLOCK_TOLERANCE_S:
+        try:
+            Token.from_kis_response(payload, now=kis_now)
+        except ValueError:
+            pass
+        else:
+            skew = now - kis_now
+            return TokenIssueError(
+                f"this host's clock differs from KIS's by about {abs(skew):.0f} s "
+                f"({'ahead' if skew > 0 else 'behind'}, by the Date of KIS's answer): the token "
+                "KIS just issued is usable by KIS's clock but not by this host's; "
+                "fix this host's clock (NTP)",
+                status=200,
+                local=True,
+            )
+    return TokenIssueError(f"KIS token response unusable: {exc}", status=200)
 
 
 def _json_or_none(resp: requests.Response) -> dict[str, Any] | None:

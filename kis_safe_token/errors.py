@@ -23,6 +23,8 @@ class TokenIssueError(KisTokenError):
 
     ``code`` is KIS's ``error_code`` / ``msg_cd`` (for example ``EGW00133``), ``status`` the HTTP
     status, and ``retry_after_s`` how long to wait before asking again when KIS rate-limited us.
+    ``local``: the failure is this host's own (for example its clock is far off), not KIS's, so a
+    storage must not share it with other processes as a fleet-wide failure.
     """
 
     def __init__(
@@ -32,11 +34,13 @@ class TokenIssueError(KisTokenError):
         code: str | None = None,
         status: int | None = None,
         retry_after_s: float | None = None,
+        local: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.status = status
         self.retry_after_s = retry_after_s
+        self.local = local
 
 
 class KisApiError(KisTokenError):

@@ -138,7 +138,7 @@ def canned_session(
     return session
 
 
-def build(tmp: str, session: requests.Session) -> KoreaInvestment:
+def build(tmp: str, session: requests.Session, **kwargs: Any) -> KoreaInvestment:
     return KoreaInvestment(
         KEY,
         SECRET,
@@ -146,7 +146,18 @@ def build(tmp: str, session: requests.Session) -> KoreaInvestment:
         base_url="http://127.0.0.1:9",
         session=session,
         rate_limit_wait_s=0.05,
+        **kwargs,
     )
+
+
+def token_answer(expires_at: float) -> tuple[int, bytes]:
+    body = {
+        "access_token": "tok-" + "v" * 40,
+        "token_type": "Bearer",
+        "access_token_token_expired": format_kst(expires_at),
+        "expires_in": 86_400,
+    }
+    return 200, json.dumps(body).encode()
 
 
 kis_bodies = st.one_of(
@@ -181,16 +192,8 @@ def test_any_token_answer_is_a_token_or_a_token_issue_error(status: int, body: b
 @FUZZ
 @given(st.sampled_from([200, 500, 502]), kis_bodies)
 def test_any_api_answer_is_json_or_a_kis_api_error(status: int, body: bytes) -> None:
-    valid = json.dumps(
-        {
-            "access_token": "tok-" + "v" * 40,
-            "token_type": "Bearer",
-            "access_token_token_expired": format_kst(time.time() + 86_400),
-            "expires_in": 86_400,
-        }
-    ).encode()
     with tempfile.TemporaryDirectory() as tmp:
-        broker = build(tmp, canned_session((200, valid), (status, body)))
+        broker = build(tmp, canned_session(token_answer(time.time() + 86_400), (status, body)))
         try:
             answer = broker.fetch_price("005930")
         except KisApiError:
@@ -257,3 +260,12 @@ def test_empty_values_take_the_defaults() -> None:
 def test_blank_app_key_is_a_named_value_error(bad: str) -> None:
     with pytest.raises(ValueError, match="api_key"):
         KoreaInvestment(bad, SECRET, base_url="http://127.0.0.1:9")
+
+
+def test_expired_token_without_a_date_header_is_not_blamed_on_the_clock(tmp_path: Path) -> None:
+    ahead = time.time() + 2 * 86_400
+    with pytest.raises(TokenIssueError, match="already-expired") as info:
+        build(
+            str(tmp_path), canned_session(token_answer(time.time() + 86_400)), clock=lambda: ahead
+        )
+    assert not info.value.local and "clock" not in str(info.value)
