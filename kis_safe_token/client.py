@@ -18,7 +18,7 @@ from .errors import KisApiError, TokenIssueError
 from .secrets import resolve_api_secret
 from .storage.base import TokenStorage
 from .storage.factory import create_token_storage
-from .token import REFRESH_MARGIN_S, Token, mask
+from .token import REFRESH_MARGIN_S, Token, header_safe, mask
 
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
@@ -30,6 +30,9 @@ CONNECT_TIMEOUT_S = 3.05
 READ_TIMEOUT_S = 10.0
 ISSUE_WINDOW_S = 61.0
 """KIS allows one issuance per app key per minute; after ``EGW00133`` wait this long."""
+MAX_WAIT_S = 3600.0
+"""The longest HTTP timeout or ``EGW00133`` back-off accepted: an issue call holds the fleet's
+issuance lock that long, and far larger numbers overflow the socket layer."""
 CLOCK_TOLERANCE_S = 5.0
 """KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
 difference from this host's clock says nothing about the clock."""
@@ -67,14 +70,17 @@ class KoreaInvestment:
         base_url: str | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
-        timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+        timeout: float | tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
         rate_limit_wait_s: float = ISSUE_WINDOW_S,
         custtype: str = "P",
     ) -> None:
-        if not isinstance(api_key, str) or not api_key.strip():
-            raise ValueError("api_key must be a non-empty string")
+        _check_header_value("api_key", api_key)
+        _check_header_value("custtype", custtype)
+        timeout = _checked_timeout(timeout)
+        rate_limit_wait_s = _checked_seconds(rate_limit_wait_s, "rate_limit_wait_s")
         self.api_key = api_key
         self.api_secret = resolve_api_secret(api_key, api_secret)
+        _check_header_value("api_secret", self.api_secret)
         self.acc_no = acc_no
         self.mock = mock
         self.base_url = (
@@ -214,6 +220,7 @@ class KoreaInvestment:
         return self._session
 
     def _headers(self, tr_id: str) -> dict[str, str]:
+        _check_header_value("tr_id", tr_id)
         return {
             "content-type": "application/json; charset=utf-8",
             "authorization": self.access_token,
@@ -233,7 +240,9 @@ class KoreaInvestment:
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Call a KIS endpoint with the token headers; one retry with a fresh token on
-        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure."""
+        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure, and
+        ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
+        _check_request_line(method, path)
         for attempt in (1, 2):
             headers = self._headers(tr_id)
             used = self._token
@@ -311,6 +320,45 @@ class KoreaInvestment:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_header_value(name: str, value: object) -> None:
+    if not header_safe(value):
+        raise ValueError(
+            f"{name} must be a non-empty string of printable ASCII without spaces or control "
+            "characters (it is sent in an HTTP header)"
+        )
+
+
+def _check_request_line(method: object, path: object) -> None:
+    if not header_safe(method):
+        raise ValueError("method must be an HTTP method name such as GET or POST")
+    # Without the leading slash, "@host/..." appended to base_url would send the credentials
+    # and the token to another host.
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError("path must be a string starting with '/' (it is appended to base_url)")
+
+
+def _checked_seconds(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds")
+    if not 0 < value <= MAX_WAIT_S:  # also refuses NaN
+        raise ValueError(f"{name} must be more than 0 and at most {MAX_WAIT_S:.0f} seconds")
+    return float(value)
+
+
+def _checked_timeout(timeout: object) -> tuple[float, float]:
+    """``timeout`` as requests' ``(connect, read)`` pair; one number stands for both."""
+    pair = timeout if isinstance(timeout, (tuple, list)) else (timeout, timeout)
+    try:
+        if len(pair) != 2:
+            raise ValueError
+        return _checked_seconds(pair[0], "timeout"), _checked_seconds(pair[1], "timeout")
+    except ValueError:
+        raise ValueError(
+            f"timeout must be a number of seconds (more than 0, at most {MAX_WAIT_S:.0f}) or a "
+            "(connect, read) pair of them"
+        ) from None
 
 
 def _kis_time(resp: requests.Response) -> float | None:
