@@ -38,10 +38,11 @@ token that dies on the way."""
 
 MARGIN_FRACTION = 0.1
 """A token that lives shorter than ``REFRESH_MARGIN_S / MARGIN_FRACTION`` (50 min) is refreshed
-in the last tenth of its life instead. KIS's tokens live 24 h, so they keep the full margin; a
-short-lived one (a simulator, a KIS change, a token issued just before a KIS-side cutoff) is used
-for 90 % of its life instead of being re-issued on every access, and the tenth it keeps in
-reserve still grows with its lifetime, as the time a request spends in flight does not shrink."""
+in the last tenth of its life instead of ``REFRESH_MARGIN_S`` before its expiry. KIS's tokens
+live 24 h, so they keep the full margin. A short-lived one (a simulator, a KIS change) is used
+for 90 % of its life instead of being re-issued on every access: one issuance per 0.9 lifetimes,
+so any token living over 67 s is refreshed at most once per KIS's one-minute issue window, while
+the tenth kept in reserve (12 s of a 2-minute token) still covers a request in flight."""
 MIN_LIFETIME_S = 1.0
 """A token that KIS says expires sooner than this after it answered is refused as already
 expired: storing it would make every process re-issue on its next access."""
