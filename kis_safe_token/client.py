@@ -6,6 +6,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any
 
@@ -16,13 +18,20 @@ from ._fork import renew_after_fork
 from .errors import KisApiError, TokenIssueError
 from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
 from .secrets import resolve_api_secret
-from .storage.base import TokenStorage
+from .storage.base import TokenStorage, check_seconds
 from .storage.factory import create_token_storage
-from .token import Token, mask
+from .token import Token, header_safe, mask
 
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
 BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
+
+MAX_WAIT_S = 3600.0
+"""The longest HTTP timeout or ``EGW00133`` back-off accepted: an issue call holds the fleet's
+issuance lock that long, and far larger numbers overflow the socket layer."""
+CLOCK_TOLERANCE_S = 5.0
+"""KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
+difference from this host's clock says nothing about the clock."""
 
 RATE_LIMITED = "EGW00133"
 TOKEN_INVALID = "EGW00121"
@@ -57,14 +66,17 @@ class KoreaInvestment:
         base_url: str | None = None,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
-        timeout: tuple[float, float] = HTTP_TIMEOUT_S,
+        timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
         rate_limit_wait_s: float = ISSUE_WINDOW_S,
         custtype: str = "P",
     ) -> None:
-        if not isinstance(api_key, str) or not api_key.strip():
-            raise ValueError("api_key must be a non-empty string")
+        _check_header_value("api_key", api_key)
+        _check_header_value("custtype", custtype)
+        timeout = _checked_timeout(timeout)
+        rate_limit_wait_s = check_seconds("rate_limit_wait_s", rate_limit_wait_s, high=MAX_WAIT_S)
         self.api_key = api_key
         self.api_secret = resolve_api_secret(api_key, api_secret)
+        _check_header_value("api_secret", self.api_secret)
         self.acc_no = acc_no
         self.mock = mock
         self.base_url = (
@@ -114,7 +126,7 @@ class KoreaInvestment:
     def _set(self, token: Token) -> Token:
         self._token = token
         self._bearer = token.bearer
-        self._fresh_until = token.expires_at - self._margin_s
+        self._fresh_until = token.refresh_at(self._margin_s)
         return token
 
     def _refresh(self) -> Token:
@@ -183,10 +195,11 @@ class KoreaInvestment:
             )
             retry = self.rate_limit_wait_s if code == RATE_LIMITED else None
             raise TokenIssueError(message, code=code, status=resp.status_code, retry_after_s=retry)
+        now = self._clock()
         try:
-            token = Token.from_kis_response(payload, now=self._clock())
+            token = Token.from_kis_response(payload, now=now)
         except ValueError as exc:
-            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
+            raise _unusable_token(exc, payload, now, _kis_time(resp)) from None
         fault_point("issue.after_kis")
         return token.to_token_data(self.api_key, self.api_secret)
 
@@ -203,6 +216,7 @@ class KoreaInvestment:
         return self._session
 
     def _headers(self, tr_id: str) -> dict[str, str]:
+        _check_header_value("tr_id", tr_id)
         return {
             "content-type": "application/json; charset=utf-8",
             "authorization": self.access_token,
@@ -222,7 +236,9 @@ class KoreaInvestment:
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Call a KIS endpoint with the token headers; one retry with a fresh token on
-        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure."""
+        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure, and
+        ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
+        _check_request_line(method, path)
         for attempt in (1, 2):
             headers = self._headers(tr_id)
             used = self._token
@@ -300,6 +316,77 @@ class KoreaInvestment:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_header_value(name: str, value: object) -> None:
+    if not header_safe(value):
+        raise ValueError(
+            f"{name} must be a non-empty string of printable ASCII without spaces or control "
+            "characters (it is sent in an HTTP header)"
+        )
+
+
+def _check_request_line(method: object, path: object) -> None:
+    if not header_safe(method):
+        raise ValueError("method must be an HTTP method name such as GET or POST")
+    # Without the leading slash, "@host/..." appended to base_url would send the credentials
+    # and the token to another host.
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError("path must be a string starting with '/' (it is appended to base_url)")
+
+
+def _checked_timeout(timeout: object) -> tuple[float, float]:
+    """``timeout`` as requests' ``(connect, read)`` pair; one number stands for both."""
+    pair = timeout if isinstance(timeout, (tuple, list)) else (timeout, timeout)
+    try:
+        if len(pair) != 2:
+            raise ValueError
+        return check_seconds("timeout", pair[0], high=MAX_WAIT_S), check_seconds(
+            "timeout", pair[1], high=MAX_WAIT_S
+        )
+    except ValueError:
+        raise ValueError(
+            f"timeout must be a number of seconds (more than 0, at most {MAX_WAIT_S:.0f}) or a "
+            "(connect, read) pair of them"
+        ) from None
+
+
+def _kis_time(resp: requests.Response) -> float | None:
+    """KIS's clock when it answered: the HTTP ``Date`` of ``resp``, if it has a usable one."""
+    try:
+        moment = parsedate_to_datetime(resp.headers.get("Date") or "")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _unusable_token(
+    exc: ValueError, payload: Mapping[str, Any], now: float, kis_now: float | None
+) -> TokenIssueError:
+    """The error for a tokenP answer that ``Token.from_kis_response`` refused at ``now``.
+
+    If the token is fine by KIS's own clock, the fault is this host's clock (ahead by more than
+    a token's lifetime, every fresh token looks expired): say so, and mark it ``local`` so a
+    storage does not pass it to other processes, whose clocks may be right.
+    """
+    if kis_now is not None and abs(now - kis_now) > CLOCK_TOLERANCE_S:
+        try:
+            Token.from_kis_response(payload, now=kis_now)
+        except ValueError:
+            pass
+        else:
+            skew = now - kis_now
+            return TokenIssueError(
+                f"this host's clock differs from KIS's by about {abs(skew):.0f} s "
+                f"({'ahead' if skew > 0 else 'behind'}, by the Date of KIS's answer): the token "
+                "KIS just issued is usable by KIS's clock but not by this host's; "
+                "fix this host's clock (NTP)",
+                status=200,
+                local=True,
+            )
+    return TokenIssueError(f"KIS token response unusable: {exc}", status=200)
 
 
 def _json_or_none(resp: requests.Response) -> dict[str, Any] | None:

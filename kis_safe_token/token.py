@@ -3,18 +3,32 @@
 KIS states a token's expiry as ``YYYY-MM-DD HH:MM:SS`` in Korea Standard Time (UTC+9, no DST).
 Reading that string as the host's local time is the classic bug: a server in UTC would then
 trust a dead token for nine hours. Everything here converts with an explicit KST offset.
+
+A :class:`Token` is usable by construction: its value can travel in an HTTP header and its
+expiry is a representable time. :meth:`Token.from_kis_response` also refuses what KIS should
+never have issued (already expired, or "valid" for years), so such a token is never stored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["KST", "REFRESH_MARGIN_S", "Token", "format_kst", "mask", "parse_kst"]
+__all__ = [
+    "KST",
+    "MARGIN_FRACTION",
+    "REFRESH_MARGIN_S",
+    "Token",
+    "format_kst",
+    "header_safe",
+    "mask",
+    "parse_kst",
+]
 
 KST = timezone(timedelta(hours=9), "KST")
 KST_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -22,7 +36,26 @@ REFRESH_MARGIN_S = 300.0
 """A token this close to its expiry is treated as expired, so that no request leaves with a
 token that dies on the way."""
 
+MARGIN_FRACTION = 0.1
+"""A token that lives shorter than ``REFRESH_MARGIN_S / MARGIN_FRACTION`` (50 min) is refreshed
+in the last tenth of its life instead of ``REFRESH_MARGIN_S`` before its expiry. KIS's tokens
+live 24 h, so they keep the full margin. A short-lived one (a simulator, a KIS change) is used
+for 90 % of its life instead of being re-issued on every access: one issuance per 0.9 lifetimes,
+so any token living over 67 s is refreshed at most once per KIS's one-minute issue window, while
+the tenth kept in reserve (12 s of a 2-minute token) still covers a request in flight."""
+MIN_LIFETIME_S = 1.0
+"""A token that KIS says expires sooner than this after it answered is refused as already
+expired: storing it would make every process re-issue on its next access."""
+MAX_LIFETIME_S = 366 * 86_400.0
+"""A token that KIS says is valid for more than a year is refused: KIS's live a day, so the
+answer is garbage (or this host's clock is far behind), and it would be trusted far too long."""
+MAX_EXPIRES_AT = 32_503_680_000.0
+"""3000-01-01 00:00 UTC: beyond any real token, within what ``datetime``, every platform's
+``time_t`` and Redis TTLs represent, so formatting or storing an expiry never overflows."""
+
 PAYLOAD_VERSION = 1
+
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
 def parse_kst(text: str) -> float:
@@ -36,9 +69,27 @@ def parse_kst(text: str) -> float:
     return naive.replace(tzinfo=KST).timestamp()
 
 
+_EPOCH_KST = datetime(1970, 1, 1, 9, tzinfo=KST)
+
+
 def format_kst(epoch_s: float) -> str:
-    """The KIS ``YYYY-MM-DD HH:MM:SS`` KST string of an epoch time."""
-    return datetime.fromtimestamp(epoch_s, KST).strftime(KST_FORMAT)
+    """The KIS ``YYYY-MM-DD HH:MM:SS`` KST string of an epoch time; ``ValueError`` if that time
+    is not a date between the years 1 and 9999."""
+    # Epoch arithmetic, not fromtimestamp(): no platform time_t limit (OverflowError, OSError).
+    try:
+        return (_EPOCH_KST + timedelta(seconds=epoch_s)).strftime(KST_FORMAT)
+    except (OverflowError, ValueError):
+        raise ValueError("epoch time out of the representable range") from None
+
+
+def header_safe(value: object) -> bool:
+    """Whether ``value`` is a non-empty string of visible ASCII (no space, no control character).
+
+    Such a value travels unchanged in an HTTP header. Latin-1 letters would too, as bytes, but
+    servers differ in how they decode them, and KIS's tokens (JWTs), app keys and secrets are
+    ASCII: a non-ASCII one is a corrupted answer or a copy-paste accident, not a credential.
+    """
+    return isinstance(value, str) and _VISIBLE_ASCII.fullmatch(value) is not None
 
 
 def mask(value: str | None, keep: int = 6) -> str:
@@ -52,27 +103,51 @@ def mask(value: str | None, keep: int = 6) -> str:
 def _finite(value: Any, name: str) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a finite number") from None
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite")
     return number
 
 
+def _epoch(value: Any, name: str) -> float:
+    number = _finite(value, name)
+    if not 0.0 <= number <= MAX_EXPIRES_AT:
+        raise ValueError(f"{name} must be an epoch time between 1970 and 3000")
+    return number
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One KIS access token and when it expires (epoch seconds, UTC-based)."""
+    """One KIS access token and when it expires (epoch seconds, UTC-based).
+
+    ``issued_at`` (when KIS issued it, if known) lets a token that lives shorter than the
+    refresh margin be used for most of its life (see :meth:`refresh_at`). ``ValueError`` if the
+    token cannot be sent in an HTTP header (see :func:`header_safe`; an optional ``Bearer ``
+    prefix is allowed), or if a time is not an epoch between 1970 and 3000, or ``issued_at`` is
+    after ``expires_at``.
+    """
 
     access_token: str
     expires_at: float
     token_type: str = "Bearer"
+    issued_at: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.access_token, str) or not self.access_token.strip():
-            raise ValueError("access_token must be a non-empty string")
-        if any(c in self.access_token for c in "\r\n"):
-            raise ValueError("access_token must not contain line breaks")
-        object.__setattr__(self, "expires_at", _finite(self.expires_at, "expires_at"))
+        if not isinstance(self.access_token, str) or not header_safe(
+            self.access_token.removeprefix("Bearer ")
+        ):
+            raise ValueError(
+                "access_token must be printable ASCII without spaces or control characters "
+                "(it is sent in an HTTP header)"
+            )
+        expires_at = _epoch(self.expires_at, "expires_at")
+        object.__setattr__(self, "expires_at", expires_at)
+        if self.issued_at is not None:
+            issued_at = _epoch(self.issued_at, "issued_at")
+            if issued_at > expires_at:
+                raise ValueError("issued_at must not be after expires_at")
+            object.__setattr__(self, "issued_at", issued_at)
 
     def __repr__(self) -> str:
         return f"Token(access_token={mask(self.access_token)!r}, expires={self.expired_kst!r} KST)"
@@ -91,17 +166,32 @@ class Token:
             return self.access_token
         return f"Bearer {self.access_token}"
 
+    def refresh_at(self, margin_s: float = REFRESH_MARGIN_S) -> float:
+        """When to stop using the token: ``margin_s`` before its expiry, or, if it was issued
+        for less than ``margin_s / MARGIN_FRACTION``, the last ``MARGIN_FRACTION`` of its life.
+
+        Without the second rule a token KIS issued for less than the margin would look expired
+        the moment it arrived, and every access would issue another one.
+        """
+        margin = margin_s
+        if self.issued_at is not None:
+            margin = min(margin_s, MARGIN_FRACTION * (self.expires_at - self.issued_at))
+        return self.expires_at - margin
+
     def is_valid(self, now: float, margin_s: float = 0.0) -> bool:
-        """Whether the token is still good at ``now`` with ``margin_s`` to spare."""
-        return now < self.expires_at - margin_s
+        """Whether the token is still good at ``now`` with ``margin_s`` to spare (at most
+        ``MARGIN_FRACTION`` of its life, see :meth:`refresh_at`)."""
+        return now < self.refresh_at(margin_s)
 
     # -- conversions ---------------------------------------------------------------------------
     @classmethod
     def from_kis_response(cls, payload: Mapping[str, Any], *, now: float) -> Token:
-        """Build from the JSON body of ``POST /oauth2/tokenP``; ``ValueError`` if it is unusable.
+        """Build from the JSON body of ``POST /oauth2/tokenP`` received at ``now``.
 
         The KST ``access_token_token_expired`` string is authoritative; ``expires_in`` is used
-        only when the string is missing.
+        only when the string is missing. ``ValueError`` if the answer is unusable: no token, one
+        that cannot be sent in a header, one that expires less than ``MIN_LIFETIME_S`` after
+        ``now`` (by ``now``'s clock) or more than ``MAX_LIFETIME_S`` after it.
         """
         if not isinstance(payload, Mapping):
             raise ValueError("token response is not a JSON object")
@@ -112,11 +202,21 @@ class Token:
         if expired is not None:
             expires_at = parse_kst(expired)
         elif payload.get("expires_in") is not None:
-            expires_at = now + _finite(payload["expires_in"], "expires_in")
+            # Whole seconds, never later than KIS said: the seed's token_data keeps an int.
+            expires_at = math.floor(now + _finite(payload["expires_in"], "expires_in"))
         else:
             raise ValueError("token response has neither access_token_token_expired nor expires_in")
+        lifetime = expires_at - now
+        if not lifetime >= MIN_LIFETIME_S:
+            raise ValueError(
+                f"KIS issued an already-expired token (it expires {lifetime:+.6g} s from now)"
+            )
+        if lifetime > MAX_LIFETIME_S:
+            raise ValueError(
+                f"token response expires {lifetime / 86_400:.6g} days from now (KIS's live a day)"
+            )
         token_type = payload.get("token_type") or "Bearer"
-        return cls(access_token, expires_at, str(token_type))
+        return cls(access_token, expires_at, str(token_type), issued_at=now)
 
     @classmethod
     def from_token_data(cls, data: Mapping[str, Any]) -> Token:
@@ -131,11 +231,16 @@ class Token:
             expires_at = parse_kst(data["access_token_token_expired"])
         else:
             raise ValueError("token_data has neither timestamp nor access_token_token_expired")
-        return cls(data["access_token"], expires_at, str(data.get("token_type") or "Bearer"))
+        return cls(
+            data["access_token"],
+            expires_at,
+            str(data.get("token_type") or "Bearer"),
+            issued_at=data.get("issued_at"),
+        )
 
     def to_token_data(self, api_key: str, api_secret: str) -> dict[str, Any]:
-        """The seed's ``token_data`` dict for these credentials."""
-        return {
+        """The seed's ``token_data`` dict for these credentials (plus ``issued_at`` if known)."""
+        data: dict[str, Any] = {
             "access_token": self.access_token,
             "access_token_token_expired": self.expired_kst,
             "timestamp": int(self.expires_at),
@@ -143,6 +248,9 @@ class Token:
             "api_key": api_key,
             "api_secret": api_secret,
         }
+        if self.issued_at is not None:
+            data["issued_at"] = self.issued_at
+        return data
 
     def to_payload(self, fingerprint: str) -> bytes:
         """The JSON that is encrypted at rest (no api_secret, a fingerprint instead)."""
@@ -153,6 +261,8 @@ class Token:
             "token_type": self.token_type,
             "expires_at": self.expires_at,
         }
+        if self.issued_at is not None:
+            body["issued_at"] = self.issued_at  # optional: payloads without it still open
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -168,6 +278,9 @@ class Token:
         if not isinstance(fingerprint, str):
             raise ValueError("payload has no fingerprint")
         token = cls(
-            body.get("access_token", ""), body.get("expires_at", "nan"), str(body.get("token_type"))
+            body.get("access_token", ""),
+            body.get("expires_at", "nan"),
+            str(body.get("token_type")),
+            issued_at=body.get("issued_at"),
         )
         return token, fingerprint

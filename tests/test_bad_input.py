@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from kis_safe_token import (
     FileTokenStorage,
     KisApiError,
+    KisTokenError,
     KoreaInvestment,
     LockedRedisTokenStorage,
     RedisTokenStorage,
@@ -27,6 +28,7 @@ from kis_safe_token import (
     create_token_storage,
 )
 from kis_safe_token.crypto import derive_key
+from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import Token, format_kst
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -138,16 +140,27 @@ def canned_session(
     return session
 
 
-def build(tmp: str, session: requests.Session) -> KoreaInvestment:
+def build(tmp: str, session: requests.Session, **kwargs: Any) -> KoreaInvestment:
     return KoreaInvestment(
         KEY,
         SECRET,
-        token_storage=FileTokenStorage(Path(tmp) / "t.json", wait_timeout=0.2),
+        # wait_timeout must outlast two calls and the window (checked); canned answers never wait
+        token_storage=FileTokenStorage(Path(tmp) / "t.json", wait_timeout=30),
         base_url="http://127.0.0.1:9",
         session=session,
         rate_limit_wait_s=0.05,
-        timeout=(0.02, 0.02),  # canned answers; wait_timeout must outlast 2 calls + the window
+        **kwargs,
     )
+
+
+def token_answer(expires_at: float) -> tuple[int, bytes]:
+    body = {
+        "access_token": "tok-" + "v" * 40,
+        "token_type": "Bearer",
+        "access_token_token_expired": format_kst(expires_at),
+        "expires_in": 86_400,
+    }
+    return 200, json.dumps(body).encode()
 
 
 kis_bodies = st.one_of(
@@ -182,16 +195,8 @@ def test_any_token_answer_is_a_token_or_a_token_issue_error(status: int, body: b
 @FUZZ
 @given(st.sampled_from([200, 500, 502]), kis_bodies)
 def test_any_api_answer_is_json_or_a_kis_api_error(status: int, body: bytes) -> None:
-    valid = json.dumps(
-        {
-            "access_token": "tok-" + "v" * 40,
-            "token_type": "Bearer",
-            "access_token_token_expired": format_kst(time.time() + 86_400),
-            "expires_in": 86_400,
-        }
-    ).encode()
     with tempfile.TemporaryDirectory() as tmp:
-        broker = build(tmp, canned_session((200, valid), (status, body)))
+        broker = build(tmp, canned_session(token_answer(time.time() + 86_400), (status, body)))
         try:
             answer = broker.fetch_price("005930")
         except KisApiError:
@@ -258,3 +263,119 @@ def test_empty_values_take_the_defaults() -> None:
 def test_blank_app_key_is_a_named_value_error(bad: str) -> None:
     with pytest.raises(ValueError, match="api_key"):
         KoreaInvestment(bad, SECRET, base_url="http://127.0.0.1:9")
+
+
+def test_expired_token_without_a_date_header_is_not_blamed_on_the_clock(tmp_path: Path) -> None:
+    ahead = time.time() + 2 * 86_400
+    with pytest.raises(TokenIssueError, match="already-expired") as info:
+        build(
+            str(tmp_path), canned_session(token_answer(time.time() + 86_400)), clock=lambda: ahead
+        )
+    assert not info.value.local and "clock" not in str(info.value)
+
+
+# -- what the caller passes ------------------------------------------------------------------
+
+
+BAD_HEADER_VALUES = {
+    "hangul": "앱키" * 10,
+    "latin-1": "q7\u00e9Zk-" + "x" * 30,
+    "nul": "q7Zk\x00" + "x" * 30,
+    "space": "q7Zk " + "x" * 30,
+    "newline": "q7Zk\n" + "x" * 30,
+}
+
+
+@pytest.mark.parametrize("value", BAD_HEADER_VALUES.values(), ids=BAD_HEADER_VALUES.keys())
+@pytest.mark.parametrize("name", ["api_key", "api_secret"])
+def test_credential_that_cannot_go_in_an_http_header_is_a_named_value_error(
+    name: str, value: str, tmp_path: Path
+) -> None:
+    credentials = {"api_key": KEY, "api_secret": SECRET, name: value}
+    with pytest.raises(ValueError, match=name) as info:
+        KoreaInvestment(
+            credentials["api_key"],
+            credentials["api_secret"],
+            token_storage=FileTokenStorage(tmp_path / "t.json"),
+            base_url="http://127.0.0.1:9",
+        )
+    assert value not in str(info.value) and value[:6] not in str(info.value)
+
+
+def test_secret_from_the_environment_is_checked_too(
+    tmp_path: Path, memory_keyring: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KOREA_INVESTMENT_API_SECRET", BAD_HEADER_VALUES["hangul"])
+    with pytest.raises(ValueError, match="api_secret"):
+        KoreaInvestment(
+            KEY, token_storage=FileTokenStorage(tmp_path / "t.json"), base_url="http://127.0.0.1:9"
+        )
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [0, -1, float("nan"), float("inf"), 1e300, (3.0, 0), (3.0,), (1, 2, 3), "3", None, True, []],
+    ids=repr,
+)
+def test_bad_timeout_is_a_named_value_error(timeout: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="timeout must be"):
+        KoreaInvestment(
+            KEY,
+            SECRET,
+            token_storage=FileTokenStorage(tmp_path / "t.json"),
+            base_url="http://127.0.0.1:9",
+            timeout=timeout,
+        )
+
+
+@pytest.mark.parametrize("timeout", [5, 2.5, (1, 2.5), [1, 2]], ids=repr)
+def test_timeout_may_be_one_number_or_a_connect_read_pair(timeout: Any, tmp_path: Path) -> None:
+    broker = build(
+        str(tmp_path), canned_session(token_answer(time.time() + 86_400)), timeout=timeout
+    )
+    expected = (timeout, timeout) if isinstance(timeout, (int, float)) else tuple(timeout)
+    assert broker.timeout == expected
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("tr_id", "거래"), ("tr_id", "FHKST\x0001"), ("method", "GÉT"), ("path", "@evil.example/x")],
+)
+def test_request_argument_that_cannot_be_sent_is_a_named_value_error(
+    argument: str, value: str, tmp_path: Path
+) -> None:
+    broker = build(str(tmp_path), canned_session(token_answer(time.time() + 86_400)))
+    call = {"method": "GET", "path": "/uapi/x", "tr_id": "FHKST01010100", argument: value}
+    with pytest.raises(ValueError, match=argument):
+        broker.request(call["method"], call["path"], tr_id=call["tr_id"])
+
+
+def test_custtype_that_cannot_be_sent_is_a_named_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="custtype"):
+        build(str(tmp_path), canned_session(token_answer(time.time() + 86_400)), custtype="개인")
+
+
+def test_any_request_arguments_are_an_answer_or_a_library_error(tmp_path: Path) -> None:
+    """Over real HTTP (the simulator): what http.client would choke on is caught before."""
+    with KisSimulator(issue_latency_s=0) as sim:
+        broker = KoreaInvestment(
+            KEY, SECRET, token_storage=FileTokenStorage(tmp_path / "t.json"), base_url=sim.base_url
+        )
+
+        @FUZZ
+        @given(
+            st.sampled_from(["GET", "POST"]) | st.text(max_size=8),
+            st.text(max_size=20).map(lambda p: "/" + p),
+            st.sampled_from(["FHKST01010100"]) | st.text(max_size=12),
+            st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
+        )
+        def call(method: str, path: str, tr_id: str, params: dict[str, str]) -> None:
+            try:
+                answer = broker.request(method, path, tr_id=tr_id, params=params)
+            except UnicodeError as exc:  # a ValueError, but a raw one that names no argument
+                pytest.fail(f"raw {type(exc).__name__} escaped")
+            except (KisTokenError, ValueError, TypeError):
+                return
+            assert isinstance(answer, dict)
+
+        call()

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -15,6 +19,9 @@ from kis_safe_token import (
     TokenIssueError,
 )
 from kis_safe_token.testing import KisSimulator
+from kis_safe_token.token import format_kst
+
+DAY_S = 86_400.0
 
 
 def client(sim: KisSimulator, token_path: Path, **kwargs) -> KoreaInvestment:
@@ -195,3 +202,126 @@ def test_repr_hides_the_secret_and_token(sim: KisSimulator, token_path: Path) ->
     broker = client(sim, token_path)
     text = repr(broker)
     assert SECRET not in text and broker.access_token[7:] not in text
+
+
+# -- tokens KIS should never have issued, and a host whose clock is off -------------------------
+
+
+def tamper(
+    sim: KisSimulator, monkeypatch: pytest.MonkeyPatch, change: Callable[[dict], None]
+) -> None:
+    """Let the simulator issue (and count) as usual, then ``change`` its successful answer."""
+    issue = sim._issue
+
+    def tampered(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        status, payload = issue(body)
+        if status == 200:
+            change(payload)
+        return status, payload
+
+    monkeypatch.setattr(sim, "_issue", tampered)
+
+
+def without_kst(**answer: Any) -> Callable[[dict], None]:
+    def change(payload: dict) -> None:
+        del payload["access_token_token_expired"]
+        payload.update(answer)
+
+    return change
+
+
+def stored_at_all(token_path: Path) -> dict | None:
+    """Whatever token the file holds, however expired (a storage whose clock reads 1970)."""
+    return FileTokenStorage(token_path, clock=lambda: 0.0).load_token(APP_KEY, SECRET)
+
+
+UNUSABLE_ANSWERS = {
+    "kst-expiry-in-the-past": lambda p: p.update(
+        access_token_token_expired=format_kst(time.time() - 3600)
+    ),
+    "expires_in-0": without_kst(expires_in=0),
+    "expires_in-negative": without_kst(expires_in=-60),
+    "expires_in-1e300": without_kst(expires_in=1e300),
+    "kst-expiry-year-2999": lambda p: p.update(access_token_token_expired="2999-01-01 00:00:00"),
+    "token-hangul": lambda p: p.update(access_token="토큰" + p["access_token"]),
+    "token-latin-1": lambda p: p.update(access_token="\u00e9" + p["access_token"]),
+    "token-control-char": lambda p: p.update(access_token=p["access_token"] + "\x01"),
+    "token-space": lambda p: p.update(access_token=p["access_token"].replace(".", " ")),
+}
+
+
+@pytest.mark.parametrize("answer", UNUSABLE_ANSWERS)
+def test_unusable_token_from_kis_is_refused_before_it_is_stored(
+    answer: str, sim: KisSimulator, token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tamper(sim, monkeypatch, UNUSABLE_ANSWERS[answer])
+    with pytest.raises(TokenIssueError) as info:
+        client(sim, token_path)
+    assert info.value.status == 200 and not info.value.local
+    assert stored_at_all(token_path) is None
+    assert sim.counts["issue_requests"] == 1
+    for token in sim.issued_tokens():
+        assert token[10:40] not in str(info.value)
+    if answer == "kst-expiry-in-the-past":
+        assert "already-expired" in str(info.value)  # KIS's Date agrees: not our clock
+
+
+def test_token_shorter_lived_than_the_refresh_margin_is_issued_once(token_path: Path) -> None:
+    with KisSimulator(
+        apps={APP_KEY: SECRET}, token_lifetime_s=120, issue_window_s=0, issue_latency_s=0
+    ) as sim:
+        now = [time.time()]
+        broker = client(sim, token_path, clock=lambda: now[0])
+        broker.token_storage.clock = lambda: now[0]
+        first = broker.access_token
+        for _ in range(50):
+            assert broker.fetch_price("005930")["rt_cd"] == "0"
+        assert sim.issued == 1 and broker.access_token == first
+        now[0] += 110  # inside the last tenth of the token's 120 s: refresh once
+        assert broker.access_token != first
+        for _ in range(10):
+            broker.access_token  # noqa: B018
+        assert sim.issued == 2
+
+
+def test_host_clock_days_ahead_is_named_and_the_shared_token_is_kept(token_path: Path) -> None:
+    with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=0, issue_latency_s=0) as sim:
+        healthy = client(sim, token_path)
+        kept = healthy.access_token
+
+        def ahead() -> float:
+            return time.time() + 2 * DAY_S
+
+        with pytest.raises(TokenIssueError) as info:
+            KoreaInvestment(
+                APP_KEY,
+                SECRET,
+                token_storage=FileTokenStorage(token_path, clock=ahead),
+                base_url=sim.base_url,
+                clock=ahead,
+            )
+        message = str(info.value)
+        assert "clock" in message and re.search(r"\b17\d{4} s\b", message), message
+        assert info.value.local
+        assert sim.issued == 2
+        assert all(token[10:40] not in message for token in sim.issued_tokens())
+        stored = FileTokenStorage(token_path).load_token(APP_KEY, SECRET)
+        assert stored is not None and "Bearer " + stored["access_token"] == kept
+        assert healthy.fetch_price("005930")["rt_cd"] == "0"
+        assert healthy.access_token == kept and sim.issued == 2
+
+
+def test_kis_clock_days_behind_is_named_too(token_path: Path) -> None:
+    with KisSimulator(
+        apps={APP_KEY: SECRET}, issue_latency_s=0, clock=lambda: time.time() - 2 * DAY_S
+    ) as sim:
+        with pytest.raises(TokenIssueError, match="clock") as info:
+            client(sim, token_path)
+        assert info.value.local
+        assert stored_at_all(token_path) is None
+
+
+def test_simulator_date_header_follows_its_clock() -> None:
+    with KisSimulator(issue_latency_s=0, clock=lambda: 1_000_000_000.0) as sim:
+        answer = requests.get(f"{sim.base_url}/nowhere", timeout=5)
+    assert parsedate_to_datetime(answer.headers["Date"]).timestamp() == 1_000_000_000.0

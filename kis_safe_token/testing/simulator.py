@@ -42,6 +42,7 @@ class KisSimulator:
     ``apps``: app key -> secret to accept (``None`` accepts any pair). ``issue_window_s``: the
     one-issue-per-app-key window (KIS: 60 s). ``token_lifetime_s``: validity of issued tokens.
     ``issue_latency_s``: artificial delay of ``tokenP`` (widens races the way a slow KIS does).
+    ``clock``: the simulator's time, for expiries and for the HTTP ``Date`` of every answer.
     """
 
     def __init__(
@@ -271,6 +272,11 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by design
             pass
+
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            # send_response() dates every answer with this: KIS's clock, so a test can play a
+            # host (or a KIS) whose clock is off.
+            return super().date_time_string(sim.clock() if timestamp is None else timestamp)
 
         def _reply(self, status: int, payload: dict[str, Any] | bytes) -> None:
             if isinstance(payload, bytes):
