@@ -14,6 +14,7 @@ import keyring
 import pytest
 from keyring.backend import KeyringBackend
 
+from kis_safe_token._faults import FAULT_ENV
 from kis_safe_token.errors import KisTokenError
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET
@@ -27,9 +28,9 @@ SECRET = "test-secret-" + "t" * 40
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No KOREA_INVESTMENT_* variable of the developer's shell leaks into a test."""
+    """No KOREA_INVESTMENT_* variable or fault switch of the developer's shell leaks into a test."""
     for name in list(os.environ):
-        if name.startswith("KOREA_INVESTMENT_") or name == "KIS_SAFE_TOKEN_FAULT":
+        if name.startswith("KOREA_INVESTMENT_") or name == FAULT_ENV:
             monkeypatch.delenv(name)
 
 
