@@ -2,6 +2,7 @@
 
 from .client import KoreaInvestment
 from .errors import (
+    InsecureKeyringError,
     KisApiError,
     KisTokenError,
     SecretNotFoundError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FileTokenStorage",
+    "InsecureKeyringError",
     "KisApiError",
     "KisTokenError",
     "KoreaInvestment",

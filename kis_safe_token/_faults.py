@@ -1,23 +1,108 @@
 """Fault points for crash tests: stop a process at a precise step instead of a lucky sleep.
 
-A test sets ``KIS_SAFE_TOKEN_FAULT=<name>`` in a child process's environment; when that child
-reaches the named point it SIGKILLs itself. The names in use: ``issue.before_kis``,
-``issue.after_kis`` (KIS answered, nothing saved), ``file.before_replace`` (temp file written,
-not yet renamed in), ``storage.after_save`` (token saved, waiters not woken, lock not released).
-Unset (always, in production) it costs one dict lookup on a cold path.
+When a process reaches an armed point it SIGKILLs itself. The names in use:
+``issue.before_kis``, ``issue.after_kis`` (KIS answered, nothing saved), ``file.before_replace``
+(temp file written, not yet renamed in), ``storage.after_save`` (token saved, waiters not woken,
+lock not released).
+
+Arming takes two things a deployment does not get by accident, because a variable copied from a
+test config into a service's environment must not kill its workers:
+
+- ``KIS_SAFE_TOKEN_FAULT=<name>:<path>`` in the process's environment, where ``<path>`` is
+  absolute, and
+- at ``<path>`` a regular file (not a symlink) owned by this user, writable by no one else,
+  whose content is exactly ``<name>``. :func:`arm_fault` creates it in a test's temporary folder
+  under a random name (the nonce) and returns the environment entry to give the victim.
+
+The first process that reaches the armed point deletes the file, then dies: one arming kills one
+process, once, and the same value copied anywhere later finds no file. Any other value (a bare
+``KIS_SAFE_TOKEN_FAULT=issue.after_kis``, a missing or foreign file) is ignored, with one warning
+per process. The environment is read at each call, so a spawned child armed after import works.
+Unset (always, in production) a fault point costs one dict lookup on a cold path.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import stat
+import tempfile
+from typing import Final
 
-__all__ = ["fault_point"]
+__all__ = ["FAULT_ENV", "FAULT_POINTS", "arm_fault", "fault_point"]
 
-FAULT_ENV = "KIS_SAFE_TOKEN_FAULT"
+FAULT_ENV: Final = "KIS_SAFE_TOKEN_FAULT"
+#: Every fault point in the library; arming any other name is an error.
+FAULT_POINTS: Final = frozenset(
+    {"issue.before_kis", "issue.after_kis", "file.before_replace", "storage.after_save"}
+)
+
+_log = logging.getLogger(__name__)
+_warned = False
+
+
+def arm_fault(name: str, folder: str | os.PathLike[str]) -> dict[str, str]:
+    """Arm the fault point ``name`` once: the environment entry to give the victim process.
+
+    Writes the arming file into ``folder`` (the test's temporary folder, which must exist).
+    Raises :class:`ValueError` for a name that is not in :data:`FAULT_POINTS`.
+    """
+    if name not in FAULT_POINTS:
+        raise ValueError(f"unknown fault point {name!r}; known: {', '.join(sorted(FAULT_POINTS))}")
+    fd, path = tempfile.mkstemp(prefix=f"fault-{name}-", suffix=".arm", dir=folder)  # 0600
+    with os.fdopen(fd, "w") as fh:
+        fh.write(name)
+    return {FAULT_ENV: f"{name}:{os.path.abspath(path)}"}
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process if the fault ``name`` is armed in the environment."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process if the harness armed the fault ``name`` (see the module docstring)."""
+    value = os.environ.get(FAULT_ENV)
+    if not value:
+        return
+    armed, _, path = value.partition(":")
+    if armed in FAULT_POINTS and os.path.isabs(path):
+        if armed != name:
+            return  # armed for another point
+        if _use_up_arming_file(name, path):
+            os.kill(os.getpid(), signal.SIGKILL)
+    _warn_ignored()
+
+
+def _use_up_arming_file(name: str, path: str) -> bool:
+    """Whether ``path`` is a valid arming file for ``name``; if so, delete it (one shot)."""
+    # O_NOFOLLOW refuses a symlink; O_NONBLOCK keeps a FIFO planted there from blocking us.
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            return False
+        if os.read(fd, len(name) + 1) != name.encode():
+            return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(path)  # the claim: of two processes racing here, one wins
+    except OSError:
+        return False
+    return True
+
+
+def _warn_ignored() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        _log.warning(
+            "%s is set but was not armed by a test harness (it needs an arming file; see "
+            "kis_safe_token._faults); ignored. Remove it from this environment.",
+            FAULT_ENV,
+        )

@@ -15,7 +15,12 @@ from typing import Any
 
 from .client import BASE_URL_ENV, KoreaInvestment
 from .errors import KisTokenError
-from .secrets import delete_api_secret, resolve_api_secret, set_api_secret
+from .secrets import (
+    ALLOW_INSECURE_KEYRING_ENV,
+    delete_api_secret,
+    resolve_api_secret,
+    set_api_secret,
+)
 from .storage.base import TokenStorage
 from .storage.factory import (
     REDIS_URL_ENV,
@@ -33,7 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--storage", choices=STORAGE_TYPES, help=f"default: ${STORAGE_ENV} or file")
     common.add_argument("--redis-url", help=f"default: ${REDIS_URL_ENV}")
     common.add_argument("--base-url", help=f"KIS host; default: ${BASE_URL_ENV} or the real host")
-    keyed = argparse.ArgumentParser(add_help=False, parents=[common])
+    insecure = argparse.ArgumentParser(add_help=False)
+    insecure.add_argument(
+        "--allow-insecure-keyring",
+        action="store_true",
+        help="use a keyring backend that does not protect the secret, such as a plaintext file "
+        f"(also: {ALLOW_INSECURE_KEYRING_ENV}=1)",
+    )
+    keyed = argparse.ArgumentParser(add_help=False, parents=[common, insecure])
     keyed.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
@@ -45,9 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     secret = sub.add_parser("secret", help="store or delete the api_secret in the OS keyring")
     secret_sub = secret.add_subparsers(dest="action", required=True)
-    for action in ("set", "delete"):
-        p = secret_sub.add_parser(action)
-        p.add_argument("app_key")
+    secret_sub.add_parser("set", parents=[insecure]).add_argument("app_key")
+    secret_sub.add_parser("delete").add_argument("app_key")
 
     status = sub.add_parser("status", parents=[keyed], help="show the stored token (masked)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -82,6 +93,15 @@ def _api_key(args: argparse.Namespace) -> str:
     return str(args.api_key)
 
 
+def _allow_insecure(args: argparse.Namespace) -> bool | None:
+    """``True`` with the flag; else ``None``: the environment decides."""
+    return True if args.allow_insecure_keyring else None
+
+
+def _secret(args: argparse.Namespace, api_key: str) -> str:
+    return resolve_api_secret(api_key, allow_insecure_keyring=_allow_insecure(args))
+
+
 class _Usage(Exception):
     pass
 
@@ -97,8 +117,8 @@ def _cmd_secret(args: argparse.Namespace) -> int:
         secret = sys.stdin.readline().strip()
     if not secret:
         raise _Usage("no secret given (type it at the prompt, or pipe one line on stdin)")
-    set_api_secret(args.app_key, secret)
-    print(f"secret stored in the keyring for app key {mask(args.app_key, 4)}")
+    backend = set_api_secret(args.app_key, secret, allow_insecure_keyring=_allow_insecure(args))
+    print(f"secret stored in the keyring for app key {mask(args.app_key, 4)} (backend: {backend})")
     return 0
 
 
@@ -134,7 +154,7 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     api_key = _api_key(args)
-    secret = resolve_api_secret(api_key)
+    secret = _secret(args, api_key)
     storage = _storage(args)
     data = storage.load_token(api_key, secret)
     token = Token.from_token_data(data) if data else None
@@ -143,8 +163,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> KoreaInvestment:
+    api_key = _api_key(args)
     return KoreaInvestment(
-        _api_key(args), None, token_storage=_storage(args), base_url=args.base_url
+        api_key, _secret(args, api_key), token_storage=_storage(args), base_url=args.base_url
     )
 
 
@@ -165,7 +186,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 def _cmd_clear(args: argparse.Namespace) -> int:
     api_key = _api_key(args)
     storage = _storage(args)
-    if not storage.delete_token(api_key, resolve_api_secret(api_key)):
+    if not storage.delete_token(api_key, _secret(args, api_key)):
         raise KisTokenError(f"could not clear the token in {storage!r} (see the log)")
     print(f"token cleared from {storage!r}")
     return 0

@@ -1,8 +1,18 @@
-"""The errors this library raises: one base class and a few precise subclasses."""
+"""The errors this library raises: one base class and a few precise subclasses.
+
+- KisTokenError
+  - TokenStorageError
+  - TokenIssueError
+  - KisApiError
+  - SecretNotFoundError (also a LookupError)
+    - InsecureKeyringError
+"""
 
 from __future__ import annotations
 
 __all__ = [
+    "InsecureKeyringError",
+    "KisApiError",
     "KisTokenError",
     "SecretNotFoundError",
     "TokenIssueError",
@@ -54,3 +64,16 @@ class KisApiError(KisTokenError):
 
 class SecretNotFoundError(KisTokenError, LookupError):
     """No api_secret was given and none could be found; the message says how to store one."""
+
+
+class InsecureKeyringError(SecretNotFoundError):
+    """The active keyring backend does not protect the api_secret, so it was not used.
+
+    A plaintext file keyring, the null or fail backend, or one keyring ranks "not recommended".
+    ``backend`` names it (``module.Class``, what ``PYTHON_KEYRING_BACKEND`` takes); the message
+    says how to choose a real one, or how to opt in.
+    """
+
+    def __init__(self, message: str, *, backend: str | None = None) -> None:
+        super().__init__(message)
+        self.backend = backend

@@ -14,7 +14,9 @@ import keyring
 import pytest
 from keyring.backend import KeyringBackend
 
+from kis_safe_token._faults import FAULT_ENV
 from kis_safe_token.errors import KisTokenError
+from kis_safe_token.secrets import ALLOW_INSECURE_KEYRING_ENV
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET
 from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
@@ -27,9 +29,9 @@ SECRET = "test-secret-" + "t" * 40
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No KOREA_INVESTMENT_* variable of the developer's shell leaks into a test."""
+    """No KOREA_INVESTMENT_* variable or kis_safe_token switch of the developer's shell leaks in."""
     for name in list(os.environ):
-        if name.startswith("KOREA_INVESTMENT_") or name == "KIS_SAFE_TOKEN_FAULT":
+        if name.startswith("KOREA_INVESTMENT_") or name in (FAULT_ENV, ALLOW_INSECURE_KEYRING_ENV):
             monkeypatch.delenv(name)
 
 

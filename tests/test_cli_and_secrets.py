@@ -1,26 +1,52 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keyring
 import pytest
 import requests
-from conftest import APP_KEY, SECRET
-from keyring.backends import fail
+from conftest import APP_KEY, SECRET, MemoryKeyring
+from keyring.backend import KeyringBackend
+from keyring.backends import chainer, fail, null
+from keyrings.alt.file import EncryptedKeyring, PlaintextKeyring
 
 from kis_safe_token import (
+    InsecureKeyringError,
     KoreaInvestment,
     SecretNotFoundError,
     delete_api_secret,
     get_api_secret,
     set_api_secret,
 )
+from kis_safe_token.secrets import resolve_api_secret
 from kis_safe_token.testing import KisSimulator
+
+ALLOW_ENV = "KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING"
+
+
+class LowPriorityKeyring(MemoryKeyring):
+    """Keyring's convention: a priority below 1 is "not recommended"."""
+
+    priority = 0.5  # type: ignore[assignment]
+
+
+class EncryptedFileStandIn(MemoryKeyring, EncryptedKeyring):
+    """Stands in for keyrings.alt's password-protected file keyring (priority 0.6) without
+    pycryptodome: below 1, yet it protects the secret."""
+
+    priority = 0.6  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        KeyringBackend.__init__(self)
+        self.store = {}
+
 
 # -- secrets, in process, on an in-memory keyring ----------------------------------------------
 
@@ -65,14 +91,120 @@ def test_no_keyring_backend_says_how_to_pick_one(monkeypatch) -> None:
         with pytest.raises(SecretNotFoundError, match="PYTHON_KEYRING_BACKEND"):
             set_api_secret(APP_KEY, SECRET)
         monkeypatch.setenv("KOREA_INVESTMENT_API_SECRET", SECRET)
-        from kis_safe_token.secrets import resolve_api_secret
-
         assert resolve_api_secret(APP_KEY) == SECRET
     finally:
         keyring.set_keyring(previous)
 
 
+@pytest.fixture
+def use_keyring() -> Iterator[Callable[[KeyringBackend], None]]:
+    """``use_keyring(backend)`` makes ``backend`` the active keyring until the test ends."""
+    previous = keyring.get_keyring()
+    yield keyring.set_keyring
+    keyring.set_keyring(previous)
+
+
+@pytest.fixture
+def plaintext(tmp_path: Path) -> PlaintextKeyring:
+    """keyrings.alt's plaintext file keyring, on a file in the test's folder."""
+    backend = PlaintextKeyring()
+    backend.file_path = str(tmp_path / "keyring_pass.cfg")
+    return backend
+
+
+def test_set_and_get_name_the_backend_in_the_log(memory_keyring, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="kis_safe_token")
+    assert set_api_secret(APP_KEY, SECRET) == "conftest.MemoryKeyring"
+    assert get_api_secret(APP_KEY) == SECRET
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("conftest.MemoryKeyring" in m for m in messages) == 2, messages
+    assert not any(SECRET in m or APP_KEY in m for m in messages)
+
+
+def test_plaintext_keyring_is_refused_for_set_and_get(
+    plaintext: PlaintextKeyring, use_keyring, monkeypatch
+) -> None:
+    plaintext.set_password("kis_safe_token", APP_KEY, SECRET)  # stored earlier, in clear
+    use_keyring(plaintext)
+    for call in (lambda: set_api_secret(APP_KEY, "new-" + SECRET), lambda: get_api_secret(APP_KEY)):
+        with pytest.raises(SecretNotFoundError) as info:
+            call()
+        message = str(info.value)
+        assert "keyrings.alt.file.PlaintextKeyring" in message
+        for way_out in ("Secret Service", "EncryptedKeyring", "KOREA_INVESTMENT_API_SECRET"):
+            assert way_out in message
+        assert ALLOW_ENV in message and SECRET not in message
+    assert plaintext.get_password("kis_safe_token", APP_KEY) == SECRET  # set wrote nothing
+    assert isinstance(info.value, InsecureKeyringError)
+    assert info.value.backend == "keyrings.alt.file.PlaintextKeyring"
+
+    with pytest.raises(SecretNotFoundError, match="PlaintextKeyring"):
+        resolve_api_secret(APP_KEY)
+    monkeypatch.setenv("KOREA_INVESTMENT_API_SECRET", "from-env-" + SECRET)
+    assert resolve_api_secret(APP_KEY) == "from-env-" + SECRET  # not the plaintext one
+
+    monkeypatch.setenv(ALLOW_ENV, "maybe")
+    with pytest.raises(ValueError, match=ALLOW_ENV):
+        get_api_secret(APP_KEY)
+    monkeypatch.setenv(ALLOW_ENV, "1")  # the explicit opt-in
+    assert get_api_secret(APP_KEY) == SECRET
+    assert set_api_secret(APP_KEY, SECRET) == "keyrings.alt.file.PlaintextKeyring"
+
+
+@pytest.mark.parametrize(
+    ("backend", "accepted"),
+    [
+        (null.Keyring(), False),
+        (fail.Keyring(), False),
+        (PlaintextKeyring(), False),
+        (LowPriorityKeyring(), False),
+        (MemoryKeyring(), True),
+        (EncryptedFileStandIn(), True),
+    ],
+    ids=["null", "fail", "plaintext", "priority-0.5", "priority-1", "encrypted-file"],
+)
+def test_backends_that_do_not_protect_the_secret_are_refused(
+    backend: KeyringBackend, accepted: bool, use_keyring, tmp_path: Path
+) -> None:
+    if isinstance(backend, PlaintextKeyring):
+        backend.file_path = str(tmp_path / "keyring_pass.cfg")
+    use_keyring(backend)
+    if accepted:
+        assert set_api_secret(APP_KEY, SECRET).endswith(type(backend).__name__)
+        assert get_api_secret(APP_KEY) == SECRET
+        return
+    with pytest.raises(SecretNotFoundError, match="PYTHON_KEYRING_BACKEND") as info:
+        set_api_secret(APP_KEY, SECRET)
+    assert type(backend).__name__ in str(info.value)
+    with pytest.raises(SecretNotFoundError, match=type(backend).__name__):
+        get_api_secret(APP_KEY)
+
+
+def test_chainer_uses_only_the_members_that_protect_the_secret(
+    plaintext: PlaintextKeyring, use_keyring, monkeypatch
+) -> None:
+    plaintext.set_password("kis_safe_token", APP_KEY, SECRET)  # stored earlier, in clear
+    memory = MemoryKeyring()
+    monkeypatch.setattr(chainer.ChainerBackend, "backends", [memory, plaintext])
+    use_keyring(chainer.ChainerBackend())
+    with pytest.raises(SecretNotFoundError, match="kis-token secret set"):
+        get_api_secret(APP_KEY)  # the plaintext copy is not used
+    assert set_api_secret(APP_KEY, "new-" + SECRET) == "conftest.MemoryKeyring"
+    assert memory.store[("kis_safe_token", APP_KEY)] == "new-" + SECRET
+    assert get_api_secret(APP_KEY) == "new-" + SECRET
+
+    monkeypatch.setattr(chainer.ChainerBackend, "backends", [plaintext])
+    with pytest.raises(SecretNotFoundError, match="keyrings.alt.file.PlaintextKeyring"):
+        set_api_secret(APP_KEY, SECRET)
+    with pytest.raises(SecretNotFoundError, match="keyrings.alt.file.PlaintextKeyring"):
+        get_api_secret(APP_KEY)
+
+
 # -- the command line, as subprocesses -----------------------------------------------------------
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+DOUBLE = "keyring_double.JsonFileKeyring"  # a test double: see tests/keyring_double.py
 
 
 @pytest.fixture
@@ -81,7 +213,9 @@ def cli_env(tmp_path: Path, sim: KisSimulator) -> dict[str, str]:
     env.update(
         HOME=str(tmp_path / "home"),
         XDG_DATA_HOME=str(tmp_path / "home" / "data"),
-        PYTHON_KEYRING_BACKEND="keyrings.alt.file.PlaintextKeyring",
+        PYTHON_KEYRING_BACKEND=DOUBLE,
+        KIS_TEST_KEYRING_FILE=str(tmp_path / "test-keyring.json"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
         KOREA_INVESTMENT_TOKEN_FILE=str(tmp_path / "cache" / "tokens.json"),
         KOREA_INVESTMENT_BASE_URL=sim.base_url,
         KOREA_INVESTMENT_API_KEY=APP_KEY,
@@ -125,7 +259,8 @@ def test_every_cli_command_works_and_leaks_nothing(
     assert "kis-token secret set" in missing.stderr and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
 
-    assert "stored" in run("secret", "set", APP_KEY, stdin=SECRET + "\n").stdout
+    stored = run("secret", "set", APP_KEY, stdin=SECRET + "\n").stdout
+    assert "stored" in stored and f"(backend: {DOUBLE})" in stored
     assert "none stored" in run("status").stdout
     issued = run("issue").stdout
     assert "KST" in issued and sim.issued == 1
@@ -182,6 +317,43 @@ def test_missing_keyring_backend_is_a_clear_cli_error(cli_env: dict[str, str]) -
     result = kis_token(cli_env, "secret", "set", APP_KEY, stdin=SECRET + "\n")
     assert result.returncode == 1
     assert "PYTHON_KEYRING_BACKEND" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_a_plaintext_keyring(cli_env: dict[str, str], tmp_path: Path) -> None:
+    cli_env["PYTHON_KEYRING_BACKEND"] = "keyrings.alt.file.PlaintextKeyring"
+    result = kis_token(cli_env, "secret", "set", APP_KEY, stdin=SECRET + "\n")
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    for needed in (
+        "keyrings.alt.file.PlaintextKeyring",
+        "Secret Service",
+        "PYTHON_KEYRING_BACKEND",
+        "KOREA_INVESTMENT_API_SECRET",
+        "--allow-insecure-keyring",
+    ):
+        assert needed in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert list((tmp_path / "home").rglob("keyring_pass.cfg")) == []
+
+
+def test_cli_opt_in_uses_a_plaintext_keyring_and_names_it(
+    cli_env: dict[str, str], tmp_path: Path, sim: KisSimulator
+) -> None:
+    cli_env["PYTHON_KEYRING_BACKEND"] = "keyrings.alt.file.PlaintextKeyring"
+    result = kis_token(
+        cli_env, "secret", "set", "--allow-insecure-keyring", APP_KEY, stdin=SECRET + "\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(backend: keyrings.alt.file.PlaintextKeyring)" in result.stdout
+    assert len(list((tmp_path / "home").rglob("keyring_pass.cfg"))) == 1
+    refused = kis_token(cli_env, "status")
+    assert refused.returncode == 1 and "PlaintextKeyring" in refused.stderr
+    assert kis_token(cli_env, "status", "--allow-insecure-keyring").returncode == 0
+    assert kis_token(cli_env, "issue", "--allow-insecure-keyring").returncode == 0
+    cli_env[ALLOW_ENV] = "1"
+    status = kis_token(cli_env, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["valid"] is True
+    assert sim.issued == 1
 
 
 def test_bad_storage_env_is_a_clear_cli_error(cli_env: dict[str, str]) -> None:

@@ -1,7 +1,7 @@
 """Crashes at precise steps, Redis and disk faults: survivors get a valid token, nothing is torn.
 
-A victim process arms a fault point (``KIS_SAFE_TOKEN_FAULT``) and SIGKILLs itself exactly there;
-then the survivors, already started and imported, go.
+A victim process, given a fault point armed by ``arm_fault`` (``KIS_SAFE_TOKEN_FAULT`` and an
+arming file), SIGKILLs itself exactly there; then the survivors, already started and imported, go.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import errno
 import json
 import multiprocessing as mp
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from kis_safe_token import (
     TokenIssueError,
     TokenStorageError,
 )
+from kis_safe_token._faults import FAULT_ENV, arm_fault, fault_point
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client
 from kis_safe_token.testing.redis_server import RedisServer
@@ -83,7 +87,8 @@ def test_issuer_killed_at_each_step_survivors_recover(
         for p in survivors:
             p.start()
         assert [out.get(timeout=120)[0] for _ in survivors] == ["ready"] * 3
-        victim = ctx.Process(target=gated_client, args=(spec, sim.base_url, None, out, fault, FAST))
+        armed = arm_fault(fault, tmp_path)
+        victim = ctx.Process(target=gated_client, args=(spec, sim.base_url, None, out, armed, FAST))
         victim.start()
         victim.join(60)
         assert victim.exitcode == -9, f"the victim did not die at {fault}"
@@ -255,3 +260,111 @@ def test_waiters_of_a_failed_issuance_get_its_failure_at_once(
         storage().get_or_issue("key1", "secret1", must_not_issue)
     now[0] += 6  # past the first failure's 5 s hold
     assert storage().get_or_issue("key1", "secret1", lambda: data) == data
+
+
+# -- the switch itself: inert unless the harness armed it ------------------------------------------
+
+
+def test_plain_fault_variable_does_not_kill_a_client(
+    tmp_path: Path, sim: KisSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable copied from a test config into a deployment (no arming file) kills no one."""
+    monkeypatch.setenv(FAULT_ENV, "issue.after_kis")  # inherited by the child
+    spec = {"kind": "file", "path": str(tmp_path / "cache" / "tokens.json")}
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=gated_client, args=(spec, sim.base_url, None, out))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, f"the child died with {child.exitcode}"
+    result = out.get(timeout=10)
+    assert result[0] == "ok", result
+    assert sim.issued == 1
+
+
+def test_plain_fault_variable_warns_once(tmp_path: Path) -> None:
+    code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "from kis_safe_token._faults import fault_point\n"
+        "for name in ('issue.before_kis', 'issue.after_kis', 'issue.after_kis'):\n"
+        "    fault_point(name)\n"
+        "print('alive')\n"
+    )
+    env = {**os.environ, FAULT_ENV: "issue.after_kis"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.strip() == "alive"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, result.stderr
+    assert FAULT_ENV in warnings[0] and "ignored" in warnings[0]
+
+
+@pytest.fixture
+def kills(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Record the fault points' kills instead of dying (in process)."""
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: seen.append((pid, sig)))
+    return seen
+
+
+def test_armed_fault_fires_once_at_its_point_only(
+    tmp_path: Path, kills: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = arm_fault("issue.after_kis", tmp_path)
+    [(name, value)] = env.items()
+    monkeypatch.setenv(name, value)
+    arming_file = Path(value.split(":", 1)[1])
+    fault_point("issue.before_kis")
+    assert kills == [] and arming_file.exists()  # another point: nothing, still armed
+    fault_point("issue.after_kis")
+    assert kills == [(os.getpid(), signal.SIGKILL)]
+    assert not arming_file.exists()  # one shot: the arming file is used up
+    fault_point("issue.after_kis")
+    assert len(kills) == 1
+
+
+def _arm_wrongly(how: str, tmp_path: Path) -> str:
+    [value] = arm_fault("issue.after_kis", tmp_path).values()
+    path = Path(value.split(":", 1)[1])
+    if how == "other content":
+        path.write_text("issue.before_kis")
+    elif how == "missing file":
+        path.unlink()
+    elif how == "relative path":
+        return f"issue.after_kis:{os.path.relpath(path)}"
+    elif how == "symlink":
+        link = tmp_path / "link"
+        link.symlink_to(path)
+        return f"issue.after_kis:{link}"
+    elif how == "group writable":
+        path.chmod(0o620)
+    elif how == "directory":
+        path.unlink()
+        path.mkdir()
+        return f"issue.after_kis:{path}"
+    elif how == "unknown point":
+        return f"issue.after_lunch:{path}"
+    return value
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "other content",
+        "missing file",
+        "relative path",
+        "symlink",
+        "group writable",
+        "directory",
+        "unknown point",
+    ],
+)
+def test_badly_armed_fault_is_ignored(
+    how: str, tmp_path: Path, kills: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, _arm_wrongly(how, tmp_path))
+    fault_point("issue.after_kis")
+    assert kills == []

@@ -25,6 +25,7 @@ from kis_safe_token import (
     LockedRedisTokenStorage,
     TokenIssueError,
 )
+from kis_safe_token._faults import arm_fault
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.herd import (
     HERD_APP_KEY,
@@ -69,7 +70,8 @@ def test_holder_killed_after_kis_answered_with_the_library_defaults(
             p.start()
         assert [out.get(timeout=120)[0] for _ in survivors] == ["ready"] * 4
         victim = ctx.Process(
-            target=gated_client, args=(spec, sim.base_url, None, out, "issue.after_kis")
+            target=gated_client,
+            args=(spec, sim.base_url, None, out, arm_fault("issue.after_kis", tmp_path)),
         )
         victim.start()
         victim.join(60)

@@ -245,17 +245,17 @@ def gated_client(
     base_url: str,
     go: Any,
     out: Any,
-    fault: str | None = None,
+    env: dict[str, str] | None = None,
     client_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """One client in a spawned process, for crash and takeover tests.
 
-    Arms the fault point ``fault``; if ``go`` (an event) is given, reports ``("ready", "", t)``
-    and waits for it; then builds a client and reports ``("ok", token id, t)`` or
-    ``("error", text, t)`` on ``out`` (``t``: ``time.monotonic()``).
+    Adds ``env`` to its environment (say, a fault armed by ``_faults.arm_fault``); if ``go`` (an
+    event) is given, reports ``("ready", "", t)`` and waits for it; then builds a client and
+    reports ``("ok", token id, t)`` or ``("error", text, t)`` on ``out`` (``t``:
+    ``time.monotonic()``).
     """
-    if fault:
-        os.environ["KIS_SAFE_TOKEN_FAULT"] = fault
+    os.environ.update(env or {})
     try:
         if go is not None:
             out.put(("ready", "", time.monotonic()))
