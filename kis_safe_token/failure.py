@@ -39,6 +39,8 @@ class IssueFailure:
     at: float
     hold_s: float
     count: int = 1
+    local: bool = False
+    """This host's own failure (its clock): kept in memory, never stored for the fleet."""
 
     @classmethod
     def after(cls, exc: TokenIssueError, now: float, previous: IssueFailure | None) -> IssueFailure:
@@ -47,7 +49,7 @@ class IssueFailure:
         if previous is not None and now < previous.at + previous.hold_s + FAILURE_MEMORY_S:
             count = previous.count + 1
         hold = min(FAILURE_HOLD_MAX_S, FAILURE_HOLD_S * 2 ** min(count - 1, 16))
-        return cls(str(exc)[:300], exc.code, exc.status, now, hold, count)
+        return cls(str(exc)[:300], exc.code, exc.status, now, hold, count, exc.local)
 
     def active(self, now: float) -> bool:
         """Whether callers should still re-raise it instead of asking KIS."""
@@ -68,6 +70,7 @@ class IssueFailure:
             f"ago; the next one in {left:.0f} s)",
             code=self.code,
             status=self.status,
+            local=self.local,
         )
 
     def to_payload(self, fingerprint: str) -> bytes:

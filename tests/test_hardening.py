@@ -266,6 +266,64 @@ def test_a_host_whose_clock_runs_days_fast_never_deletes_the_fleets_token(
     assert loaded is not None and loaded["access_token"] == "good-" + "g" * 60
 
 
+def test_an_unusable_answer_is_not_asked_for_again_on_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 3: KIS answers an already-expired token; the next calls re-raise, no tokenP loop."""
+    with KisSimulator(apps={HERD_APP_KEY: HERD_SECRET}, issue_latency_s=0) as sim:
+        issue = sim._issue
+
+        def expired_answer(body: dict[str, Any]) -> tuple[int, Any]:
+            status, payload = issue(body)
+            if status == 200:
+                payload["access_token_token_expired"] = "2001-01-01 00:00:00"
+            return status, payload
+
+        monkeypatch.setattr(sim, "_issue", expired_answer)
+        storage = FileTokenStorage(tmp_path / "tokens.json")
+        for _ in range(5):
+            with pytest.raises(TokenIssueError, match="already-expired"):
+                KoreaInvestment(
+                    HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=sim.base_url
+                )
+        assert sim.counts["issue_requests"] == 1
+        assert storage.load_token(HERD_APP_KEY, HERD_SECRET) is None
+
+
+def test_a_host_whose_clock_runs_days_fast_asks_kis_once_and_leaves_the_fleet_alone(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Item 4 on Redis: the skewed host is told its clock is off; the healthy hosts never notice."""
+    no_window = {"issue_window_s": 0}  # the skewed host comes right after the fleet's issuance
+    with KisSimulator(apps={HERD_APP_KEY: HERD_SECRET}, issue_latency_s=0, **no_window) as sim:
+
+        def client(clock: Any = time.time) -> KoreaInvestment:
+            storage = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix, clock=clock)
+            return KoreaInvestment(
+                HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=sim.base_url, clock=clock
+            )
+
+        healthy = [client() for _ in range(2)]
+        kept = {h.access_token for h in healthy}
+        assert len(kept) == 1 and sim.issued == 1
+
+        def ahead() -> float:
+            return time.time() + 2 * 86_400
+
+        for _ in range(3):
+            with pytest.raises(TokenIssueError, match="clock") as info:
+                client(ahead)
+            assert info.value.local
+        assert (
+            sim.counts["issue_requests"] == 2
+        )  # the healthy issuance and one from the skewed host
+        for h in healthy:
+            assert h.fetch_price("005930")["rt_cd"] == "0"
+        assert {h.access_token for h in healthy} == kept
+        assert client().access_token in kept  # the stored token is still the fleet's
+        assert sim.issued == 2 and sim.rate_limited == 0
+
+
 # -- 8. parameters at their edges ---------------------------------------------------------------
 
 
