@@ -16,7 +16,16 @@ import requests
 from ._faults import fault_point
 from ._fork import renew_after_fork
 from .errors import KisApiError, TokenIssueError
-from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
+from .kis import (
+    HTTP_TIMEOUT_S,
+    ISSUE_WINDOW_S,
+    PRICE_PATH,
+    RATE_LIMITED,
+    REAL_BASE_URL,
+    TOKEN_EXPIRED,
+    TOKEN_INVALID,
+    VIRTUAL_BASE_URL,
+)
 from .secrets import resolve_api_secret
 from .storage.base import TokenStorage, check_seconds
 from .storage.factory import create_token_storage
@@ -32,11 +41,6 @@ issuance lock that long, and far larger numbers overflow the socket layer."""
 CLOCK_TOLERANCE_S = 5.0
 """KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
 difference from this host's clock says nothing about the clock."""
-
-RATE_LIMITED = "EGW00133"
-TOKEN_INVALID = "EGW00121"
-TOKEN_EXPIRED = "EGW00123"
-PRICE_PATH = "/uapi/domestic-stock/v1/quotations/inquire-price"
 
 
 class KoreaInvestment:
@@ -133,8 +137,8 @@ class KoreaInvestment:
         with self._refresh_lock:
             if self._token is not None and self._clock() < self._fresh_until:
                 return self._token
-            data = self.token_storage.get_or_issue(self.api_key, self.api_secret, self._issue)
-            return self._set(Token.from_token_data(data))
+            token = self.token_storage.get_or_issue(self.api_key, self.api_secret, self._issue)
+            return self._set(token)
 
     def _forget(self) -> None:
         self._token = None
@@ -173,7 +177,7 @@ class KoreaInvestment:
         self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
         self._forget()
 
-    def _issue(self) -> dict[str, Any]:
+    def _issue(self) -> Token:
         """Ask KIS for a token (called by the store, holding the issuance lock)."""
         fault_point("issue.before_kis")
         body = {
@@ -201,7 +205,7 @@ class KoreaInvestment:
         except ValueError as exc:
             raise _unusable_token(exc, payload, now, _kis_time(resp)) from None
         fault_point("issue.after_kis")
-        return token.to_token_data(self.api_key, self.api_secret)
+        return token
 
     def _after_fork(self) -> None:
         # In a child forked while another thread refreshed the token (gunicorn --preload with a

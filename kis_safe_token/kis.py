@@ -6,9 +6,21 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "APPROVAL_PATH",
+    "BAD_APP_KEY",
+    "BAD_APP_SECRET",
     "HTTP_TIMEOUT_S",
     "ISSUE_WINDOW_S",
+    "PRICE_PATH",
+    "PRICE_TR_ID",
+    "RATE_LIMITED",
+    "RATE_LIMIT_MESSAGE",
     "REAL_BASE_URL",
+    "REVOKE_PATH",
+    "TOKEN_EXPIRED",
+    "TOKEN_INVALID",
+    "TOKEN_PATH",
+    "TOO_MANY_CALLS",
     "VIRTUAL_BASE_URL",
 ]
 
@@ -21,3 +33,25 @@ ISSUE_WINDOW_S: Final = 61.0
 
 #: The client's default (connect, read) timeout of one KIS call, in seconds.
 HTTP_TIMEOUT_S: Final = (3.05, 10.0)
+
+# -- endpoints ------------------------------------------------------------------------------------
+TOKEN_PATH: Final = "/oauth2/tokenP"
+REVOKE_PATH: Final = "/oauth2/revokeP"
+APPROVAL_PATH: Final = "/oauth2/Approval"
+PRICE_PATH: Final = "/uapi/domestic-stock/v1/quotations/inquire-price"
+PRICE_TR_ID: Final = "FHKST01010100"
+
+# -- error codes (``error_code`` of the OAuth endpoints, ``msg_cd`` of the REST ones) -------------
+#: A second token issuance within the minute.
+RATE_LIMITED: Final = "EGW00133"
+#: The token is not one KIS issued (or it was revoked).
+TOKEN_INVALID: Final = "EGW00121"
+#: The token has expired.
+TOKEN_EXPIRED: Final = "EGW00123"
+#: Too many REST calls per second for this app key.
+TOO_MANY_CALLS: Final = "EGW00201"
+#: Unknown app key / wrong app secret.
+BAD_APP_KEY: Final = "EGW00103"
+BAD_APP_SECRET: Final = "EGW00105"
+
+RATE_LIMIT_MESSAGE: Final = "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)"

@@ -33,7 +33,7 @@ logger = logging.getLogger("kis_safe_token")
 BACKOFF_SLICE_S = 1.0
 WAIT_SLACK_S = 5.0
 
-IssueFn = Callable[[], dict[str, Any]]
+IssueFn = Callable[[], Token]
 Acquired: TypeAlias = "object | Token | IssueFailure"
 """What ``_acquire`` hands back: a lock handle, a token saved meanwhile, or a failure."""
 
@@ -110,10 +110,10 @@ class TokenStorage(ABC):
             )
 
     # -- single flight ---------------------------------------------------------------------------
-    def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> dict[str, Any]:
+    def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
         """A usable token: the cached one, or one issued by exactly one caller fleet-wide.
 
-        ``issue`` calls KIS and returns a ``token_data`` dict; it runs only while holding the
+        ``issue`` calls KIS and returns the :class:`Token`; it runs only while holding the
         issuance lock and only if, looking again under the lock, no usable token is stored. If it
         raises :class:`TokenIssueError` with ``retry_after_s`` (KIS said ``EGW00133``: someone,
         perhaps a holder that died after KIS answered, issued within the minute), the holder
@@ -125,13 +125,12 @@ class TokenStorage(ABC):
         ``wait_timeout``, and :class:`TokenIssueError` if KIS refuses.
         """
         token = self._read(api_key, api_secret)
-        if self._usable(token):
-            assert token is not None
-            return token.to_token_data(api_key, api_secret)
+        if token is not None and self._usable(token):
+            return token
         deadline = time.monotonic() + self.wait_timeout
         got = self._acquire(api_key, api_secret, deadline)
         if isinstance(got, Token):
-            return got.to_token_data(api_key, api_secret)
+            return got
         if isinstance(got, IssueFailure):
             raise got.error(self.clock())
         try:
@@ -142,7 +141,7 @@ class TokenStorage(ABC):
                 self._write(api_key, api_secret, token)
                 fault_point("storage.after_save")
             assert token is not None
-            return token.to_token_data(api_key, api_secret)
+            return token
         finally:
             self._release(got)
 
@@ -189,7 +188,7 @@ class TokenStorage(ABC):
         """Ask KIS; after ``EGW00133`` sit out the window, re-checking the cache, and ask once
         more. The holder does not give up early: its waiters' ``wait_timeout`` covers this."""
         try:
-            return Token.from_token_data(issue())
+            return _issued(issue)
         except TokenIssueError as exc:
             if exc.retry_after_s is None:
                 raise
@@ -208,7 +207,7 @@ class TokenStorage(ABC):
             if self._usable(token):
                 assert token is not None
                 return token
-        return Token.from_token_data(issue())
+        return _issued(issue)
 
     def _usable(self, token: Token | None) -> bool:
         return token is not None and token.is_valid(self.clock(), self.refresh_margin_s)
@@ -262,6 +261,13 @@ _local_locks_guard = threading.Lock()
 _local_failures: dict[tuple[str, str], IssueFailure] = {}
 """Failures only this process may act on: its own clock's, and those of a store without a
 place for them. Keyed by app key and credential fingerprint (never the secret itself)."""
+
+
+def _issued(issue: IssueFn) -> Token:
+    token = issue()
+    if not isinstance(token, Token):
+        raise TypeError(f"the issue function must return a Token, not {type(token).__name__}")
+    return token
 
 
 def _failure_key(api_key: str, api_secret: str) -> tuple[str, str]:
