@@ -1,10 +1,11 @@
 """The storage interface and the single-flight issuance protocol, written once.
 
 ``get_or_issue`` is a template method: a valid cached token is returned without any lock;
-otherwise the backend's ``_acquire`` either hands over the issuance lock or a token that another
-process saved meanwhile; the holder looks again, issues only if still needed, saves and releases
-(waking the waiters). Backends supply the primitives: ``_read``, ``_write``, ``_delete``,
-``_acquire``, ``_release``, ``_extend`` and ``_compare_and_delete``.
+otherwise the backend's :class:`IssuanceLock` either is acquired or hands over a token that
+another process saved meanwhile (or the failure it met); the holder looks again, issues only if
+still needed, saves and releases (waking the waiters). Backends supply the primitives ``_read``,
+``_write``, ``_read_failure``, ``_write_failure``, ``_compare_and_delete`` and their lock,
+``_issuance_lock``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from .._faults import fault_point
 from ..crypto import Sealer, fingerprint
@@ -26,7 +27,13 @@ from ..failure import IssueFailure
 from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 
-__all__ = ["SealedTokenStorage", "TokenStorage", "default_wait_timeout"]
+__all__ = [
+    "IssuanceLock",
+    "LocalIssuanceLock",
+    "SealedTokenStorage",
+    "TokenStorage",
+    "default_wait_timeout",
+]
 
 logger = logging.getLogger("kis_safe_token")
 
@@ -34,8 +41,45 @@ BACKOFF_SLICE_S = 1.0
 WAIT_SLACK_S = 5.0
 
 IssueFn = Callable[[], Token]
-Acquired: TypeAlias = "object | Token | IssueFailure"
-"""What ``_acquire`` hands back: a lock handle, a token saved meanwhile, or a failure."""
+Acquired: TypeAlias = "Literal[True] | Token | IssueFailure"
+"""What :meth:`IssuanceLock.acquire` hands back: ``True`` (held), a token another process saved
+meanwhile, or the failure it recorded."""
+
+
+class IssuanceLock(ABC):
+    """The lock that lets one caller at a time issue a token for one app key.
+
+    Modelled on redis-py's ``Lock`` and msal-extensions' ``CrossPlatLock``, with one twist: a
+    waiter also watches the store, so :meth:`acquire` returns as soon as the holder's token (or
+    its failure) appears, instead of taking the lock only to find the work done.
+    """
+
+    @abstractmethod
+    def acquire(self, deadline: float) -> Acquired:
+        """``True`` once held; or the usable :class:`Token` / active :class:`IssueFailure` that
+        showed up meanwhile. :class:`TokenStorageError` past ``deadline`` (``time.monotonic()``)."""
+
+    def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
+        """Keep holding a lock that expires by itself (called while the holder works)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Release the lock (and wake the waiters, where the backend has any)."""
+
+
+class LocalIssuanceLock(IssuanceLock):
+    """A lock within this process only: the default for a storage that has no shared lock."""
+
+    def __init__(self, api_key: str) -> None:
+        self._lock = _local_lock(api_key)
+
+    def acquire(self, deadline: float) -> Acquired:
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TokenStorageError("timed out waiting for this process's own issuance")
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
 
 
 def default_wait_timeout(takeover_s: float = 0.0) -> float:
@@ -127,23 +171,22 @@ class TokenStorage(ABC):
         token = self._read(api_key, api_secret)
         if token is not None and self._usable(token):
             return token
-        deadline = time.monotonic() + self.wait_timeout
-        got = self._acquire(api_key, api_secret, deadline)
+        lock = self._issuance_lock(api_key, api_secret)
+        got = lock.acquire(time.monotonic() + self.wait_timeout)
         if isinstance(got, Token):
             return got
         if isinstance(got, IssueFailure):
             raise got.error(self.clock())
         try:
             token = self._read(api_key, api_secret, fresh=True)
-            if not self._usable(token):
-                token = self._issue_recording(got, api_key, api_secret, issue)
-                self._extend(got)
+            if token is None or not self._usable(token):
+                token = self._issue_recording(lock, api_key, api_secret, issue)
+                lock.extend()
                 self._write(api_key, api_secret, token)
                 fault_point("storage.after_save")
-            assert token is not None
             return token
         finally:
-            self._release(got)
+            lock.release()
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         """Delete the stored token only if it is still ``access_token`` (compare-and-delete).
@@ -154,7 +197,7 @@ class TokenStorage(ABC):
         return self._compare_and_delete(api_key, api_secret, access_token)
 
     def _issue_recording(
-        self, handle: object, api_key: str, api_secret: str, issue: IssueFn
+        self, lock: IssuanceLock, api_key: str, api_secret: str, issue: IssueFn
     ) -> Token:
         """Issue holding the lock, unless a recent failure says KIS is not worth asking yet;
         record a failure for the fleet (or, if it is this host's own, for this process)."""
@@ -163,7 +206,7 @@ class TokenStorage(ABC):
         if previous is not None and previous.active(now):
             raise previous.error(now)
         try:
-            return self._issue_holding(handle, api_key, api_secret, issue)
+            return self._issue_holding(lock, api_key, api_secret, issue)
         except TokenIssueError as exc:
             failure = IssueFailure.after(exc, self.clock(), previous)
             if exc.local:
@@ -183,7 +226,7 @@ class TokenStorage(ABC):
         return self._read_failure(api_key, api_secret) or local
 
     def _issue_holding(
-        self, handle: object, api_key: str, api_secret: str, issue: IssueFn
+        self, lock: IssuanceLock, api_key: str, api_secret: str, issue: IssueFn
     ) -> Token:
         """Ask KIS; after ``EGW00133`` sit out the window, re-checking the cache, and ask once
         more. The holder does not give up early: its waiters' ``wait_timeout`` covers this."""
@@ -202,7 +245,7 @@ class TokenStorage(ABC):
         slice_s = min(BACKOFF_SLICE_S, takeover / 3) if takeover > 0 else BACKOFF_SLICE_S
         while (left := resume - time.monotonic()) > 0:
             time.sleep(min(slice_s, left))
-            self._extend(handle)
+            lock.extend()
             token = self._read(api_key, api_secret, fresh=True)
             if self._usable(token):
                 assert token is not None
@@ -238,24 +281,11 @@ class TokenStorage(ABC):
                 return False
             return self.delete_token(api_key, api_secret)
 
-    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> Acquired:
-        """Block until holding the issuance lock (return a handle), a usable token appears (return
-        the :class:`Token`) or a failure is recorded (return the :class:`IssueFailure`);
-        :class:`TokenStorageError` past ``deadline``."""
-        lock = _local_lock(api_key)
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TokenStorageError(f"timed out after {self.wait_timeout:.1f} s waiting to issue")
-        return lock
-
-    def _release(self, handle: object) -> None:
-        assert isinstance(handle, _LOCK_TYPE)
-        handle.release()
-
-    def _extend(self, handle: object) -> None:  # noqa: B027 - optional hook
-        """Keep holding the lock a while longer (for locks that expire)."""
+    def _issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
+        """The lock guarding issuance for this app key; by default within this process only."""
+        return LocalIssuanceLock(api_key)
 
 
-_LOCK_TYPE = type(threading.Lock())
 _local_locks: dict[str, threading.Lock] = {}
 _local_locks_guard = threading.Lock()
 _local_failures: dict[tuple[str, str], IssueFailure] = {}

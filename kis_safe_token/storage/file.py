@@ -26,7 +26,7 @@ from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..token import REFRESH_MARGIN_S, Token
-from .base import Acquired, SealedTokenStorage, check_seconds, jittered
+from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -303,42 +303,57 @@ class FileTokenStorage(SealedTokenStorage):
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
         return self._flock
 
-    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> Acquired:
-        """Take the lock, or watch the file until the holder's save (or failure) shows up.
+    def _issuance_lock(self, api_key: str, api_secret: str) -> FileIssuanceLock:
+        return FileIssuanceLock(self, api_key, api_secret)
 
-        The save is seen by a ``stat`` every ``poll_interval_s`` (~2 us); the lock, which costs
-        ~50 us a try, is retried only every ``LOCK_RETRY_S``, to notice a holder that gave up
-        or died. Dozens of waiters on two cores would otherwise burn the CPU the holder needs.
-        """
-        lock = self._lock()
+
+class FileIssuanceLock(IssuanceLock):
+    """The storage's ``filelock`` on ``<file>.lock``, and a watch on the token file meanwhile.
+
+    A waiter sees the holder's save by a ``stat`` every ``poll_interval_s`` (~2 us); the lock,
+    which costs ~50 us a try, is retried only every ``LOCK_RETRY_S``, to notice a holder that
+    gave up or died (the kernel frees a dead process's lock at once). Dozens of waiters on two
+    cores would otherwise burn the CPU the holder needs.
+    """
+
+    def __init__(self, storage: FileTokenStorage, api_key: str, api_secret: str) -> None:
+        self._storage = storage
+        self._api_key = api_key
+        self._api_secret = api_secret
+        self._flock: filelock.FileLock | None = None
+
+    def acquire(self, deadline: float) -> Acquired:
+        storage = self._storage
+        flock = storage._lock()
         next_try = 0.0
         while True:
             if time.monotonic() >= next_try:
                 try:
-                    lock.acquire(timeout=0)
-                    return lock
+                    flock.acquire(timeout=0)
+                    self._flock = flock
+                    return True
                 except filelock.Timeout:
                     next_try = time.monotonic() + jittered(LOCK_RETRY_S)
                 except OSError as exc:
-                    raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
-            token = self._read(api_key, api_secret)
-            if self._usable(token):
-                assert token is not None
+                    raise TokenStorageError(f"cannot lock {storage.lock_file}: {exc}") from exc
+            token = storage._read(self._api_key, self._api_secret)
+            if token is not None and storage._usable(token):
                 return token
-            failure = self._read_failure(api_key, api_secret)
-            if failure is not None and failure.active(self.clock()):
+            failure = storage._read_failure(self._api_key, self._api_secret)
+            if failure is not None and failure.active(storage.clock()):
                 return failure
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TokenStorageError(
-                    f"timed out after {self.wait_timeout:.1f} s waiting for the issuing process "
-                    f"holding {self.lock_file}"
+                    f"timed out after {storage.wait_timeout:.1f} s waiting for the issuing "
+                    f"process holding {storage.lock_file}"
                 )
-            time.sleep(min(left, jittered(self.poll_interval_s)))
+            time.sleep(min(left, jittered(storage.poll_interval_s)))
 
-    def _release(self, handle: object) -> None:
-        assert isinstance(handle, filelock.BaseFileLock)
-        handle.release()
+    def release(self) -> None:
+        if self._flock is not None:
+            self._flock.release()
+            self._flock = None
 
 
 def _parse_document(raw: bytes, path: Path) -> dict[str, str]:

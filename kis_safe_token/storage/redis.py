@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 from .._fork import renew_after_fork
 from ..crypto import key_id
@@ -29,7 +29,7 @@ from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
-from .base import Acquired, SealedTokenStorage, check_seconds, jittered
+from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 from .factory import DEFAULT_REDIS_URL, validate_redis_url
 
 try:
@@ -39,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the [redis] extra
     redis = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_TTL_S", "LockedRedisTokenStorage", "RedisTokenStorage"]
+__all__ = ["LOCK_TTL_S", "LockedRedisTokenStorage", "RedisIssuanceLock", "RedisTokenStorage"]
 
 logger = logging.getLogger("kis_safe_token")
 
@@ -71,9 +71,15 @@ class RedisTokenStorage(SealedTokenStorage):
     Built with ``redis.from_url(redis_url, password=...)`` (the password goes in as a keyword,
     never spliced into the URL, so ``rediss://user:pass@…`` and ``unix://`` work) or with an
     injected ``client`` (``Redis``, ``RedisCluster``, a Sentinel master; decoding or not).
-    This class takes no lock: use :class:`LockedRedisTokenStorage` for single flight across hosts.
     Connection failures raise :class:`TokenStorageError` within about ``connect_timeout_s`` x 3.
+
+    This class issues under an in-process lock only (the seed's behaviour):
+    :class:`LockedRedisTokenStorage` is the same store with a fleet-wide lock, and the only user
+    of ``lock_ttl`` and ``poll_interval_s``.
     """
+
+    #: Whether issuance takes the fleet-wide :class:`RedisIssuanceLock`.
+    fleet_lock: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -82,13 +88,19 @@ class RedisTokenStorage(SealedTokenStorage):
         key_prefix: str = DEFAULT_KEY_PREFIX,
         *,
         client: Any = None,
+        lock_ttl: float = LOCK_TTL_S,
+        wait_timeout: float | None = None,
+        poll_interval_s: float = POLL_INTERVAL_S,
         encryption_keys: Sequence[bytes | str] = (),
         refresh_margin_s: float = REFRESH_MARGIN_S,
-        wait_timeout: float | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=3600.0)
+        self.poll_interval_s = check_seconds(
+            "poll_interval_s", poll_interval_s, high=SOCKET_TIMEOUT_S / 2
+        )
         super().__init__(
             encryption_keys=encryption_keys,
             refresh_margin_s=refresh_margin_s,
@@ -120,6 +132,11 @@ class RedisTokenStorage(SealedTokenStorage):
         self.redis_client = client
         self._scripts: dict[str, Any] = {}
         renew_after_fork(self)
+        if self.fleet_lock and self.wait_timeout <= self.lock_ttl:
+            raise ValueError(
+                f"wait_timeout ({self.wait_timeout:.1f} s) must exceed lock_ttl "
+                f"({self.lock_ttl:.1f} s), or no waiter outlives a dead holder's lock"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._where!r}, key_prefix={self.key_prefix!r})"
@@ -131,6 +148,25 @@ class RedisTokenStorage(SealedTokenStorage):
         if self._connect is not None:
             self.redis_client = self._connect()
             self._scripts = {}
+
+    def takeover_s(self) -> float:
+        return self.lock_ttl if self.fleet_lock else 0.0
+
+    def check_timing(
+        self, *, http_timeout_s: float, issue_window_s: float = ISSUE_WINDOW_S
+    ) -> None:
+        if self.fleet_lock and self.lock_ttl <= http_timeout_s:
+            raise ValueError(
+                f"lock_ttl of the token storage ({self.lock_ttl:.1f} s) must exceed the HTTP "
+                f"timeout of the issue call ({http_timeout_s:.1f} s), or a slow KIS answer would "
+                "let a second process issue while the first is still waiting"
+            )
+        super().check_timing(http_timeout_s=http_timeout_s, issue_window_s=issue_window_s)
+
+    def _issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
+        if self.fleet_lock:
+            return RedisIssuanceLock(self, api_key, api_secret)
+        return super()._issuance_lock(api_key, api_secret)
 
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
@@ -240,148 +276,119 @@ return 0
 """
 
 
-class _Held:
-    __slots__ = ("lock_key", "owner", "wake_key")
-
-    def __init__(self, lock_key: str, owner: str) -> None:
-        self.lock_key = lock_key
-        self.owner = owner
-        self.wake_key = f"{lock_key}:wake:{owner}"
-
-
 class LockedRedisTokenStorage(RedisTokenStorage):
-    """:class:`RedisTokenStorage` plus a fleet-wide issuance lock: one process issues, the rest
-    wait and reload.
+    """:class:`RedisTokenStorage` with a fleet-wide issuance lock (:class:`RedisIssuanceLock`):
+    one process issues, the rest wait and reload.
 
-    The lock is ``SET <key>:lock <owner> NX PX lock_ttl`` (in a Lua script that also reads the
-    token and the failure record, one round trip); release and extend are Lua compare-and-set on
-    the owner id, unique per acquisition (so threads and forked children never share one). A
-    lock found without an expiry, or with one beyond ``lock_ttl``, was not set by this library
-    and is cut to ``lock_ttl``. Waiters block in ``BLPOP`` on the holder's wake-up list, which
-    the holder fills the moment the token is saved (each waiter passes one wake-up on, so any
-    number wake within milliseconds); the ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is
-    only the fallback that notices a holder that died. Its lock then expires after ``lock_ttl``
-    and one waiter takes over. Every wait ends in :class:`TokenStorageError` after
-    ``wait_timeout`` (default: long enough for a takeover, a KIS call, an ``EGW00133`` window sat
-    out and a second call; see :meth:`check_timing`).
-
-    ``lock_ttl`` must exceed the HTTP timeout of the issue call (``KoreaInvestment`` checks it).
+    Every wait ends in :class:`TokenStorageError` after ``wait_timeout`` (default: long enough
+    for a takeover after ``lock_ttl``, a KIS call, an ``EGW00133`` window sat out and a second
+    call; see :meth:`check_timing`). ``lock_ttl`` must exceed the HTTP timeout of the issue
+    call (clients check it).
     """
 
-    def __init__(
-        self,
-        redis_url: str = DEFAULT_REDIS_URL,
-        password: str | None = None,
-        key_prefix: str = DEFAULT_KEY_PREFIX,
-        *,
-        client: Any = None,
-        lock_ttl: float = LOCK_TTL_S,
-        wait_timeout: float | None = None,
-        poll_interval_s: float = POLL_INTERVAL_S,
-        **options: Any,
-    ) -> None:
-        self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=3600.0)
-        self.poll_interval_s = check_seconds(
-            "poll_interval_s", poll_interval_s, high=SOCKET_TIMEOUT_S / 2
-        )
-        super().__init__(
-            redis_url, password, key_prefix, client=client, wait_timeout=wait_timeout, **options
-        )
-        if self.wait_timeout <= self.lock_ttl:
-            raise ValueError(
-                f"wait_timeout ({self.wait_timeout:.1f} s) must exceed lock_ttl "
-                f"({self.lock_ttl:.1f} s), or no waiter outlives a dead holder's lock"
-            )
+    fleet_lock = True
 
-    def takeover_s(self) -> float:
-        return self.lock_ttl
 
-    def check_timing(
-        self, *, http_timeout_s: float, issue_window_s: float = ISSUE_WINDOW_S
-    ) -> None:
-        if self.lock_ttl <= http_timeout_s:
-            raise ValueError(
-                f"lock_ttl of the token storage ({self.lock_ttl:.1f} s) must exceed the HTTP "
-                f"timeout of the issue call ({http_timeout_s:.1f} s), or a slow KIS answer would "
-                "let a second process issue while the first is still waiting"
-            )
-        super().check_timing(http_timeout_s=http_timeout_s, issue_window_s=issue_window_s)
+class RedisIssuanceLock(IssuanceLock):
+    """``SET <key>:lock <owner> NX PX lock_ttl``, with wake-ups instead of polling.
 
-    def _acquire(self, api_key: str, api_secret: str, deadline: float) -> Acquired:
-        token_key = self._get_redis_key(api_key)
-        held = _Held(
-            f"{token_key}:lock", f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        )
-        keys = [held.lock_key, token_key, f"{token_key}:failure"]
-        args = [held.owner, math.ceil(self.lock_ttl * 1000)]
-        script = self._script(ACQUIRE_LUA)
-        sealer = self._sealer(api_key, api_secret)
+    The attempt is a Lua script that also reads the token and the failure record (one round
+    trip). Release and extend are Lua compare-and-set on the owner id, unique per acquisition
+    (so threads and forked children never share one). A lock found without an expiry, or with
+    one beyond ``lock_ttl``, was not set by this library and is cut to ``lock_ttl``. Waiters
+    block in ``BLPOP`` on the holder's wake-up list, which the holder fills the moment the token
+    is saved (each waiter passes one wake-up on, so any number wake within milliseconds); the
+    ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is only the fallback that notices a
+    holder that died: its lock then expires after ``lock_ttl`` and one waiter takes over.
+    """
+
+    def __init__(self, storage: RedisTokenStorage, api_key: str, api_secret: str) -> None:
+        self._storage = storage
+        self._sealer = storage._sealer(api_key, api_secret)
+        self._token_key = storage._get_redis_key(api_key)
+        self._lock_key = f"{self._token_key}:lock"
+        self._failure_key = f"{self._token_key}:failure"
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self._ttl_ms = math.ceil(storage.lock_ttl * 1000)
+
+    def _wake_key(self, owner: str | None) -> str:
+        return f"{self._lock_key}:wake:{owner}"
+
+    def _seen(self, raw: Any, raw_failure: Any) -> Token | IssueFailure | None:
+        """A usable token or an active failure among what a round trip read, if any."""
+        storage = self._storage
+        token = self._sealer.open(raw)
+        if token is not None and storage._usable(token):
+            return token
+        failure = self._sealer.open_failure(raw_failure)
+        if failure is not None and failure.active(storage.clock()):
+            return failure
+        return None
+
+    def acquire(self, deadline: float) -> Acquired:
+        storage = self._storage
+        client = storage.redis_client
+        script = storage._script(ACQUIRE_LUA)
+        keys = [self._lock_key, self._token_key, self._failure_key]
+        args = [self._owner, self._ttl_ms]
         spurious: str | None = None  # a wake-up list that woke us without a token
         while True:
-            acquired, holder, raw, raw_failure = self._call(
+            acquired, holder, raw, raw_failure = storage._call(
                 "lock", lambda: script(keys=keys, args=args)
             )
             if acquired:
-                return held
-            token = sealer.open(raw)
-            if self._usable(token):
-                assert token is not None
-                return token
-            failure = sealer.open_failure(raw_failure)
-            if failure is not None and failure.active(self.clock()):
-                return failure
+                return True
+            seen = self._seen(raw, raw_failure)
+            if seen is not None:
+                return seen
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TokenStorageError(
-                    f"timed out after {self.wait_timeout:.1f} s waiting for the process "
+                    f"timed out after {storage.wait_timeout:.1f} s waiting for the process "
                     "holding the issuance lock"
                 )
-            wake_key = f"{held.lock_key}:wake:{_text(holder)}"
-            timeout = max(0.001, min(left, jittered(self.poll_interval_s)))
+            wake_key = self._wake_key(_text(holder))
+            timeout = max(0.001, min(left, jittered(storage.poll_interval_s)))
             if wake_key == spurious:
                 # Someone filled this holder's list without saving a token: do not spin on it.
                 time.sleep(timeout)
                 continue
-            if self._call("BLPOP", partial(self.redis_client.blpop, [wake_key], timeout=timeout)):
+            if storage._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout)):
                 # Woken by the save: pass one wake-up on and read the token in one round trip,
                 # instead of racing the other waiters for the (now free) lock first.
-                pipe = self.redis_client.pipeline(transaction=False)
+                pipe = client.pipeline(transaction=False)
                 pipe.lpush(wake_key, "1")
-                pipe.get(token_key)
-                pipe.get(f"{token_key}:failure")
-                _, raw, raw_failure = self._call("GET", pipe.execute)
-                token = sealer.open(raw)
-                if self._usable(token):
-                    assert token is not None
-                    return token
-                failure = sealer.open_failure(raw_failure)
-                if failure is not None and failure.active(self.clock()):
-                    return failure
+                pipe.get(self._token_key)
+                pipe.get(self._failure_key)
+                _, raw, raw_failure = storage._call("GET", pipe.execute)
+                seen = self._seen(raw, raw_failure)
+                if seen is not None:
+                    return seen
                 spurious = wake_key
 
-    def _release(self, handle: object) -> None:
-        assert isinstance(handle, _Held)
-        script = self._script(RELEASE_LUA)
+    def extend(self) -> None:
+        storage = self._storage
+        script = storage._script(EXTEND_LUA)
+        kept = storage._call(
+            "PEXPIRE", lambda: script(keys=[self._lock_key], args=[self._owner, self._ttl_ms])
+        )
+        if not kept:
+            logger.warning(
+                "the issuance lock expired while held (lock_ttl %.1f s too short?)",
+                storage.lock_ttl,
+            )
+
+    def release(self) -> None:
+        storage = self._storage
+        script = storage._script(RELEASE_LUA)
         try:
             script(
-                keys=[handle.lock_key, handle.wake_key],
-                args=[handle.owner, WAKE_FANOUT, WAKE_TTL_MS],
+                keys=[self._lock_key, self._wake_key(self._owner)],
+                args=[self._owner, WAKE_FANOUT, WAKE_TTL_MS],
             )
         except _ERRORS as exc:
             logger.warning(
                 "could not release the issuance lock (it expires by itself in %.0f s): %s",
-                self.lock_ttl,
+                storage.lock_ttl,
                 exc,
-            )
-
-    def _extend(self, handle: object) -> None:
-        assert isinstance(handle, _Held)
-        script = self._script(EXTEND_LUA)
-        ttl_ms = math.ceil(self.lock_ttl * 1000)
-        kept = self._call(
-            "PEXPIRE", lambda: script(keys=[handle.lock_key], args=[handle.owner, ttl_ms])
-        )
-        if not kept:
-            logger.warning(
-                "the issuance lock expired while held (lock_ttl %.1f s too short?)", self.lock_ttl
             )
