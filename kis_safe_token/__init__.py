@@ -1,5 +1,6 @@
 """kis_safe_token: one KIS Open API access token, shared safely by a fleet of processes."""
 
+from .auth import KisAuth
 from .client import KoreaInvestment
 from .errors import (
     InsecureKeyringError,
@@ -10,6 +11,7 @@ from .errors import (
     TokenStorageError,
 )
 from .secrets import delete_api_secret, get_api_secret, set_api_secret
+from .shared import SharedToken
 from .storage import (
     FileTokenStorage,
     LockedRedisTokenStorage,
@@ -25,11 +27,13 @@ __all__ = [
     "FileTokenStorage",
     "InsecureKeyringError",
     "KisApiError",
+    "KisAuth",
     "KisTokenError",
     "KoreaInvestment",
     "LockedRedisTokenStorage",
     "RedisTokenStorage",
     "SecretNotFoundError",
+    "SharedToken",
     "Token",
     "TokenIssueError",
     "TokenStorage",

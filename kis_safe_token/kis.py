@@ -1,9 +1,13 @@
 """What KIS is: its hosts, paths, error codes and limits, written once for the client and the
-simulator."""
+simulator; and how to read a KIS answer (its code and message), written once for every caller."""
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = [
     "APPROVAL_PATH",
@@ -20,8 +24,12 @@ __all__ = [
     "TOKEN_EXPIRED",
     "TOKEN_INVALID",
     "TOKEN_PATH",
+    "TOKEN_REJECTED",
     "TOO_MANY_CALLS",
     "VIRTUAL_BASE_URL",
+    "json_or_none",
+    "kis_code",
+    "kis_message",
 ]
 
 REAL_BASE_URL: Final = "https://openapi.koreainvestment.com:9443"
@@ -48,6 +56,8 @@ RATE_LIMITED: Final = "EGW00133"
 TOKEN_INVALID: Final = "EGW00121"
 #: The token has expired.
 TOKEN_EXPIRED: Final = "EGW00123"
+#: The answers after which the token that was sent is dropped and the call made once more.
+TOKEN_REJECTED: Final = frozenset({TOKEN_INVALID, TOKEN_EXPIRED})
 #: Too many REST calls per second for this app key.
 TOO_MANY_CALLS: Final = "EGW00201"
 #: Unknown app key / wrong app secret.
@@ -55,3 +65,32 @@ BAD_APP_KEY: Final = "EGW00103"
 BAD_APP_SECRET: Final = "EGW00105"
 
 RATE_LIMIT_MESSAGE: Final = "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)"
+
+
+# -- reading an answer ----------------------------------------------------------------------------
+def json_or_none(resp: requests.Response) -> dict[str, Any] | None:
+    """The JSON object of ``resp``, or ``None`` if the body is not one (a gateway's HTML page)."""
+    try:
+        payload = resp.json()
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def kis_code(payload: Mapping[str, Any] | None) -> str | None:
+    """KIS's code in an answer: ``error_code`` (OAuth endpoints) or ``msg_cd`` (REST ones)."""
+    if not payload:
+        return None
+    code = payload.get("error_code") or payload.get("msg_cd")
+    return str(code) if code else None
+
+
+def kis_message(payload: Mapping[str, Any] | None) -> str | None:
+    """``"<code>: <KIS's text>"`` (at most 200 characters of text), or ``None`` without text."""
+    if not payload:
+        return None
+    text = payload.get("error_description") or payload.get("msg1")
+    code = kis_code(payload)
+    if not text:
+        return None
+    return f"{code}: {str(text)[:200]}" if code else str(text)[:200]

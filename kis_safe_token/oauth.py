@@ -1,0 +1,126 @@
+"""KIS's OAuth endpoints: issue a token (``tokenP``) and revoke one (``revokeP``).
+
+Plain functions over an injected ``requests.Session``: no memory, no storage, no lock. Whoever
+calls :func:`issue_token` decides when (:class:`~kis_safe_token.SharedToken` calls it only while
+holding the fleet's issuance lock). Neither the secret nor a token appears in an error message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeAlias
+
+import requests
+
+from .errors import KisApiError, TokenIssueError
+from .kis import RATE_LIMITED, REVOKE_PATH, TOKEN_PATH, json_or_none, kis_code, kis_message
+from .token import Token
+
+__all__ = ["CLOCK_TOLERANCE_S", "Timeout", "issue_token", "revoke_token"]
+
+Timeout: TypeAlias = tuple[float, float]
+"""requests' ``(connect, read)`` timeout, in seconds."""
+
+CLOCK_TOLERANCE_S = 5.0
+"""KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
+difference from this host's clock says nothing about the clock."""
+
+
+def issue_token(
+    session: requests.Session,
+    base_url: str,
+    *,
+    api_key: str,
+    api_secret: str,
+    timeout: Timeout,
+    clock: Callable[[], float],
+    rate_limit_wait_s: float,
+) -> Token:
+    """Ask KIS for a new access token (``POST /oauth2/tokenP``).
+
+    Raises :class:`TokenIssueError` carrying KIS's code and HTTP status if KIS refuses (with
+    ``retry_after_s=rate_limit_wait_s`` for ``EGW00133``), if the call fails, or if the answer
+    is a token that cannot be used (expired on arrival, unsendable, living for years). A token
+    refused only because this host's clock is far from KIS's is a ``local`` error naming the
+    clock.
+    """
+    body = {"grant_type": "client_credentials", "appkey": api_key, "appsecret": api_secret}
+    try:
+        resp = session.post(f"{base_url}{TOKEN_PATH}", json=body, timeout=timeout)
+    except requests.RequestException as exc:
+        raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+    payload = json_or_none(resp)
+    if resp.status_code != 200 or payload is None or "access_token" not in payload:
+        code = kis_code(payload)
+        message = kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token"
+        retry = rate_limit_wait_s if code == RATE_LIMITED else None
+        raise TokenIssueError(message, code=code, status=resp.status_code, retry_after_s=retry)
+    now = clock()
+    try:
+        return Token.from_kis_response(payload, now=now)
+    except ValueError as exc:
+        raise _unusable_token(exc, payload, now, _kis_time(resp)) from None
+
+
+def revoke_token(
+    session: requests.Session,
+    base_url: str,
+    *,
+    api_key: str,
+    api_secret: str,
+    access_token: str,
+    timeout: Timeout,
+) -> None:
+    """Revoke ``access_token`` at KIS (``POST /oauth2/revokeP``); :class:`KisApiError` if not."""
+    body = {"appkey": api_key, "appsecret": api_secret, "token": access_token}
+    try:
+        resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout)
+    except requests.RequestException as exc:
+        raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
+    payload = json_or_none(resp)
+    if resp.status_code != 200 or payload is None:
+        raise KisApiError(
+            kis_message(payload) or f"KIS answered {REVOKE_PATH} with HTTP {resp.status_code}",
+            code=kis_code(payload),
+            status=resp.status_code,
+        )
+
+
+def _kis_time(resp: requests.Response) -> float | None:
+    """KIS's clock when it answered: the HTTP ``Date`` of ``resp``, if it has a usable one."""
+    try:
+        moment = parsedate_to_datetime(resp.headers.get("Date") or "")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _unusable_token(
+    exc: ValueError, payload: Mapping[str, Any], now: float, kis_now: float | None
+) -> TokenIssueError:
+    """The error for a tokenP answer that ``Token.from_kis_response`` refused at ``now``.
+
+    If the token is fine by KIS's own clock, the fault is this host's clock (ahead by more than
+    a token's lifetime, every fresh token looks expired): say so, and mark it ``local`` so a
+    storage does not pass it to other processes, whose clocks may be right.
+    """
+    if kis_now is not None and abs(now - kis_now) > CLOCK_TOLERANCE_S:
+        try:
+            Token.from_kis_response(payload, now=kis_now)
+        except ValueError:
+            pass
+        else:
+            skew = now - kis_now
+            return TokenIssueError(
+                f"this host's clock differs from KIS's by about {abs(skew):.0f} s "
+                f"({'ahead' if skew > 0 else 'behind'}, by the Date of KIS's answer): the token "
+                "KIS just issued is usable by KIS's clock but not by this host's; "
+                "fix this host's clock (NTP)",
+                status=200,
+                local=True,
+            )
+    return TokenIssueError(f"KIS token response unusable: {exc}", status=200)

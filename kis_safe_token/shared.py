@@ -1,0 +1,270 @@
+"""``SharedToken``: one app key's access token, held in memory and shared through a store.
+
+Every client builds on it (:class:`~kis_safe_token.KoreaInvestment`,
+:class:`~kis_safe_token.KisAuth`): it owns the credentials, the KIS host, the store, the token in
+memory with its refresh margin, single-flight refresh, compare-and-delete, and fork safety.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+import requests
+
+from ._faults import fault_point
+from ._fork import renew_after_fork
+from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
+from .oauth import Timeout, issue_token, revoke_token
+from .secrets import resolve_api_secret
+from .storage.base import TokenStorage, check_seconds
+from .storage.factory import create_token_storage
+from .token import Token, header_safe, mask
+
+__all__ = ["BASE_URL_ENV", "MAX_WAIT_S", "SharedToken", "check_header_value"]
+
+BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
+
+MAX_WAIT_S = 3600.0
+"""The longest HTTP timeout or ``EGW00133`` back-off accepted: an issue call holds the fleet's
+issuance lock that long, and far larger numbers overflow the socket layer."""
+
+
+class SharedToken:
+    """The access token of one app key, shared with every process that uses the same store.
+
+    The token lives in memory and is checked against its expiry locally: :attr:`bearer` costs a
+    clock read and a comparison while the token is fresh. The store is touched on first use,
+    near expiry (the store's ``refresh_margin_s``), and after :meth:`invalidate`; a new token
+    comes through the store's single flight (``get_or_issue``), so a fleet makes one issuance.
+    Nothing is fetched at construction: the first :attr:`bearer` or :attr:`token` does it.
+
+    ``api_secret=None``: the keyring, then ``$KOREA_INVESTMENT_API_SECRET``
+    (:class:`SecretNotFoundError` otherwise). ``token_storage=None``: from the environment
+    (:func:`create_token_storage`). ``base_url=None``: ``$KOREA_INVESTMENT_BASE_URL``, else the
+    real host, or the virtual-trading host for ``mock=True``. ``session``: the
+    ``requests.Session`` for the OAuth calls (one of its own by default, closed by
+    :meth:`close`). ``timeout``: seconds per KIS call, or a ``(connect, read)`` pair.
+    ``rate_limit_wait_s``: how long to sit out an ``EGW00133``. ``ValueError`` names an argument
+    that cannot be used (a credential that cannot go in an HTTP header, a bad timeout, timings
+    the store's waiters would not outlast).
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        api_secret: str | None = None,
+        token_storage: TokenStorage | None = None,
+        *,
+        mock: bool = False,
+        base_url: str | None = None,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
+        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+    ) -> None:
+        check_header_value("api_key", api_key)
+        self.timeout: Timeout = _checked_timeout(timeout)
+        self.rate_limit_wait_s = check_seconds(
+            "rate_limit_wait_s", rate_limit_wait_s, high=MAX_WAIT_S
+        )
+        self.api_key = api_key
+        self.api_secret = resolve_api_secret(api_key, api_secret)
+        check_header_value("api_secret", self.api_secret)
+        self.mock = mock
+        self.base_url = (
+            base_url
+            or os.environ.get(BASE_URL_ENV, "").strip()
+            or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
+        ).rstrip("/")
+        self.token_storage = token_storage if token_storage is not None else create_token_storage()
+        self.token_storage.check_timing(
+            http_timeout_s=sum(self.timeout), issue_window_s=self.rate_limit_wait_s
+        )
+        self._clock = clock
+        self._margin_s = self.token_storage.refresh_margin_s
+        self._own_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._lock = threading.Lock()
+        renew_after_fork(self)
+        # Written in the order _set() gives and read without the lock: a reader that sees a
+        # fresh _fresh_until sees the _bearer that goes with it.
+        self._token: Token | None = None
+        self._bearer = ""
+        self._fresh_until = float("-inf")
+
+    def __repr__(self) -> str:
+        return (
+            f"SharedToken(api_key={mask(self.api_key, 4)!r}, base_url={self.base_url!r}, "
+            f"token_storage={self.token_storage!r})"
+        )
+
+    # -- the token -------------------------------------------------------------------------------
+    @property
+    def bearer(self) -> str:
+        """``Bearer <token>`` for the ``authorization`` header, refreshed when near expiry."""
+        if self._clock() < self._fresh_until:
+            return self._bearer
+        return self._refresh().bearer
+
+    @property
+    def token(self) -> Token:
+        """The current :class:`Token` (refreshed through the store when near expiry)."""
+        token = self._token
+        if token is not None and self._clock() < self._fresh_until:
+            return token
+        return self._refresh()
+
+    @property
+    def session(self) -> requests.Session:
+        """The ``requests.Session`` of the OAuth calls (a fresh one in a forked child, if it is
+        this object's own); clients may send their calls through it too."""
+        return self._session
+
+    def issue(self, force: bool = False) -> Token:
+        """The token, through the store's single flight; ``force`` first drops the stored one
+        (compare-and-delete), so a new one is issued unless another process just did."""
+        if force:
+            stored = self.token_storage.load_token(self.api_key, self.api_secret)
+            if stored:
+                self.token_storage.invalidate_token(
+                    self.api_key, self.api_secret, stored["access_token"]
+                )
+            self._forget()
+        return self._refresh()
+
+    def invalidate(self, access_token: str) -> bool:
+        """KIS rejected ``access_token`` (``EGW00121``/``EGW00123``): drop it from the store only
+        if the store still holds it, and from memory if it is the current one.
+
+        N processes that saw the same token rejected make one deletion and then one issuance
+        between them; one that comes late never deletes the fresh token another one saved.
+        ``access_token`` may be given with its ``Bearer `` prefix. Returns whether the store
+        deleted it. Raises :class:`TokenStorageError` if the store cannot be reached.
+        """
+        current = self._token
+        if current is not None and access_token == current.bearer:
+            access_token = current.access_token
+        else:
+            access_token = access_token.removeprefix("Bearer ")
+        deleted = self.token_storage.invalidate_token(self.api_key, self.api_secret, access_token)
+        # After the store: forgetting first would let another thread reload the rejected token.
+        if current is not None and current.access_token == access_token:
+            self._forget(current)
+        return deleted
+
+    def revoke(self) -> None:
+        """Revoke the token in memory at KIS, then drop it from the store and from memory
+        (nothing to do before a token was fetched). :class:`KisApiError` if KIS refuses."""
+        token = self._token
+        if token is None:
+            return
+        revoke_token(
+            self._session,
+            self.base_url,
+            api_key=self.api_key,
+            api_secret=self.api_secret,
+            access_token=token.access_token,
+            timeout=self.timeout,
+        )
+        self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
+        self._forget(token)
+
+    def load(self) -> Token | None:
+        """Take the stored token into memory if the store holds a valid one; never issues."""
+        data = self.token_storage.load_token(self.api_key, self.api_secret)
+        return self._set(Token.from_token_data(data)) if data else None
+
+    # -- internals -------------------------------------------------------------------------------
+    def _set(self, token: Token) -> Token:
+        self._token = token
+        self._bearer = token.bearer
+        self._fresh_until = token.refresh_at(self._margin_s)
+        return token
+
+    def _forget(self, token: Token | None = None) -> None:
+        """Forget the token in memory (only if it is still ``token``, when one is given)."""
+        with self._lock:
+            current = self._token
+            if token is None or (
+                current is not None and current.access_token == token.access_token
+            ):
+                self._fresh_until = float("-inf")
+                self._token = None
+
+    def _refresh(self) -> Token:
+        with self._lock:
+            token = self._token
+            if token is not None and self._clock() < self._fresh_until:
+                return token  # another thread refreshed while this one waited for the lock
+            return self._set(
+                self.token_storage.get_or_issue(self.api_key, self.api_secret, self._issue)
+            )
+
+    def _issue(self) -> Token:
+        """Ask KIS for a token (called by the store, holding the issuance lock)."""
+        fault_point("issue.before_kis")
+        token = issue_token(
+            self._session,
+            self.base_url,
+            api_key=self.api_key,
+            api_secret=self.api_secret,
+            timeout=self.timeout,
+            clock=self._clock,
+            rate_limit_wait_s=self.rate_limit_wait_s,
+        )
+        fault_point("issue.after_kis")
+        return token
+
+    def _after_fork(self) -> None:
+        # In a child forked while another thread refreshed the token (gunicorn --preload with a
+        # background thread), the inherited lock would stay held for ever; an object built before
+        # fork() must not share pooled sockets with its parent either.
+        self._lock = threading.Lock()
+        if self._own_session:
+            self._session = requests.Session()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the session, if it is this object's own."""
+        if self._own_session:
+            self._session.close()
+
+    def __enter__(self) -> SharedToken:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def check_header_value(name: str, value: object) -> None:
+    """``ValueError`` naming ``name`` (never showing ``value``) unless it can go in a header."""
+    if not header_safe(value):
+        raise ValueError(
+            f"{name} must be a non-empty string of printable ASCII without spaces or control "
+            "characters (it is sent in an HTTP header)"
+        )
+
+
+def _checked_timeout(timeout: object) -> Timeout:
+    """``timeout`` as requests' ``(connect, read)`` pair; one number stands for both."""
+    pair = timeout if isinstance(timeout, (tuple, list)) else (timeout, timeout)
+    try:
+        if len(pair) != 2:
+            raise ValueError
+        return check_seconds("timeout", pair[0], high=MAX_WAIT_S), check_seconds(
+            "timeout", pair[1], high=MAX_WAIT_S
+        )
+    except ValueError:
+        raise ValueError(
+            f"timeout must be a number of seconds (more than 0, at most {MAX_WAIT_S:.0f}) or a "
+            "(connect, read) pair of them"
+        ) from None
