@@ -1,0 +1,289 @@
+"""The api_secret in the OS keyring (service ``kis_safe_token``, user = the app key).
+
+Resolution order for a client built with ``api_secret=None``: the keyring, then the environment
+variable ``KOREA_INVESTMENT_API_SECRET`` (containers usually have no keyring daemon).
+
+Only a keyring backend that protects the secret is used. ``pip install keyrings.alt`` on a
+headless Linux box makes ``keyrings.alt.file.PlaintextKeyring`` the active backend: the secret
+then sits base64-encoded in ``~/.local/share/python_keyring/keyring_pass.cfg`` for anyone who can
+read that file. Refused, for setting and for getting (a secret stored there earlier is not
+silently used; resolution goes on to the environment variable):
+
+- plaintext file keyrings (any backend class with ``Plaintext`` in its name);
+- the null and fail backends, which store nothing;
+- any other backend whose ``priority`` is below 1, keyring's mark for "not recommended" --
+  except the encrypted file keyrings that ask for a password (:data:`ENCRYPTED_FILE_KEYRINGS`),
+  which keyring ranks below the OS keyrings only because they prompt.
+
+keyring's chainer (the default when several backends are viable) would read from any member, so
+it is judged member by member: only its members that protect the secret are read or written, in
+the chainer's order. ``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (``kis-token
+--allow-insecure-keyring``, or ``allow_insecure_keyring=True``) opts in to an unprotected
+backend that can store; the null and fail backends are never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Final
+
+import keyring
+import keyring.errors
+from keyring.backend import KeyringBackend
+from keyring.backends.chainer import ChainerBackend
+
+from .errors import InsecureKeyringError, SecretNotFoundError
+from .token import mask
+
+__all__ = [
+    "ALLOW_INSECURE_KEYRING_ENV",
+    "ENCRYPTED_FILE_KEYRINGS",
+    "KEYRING_SERVICE",
+    "SECRET_ENV",
+    "delete_api_secret",
+    "get_api_secret",
+    "resolve_api_secret",
+    "set_api_secret",
+]
+
+KEYRING_SERVICE: Final = "kis_safe_token"
+SECRET_ENV: Final = "KOREA_INVESTMENT_API_SECRET"
+#: ``1`` (or ``true``/``yes``): accept a keyring backend that does not protect the secret.
+ALLOW_INSECURE_KEYRING_ENV: Final = "KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING"
+#: Encrypted, password-protected file keyrings whose ``priority`` is below 1 yet which we accept.
+ENCRYPTED_FILE_KEYRINGS: Final = frozenset(
+    {
+        "keyrings.alt.file.EncryptedKeyring",
+        "keyrings.alt.Windows.EncryptedKeyring",
+        "keyrings.cryptfile.file.EncryptedKeyring",
+    }
+)
+_STORE_NOTHING: Final = frozenset(
+    {"keyring.backends.null.Keyring", "keyring.backends.fail.Keyring"}
+)
+
+_log = logging.getLogger(__name__)
+
+_HOW_TO_STORE = (
+    "store it once with `kis-token secret set {app_key}` (it prompts for the secret), "
+    "call kis_safe_token.set_api_secret(app_key, secret), pass api_secret=..., "
+    f"or set the environment variable {SECRET_ENV}"
+)
+_CHOOSE_BACKEND = (
+    "pick a backend that protects the secret (PYTHON_KEYRING_BACKEND or keyring's config "
+    "file): "
+    "Secret Service (GNOME Keyring, KWallet; needs a D-Bus session) on Linux, "
+    "the macOS Keychain, the Windows Credential Locker, or an encrypted file keyring with a "
+    "password (`pip install keyrings.cryptfile`, "
+    "PYTHON_KEYRING_BACKEND=keyrings.cryptfile.cryptfile.CryptFileKeyring; or keyrings.alt with "
+    "pycryptodome, PYTHON_KEYRING_BACKEND=keyrings.alt.file.EncryptedKeyring); "
+    f"in a container, set {SECRET_ENV} instead"
+)
+_OPT_IN = (
+    f"; to use it anyway, set {ALLOW_INSECURE_KEYRING_ENV}=1 (kis-token: --allow-insecure-keyring)"
+)
+
+
+def _check_app_key(api_key: str) -> None:
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise ValueError("api_key must be a non-empty string")
+
+
+def _name(backend: KeyringBackend) -> str:
+    """``module.Class``: what ``PYTHON_KEYRING_BACKEND`` takes (never a path or a secret)."""
+    return f"{type(backend).__module__}.{type(backend).__qualname__}"
+
+
+def _class_names(backend: KeyringBackend) -> set[str]:
+    return {f"{cls.__module__}.{cls.__qualname__}" for cls in type(backend).__mro__}
+
+
+def _why_unprotected(backend: KeyringBackend) -> str | None:
+    """Why ``backend`` does not protect the secret, or ``None`` if it does."""
+    names = _class_names(backend)
+    if names & _STORE_NOTHING:
+        return "it stores nothing"
+    if any("plaintext" in name.lower() for name in names):
+        return "it keeps it in a plaintext file"
+    if names & ENCRYPTED_FILE_KEYRINGS:
+        return None
+    try:
+        priority = float(backend.priority)
+    except Exception:  # noqa: BLE001 - a priority that raises: not viable here
+        return "it is not viable on this machine"
+    if priority < 1:
+        return f'its priority {priority:g} is below 1, keyring\'s "not recommended"'
+    return None
+
+
+def _allowed(allow_insecure_keyring: bool | None) -> bool:
+    if allow_insecure_keyring is not None:
+        return allow_insecure_keyring
+    value = os.environ.get(ALLOW_INSECURE_KEYRING_ENV, "").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("", "0", "false", "no"):
+        return False
+    raise ValueError(f"{ALLOW_INSECURE_KEYRING_ENV} must be 1, true, yes, 0, false or no")
+
+
+def _usable_backends(allow_insecure_keyring: bool | None) -> list[KeyringBackend]:
+    """The backends to read and write, in keyring's order; refuses if none protects the secret.
+
+    Raises :class:`InsecureKeyringError` naming the active backend (for the chainer, its members).
+    """
+    active = keyring.get_keyring()
+    chained = isinstance(active, ChainerBackend)
+    members: list[KeyringBackend] = (
+        list(active.backends) if isinstance(active, ChainerBackend) else [active]
+    )
+    allow = _allowed(allow_insecure_keyring)
+    usable, refused = [], []
+    for backend in members:
+        why = _why_unprotected(backend)
+        if why is None or (allow and _name(backend) not in _STORE_NOTHING):
+            usable.append(backend)
+        else:
+            refused.append((backend, why))
+    if usable:
+        return usable
+    if all(_name(b) in _STORE_NOTHING for b, _ in refused):
+        stores_nothing = ", ".join(_name(b) for b, _ in refused) or f"{_name(active)}, empty,"
+        raise InsecureKeyringError(
+            f"no usable keyring backend on this machine ({stores_nothing} stores nothing); "
+            + _CHOOSE_BACKEND,
+            backend=_name(active),
+        )
+    if chained:
+        details = "; ".join(f"{_name(b)}: {why}" for b, why in refused)
+        head = f"keyring's chainer {_name(active)} holds no backend that protects the api_secret"
+        head += f" ({details})"
+    else:
+        head = (
+            f"the keyring backend {_name(active)} does not protect the api_secret ({refused[0][1]})"
+        )
+    raise InsecureKeyringError(
+        head + ", so kis_safe_token does not use it; " + _CHOOSE_BACKEND + _OPT_IN,
+        backend=_name(active),
+    )
+
+
+def _no_backend(exc: BaseException) -> SecretNotFoundError:
+    return SecretNotFoundError(
+        f"no usable keyring backend on this machine ({type(exc).__name__}); " + _CHOOSE_BACKEND
+    )
+
+
+_KEYRING_ERRORS = (keyring.errors.NoKeyringError, keyring.errors.KeyringError, RuntimeError)
+
+
+def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | None = None) -> str:
+    """Store ``secret`` for ``api_key`` in the OS keyring; returns the backend's name.
+
+    The name is ``module.Class`` (``keyring.backends.SecretService.Keyring``, say).
+    ``allow_insecure_keyring``: accept a backend that does not protect the secret (``None``:
+    ``$KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING``). Raises :class:`InsecureKeyringError` for such a
+    backend and :class:`SecretNotFoundError` (with how to pick a backend) when there is none.
+    """
+    _check_app_key(api_key)
+    if not isinstance(secret, str) or not secret.strip():
+        raise ValueError("secret must be a non-empty string")
+    try:
+        for backend in _usable_backends(allow_insecure_keyring):
+            try:
+                backend.set_password(KEYRING_SERVICE, api_key, secret)
+            except NotImplementedError:  # as keyring's chainer does: try the next one
+                continue
+            _log.info(
+                "api_secret for app key %s stored in keyring backend %s",
+                mask(api_key, 4),
+                _name(backend),
+            )
+            return _name(backend)
+    except _KEYRING_ERRORS as exc:
+        raise _no_backend(exc) from None
+    raise _no_backend(NotImplementedError())
+
+
+def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | None:
+    try:
+        for backend in _usable_backends(allow_insecure_keyring):
+            secret = backend.get_password(KEYRING_SERVICE, api_key)
+            if secret:
+                _log.debug(
+                    "api_secret for app key %s read from keyring backend %s",
+                    mask(api_key, 4),
+                    _name(backend),
+                )
+                return secret
+    except _KEYRING_ERRORS as exc:
+        raise _no_backend(exc) from None
+    return None
+
+
+def get_api_secret(api_key: str, *, allow_insecure_keyring: bool | None = None) -> str:
+    """The api_secret stored for ``api_key`` in the keyring.
+
+    ``allow_insecure_keyring`` as for :func:`set_api_secret`. Raises :class:`SecretNotFoundError`
+    saying how to store one (or how to pick a backend), :class:`InsecureKeyringError` if the
+    backend does not protect the secret.
+    """
+    _check_app_key(api_key)
+    secret = _keyring_secret(api_key, allow_insecure_keyring)
+    if not secret:
+        raise SecretNotFoundError(
+            "no api_secret in the keyring for this app key: "
+            + _HOW_TO_STORE.format(app_key=api_key)
+        )
+    return secret
+
+
+def delete_api_secret(api_key: str) -> bool:
+    """Remove the stored secret; ``False`` if there was none.
+
+    Works on any backend, a plaintext one included: removing a secret exposes nothing.
+    """
+    _check_app_key(api_key)
+    try:
+        keyring.delete_password(KEYRING_SERVICE, api_key)
+    except keyring.errors.PasswordDeleteError:
+        return False
+    except _KEYRING_ERRORS as exc:
+        raise _no_backend(exc) from None
+    return True
+
+
+def resolve_api_secret(
+    api_key: str, api_secret: str | None = None, *, allow_insecure_keyring: bool | None = None
+) -> str:
+    """The explicit secret, else the keyring's, else ``$KOREA_INVESTMENT_API_SECRET``.
+
+    A keyring that is missing or refused (see the module docstring) counts as holding nothing;
+    its error is raised only if the environment variable is not set either.
+    """
+    if api_secret:
+        return api_secret
+    _check_app_key(api_key)
+    backend_error: SecretNotFoundError | None = None
+    try:
+        secret = _keyring_secret(api_key, allow_insecure_keyring)
+    except SecretNotFoundError as exc:
+        backend_error, secret = exc, None
+    if secret:
+        return secret
+    from_env = os.environ.get(SECRET_ENV, "").strip()
+    if from_env:
+        if backend_error is not None:
+            _log.debug(
+                "keyring not used (%s); api_secret from $%s",
+                type(backend_error).__name__,
+                SECRET_ENV,
+            )
+        return from_env
+    if backend_error is not None:
+        raise backend_error
+    raise SecretNotFoundError(
+        "no api_secret given and none in the keyring for this app key: "
+        + _HOW_TO_STORE.format(app_key=api_key)
+    )
