@@ -12,13 +12,13 @@ from typing import Any
 
 import keyring
 import pytest
+from herd import HERD_APP_KEY, HERD_SECRET
 from keyring.backend import KeyringBackend
 
 from kis_safe_token._faults import FAULT_ENV
 from kis_safe_token.errors import KisTokenError
 from kis_safe_token.keyring_secrets import ALLOW_INSECURE_KEYRING_ENV
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET
 from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
 from kis_safe_token.token import Token
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import HeldIssuance
+from herd import HERD_APP_KEY, HERD_SECRET, gated_client, run_herd
 
 from kis_safe_token import (
     FileTokenStorage,
@@ -30,7 +31,6 @@ from kis_safe_token import (
 )
 from kis_safe_token._faults import FAULT_ENV, arm_fault, fault_point
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client
 from kis_safe_token.testing.redis_server import RedisServer
 from kis_safe_token.token import Token
 
@@ -152,8 +152,6 @@ def test_dropped_connection_while_waiting_never_hangs(redis_url: str, key_prefix
 
 
 def test_server_restarted_mid_herd_recovers(sim: KisSimulator) -> None:
-    from kis_safe_token.testing.herd import run_herd
-
     with RedisServer() as server:
         spec = {"kind": "redis", "url": server.url, "key_prefix": "restart"}
         first = run_herd(4, spec, sim.base_url)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import HeldIssuance
+from herd import HERD_APP_KEY, HERD_SECRET, build_storage, gated_client, token_id
 
 from kis_safe_token import (
     FileTokenStorage,
@@ -27,13 +28,6 @@ from kis_safe_token import (
 )
 from kis_safe_token._faults import arm_fault
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import (
-    HERD_APP_KEY,
-    HERD_SECRET,
-    build_storage,
-    gated_client,
-    token_id,
-)
 from kis_safe_token.token import Token
 
 BACKENDS = ["file", "redis"]
