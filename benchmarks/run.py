@@ -18,8 +18,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+# seed_baseline sits beside this file; the process herd is the test suite's (tests/herd.py).
+# Spawned herd processes inherit sys.path, so they find both too.
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+from herd import HERD_APP_KEY, HERD_SECRET, run_herd  # noqa: E402
 from seed_baseline import (  # noqa: E402
     SeedFileTokenStorage,
     SeedRedisTokenStorage,
@@ -28,7 +32,6 @@ from seed_baseline import (  # noqa: E402
 
 from kis_safe_token import FileTokenStorage, KoreaInvestment, LockedRedisTokenStorage  # noqa: E402
 from kis_safe_token.testing import KisSimulator  # noqa: E402
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, run_herd  # noqa: E402
 from kis_safe_token.testing.redis_server import RedisServer  # noqa: E402
 from kis_safe_token.token import Token  # noqa: E402
 

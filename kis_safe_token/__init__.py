@@ -10,7 +10,7 @@ from .errors import (
     TokenIssueError,
     TokenStorageError,
 )
-from .secrets import delete_api_secret, get_api_secret, set_api_secret
+from .keyring_secrets import delete_api_secret, get_api_secret, set_api_secret
 from .shared import SharedToken
 from .storage import (
     FileTokenStorage,

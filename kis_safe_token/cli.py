@@ -15,7 +15,7 @@ from typing import Any
 
 from .client import BASE_URL_ENV, KoreaInvestment
 from .errors import KisTokenError
-from .secrets import (
+from .keyring_secrets import (
     ALLOW_INSECURE_KEYRING_ENV,
     delete_api_secret,
     resolve_api_secret,

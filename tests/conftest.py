@@ -12,14 +12,15 @@ from typing import Any
 
 import keyring
 import pytest
+from herd import HERD_APP_KEY, HERD_SECRET
 from keyring.backend import KeyringBackend
 
 from kis_safe_token._faults import FAULT_ENV
 from kis_safe_token.errors import KisTokenError
-from kis_safe_token.secrets import ALLOW_INSECURE_KEYRING_ENV
+from kis_safe_token.keyring_secrets import ALLOW_INSECURE_KEYRING_ENV
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET
 from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
+from kis_safe_token.token import Token
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -103,14 +104,15 @@ def memory_keyring() -> Iterator[MemoryKeyring]:
 class HeldIssuance:
     """A thread holding ``storage``'s issuance lock inside a slow ``issue`` until the block ends.
 
-    ``with HeldIssuance(storage, make_token_data) as held: ...`` returns once the holder is
-    inside ``issue``; ``held.finish()`` (or leaving the block) lets it save and release.
+    ``with HeldIssuance(storage, make_token) as held: ...`` returns once the holder is inside
+    ``issue``; ``held.finish()`` (or leaving the block) lets it save and release. ``make``
+    returns the :class:`Token` the holder issues (or raises, as KIS refusing would).
     """
 
-    def __init__(self, storage: Any, make: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, storage: Any, make: Callable[[], Token]) -> None:
         self.entered, self.release = threading.Event(), threading.Event()
 
-        def slow_issue() -> dict[str, Any]:
+        def slow_issue() -> Token:
             self.entered.set()
             self.release.wait(10)
             return make()

@@ -42,8 +42,8 @@ json_values = st.recursive(
 )
 
 
-def good_data(token: str = "tok-" + "g" * 60) -> dict[str, Any]:
-    return Token(token, time.time() + 86_400).to_token_data(KEY, SECRET)
+def good_token(token: str = "tok-" + "g" * 60) -> Token:
+    return Token(token, time.time() + 86_400)
 
 
 # -- what is stored ------------------------------------------------------------------------------
@@ -65,10 +65,8 @@ def test_any_file_content_is_a_miss_then_replaced(content: bytes) -> None:
         path.write_bytes(content)
         storage = FileTokenStorage(path)
         assert storage.load_token(KEY, SECRET) is None
-        assert (
-            storage.get_or_issue(KEY, SECRET, good_data)["access_token"]
-            == good_data()["access_token"]
-        )
+        issued = good_token()
+        assert storage.get_or_issue(KEY, SECRET, lambda: issued) == issued
 
 
 @FUZZ
@@ -88,9 +86,8 @@ def test_any_redis_value_is_a_miss(value: bytes) -> None:
     storage = LockedRedisTokenStorage(client=fake)
     fake.set(storage._get_redis_key(KEY), value)
     assert storage.load_token(KEY, SECRET) is None
-    assert (
-        storage.get_or_issue(KEY, SECRET, good_data)["access_token"] == good_data()["access_token"]
-    )
+    issued = good_token()
+    assert storage.get_or_issue(KEY, SECRET, lambda: issued) == issued
 
 
 @FUZZ

@@ -25,7 +25,7 @@ from kis_safe_token import (
     get_api_secret,
     set_api_secret,
 )
-from kis_safe_token.secrets import resolve_api_secret
+from kis_safe_token.keyring_secrets import resolve_api_secret
 from kis_safe_token.testing import KisSimulator
 
 ALLOW_ENV = "KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING"

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import HeldIssuance
+from herd import HERD_APP_KEY, HERD_SECRET, gated_client, run_herd
 
 from kis_safe_token import (
     FileTokenStorage,
@@ -30,7 +31,6 @@ from kis_safe_token import (
 )
 from kis_safe_token._faults import FAULT_ENV, arm_fault, fault_point
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client
 from kis_safe_token.testing.redis_server import RedisServer
 from kis_safe_token.token import Token
 
@@ -125,9 +125,9 @@ def test_dropped_connection_while_waiting_never_hangs(redis_url: str, key_prefix
         except TokenStorageError as exc:
             outcome.append(exc)
 
-    data = Token("tok-" + "t" * 60, time.time() + 86_400).to_token_data("key1", "secret1")
+    token = Token("tok-" + "t" * 60, time.time() + 86_400)
     with HeldIssuance(
-        LockedRedisTokenStorage(redis_url, key_prefix=key_prefix), lambda: data
+        LockedRedisTokenStorage(redis_url, key_prefix=key_prefix), lambda: token
     ) as held:
         t = threading.Thread(target=wait)
         t.start()
@@ -146,14 +146,12 @@ def test_dropped_connection_while_waiting_never_hangs(redis_url: str, key_prefix
         t.join(8)
     assert not t.is_alive(), "the waiter hung after its connection was dropped"
     assert len(outcome) == 1
-    assert isinstance(outcome[0], (dict, TokenStorageError))
-    if isinstance(outcome[0], dict):
-        assert outcome[0]["access_token"] == data["access_token"]
+    assert isinstance(outcome[0], (Token, TokenStorageError))
+    if isinstance(outcome[0], Token):
+        assert outcome[0] == token
 
 
 def test_server_restarted_mid_herd_recovers(sim: KisSimulator) -> None:
-    from kis_safe_token.testing.herd import run_herd
-
     with RedisServer() as server:
         spec = {"kind": "redis", "url": server.url, "key_prefix": "restart"}
         first = run_herd(4, spec, sim.base_url)
@@ -226,13 +224,13 @@ def test_waiters_of_a_failed_issuance_get_its_failure_at_once(
             redis_url, key_prefix=key_prefix, poll_interval_s=2.0, clock=lambda: now[0]
         )
 
-    def refused() -> dict[str, Any]:
+    def refused() -> Token:
         raise TokenIssueError("KIS is down", code="EGW00000", status=503)
 
-    def must_not_issue() -> dict[str, Any]:
+    def must_not_issue() -> Token:
         raise AssertionError("a waiter of a failed issuance asked KIS itself")
 
-    data = Token("tok-" + "w" * 60, time.time() + 86_400).to_token_data("key1", "secret1")
+    token = Token("tok-" + "w" * 60, time.time() + 86_400)
     errors: list[BaseException] = []
     waiters = [storage() for _ in range(3)]
 
@@ -259,7 +257,7 @@ def test_waiters_of_a_failed_issuance_get_its_failure_at_once(
     with pytest.raises(TokenIssueError, match="KIS is down"):
         storage().get_or_issue("key1", "secret1", must_not_issue)
     now[0] += 6  # past the first failure's 5 s hold
-    assert storage().get_or_issue("key1", "secret1", lambda: data) == data
+    assert storage().get_or_issue("key1", "secret1", lambda: token) == token
 
 
 # -- the switch itself: inert unless the harness armed it ------------------------------------------

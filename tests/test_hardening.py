@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import HeldIssuance
+from herd import HERD_APP_KEY, HERD_SECRET, build_storage, gated_client, token_id
 
 from kis_safe_token import (
     FileTokenStorage,
@@ -27,13 +28,6 @@ from kis_safe_token import (
 )
 from kis_safe_token._faults import arm_fault
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import (
-    HERD_APP_KEY,
-    HERD_SECRET,
-    build_storage,
-    gated_client,
-    token_id,
-)
 from kis_safe_token.token import Token
 
 BACKENDS = ["file", "redis"]
@@ -45,8 +39,13 @@ def storage_spec(backend: str, tmp_path: Path, redis_url: str, key_prefix: str) 
     return {"kind": "redis", "url": redis_url, "key_prefix": key_prefix}
 
 
+def make_token(token: str = "tok-" + "h" * 60, expires_in: float = 86_400) -> Token:
+    return Token(token, time.time() + expires_in)
+
+
 def token_data(token: str = "tok-" + "h" * 60, expires_in: float = 86_400) -> dict[str, Any]:
-    return Token(token, time.time() + expires_in).to_token_data("key1", "secret1")
+    """The seed's dict of ``make_token(...)``, for ``save_token``."""
+    return make_token(token, expires_in).to_token_data("key1", "secret1")
 
 
 # -- 1. the holder dies after KIS answered, library defaults, KIS's 60 s window -----------------
@@ -208,9 +207,9 @@ def test_stray_lock_without_expiry_is_taken_over_within_lock_ttl(
         admin.set("scratch", "stray")
         admin.restore(lock_key, 0, admin.dump("scratch"))
     assert admin.pttl(lock_key) == -1
-    data = token_data()
+    token = make_token()
     started = time.monotonic()
-    assert storage.get_or_issue("key1", "secret1", lambda: data) == data
+    assert storage.get_or_issue("key1", "secret1", lambda: token) == token
     assert time.monotonic() - started < 1.0 + 1.0  # lock_ttl and a poll
 
 
@@ -221,13 +220,13 @@ def test_a_flooded_wake_up_list_does_not_make_waiters_spin(redis_url: str, key_p
         return LockedRedisTokenStorage(redis_url, key_prefix=key_prefix, wait_timeout=40)
 
     lock_key = storage()._get_redis_key("key1") + ":lock"
-    data = token_data()
+    token = make_token()
     got: list[object] = []
 
     def wait() -> None:
         got.append(storage().get_or_issue("key1", "secret1", lambda: pytest.fail("no issue")))
 
-    with HeldIssuance(storage(), lambda: data) as held:
+    with HeldIssuance(storage(), lambda: token) as held:
         owner = admin.get(lock_key).decode()
         admin.rpush(f"{lock_key}:wake:{owner}", *["x"] * 1000)
         calls_before = _commands(admin)
@@ -239,7 +238,7 @@ def test_a_flooded_wake_up_list_does_not_make_waiters_spin(redis_url: str, key_p
         held.finish()
         for t in waiters:
             t.join(10)
-    assert len(got) == 4 and all(g == data for g in got)
+    assert len(got) == 4 and all(g == token for g in got)
     # At most 4 waiters x (1.5 s / 0.125 s, the shortest jittered poll) x 9 commands (the lock
     # script's 5, a BLPOP and a 3-command pipeline): 432. Before, 4 waiters sent ~31,000.
     assert commands < 450, f"{commands} commands in 1.5 s"
@@ -363,8 +362,8 @@ def test_a_wait_timeout_a_dead_holders_lock_outlives_is_refused() -> None:
 
 def test_a_tiny_lock_ttl_within_bounds_works(redis_url: str, key_prefix: str) -> None:
     storage = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix, lock_ttl=0.2)
-    data = token_data()
-    assert storage.get_or_issue("key1", "secret1", lambda: data) == data
+    token = make_token()
+    assert storage.get_or_issue("key1", "secret1", lambda: token) == token
 
 
 def test_default_wait_outlasts_a_takeover_and_the_issue_window() -> None:

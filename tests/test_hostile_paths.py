@@ -42,11 +42,16 @@ SMALL_FILE_BYTES = 4096
 """A token file with one or two entries is well under this."""
 
 
+def make_token(token: str = TOKEN_A) -> Token:
+    return Token(token, time.time() + 86_400)
+
+
 def token_data(token: str = TOKEN_A) -> dict[str, Any]:
-    return Token(token, time.time() + 86_400).to_token_data("key1", "secret1")
+    """The seed's dict of ``make_token(token)``, for ``save_token``."""
+    return make_token(token).to_token_data("key1", "secret1")
 
 
-def fail_issue() -> dict[str, Any]:
+def fail_issue() -> Token:
     raise AssertionError("must not issue")
 
 
@@ -106,10 +111,10 @@ def load_then_issue(path: str) -> dict[str, Any]:
     storage = FileTokenStorage(path, wait_timeout=5)
     started = time.monotonic()
     loaded = storage.load_token("key1", "secret1")
-    got = storage.get_or_issue("key1", "secret1", token_data)
+    got = storage.get_or_issue("key1", "secret1", make_token)
     return {
         "loaded": loaded,
-        "issued": got["access_token"],
+        "issued": got.access_token,
         "elapsed_s": time.monotonic() - started,
     }
 
@@ -140,7 +145,7 @@ def issue_holding_lock(path: str) -> dict[str, Any]:
     storage = FileTokenStorage(path, wait_timeout=2)
     started = time.monotonic()
     try:
-        got = storage.get_or_issue("key1", "secret1", token_data)["access_token"]
+        got = storage.get_or_issue("key1", "secret1", make_token).access_token
     except TokenStorageError as exc:
         got = f"TokenStorageError: {exc}"
     return {"got": got, "elapsed_s": time.monotonic() - started}
@@ -203,7 +208,7 @@ def test_symlink_to_a_token_file_elsewhere_is_not_followed(
     token_path.symlink_to(elsewhere)
     storage = FileTokenStorage(token_path)
     assert storage.load_token("key1", "secret1") is None
-    assert storage.get_or_issue("key1", "secret1", token_data)["access_token"] == TOKEN_A
+    assert storage.get_or_issue("key1", "secret1", make_token).access_token == TOKEN_A
     assert elsewhere.read_bytes() == original
     assert stat.S_ISREG(os.lstat(token_path).st_mode)
     assert FileTokenStorage(elsewhere).load_token("key1", "secret1")["access_token"] == TOKEN_B
@@ -255,7 +260,7 @@ def test_token_file_owned_by_another_user_is_a_miss_even_for_root(
     os.chown(token_path, 65534, 65534)
     storage = FileTokenStorage(token_path)
     assert storage.load_token("key1", "secret1") is None
-    assert storage.get_or_issue("key1", "secret1", token_data)["access_token"] == TOKEN_A
+    assert storage.get_or_issue("key1", "secret1", make_token).access_token == TOKEN_A
     assert os.lstat(token_path).st_uid == os.geteuid()
     assert FileTokenStorage(token_path).load_token("key1", "secret1")["access_token"] == TOKEN_A
 
@@ -318,7 +323,7 @@ def test_miss_is_logged_once_with_the_path_and_never_the_contents(
     with caplog.at_level("WARNING", logger="kis_safe_token"):
         assert storage.load_token("key1", "secret1") is None
         assert storage.load_token("key1", "secret1") is None
-        storage.get_or_issue("key1", "secret1", token_data)
+        storage.get_or_issue("key1", "secret1", make_token)
     warnings = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
     assert len(warnings) == 1
     assert str(token_path) in warnings[0]

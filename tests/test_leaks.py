@@ -19,8 +19,13 @@ from kis_safe_token import (
 from kis_safe_token.crypto import Sealer
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import free_port
+from kis_safe_token.token import Token
 
 REDIS_PASSWORD = "redis-pass-" + "q" * 20
+
+
+def must_not_issue() -> Token:
+    raise AssertionError("an unreachable store must fail before asking KIS")
 
 
 def test_nothing_secret_reaches_logs_reprs_or_errors(
@@ -74,7 +79,7 @@ def test_nothing_secret_reaches_logs_reprs_or_errors(
         ),
         lambda: RedisTokenStorage(
             f"redis://127.0.0.1:{free_port()}/0", password=REDIS_PASSWORD
-        ).get_or_issue(APP_KEY, SECRET, lambda: {}),
+        ).get_or_issue(APP_KEY, SECRET, must_not_issue),
     ):
         with pytest.raises(KisTokenError) as info:
             attempt()

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from herd import run_herd
 
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import run_herd
 
 pytestmark = pytest.mark.stress
 

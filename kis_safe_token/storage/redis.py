@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from .._fork import renew_after_fork
 from ..crypto import key_id
@@ -30,7 +31,6 @@ from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
-from .factory import DEFAULT_REDIS_URL, validate_redis_url
 
 try:
     import redis
@@ -39,10 +39,19 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the [redis] extra
     redis = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_TTL_S", "LockedRedisTokenStorage", "RedisIssuanceLock", "RedisTokenStorage"]
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "LOCK_TTL_S",
+    "LockedRedisTokenStorage",
+    "RedisIssuanceLock",
+    "RedisTokenStorage",
+    "validate_redis_url",
+]
 
 logger = logging.getLogger("kis_safe_token")
 
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_KEY_PREFIX = "korea_investment:token"
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
@@ -57,6 +66,30 @@ _ERRORS: tuple[type[BaseException], ...] = (OSError,)
 if redis is not None:
     # ChildDeadlockedError: a pool whose lock a parent's thread held at fork() (not a RedisError).
     _ERRORS = (redis.exceptions.RedisError, redis.exceptions.ChildDeadlockedError, OSError)
+
+
+def validate_redis_url(url: str, source: str = "redis_url") -> str:
+    """``url`` if it is a usable ``redis://``, ``rediss://`` or ``unix://`` URL; else a
+    ``ValueError`` naming ``source`` and the allowed forms."""
+    allowed = "redis://[user:password@]host[:port][/db], rediss://… or unix:///path/to/socket"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{source} is not a valid Redis URL; expected {allowed}") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(f"{source} has scheme {parts.scheme or '(none)'!r}; expected {allowed}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{source} names no socket path; expected {allowed}")
+    elif not parts.hostname:
+        raise ValueError(f"{source} names no host; expected {allowed}")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{source} has port {port} out of range; expected {allowed}")
+    db = parts.path.lstrip("/")
+    if parts.scheme != "unix" and db and not db.isdigit():
+        raise ValueError(f"{source} has database {db[:20]!r}, not a number; expected {allowed}")
+    return url.strip()
 
 
 def _text(value: Any) -> str | None:

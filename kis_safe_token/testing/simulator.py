@@ -21,12 +21,27 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..kis import (
+    APPROVAL_PATH,
+    BAD_APP_KEY,
+    BAD_APP_SECRET,
+    PRICE_PATH,
+    PRICE_TR_ID,
+    RATE_LIMIT_MESSAGE,
+    RATE_LIMITED,
+    REVOKE_PATH,
+    TOKEN_EXPIRED,
+    TOKEN_INVALID,
+    TOKEN_PATH,
+)
 from ..token import format_kst
 
 __all__ = ["KisSimulator"]
 
-PRICE_PATH = "/uapi/domestic-stock/v1/quotations/inquire-price"
-RATE_LIMIT_MESSAGE = "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)"
+WRONG_TR_ID = "EGW00201"
+"""The simulator's answer to a ``tr_id`` it does not serve, as it always was (tests assert it).
+It is the same code as :data:`~kis_safe_token.kis.TOO_MANY_CALLS` but means no rate limit:
+code that backs off on ``TOO_MANY_CALLS`` must not be tested with a wrong ``tr_id``."""
 
 
 @dataclass
@@ -118,7 +133,7 @@ class KisSimulator:
     @property
     def rate_limited(self) -> int:
         """``EGW00133`` answers so far."""
-        return self.counts["EGW00133"]
+        return self.counts[RATE_LIMITED]
 
     def issued_tokens(self) -> list[str]:
         with self._cond:
@@ -168,9 +183,9 @@ class KisSimulator:
         with self._cond:
             last = self._last_issue.get(key)
             if last is not None and now - last < self.issue_window_s:
-                self.counts["EGW00133"] += 1
+                self.counts[RATE_LIMITED] += 1
                 self._cond.notify_all()
-                return 403, {"error_description": RATE_LIMIT_MESSAGE, "error_code": "EGW00133"}
+                return 403, {"error_description": RATE_LIMIT_MESSAGE, "error_code": RATE_LIMITED}
             self._last_issue[key] = now
             token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(96)
             expires_at = now + self.token_lifetime_s
@@ -188,9 +203,12 @@ class KisSimulator:
         if self.apps is None:
             return None
         if key not in self.apps:
-            return {"error_description": "유효하지 않은 AppKey입니다.", "error_code": "EGW00103"}
+            return {"error_description": "유효하지 않은 AppKey입니다.", "error_code": BAD_APP_KEY}
         if not secrets.compare_digest(self.apps[key].encode(), secret.encode()):
-            return {"error_description": "유효하지 않은 AppSecret입니다.", "error_code": "EGW00105"}
+            return {
+                "error_description": "유효하지 않은 AppSecret입니다.",
+                "error_code": BAD_APP_SECRET,
+            }
         return None
 
     def _revoke(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -200,7 +218,7 @@ class KisSimulator:
             if issued is None or issued.app_key != body.get("appkey"):
                 return 403, {
                     "error_description": "유효하지 않은 token 입니다.",
-                    "error_code": "EGW00121",
+                    "error_code": TOKEN_INVALID,
                 }
             issued.revoked = True
         return 200, {"code": 200, "message": "접근토큰 폐기에 성공하였습니다"}
@@ -220,23 +238,23 @@ class KisSimulator:
             issued = self._tokens.get(token)
             valid_app = issued is not None and issued.app_key == headers.get("appkey")
             if not valid_app or issued is None or issued.revoked:
-                self.counts["EGW00121"] += 1
+                self.counts[TOKEN_INVALID] += 1
                 self._cond.notify_all()
                 return 500, {
                     "rt_cd": "1",
-                    "msg_cd": "EGW00121",
+                    "msg_cd": TOKEN_INVALID,
                     "msg1": "유효하지 않은 token 입니다.",
                 }
             if now >= issued.expires_at:
-                self.counts["EGW00123"] += 1
+                self.counts[TOKEN_EXPIRED] += 1
                 self._cond.notify_all()
                 return 500, {
                     "rt_cd": "1",
-                    "msg_cd": "EGW00123",
+                    "msg_cd": TOKEN_EXPIRED,
                     "msg1": "기간이 만료된 token 입니다.",
                 }
-        if headers.get("tr_id") != "FHKST01010100":
-            return 500, {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "tr_id 가 올바르지 않습니다."}
+        if headers.get("tr_id") != PRICE_TR_ID:
+            return 500, {"rt_cd": "1", "msg_cd": WRONG_TR_ID, "msg1": "tr_id 가 올바르지 않습니다."}
         symbol = (query.get("FID_INPUT_ISCD") or [""])[0]
         if len(symbol) != 6 or not symbol.isalnum():
             return 200, {
@@ -303,9 +321,9 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
             path = urlsplit(self.path).path
             body = self._body()
             routes = {
-                "/oauth2/tokenP": sim._issue,
-                "/oauth2/revokeP": sim._revoke,
-                "/oauth2/Approval": sim._approval,
+                TOKEN_PATH: sim._issue,
+                REVOKE_PATH: sim._revoke,
+                APPROVAL_PATH: sim._approval,
             }
             route = routes.get(path)
             if route is None:

@@ -1,5 +1,10 @@
-"""A herd of real processes (``spawn``) building clients at the same instant, for tests,
-benchmarks and the demo: ``run_herd(4, spec, sim.base_url)`` -> what each process saw.
+"""A herd of real processes (``spawn``) building clients at the same instant, for the tests and
+the benchmarks: ``run_herd(4, spec, sim.base_url)`` -> what each process saw.
+
+Test machinery, not part of the installed package: the tests import it as ``herd`` (pytest puts
+``tests/`` on ``sys.path``), ``benchmarks/run.py`` puts ``tests/`` on ``sys.path`` itself, and
+spawned children inherit that path. It records save times by wrapping the storage's private
+``_write``, which only a test harness may do.
 
 A storage *spec* is a picklable dict: ``{"kind": "file", "path": ...}`` or
 ``{"kind": "redis", "url": ..., "key_prefix": ..., "lock_ttl": ..., "locked": True}``.
@@ -20,11 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..client import KoreaInvestment
-from ..storage.base import TokenStorage
-from ..storage.file import FileTokenStorage
+from kis_safe_token.client import KoreaInvestment
+from kis_safe_token.storage.base import TokenStorage
+from kis_safe_token.storage.file import FileTokenStorage
 
-__all__ = ["HerdResult", "build_storage", "run_herd"]
+__all__ = [
+    "HERD_APP_KEY",
+    "HERD_SECRET",
+    "HerdResult",
+    "build_storage",
+    "gated_client",
+    "run_herd",
+    "token_id",
+]
 
 HERD_APP_KEY = "PSherdAppKey00000000000000000000000"
 HERD_SECRET = "herd-secret-" + "s" * 40
@@ -38,7 +51,7 @@ def build_storage(spec: dict[str, Any]) -> TokenStorage:
     if kind == "file":
         return FileTokenStorage(spec["path"], **options)
     if kind == "redis":
-        from ..storage.redis import LockedRedisTokenStorage, RedisTokenStorage
+        from kis_safe_token.storage.redis import LockedRedisTokenStorage, RedisTokenStorage
 
         cls = LockedRedisTokenStorage if spec.get("locked", True) else RedisTokenStorage
         return cls(spec["url"], key_prefix=spec["key_prefix"], **options)
