@@ -17,9 +17,9 @@ import requests
 
 from ._faults import fault_point
 from ._fork import renew_after_fork
+from .keyring_secrets import resolve_api_secret
 from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
 from .oauth import Timeout, issue_token, revoke_token
-from .keyring_secrets import resolve_api_secret
 from .storage.base import TokenStorage, check_seconds
 from .storage.factory import create_token_storage
 from .token import Token, header_safe, mask
