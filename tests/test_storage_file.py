@@ -5,7 +5,6 @@ import multiprocessing as mp
 import os
 import pickle
 import stat
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,35 +12,24 @@ from typing import Any
 import filelock
 import pytest
 from conftest import HeldIssuance
+from herd import run_herd
 
 from kis_safe_token import FileTokenStorage, TokenStorageError
 from kis_safe_token.crypto import Sealer
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import run_herd
 from kis_safe_token.token import Token
 
 TOKEN_A = "tokA-" + "a" * 80
 TOKEN_B = "tokB-" + "b" * 80
 
 
-def token_data(
-    api_key: str = "key1",
-    secret: str = "secret1",
-    token: str = TOKEN_A,
-    expires_at: float | None = None,
-) -> dict[str, Any]:
-    expires_at = expires_at or time.time() + 86_400
-    return Token(token, expires_at).to_token_data(api_key, secret)
+def make_token(token: str = TOKEN_A) -> Token:
+    return Token(token, time.time() + 86_400)
 
 
-def test_save_then_load_returns_the_seed_dict(token_path: Path) -> None:
-    storage = FileTokenStorage(token_path)
-    assert storage.save_token(token_data())
-    loaded = storage.load_token("key1", "secret1")
-    assert loaded is not None
-    assert loaded["access_token"] == TOKEN_A
-    assert loaded["api_key"] == "key1" and loaded["api_secret"] == "secret1"
-    assert storage.check_token_valid("key1", "secret1")
+def token_data(token: str = TOKEN_A) -> dict[str, Any]:
+    """A seed ``token_data`` dict for key1/secret1, valid for a day."""
+    return make_token(token).to_token_data("key1", "secret1")
 
 
 def test_file_holds_neither_token_nor_secret_in_clear(token_path: Path) -> None:
@@ -49,31 +37,6 @@ def test_file_holds_neither_token_nor_secret_in_clear(token_path: Path) -> None:
     raw = token_path.read_bytes()
     assert TOKEN_A.encode() not in raw and b"secret1" not in raw and b"key1" not in raw
     assert json.loads(raw)["format"] == "kis_safe_token"
-
-
-def test_wrong_secret_gets_none(token_path: Path) -> None:
-    storage = FileTokenStorage(token_path)
-    storage.save_token(token_data())
-    assert storage.load_token("key1", "not-the-secret") is None
-    assert FileTokenStorage(token_path).load_token("key1", "not-the-secret") is None
-    assert not storage.check_token_valid("key1", "not-the-secret")
-
-
-def test_expired_token_is_not_loaded(token_path: Path) -> None:
-    storage = FileTokenStorage(token_path)
-    storage.save_token(token_data(expires_at=time.time() - 1))
-    assert storage.load_token("key1", "secret1") is None
-
-
-def test_two_app_keys_in_one_file_keep_both_tokens(token_path: Path) -> None:
-    first, second = FileTokenStorage(token_path), FileTokenStorage(token_path)
-    assert first.save_token(token_data("key1", "secret1", TOKEN_A))
-    assert second.save_token(token_data("key2", "secret2", TOKEN_B))
-    assert first.load_token("key1", "secret1")["access_token"] == TOKEN_A
-    assert first.load_token("key2", "secret2")["access_token"] == TOKEN_B
-    assert first.delete_token("key2", "secret2")
-    assert second.load_token("key1", "secret1")["access_token"] == TOKEN_A
-    assert second.load_token("key2", "secret2") is None
 
 
 def test_file_is_0600_and_new_folder_0700(token_path: Path) -> None:
@@ -84,7 +47,7 @@ def test_file_is_0600_and_new_folder_0700(token_path: Path) -> None:
 
 def test_lock_file_stays_after_issuance(token_path: Path) -> None:
     storage = FileTokenStorage(token_path)
-    storage.get_or_issue("key1", "secret1", lambda: token_data())
+    storage.get_or_issue("key1", "secret1", make_token)
     assert storage.lock_file.exists()
     assert stat.S_IMODE(storage.lock_file.stat().st_mode) & 0o077 == 0
 
@@ -128,8 +91,8 @@ def test_unreadable_file_is_a_miss_and_is_replaced(
     fresh = FileTokenStorage(token_path)
     assert fresh.load_token("key1", "secret1") is None
     assert not marker.exists()
-    got = fresh.get_or_issue("key1", "secret1", lambda: token_data(token=TOKEN_B))
-    assert got["access_token"] == TOKEN_B
+    got = fresh.get_or_issue("key1", "secret1", lambda: make_token(TOKEN_B))
+    assert got.access_token == TOKEN_B
     assert FileTokenStorage(token_path).load_token("key1", "secret1")["access_token"] == TOKEN_B
     assert not marker.exists()
 
@@ -153,56 +116,9 @@ def test_warm_read_does_not_decrypt_an_unchanged_file(
     assert opened == [1]
 
 
-def test_get_or_issue_issues_once_then_serves_the_cache(token_path: Path) -> None:
-    calls: list[int] = []
-
-    def issue() -> dict[str, Any]:
-        calls.append(1)
-        return token_data()
-
-    storage = FileTokenStorage(token_path)
-    assert storage.get_or_issue("key1", "secret1", issue)["access_token"] == TOKEN_A
-    assert storage.get_or_issue("key1", "secret1", issue)["access_token"] == TOKEN_A
-    assert (
-        FileTokenStorage(token_path).get_or_issue("key1", "secret1", issue)["access_token"]
-        == TOKEN_A
-    )
-    assert calls == [1]
-
-
-def test_eight_threads_share_one_issuance(token_path: Path) -> None:
-    calls: list[int] = []
-    entered = threading.Event()
-    release = threading.Event()
-
-    def issue() -> dict[str, Any]:
-        calls.append(1)
-        entered.set()
-        release.wait(10)
-        return token_data()
-
-    storage = FileTokenStorage(token_path)
-    results: list[str] = []
-    barrier = threading.Barrier(8)
-
-    def run() -> None:
-        barrier.wait(10)
-        results.append(storage.get_or_issue("key1", "secret1", issue)["access_token"])
-
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for t in threads:
-        t.start()
-    assert entered.wait(10)
-    release.set()
-    for t in threads:
-        t.join(20)
-    assert calls == [1]
-    assert results == [TOKEN_A] * 8
-
-
 def test_wait_for_a_stuck_holder_ends_in_storage_error(token_path: Path) -> None:
     waiter = FileTokenStorage(token_path, wait_timeout=0.3)
-    with HeldIssuance(FileTokenStorage(token_path), token_data):
+    with HeldIssuance(FileTokenStorage(token_path), make_token):
         started = time.monotonic()
         with pytest.raises(TokenStorageError, match="timed out"):
             waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))

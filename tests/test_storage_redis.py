@@ -4,12 +4,14 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import fakeredis
 import pytest
 import redis
 from conftest import HeldIssuance
+from herd import HERD_APP_KEY, HERD_SECRET, gated_client, run_herd, token_id
 
 from kis_safe_token import (
     LockedRedisTokenStorage,
@@ -19,17 +21,19 @@ from kis_safe_token import (
 )
 from kis_safe_token.storage.factory import create_token_storage
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.herd import HERD_APP_KEY, HERD_SECRET, gated_client, run_herd, token_id
 from kis_safe_token.testing.redis_server import RedisServer, free_port
 from kis_safe_token.token import Token
 
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + "r" * 120
 
 
-def token_data(
-    api_key: str = "key1", secret: str = "secret1", token: str = TOKEN, expires_in: float = 86_400
-) -> dict[str, Any]:
-    return Token(token, time.time() + expires_in).to_token_data(api_key, secret)
+def make_token(token: str = TOKEN) -> Token:
+    return Token(token, time.time() + 86_400)
+
+
+def token_data() -> dict[str, Any]:
+    """A seed ``token_data`` dict for key1/secret1, valid for a day."""
+    return make_token().to_token_data("key1", "secret1")
 
 
 # -- fast unit tests on fakeredis ------------------------------------------------------------
@@ -57,18 +61,9 @@ def test_corrupt_value_is_a_miss_and_gets_replaced() -> None:
     storage = LockedRedisTokenStorage(client=fake)
     fake.set(storage._get_redis_key("key1"), b"\x80\x04garbage")
     assert storage.load_token("key1", "secret1") is None
-    got = storage.get_or_issue("key1", "secret1", lambda: token_data())
-    assert got["access_token"] == TOKEN
+    got = storage.get_or_issue("key1", "secret1", make_token)
+    assert got.access_token == TOKEN
     assert storage.load_token("key1", "secret1")["access_token"] == TOKEN
-
-
-def test_invalidate_deletes_only_the_token_that_failed() -> None:
-    storage = RedisTokenStorage(client=fakeredis.FakeRedis())
-    storage.save_token(token_data(token="new-" + "n" * 40))
-    assert not storage.invalidate_token("key1", "secret1", "old-" + "o" * 40)
-    assert storage.load_token("key1", "secret1") is not None
-    assert storage.invalidate_token("key1", "secret1", "new-" + "n" * 40)
-    assert storage.load_token("key1", "secret1") is None
 
 
 def test_password_goes_in_as_a_keyword_not_into_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,7 +139,7 @@ def test_warm_load_is_one_redis_command(redis_url: str, key_prefix: str) -> None
 
 def test_redis_holds_neither_token_nor_secret_in_clear(redis_url: str, key_prefix: str) -> None:
     storage = locked(redis_url, key_prefix)
-    storage.get_or_issue("key1", "secret1", lambda: token_data())
+    storage.get_or_issue("key1", "secret1", make_token)
     raw = redis.from_url(redis_url)
     keys = list(raw.scan_iter(f"{key_prefix}*"))
     assert keys
@@ -168,23 +163,53 @@ def test_password_with_odd_characters_works_on_a_real_server() -> None:
         )
 
 
+def gated_issue(inside: threading.Event, go: threading.Event) -> Callable[[], Token]:
+    """An issue function that says when it is called, then waits for ``go``."""
+
+    def issue() -> Token:
+        inside.set()
+        go.wait(10)
+        return make_token()
+
+    return issue
+
+
 def test_expired_holder_never_frees_its_successors_lock(redis_url: str, key_prefix: str) -> None:
+    # A's 0.2 s lock expires while A is inside a slow issue; B takes the lock. A then saves and
+    # releases late: B's lock must be neither deleted nor shortened.
     a = locked(redis_url, key_prefix, lock_ttl=0.2)
     b = locked(redis_url, key_prefix, lock_ttl=30)
-    deadline = time.monotonic() + 10
-    held_a = a._acquire("key1", "secret1", deadline)
-    lock_key = held_a.lock_key
     raw = redis.from_url(redis_url)
-    while raw.exists(lock_key) and time.monotonic() < deadline:  # bounded wait for A's expiry
-        time.sleep(0.01)
-    held_b = b._acquire("key1", "secret1", deadline)
-    assert held_b.owner != held_a.owner
-    a._release(held_a)  # A comes back late: must not delete B's lock
-    assert raw.get(lock_key).decode() == held_b.owner
-    a._extend(held_a)  # nor extend it
-    assert raw.pttl(lock_key) > 20_000
-    b._release(held_b)
-    assert not raw.exists(lock_key)
+    lock_key = a._get_redis_key("key1") + ":lock"  # the seed's key name, plus the lock's suffix
+    a_inside, a_go, b_inside, b_go = (threading.Event() for _ in range(4))
+    ta = threading.Thread(
+        target=a.get_or_issue, args=("key1", "secret1", gated_issue(a_inside, a_go))
+    )
+    tb = threading.Thread(
+        target=b.get_or_issue, args=("key1", "secret1", gated_issue(b_inside, b_go))
+    )
+    try:
+        ta.start()
+        assert a_inside.wait(10)
+        deadline = time.monotonic() + 10
+        while raw.exists(lock_key) and time.monotonic() < deadline:  # bounded wait: A's expiry
+            time.sleep(0.01)
+        tb.start()
+        assert b_inside.wait(10), "B did not take the expired lock"
+        b_owner = raw.get(lock_key)
+        assert b_owner is not None
+        a_go.set()
+        ta.join(10)
+        assert not ta.is_alive()
+        assert raw.get(lock_key) == b_owner  # A's late release left B's lock alone
+        assert raw.pttl(lock_key) > 20_000  # and A's extend did not shorten it
+    finally:
+        a_go.set()
+        b_go.set()
+        for t in (ta, tb):
+            if t.ident is not None:  # started
+                t.join(10)
+    assert not raw.exists(lock_key)  # B released its own lock
 
 
 def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: str) -> None:
@@ -195,7 +220,7 @@ def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: 
         waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
         got.append(time.monotonic())
 
-    with HeldIssuance(locked(redis_url, key_prefix), token_data) as held:
+    with HeldIssuance(locked(redis_url, key_prefix), make_token) as held:
         w = threading.Thread(target=wait)
         w.start()
         time.sleep(0.2)  # let the waiter block in BLPOP (not needed for correctness)
@@ -210,12 +235,12 @@ def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefi
     calls: list[float] = []
     entered = threading.Event()
 
-    def rate_limited_once() -> dict[str, Any]:
+    def rate_limited_once() -> Token:
         calls.append(time.monotonic())
         entered.set()
         if len(calls) == 1:
             raise TokenIssueError("EGW00133", code="EGW00133", retry_after_s=3.0)
-        return token_data()
+        return make_token()
 
     holder = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=5.0)
     waiter = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=1.5, poll_interval_s=0.1)
@@ -243,19 +268,17 @@ def test_nothing_listening_is_a_storage_error_within_bounded_time() -> None:
 def test_server_restart_mid_run_is_an_error_then_recovery() -> None:
     with RedisServer() as server:
         storage = LockedRedisTokenStorage(server.url, key_prefix="restart")
-        assert (
-            storage.get_or_issue("key1", "secret1", lambda: token_data())["access_token"] == TOKEN
-        )
+        assert storage.get_or_issue("key1", "secret1", make_token).access_token == TOKEN
         server.stop()
         started = time.monotonic()
         with pytest.raises(TokenStorageError):
-            storage.get_or_issue("key1", "secret1", lambda: token_data())
+            storage.get_or_issue("key1", "secret1", make_token)
         assert time.monotonic() - started < 5
         server.start()
         # The server came back empty (no persistence): one new issuance, then served warm.
         calls: list[int] = []
-        got = storage.get_or_issue("key1", "secret1", lambda: calls.append(1) or token_data())
-        assert got["access_token"] == TOKEN and calls == [1]
+        got = storage.get_or_issue("key1", "secret1", lambda: calls.append(1) or make_token())
+        assert got.access_token == TOKEN and calls == [1]
 
 
 def _forked_get(storage: LockedRedisTokenStorage, barrier: Any, out: Any) -> None:

@@ -183,6 +183,7 @@ class TokenStorage(ABC):
                 token = self._issue_recording(lock, api_key, api_secret, issue)
                 lock.extend()
                 self._write(api_key, api_secret, token)
+                _local_failures.pop(_failure_key(api_key, api_secret), None)
                 fault_point("storage.after_save")
             return token
         finally:
@@ -261,10 +262,9 @@ class TokenStorage(ABC):
         return Token.from_token_data(data) if data else None
 
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
-        """Save ``token`` and clear any failure record: a success ends an outage's hold."""
+        """Save ``token`` and clear the store's failure record: a success ends an outage's hold."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
-        _local_failures.pop(_failure_key(api_key, api_secret), None)
 
     def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         """The failure record in the store (the default store has none: see ``_write_failure``)."""
@@ -376,6 +376,12 @@ class SealedTokenStorage(TokenStorage):
             self._sealer(api_key, api_secret)
         except (KeyError, TypeError, ValueError) as exc:
             logger.error("save_token: token_data rejected: %s", _key_error_text(exc))
+            return False
+        if not token.is_valid(self.clock()):
+            # Not a store failure: this host's clock (or the caller) says the token is dead.
+            logger.error(
+                "save_token: token_data rejected: the token has expired (is the clock right?)"
+            )
             return False
         try:
             self._write(api_key, api_secret, token)
