@@ -9,6 +9,7 @@ called in the child, before any of its code runs (``os.register_at_fork``).
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from typing import Protocol
@@ -30,7 +31,10 @@ def renew_after_fork(obj: _Renewable) -> None:
 
 def _renew_all() -> None:
     for obj in list(_objects):
-        obj._after_fork()
+        try:
+            obj._after_fork()
+        except Exception:  # noqa: BLE001 - one object's failure must not leave the rest stale
+            logging.getLogger("kis_safe_token").exception("renewing %s after fork failed", obj)
 
 
 if hasattr(os, "register_at_fork"):

@@ -72,7 +72,7 @@ def json_or_none(resp: requests.Response) -> dict[str, Any] | None:
     """The JSON object of ``resp``, or ``None`` if the body is not one (a gateway's HTML page)."""
     try:
         payload = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past the stack
         return None
     return payload if isinstance(payload, dict) else None
 

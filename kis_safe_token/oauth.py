@@ -28,6 +28,12 @@ CLOCK_TOLERANCE_S = 5.0
 difference from this host's clock says nothing about the clock."""
 
 
+def _NO_AUTH(request: requests.PreparedRequest) -> requests.PreparedRequest:  # noqa: N802
+    """The OAuth calls carry no token: never the session's own ``auth``, which may be a
+    :class:`~kis_safe_token.KisAuth` waiting for the very token being issued (a deadlock)."""
+    return request
+
+
 def issue_token(
     session: requests.Session,
     base_url: str,
@@ -48,7 +54,7 @@ def issue_token(
     """
     body = {"grant_type": "client_credentials", "appkey": api_key, "appsecret": api_secret}
     try:
-        resp = session.post(f"{base_url}{TOKEN_PATH}", json=body, timeout=timeout)
+        resp = session.post(f"{base_url}{TOKEN_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
         raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
     payload = json_or_none(resp)
@@ -76,7 +82,7 @@ def revoke_token(
     """Revoke ``access_token`` at KIS (``POST /oauth2/revokeP``); :class:`KisApiError` if not."""
     body = {"appkey": api_key, "appsecret": api_secret, "token": access_token}
     try:
-        resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout)
+        resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
         raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
     payload = json_or_none(resp)

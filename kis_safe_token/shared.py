@@ -17,6 +17,7 @@ import requests
 
 from ._faults import fault_point
 from ._fork import renew_after_fork
+from .errors import TokenStorageError
 from .keyring_secrets import resolve_api_secret
 from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
 from .oauth import Timeout, issue_token, revoke_token
@@ -113,8 +114,9 @@ class SharedToken:
     @property
     def token(self) -> Token:
         """The current :class:`Token` (refreshed through the store when near expiry)."""
+        fresh_until = self._fresh_until  # read before the token: a refresh sets it after
         token = self._token
-        if token is not None and self._clock() < self._fresh_until:
+        if token is not None and self._clock() < fresh_until:
             return token
         return self._refresh()
 
@@ -196,13 +198,22 @@ class SharedToken:
                 self._token = None
 
     def _refresh(self) -> Token:
-        with self._lock:
+        # Bounded like the store's own wait: threads queued behind a refresh that times out
+        # must not each wait a full wait_timeout in turn.
+        if not self._lock.acquire(timeout=self.token_storage.wait_timeout):
+            raise TokenStorageError(
+                f"timed out after {self.token_storage.wait_timeout:.1f} s waiting for another "
+                "thread's refresh"
+            )
+        try:
             token = self._token
             if token is not None and self._clock() < self._fresh_until:
                 return token  # another thread refreshed while this one waited for the lock
             return self._set(
                 self.token_storage.get_or_issue(self.api_key, self.api_secret, self._issue)
             )
+        finally:
+            self._lock.release()
 
     def _issue(self) -> Token:
         """Ask KIS for a token (called by the store, holding the issuance lock)."""

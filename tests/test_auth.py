@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,26 @@ def test_a_token_rejected_again_is_resent_only_once(
     assert answer.status_code == 500 and answer.json()["msg_cd"] == "EGW00123"
     assert len(answer.history) == 1
     assert sim.counts["price_requests"] == 2 and sim.issued == 2
+
+
+def test_one_session_for_the_oauth_calls_and_the_auth_does_not_deadlock(
+    sim: KisSimulator, token_path: Path
+) -> None:
+    """The session's own auth must not apply to tokenP: it would wait for the token it issues."""
+    session = requests.Session()
+    shared = SharedToken(
+        APP_KEY, SECRET, FileTokenStorage(token_path), base_url=sim.base_url, session=session
+    )
+    session.auth = KisAuth.from_shared(shared)
+    done: list[int] = []
+    worker = threading.Thread(
+        target=lambda: done.append(get_price(session, sim.base_url).status_code)
+    )
+    worker.daemon = True  # if it deadlocks, the test fails instead of hanging the run
+    worker.start()
+    worker.join(20)
+    assert done == [200]
+    assert sim.issued == 1
 
 
 def test_kis_auth_and_a_client_in_one_process_share_one_token(

@@ -376,3 +376,8 @@ def test_any_request_arguments_are_an_answer_or_a_library_error(tmp_path: Path) 
             assert isinstance(answer, dict)
 
         call()
+
+
+def test_a_token_answer_nested_past_the_stack_is_a_token_issue_error(tmp_path: Path) -> None:
+    with pytest.raises(TokenIssueError):
+        build(str(tmp_path), canned_session((200, b"[" * 200_000)))

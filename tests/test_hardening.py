@@ -25,9 +25,11 @@ from kis_safe_token import (
     KoreaInvestment,
     LockedRedisTokenStorage,
     TokenIssueError,
+    TokenStorageError,
 )
 from kis_safe_token._faults import arm_fault
 from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.redis_server import free_port
 from kis_safe_token.token import Token
 
 BACKENDS = ["file", "redis"]
@@ -41,6 +43,10 @@ def storage_spec(backend: str, tmp_path: Path, redis_url: str, key_prefix: str) 
 
 def make_token(token: str = "tok-" + "h" * 60, expires_in: float = 86_400) -> Token:
     return Token(token, time.time() + expires_in)
+
+
+def must_not_issue() -> Token:
+    raise AssertionError("this caller must not issue")
 
 
 def token_data(token: str = "tok-" + "h" * 60, expires_in: float = 86_400) -> dict[str, Any]:
@@ -246,6 +252,55 @@ def test_a_flooded_wake_up_list_does_not_make_waiters_spin(redis_url: str, key_p
 
 def _commands(admin: redis.Redis) -> int:
     return sum(int(v["calls"]) for v in admin.info("commandstats").values())
+
+
+def test_a_waiter_with_a_shorter_lock_ttl_leaves_a_live_holders_lock_alone(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Fleets mix lock_ttl values: a 1 s waiter must not cut a 5 s holder that is mid-issue."""
+    holder = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix, lock_ttl=5.0)
+    waiter = LockedRedisTokenStorage(
+        redis_url, key_prefix=key_prefix, lock_ttl=1.0, wait_timeout=10, poll_interval_s=0.1
+    )
+    token = make_token()
+    with HeldIssuance(holder, lambda: token) as held:
+        got: list[Token] = []
+        t = threading.Thread(
+            target=lambda: got.append(waiter.get_or_issue("key1", "secret1", must_not_issue))
+        )
+        t.start()
+        time.sleep(2.5)  # the holder stays in KIS's call for longer than the waiter's lock_ttl
+        held.finish()
+        t.join(10)
+    assert got == [token]
+
+
+def test_a_holder_keeps_the_token_kis_gave_it_when_the_save_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = FileTokenStorage(tmp_path / "tokens.json")
+
+    def disk_full(*args: object) -> None:
+        raise TokenStorageError("cannot write token file: No space left on device")
+
+    monkeypatch.setattr(storage, "_write", disk_full)
+    token = make_token()
+    assert storage.get_or_issue("key1", "secret1", lambda: token) == token
+
+
+def test_a_password_in_the_url_query_never_reaches_a_repr_or_an_error() -> None:
+    storage = LockedRedisTokenStorage(
+        f"redis://127.0.0.1:{free_port()}/0?password=hunter2secret", key_prefix="q"
+    )
+    assert "hunter2secret" not in repr(storage)
+    with pytest.raises(TokenStorageError) as info:
+        storage.get_or_issue("key1", "secret1", must_not_issue)
+    assert "hunter2secret" not in str(info.value)
+
+
+def test_a_poll_interval_the_socket_timeout_would_cut_short_is_refused() -> None:
+    with pytest.raises(ValueError, match="poll_interval_s"):
+        LockedRedisTokenStorage("redis://127.0.0.1:9/0", socket_timeout_s=0.2)
 
 
 # -- 4. a host whose clock is far off ---------------------------------------------------------

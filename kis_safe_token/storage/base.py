@@ -181,13 +181,22 @@ class TokenStorage(ABC):
             token = self._read(api_key, api_secret, fresh=True)
             if token is None or not self._usable(token):
                 token = self._issue_recording(lock, api_key, api_secret, issue)
-                lock.extend()
-                self._write(api_key, api_secret, token)
                 _local_failures.pop(_failure_key(api_key, api_secret), None)
-                fault_point("storage.after_save")
+                self._save_issued(lock, api_key, api_secret, token)
             return token
         finally:
             lock.release()
+
+    def _save_issued(self, lock: IssuanceLock, api_key: str, api_secret: str, token: Token) -> None:
+        """Save what KIS just issued. A store that fails now costs the others a wait, but the
+        holder keeps its token: KIS would refuse another within the minute."""
+        try:
+            lock.extend()
+            self._write(api_key, api_secret, token)
+        except TokenStorageError as exc:
+            logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
+            return
+        fault_point("storage.after_save")
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         """Delete the stored token only if it is still ``access_token`` (compare-and-delete).

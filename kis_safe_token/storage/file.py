@@ -231,7 +231,9 @@ class FileTokenStorage(SealedTokenStorage):
         self._update(lambda entries: entries.pop(key_id(api_key), None) is not None)
 
     def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
-        stored = self._read(api_key, api_secret)
+        # A fresh read: the warm cache keys on (mtime, size, inode), which a quick replace on a
+        # filesystem with coarse timestamps can repeat; invalidation is rare, so it pays.
+        stored = self._read(api_key, api_secret, fresh=True)
         if stored is None or stored.access_token != access_token:
             return False  # already replaced: N workers seeing one failure lock the file once
 
@@ -262,6 +264,8 @@ class FileTokenStorage(SealedTokenStorage):
             changed = change(entries)
             if changed:
                 self._replace(entries)
+                self._doc = None  # our own write: read it back rather than trust a signature
+                self._opened.clear()
             return changed
         finally:
             lock.release()

@@ -61,6 +61,8 @@ WAKE_FANOUT = 64
 WAKE_TTL_MS = 10_000
 
 MIN_LOCK_TTL_S = 0.1
+MAX_LOCK_TTL_S = 3600.0
+MAX_LOCK_TTL_MS = int(MAX_LOCK_TTL_S * 1000)
 
 _ERRORS: tuple[type[BaseException], ...] = (OSError,)
 if redis is not None:
@@ -90,6 +92,15 @@ def validate_redis_url(url: str, source: str = "redis_url") -> str:
     if parts.scheme != "unix" and db and not db.isdigit():
         raise ValueError(f"{source} has database {db[:20]!r}, not a number; expected {allowed}")
     return url.strip()
+
+
+def _display_url(url: str) -> str:
+    """``url`` without what may hold a password (user info, query string, fragment)."""
+    parts = urlsplit(url.strip())
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def _text(value: Any) -> str | None:
@@ -130,9 +141,11 @@ class RedisTokenStorage(SealedTokenStorage):
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=3600.0)
+        self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=MAX_LOCK_TTL_S)
+        # A BLPOP waits up to 1.5 x poll_interval_s (jitter): it must end before the socket
+        # timeout, or every wait would fail as a dead connection.
         self.poll_interval_s = check_seconds(
-            "poll_interval_s", poll_interval_s, high=SOCKET_TIMEOUT_S / 2
+            "poll_interval_s", poll_interval_s, high=min(SOCKET_TIMEOUT_S, socket_timeout_s) / 2
         )
         super().__init__(
             encryption_keys=encryption_keys,
@@ -158,7 +171,7 @@ class RedisTokenStorage(SealedTokenStorage):
                 options["password"] = password
             self._connect: Callable[[], Any] | None = partial(redis.from_url, redis_url, **options)
             client = self._connect()
-            self._where = redis_url.split("@")[-1] if "@" in redis_url else redis_url
+            self._where = _display_url(redis_url)
         else:
             self._connect = None
             self._where = type(client).__name__
@@ -272,7 +285,8 @@ return 0
 """
 
 ACQUIRE_LUA = """
--- KEYS[1] lock, KEYS[2] token, KEYS[3] failure record; ARGV[1] owner id, ARGV[2] lock_ttl in ms.
+-- KEYS[1] lock, KEYS[2] token, KEYS[3] failure record; ARGV[1] owner id, ARGV[2] lock_ttl in ms,
+-- ARGV[3] the longest lock_ttl in ms this library allows.
 -- Returns {acquired (1/0), holder or false, sealed token or false, sealed failure or false}:
 -- one round trip tries the lock and tells a waiter what it needs to decide its next step.
 local ttl = tonumber(ARGV[2])
@@ -285,10 +299,14 @@ if holder == ARGV[1] then
   -- Our own SET went through but its reply was lost (a retried command): we hold it.
   return {1, holder, false, false}
 end
+-- A holder of this library ends its owner id with its own lock_ttl in ms (capped by ARGV[3]):
+-- a lock with no expiry, or one longer than its holder declared (a stray SET, a RESTORE with
+-- TTL 0, a forged value), is bounded to our lock_ttl so it cannot block the fleet for ever,
+-- while a live holder configured with a longer lock_ttl than ours is left alone.
+local declared = tonumber(string.match(holder, ':(%d+)$'))
+if declared == nil or declared > tonumber(ARGV[3]) then declared = ttl end
 local left = redis.call('pttl', KEYS[1])
-if left == -1 or left > ttl then
-  -- A lock with no expiry, or one longer than ours, was not set by a holder of this library
-  -- (a stray SET, a RESTORE with TTL 0): bound it, so it cannot block the fleet for ever.
+if left == -1 or left > declared then
   redis.call('pexpire', KEYS[1], ttl)
 end
 return {0, holder, redis.call('get', KEYS[2]) or false, redis.call('get', KEYS[3]) or false}
@@ -328,7 +346,8 @@ class RedisIssuanceLock(IssuanceLock):
     The attempt is a Lua script that also reads the token and the failure record (one round
     trip). Release and extend are Lua compare-and-set on the owner id, unique per acquisition
     (so threads and forked children never share one). A lock found without an expiry, or with
-    one beyond ``lock_ttl``, was not set by this library and is cut to ``lock_ttl``. Waiters
+    one beyond the ``lock_ttl`` its holder declared in its owner id, was not set by a live holder
+    of this library and is cut to ``lock_ttl``. Waiters
     block in ``BLPOP`` on the holder's wake-up list, which the holder fills the moment the token
     is saved (each waiter passes one wake-up on, so any number wake within milliseconds); the
     ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is only the fallback that notices a
@@ -341,8 +360,9 @@ class RedisIssuanceLock(IssuanceLock):
         self._token_key = storage._get_redis_key(api_key)
         self._lock_key = f"{self._token_key}:lock"
         self._failure_key = f"{self._token_key}:failure"
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         self._ttl_ms = math.ceil(storage.lock_ttl * 1000)
+        host = socket.gethostname()
+        self._owner = f"{host}:{os.getpid()}:{uuid.uuid4().hex}:{self._ttl_ms}"
 
     def _wake_key(self, owner: str | None) -> str:
         return f"{self._lock_key}:wake:{owner}"
@@ -363,7 +383,7 @@ class RedisIssuanceLock(IssuanceLock):
         client = storage.redis_client
         script = storage._script(ACQUIRE_LUA)
         keys = [self._lock_key, self._token_key, self._failure_key]
-        args = [self._owner, self._ttl_ms]
+        args = [self._owner, self._ttl_ms, MAX_LOCK_TTL_MS]
         spurious: str | None = None  # a wake-up list that woke us without a token
         while True:
             acquired, holder, raw, raw_failure = storage._call(
@@ -391,9 +411,10 @@ class RedisIssuanceLock(IssuanceLock):
                 # instead of racing the other waiters for the (now free) lock first.
                 pipe = client.pipeline(transaction=False)
                 pipe.lpush(wake_key, "1")
+                pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
                 pipe.get(self._token_key)
                 pipe.get(self._failure_key)
-                _, raw, raw_failure = storage._call("GET", pipe.execute)
+                _, _, raw, raw_failure = storage._call("GET", pipe.execute)
                 seen = self._seen(raw, raw_failure)
                 if seen is not None:
                     return seen
