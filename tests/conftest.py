@@ -36,6 +36,17 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _no_failures_of_earlier_tests() -> Iterator[None]:
+    """This process's failure memo (a host's clock error is host-wide by design) starts empty:
+    a test that played a far-off clock must not fail the next test of the same worker."""
+    from kis_safe_token.storage import base
+
+    base._local_failures.clear()
+    yield
+    base._local_failures.clear()
+
+
 @pytest.fixture
 def sim() -> Iterator[KisSimulator]:
     apps = {APP_KEY: SECRET, HERD_APP_KEY: HERD_SECRET}

@@ -255,6 +255,8 @@ class KisSimulator:
                 }
         if headers.get("tr_id") != PRICE_TR_ID:
             return 500, {"rt_cd": "1", "msg_cd": WRONG_TR_ID, "msg1": "tr_id 가 올바르지 않습니다."}
+        # KIS reads query keys whatever their case (mojito2 sends them in lower case).
+        query = {key.upper(): values for key, values in query.items()}
         symbol = (query.get("FID_INPUT_ISCD") or [""])[0]
         if len(symbol) != 6 or not symbol.isalnum():
             return 200, {
@@ -264,17 +266,39 @@ class KisSimulator:
             }
         price = 1_000 + int(hashlib.sha256(symbol.encode()).hexdigest()[:6], 16) % 99_000
         return 200, {
-            "output": {
-                "stck_shrn_iscd": symbol,
-                "stck_prpr": str(price),
-                "prdy_vrss": "0",
-                "prdy_ctrt": "0.00",
-                "acml_vol": "0",
-            },
+            "output": _quote(symbol, price),
             "rt_cd": "0",
             "msg_cd": "MCA00000",
             "msg1": "정상처리 되었습니다.",
         }
+
+
+def _quote(symbol: str, price: int) -> dict[str, str]:
+    """A flat day's quote with every field the KIS clients people run parse (python-kis reads
+    the day's range, limits and warnings strictly; kis-trader the open/high/low/base)."""
+    return {
+        "stck_shrn_iscd": symbol,
+        "stck_prpr": str(price),
+        "prdy_vrss": "0",
+        "prdy_vrss_sign": "3",
+        "prdy_ctrt": "0.00",
+        "acml_vol": "0",
+        "acml_tr_pbmn": "0",
+        "prdy_vrss_vol_rate": "0.00",
+        "stck_oprc": str(price),
+        "stck_hgpr": str(price),
+        "stck_lwpr": str(price),
+        "stck_sdpr": str(price),
+        "stck_mxpr": str(price * 13 // 10),
+        "stck_llam": str(price * 7 // 10),
+        "w52_hgpr": str(price),
+        "w52_lwpr": str(price),
+        "hts_avls": "0",
+        "aspr_unit": "1",
+        "temp_stop_yn": "N",
+        "short_over_yn": "N",
+        "mrkt_warn_cls_code": "00",
+    }
 
 
 class _Server(ThreadingHTTPServer):
