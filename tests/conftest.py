@@ -4,6 +4,8 @@ cache folder, an in-memory keyring. Every test gets its own paths, key prefix an
 from __future__ import annotations
 
 import os
+import select
+import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -148,3 +150,34 @@ class HeldIssuance:
 
     def __exit__(self, *exc: object) -> None:
         self.finish()
+
+
+def report_from_forked_child(
+    child: Callable[[], str], then: Callable[[], None], timeout: float = 20.0
+) -> str:
+    """Fork; the child runs ``child`` and reports its string (or its exception) through a pipe
+    and exits; the parent runs ``then`` (say, lets a hung KIS answer) and returns the report,
+    or ``"hung"`` if none came within ``timeout`` (the child is then killed)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave, whatever happens
+        os.close(read_end)
+        try:
+            message = child()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    message = "hung"
+    try:
+        then()
+        ready, _, _ = select.select([read_end], [], [], timeout)
+        if ready:
+            message = os.read(read_end, 8192).decode()
+    finally:
+        os.close(read_end)
+        if message == "hung":
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return message

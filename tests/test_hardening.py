@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
-import select
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import HeldIssuance
+from conftest import HeldIssuance, report_from_forked_child
 from herd import HERD_APP_KEY, HERD_SECRET, build_storage, gated_client, token_id
 
 from kis_safe_token import (
@@ -173,25 +171,14 @@ def test_child_forked_mid_refresh_gets_a_token_instead_of_hanging(
         refresher = threading.Thread(target=broker.issue_access_token, kwargs={"force": True})
         refresher.start()
         assert sim.wait_for(lambda s: s.counts["issue_requests"] == 2, timeout=10)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave, whatever happens
-            os.close(read_end)
-            try:
-                message = "ok " + token_id(broker.access_token)
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                message = f"{type(exc).__name__}: {exc}"
-            os.write(write_end, message.encode())
-            os._exit(0)
-        os.close(write_end)
-        sim.issue_gate.set()
-        refresher.join(20)
-        ready, _, _ = select.select([read_end], [], [], 20)
-        message = os.read(read_end, 4096).decode() if ready else "hung"
-        os.close(read_end)
-        if not ready:
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
+
+        def release_kis() -> None:
+            sim.issue_gate.set()
+            refresher.join(20)
+
+        message = report_from_forked_child(
+            lambda: "ok " + token_id(broker.access_token), then=release_kis
+        )
         parent_token = token_id(broker.access_token)
     assert message == f"ok {parent_token}"
     assert sim.issued == 2  # the parent's refresh; the child reused it

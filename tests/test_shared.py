@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import select
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import APP_KEY, SECRET
+from conftest import APP_KEY, SECRET, report_from_forked_child
 
 from kis_safe_token import FileTokenStorage, KoreaInvestment, SharedToken
 from kis_safe_token.testing import KisSimulator
@@ -127,25 +125,15 @@ def test_child_forked_mid_refresh_gets_its_own_lock_and_session(token_path: Path
         refresher.start()
         assert sim.wait_for(lambda s: s.counts["issue_requests"] == 2, timeout=10)
         parent_session = id(holder.session)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report and leave, whatever happens
-            os.close(read_end)
-            try:
-                own = "new-session" if id(holder.session) != parent_session else "same-session"
-                message = f"{own} {token_id(holder.bearer)}"
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
-                message = f"{type(exc).__name__}: {exc}"
-            os.write(write_end, message.encode())
-            os._exit(0)
-        os.close(write_end)
-        sim.issue_gate.set()
-        refresher.join(20)
-        ready, _, _ = select.select([read_end], [], [], 20)
-        message = os.read(read_end, 8192).decode() if ready else "hung"
-        os.close(read_end)
-        if not ready:
-            os.kill(pid, 9)
-        os.waitpid(pid, 0)
+
+        def child() -> str:
+            own = "new-session" if id(holder.session) != parent_session else "same-session"
+            return f"{own} {token_id(holder.bearer)}"
+
+        def release_kis() -> None:
+            sim.issue_gate.set()
+            refresher.join(20)
+
+        message = report_from_forked_child(child, then=release_kis)
         assert message == f"new-session {token_id(holder.bearer)}"
         assert sim.issued == 2  # the parent's refresh; the child reused it
