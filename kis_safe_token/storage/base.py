@@ -18,7 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeGuard
 
 from .._faults import fault_point
 from ..crypto import Sealer, fingerprint
@@ -169,7 +169,7 @@ class TokenStorage(ABC):
         ``wait_timeout``, and :class:`TokenIssueError` if KIS refuses.
         """
         token = self._read(api_key, api_secret)
-        if token is not None and self._usable(token):
+        if self._usable(token):
             return token
         lock = self._issuance_lock(api_key, api_secret)
         got = lock.acquire(time.monotonic() + self.wait_timeout)
@@ -179,7 +179,7 @@ class TokenStorage(ABC):
             raise got.error(self.clock())
         try:
             token = self._read(api_key, api_secret, fresh=True)
-            if token is None or not self._usable(token):
+            if not self._usable(token):
                 token = self._issue_recording(lock, api_key, api_secret, issue)
                 _local_failures.pop(_failure_key(api_key, api_secret), None)
                 self._save_issued(lock, api_key, api_secret, token)
@@ -258,11 +258,11 @@ class TokenStorage(ABC):
             lock.extend()
             token = self._read(api_key, api_secret, fresh=True)
             if self._usable(token):
-                assert token is not None
                 return token
         return _issued(issue)
 
-    def _usable(self, token: Token | None) -> bool:
+    def _usable(self, token: Token | None) -> TypeGuard[Token]:
+        """Whether ``token`` is there and good beyond the refresh margin."""
         return token is not None and token.is_valid(self.clock(), self.refresh_margin_s)
 
     # -- primitives; the defaults build on the seed methods and an in-process lock -------------
@@ -271,7 +271,8 @@ class TokenStorage(ABC):
         return Token.from_token_data(data) if data else None
 
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
-        """Save ``token`` and clear the store's failure record: a success ends an outage's hold."""
+        """Save ``token`` through the seed's ``save_token`` (stores with a failure record clear it
+        here too: a success ends an outage's hold)."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
 

@@ -341,7 +341,7 @@ class FileIssuanceLock(IssuanceLock):
                 except OSError as exc:
                     raise TokenStorageError(f"cannot lock {storage.lock_file}: {exc}") from exc
             token = storage._read(self._api_key, self._api_secret)
-            if token is not None and storage._usable(token):
+            if storage._usable(token):
                 return token
             failure = storage._read_failure(self._api_key, self._api_secret)
             if failure is not None and failure.active(storage.clock()):

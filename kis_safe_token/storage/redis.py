@@ -371,7 +371,7 @@ class RedisIssuanceLock(IssuanceLock):
         """A usable token or an active failure among what a round trip read, if any."""
         storage = self._storage
         token = self._sealer.open(raw)
-        if token is not None and storage._usable(token):
+        if storage._usable(token):
             return token
         failure = self._sealer.open_failure(raw_failure)
         if failure is not None and failure.active(storage.clock()):
