@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 from herd import build_storage, token_id
@@ -57,6 +58,7 @@ __all__ = [
     "ScenarioClient",
     "ScenarioContext",
     "UpstreamHerdResult",
+    "require_client",
     "run_upstream_herd",
     "upstream_simulator",
 ]
@@ -65,6 +67,19 @@ UPSTREAM_APP_KEY = "PSupstreamHerdKey".ljust(36, "0")
 UPSTREAM_SECRET = "upstream-herd-secret-".ljust(180, "u")
 UPSTREAM_ACCOUNT = "50000000-01"
 SYMBOL = "005930"
+
+
+def require_client(module: str) -> ModuleType:
+    """Import a third-party client for a test module: skipped if it is missing, except in CI
+    (``CI=true``), where ``[dev]`` installs all four and a missing one must fail."""
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            raise
+        pytest.skip(f"{module} is not installed ({exc})", allow_module_level=True)
 
 
 def upstream_simulator(**kwargs: Any) -> KisSimulator:
