@@ -34,7 +34,7 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
 - With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``): pass
   ``rate_limiter=`` to the transport as you would to kis-trader's.
 
-Depends on kis-trader 0.12.2 (``KIS_TRADER_VERSION``; ``tests/test_integration_kis_trader.py``
+Depends on kis-trader 0.12.2 (``UPSTREAM_VERSION``; ``tests/test_integration_kis_trader.py``
 fails if another version is installed or these move), paths under ``site-packages/kis_trader/``:
 ``_internal/_auth.py:24`` ``TokenPoster``, ``:27-32`` ``_requests_post``, ``:47-70``
 ``TokenManager.__init__`` (keywords), ``:156`` ``access_token()`` and ``:177`` ``revoke()``
@@ -46,7 +46,9 @@ and ``base_url()``; ``transport.py:22`` the environment names.
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -73,14 +75,23 @@ from kis_trader.errors import KISAuthError  # noqa: E402
 
 __all__ = [
     "ENVIRONMENTS",
-    "KIS_TRADER_VERSION",
+    "UPSTREAM_VERSION",
     "RequestsTransport",
     "TokenManager",
     "refreshing_send",
 ]
 
-KIS_TRADER_VERSION = "0.12.2"
+UPSTREAM_VERSION = "0.12.2"
 """The kis-trader release this module was written against (the ``[kis-trader]`` extra pins it)."""
+
+if importlib.metadata.version("kis-trader") != UPSTREAM_VERSION:  # pragma: no cover
+    warnings.warn(
+        f"kis_safe_token.integrations.kis_trader was written for kis-trader {UPSTREAM_VERSION}, "
+        f"not {importlib.metadata.version('kis-trader')}: pin it with "
+        "pip install 'kis-safe-token[kis-trader]'",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 ENVIRONMENTS: dict[str, Literal["real", "paper"]] = {
     "real": "real",

@@ -27,7 +27,7 @@ What changes against upstream, and why:
 - ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
   from the storage, so the fleet does not keep serving a revoked token.
 
-Depends on python-kis 2.1.6 (``PYKIS_VERSION``; ``tests/test_integration_pykis.py`` fails if
+Depends on python-kis 2.1.6 (``UPSTREAM_VERSION``; ``tests/test_integration_pykis.py`` fails if
 another version is installed or these move), paths under ``site-packages/pykis/``:
 
 - ``kis.py:329-345`` ``PyKis.__init__`` (keyword names; ``keep_token``, ``token``,
@@ -44,7 +44,9 @@ another version is installed or these move), paths under ``site-packages/pykis/`
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
+import warnings
 from typing import Any, Literal
 
 import requests
@@ -64,10 +66,19 @@ from pykis.api.auth.token import KisAccessToken, token_issue, token_revoke  # no
 from pykis.client.exceptions import KisHTTPError  # noqa: E402
 from pykis.responses.dynamic import KisObject  # noqa: E402
 
-__all__ = ["PYKIS_VERSION", "PyKis"]
+__all__ = ["UPSTREAM_VERSION", "PyKis"]
 
-PYKIS_VERSION = "2.1.6"
+UPSTREAM_VERSION = "2.1.6"
 """The python-kis release this module was written against (the ``[python-kis]`` extra pins it)."""
+
+if importlib.metadata.version("python-kis") != UPSTREAM_VERSION:  # pragma: no cover
+    warnings.warn(
+        f"kis_safe_token.integrations.pykis was written for python-kis {UPSTREAM_VERSION}, not "
+        f"{importlib.metadata.version('python-kis')}: pin it with "
+        "pip install 'kis-safe-token[python-kis]'",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 Domain = Literal["real", "virtual"]
 DOMAINS: tuple[Domain, ...] = ("real", "virtual")
