@@ -169,6 +169,7 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         virtual_token: Any = None,
         **kwargs: Any,
     ) -> None:
+        self._sessions: dict[Domain, requests.Session] = {}  # pykis's __del__ closes them
         if keep_token:
             raise ValueError(
                 "keep_token is not supported: pykis would write the token in plain JSON under "
@@ -282,10 +283,9 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         shared = self.__dict__.get("_kst_tokens", {}).get(domain)
         if shared is None:
             return  # pykis.__init__ initialising the attribute
+        # Only the token this thread sent: the current one may be the fresh token another thread
+        # got after the same rejection. A thread that sent none has none to drop.
         rejected = getattr(self._kst_served, domain, None)
-        if rejected is None:
-            current = shared.in_memory()
-            rejected = current.access_token if current is not None else None
         if rejected is not None:
             setattr(self._kst_served, domain, None)
             shared.invalidate(rejected)
