@@ -25,7 +25,14 @@ from upstream_herd import (
 )
 
 from kis_safe_token.errors import TokenIssueError
-from kis_safe_token.kis import PRICE_PATH, PRICE_TR_ID, RATE_LIMITED, TOKEN_EXPIRED, TOKEN_PATH
+from kis_safe_token.kis import (
+    PRICE_PATH,
+    PRICE_TR_ID,
+    RATE_LIMITED,
+    TOKEN_EXPIRED,
+    TOKEN_INVALID,
+    TOKEN_PATH,
+)
 from kis_safe_token.storage import FileTokenStorage
 from kis_safe_token.testing import KisSimulator
 
@@ -231,6 +238,23 @@ def test_discard_revokes_and_drops_the_token(usim: KisSimulator, storage: FileTo
     assert kis._token is None
 
 
+def test_a_token_another_process_discarded_is_replaced(
+    monkeypatch: pytest.MonkeyPatch, storage: FileTokenStorage
+) -> None:
+    """discard() in one process revokes the fleet's token; another still holding it meets
+    EGW00121 (pykis raises it) and gets the fleet's next token instead."""
+    with upstream_simulator(issue_window_s=0.0) as sim:
+        monkeypatch.setattr(pykis.kis, "REAL_DOMAIN", sim.base_url)
+        first, second = client(storage), client(storage)
+        price(first), price(second)
+        first.discard()
+        assert price(second) and sim.counts[TOKEN_INVALID] == 1 and sim.issued == 2
+        assert price(first) and sim.issued == 2 and first.token.token == second.token.token
+        token_call = pykis.api.auth.token.token_revoke  # auth=False calls are left alone
+        with pytest.raises(pykis.client.exceptions.KisHTTPError):
+            token_call(second, "not-a-token")
+
+
 # -- issuance through pykis's own path ------------------------------------------------------------
 def test_egw00133_is_sat_out_not_raised(tmp_path: Path, storage: FileTokenStorage) -> None:
     """A token issued outside the storage (another tool, a holder that died after KIS answered)
@@ -346,11 +370,13 @@ def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
         425: "self._sessions = {",
         555: "while True:",
         559: '(self.token if domain == "real" else self.primary_token).build(request_headers)',
+        505: "def request(",
         561: "resp = session.request(",
         563: 'url=urljoin(REAL_DOMAIN if domain == "real" else VIRTUAL_DOMAIN, path),',
         586: 'case "EGW00123":',
         589: "self._token = None",
         591: "self._virtual_token = None",
+        594: "raise KisHTTPError(response=resp)",
         666: "def token(self) -> KisAccessToken:",
         687: "def primary_token(self) -> KisAccessToken:",
         709: 'def discard(self, domain: Literal["real", "virtual"] | None = None) -> None:',

@@ -25,7 +25,9 @@ What changes against upstream, and why:
 - **Virtual trading** (``virtual_appkey``/``virtual_secretkey``) works the same way: the
   virtual app key has its own shared token (``primary_token``).
 - ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
-  from the storage, so the fleet does not keep serving a revoked token.
+  from the storage, so the fleet does not keep serving a revoked token; another process still
+  holding it meets ``EGW00121``, which pykis raises: ``request`` answers it like ``EGW00123``
+  (drops the token this thread sent, and calls once more).
 
 Depends on python-kis 2.1.6 (``UPSTREAM_VERSION``; ``tests/test_integration_pykis.py`` fails if
 another version is installed or these move), paths under ``site-packages/pykis/``:
@@ -36,6 +38,8 @@ another version is installed or these move), paths under ``site-packages/pykis/`
 - ``kis.py:555-593`` the ``request`` loop: ``self.token``/``self.primary_token`` read per attempt
   (``:559``), ``session.request`` without timeout (``:561``), ``EGW00123`` ->
   ``self._token = None`` / ``self._virtual_token = None`` (``:586-591``).
+- ``kis.py:505-517`` ``request``'s keywords (``domain``, ``auth``), ``:593-594`` any other
+  code raised as ``KisHTTPError``.
 - ``kis.py:664-707`` the ``token`` / ``primary_token`` properties (replaced here),
   ``:709-719`` ``discard`` (replaced), ``:47-49`` ``virtual``.
 - ``api/auth/token.py:21-31`` ``KisAccessToken`` fields, ``:72-90`` ``token_issue``,
@@ -52,7 +56,7 @@ from typing import Any, Literal
 import requests
 
 from ..errors import TokenIssueError
-from ..kis import RATE_LIMITED, json_or_none, kis_code, kis_message
+from ..kis import RATE_LIMITED, TOKEN_INVALID, json_or_none, kis_code, kis_message
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
 from ..storage.factory import create_token_storage
@@ -234,6 +238,23 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
     @_virtual_token.setter
     def _virtual_token(self, value: Any) -> None:
         self._kst_dropped("virtual", value)
+
+    def request(self, path: str, **kwargs: Any) -> Any:
+        """pykis's ``request``; an ``EGW00121`` answer (a token KIS does not know, say one that
+        another process revoked with :meth:`discard`) drops the token this thread sent, as pykis
+        does for ``EGW00123``, and the call is made once more (pykis raises it)."""
+        try:
+            return super().request(path, **kwargs)
+        except KisHTTPError as exc:
+            if (
+                not kwargs.get("auth", True)
+                or kis_code(json_or_none(exc.response)) != TOKEN_INVALID
+            ):
+                raise
+            # the token pykis sent (kis.py:559): the real one for "real", else primary_token's
+            domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
+            self._kst_dropped("virtual" if domain != "real" and self.virtual else "real", None)
+        return super().request(path, **kwargs)
 
     def discard(self, domain: Domain | None = None) -> None:
         """Revoke the tokens in memory at KIS (pykis's ``token_revoke``), then drop them from
