@@ -135,10 +135,13 @@ def load_scenario(name: str) -> Scenario:
 @dataclass
 class UpstreamHerdResult:
     """What the herd saw: one row per (process, round), the simulator's counts per round, and
-    the harness's own troubles (a process that died, a round that never finished)."""
+    the harness's own troubles (a process that died, a round that never finished).
+    ``issued``: tokens the simulator issued per round; ``issue_requests``: ``tokenP`` calls it
+    got (issued or refused); ``rate_limited``: its ``EGW00133`` answers."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     issued: list[int] = field(default_factory=list)
+    issue_requests: list[int] = field(default_factory=list)
     rate_limited: list[int] = field(default_factory=list)
     harness_errors: list[str] = field(default_factory=list)
     dirs: list[tuple[Path, Path]] = field(default_factory=list)
@@ -307,11 +310,13 @@ def run_upstream_herd(
             if round_no and between_rounds is not None:
                 between_rounds(round_no)
             issued, limited = (sim.issued, sim.rate_limited) if sim else (0, 0)
+            requests = sim.counts["issue_requests"] if sim else 0
             barrier.wait(120)
             for _ in range(processes):
                 out.rows.append(next_message()[2])
             if sim is not None:
                 out.issued.append(sim.issued - issued)
+                out.issue_requests.append(sim.counts["issue_requests"] - requests)
                 out.rate_limited.append(sim.rate_limited - limited)
     except queue.Empty:
         out.harness_errors.append(f"herd did not finish within {timeout_s:.0f} s")
