@@ -25,6 +25,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
 # The herd harness and the scenarios are the test suite's (forked children share the parent's path).
+# tests/ goes first: its package ``upstream_clients`` must win over this script's own name.
 sys.path[:0] = [str(TESTS)]
 
 from upstream_herd import load_scenario, run_upstream_herd, upstream_simulator  # noqa: E402

@@ -182,6 +182,34 @@ def test_refresh_after_expiry_reuses_a_token_another_broker_got(
     assert first.access_token == second.access_token
 
 
+def test_a_late_refresh_drops_only_the_token_its_thread_sent(
+    usim: KisSimulator, storage: FileTokenStorage
+) -> None:
+    """A thread whose expired answer comes after another thread refreshed drops the token it
+    sent (gone already), not the fresh one, so no second issuance (refused within the minute)."""
+    broker = broker_for(usim, storage)
+    sent, go, results = threading.Event(), threading.Event(), []
+
+    def late() -> None:
+        results.append(broker.access_token)  # this thread builds its header with the first token
+        sent.set()
+        go.wait(10)
+        broker.issue_access_token(force=True)  # upstream's refresh path
+        results.append(broker.access_token)
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    assert sent.wait(10)
+    usim.expire_tokens()
+    assert price_ok(broker.fetch_domestic_price("005930"))  # this thread refreshes first
+    fresh = broker.access_token
+    go.set()
+    thread.join(30)
+    assert results[0] != fresh and results[1] == fresh
+    assert usim.issued == 2 and usim.rate_limited == 0
+    assert storage.load_token(KEY, SECRET)["access_token"] == fresh.removeprefix("Bearer ")
+
+
 def test_threads_sharing_a_broker_refresh_once(
     usim: KisSimulator, storage: FileTokenStorage
 ) -> None:
