@@ -27,7 +27,8 @@ from kis_safe_token.storage import FileTokenStorage
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import Token
 
-korea_investment_stock = require_client("korea_investment_stock")  # [dev] installs it
+# [dev] installs it (on Python >= 3.11, as its own metadata requires)
+korea_investment_stock = require_client("korea_investment_stock", min_python=(3, 11))
 
 from kis_safe_token.integrations import korea_investment_stock as integration  # noqa: E402
 from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment  # noqa: E402

@@ -38,6 +38,7 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -69,11 +70,16 @@ UPSTREAM_ACCOUNT = "50000000-01"
 SYMBOL = "005930"
 
 
-def require_client(module: str) -> ModuleType:
+def require_client(module: str, min_python: tuple[int, int] = (3, 10)) -> ModuleType:
     """Import a third-party client for a test module: skipped if it is missing, except in CI
-    (``CI=true``), where ``[dev]`` installs all four and a missing one must fail."""
+    (``CI=true``), where ``[dev]`` installs all four and a missing one must fail; skipped
+    everywhere on a Python older than ``min_python`` (the extra's marker leaves it out there)."""
     import pytest
 
+    if sys.version_info < min_python:
+        pytest.skip(
+            f"{module} needs Python >= {min_python[0]}.{min_python[1]}", allow_module_level=True
+        )
     try:
         return importlib.import_module(module)
     except ImportError as exc:
