@@ -150,6 +150,7 @@ class UpstreamHerdResult:
     issue_requests: list[int] = field(default_factory=list)
     rate_limited: list[int] = field(default_factory=list)
     harness_errors: list[str] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
     dirs: list[tuple[Path, Path]] = field(default_factory=list)
 
     def round_rows(self, round_no: int | None = None) -> list[dict[str, Any]]:
@@ -169,7 +170,7 @@ class UpstreamHerdResult:
         failed = {
             r["process"] for r in self.round_rows(round_no) if r["error"] and not r["skipped"]
         }
-        return len(failed) + sum("died" in e for e in self.harness_errors)
+        return len(failed | set(self.dead))
 
     def tokens(self, round_no: int | None = None) -> set[str]:
         """Ids of the tokens the processes used."""
@@ -229,7 +230,10 @@ def _child(
     results.put(("ready", index, None))
     client: ScenarioClient | None = None
     for round_no in range(rounds):
-        barrier.wait(120)
+        try:
+            barrier.wait(120)
+        except threading.BrokenBarrierError:  # the parent gave up on the herd
+            return
         row: dict[str, Any] = {
             "process": index,
             "round": round_no,
@@ -300,6 +304,7 @@ def run_upstream_herd(
                     raise
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
+                    out.dead[:] = dead
                     raise ChildProcessError(
                         f"process(es) {dead} died (exit codes {[procs[i].exitcode for i in dead]})"
                     ) from None
@@ -331,6 +336,8 @@ def run_upstream_herd(
     except threading.BrokenBarrierError:
         out.harness_errors.append("the barrier broke (a process died or hung)")
     finally:
+        if out.harness_errors:
+            barrier.abort()  # children waiting for the next round leave now
         for p in procs:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
