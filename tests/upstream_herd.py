@@ -38,6 +38,7 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -69,11 +70,16 @@ UPSTREAM_ACCOUNT = "50000000-01"
 SYMBOL = "005930"
 
 
-def require_client(module: str) -> ModuleType:
+def require_client(module: str, min_python: tuple[int, int] = (3, 10)) -> ModuleType:
     """Import a third-party client for a test module: skipped if it is missing, except in CI
-    (``CI=true``), where ``[dev]`` installs all four and a missing one must fail."""
+    (``CI=true``), where ``[dev]`` installs all four and a missing one must fail; skipped
+    everywhere on a Python older than ``min_python`` (the extra's marker leaves it out there)."""
     import pytest
 
+    if sys.version_info < min_python:
+        pytest.skip(
+            f"{module} needs Python >= {min_python[0]}.{min_python[1]}", allow_module_level=True
+        )
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -135,12 +141,16 @@ def load_scenario(name: str) -> Scenario:
 @dataclass
 class UpstreamHerdResult:
     """What the herd saw: one row per (process, round), the simulator's counts per round, and
-    the harness's own troubles (a process that died, a round that never finished)."""
+    the harness's own troubles (a process that died, a round that never finished).
+    ``issued``: tokens the simulator issued per round; ``issue_requests``: ``tokenP`` calls it
+    got (issued or refused); ``rate_limited``: its ``EGW00133`` answers."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     issued: list[int] = field(default_factory=list)
+    issue_requests: list[int] = field(default_factory=list)
     rate_limited: list[int] = field(default_factory=list)
     harness_errors: list[str] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
     dirs: list[tuple[Path, Path]] = field(default_factory=list)
 
     def round_rows(self, round_no: int | None = None) -> list[dict[str, Any]]:
@@ -160,7 +170,7 @@ class UpstreamHerdResult:
         failed = {
             r["process"] for r in self.round_rows(round_no) if r["error"] and not r["skipped"]
         }
-        return len(failed) + sum("died" in e for e in self.harness_errors)
+        return len(failed | set(self.dead))
 
     def tokens(self, round_no: int | None = None) -> set[str]:
         """Ids of the tokens the processes used."""
@@ -220,7 +230,10 @@ def _child(
     results.put(("ready", index, None))
     client: ScenarioClient | None = None
     for round_no in range(rounds):
-        barrier.wait(120)
+        try:
+            barrier.wait(120)
+        except threading.BrokenBarrierError:  # the parent gave up on the herd
+            return
         row: dict[str, Any] = {
             "process": index,
             "round": round_no,
@@ -291,6 +304,7 @@ def run_upstream_herd(
                     raise
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
+                    out.dead[:] = dead
                     raise ChildProcessError(
                         f"process(es) {dead} died (exit codes {[procs[i].exitcode for i in dead]})"
                     ) from None
@@ -307,11 +321,13 @@ def run_upstream_herd(
             if round_no and between_rounds is not None:
                 between_rounds(round_no)
             issued, limited = (sim.issued, sim.rate_limited) if sim else (0, 0)
+            requests = sim.counts["issue_requests"] if sim else 0
             barrier.wait(120)
             for _ in range(processes):
                 out.rows.append(next_message()[2])
             if sim is not None:
                 out.issued.append(sim.issued - issued)
+                out.issue_requests.append(sim.counts["issue_requests"] - requests)
                 out.rate_limited.append(sim.rate_limited - limited)
     except queue.Empty:
         out.harness_errors.append(f"herd did not finish within {timeout_s:.0f} s")
@@ -320,6 +336,8 @@ def run_upstream_herd(
     except threading.BrokenBarrierError:
         out.harness_errors.append("the barrier broke (a process died or hung)")
     finally:
+        if out.harness_errors:
+            barrier.abort()  # children waiting for the next round leave now
         for p in procs:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
