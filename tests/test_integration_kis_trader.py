@@ -27,7 +27,7 @@ from kis_safe_token.kis import PRICE_PATH, PRICE_TR_ID, RATE_LIMITED, TOKEN_EXPI
 from kis_safe_token.storage import FileTokenStorage
 from kis_safe_token.testing import KisSimulator
 
-kis_trader = require_client("kis_trader")  # [dev] installs kis-trader (Python >= 3.11)
+kis_trader = require_client("kis_trader", min_python=(3, 11))  # [dev] installs kis-trader
 
 from kis_trader import transport as kt_transport  # noqa: E402
 from kis_trader._internal import _auth, _endpoints, _http  # noqa: E402
