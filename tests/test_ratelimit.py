@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import requests
-from redis.crc import key_slot
 from conftest import APP_KEY, SECRET
+from redis.crc import key_slot
 from test_contract import DictTokenStorage
 
 from kis_safe_token import (
@@ -30,7 +30,6 @@ from kis_safe_token.ratelimit import (
     CALLS_PER_SECOND_ENV,
     FileRateLimiter,
     MemoryRateLimiter,
-    RateLimiter,
     RedisRateLimiter,
     resolve_calls_per_second,
 )
@@ -104,7 +103,7 @@ def test_a_bad_rate_variable_names_the_variable() -> None:
         resolve_calls_per_second(None, mock=False, env={CALLS_PER_SECOND_ENV: "fast"})
 
 
-# -- which limiter a client gets --------------------------------------------------------------------
+# -- which limiter a client gets ------------------------------------------------------------------
 def test_file_store_gives_one_host_wide_limiter_shared_by_every_client_of_the_process(
     token_path: Path,
 ) -> None:
@@ -187,7 +186,7 @@ def test_every_call_takes_a_slot(sim: KisSimulator, token_path: Path) -> None:
     assert Counting.taken == 4 == sim.counts["uapi_calls"]
 
 
-# -- EGW00201 anyway: back off, retry, bounded -----------------------------------------------------
+# -- EGW00201 anyway: back off, retry, bounded ----------------------------------------------------
 def test_egw00201_from_outside_is_retried_after_back_off_and_slows_the_fleet(
     sim: KisSimulator, token_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -245,7 +244,7 @@ def test_the_simulator_meters_per_app_key_per_second() -> None:
     assert sim.peak_calls_per_second["A"] == 3 and sim.too_many_calls == 2
 
 
-# -- the websocket approval key ----------------------------------------------------------------------
+# -- the websocket approval key -------------------------------------------------------------------
 def _approval_in_child(path: str, base_url: str, barrier: Any, out: Any) -> None:
     try:
         shared = SharedToken(APP_KEY, SECRET, FileTokenStorage(path), base_url=base_url)
