@@ -291,3 +291,21 @@ def test_a_rejected_approval_key_is_dropped_only_if_still_stored(
     assert broker.approval_key == new
     assert first.token.access_token  # the token is a separate entry: still issued once
     assert sim.issued == 1
+
+
+def test_a_caller_that_oversleeps_its_slot_takes_a_new_one() -> None:
+    # A CPU-starved host wakes late: sent then, the call would bunch with the next slot's.
+    limiter = MemoryRateLimiter("late-" + os.urandom(4).hex(), 10)
+    lateness = [0.25]  # the first sleep overshoots by 2.5 intervals, the next one does not
+
+    def oversleep(seconds: float) -> None:
+        time.sleep(seconds + (lateness.pop() if lateness else 0.0))
+
+    limiter.sleep = oversleep  # type: ignore[method-assign]
+    assert limiter.try_acquire(0) == 0.0
+    slept = limiter.acquire(5)  # slot 1 missed, a new slot taken after it
+    assert slept >= 0.09
+    nxt = limiter.try_acquire(5)
+    # A new slot was taken at wake-up: the next one is an interval away (without the rule the
+    # late call would have used the missed slot and the next slot would be free now).
+    assert nxt is not None and nxt >= 0.1 - 0.05
