@@ -168,7 +168,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="kis-ratelimit-bench-"))
     with (
         RedisServer() as server,
-        KisSimulator(issue_latency_s=0, calls_per_second=REAL_CALLS_PER_SECOND) as sim,
+        KisSimulator(
+            issue_latency_s=0, issue_window_s=0, calls_per_second=REAL_CALLS_PER_SECOND
+        ) as sim,
     ):
         specs = {
             "file": {"kind": "file", "path": str(folder / "tokens.json")},

@@ -4,6 +4,7 @@ the simulator, and the websocket approval key's single flight and compare-and-de
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -309,3 +310,27 @@ def test_a_caller_that_oversleeps_its_slot_takes_a_new_one() -> None:
     # A new slot was taken at wake-up: the next one is an interval away (without the rule the
     # late call would have used the missed slot and the next slot would be free now).
     assert nxt is not None and nxt >= 0.1 - 0.05
+
+
+def test_status_shows_the_rate_setting(
+    token_path: Path,
+    memory_keyring: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kis_safe_token import set_api_secret
+    from kis_safe_token.cli import main
+
+    set_api_secret(APP_KEY, SECRET)
+    monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_FILE", str(token_path))
+    assert main(["status", "--api-key", APP_KEY]) == 0
+    out = capsys.readouterr().out
+    assert "rate:     18 calls/s per app key, virtual 1.8/s (KIS: 20/s, 2/s)" in out
+    assert str(token_path.parent) in out
+    FileTokenStorage(token_path).rate_limiter(APP_KEY, 18).penalize()
+    assert main(["status", "--api-key", APP_KEY, "--json"]) == 0
+    rate = json.loads(capsys.readouterr().out)["rate_limit"]
+    assert rate["calls_per_second"] == 18 and rate["slowdown_left_s"] > 50
+    monkeypatch.setenv(CALLS_PER_SECOND_ENV, "0")
+    assert main(["status", "--api-key", APP_KEY]) == 0
+    assert f"rate:     off ({CALLS_PER_SECOND_ENV}=0)" in capsys.readouterr().out

@@ -104,13 +104,24 @@ class RedisRateLimiter(RateLimiter):
         )
 
     def try_acquire(self, max_wait_s: float = 0.0) -> float | None:
+        keys, args = self.reserve_call(max_wait_s)
+        return self.reserve_result(self._eval("reserve", RESERVE_LUA, keys, args))
+
+    def reserve_call(self, max_wait_s: float) -> tuple[list[str], list[Any]]:
+        """``(keys, args)`` of :data:`RESERVE_LUA` for one reservation: an asyncio client runs
+        the same script on ``redis.asyncio`` with them, then reads :meth:`reserve_result`."""
         args = [
             math.ceil(self.interval_s * _US),
             int(min(max(0.0, max_wait_s), MAX_WAIT_S) * _US),
             SLOWDOWN_FACTOR,
             int(STALE_AHEAD_S * _US),
         ]
-        reserved, wait_us = self._eval("reserve", RESERVE_LUA, [self._key, self._slow_key], args)
+        return [self._key, self._slow_key], args
+
+    @staticmethod
+    def reserve_result(reply: Any) -> float | None:
+        """The wait in seconds that :data:`RESERVE_LUA`'s reply grants, or ``None``."""
+        reserved, wait_us = reply
         return int(wait_us) / _US if int(reserved) else None
 
     def _slow_down(self, hold_s: float) -> bool:
