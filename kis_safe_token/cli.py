@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=0)
     sim.add_argument("--issue-window", type=float, default=60.0, help="seconds (KIS: 60)")
+    sim.add_argument(
+        "--calls-per-second",
+        type=int,
+        default=None,
+        help="meter /uapi/ calls per app key like KIS (real 20, virtual 2); default: unmetered",
+    )
 
     demo = sub.add_parser("demo", help="N processes share one token against the simulator")
     demo.add_argument("--workers", type=int, default=8)
@@ -231,7 +237,12 @@ def _cmd_clear(args: argparse.Namespace) -> int:
 def _cmd_simulator(args: argparse.Namespace) -> int:
     from .testing import KisSimulator
 
-    with KisSimulator(host=args.host, port=args.port, issue_window_s=args.issue_window) as sim:
+    with KisSimulator(
+        host=args.host,
+        port=args.port,
+        issue_window_s=args.issue_window,
+        calls_per_second=args.calls_per_second,
+    ) as sim:
         print(f"KIS simulator listening on {sim.base_url}  (Ctrl-C to stop)", flush=True)
         print(f"  export {BASE_URL_ENV}={sim.base_url}", flush=True)
         try:
