@@ -35,6 +35,7 @@ from kis_safe_token.ratelimit import (
     resolve_calls_per_second,
 )
 from kis_safe_token.ratelimit.base import STALE_AHEAD_S, reserve
+from kis_safe_token.shared import APPROVAL_SUFFIX
 from kis_safe_token.testing import KisSimulator
 
 pytest.register_assert_rewrite("kis_safe_token.testing.ratelimit_contract")
@@ -334,3 +335,29 @@ def test_status_shows_the_rate_setting(
     monkeypatch.setenv(CALLS_PER_SECOND_ENV, "0")
     assert main(["status", "--api-key", APP_KEY]) == 0
     assert f"rate:     off ({CALLS_PER_SECOND_ENV}=0)" in capsys.readouterr().out
+
+
+def test_a_slot_before_any_token_creates_a_private_rate_file(tmp_path: Path) -> None:
+    token_path = tmp_path / "new" / "cache" / "tokens.json"
+    shared = SharedToken(APP_KEY, SECRET, FileTokenStorage(token_path))
+    assert not token_path.parent.exists()  # nothing touched the disk at construction
+    assert shared.throttle() == 0.0
+    (rate_file,) = token_path.parent.iterdir()
+    assert rate_file.name.startswith("tokens.json.rate-")
+    assert rate_file.stat().st_mode & 0o777 == 0o600
+    assert token_path.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_an_approval_issuer_that_died_is_taken_over(
+    sim: KisSimulator, redis_url: str, key_prefix: str
+) -> None:
+    storage = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix)
+    # A holder that died holding the approval key's issuance lock (its owner id declares 1 s).
+    lock = f"{storage._get_redis_key(APP_KEY + APPROVAL_SUFFIX)}:lock"
+    storage.redis_client.set(lock, "deadhost:1:0badc0de:1000", px=1_000)
+    shared = SharedToken(APP_KEY, SECRET, storage, base_url=sim.base_url)
+    started = time.monotonic()
+    key = shared.approval_key
+    assert 0.5 < time.monotonic() - started < 10  # waited for the dead lock, then took over
+    assert key in sim.approval_keys and sim.counts["approvals_issued"] == 1
+    assert SharedToken(APP_KEY, SECRET, storage, base_url=sim.base_url).approval_key == key

@@ -86,7 +86,11 @@ class FileRateLimiter(RateLimiter):
     def _open(self) -> int:
         if self._fd is None:
             try:
-                fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+                try:
+                    fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+                except FileNotFoundError:  # no token saved yet: its folder may not exist
+                    self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    fd = os.open(self.path, _OPEN_FLAGS, 0o600)
             except OSError as exc:
                 raise TokenStorageError(f"cannot open rate-limit file {self.path}: {exc}") from exc
             st = os.fstat(fd)

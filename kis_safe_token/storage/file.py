@@ -316,10 +316,6 @@ class FileTokenStorage(SealedTokenStorage):
         """Host-wide: a 16-byte record in ``<token file>.rate-<key id>``, beside the token file
         (one limiter object per file and rate in a process)."""
         path = self.token_file.with_name(f"{self.token_file.name}.rate-{key_id(api_key)}")
-        try:
-            _make_private_dir(path.parent)
-        except OSError as exc:
-            raise TokenStorageError(f"cannot create {path.parent}: {exc}") from exc
         return shared_file_rate_limiter(path, calls_per_second)
 
 
