@@ -361,3 +361,15 @@ def test_an_approval_issuer_that_died_is_taken_over(
     assert 0.5 < time.monotonic() - started < 10  # waited for the dead lock, then took over
     assert key in sim.approval_keys and sim.counts["approvals_issued"] == 1
     assert SharedToken(APP_KEY, SECRET, storage, base_url=sim.base_url).approval_key == key
+
+
+def test_acquire_async_awaits_the_slot() -> None:
+    import asyncio
+
+    limiter = MemoryRateLimiter("async-" + os.urandom(4).hex(), 10)
+
+    async def two() -> tuple[float, float]:
+        return await limiter.acquire_async(1), await limiter.acquire_async(1)
+
+    first, second = asyncio.run(two())
+    assert first == 0.0 and 0.05 <= second <= 0.101

@@ -21,6 +21,7 @@ to wait (an asyncio client awaits that); :meth:`RateLimiter.acquire` is the bloc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -140,10 +141,7 @@ class RateLimiter(ABC):
             left = deadline - time.monotonic()
             wait = self.try_acquire(min(max(0.0, left), MAX_WAIT_S))
             if wait is None:
-                raise RateLimitTimeout(
-                    f"no KIS call slot within {timeout_s:.1f} s at {self.rate:g} calls/s "
-                    f"({self.where}): too many callers share this app key's limit"
-                )
+                raise self._no_slot(timeout_s)
             if wait <= 0:
                 return slept
             slot = time.monotonic() + wait
@@ -151,6 +149,31 @@ class RateLimiter(ABC):
             slept += wait
             if not self.missed(time.monotonic() - slot):
                 return slept
+
+    async def acquire_async(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
+        """:meth:`acquire` for asyncio: the same rules, awaiting ``asyncio.sleep`` instead of
+        blocking. :meth:`try_acquire` itself runs inline (microseconds on a file, one round trip
+        on Redis); a client on ``redis.asyncio`` can run the Redis script itself instead (see
+        :meth:`RedisRateLimiter.reserve_call`)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        slept = 0.0
+        while True:
+            wait = self.try_acquire(min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S))
+            if wait is None:
+                raise self._no_slot(timeout_s)
+            if wait <= 0:
+                return slept
+            slot = time.monotonic() + wait
+            await asyncio.sleep(wait)
+            slept += wait
+            if not self.missed(time.monotonic() - slot):
+                return slept
+
+    def _no_slot(self, timeout_s: float) -> RateLimitTimeout:
+        return RateLimitTimeout(
+            f"no KIS call slot within {timeout_s:.1f} s at {self.rate:g} calls/s "
+            f"({self.where}): too many callers share this app key's limit"
+        )
 
     def missed(self, late_s: float) -> bool:
         """Whether a caller that woke ``late_s`` after its slot must take a new one (see
