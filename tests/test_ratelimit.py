@@ -138,14 +138,21 @@ def test_redis_store_gives_a_limiter_under_the_token_hash_tag(
 
 
 def test_other_stores_limit_per_process_and_say_so(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from kis_safe_token.storage import base
+
+    monkeypatch.setattr(base, "_noted_per_process", set())
     caplog.set_level(logging.INFO, "kis_safe_token")
-    shared = SharedToken(APP_KEY, SECRET, DictTokenStorage({}))
+    store = DictTokenStorage({})
+    shared = SharedToken(APP_KEY, SECRET, store)
+    other = SharedToken(APP_KEY, SECRET, DictTokenStorage({}))
     assert isinstance(shared.rate_limiter, MemoryRateLimiter)
-    SharedToken(APP_KEY, SECRET, DictTokenStorage({}))
+    assert other.rate_limiter is not None
+    assert shared.rate_limiter.try_acquire(0) == 0.0
+    assert other.rate_limiter.try_acquire(0) is None  # one process, one app key: one rate
     notes = [r for r in caplog.records if "limited per process" in r.getMessage()]
-    assert len(notes) <= 1  # once per store class (none if an earlier test logged it)
+    assert len(notes) == 1  # once per store class
 
 
 def test_zero_turns_the_limiter_off_and_an_injected_one_is_used(token_path: Path) -> None:
