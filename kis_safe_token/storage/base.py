@@ -25,6 +25,8 @@ from ..crypto import Sealer, fingerprint
 from ..errors import TokenIssueError, TokenStorageError
 from ..failure import IssueFailure
 from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
+from ..ratelimit.base import RateLimiter
+from ..ratelimit.memory import MemoryRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 
 __all__ = [
@@ -152,6 +154,23 @@ class TokenStorage(ABC):
                 f"+ 2 x HTTP timeout {http_timeout_s:.1f} s, or a waiter gives up while the "
                 "fleet is about to hold a token"
             )
+
+    # -- the call-rate limit -----------------------------------------------------------------------
+    def rate_limiter(self, api_key: str, calls_per_second: float) -> RateLimiter:
+        """The limiter of KIS calls for ``api_key``, shared as widely as this store shares tokens.
+
+        This default counts within this process only (logged once per store class): a store
+        that every process of the fleet reaches should override it with a limiter on that same
+        backend, or clients be given ``rate_limiter=``. ``ValueError`` for a rate out of range.
+        """
+        if type(self) not in _noted_per_process:
+            _noted_per_process.add(type(self))
+            logger.info(
+                "%s has no shared rate limiter: KIS calls are limited per process "
+                "(pass rate_limiter= to share one across the fleet)",
+                type(self).__name__,
+            )
+        return MemoryRateLimiter(api_key, calls_per_second)
 
     # -- single flight ---------------------------------------------------------------------------
     def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
@@ -296,6 +315,7 @@ class TokenStorage(ABC):
         return LocalIssuanceLock(api_key)
 
 
+_noted_per_process: set[type[TokenStorage]] = set()
 _local_locks: dict[str, threading.Lock] = {}
 _local_locks_guard = threading.Lock()
 _local_failures: dict[tuple[str, str], IssueFailure] = {}

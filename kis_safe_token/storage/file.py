@@ -25,6 +25,7 @@ from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
+from ..ratelimit.file import FileRateLimiter, shared_file_rate_limiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 
@@ -309,6 +310,13 @@ class FileTokenStorage(SealedTokenStorage):
 
     def _issuance_lock(self, api_key: str, api_secret: str) -> FileIssuanceLock:
         return FileIssuanceLock(self, api_key, api_secret)
+
+    # -- the call-rate limit -------------------------------------------------------------------
+    def rate_limiter(self, api_key: str, calls_per_second: float) -> FileRateLimiter:
+        """Host-wide: a 16-byte record in ``<token file>.rate-<key id>``, beside the token file
+        (one limiter object per file and rate in a process)."""
+        path = self.token_file.with_name(f"{self.token_file.name}.rate-{key_id(api_key)}")
+        return shared_file_rate_limiter(path, calls_per_second)
 
 
 class FileIssuanceLock(IssuanceLock):

@@ -29,6 +29,7 @@ from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
+from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 
@@ -213,6 +214,15 @@ class RedisTokenStorage(SealedTokenStorage):
         if self.fleet_lock:
             return RedisIssuanceLock(self, api_key, api_secret)
         return super()._issuance_lock(api_key, api_secret)
+
+    def rate_limiter(self, api_key: str, calls_per_second: float) -> RedisRateLimiter:
+        """Fleet-wide: ``<token key>:rate`` on this store's Redis, under the token's hash tag."""
+        return RedisRateLimiter(
+            lambda: self.redis_client,
+            f"{self._get_redis_key(api_key)}:rate",
+            calls_per_second,
+            where=self._where,
+        )
 
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
