@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import filelock
 import platformdirs
@@ -25,6 +25,7 @@ from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
+from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 
@@ -47,6 +48,9 @@ _OPEN_FLAGS: Final = (
     | getattr(os, "O_NONBLOCK", 0)
     | getattr(os, "O_BINARY", 0)
 )
+if TYPE_CHECKING:
+    from .lease import LeaseRecords
+
 _geteuid: Final = getattr(os, "geteuid", None)  # none on Windows: no owner check there
 _Signature = tuple[int, int, int]
 
@@ -81,6 +85,8 @@ class FileTokenStorage(SealedTokenStorage):
 
     ``file_path``: default :func:`default_token_path`. ``encryption_keys``: optional explicit
     Fernet keys (first encrypts). ``wait_timeout``: how long to wait for another's issuance.
+    ``seed_lease``, ``lease_ttl``, ``issue_window_s``: the opt-in seed-protocol lease
+    (:mod:`kis_safe_token.storage.lease`).
     """
 
     def __init__(
@@ -92,12 +98,18 @@ class FileTokenStorage(SealedTokenStorage):
         wait_timeout: float | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         super().__init__(
             encryption_keys=encryption_keys,
             refresh_margin_s=refresh_margin_s,
             wait_timeout=wait_timeout,
             clock=clock,
+            seed_lease=seed_lease,
+            lease_ttl=lease_ttl,
+            issue_window_s=issue_window_s,
         )
         self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
@@ -309,6 +321,11 @@ class FileTokenStorage(SealedTokenStorage):
 
     def _issuance_lock(self, api_key: str, api_secret: str) -> FileIssuanceLock:
         return FileIssuanceLock(self, api_key, api_secret)
+
+    def _lease_records(self) -> LeaseRecords:
+        from .lease import FileLeaseRecords
+
+        return FileLeaseRecords(self)
 
 
 class FileIssuanceLock(IssuanceLock):

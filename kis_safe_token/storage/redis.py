@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from .._fork import renew_after_fork
@@ -31,6 +31,9 @@ from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
+
+if TYPE_CHECKING:
+    from .lease import LeaseRecords
 
 try:
     import redis
@@ -119,7 +122,8 @@ class RedisTokenStorage(SealedTokenStorage):
 
     This class issues under an in-process lock only (the seed's behaviour):
     :class:`LockedRedisTokenStorage` is the same store with a fleet-wide lock, and the only user
-    of ``lock_ttl`` and ``poll_interval_s``.
+    of ``lock_ttl`` and ``poll_interval_s``. ``seed_lease``, ``lease_ttl``, ``issue_window_s``:
+    the opt-in seed-protocol lease (:mod:`kis_safe_token.storage.lease`), on either class.
     """
 
     #: Whether issuance takes the fleet-wide :class:`RedisIssuanceLock`.
@@ -140,6 +144,9 @@ class RedisTokenStorage(SealedTokenStorage):
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=MAX_LOCK_TTL_S)
         # A BLPOP waits up to 1.5 x poll_interval_s (jitter): it must end before the socket
@@ -152,6 +159,9 @@ class RedisTokenStorage(SealedTokenStorage):
             refresh_margin_s=refresh_margin_s,
             wait_timeout=wait_timeout,
             clock=clock,
+            seed_lease=seed_lease,
+            lease_ttl=lease_ttl,
+            issue_window_s=issue_window_s,
         )
         if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
             raise ValueError("key_prefix must be a non-empty string without '{'")
@@ -213,6 +223,11 @@ class RedisTokenStorage(SealedTokenStorage):
         if self.fleet_lock:
             return RedisIssuanceLock(self, api_key, api_secret)
         return super()._issuance_lock(api_key, api_secret)
+
+    def _lease_records(self) -> LeaseRecords:
+        from .lease import RedisLeaseRecords
+
+        return RedisLeaseRecords(self)
 
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
