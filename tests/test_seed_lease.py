@@ -119,6 +119,7 @@ def test_holder_thread_re_enters_another_thread_of_the_process_waits(make: Build
     storage = make()
     assert storage.check_token_valid(K, S) is False
     assert storage.check_token_valid(K, S) is False  # again: no deadlock, still the holder
+    assert make(lease_ttl=1.0).check_token_valid(K, S) is False  # whichever storage object
     assert storage.load_token(K, S) is None  # the holder reading never waits on itself
     same_process = in_thread(storage.check_token_valid, K, S)
     assert blocked(same_process)

@@ -385,10 +385,11 @@ def _id(api_key: str) -> str:
 GRANT_LUA = """
 -- KEYS[1] lease (value: owner id ending in ':<its lease ttl in ms>', PX lease ttl),
 -- KEYS[2] quiet mark (PX window: no grant while it lives).
--- ARGV[1] owner, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl in ms allowed.
+-- ARGV[1] owner with its ttl, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl
+-- in ms allowed, ARGV[5] the owner (the thread), whatever ttl it declared.
 -- Returns {granted 1/0, ms until worth trying again, 1 if another holds the lease}.
 local holder = redis.call('get', KEYS[1])
-if holder == ARGV[1] then return {1, 0, 0} end
+if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[5] then return {1, 0, 0} end
 if holder then
   -- A lease longer than its holder declared (a stray SET, no TTL) is cut to our ttl.
   local declared = tonumber(string.match(holder, ':(%d+)$'))
@@ -413,7 +414,10 @@ return {1, 0, 0}
 
 RELEASE_LEASE_LUA = """
 -- KEYS[1] lease; ARGV[1] owner: delete the lease only if this owner still holds it.
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+local holder = redis.call('get', KEYS[1])
+if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
 return 0
 """
 
@@ -425,7 +429,8 @@ SAVE_NEWEST_LUA = """
 local current = redis.call('get', KEYS[1]) or ''
 if current ~= ARGV[1] then return -1 end
 if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
-if redis.call('get', KEYS[3]) == ARGV[4] then redis.call('del', KEYS[3]) end
+local holder = redis.call('get', KEYS[3])
+if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[4] then redis.call('del', KEYS[3]) end
 if ARGV[2] == '' then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('del', KEYS[2])
@@ -434,7 +439,9 @@ return 1
 
 
 class RedisLeaseRecords(LeaseRecords):
-    """The lease as ``<token key>:lease`` (owner, PX ``lease_ttl``) and the quiet mark as
+    """The lease as ``<token key>:lease`` (owner id ending in ``:<its lease_ttl in ms>``, so a
+    waiter honours a holder's longer lease and cuts a stray one; PX ``lease_ttl``; re-entrant for
+    the thread whatever ttl it declared) and the quiet mark as
     ``<token key>:lease:quiet`` (PX window): Redis expires both, so no host's clock is read.
     Same hash tag as the token, so all live on one Cluster slot."""
 
@@ -453,7 +460,7 @@ class RedisLeaseRecords(LeaseRecords):
         storage = self._storage
         script = storage._script(GRANT_LUA)
         args = [self._owner(owner, ttl_s), round(ttl_s * 1000), round(window_s * 1000)]
-        args.append(round(MAX_LEASE_TTL_S * 1000))
+        args += [round(MAX_LEASE_TTL_S * 1000), owner]
         granted, left_ms, held = storage._call(
             "lease", lambda: script(keys=list(self._keys(api_key)), args=args)
         )
@@ -465,18 +472,14 @@ class RedisLeaseRecords(LeaseRecords):
         if holder is None:
             return False
         text = holder.decode() if isinstance(holder, bytes) else str(holder)
-        return not text.startswith(owner + ":")
+        return text.rsplit(":", 1)[0] != owner  # the holder's id ends in ':<its ttl ms>'
 
     def release(self, api_key: str, owner: str) -> None:
         storage = self._storage
         script = storage._script(RELEASE_LEASE_LUA)
         lease_key = self._keys(api_key)[0]
-        args = [self._owner(owner, self._lease_ttl())]
+        args = [owner]
         storage._call("lease release", lambda: script(keys=[lease_key], args=args))
-
-    def _lease_ttl(self) -> float:
-        lease = self._storage._lease
-        return lease.ttl_s if lease is not None else LEASE_TTL_S
 
     def save_newest(
         self, api_key: str, api_secret: str, token: Token, owner: str, window_s: float
@@ -500,7 +503,7 @@ class RedisLeaseRecords(LeaseRecords):
                     "refusing to save a token this host's clock sees as expired"
                 )
             args = [raw or "", sealed if newer else "", max(ttl_ms, 1)]
-            args += [self._owner(owner, self._lease_ttl()), round(window_s * 1000)]
+            args += [owner, round(window_s * 1000)]
             done = storage._call("SET", partial(script, keys=keys, args=args))
             if int(done) >= 0:
                 return bool(done)
