@@ -86,6 +86,9 @@ LEASE_TTL_S: Final = 15.0
 MAX_LEASE_TTL_S: Final = 3600.0
 #: How often a waiter looks for the holder's token (a ``stat`` or a ``GET``), jittered.
 LEASE_POLL_S: Final = 0.02
+#: How often a waiter asks for the lease again before the holder's would end: a holder that
+#: lets go early (``delete_token``) frees its waiters within this, not at its lease's end.
+LEASE_RETRY_S: Final = 0.25
 #: A file record stamped this far ahead of our clock was written before the clock stepped back:
 #: it is ignored rather than allowed to block the fleet.
 CLOCK_SKEW_S: Final = 5.0
@@ -161,7 +164,8 @@ class SeedLease:
             state = self._records.grant(api_key, owner, self.ttl_s, self.window_s)
             if state.granted:
                 return False
-            retry_at = time.monotonic() + state.retry_in_s
+            retry_in = min(max(state.retry_in_s, LEASE_POLL_S), LEASE_RETRY_S)
+            retry_at = time.monotonic() + retry_in
             while (now := time.monotonic()) < retry_at:
                 if now >= deadline:
                     what = "holder of the issuance lease" if state.held else "KIS issue window"
