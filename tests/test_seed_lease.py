@@ -415,7 +415,9 @@ def test_sixteen_korea_investment_stock_processes_share_one_issuance(
         for p in procs:
             p.join(10)
     crashes = [r[1] for r in results if r[0] != "ok"]
-    assert crashes == []
+    counts = f"{sim.issued} issued, {sim.rate_limited} EGW00133, {len(crashes)} crashed"
+    print(f"\n{backend}: {HERD} korea-investment-stock processes: {counts}")
+    assert crashes == [], counts
     assert sim.issued == 1 and sim.rate_limited == 0
     assert len({r[1] for r in results}) == 1  # one token
     assert {r[2] for r in results} == {"0"}  # and it works at KIS
