@@ -24,6 +24,10 @@ from kis_safe_token.storage.factory import create_token_storage
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import Token
 
+# Before the import: the contract's asserts then report values, as a test module's do.
+pytest.register_assert_rewrite("kis_safe_token.testing.contract")
+from kis_safe_token.testing.contract import StorageFactory, TokenStorageContract  # noqa: E402
+
 K, S = "PSleaseAppKey0000000000000000000000", "lease-secret-" + "l" * 40
 BACKENDS = ["file", "redis"]
 #: Long enough for a thread that is going to return to have returned: only used to show that a
@@ -285,6 +289,26 @@ def test_a_newer_save_replaces_an_expired_or_deleted_token(make: Build) -> None:
     storage.delete_token(K, S)
     assert storage.save_token(data(token("second", 3_600)))  # shorter-lived, but nothing stored
     assert storage.load_token(K, S)["access_token"] == token("second").access_token
+
+
+# -- the lease keeps the storage contract -------------------------------------------------------
+
+#: No window: the contract deletes and re-saves tokens at once, as tests (not KIS) do.
+CONTRACT_LEASE: dict[str, Any] = {"seed_lease": True, "lease_ttl": 0.5, "issue_window_s": 0}
+
+
+class TestFileTokenStorageWithSeedLease(TokenStorageContract):
+    @pytest.fixture
+    def make_storage(self, token_path: Path) -> StorageFactory:
+        return lambda clock=time.time: FileTokenStorage(token_path, clock=clock, **CONTRACT_LEASE)
+
+
+class TestLockedRedisTokenStorageWithSeedLease(TokenStorageContract):
+    @pytest.fixture
+    def make_storage(self, redis_url: str, key_prefix: str) -> StorageFactory:
+        return lambda clock=time.time: LockedRedisTokenStorage(
+            redis_url, key_prefix=key_prefix, clock=clock, **CONTRACT_LEASE
+        )
 
 
 # -- configuration -------------------------------------------------------------------------------
