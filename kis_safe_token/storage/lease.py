@@ -41,7 +41,14 @@ What a prototype showed goes wrong, and what prevents it here:
 
 The backends supply the records (:class:`LeaseRecords`): :class:`FileLeaseRecords` (one JSON
 entry beside the token, clocks of the one host) and :class:`RedisLeaseRecords` (two keys whose
-Redis TTLs are the lease and the quiet mark, so hosts' clocks do not matter).
+Redis TTLs are the lease and the quiet mark, so hosts' clocks do not matter). A record holds an
+owner id (host, pid, a random part) and times, nothing secret; one forged by someone who can
+write the store blocks issuance for at most its declared ``lease_ttl`` (capped at an hour).
+
+Scope: only the four seed methods take part. A ``save_token`` without the lease (a client's own
+refresh path) is kept-newest and moves the quiet mark too. :meth:`get_or_issue` (this library's
+clients and integrations) does not take the lease: a fleet that mixes them with lease clients on
+one store can still meet ``EGW00133`` once (ours wait it out; a seed client may crash on it).
 """
 
 from __future__ import annotations
