@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import filelock
 import platformdirs
@@ -28,6 +28,7 @@ from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
+from .lease import FileLeaseRecords
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -48,9 +49,6 @@ _OPEN_FLAGS: Final = (
     | getattr(os, "O_NONBLOCK", 0)
     | getattr(os, "O_BINARY", 0)
 )
-if TYPE_CHECKING:
-    from .lease import LeaseRecords
-
 _geteuid: Final = getattr(os, "geteuid", None)  # none on Windows: no owner check there
 _Signature = tuple[int, int, int]
 
@@ -322,9 +320,7 @@ class FileTokenStorage(SealedTokenStorage):
     def _issuance_lock(self, api_key: str, api_secret: str) -> FileIssuanceLock:
         return FileIssuanceLock(self, api_key, api_secret)
 
-    def _lease_records(self) -> LeaseRecords:
-        from .lease import FileLeaseRecords
-
+    def _lease_records(self) -> FileLeaseRecords:
         return FileLeaseRecords(self)
 
 

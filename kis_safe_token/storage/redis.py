@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from .._fork import renew_after_fork
@@ -31,9 +31,7 @@ from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
-
-if TYPE_CHECKING:
-    from .lease import LeaseRecords
+from .lease import RedisLeaseRecords
 
 try:
     import redis
@@ -224,9 +222,7 @@ class RedisTokenStorage(SealedTokenStorage):
             return RedisIssuanceLock(self, api_key, api_secret)
         return super()._issuance_lock(api_key, api_secret)
 
-    def _lease_records(self) -> LeaseRecords:
-        from .lease import RedisLeaseRecords
-
+    def _lease_records(self) -> RedisLeaseRecords:
         return RedisLeaseRecords(self)
 
     def _get_redis_key(self, api_key: str) -> str:
