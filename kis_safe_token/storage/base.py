@@ -18,7 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
 
 from .._faults import fault_point
 from ..crypto import Sealer, fingerprint
@@ -28,6 +28,9 @@ from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
 from ..ratelimit.base import RateLimiter
 from ..ratelimit.memory import MemoryRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
+
+if TYPE_CHECKING:
+    from .lease import LeaseRecords, SeedLease
 
 __all__ = [
     "IssuanceLock",
@@ -355,6 +358,13 @@ class SealedTokenStorage(TokenStorage):
 
     The seed's bool/None returns stay, but an unreachable backend is logged once with its cause
     (not swallowed silently) and ``get_or_issue`` raises :class:`TokenStorageError`.
+
+    ``seed_lease=True`` (off by default) turns on the seed-protocol lease of
+    :mod:`kis_safe_token.storage.lease` for clients that only call the four seed methods:
+    ``check_token_valid`` answering ``False`` then means "you hold the issuance lease: issue and
+    ``save_token``", and other callers wait in it for that save. ``lease_ttl``: how long a lease
+    lasts; ``issue_window_s``: KIS's one-issue-per-minute window, during which no new lease is
+    granted after a grant or a save.
     """
 
     def __init__(
@@ -364,6 +374,9 @@ class SealedTokenStorage(TokenStorage):
         refresh_margin_s: float = REFRESH_MARGIN_S,
         wait_timeout: float | None = None,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         self._encryption_keys = tuple(encryption_keys)
         self.refresh_margin_s = (
@@ -377,6 +390,22 @@ class SealedTokenStorage(TokenStorage):
         self.clock = clock
         self._sealers: dict[tuple[str, str], Sealer] = {}
         self._failing = False
+        self._lease: SeedLease | None = None
+        if not isinstance(seed_lease, bool):
+            raise ValueError("seed_lease must be True or False")
+        if seed_lease:
+            from .lease import new_seed_lease
+
+            self._lease = new_seed_lease(self, lease_ttl, issue_window_s)
+
+    @property
+    def seed_lease(self) -> bool:
+        """Whether the seed-protocol lease is on (see :mod:`kis_safe_token.storage.lease`)."""
+        return self._lease is not None
+
+    def _lease_records(self) -> LeaseRecords:
+        """The backend's records of the seed-protocol lease (see :mod:`.lease`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no seed-protocol lease")
 
     def _sealer(self, api_key: str, api_secret: str) -> Sealer:
         sealer = self._sealers.get((api_key, api_secret))
@@ -414,7 +443,10 @@ class SealedTokenStorage(TokenStorage):
             )
             return False
         try:
-            self._write(api_key, api_secret, token)
+            if self._lease is not None:
+                self._lease.save(api_key, api_secret, token)
+            else:
+                self._write(api_key, api_secret, token)
         except TokenStorageError as exc:
             self._failed("save_token", exc)
             return False
@@ -423,7 +455,10 @@ class SealedTokenStorage(TokenStorage):
 
     def load_token(self, api_key: str, api_secret: str) -> dict[str, Any] | None:
         try:
-            token = self._read(api_key, api_secret)
+            if self._lease is not None:
+                token = self._lease.load_token(api_key, api_secret)
+            else:
+                token = self._read(api_key, api_secret)
         except TokenStorageError as exc:
             self._failed("load_token", exc)
             return None
@@ -433,11 +468,15 @@ class SealedTokenStorage(TokenStorage):
         return token.to_token_data(api_key, api_secret)
 
     def check_token_valid(self, api_key: str, api_secret: str) -> bool:
+        if self._lease is not None:  # may wait; raises TokenStorageError (see .lease)
+            return self._lease.check_token_valid(api_key, api_secret)
         return self.load_token(api_key, api_secret) is not None
 
     def delete_token(self, api_key: str, api_secret: str) -> bool:
         try:
             self._delete(api_key)
+            if self._lease is not None:
+                self._lease.released_by_delete(api_key)
         except TokenStorageError as exc:
             self._failed("delete_token", exc)
             return False

@@ -32,6 +32,7 @@ from ..kis import ISSUE_WINDOW_S
 from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
+from .lease import RedisLeaseRecords
 
 try:
     import redis
@@ -120,7 +121,8 @@ class RedisTokenStorage(SealedTokenStorage):
 
     This class issues under an in-process lock only (the seed's behaviour):
     :class:`LockedRedisTokenStorage` is the same store with a fleet-wide lock, and the only user
-    of ``lock_ttl`` and ``poll_interval_s``.
+    of ``lock_ttl`` and ``poll_interval_s``. ``seed_lease``, ``lease_ttl``, ``issue_window_s``:
+    the opt-in seed-protocol lease (:mod:`kis_safe_token.storage.lease`), on either class.
     """
 
     #: Whether issuance takes the fleet-wide :class:`RedisIssuanceLock`.
@@ -141,6 +143,9 @@ class RedisTokenStorage(SealedTokenStorage):
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=MAX_LOCK_TTL_S)
         # A BLPOP waits up to 1.5 x poll_interval_s (jitter): it must end before the socket
@@ -153,6 +158,9 @@ class RedisTokenStorage(SealedTokenStorage):
             refresh_margin_s=refresh_margin_s,
             wait_timeout=wait_timeout,
             clock=clock,
+            seed_lease=seed_lease,
+            lease_ttl=lease_ttl,
+            issue_window_s=issue_window_s,
         )
         if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
             raise ValueError("key_prefix must be a non-empty string without '{'")
@@ -223,6 +231,9 @@ class RedisTokenStorage(SealedTokenStorage):
             calls_per_second,
             where=self._where,
         )
+
+    def _lease_records(self) -> RedisLeaseRecords:
+        return RedisLeaseRecords(self)
 
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
