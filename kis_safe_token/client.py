@@ -171,8 +171,10 @@ class KoreaInvestment:
         return self.shared_token.issue(force)
 
     def check_access_token(self) -> bool:
-        """Whether the store holds a valid token for these credentials (the seed's check)."""
-        return self.token_storage.check_token_valid(self.api_key, self.api_secret)
+        """Whether the store holds a valid token for these credentials. A pure read: on a store
+        with the seed-protocol lease on it never takes the lease (which the seed's
+        ``check_token_valid`` would)."""
+        return self.token_storage.load_token(self.api_key, self.api_secret) is not None
 
     def load_access_token(self) -> None:
         """Load the stored token into memory, if there is a valid one (the seed's load)."""

@@ -445,3 +445,59 @@ def test_sixteen_korea_investment_stock_processes_share_one_issuance(
     assert sim.issued == 1 and sim.rate_limited == 0
     assert len({r[1] for r in results}) == 1  # one token
     assert {r[2] for r in results} == {"0"}  # and it works at KIS
+
+
+# -- a mixed fleet: seed clients and get_or_issue on one store --------------------------------
+
+
+def test_get_or_issue_waits_for_a_seed_holders_save_instead_of_issuing(make: Build) -> None:
+    seed, ours = make(), make()
+    assert seed.check_token_valid(K, S) is False  # a seed client holds the lease
+    issued: list[Token] = []
+
+    def issue() -> Token:
+        issued.append(token("ours"))
+        return issued[-1]
+
+    getter = in_thread(ours.get_or_issue, K, S, issue)
+    assert blocked(getter)
+    seed.save_token(data(token("seed")))
+    assert getter.result(timeout=5).access_token == token("seed").access_token
+    assert issued == []  # without the lease in get_or_issue, ours would have asked KIS too
+
+
+def test_a_seed_client_waits_while_get_or_issue_issues(make: Build) -> None:
+    seed, ours = make(), make()
+    asked, answer = threading.Event(), threading.Event()
+
+    def slow_issue() -> Token:
+        asked.set()
+        assert answer.wait(5)
+        return token("ours")
+
+    getter = in_thread(ours.get_or_issue, K, S, slow_issue)
+    assert asked.wait(5)  # ours is at KIS, holding its lock and the lease
+    checker = in_thread(seed.check_token_valid, K, S)
+    assert blocked(checker)  # without the lease in get_or_issue: False, and a second issuance
+    answer.set()
+    assert getter.result(timeout=5).access_token == token("ours").access_token
+    assert checker.result(timeout=5) is True
+    assert seed.load_token(K, S)["access_token"] == token("ours").access_token
+
+
+def test_the_clients_check_access_token_never_takes_the_lease(make: Build) -> None:
+    from kis_safe_token import KoreaInvestment
+
+    storage = make()
+    with KisSimulator() as sim:  # any app key
+        # Short timings, as the fixture's storages have: the client checks them against its own.
+        client = KoreaInvestment(
+            K, S, token_storage=storage, base_url=sim.base_url, timeout=0.2, rate_limit_wait_s=1
+        )
+        assert storage.delete_token(K, S)
+        assert client.check_access_token() is False
+        # The lease is free: a seed client is granted it at once (the seed's check would have
+        # taken it for this thread and made the seed client wait for a save that never comes).
+        # (well before the fixture's 2 s lease would have expired)
+        assert in_thread(make().check_token_valid, K, S).result(timeout=1) is False
+        client.close()

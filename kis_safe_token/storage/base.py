@@ -117,6 +117,7 @@ class TokenStorage(ABC):
     refresh_margin_s: float = REFRESH_MARGIN_S
     wait_timeout: float = default_wait_timeout()
     clock: Callable[[], float] = staticmethod(time.time)
+    _lease: SeedLease | None = None  # the seed-protocol lease, where a backend has one
 
     # -- the seed's interface --------------------------------------------------------------------
     @abstractmethod
@@ -193,6 +194,30 @@ class TokenStorage(ABC):
         token = self._read(api_key, api_secret)
         if self._usable(token):
             return token
+        if self._lease is not None:
+            return self._get_or_issue_leased(self._lease, api_key, api_secret, issue)
+        return self._get_or_issue_locked(api_key, api_secret, issue)
+
+    def _get_or_issue_leased(
+        self, lease: SeedLease, api_key: str, api_secret: str, issue: IssueFn
+    ) -> Token:
+        """With the seed-protocol lease on, seed clients issue under the lease, not under the
+        issuance lock: take the lease first (or wait in it for a seed holder's save), so a fleet
+        mixing them with ours issues once. The save ends the lease; a failure releases it. A
+        token still valid but inside the refresh margin is renewed under the lock alone (seed
+        clients, which still see it valid, do not issue)."""
+        held = not lease.check_token_valid(api_key, api_secret)
+        if not held:
+            token = self._read(api_key, api_secret, fresh=True)
+            if self._usable(token):
+                return token
+        try:
+            return self._get_or_issue_locked(api_key, api_secret, issue)
+        finally:
+            if held:
+                lease.released_by_delete(api_key)  # a no-op after our save, which ended it
+
+    def _get_or_issue_locked(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
         lock = self._issuance_lock(api_key, api_secret)
         got = lock.acquire(time.monotonic() + self.wait_timeout)
         if isinstance(got, Token):
@@ -214,7 +239,12 @@ class TokenStorage(ABC):
         holder keeps its token: KIS would refuse another within the minute."""
         try:
             lock.extend()
-            self._write(api_key, api_secret, token)
+            if self._lease is not None:
+                self._lease.save(
+                    api_key, api_secret, token
+                )  # also ends our lease, marks the window
+            else:
+                self._write(api_key, api_secret, token)
         except TokenStorageError as exc:
             logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
             return
@@ -390,7 +420,6 @@ class SealedTokenStorage(TokenStorage):
         self.clock = clock
         self._sealers: dict[tuple[str, str], Sealer] = {}
         self._failing = False
-        self._lease: SeedLease | None = None
         if not isinstance(seed_lease, bool):
             raise ValueError("seed_lease must be True or False")
         if seed_lease:
