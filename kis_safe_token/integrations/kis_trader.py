@@ -62,11 +62,13 @@ from ..kis import (
     kis_code,
     kis_message,
 )
+from ..ratelimit import RateLimiter
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
 from ..storage.factory import create_token_storage
 from ..token import Token
 from . import require
+from ._client_token import CallSlots, answer_code, send_metered
 
 require("kis_trader", "kis-trader")
 from kis_trader._internal import _auth, _http  # noqa: E402
@@ -123,6 +125,8 @@ class _TraderToken(SharedToken):
         storage: TokenStorage,
         post: _auth.TokenPoster | None,
         clock: Callable[[], float],
+        calls_per_second: float | None,
+        rate_limiter: RateLimiter | None,
     ) -> None:
         self._environment = manager.environment
         self._post = post
@@ -132,6 +136,8 @@ class _TraderToken(SharedToken):
             storage,
             mock=self._environment == "paper",
             clock=clock,
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
         )
 
     @property
@@ -198,6 +204,8 @@ class TokenManager(_auth.TokenManager):
         token_storage: TokenStorage | None = None,
         post: _auth.TokenPoster | None = None,
         clock: Callable[[], float] = time.time,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         env = trader_environment(environment)
         storage = token_storage if token_storage is not None else create_token_storage()
@@ -211,7 +219,7 @@ class TokenManager(_auth.TokenManager):
         self.app_key = app_key
         self.app_secret = app_secret
         self.environment: Literal["real", "paper"] = env
-        self._kst_token = _TraderToken(self, storage, post, clock)
+        self._kst_token = _TraderToken(self, storage, post, clock, calls_per_second, rate_limiter)
 
     def __repr__(self) -> str:
         return f"TokenManager(environment={self.environment!r}, shared={self._kst_token!r})"
@@ -257,10 +265,14 @@ class TokenManager(_auth.TokenManager):
 
 
 def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> Sender:
-    """kis-trader's ``send`` (default: its ``requests`` sender) that answers ``EGW00123`` /
-    ``EGW00121`` by dropping the rejected token (compare-and-delete) and sending once more with
-    the fleet's next one. Any other answer, and the repeated call's, goes back unchanged."""
+    """kis-trader's ``send`` (default: its ``requests`` sender) with the fleet's etiquette: every
+    send takes a slot of the token's fleet-wide rate limit first; an ``EGW00201`` answer is
+    re-sent after a back-off, bounded as :class:`~kis_safe_token.KisAuth` does (the limiter is
+    told, and slows the fleet down for a while); ``EGW00123``/``EGW00121`` drops the rejected
+    token (compare-and-delete) and sends once more with the fleet's next one. Any other answer,
+    and the last one, goes back unchanged (kis-trader raises on it)."""
     inner: Sender = send if send is not None else _http._requests_send
+    shared = token_manager._kst_token
 
     def send_refreshing(
         method: str,
@@ -270,7 +282,16 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
         params: Mapping[str, str] | None,
         json_body: Mapping[str, str] | None,
     ) -> _http.HTTPResult:
-        result = inner(method, url, headers=headers, params=params, json_body=json_body)
+        slots = CallSlots(shared)
+
+        def send_with(sent: Mapping[str, str]) -> _http.HTTPResult:
+            return send_metered(
+                slots,
+                lambda: inner(method, url, headers=sent, params=params, json_body=json_body),
+                _result_code,
+            )
+
+        result = send_with(headers)
         payload = result[2]
         if not isinstance(payload, Mapping) or payload.get("msg_cd") not in TOKEN_REJECTED:
             return result
@@ -279,10 +300,13 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
         fresh = f"Bearer {token_manager.access_token()}"
         if fresh == sent:  # the storage kept it: sending it again would be rejected again
             return result
-        retry = {**headers, "authorization": fresh}
-        return inner(method, url, headers=retry, params=params, json_body=json_body)
+        return send_with({**headers, "authorization": fresh})
 
     return send_refreshing
+
+
+def _result_code(result: _http.HTTPResult) -> object:
+    return answer_code(result[2])
 
 
 class RequestsTransport(_http.RequestsTransport):
