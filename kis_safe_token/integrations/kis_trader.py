@@ -11,7 +11,7 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
 
 - :class:`TokenManager` takes kis-trader's keyword names (``app_key``, ``app_secret``,
   ``environment``, ``post``, ``clock``) plus ``token_storage`` (default: ours from the
-  environment). ``environment``: ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the
+  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``: ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the
   same thing). Its ``access_token()`` comes from the storage's single flight: a fleet makes one
   ``tokenP`` call, issued at the host kis-trader's endpoint table gives for the environment,
   through its ``post`` (kis-trader's ``requests.post`` with ``timeout=10`` by default). It never
@@ -30,9 +30,20 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
   with that wrapper applied, and ``app_key``/``app_secret``/``environment`` defaulting to the
   manager's. To keep your own transport, pass ``send=refreshing_send(tokens, your_send)``. The
   repeated call is made inside the attempt that got the rejection, so it does not take a second
-  slot of the transport's ``rate_limiter``.
-- With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``): pass
-  ``rate_limiter=`` to the transport as you would to kis-trader's.
+  slot of the transport's own (per-process) ``rate_limiter``.
+- **The fleet's call-rate limit**: ``TokenManager(..., calls_per_second=, rate_limiter=)`` (as
+  in :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the environment,
+  ``0`` off). The same ``send`` wrapper takes a slot of the token's fleet-wide limiter (the one
+  ``KoreaInvestment``/``KisAuth`` use for the same app key and storage) before every send, the
+  refresh re-send included. An ``EGW00201`` answer tells the limiter (``penalize``) and is
+  re-sent after a jittered back-off, at most ``RETRY_ATTEMPTS`` times within
+  ``RETRY_BUDGET_S`` (:mod:`kis_safe_token.auth`), for writes too (KIS refuses with
+  ``EGW00201`` before it processes a request); the last answer goes back to kis-trader, which
+  repeats a refused idempotent GET up to its ``max_attempts`` (each through the wrapper again)
+  and then raises ``KISRateLimitError``.
+- With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``); the fleet's
+  limit above does. A transport ``rate_limiter=`` (kis-trader's, per process) still applies
+  per attempt if you give one.
 
 Depends on kis-trader 0.12.2 (``UPSTREAM_VERSION``; ``tests/test_integration_kis_trader.py``
 fails if another version is installed or these move), paths under ``site-packages/kis_trader/``:
@@ -192,7 +203,9 @@ class TokenManager(_auth.TokenManager):
     """kis-trader's ``TokenManager`` whose token comes from ``token_storage`` (one issuance per
     app key, fleet-wide). ``environment``: ``'real'``, ``'virtual'`` or ``'paper'``.
     ``token_storage=None``: ours from the environment. ``post``: kis-trader's token poster
-    (``(url, body) -> (status, json)``). ``ValueError`` for an unknown environment.
+    (``(url, body) -> (status, json)``). ``calls_per_second``/``rate_limiter``: the fleet-wide
+    call-rate limit :func:`refreshing_send` keeps to (module docstring). ``ValueError`` for an
+    unknown environment.
     """
 
     def __init__(

@@ -22,6 +22,20 @@ What changes (install with ``pip install 'kis-safe-token[korea-investment-stock]
 - ``base_url=`` (keyword): the host, for all calls including ``tokenP``; else
   ``$KOREA_INVESTMENT_BASE_URL``, else upstream's (the real KIS host).
 - ``check_access_token()`` only reads the store (upstream's would issue through our bridge).
+- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is 18/s for a real account, ``0`` off): every
+  send of ``_request_with_token_refresh`` (the one path of every REST method) takes a slot of
+  the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage, the re-send
+  after an expired token included (taken in ``issue_access_token(force=True)``, which upstream
+  calls right before it). An ``EGW00201`` answer tells the limiter (``penalize``) and the whole
+  path is run again after a jittered back-off, at most ``RETRY_ATTEMPTS`` times within
+  ``RETRY_BUDGET_S`` (:mod:`kis_safe_token.auth`); then upstream's answer is returned.
+  ``issue_hashkey`` (``POST /uapi/hashkey`` through upstream's ``requests.post``) takes a slot
+  too; upstream raises on its refusal, so it is not re-sent. Not throttled: the master-file
+  downloads (``download_master_file``, another host, not metered by KIS) and the module-level
+  function ``korea_investment_stock.ipo.fetch_ipo_schedule`` (it is handed a token, not this
+  broker; the broker's own ``fetch_ipo_schedule`` goes through the limited path). Upstream's
+  per-process ``RateLimitedKoreaInvestment`` still composes on top.
 - The rest is upstream's: its methods, and its wrappers ``RateLimitedKoreaInvestment(broker)``
   and ``CachedKoreaInvestment(broker)``, which compose a broker and work on this one unchanged.
 
@@ -36,9 +50,11 @@ Upstream offers no hook for any of this; the overrides depend on korea-investmen
   ``self.access_token = self._token_manager.get_valid_token()``, and ``token/manager.py:80-101``
   (``check_token_valid`` True, then ``load_token(...)["access_token"]``): at construction
   upstream gets a seed-protocol bridge answering from our single flight, so it never POSTs.
-- ``:174-184`` ``issue_access_token(force)``, ``:226-238`` ``_request_with_token_refresh``
-  (an expired answer -> ``issue_access_token(force=True)`` -> ``headers["authorization"] =
-  self.access_token``), ``:245-255`` ``check_access_token``/``load_access_token``: overridden.
+- ``:174-184`` ``issue_access_token(force)``, ``:245-255``
+  ``check_access_token``/``load_access_token``: overridden; ``:206-243``
+  ``_request_with_token_refresh`` (``requests.get``/``post`` per attempt, an expired answer ->
+  ``issue_access_token(force=True)`` -> ``headers["authorization"] = self.access_token`` ->
+  the next attempt) and ``:257-266`` ``issue_hashkey``: wrapped (the slots).
 - every REST method reads ``self.access_token`` for its header: a property here.
 """
 

@@ -26,6 +26,19 @@ What changes (install with ``pip install 'kis-safe-token[mojito2]'``):
   Nested calls (``fetch_price`` calls ``fetch_domestic_price``) retry at most once per
   outermost call. A method that parses a rejected answer before returning (and raises) is not
   retried.
+- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the account type,
+  virtual with ``mock=True``; ``0`` off): every request a wrapped method sends takes a slot of
+  the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage. The slot
+  is taken where the method reads ``self.access_token`` for its header (mojito reads it once
+  per request, right before ``requests.get``/``post``), so nested wrapped calls
+  (``fetch_balance_oversea`` calls ``fetch_oversea_day_night``) take one slot per HTTP call,
+  not one per wrapper level, and the refresh re-send takes its own. An ``EGW00201`` answer
+  tells the limiter (``penalize``) and the method is called again after a jittered back-off, at
+  most ``RETRY_ATTEMPTS`` times within ``RETRY_BUDGET_S`` per outermost call
+  (:mod:`kis_safe_token.auth`); then mojito's answer is returned. ``issue_hashkey`` (``POST
+  /uapi/hashkey``, made by the order methods) reads no token and takes its slot itself.
+  ``download_master_file`` (another host) is not throttled.
 - ``check_access_token()`` reads the store (never issues); ``load_access_token()`` and
   ``issue_access_token()`` take the fleet's token (issuing through the single flight only if the
   store has none). ``access_token`` is read from the shared token at every request, refreshed
@@ -41,7 +54,8 @@ moves them):
 - ``:370-378`` ``set_base_url`` sets ``self.base_url``; ``:380-436`` the three token methods
   (overridden: they read and write ``token.dat``);
 - every REST method (``fetch_domestic_price`` ``:472-494`` and the others) builds its header
-  from ``self.access_token`` (a property here) and returns ``resp.json()``.
+  from ``self.access_token`` (a property here), once, right before its one ``requests`` call,
+  and returns ``resp.json()``; ``:438-455`` ``issue_hashkey`` (wrapped: its slot).
 """
 
 from __future__ import annotations

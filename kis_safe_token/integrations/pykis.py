@@ -24,6 +24,18 @@ What changes against upstream, and why:
   token (encrypted), and a token handed in would bypass the fleet's single flight.
 - **Virtual trading** (``virtual_appkey``/``virtual_secretkey``) works the same way: the
   virtual app key has its own shared token (``primary_token``).
+- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, as in
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the account type,
+  ``0`` off; they set the limit of the domain pykis trades on, the virtual one in virtual
+  mode, where the real domain, used for quotes, keeps its default unless ``0``): every
+  ``/uapi/`` send of pykis's ``request`` loop takes a slot of the domain's fleet-wide limiter
+  (the one ``KoreaInvestment``/``KisAuth`` use for the same app key and storage), in the
+  domain's session, so each attempt of pykis's re-sending loop takes its own. pykis's own
+  per-process limiter still runs first. ``EGW00201``: pykis re-sends it after 0.1 s, for ever;
+  here the limiter is told (``penalize``), a jittered back-off is slept before pykis re-sends,
+  and after ``RETRY_ATTEMPTS`` re-sends (or ``RETRY_BUDGET_S``, :mod:`kis_safe_token.auth`)
+  the answer is raised as ``KisHTTPError``, as pykis raises any other code. Token calls
+  (``/oauth2/``) take no slot: KIS does not meter them, and one holds the issuance lock.
 - ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
   from the storage, so the fleet does not keep serving a revoked token; another process still
   holding it meets ``EGW00121``, which pykis raises: ``request`` answers it like ``EGW00123``
@@ -36,7 +48,8 @@ another version is installed or these move), paths under ``site-packages/pykis/`
   ``virtual_token``), ``:419-424`` ``self._token = ...`` / ``self._virtual_token = ...`` at init,
   ``:425-431`` ``self._sessions`` (``{"real", "virtual"}`` of ``requests.Session``).
 - ``kis.py:555-593`` the ``request`` loop: ``self.token``/``self.primary_token`` read per attempt
-  (``:559``), ``session.request`` without timeout (``:561``), ``EGW00123`` ->
+  (``:559``), ``session.request`` without timeout, once per attempt (``:561``; our session takes
+  the slot there), ``EGW00201`` -> ``sleep(0.1)`` and again (``:580-584``), ``EGW00123`` ->
   ``self._token = None`` / ``self._virtual_token = None`` (``:586-591``).
 - ``kis.py:505-517`` ``request``'s keywords (``domain``, ``auth``), ``:593-594`` any other
   code raised as ``KisHTTPError``.
