@@ -11,8 +11,8 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
 
 - :class:`TokenManager` takes kis-trader's keyword names (``app_key``, ``app_secret``,
   ``environment``, ``post``, ``clock``) plus ``token_storage`` (default: ours from the
-  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``: ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the
-  same thing). Its ``access_token()`` comes from the storage's single flight: a fleet makes one
+  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``:
+  ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the same thing). Its ``access_token()`` comes from the storage's single flight: a fleet makes one
   ``tokenP`` call, issued at the host kis-trader's endpoint table gives for the environment,
   through its ``post`` (kis-trader's ``requests.post`` with ``timeout=10`` by default). It never
   reads or writes kis-trader's token file (``~/.cache/kis-trader/tokens``). Unlike upstream it
