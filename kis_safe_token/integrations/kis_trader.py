@@ -11,16 +11,17 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
 
 - :class:`TokenManager` takes kis-trader's keyword names (``app_key``, ``app_secret``,
   ``environment``, ``post``, ``clock``) plus ``token_storage`` (default: ours from the
-  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``:
-  ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the same thing). Its ``access_token()`` comes from the storage's single flight: a fleet makes one
-  ``tokenP`` call, issued at the host kis-trader's endpoint table gives for the environment,
-  through its ``post`` (kis-trader's ``requests.post`` with ``timeout=10`` by default). It never
-  reads or writes kis-trader's token file (``~/.cache/kis-trader/tokens``). Unlike upstream it
-  accepts tokens that live 600 s or less (upstream refuses them, ``_auth.py:152-153``); they
-  are refreshed in the last tenth of their life (:meth:`kis_safe_token.Token.refresh_at`).
-  ``EGW00133`` makes the holder sit out KIS's window instead of failing; a refused issuance
-  reaches the caller as kis-trader's ``KISAuthError``. ``revoke()`` revokes the token at KIS
-  and drops it from the storage (compare-and-delete).
+  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``: ``'real'``,
+  ``'virtual'`` or kis-trader's own ``'paper'`` (the same thing). Its ``access_token()`` comes
+  from the storage's single flight: a fleet makes one ``tokenP`` call, issued at the host
+  kis-trader's endpoint table gives for the environment, through its ``post`` (kis-trader's
+  ``requests.post`` with ``timeout=10`` by default). It never reads or writes kis-trader's token
+  file (``~/.cache/kis-trader/tokens``). Unlike upstream it accepts tokens that live 600 s or less
+  (upstream refuses them, ``_auth.py:152-153``); they are refreshed in the last tenth of their
+  life (:meth:`kis_safe_token.Token.refresh_at`). ``EGW00133`` makes the holder sit out KIS's
+  window instead of failing; a refused issuance reaches the caller as kis-trader's
+  ``KISAuthError``. ``revoke()`` revokes the token at KIS and drops it from the storage
+  (compare-and-delete).
 - **Refresh after EGW00123**: a token manager never sees responses, and kis-trader's transport
   only retries the same token (``_http.py:223``) and raises ``KISError(msg_cd='EGW00123')``. The
   hook is the transport's ``send`` (the narrowest seam kis-trader injects): :func:`refreshing_send`
