@@ -283,6 +283,21 @@ def test_one_slot_per_send_the_refresh_resend_included(
     assert (limiter.slots, metered_sim.counts["price_requests"]) == (3, 3)
 
 
+@pytest.mark.parametrize("name", ["korea_investment_stock", "mojito"])
+def test_the_hashkey_call_takes_a_slot_too(
+    name: str, ctx: ScenarioContext, metered_sim: KisSimulator
+) -> None:
+    """``POST /uapi/hashkey`` (the order methods make it) reads no token: it takes its slot
+    itself."""
+    _require(name)
+    limiter = _CountingLimiter()
+    client, _ = build(name, ctx, rate_limiter=limiter)
+    with pytest.raises(Exception):  # noqa: B017,PT011 - the simulator has no hashkey endpoint
+        client.broker.issue_hashkey({"ORD_QTY": "1"})  # type: ignore[attr-defined]
+    assert limiter.slots == 1
+    assert metered_sim.counts["uapi_calls"] == 1  # KIS meters it
+
+
 # -- EGW00201 anyway (a program outside the fleet) ---------------------------------------------
 @pytest.mark.parametrize("name", list(CLIENTS))
 def test_egw00201_from_outside_is_penalized_and_resent(
