@@ -348,3 +348,24 @@ def test_rate_keywords_reach_the_shared_token(name: str, ctx: ScenarioContext) -
     assert build(name, ctx, calls_per_second=0)[1].rate_limiter is None
     mine = MemoryRateLimiter("integration-test", 3)
     assert build(name, ctx, rate_limiter=mine)[1].rate_limiter is mine
+
+
+def test_pykis_rate_keywords_set_the_traded_domain(ctx: ScenarioContext) -> None:
+    """In virtual mode the keywords set the virtual app key's limit (KIS's virtual default
+    1.8/s otherwise); the real domain (quotes) keeps 18/s unless the limit is turned off."""
+    _require("pykis")
+    from kis_safe_token.integrations.pykis import PyKis
+
+    def limits(**rate: Any) -> tuple[float | None, float | None]:
+        kis = PyKis(
+            id="herd", account=ctx.account, appkey=ctx.app_key, secretkey=ctx.app_secret,
+            virtual_id="herd", virtual_appkey="PSvirtualRateKey".ljust(36, "0"),
+            virtual_secretkey="virtual-rate-".ljust(180, "v"),
+            use_websocket=False, token_storage=ctx.storage, **rate,
+        )  # fmt: skip
+        real, virtual = (kis._kst_tokens[d].rate_limiter for d in ("real", "virtual"))
+        return (real and real.rate, virtual and virtual.rate)
+
+    assert limits() == (DEFAULT_RATE, 1.8)
+    assert limits(calls_per_second=5) == (DEFAULT_RATE, 5)
+    assert limits(calls_per_second=0) == (None, None)
