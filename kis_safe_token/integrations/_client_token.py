@@ -7,31 +7,159 @@ from ``self.access_token``. The integrations make that attribute a property serv
 current ``base_url`` (read at issuance, so ``set_base_url`` or a subclass redirects it, as in the
 client itself) and remembers, per thread, the token it served last, so the one a rejected call
 sent is the one dropped (compare-and-delete), never a fresh one another thread already got.
+
+The call-rate limit is shared here too. Each integration takes one slot of its token's fleet-wide
+limiter (:meth:`~kis_safe_token.shared.SharedToken.throttle`, the limiter ``KoreaInvestment`` and
+``KisAuth`` use for the same app key and storage) right before every KIS REST call the upstream
+code sends, and answers ``EGW00201`` as :mod:`kis_safe_token.auth` does: tell the limiter
+(``penalize``), back off with jitter, re-send, at most ``RETRY_ATTEMPTS`` times within
+``RETRY_BUDGET_S`` (:class:`CallSlots`, :func:`send_metered`, :class:`CallMeter`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
-from ..kis import TOKEN_REJECTED
+from ..auth import RETRY_ATTEMPTS, RETRY_BUDGET_S, backoff_s
+from ..kis import TOKEN_REJECTED, TOO_MANY_CALLS
+from ..ratelimit import RateLimiter, RateLimitTimeout
+from ..ratelimit.base import ACQUIRE_TIMEOUT_S
 from ..shared import BASE_URL_ENV, SharedToken
 from ..storage.base import TokenStorage
 
-__all__ = ["ClientToken", "checked_storage", "env_base_url", "token_rejected"]
+__all__ = [
+    "CallMeter",
+    "answer_code",
+    "CallSlots",
+    "ClientToken",
+    "checked_storage",
+    "env_base_url",
+    "send_metered",
+    "token_rejected",
+    "too_many_calls",
+]
+
+R = TypeVar("R")
+
+
+class CallSlots:
+    """The fleet-limiter slots of one logical call (the first send and its ``EGW00201``
+    re-sends), and the re-send budget of :class:`~kis_safe_token.KisAuth`: at most
+    ``RETRY_ATTEMPTS`` re-sends within ``RETRY_BUDGET_S`` of the first refusal."""
+
+    def __init__(self, shared: SharedToken) -> None:
+        self._shared = shared
+        self._resends = 0
+        self._first_refusal: float | None = None
+
+    def take(self) -> None:
+        """Wait for a slot right before one HTTP send (no-op without a limiter). After a
+        refusal the wait is bounded by what is left of the budget.
+        :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no slot comes in time."""
+        if self._first_refusal is None:
+            self._shared.throttle(ACQUIRE_TIMEOUT_S)
+        else:
+            self._shared.throttle(RETRY_BUDGET_S - (time.monotonic() - self._first_refusal))
+
+    def refused(self) -> bool:
+        """KIS answered the last send ``EGW00201``: tell the limiter (it halves the fleet's rate
+        for a while, logged once) and, if the budget allows another re-send, sleep the jittered
+        back-off and return ``True``; ``False``: give the caller KIS's answer."""
+        limiter: RateLimiter | None = self._shared.rate_limiter
+        if limiter is not None:
+            limiter.penalize()
+        now = time.monotonic()
+        if self._first_refusal is None:
+            self._first_refusal = now
+        if self._resends >= RETRY_ATTEMPTS:
+            return False
+        pause = backoff_s(self._resends)
+        if RETRY_BUDGET_S - (now - self._first_refusal) - pause <= 0:
+            return False
+        time.sleep(pause)
+        self._resends += 1
+        return True
+
+
+def send_metered(slots: CallSlots, send: Callable[[], R], code_of: Callable[[R], object]) -> R:
+    """``send()`` in a slot of the fleet's limiter; while its answer is ``EGW00201``
+    (``code_of(answer)``) and the budget allows, back off and send again in a new slot. The
+    last answer is returned (KIS's ``EGW00201`` when the budget is spent or no slot comes)."""
+    slots.take()
+    answer = send()
+    while code_of(answer) == TOO_MANY_CALLS and slots.refused():
+        try:
+            slots.take()
+        except RateLimitTimeout:
+            break
+        answer = send()
+    return answer
+
+
+class CallMeter:
+    """The :class:`CallSlots` of the call each thread is making through an upstream client
+    (nested calls of the same thread share the outermost one's), for hooks that see the start of
+    a call and each HTTP send at different places."""
+
+    def __init__(self, shared: SharedToken) -> None:
+        self.shared = shared
+        self._local = threading.local()
+
+    @contextmanager
+    def call(self) -> Iterator[CallSlots]:
+        """The slots of this thread's call: new for an outermost call, else the enclosing one's."""
+        current: CallSlots | None = getattr(self._local, "slots", None)
+        if current is not None:
+            yield current
+            return
+        self._local.slots = current = CallSlots(self.shared)
+        try:
+            yield current
+        finally:
+            self._local.slots = None
+
+    def before_send(self) -> None:
+        """A slot for the HTTP send this thread is about to make, if it is inside :meth:`call`
+        (a read of the token outside a call, say by the user, takes none)."""
+        current: CallSlots | None = getattr(self._local, "slots", None)
+        if current is not None:
+            current.take()
 
 
 class ClientToken(SharedToken):
     """The token of one third-party ``client`` object (its ``api_key``/``api_secret`` are passed
-    here), shared through ``token_storage`` (``None``: from the environment)."""
+    here), shared through ``token_storage`` (``None``: from the environment). ``mock``,
+    ``calls_per_second`` and ``rate_limiter`` choose the fleet-wide call-rate limit as in
+    :class:`SharedToken`; :attr:`meter` hands out its slots to the client's calls."""
 
     def __init__(
-        self, client: Any, api_key: str, api_secret: str, token_storage: TokenStorage | None
+        self,
+        client: Any,
+        api_key: str,
+        api_secret: str,
+        token_storage: TokenStorage | None,
+        *,
+        mock: bool = False,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._client = client
         self._served = threading.local()
-        super().__init__(api_key, api_secret, token_storage, base_url=str(client.base_url))
+        super().__init__(
+            api_key,
+            api_secret,
+            token_storage,
+            base_url=str(client.base_url),
+            mock=mock,
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
+        )
+        self.meter = CallMeter(self)
 
     @property
     def base_url(self) -> str:
@@ -89,3 +217,14 @@ def token_rejected(answer: object) -> bool:
         return True
     message = str(answer.get("msg1") or "")
     return "만료" in message and "token" in message.lower()
+
+
+def too_many_calls(answer: object) -> bool:
+    """Whether a KIS answer (a client's parsed JSON) is ``EGW00201`` (too many calls per second
+    for the app key)."""
+    return isinstance(answer, dict) and answer.get("msg_cd") == TOO_MANY_CALLS
+
+
+def answer_code(answer: object) -> object:
+    """``msg_cd`` of a KIS answer (a client's parsed JSON), else ``None``."""
+    return answer.get("msg_cd") if isinstance(answer, dict) else None

@@ -11,16 +11,17 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
 
 - :class:`TokenManager` takes kis-trader's keyword names (``app_key``, ``app_secret``,
   ``environment``, ``post``, ``clock``) plus ``token_storage`` (default: ours from the
-  environment). ``environment``: ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the
-  same thing). Its ``access_token()`` comes from the storage's single flight: a fleet makes one
-  ``tokenP`` call, issued at the host kis-trader's endpoint table gives for the environment,
-  through its ``post`` (kis-trader's ``requests.post`` with ``timeout=10`` by default). It never
-  reads or writes kis-trader's token file (``~/.cache/kis-trader/tokens``). Unlike upstream it
-  accepts tokens that live 600 s or less (upstream refuses them, ``_auth.py:152-153``); they
-  are refreshed in the last tenth of their life (:meth:`kis_safe_token.Token.refresh_at`).
-  ``EGW00133`` makes the holder sit out KIS's window instead of failing; a refused issuance
-  reaches the caller as kis-trader's ``KISAuthError``. ``revoke()`` revokes the token at KIS
-  and drops it from the storage (compare-and-delete).
+  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``: ``'real'``,
+  ``'virtual'`` or kis-trader's own ``'paper'`` (the same thing). Its ``access_token()`` comes
+  from the storage's single flight: a fleet makes one ``tokenP`` call, issued at the host
+  kis-trader's endpoint table gives for the environment, through its ``post`` (kis-trader's
+  ``requests.post`` with ``timeout=10`` by default). It never reads or writes kis-trader's token
+  file (``~/.cache/kis-trader/tokens``). Unlike upstream it accepts tokens that live 600 s or less
+  (upstream refuses them, ``_auth.py:152-153``); they are refreshed in the last tenth of their
+  life (:meth:`kis_safe_token.Token.refresh_at`). ``EGW00133`` makes the holder sit out KIS's
+  window instead of failing; a refused issuance reaches the caller as kis-trader's
+  ``KISAuthError``. ``revoke()`` revokes the token at KIS and drops it from the storage
+  (compare-and-delete).
 - **Refresh after EGW00123**: a token manager never sees responses, and kis-trader's transport
   only retries the same token (``_http.py:223``) and raises ``KISError(msg_cd='EGW00123')``. The
   hook is the transport's ``send`` (the narrowest seam kis-trader injects): :func:`refreshing_send`
@@ -30,9 +31,20 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
   with that wrapper applied, and ``app_key``/``app_secret``/``environment`` defaulting to the
   manager's. To keep your own transport, pass ``send=refreshing_send(tokens, your_send)``. The
   repeated call is made inside the attempt that got the rejection, so it does not take a second
-  slot of the transport's ``rate_limiter``.
-- With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``): pass
-  ``rate_limiter=`` to the transport as you would to kis-trader's.
+  slot of the transport's own (per-process) ``rate_limiter``.
+- **The fleet's call-rate limit**: ``TokenManager(..., calls_per_second=, rate_limiter=)`` (as
+  in :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the environment,
+  ``0`` off). The same ``send`` wrapper takes a slot of the token's fleet-wide limiter (the one
+  ``KoreaInvestment``/``KisAuth`` use for the same app key and storage) before every send, the
+  refresh re-send included. An ``EGW00201`` answer tells the limiter (``penalize``) and is
+  re-sent after a jittered back-off, at most ``RETRY_ATTEMPTS`` times within
+  ``RETRY_BUDGET_S`` (:mod:`kis_safe_token.auth`), for writes too (KIS refuses with
+  ``EGW00201`` before it processes a request); the last answer goes back to kis-trader, which
+  repeats a refused idempotent GET up to its ``max_attempts`` (each through the wrapper again)
+  and then raises ``KISRateLimitError``.
+- With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``); the fleet's
+  limit above does. A transport ``rate_limiter=`` (kis-trader's, per process) still applies
+  per attempt if you give one.
 
 Depends on kis-trader 0.12.2 (``UPSTREAM_VERSION``; ``tests/test_integration_kis_trader.py``
 fails if another version is installed or these move), paths under ``site-packages/kis_trader/``:
@@ -62,11 +74,13 @@ from ..kis import (
     kis_code,
     kis_message,
 )
+from ..ratelimit import RateLimiter
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
 from ..storage.factory import create_token_storage
 from ..token import Token
 from . import require
+from ._client_token import CallSlots, answer_code, send_metered
 
 require("kis_trader", "kis-trader")
 from kis_trader._internal import _auth, _http  # noqa: E402
@@ -123,6 +137,8 @@ class _TraderToken(SharedToken):
         storage: TokenStorage,
         post: _auth.TokenPoster | None,
         clock: Callable[[], float],
+        calls_per_second: float | None,
+        rate_limiter: RateLimiter | None,
     ) -> None:
         self._environment = manager.environment
         self._post = post
@@ -132,6 +148,8 @@ class _TraderToken(SharedToken):
             storage,
             mock=self._environment == "paper",
             clock=clock,
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
         )
 
     @property
@@ -186,7 +204,9 @@ class TokenManager(_auth.TokenManager):
     """kis-trader's ``TokenManager`` whose token comes from ``token_storage`` (one issuance per
     app key, fleet-wide). ``environment``: ``'real'``, ``'virtual'`` or ``'paper'``.
     ``token_storage=None``: ours from the environment. ``post``: kis-trader's token poster
-    (``(url, body) -> (status, json)``). ``ValueError`` for an unknown environment.
+    (``(url, body) -> (status, json)``). ``calls_per_second``/``rate_limiter``: the fleet-wide
+    call-rate limit :func:`refreshing_send` keeps to (module docstring). ``ValueError`` for an
+    unknown environment.
     """
 
     def __init__(
@@ -198,6 +218,8 @@ class TokenManager(_auth.TokenManager):
         token_storage: TokenStorage | None = None,
         post: _auth.TokenPoster | None = None,
         clock: Callable[[], float] = time.time,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         env = trader_environment(environment)
         storage = token_storage if token_storage is not None else create_token_storage()
@@ -211,7 +233,7 @@ class TokenManager(_auth.TokenManager):
         self.app_key = app_key
         self.app_secret = app_secret
         self.environment: Literal["real", "paper"] = env
-        self._kst_token = _TraderToken(self, storage, post, clock)
+        self._kst_token = _TraderToken(self, storage, post, clock, calls_per_second, rate_limiter)
 
     def __repr__(self) -> str:
         return f"TokenManager(environment={self.environment!r}, shared={self._kst_token!r})"
@@ -257,10 +279,14 @@ class TokenManager(_auth.TokenManager):
 
 
 def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> Sender:
-    """kis-trader's ``send`` (default: its ``requests`` sender) that answers ``EGW00123`` /
-    ``EGW00121`` by dropping the rejected token (compare-and-delete) and sending once more with
-    the fleet's next one. Any other answer, and the repeated call's, goes back unchanged."""
+    """kis-trader's ``send`` (default: its ``requests`` sender) with the fleet's etiquette: every
+    send takes a slot of the token's fleet-wide rate limit first; an ``EGW00201`` answer is
+    re-sent after a back-off, bounded as :class:`~kis_safe_token.KisAuth` does (the limiter is
+    told, and slows the fleet down for a while); ``EGW00123``/``EGW00121`` drops the rejected
+    token (compare-and-delete) and sends once more with the fleet's next one. Any other answer,
+    and the last one, goes back unchanged (kis-trader raises on it)."""
     inner: Sender = send if send is not None else _http._requests_send
+    shared = token_manager._kst_token
 
     def send_refreshing(
         method: str,
@@ -270,7 +296,16 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
         params: Mapping[str, str] | None,
         json_body: Mapping[str, str] | None,
     ) -> _http.HTTPResult:
-        result = inner(method, url, headers=headers, params=params, json_body=json_body)
+        slots = CallSlots(shared)
+
+        def send_with(sent: Mapping[str, str]) -> _http.HTTPResult:
+            return send_metered(
+                slots,
+                lambda: inner(method, url, headers=sent, params=params, json_body=json_body),
+                _result_code,
+            )
+
+        result = send_with(headers)
         payload = result[2]
         if not isinstance(payload, Mapping) or payload.get("msg_cd") not in TOKEN_REJECTED:
             return result
@@ -279,10 +314,13 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
         fresh = f"Bearer {token_manager.access_token()}"
         if fresh == sent:  # the storage kept it: sending it again would be rejected again
             return result
-        retry = {**headers, "authorization": fresh}
-        return inner(method, url, headers=retry, params=params, json_body=json_body)
+        return send_with({**headers, "authorization": fresh})
 
     return send_refreshing
+
+
+def _result_code(result: _http.HTTPResult) -> object:
+    return answer_code(result[2])
 
 
 class RequestsTransport(_http.RequestsTransport):

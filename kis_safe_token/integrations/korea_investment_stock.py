@@ -22,6 +22,20 @@ What changes (install with ``pip install 'kis-safe-token[korea-investment-stock]
 - ``base_url=`` (keyword): the host, for all calls including ``tokenP``; else
   ``$KOREA_INVESTMENT_BASE_URL``, else upstream's (the real KIS host).
 - ``check_access_token()`` only reads the store (upstream's would issue through our bridge).
+- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is 18/s for a real account, ``0`` off): every
+  send of ``_request_with_token_refresh`` (the one path of every REST method) takes a slot of
+  the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage, the re-send
+  after an expired token included (taken in ``issue_access_token(force=True)``, which upstream
+  calls right before it). An ``EGW00201`` answer tells the limiter (``penalize``) and the whole
+  path is run again after a jittered back-off, at most ``RETRY_ATTEMPTS`` times within
+  ``RETRY_BUDGET_S`` (:mod:`kis_safe_token.auth`); then upstream's answer is returned.
+  ``issue_hashkey`` (``POST /uapi/hashkey`` through upstream's ``requests.post``) takes a slot
+  too; upstream raises on its refusal, so it is not re-sent. Not throttled: the master-file
+  downloads (``download_master_file``, another host, not metered by KIS) and the module-level
+  function ``korea_investment_stock.ipo.fetch_ipo_schedule`` (it is handed a token, not this
+  broker; the broker's own ``fetch_ipo_schedule`` goes through the limited path). Upstream's
+  per-process ``RateLimitedKoreaInvestment`` still composes on top.
 - The rest is upstream's: its methods, and its wrappers ``RateLimitedKoreaInvestment(broker)``
   and ``CachedKoreaInvestment(broker)``, which compose a broker and work on this one unchanged.
 
@@ -36,9 +50,11 @@ Upstream offers no hook for any of this; the overrides depend on korea-investmen
   ``self.access_token = self._token_manager.get_valid_token()``, and ``token/manager.py:80-101``
   (``check_token_valid`` True, then ``load_token(...)["access_token"]``): at construction
   upstream gets a seed-protocol bridge answering from our single flight, so it never POSTs.
-- ``:174-184`` ``issue_access_token(force)``, ``:226-238`` ``_request_with_token_refresh``
-  (an expired answer -> ``issue_access_token(force=True)`` -> ``headers["authorization"] =
-  self.access_token``), ``:245-255`` ``check_access_token``/``load_access_token``: overridden.
+- ``:174-184`` ``issue_access_token(force)``, ``:245-255``
+  ``check_access_token``/``load_access_token``: overridden; ``:206-243``
+  ``_request_with_token_refresh`` (``requests.get``/``post`` per attempt, an expired answer ->
+  ``issue_access_token(force=True)`` -> ``headers["authorization"] = self.access_token`` ->
+  the next attempt) and ``:257-266`` ``issue_hashkey``: wrapped (the slots).
 - every REST method reads ``self.access_token`` for its header: a property here.
 """
 
@@ -49,9 +65,10 @@ import warnings
 from typing import Any
 
 from ..kis import REAL_BASE_URL
+from ..ratelimit import RateLimiter
 from ..storage.base import TokenStorage
 from . import require
-from ._client_token import ClientToken, checked_storage, env_base_url
+from ._client_token import ClientToken, answer_code, checked_storage, env_base_url, send_metered
 
 _upstream = require("korea_investment_stock", "korea-investment-stock")
 _UpstreamKoreaInvestment: Any = _upstream.KoreaInvestment
@@ -99,7 +116,9 @@ class _SeedBridge(_SeedTokenStorage):  # type: ignore[misc]
 
 class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
     """korea-investment-stock's ``KoreaInvestment``, its token shared by the fleet (module
-    docstring). Upstream's arguments, plus keyword ``base_url``."""
+    docstring). Upstream's arguments, plus keywords ``base_url``, ``calls_per_second`` and
+    ``rate_limiter`` (the fleet-wide call-rate limit, as in :class:`kis_safe_token.KoreaInvestment`:
+    ``None`` is KIS's default for a real account, ``0`` turns it off)."""
 
     def __init__(
         self,
@@ -111,7 +130,13 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         token_storage: TokenStorage | None = None,
         *,
         base_url: str | None = None,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
+        self._kst_rate: dict[str, Any] = {
+            "calls_per_second": calls_per_second,
+            "rate_limiter": rate_limiter,
+        }
         self._kst_storage = checked_storage(token_storage)
         self._kst_base_url = env_base_url(base_url) or REAL_BASE_URL
         self._kst_token: ClientToken | None = None
@@ -148,7 +173,9 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
 
     def _kst_shared(self, api_key: str, api_secret: str) -> ClientToken:
         if self._kst_token is None:
-            self._kst_token = ClientToken(self, api_key, api_secret, self._kst_storage)
+            self._kst_token = ClientToken(
+                self, api_key, api_secret, self._kst_storage, **self._kst_rate
+            )
         return self._kst_token
 
     def issue_access_token(self, force: bool = False) -> None:
@@ -157,8 +184,32 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         shared = self._kst_shared(self.api_key, self.api_secret)
         if force:
             shared.refresh_rejected()
+            shared.meter.before_send()  # upstream re-sends next (``:234-236``): its slot
         else:
             shared.serve()
+
+    def _request_with_token_refresh(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, Any],
+        params: dict[str, Any] | None = None,
+        max_retries: int = 1,
+    ) -> Any:
+        """Upstream's request path (every REST method of the broker), each send in a slot of the
+        fleet's rate limit; an ``EGW00201`` answer is re-sent after a back-off, bounded."""
+        shared = self._kst_shared(self.api_key, self.api_secret)
+        parent = super()._request_with_token_refresh
+        with shared.meter.call() as slots:
+            return send_metered(
+                slots, lambda: parent(method, url, headers, params, max_retries), answer_code
+            )
+
+    def issue_hashkey(self, data: dict[str, Any]) -> str:
+        """Upstream's ``/uapi/hashkey`` call (``token/manager.py:166-176``), in a slot of the
+        fleet's rate limit (KIS counts it; upstream raises on a refusal, so no re-send)."""
+        self._kst_shared(self.api_key, self.api_secret).throttle()
+        return str(super().issue_hashkey(data))
 
     def check_access_token(self) -> bool:
         """Whether the store holds a valid token (a read: never issues)."""

@@ -26,6 +26,19 @@ What changes (install with ``pip install 'kis-safe-token[mojito2]'``):
   Nested calls (``fetch_price`` calls ``fetch_domestic_price``) retry at most once per
   outermost call. A method that parses a rejected answer before returning (and raises) is not
   retried.
+- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the account type,
+  virtual with ``mock=True``; ``0`` off): every request a wrapped method sends takes a slot of
+  the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage. The slot
+  is taken where the method reads ``self.access_token`` for its header (mojito reads it once
+  per request, right before ``requests.get``/``post``), so nested wrapped calls
+  (``fetch_balance_oversea`` calls ``fetch_oversea_day_night``) take one slot per HTTP call,
+  not one per wrapper level, and the refresh re-send takes its own. An ``EGW00201`` answer
+  tells the limiter (``penalize``) and the method is called again after a jittered back-off, at
+  most ``RETRY_ATTEMPTS`` times within ``RETRY_BUDGET_S`` per outermost call
+  (:mod:`kis_safe_token.auth`); then mojito's answer is returned. ``issue_hashkey`` (``POST
+  /uapi/hashkey``, made by the order methods) reads no token and takes its slot itself.
+  ``download_master_file`` (another host) is not throttled.
 - ``check_access_token()`` reads the store (never issues); ``load_access_token()`` and
   ``issue_access_token()`` take the fleet's token (issuing through the single flight only if the
   store has none). ``access_token`` is read from the shared token at every request, refreshed
@@ -41,7 +54,8 @@ moves them):
 - ``:370-378`` ``set_base_url`` sets ``self.base_url``; ``:380-436`` the three token methods
   (overridden: they read and write ``token.dat``);
 - every REST method (``fetch_domestic_price`` ``:472-494`` and the others) builds its header
-  from ``self.access_token`` (a property here) and returns ``resp.json()``.
+  from ``self.access_token`` (a property here), once, right before its one ``requests`` call,
+  and returns ``resp.json()``; ``:438-455`` ``issue_hashkey`` (wrapped: its slot).
 """
 
 from __future__ import annotations
@@ -54,9 +68,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..ratelimit import RateLimiter
 from ..storage.base import TokenStorage
 from . import require
-from ._client_token import ClientToken, checked_storage, env_base_url, token_rejected
+from ._client_token import (
+    ClientToken,
+    checked_storage,
+    env_base_url,
+    token_rejected,
+    too_many_calls,
+)
 
 _mojito = require("mojito", "mojito2")
 _UpstreamKoreaInvestment: Any = _mojito.KoreaInvestment
@@ -84,7 +105,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
     """mojito2's ``KoreaInvestment``, its token shared by the fleet (module docstring).
-    mojito's arguments, plus keywords ``token_storage`` and ``base_url``."""
+    mojito's arguments, plus keywords ``token_storage``, ``base_url``, ``calls_per_second`` and
+    ``rate_limiter`` (the fleet-wide call-rate limit, as in :class:`kis_safe_token.KoreaInvestment`:
+    ``None`` is KIS's default for the account type, virtual with ``mock=True``; ``0`` turns it
+    off)."""
 
     def __init__(
         self,
@@ -96,7 +120,14 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         *,
         token_storage: TokenStorage | None = None,
         base_url: str | None = None,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
+        self._kst_rate: dict[str, Any] = {
+            "mock": mock,
+            "calls_per_second": calls_per_second,
+            "rate_limiter": rate_limiter,
+        }
         self._kst_storage = checked_storage(token_storage)
         self._kst_base_url = env_base_url(base_url)
         self._kst_token: ClientToken | None = None
@@ -113,8 +144,12 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
     # -- the token ---------------------------------------------------------------------------------
     @property
     def access_token(self) -> str:
-        """``Bearer <token>``, the fleet's (refreshed through the store near expiry)."""
-        return self._kst_shared().serve()
+        """``Bearer <token>``, the fleet's (refreshed through the store near expiry). Read inside
+        a wrapped method, it is the header of the request mojito sends next: it takes that
+        request's slot of the fleet's rate limit first."""
+        shared = self._kst_shared()
+        shared.meter.before_send()
+        return shared.serve()
 
     @access_token.setter
     def access_token(self, value: object) -> None:
@@ -122,7 +157,9 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
 
     def _kst_shared(self) -> ClientToken:
         if self._kst_token is None:
-            self._kst_token = ClientToken(self, self.api_key, self.api_secret, self._kst_storage)
+            self._kst_token = ClientToken(
+                self, self.api_key, self.api_secret, self._kst_storage, **self._kst_rate
+            )
         return self._kst_token
 
     def check_access_token(self) -> bool:
@@ -139,6 +176,13 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         one (a fleet makes one issuance; mojito's would make one per process)."""
         self._kst_shared().serve()
 
+    def issue_hashkey(self, data: dict[str, Any]) -> Any:
+        """mojito's ``/uapi/hashkey`` call (``:438-455``; the order methods make it before
+        their own), in a slot of the fleet's rate limit. It reads no token, so it is not
+        wrapped; mojito parses the answer itself, so it is not re-sent."""
+        self._kst_shared().throttle()
+        return super().issue_hashkey(data)
+
     def close(self) -> None:
         """Close the HTTP session of our token calls (mojito's own calls have none)."""
         if self._kst_token is not None:
@@ -146,8 +190,11 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
 
 
 def _refreshing(method: F) -> F:
-    """``method`` (an upstream REST method), retried once with the fleet's next token when its
-    answer rejects the token it sent; at most one refresh per outermost call of a thread."""
+    """``method`` (an upstream REST method): its requests in slots of the fleet's rate limit
+    (taken where it reads the token, see ``access_token``), re-sent after a back-off on
+    ``EGW00201`` and once with the fleet's next token when its answer rejects the token it sent.
+    Nested calls of a thread share the outermost call's budgets (one refresh; ``EGW00201``
+    re-sends as :class:`~kis_safe_token.KisAuth` bounds them)."""
 
     @functools.wraps(method)
     def call(self: KoreaInvestment, *args: Any, **kwargs: Any) -> Any:
@@ -157,11 +204,19 @@ def _refreshing(method: F) -> F:
             calls.refreshed = False
         calls.depth = depth + 1
         try:
-            answer = method(self, *args, **kwargs)
-            if token_rejected(answer) and not calls.refreshed:
-                calls.refreshed = True
-                self._kst_shared().refresh_rejected()
-                answer = method(self, *args, **kwargs)
+            with self._kst_shared().meter.call() as slots:
+
+                def send() -> Any:
+                    answer = method(self, *args, **kwargs)
+                    while too_many_calls(answer) and slots.refused():
+                        answer = method(self, *args, **kwargs)
+                    return answer
+
+                answer = send()
+                if token_rejected(answer) and not calls.refreshed:
+                    calls.refreshed = True
+                    self._kst_shared().refresh_rejected()
+                    answer = send()
             return answer
         finally:
             calls.depth = depth

@@ -24,6 +24,18 @@ What changes against upstream, and why:
   token (encrypted), and a token handed in would bypass the fleet's single flight.
 - **Virtual trading** (``virtual_appkey``/``virtual_secretkey``) works the same way: the
   virtual app key has its own shared token (``primary_token``).
+- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, as in
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the account type,
+  ``0`` off; they set the limit of the domain pykis trades on, the virtual one in virtual
+  mode, where the real domain, used for quotes, keeps its default unless ``0``): every
+  ``/uapi/`` send of pykis's ``request`` loop takes a slot of the domain's fleet-wide limiter
+  (the one ``KoreaInvestment``/``KisAuth`` use for the same app key and storage), in the
+  domain's session, so each attempt of pykis's re-sending loop takes its own. pykis's own
+  per-process limiter still runs first. ``EGW00201``: pykis re-sends it after 0.1 s, for ever;
+  here the limiter is told (``penalize``), a jittered back-off is slept before pykis re-sends,
+  and after ``RETRY_ATTEMPTS`` re-sends (or ``RETRY_BUDGET_S``, :mod:`kis_safe_token.auth`)
+  the answer is raised as ``KisHTTPError``, as pykis raises any other code. Token calls
+  (``/oauth2/``) take no slot: KIS does not meter them, and one holds the issuance lock.
 - ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
   from the storage, so the fleet does not keep serving a revoked token; another process still
   holding it meets ``EGW00121``, which pykis raises: ``request`` answers it like ``EGW00123``
@@ -36,7 +48,8 @@ another version is installed or these move), paths under ``site-packages/pykis/`
   ``virtual_token``), ``:419-424`` ``self._token = ...`` / ``self._virtual_token = ...`` at init,
   ``:425-431`` ``self._sessions`` (``{"real", "virtual"}`` of ``requests.Session``).
 - ``kis.py:555-593`` the ``request`` loop: ``self.token``/``self.primary_token`` read per attempt
-  (``:559``), ``session.request`` without timeout (``:561``), ``EGW00123`` ->
+  (``:559``), ``session.request`` without timeout, once per attempt (``:561``; our session takes
+  the slot there), ``EGW00201`` -> ``sleep(0.1)`` and again (``:580-584``), ``EGW00123`` ->
   ``self._token = None`` / ``self._virtual_token = None`` (``:586-591``).
 - ``kis.py:505-517`` ``request``'s keywords (``domain``, ``auth``), ``:593-594`` any other
   code raised as ``KisHTTPError``.
@@ -48,20 +61,31 @@ another version is installed or these move), paths under ``site-packages/pykis/`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import threading
 import warnings
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import requests
 
 from ..errors import TokenIssueError
-from ..kis import RATE_LIMITED, TOKEN_INVALID, json_or_none, kis_code, kis_message
+from ..kis import (
+    RATE_LIMITED,
+    TOKEN_INVALID,
+    TOO_MANY_CALLS,
+    json_or_none,
+    kis_code,
+    kis_message,
+)
+from ..ratelimit import RateLimiter
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
 from ..storage.factory import create_token_storage
 from ..token import Token
 from . import require
+from ._client_token import CallMeter
 
 require("pykis", "python-kis")
 import pykis.kis  # noqa: E402
@@ -87,32 +111,67 @@ if importlib.metadata.version("python-kis") != UPSTREAM_VERSION:  # pragma: no c
 Domain = Literal["real", "virtual"]
 DOMAINS: tuple[Domain, ...] = ("real", "virtual")
 
+METERED_PREFIX = "/uapi/"
+"""The paths KIS meters per app key and second (the ``/oauth2/`` token calls are not)."""
+
 _token_call = threading.local()
 """``timeout`` set while this thread makes a token call through pykis's request loop."""
 
 
 class _Session(requests.Session):
-    """pykis's session, with our timeout on the token calls only: pykis sends every call without
-    one (``kis.py:561``), and an issuance that hangs would hold the fleet's issuance lock."""
+    """pykis's session of one domain: our timeout on the token calls only (pykis sends every call
+    without one, ``kis.py:561``, and an issuance that hangs would hold the fleet's issuance lock),
+    and every ``/uapi/`` send in a slot of the domain's fleet-wide rate limit (``meter``)."""
+
+    meter: CallMeter | None = None
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         timeout = getattr(_token_call, "timeout", None)
         if timeout is not None and kwargs.get("timeout") is None:
             kwargs["timeout"] = timeout
-        return super().request(method, url, *args, **kwargs)
+        meter = self.meter
+        if meter is None or not urlsplit(str(url)).path.startswith(METERED_PREFIX):
+            return super().request(method, url, *args, **kwargs)
+        with meter.call() as slots:
+            slots.take()
+            resp = super().request(method, url, *args, **kwargs)
+            if resp.ok or kis_code(json_or_none(resp)) != TOO_MANY_CALLS:
+                return resp
+            # pykis re-sends EGW00201 after 0.1 s, for ever (kis.py:580-584): back off and let
+            # it, within KisAuth's budget; then raise, as pykis does for any other code.
+            if slots.refused():
+                return resp
+            raise KisHTTPError(response=resp)
 
 
 class _DomainToken(SharedToken):
     """The shared token of one pykis domain's app key, issued through pykis's ``token_issue``."""
 
-    def __init__(self, kis: PyKis, domain: Domain, storage: TokenStorage) -> None:
+    def __init__(
+        self,
+        kis: PyKis,
+        domain: Domain,
+        storage: TokenStorage,
+        calls_per_second: float | None,
+        rate_limiter: RateLimiter | None,
+    ) -> None:
         key = kis.appkey if domain == "real" else kis.virtual_appkey
         self._kis = kis
         self._domain: Domain = domain
         host = pykis.kis.REAL_DOMAIN if domain == "real" else pykis.kis.VIRTUAL_DOMAIN
+        session = kis._sessions[domain]
         super().__init__(
-            key.appkey, key.secretkey, storage, base_url=host, session=kis._sessions[domain]
+            key.appkey,
+            key.secretkey,
+            storage,
+            base_url=host,
+            session=session,
+            mock=domain == "virtual",
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
         )
+        if isinstance(session, _Session):
+            session.meter = CallMeter(self)
 
     def in_memory(self) -> Token | None:
         """The token held in memory (never fetches one)."""
@@ -171,6 +230,8 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         keep_token: Any = None,
         token: Any = None,
         virtual_token: Any = None,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
         **kwargs: Any,
     ) -> None:
         self._sessions: dict[Domain, requests.Session] = {}  # pykis's __del__ closes them
@@ -193,9 +254,19 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
             self._sessions[domain] = session
         self._kst_served = threading.local()
         self._kst_wrapped: dict[Domain, tuple[Token, Any]] = {}
-        self._kst_tokens: dict[Domain, _DomainToken] = {"real": _DomainToken(self, "real", storage)}
-        if self.virtual:
-            self._kst_tokens["virtual"] = _DomainToken(self, "virtual", storage)
+        # The rate arguments are the traded domain's; the other one (quotes go to the real
+        # domain in virtual mode) keeps its default, unless the limit is turned off.
+        traded: Domain = "virtual" if self.virtual else "real"
+        self._kst_tokens: dict[Domain, _DomainToken] = {}
+        for domain in DOMAINS if self.virtual else ("real",):
+            mine = domain == traded
+            self._kst_tokens[domain] = _DomainToken(
+                self,
+                domain,
+                storage,
+                calls_per_second if mine or calls_per_second == 0 else None,
+                rate_limiter if mine else None,
+            )
 
     @property
     def token_storage(self) -> TokenStorage:
@@ -240,21 +311,27 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         self._kst_dropped("virtual", value)
 
     def request(self, path: str, **kwargs: Any) -> Any:
-        """pykis's ``request``; an ``EGW00121`` answer (a token KIS does not know, say one that
-        another process revoked with :meth:`discard`) drops the token this thread sent, as pykis
-        does for ``EGW00123``, and the call is made once more (pykis raises it)."""
-        try:
+        """pykis's ``request``, its ``/uapi/`` sends in slots of the domain's fleet-wide rate
+        limit (one per attempt: pykis re-sends), ``EGW00201`` re-sends bounded as in
+        :class:`~kis_safe_token.KisAuth` (then ``KisHTTPError``); an ``EGW00121`` answer (a token
+        KIS does not know, say one that another process revoked with :meth:`discard`) drops the
+        token this thread sent, as pykis does for ``EGW00123``, and the call is made once more
+        (pykis raises it)."""
+        domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
+        session = self._sessions["virtual" if domain == "virtual" else "real"]
+        meter = session.meter if isinstance(session, _Session) else None
+        with meter.call() if meter is not None else contextlib.nullcontext():
+            try:
+                return super().request(path, **kwargs)
+            except KisHTTPError as exc:
+                if (
+                    not kwargs.get("auth", True)
+                    or kis_code(json_or_none(exc.response)) != TOKEN_INVALID
+                ):
+                    raise
+                # the token pykis sent (kis.py:559): the real one for "real", else primary's
+                self._kst_dropped("virtual" if domain != "real" and self.virtual else "real", None)
             return super().request(path, **kwargs)
-        except KisHTTPError as exc:
-            if (
-                not kwargs.get("auth", True)
-                or kis_code(json_or_none(exc.response)) != TOKEN_INVALID
-            ):
-                raise
-            # the token pykis sent (kis.py:559): the real one for "real", else primary_token's
-            domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
-            self._kst_dropped("virtual" if domain != "real" and self.virtual else "real", None)
-        return super().request(path, **kwargs)
 
     def discard(self, domain: Domain | None = None) -> None:
         """Revoke the tokens in memory at KIS (pykis's ``token_revoke``), then drop them from
