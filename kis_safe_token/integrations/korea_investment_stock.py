@@ -212,8 +212,9 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         return str(super().issue_hashkey(data))
 
     def check_access_token(self) -> bool:
-        """Whether the store holds a valid token (a read: never issues)."""
-        return bool(self.token_storage.check_token_valid(self.api_key, self.api_secret))
+        """Whether the store holds a valid token (a read: never issues, never takes the seed
+        lease of a store that has it on)."""
+        return self.token_storage.load_token(self.api_key, self.api_secret) is not None
 
     def load_access_token(self) -> None:
         """Take the fleet's token (issued through the single flight if the store has none)."""

@@ -163,9 +163,10 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         return self._kst_token
 
     def check_access_token(self) -> bool:
-        """Whether the store holds a valid token (a read: never issues, never opens token.dat)."""
+        """Whether the store holds a valid token (a read: never issues, never opens token.dat,
+        never takes the seed lease of a store that has it on)."""
         storage = self._kst_shared().token_storage
-        return bool(storage.check_token_valid(self.api_key, self.api_secret))
+        return storage.load_token(self.api_key, self.api_secret) is not None
 
     def load_access_token(self) -> None:
         """Take the fleet's token (through the single flight if the store has none)."""
