@@ -37,6 +37,8 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
         item = item.strip()
         if not item:
             continue
+        if "://" in item:
+            raise ValueError(f"{source} has a URL {item[:60]!r}, not an address; {expected}")
         if item.startswith("["):  # [::1]:26379
             host, _, rest = item[1:].partition("]")
             port_text = rest[1:] if rest.startswith(":") else rest

@@ -94,10 +94,11 @@ def redis_retry(
 ) -> T:
     """``fn()``, called again after each transient Redis error until ``deadline``.
 
-    ``deadline`` is a ``time.monotonic()`` instant: ``fn`` runs at least once, and no attempt
-    starts after it (an attempt under way may overrun it by one socket timeout). Pauses between
-    attempts grow from :data:`BACKOFF_FIRST_S` to :data:`BACKOFF_CAP_S`, jittered. ``what``
-    (``"GET"``, ``"lock"``) and ``where`` (a URL without its password) go into the error.
+    ``deadline`` is a ``time.monotonic()`` instant: ``fn`` runs at least once, the last
+    attempt starts at the deadline at the latest (and may overrun it by one socket timeout).
+    Pauses between attempts grow from :data:`BACKOFF_FIRST_S` to :data:`BACKOFF_CAP_S`,
+    jittered. ``what`` (``"GET"``, ``"lock"``) and ``where`` (a URL without its password) go
+    into the error.
 
     Raises :class:`TokenStorageError` (with the Redis error as its cause) at once for an error
     that is not transient, and after the deadline for one that is.
