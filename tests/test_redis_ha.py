@@ -8,9 +8,8 @@ Each topology is started once per test process (session fixtures) and healed aft
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +21,11 @@ from kis_safe_token import LockedRedisTokenStorage, create_token_storage
 from kis_safe_token.cli import _parser, _storage
 from kis_safe_token.crypto import key_id
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.redis_ha import LocalRedisCluster, LocalSentinelSet, wait_until
+from kis_safe_token.testing.redis_ha import (
+    FailoverDuringIssuance,
+    LocalRedisCluster,
+    LocalSentinelSet,
+)
 from kis_safe_token.testing.redis_server import find_redis_server
 from kis_safe_token.token import Token
 
@@ -74,52 +77,6 @@ def assert_one_token_for_all(herd: HerdResult, sim: KisSimulator, *, max_issued:
     assert 1 <= sim.issued <= max_issued
 
 
-def blocked_waiters(port: int) -> int:
-    clients = redis.Redis("127.0.0.1", port, socket_timeout=2).client_list()
-    return sum(1 for c in clients if c.get("cmd") == "blpop")
-
-
-class FailoverDuringIssuance:
-    """``between``-style helper run in a thread beside a herd: waits until the holder's
-    ``tokenP`` request hangs at KIS (issue gate closed) and waiters block in ``BLPOP`` on the
-    primary, SIGKILLs it, lets KIS answer at once (the holder must save through the failover),
-    and measures how long the promotion took."""
-
-    def __init__(
-        self,
-        sim: KisSimulator,
-        primary_port: Callable[[], int],
-        kill: Callable[[], object],
-        wait_for_failover: Callable[[], float],
-    ) -> None:
-        self.sim, self.primary_port = sim, primary_port
-        self.kill, self.wait_for_failover = kill, wait_for_failover
-        self.failover_s: float | None = None
-        self.error: BaseException | None = None
-        sim.issue_gate.clear()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            assert self.sim.wait_for(lambda s: s.counts["issue_requests"] >= 1, 60)
-            port = self.primary_port()
-            wait_until("waiters blocked in BLPOP", lambda: blocked_waiters(port) >= HERD // 2)
-            self.kill()
-            self.sim.issue_gate.set()
-            self.failover_s = self.wait_for_failover()
-        except BaseException as exc:  # noqa: BLE001 - reported by join()
-            self.error = exc
-            self.sim.issue_gate.set()
-
-    def join(self) -> float:
-        self.thread.join(60)
-        if self.error is not None:
-            raise self.error
-        assert self.failover_s is not None
-        return self.failover_s
-
-
 # -- Cluster --------------------------------------------------------------------------------------
 
 
@@ -150,6 +107,7 @@ def test_cluster_primary_failover_mid_issuance_leaves_every_worker_a_token(
     slot = redis_cluster.keyslot(f"{key_prefix}:{{{key_id(HERD_APP_KEY)}}}")  # the token's
     chaos = FailoverDuringIssuance(
         herd_sim,
+        HERD // 2,
         lambda: redis_cluster.slot_owner(slot).port,
         lambda: redis_cluster.kill_slot_owner(slot),
         lambda: redis_cluster.wait_for_failover(slot),
@@ -185,6 +143,7 @@ def test_sentinel_failover_mid_issuance_leaves_every_worker_a_token(
 ) -> None:
     chaos = FailoverDuringIssuance(
         herd_sim,
+        HERD // 2,
         sentinel_set.primary_port,
         sentinel_set.kill_primary,
         sentinel_set.wait_for_failover,

@@ -10,14 +10,18 @@ Sentinel set, both with short failure detection, both able to lose a primary and
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .redis_server import RedisServer, free_port
 
-__all__ = ["LocalRedisCluster", "LocalSentinelSet", "wait_until"]
+if TYPE_CHECKING:
+    from .simulator import KisSimulator
+
+__all__ = ["FailoverDuringIssuance", "LocalRedisCluster", "LocalSentinelSet", "wait_until"]
 
 SLOTS = 16384
 SERVICE = "mymaster"
@@ -314,3 +318,56 @@ def _without_replicaof(args: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def blocked_in_blpop(port: int) -> int:
+    """How many clients of the server on ``port`` are blocked in ``BLPOP`` (waiters)."""
+    return sum(1 for c in _client(port).client_list() if c.get("cmd") == "blpop")
+
+
+class FailoverDuringIssuance:
+    """Kill a primary while an issuance is under way, beside a herd (a thread).
+
+    Closes the simulator's issue gate, so the holder's ``tokenP`` request hangs at KIS; once it
+    does and ``waiters`` clients block in ``BLPOP`` on the primary, SIGKILLs the primary
+    (``kill``), lets KIS answer at once (the holder must save through the failover) and times
+    the promotion (``wait_for_failover``). :meth:`join` returns kill -> promotion in seconds.
+    """
+
+    def __init__(
+        self,
+        sim: KisSimulator,
+        waiters: int,
+        primary_port: Callable[[], int],
+        kill: Callable[[], object],
+        wait_for_failover: Callable[[], float],
+    ) -> None:
+        self.sim, self.waiters, self.primary_port = sim, waiters, primary_port
+        self.kill, self.wait_for_failover = kill, wait_for_failover
+        self.failover_s: float | None = None
+        self.error: BaseException | None = None
+        sim.issue_gate.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            if not self.sim.wait_for(lambda s: s.counts["issue_requests"] >= 1, 60):
+                raise TimeoutError("no process asked KIS for a token")
+            port = self.primary_port()
+            wait_until("waiters blocked in BLPOP", lambda: blocked_in_blpop(port) >= self.waiters)
+            self.kill()
+            self.sim.issue_gate.set()
+            self.failover_s = self.wait_for_failover()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by join()
+            self.error = exc
+        finally:
+            self.sim.issue_gate.set()
+
+    def join(self, timeout: float = 60.0) -> float:
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        if self.failover_s is None:
+            raise TimeoutError("the failover did not finish")
+        return self.failover_s
