@@ -46,6 +46,7 @@ def one_run(
         chaos = FailoverDuringIssuance(sim, processes // 2, primary_port, kill, wait_for_failover)
         herd = run_herd(processes, spec, sim.base_url, fetch=False, timeout_s=150)
         failover_s = chaos.join()
+        last = max((r["holding_at"] for r in herd.rows), default=float("nan"))
         return {
             "failover_s": round(failover_s, 2),
             "issuances": sim.issued,
@@ -53,6 +54,7 @@ def one_run(
             "failures": len(herd.errors) + processes - len(herd.rows),
             "tokens": len(herd.tokens()),
             "last_token_s": round(herd.herd_wall_s() or float("nan"), 2),
+            "kill_to_last_token_s": round(last - (chaos.killed_at or last), 2),
             "errors": herd.errors[:3],
         }
 
@@ -113,14 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         results["sentinel"] = sentinel_runs(args.runs, args.processes)
     if args.only in (None, "cluster"):
         results["cluster"] = cluster_runs(args.runs, args.processes)
-    print(f"\n{args.processes} processes, {args.runs} runs each ({time.monotonic() - started:.0f} s)")
-    print(f"{'':9}{'run':>4}{'failover s':>12}{'issuances':>11}{'failures':>10}{'last token s':>14}")
+    took = time.monotonic() - started
+    print(f"\n{args.processes} processes, {args.runs} runs each ({took:.0f} s); seconds:")
+    print(
+        f"{'':9}{'run':>4}{'kill->promoted':>16}{'issuances':>11}{'failures':>10}"
+        f"{'start->last token':>19}{'kill->last token':>18}"
+    )
     ok = True
     for name, rows in results.items():
         for i, r in enumerate(rows, 1):
             print(
-                f"{name:9}{i:>4}{r['failover_s']:>12.2f}{r['issuances']:>11}"
-                f"{r['failures']:>10}{r['last_token_s']:>14.2f}"
+                f"{name:9}{i:>4}{r['failover_s']:>16.2f}{r['issuances']:>11}{r['failures']:>10}"
+                f"{r['last_token_s']:>19.2f}{r['kill_to_last_token_s']:>18.2f}"
             )
             ok = ok and r["failures"] == 0 and r["issuances"] <= 2 and r["tokens"] == 1
     return 0 if ok else 1

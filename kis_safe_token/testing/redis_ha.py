@@ -345,6 +345,7 @@ class FailoverDuringIssuance:
         self.sim, self.waiters, self.primary_port = sim, waiters, primary_port
         self.kill, self.wait_for_failover = kill, wait_for_failover
         self.failover_s: float | None = None
+        self.killed_at: float | None = None  # time.time(), comparable with a herd's rows
         self.error: BaseException | None = None
         sim.issue_gate.clear()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -357,6 +358,7 @@ class FailoverDuringIssuance:
             port = self.primary_port()
             wait_until("waiters blocked in BLPOP", lambda: blocked_in_blpop(port) >= self.waiters)
             self.kill()
+            self.killed_at = time.time()
             self.sim.issue_gate.set()
             self.failover_s = self.wait_for_failover()
         except BaseException as exc:  # noqa: BLE001 - re-raised by join()
