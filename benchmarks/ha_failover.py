@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 # Spawned herd processes inherit sys.path, so they find the herd harness too.
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+import redis  # noqa: E402
 from herd import HERD_APP_KEY, HERD_SECRET, run_herd  # noqa: E402
 
 from kis_safe_token.crypto import key_id  # noqa: E402
@@ -41,9 +43,12 @@ def one_run(
     primary_port: Callable[[], int],
     kill: Callable[[], object],
     wait_for_failover: Callable[[], float],
+    after_kill: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     with KisSimulator(apps={HERD_APP_KEY: HERD_SECRET}, issue_latency_s=0.05) as sim:
-        chaos = FailoverDuringIssuance(sim, processes // 2, primary_port, kill, wait_for_failover)
+        chaos = FailoverDuringIssuance(
+            sim, processes // 2, primary_port, kill, wait_for_failover, after_kill
+        )
         herd = run_herd(processes, spec, sim.base_url, fetch=False, timeout_s=150)
         failover_s = chaos.join()
         last = max((r["holding_at"] for r in herd.rows), default=float("nan"))
@@ -59,15 +64,23 @@ def one_run(
         }
 
 
-def sentinel_runs(runs: int, processes: int) -> list[dict[str, Any]]:
+def sentinel_runs(runs: int, processes: int, *, lost_lock: bool = False) -> list[dict[str, Any]]:
+    """``lost_lock``: the lock is deleted on the replica right after the kill (the replica made
+    writable for that), as if the primary died before replicating it: the case SECURITY.md
+    names as the lock's limit."""
     out = []
     with LocalSentinelSet() as sentinels:
         for _ in range(runs):
-            spec = {
-                "kind": "redis-sentinel",
-                "sentinels": sentinels.sentinels,
-                "key_prefix": f"bench:{uuid.uuid4().hex[:8]}:token",
-            }
+            prefix = f"bench:{uuid.uuid4().hex[:8]}:token"
+            spec = {"kind": "redis-sentinel", "sentinels": sentinels.sentinels}
+            spec["key_prefix"] = prefix
+            after_kill = None
+            if lost_lock:
+                replica = next(s for s in sentinels.data if s.port != sentinels.primary_port())
+                admin = redis.Redis("127.0.0.1", replica.port)
+                admin.config_set("replica-read-only", "no")
+                lock_key = f"{prefix}:{{{key_id(HERD_APP_KEY)}}}:lock"
+                after_kill = partial(admin.delete, lock_key)
             out.append(
                 one_run(
                     processes,
@@ -75,10 +88,12 @@ def sentinel_runs(runs: int, processes: int) -> list[dict[str, Any]]:
                     sentinels.primary_port,
                     sentinels.kill_primary,
                     sentinels.wait_for_failover,
+                    after_kill,
                 )
             )
             sentinels.heal()
-            print("sentinel", json.dumps(out[-1]), flush=True)
+            name = "lost-lock" if lost_lock else "sentinel"
+            print(f"{name:9}", json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -107,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--processes", type=int, default=16)
-    parser.add_argument("--only", choices=("sentinel", "cluster"))
+    parser.add_argument("--only", choices=("sentinel", "cluster", "lost-lock"))
+    parser.add_argument(
+        "--lost-lock",
+        action="store_true",
+        help="also run Sentinel failovers in which the lock never reached the replica",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     results: dict[str, list[dict[str, Any]]] = {}
@@ -115,17 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         results["sentinel"] = sentinel_runs(args.runs, args.processes)
     if args.only in (None, "cluster"):
         results["cluster"] = cluster_runs(args.runs, args.processes)
+    if args.only == "lost-lock" or (args.only is None and args.lost_lock):
+        results["lost-lock"] = sentinel_runs(args.runs, args.processes, lost_lock=True)
     took = time.monotonic() - started
     print(f"\n{args.processes} processes, {args.runs} runs each ({took:.0f} s); seconds:")
     print(
-        f"{'':9}{'run':>4}{'kill->promoted':>16}{'issuances':>11}{'failures':>10}"
-        f"{'start->last token':>19}{'kill->last token':>18}"
+        f"{'':9}{'run':>4}{'kill->promoted':>16}{'issuances':>11}{'EGW00133':>10}"
+        f"{'failures':>10}{'start->last token':>19}{'kill->last token':>18}"
     )
     ok = True
     for name, rows in results.items():
         for i, r in enumerate(rows, 1):
             print(
-                f"{name:9}{i:>4}{r['failover_s']:>16.2f}{r['issuances']:>11}{r['failures']:>10}"
+                f"{name:9}{i:>4}{r['failover_s']:>16.2f}{r['issuances']:>11}"
+                f"{r['rate_limited']:>10}{r['failures']:>10}"
                 f"{r['last_token_s']:>19.2f}{r['kill_to_last_token_s']:>18.2f}"
             )
             ok = ok and r["failures"] == 0 and r["issuances"] <= 2 and r["tokens"] == 1

@@ -464,7 +464,8 @@ class RedisIssuanceLock(IssuanceLock):
         )
         if not kept:
             logger.warning(
-                "the issuance lock expired while held (lock_ttl %.1f s too short?)",
+                "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
+                "failover before it was replicated?); saving the token anyway",
                 storage.lock_ttl,
             )
 

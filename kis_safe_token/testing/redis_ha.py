@@ -330,8 +330,9 @@ class FailoverDuringIssuance:
 
     Closes the simulator's issue gate, so the holder's ``tokenP`` request hangs at KIS; once it
     does and ``waiters`` clients block in ``BLPOP`` on the primary, SIGKILLs the primary
-    (``kill``), lets KIS answer at once (the holder must save through the failover) and times
-    the promotion (``wait_for_failover``). :meth:`join` returns kill -> promotion in seconds.
+    (``kill``), runs ``after_kill`` (say, delete the lock on the replica: a lock the primary
+    never replicated), lets KIS answer at once (the holder must save through the failover) and
+    times the promotion (``wait_for_failover``). :meth:`join` returns kill -> promotion, seconds.
     """
 
     def __init__(
@@ -341,8 +342,10 @@ class FailoverDuringIssuance:
         primary_port: Callable[[], int],
         kill: Callable[[], object],
         wait_for_failover: Callable[[], float],
+        after_kill: Callable[[], object] | None = None,
     ) -> None:
         self.sim, self.waiters, self.primary_port = sim, waiters, primary_port
+        self.after_kill = after_kill
         self.kill, self.wait_for_failover = kill, wait_for_failover
         self.failover_s: float | None = None
         self.killed_at: float | None = None  # time.time(), comparable with a herd's rows
@@ -359,6 +362,8 @@ class FailoverDuringIssuance:
             wait_until("waiters blocked in BLPOP", lambda: blocked_in_blpop(port) >= self.waiters)
             self.kill()
             self.killed_at = time.time()
+            if self.after_kill is not None:
+                self.after_kill()
             self.sim.issue_gate.set()
             self.failover_s = self.wait_for_failover()
         except BaseException as exc:  # noqa: BLE001 - re-raised by join()
