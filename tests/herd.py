@@ -59,8 +59,12 @@ def build_storage(spec: dict[str, Any]) -> TokenStorage:
         cls = LockedRedisTokenStorage if spec.get("locked", True) else RedisTokenStorage
         return cls(spec["url"], key_prefix=spec["key_prefix"], **options)
     if kind in ("redis-sentinel", "redis-cluster"):
+        from kis_safe_token.storage.factory import HA_RETRY_TIMEOUT_S
         from kis_safe_token.storage.redis import LockedRedisTokenStorage
         from kis_safe_token.storage.redis_ha import cluster_client, sentinel_client
+
+        # As built from the environment: a cold read outlasts a failover too.
+        options.setdefault("retry_timeout_s", HA_RETRY_TIMEOUT_S)
 
         if kind == "redis-sentinel":
             sentinels = [(h, int(p)) for h, p in spec["sentinels"]]
