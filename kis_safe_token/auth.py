@@ -7,18 +7,39 @@ with a fresh one, the way ``requests.auth.HTTPDigestAuth`` answers a 401 challen
 
 from __future__ import annotations
 
-from typing import Any
+import random
+import time
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import requests
 from requests.auth import AuthBase
 
-from .kis import TOKEN_REJECTED, kis_code
+from .errors import KisApiError
+from .kis import TOKEN_REJECTED, TOO_MANY_CALLS, kis_code
+from .ratelimit import RateLimiter
 from .shared import SharedToken
 from .storage.base import TokenStorage
 from .token import Token
 
-__all__ = ["KisAuth"]
+__all__ = ["RETRY_ATTEMPTS", "RETRY_BUDGET_S", "KisAuth", "backoff_s"]
+
+#: ``EGW00201`` anyway (a program outside the fleet shares the app key): at most this many
+#: re-sends, ...
+RETRY_ATTEMPTS: Final = 4
+#: ... within this many seconds from the first refusal (back-offs and slot waits included).
+RETRY_BUDGET_S: Final = 10.0
+#: The first back-off; each next one doubles, up to ``BACKOFF_CAP_S``, all with full jitter.
+BACKOFF_BASE_S: Final = 0.25
+BACKOFF_CAP_S: Final = 2.0
+
+
+def backoff_s(attempt: int) -> float:
+    """The pause before re-send number ``attempt`` (0-based) after ``EGW00201``: exponential,
+    jittered over its upper half so a fleet refused in the same second does not return in it."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0**attempt)
+    return ceiling * (0.5 + 0.5 * random.random())
+
 
 #: The headers that carry the credentials; none of them may follow a redirect.
 CREDENTIAL_HEADERS = ("authorization", "appkey", "appsecret")
@@ -36,6 +57,12 @@ class KisAuth(AuthBase):
     same expiry make one issuance. The response the caller gets is the re-sent request's, with
     the rejected one in its ``history``.
 
+    Every request first takes a slot of the fleet-wide call-rate limit
+    (:meth:`SharedToken.throttle`). If KIS still answers ``EGW00201`` (too many calls per second:
+    a program outside the fleet uses the app key), the limiter is told (it halves the fleet's
+    rate for a while, logged once) and the request is re-sent after a jittered back-off, at most
+    :data:`RETRY_ATTEMPTS` times within :data:`RETRY_BUDGET_S`; the last answer is returned.
+
     The credentials go only to the KIS host (``base_url``'s scheme, host and port): a request to
     another host is a ``ValueError``, and a redirect loses the credential headers. The arguments
     are :class:`SharedToken`'s; nothing is fetched until the first request. Use
@@ -50,9 +77,19 @@ class KisAuth(AuthBase):
         *,
         mock: bool = False,
         base_url: str | None = None,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._setup(
-            SharedToken(api_key, api_secret, token_storage, mock=mock, base_url=base_url),
+            SharedToken(
+                api_key,
+                api_secret,
+                token_storage,
+                mock=mock,
+                base_url=base_url,
+                calls_per_second=calls_per_second,
+                rate_limiter=rate_limiter,
+            ),
             owned=True,
         )
 
@@ -79,6 +116,7 @@ class KisAuth(AuthBase):
             )
         shared = self.shared_token
         token = shared.token
+        shared.throttle()
         r.headers["authorization"] = token.bearer
         r.headers["appkey"] = shared.api_key
         r.headers["appsecret"] = shared.api_secret
@@ -115,41 +153,87 @@ class _Resend:
             for header in CREDENTIAL_HEADERS:
                 r.request.headers.pop(header, None)
             return r
-        if not _token_rejected(r, stream=bool(kwargs.get("stream"))):
+        r = self._while_too_many_calls(r, kwargs)
+        if not _kis_code_is(r, TOKEN_REJECTED, b"EGW0012", stream=bool(kwargs.get("stream"))):
             return r
         self.done = True
         self.shared.invalidate(self.sent.access_token)
         fresh = self.shared.token
+        if fresh.access_token == self.sent.access_token:
+            return r  # nothing better to send
+        self.sent = fresh
+        self.shared.throttle()
+        prep = r.request.copy()
+        prep.headers["authorization"] = fresh.bearer
+        resent = self._send_again(r, prep, kwargs)
+        return r if resent is None else self._while_too_many_calls(resent, kwargs)
+
+    def _while_too_many_calls(
+        self, r: requests.Response, kwargs: dict[str, Any]
+    ) -> requests.Response:
+        """Re-send ``r``'s request while KIS answers ``EGW00201``, backing off, bounded."""
+        stream = bool(kwargs.get("stream"))
+        first = time.monotonic()
+        attempt = 0
+        while attempt < RETRY_ATTEMPTS and _kis_code_is(
+            r, (TOO_MANY_CALLS,), TOO_MANY_CALLS.encode(), stream=stream
+        ):
+            limiter = self.shared.rate_limiter
+            if limiter is not None:
+                limiter.penalize()
+            pause = backoff_s(attempt)
+            left = RETRY_BUDGET_S - (time.monotonic() - first) - pause
+            if left <= 0:
+                break
+            time.sleep(pause)
+            try:
+                self.shared.throttle(left)
+            except KisApiError:
+                break  # no slot within the budget: the caller gets KIS's EGW00201
+            prep = r.request.copy()
+            resent = self._send_again(r, prep, kwargs)
+            if resent is None:
+                break
+            r = resent
+            attempt += 1
+        return r
+
+    def _send_again(
+        self, r: requests.Response, prep: requests.PreparedRequest, kwargs: dict[str, Any]
+    ) -> requests.Response | None:
+        """Send ``prep`` (a copy of ``r``'s request) on ``r``'s connection, with ``r`` in the new
+        response's history; ``None`` if it cannot be sent again (no connection, a spent
+        stream)."""
         connection = getattr(r, "connection", None)
-        if fresh.access_token == self.sent.access_token or connection is None:
-            return r  # nothing better to send, or no way to send it
+        if connection is None:
+            return None
         if self.body_pos is not None:
-            r.request.body.seek(self.body_pos)  # type: ignore[union-attr]
-        elif r.request.body is not None and not isinstance(r.request.body, (bytes, str)):
-            return r  # a streamed body is spent: it cannot be sent again
+            prep.body.seek(self.body_pos)  # type: ignore[union-attr]
+        elif prep.body is not None and not isinstance(prep.body, (bytes, str)):
+            return None  # a streamed body is spent: it cannot be sent again
         # Consume the content and release the connection, so the re-send can reuse it.
         r.content  # noqa: B018
         r.close()
-        prep = r.request.copy()
-        prep.headers["authorization"] = fresh.bearer
         resent: requests.Response = connection.send(prep, **kwargs)
-        resent.history.append(r)
+        resent.history = [*r.history, r]
         resent.request = prep
         return resent
 
 
-def _token_rejected(r: requests.Response, *, stream: bool) -> bool:
-    """Whether KIS answered ``r`` with ``EGW00121``/``EGW00123`` (read without decoding JSON
-    unless the body names one of them; a streamed success is left unread)."""
+def _kis_code_is(
+    r: requests.Response, codes: frozenset[str] | tuple[str, ...], needle: bytes, *, stream: bool
+) -> bool:
+    """Whether KIS answered ``r`` with one of ``codes`` (read without decoding JSON unless the
+    body holds ``needle``; a streamed success is left unread)."""
     if stream and r.status_code < 400:
         return False
-    if b"EGW0012" not in r.content:
+    if needle not in r.content:
         return False
     try:
         payload = r.json()
     except ValueError:
         return False
-    return isinstance(payload, dict) and kis_code(payload) in TOKEN_REJECTED
+    return isinstance(payload, dict) and kis_code(payload) in codes
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

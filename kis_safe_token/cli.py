@@ -21,6 +21,12 @@ from .keyring_secrets import (
     resolve_api_secret,
     set_api_secret,
 )
+from .ratelimit import (
+    CALLS_PER_SECOND_ENV,
+    KIS_CALLS_PER_SECOND_REAL,
+    KIS_CALLS_PER_SECOND_VIRTUAL,
+    resolve_calls_per_second,
+)
 from .storage.base import TokenStorage
 from .storage.factory import (
     REDIS_CLUSTER_NODES_ENV,
@@ -93,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=0)
     sim.add_argument("--issue-window", type=float, default=60.0, help="seconds (KIS: 60)")
+    sim.add_argument(
+        "--calls-per-second",
+        type=int,
+        default=None,
+        help="meter /uapi/ calls per app key like KIS (real 20, virtual 2); default: unmetered",
+    )
 
     demo = sub.add_parser("demo", help="N processes share one token against the simulator")
     demo.add_argument("--workers", type=int, default=8)
@@ -173,6 +185,8 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(info, ensure_ascii=False))
         return
     print(f"storage:  {info['storage']}")
+    if "rate_limit" in info:
+        print(f"rate:     {info['rate_limit']['text']}")
     if info["token"] is None:
         print("token:    none stored")
         return
@@ -188,8 +202,36 @@ def _cmd_status(args: argparse.Namespace) -> int:
     storage = _storage(args)
     data = storage.load_token(api_key, secret)
     token = Token.from_token_data(data) if data else None
-    _print_info(_describe(token, storage), args.json)
+    info = _describe(token, storage)
+    info["rate_limit"] = _rate_info(storage, api_key)
+    _print_info(info, args.json)
     return 0
+
+
+def _rate_info(storage: TokenStorage, api_key: str) -> dict[str, Any]:
+    """The call-rate limit clients of this app key use here (``$KOREA_INVESTMENT_CALLS_PER_SECOND``
+    or the default), where it is shared, and a learned slowdown in force."""
+    real = resolve_calls_per_second(None, mock=False)
+    virtual = resolve_calls_per_second(None, mock=True)
+    info: dict[str, Any] = {
+        "calls_per_second": real or 0,
+        "virtual_calls_per_second": virtual or 0,
+        "kis_limit": KIS_CALLS_PER_SECOND_REAL,
+        "kis_limit_virtual": KIS_CALLS_PER_SECOND_VIRTUAL,
+    }
+    if real is None or virtual is None:
+        info["text"] = f"off ({CALLS_PER_SECOND_ENV}=0)"
+        return info
+    limiter = storage.rate_limiter(api_key, real)
+    left = limiter.slowdown_left_s()
+    info.update(shared_by=limiter.where, slowdown_left_s=round(left, 1))
+    info["text"] = (
+        f"{real:g} calls/s per app key, virtual {virtual:g}/s (KIS: "
+        f"{KIS_CALLS_PER_SECOND_REAL:g}/s, {KIS_CALLS_PER_SECOND_VIRTUAL:g}/s), shared by "
+        f"{limiter.where}"
+        + (f"; slowed to half after EGW00201 for {left:.0f} s more" if left > 0 else "")
+    )
+    return info
 
 
 def _client(args: argparse.Namespace) -> KoreaInvestment:
@@ -225,7 +267,12 @@ def _cmd_clear(args: argparse.Namespace) -> int:
 def _cmd_simulator(args: argparse.Namespace) -> int:
     from .testing import KisSimulator
 
-    with KisSimulator(host=args.host, port=args.port, issue_window_s=args.issue_window) as sim:
+    with KisSimulator(
+        host=args.host,
+        port=args.port,
+        issue_window_s=args.issue_window,
+        calls_per_second=args.calls_per_second,
+    ) as sim:
         print(f"KIS simulator listening on {sim.base_url}  (Ctrl-C to stop)", flush=True)
         print(f"  export {BASE_URL_ENV}={sim.base_url}", flush=True)
         try:

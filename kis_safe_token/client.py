@@ -17,12 +17,14 @@ from .kis import (
     PRICE_PATH,
     PRICE_TR_ID,
     REAL_BASE_URL,
+    TOO_MANY_CALLS,
     VIRTUAL_BASE_URL,
     json_or_none,
     kis_code,
     kis_message,
 )
 from .oauth import Timeout
+from .ratelimit import RateLimiter
 from .shared import BASE_URL_ENV, SharedToken, check_header_value
 from .storage.base import TokenStorage
 from .token import Token, header_safe, mask
@@ -44,6 +46,11 @@ class KoreaInvestment:
     ``token_storage=None`` comes from the environment; ``base_url=None`` is
     ``$KOREA_INVESTMENT_BASE_URL``, else the real host, or the virtual-trading host for
     ``mock=True``. :meth:`from_shared` builds a client on an existing :class:`SharedToken`.
+
+    ``calls_per_second`` (``None``: ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 18/s real,
+    1.8/s virtual; ``0``: off) and ``rate_limiter`` set the fleet-wide call-rate limit that
+    every call waits for (see :class:`SharedToken`); an ``EGW00201`` that comes anyway is
+    retried after a back-off, bounded, then raised as :class:`KisApiError`.
     """
 
     def __init__(
@@ -60,6 +67,8 @@ class KoreaInvestment:
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
         rate_limit_wait_s: float = ISSUE_WINDOW_S,
         custtype: str = "P",
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         check_header_value("custtype", custtype)
         shared = SharedToken(
@@ -72,6 +81,8 @@ class KoreaInvestment:
             clock=clock,
             timeout=timeout,
             rate_limit_wait_s=rate_limit_wait_s,
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
         )
         self._setup(shared, acc_no, custtype, owned=True)
         try:
@@ -134,6 +145,16 @@ class KoreaInvestment:
     def rate_limit_wait_s(self) -> float:
         return self.shared_token.rate_limit_wait_s
 
+    @property
+    def rate_limiter(self) -> RateLimiter | None:
+        """The fleet-wide call-rate limiter every call waits for (``None``: turned off)."""
+        return self.shared_token.rate_limiter
+
+    @property
+    def approval_key(self) -> str:
+        """The websocket approval key, issued once for the fleet and shared through the store."""
+        return self.shared_token.approval_key
+
     # -- the token (the seed's names) --------------------------------------------------------------
     @property
     def access_token(self) -> str:
@@ -150,8 +171,10 @@ class KoreaInvestment:
         return self.shared_token.issue(force)
 
     def check_access_token(self) -> bool:
-        """Whether the store holds a valid token for these credentials (the seed's check)."""
-        return self.token_storage.check_token_valid(self.api_key, self.api_secret)
+        """Whether the store holds a valid token for these credentials. A pure read: on a store
+        with the seed-protocol lease on it never takes the lease (which the seed's
+        ``check_token_valid`` would)."""
+        return self.token_storage.load_token(self.api_key, self.api_secret) is not None
 
     def load_access_token(self) -> None:
         """Load the stored token into memory, if there is a valid one (the seed's load)."""
@@ -171,8 +194,9 @@ class KoreaInvestment:
         params: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Call a KIS endpoint with the token headers; one retry with a fresh token on
-        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure, and
+        """Call a KIS endpoint with the token headers, in a slot of the fleet's rate limit; one
+        retry with a fresh token on ``EGW00121``/``EGW00123``, bounded retries with back-off on
+        ``EGW00201``. Raises :class:`KisApiError` on any other failure, and
         ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
         _check_request_line(method, path)
         check_header_value("tr_id", tr_id)
@@ -200,11 +224,14 @@ class KoreaInvestment:
                 status=resp.status_code,
             )
         if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
-            raise KisApiError(
-                kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
-                code=kis_code(payload),
-                status=resp.status_code,
-            )
+            code = kis_code(payload)
+            message = kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}"
+            if code == TOO_MANY_CALLS:
+                message += (
+                    f" (still refused after {len(resp.history)} re-sends with back-off: another "
+                    "program may be using this app key)"
+                )
+            raise KisApiError(message, code=code, status=resp.status_code)
         return payload
 
     def fetch_price(self, symbol: str) -> dict[str, Any]:

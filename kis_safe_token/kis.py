@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import requests
 
 __all__ = [
+    "APPROVAL_KEY_LIFETIME_S",
     "APPROVAL_PATH",
     "BAD_APP_KEY",
     "BAD_APP_SECRET",
@@ -26,6 +27,8 @@ __all__ = [
     "TOKEN_PATH",
     "TOKEN_REJECTED",
     "TOO_MANY_CALLS",
+    "TOO_MANY_CALLS_MESSAGE",
+    "UNKNOWN_SERVICE",
     "VIRTUAL_BASE_URL",
     "json_or_none",
     "kis_code",
@@ -58,8 +61,16 @@ TOKEN_INVALID: Final = "EGW00121"
 TOKEN_EXPIRED: Final = "EGW00123"
 #: The answers after which the token that was sent is dropped and the call made once more.
 TOKEN_REJECTED: Final = frozenset({TOKEN_INVALID, TOKEN_EXPIRED})
-#: Too many REST calls per second for this app key.
+#: Too many REST calls per second for this app key (HTTP 500, ``rt_cd`` "1"). Only that: the
+#: simulator answers a wrong ``tr_id`` with :data:`UNKNOWN_SERVICE`, never with this code.
 TOO_MANY_CALLS: Final = "EGW00201"
+TOO_MANY_CALLS_MESSAGE: Final = "초당 거래건수를 초과하였습니다."
+#: A ``tr_id`` KIS does not serve.
+UNKNOWN_SERVICE: Final = "OPSQ0002"
+#: How long an approval key (``/oauth2/Approval``) is used: KIS documents 24 h, like the access
+#: token, and states no expiry in the answer. Refreshed with the store's refresh margin, and
+#: dropped (compare-and-delete) as soon as KIS rejects it.
+APPROVAL_KEY_LIFETIME_S: Final = 86_400.0
 #: Unknown app key / wrong app secret.
 BAD_APP_KEY: Final = "EGW00103"
 BAD_APP_SECRET: Final = "EGW00105"

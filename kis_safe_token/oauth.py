@@ -15,10 +15,19 @@ from typing import Any, TypeAlias
 import requests
 
 from .errors import KisApiError, TokenIssueError
-from .kis import RATE_LIMITED, REVOKE_PATH, TOKEN_PATH, json_or_none, kis_code, kis_message
-from .token import Token
+from .kis import (
+    APPROVAL_KEY_LIFETIME_S,
+    APPROVAL_PATH,
+    RATE_LIMITED,
+    REVOKE_PATH,
+    TOKEN_PATH,
+    json_or_none,
+    kis_code,
+    kis_message,
+)
+from .token import Token, header_safe
 
-__all__ = ["CLOCK_TOLERANCE_S", "Timeout", "issue_token", "revoke_token"]
+__all__ = ["CLOCK_TOLERANCE_S", "Timeout", "issue_approval_key", "issue_token", "revoke_token"]
 
 Timeout: TypeAlias = tuple[float, float]
 """requests' ``(connect, read)`` timeout, in seconds."""
@@ -92,6 +101,38 @@ def revoke_token(
             code=kis_code(payload),
             status=resp.status_code,
         )
+
+
+def issue_approval_key(
+    session: requests.Session,
+    base_url: str,
+    *,
+    api_key: str,
+    api_secret: str,
+    timeout: Timeout,
+    clock: Callable[[], float],
+) -> Token:
+    """Ask KIS for a websocket approval key (``POST /oauth2/Approval``), as a :class:`Token`
+    whose ``access_token`` is the key, valid :data:`~kis_safe_token.kis.APPROVAL_KEY_LIFETIME_S`
+    (KIS states no expiry). :class:`TokenIssueError` with KIS's code if it refuses, or if the
+    answer holds no key that can be sent."""
+    body = {"grant_type": "client_credentials", "appkey": api_key, "secretkey": api_secret}
+    try:
+        resp = session.post(f"{base_url}{APPROVAL_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
+    except requests.RequestException as exc:
+        raise TokenIssueError(f"KIS approval key request failed: {type(exc).__name__}") from None
+    payload = json_or_none(resp)
+    key = payload.get("approval_key") if payload else None
+    if resp.status_code != 200 or not header_safe(key):
+        raise TokenIssueError(
+            kis_message(payload)
+            or f"KIS answered {APPROVAL_PATH} with HTTP {resp.status_code} "
+            "without a usable approval_key",
+            code=kis_code(payload),
+            status=resp.status_code,
+        )
+    now = clock()
+    return Token(str(key), now + APPROVAL_KEY_LIFETIME_S, "approval", issued_at=now)
 
 
 def _kis_time(resp: requests.Response) -> float | None:

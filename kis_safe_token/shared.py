@@ -20,14 +20,26 @@ from ._fork import renew_after_fork
 from .errors import TokenStorageError
 from .keyring_secrets import resolve_api_secret
 from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
-from .oauth import Timeout, issue_token, revoke_token
+from .oauth import Timeout, issue_approval_key, issue_token, revoke_token
+from .ratelimit import RateLimiter, resolve_calls_per_second
+from .ratelimit.base import ACQUIRE_TIMEOUT_S
 from .storage.base import TokenStorage, check_seconds
 from .storage.factory import create_token_storage
 from .token import Token, header_safe, mask
 
-__all__ = ["BASE_URL_ENV", "MAX_WAIT_S", "SharedToken", "check_header_value"]
+__all__ = [
+    "APPROVAL_SUFFIX",
+    "BASE_URL_ENV",
+    "MAX_WAIT_S",
+    "SharedToken",
+    "check_header_value",
+]
 
 BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
+
+#: The approval key is stored under the app key plus this suffix: its own sealed entry, lock and
+#: failure record in any store, with the token's single flight and compare-and-delete.
+APPROVAL_SUFFIX = ":approval"
 
 MAX_WAIT_S = 3600.0
 """The longest HTTP timeout or ``EGW00133`` back-off accepted: an issue call holds the fleet's
@@ -49,9 +61,17 @@ class SharedToken:
     real host, or the virtual-trading host for ``mock=True``. ``session``: the
     ``requests.Session`` for the OAuth calls (one of its own by default, closed by
     :meth:`close`). ``timeout``: seconds per KIS call, or a ``(connect, read)`` pair.
-    ``rate_limit_wait_s``: how long to sit out an ``EGW00133``. ``ValueError`` names an argument
-    that cannot be used (a credential that cannot go in an HTTP header, a bad timeout, timings
-    the store's waiters would not outlast).
+    ``rate_limit_wait_s``: how long to sit out an ``EGW00133``.
+
+    KIS calls per second are limited for the whole fleet by :attr:`rate_limiter` (see
+    :meth:`throttle`): ``calls_per_second=None`` is ``$KOREA_INVESTMENT_CALLS_PER_SECOND`` if
+    set, else 90 % of KIS's limit for the account type (18/s real, 1.8/s with ``mock=True``); a
+    number overrides; ``0`` turns the limiter off. The limiter comes from the store
+    (``token_storage.rate_limiter``: a file beside the token file, a key beside the token in
+    Redis, this process only for other stores), unless one is given as ``rate_limiter=``.
+
+    ``ValueError`` names an argument that cannot be used (a credential that cannot go in an HTTP
+    header, a bad timeout or rate, timings the store's waiters would not outlast).
     """
 
     def __init__(
@@ -66,6 +86,8 @@ class SharedToken:
         clock: Callable[[], float] = time.time,
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
         rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         check_header_value("api_key", api_key)
         self.timeout: Timeout = _checked_timeout(timeout)
@@ -86,6 +108,15 @@ class SharedToken:
             http_timeout_s=sum(self.timeout), issue_window_s=self.rate_limit_wait_s
         )
         self._clock = clock
+        if rate_limiter is not None:
+            if calls_per_second is not None:
+                raise ValueError("give calls_per_second or rate_limiter, not both")
+            self.rate_limiter: RateLimiter | None = rate_limiter
+        else:
+            rate = resolve_calls_per_second(calls_per_second, mock=mock)
+            self.rate_limiter = (
+                None if rate is None else self.token_storage.rate_limiter(api_key, rate)
+            )
         self._margin_s = self.token_storage.refresh_margin_s
         self._own_session = session is None
         self._session = session if session is not None else requests.Session()
@@ -96,6 +127,8 @@ class SharedToken:
         self._token: Token | None = None
         self._bearer = ""
         self._fresh_until = float("-inf")
+        self._approval_lock = threading.Lock()
+        self._approval: Token | None = None
 
     def __repr__(self) -> str:
         return (
@@ -175,6 +208,59 @@ class SharedToken:
         self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
         self._forget(token)
 
+    # -- the call-rate limit and the websocket approval key ---------------------------------------
+    def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
+        """Wait for this process's turn to call KIS (a slot of the fleet-wide rate limit); the
+        seconds waited. Call it right before every REST call to KIS that does not go through
+        :class:`KisAuth` or :class:`KoreaInvestment` (they call it themselves). A no-op without a
+        limiter. :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no slot is free within
+        ``timeout_s``."""
+        limiter = self.rate_limiter
+        return 0.0 if limiter is None else limiter.acquire(timeout_s)
+
+    @property
+    def approval_key(self) -> str:
+        """The websocket approval key (``POST /oauth2/Approval``), shared like the token: one
+        process of the fleet asks KIS, the others read it from the store (its own sealed entry).
+        Kept in memory; :meth:`invalidate_approval_key` when KIS rejects it."""
+        current = self._approval
+        if current is not None and current.is_valid(self._clock(), self._margin_s):
+            return current.access_token
+        if not self._approval_lock.acquire(timeout=self.token_storage.wait_timeout):
+            raise TokenStorageError("timed out waiting for another thread's approval key")
+        try:
+            current = self._approval
+            if current is None or not current.is_valid(self._clock(), self._margin_s):
+                current = self._approval = self.token_storage.get_or_issue(
+                    self.api_key + APPROVAL_SUFFIX, self.api_secret, self._issue_approval
+                )
+            return current.access_token
+        finally:
+            self._approval_lock.release()
+
+    def invalidate_approval_key(self, approval_key: str) -> bool:
+        """KIS rejected ``approval_key``: drop it from the store only if the store still holds it
+        (compare-and-delete), and from memory; the next :attr:`approval_key` gets a new one
+        through the single flight. Returns whether the store deleted it."""
+        deleted = self.token_storage.invalidate_token(
+            self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
+        )
+        with self._approval_lock:
+            if self._approval is not None and self._approval.access_token == approval_key:
+                self._approval = None
+        return deleted
+
+    def _issue_approval(self) -> Token:
+        """Ask KIS for an approval key (called by the store, holding the issuance lock)."""
+        return issue_approval_key(
+            self._session,
+            self.base_url,
+            api_key=self.api_key,
+            api_secret=self.api_secret,
+            timeout=self.timeout,
+            clock=self._clock,
+        )
+
     def load(self) -> Token | None:
         """Take the stored token into memory if the store holds a valid one; never issues."""
         data = self.token_storage.load_token(self.api_key, self.api_secret)
@@ -235,6 +321,7 @@ class SharedToken:
         # background thread), the inherited lock would stay held for ever; an object built before
         # fork() must not share pooled sockets with its parent either.
         self._lock = threading.Lock()
+        self._approval_lock = threading.Lock()
         if self._own_session:
             self._session = requests.Session()
 

@@ -34,6 +34,7 @@ from kis_safe_token.storage.file import FileTokenStorage
 
 __all__ = [
     "HERD_APP_KEY",
+    "run_call_herd",
     "HERD_SECRET",
     "HerdResult",
     "build_storage",
@@ -300,3 +301,71 @@ def gated_client(
         out.put(("ok", token_id(client.access_token), time.monotonic()))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         out.put(("error", f"{type(exc).__name__}: {exc}", time.monotonic()))
+
+
+def _call_loop(
+    spec: dict[str, Any],
+    client_kwargs: dict[str, Any],
+    index: int,
+    calls: int,
+    barrier: Any,
+    results: Any,
+) -> None:
+    try:
+        client = KoreaInvestment(
+            HERD_APP_KEY, HERD_SECRET, token_storage=build_storage(spec), **client_kwargs
+        )
+        barrier.wait(120)
+        answered, codes = 0, []
+        for _ in range(calls):
+            try:
+                client.fetch_price(SYMBOL)
+                answered += 1
+            except Exception as exc:  # noqa: BLE001 - counted and reported to the parent
+                codes.append(getattr(exc, "code", None) or type(exc).__name__)
+        results.put(("done", index, {"answered": answered, "errors": codes, "ended": time.time()}))
+    except Exception as exc:  # noqa: BLE001
+        results.put(("error", index, f"process {index}: {type(exc).__name__}: {exc}"))
+
+
+def run_call_herd(
+    processes: int,
+    calls: int,
+    spec: dict[str, Any],
+    base_url: str,
+    *,
+    client_kwargs: dict[str, Any] | None = None,
+    timeout_s: float = 120.0,
+) -> tuple[float, list[dict[str, Any]], list[str]]:
+    """``processes`` spawned processes, each with its own client, released together by a
+    barrier, each making ``calls`` price calls in a row: ``(released_at, one report per
+    process, errors)``; a report holds ``answered``, ``errors`` (KIS codes) and ``ended``."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(processes + 1)
+    results = ctx.Queue()
+    kwargs = {"base_url": base_url, **(client_kwargs or {})}
+    procs = [
+        ctx.Process(target=_call_loop, args=(spec, kwargs, i, calls, barrier, results), daemon=True)
+        for i in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    reports: list[dict[str, Any]] = []
+    errors: list[str] = []
+    released_at = 0.0
+    deadline = time.monotonic() + timeout_s
+    try:
+        barrier.wait(120)
+        released_at = time.time()
+        while len(reports) + len(errors) < processes:
+            kind, _, payload = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            (reports if kind == "done" else errors).append(payload)
+    except (queue.Empty, threading.BrokenBarrierError):
+        errors.append(f"call herd did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return released_at, reports, errors

@@ -194,7 +194,7 @@ def test_other_kis_errors_are_kis_api_errors(sim: KisSimulator, token_path: Path
             tr_id="WRONG",
             params={"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"},
         )
-    assert info.value.code == "EGW00201"
+    assert info.value.code == "OPSQ0002"  # not EGW00201: that code means only the rate limit
     assert sim.issued == 1
 
 

@@ -22,7 +22,8 @@ __all__ = ["require"]
 
 
 def require(module: str, extra: str) -> ModuleType:
-    """Import a third-party client, or raise an ``ImportError`` naming the extra that installs it."""
+    """Import a third-party client, or raise an ``ImportError`` naming the extra that
+    installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:

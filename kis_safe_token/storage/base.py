@@ -18,14 +18,19 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
 
 from .._faults import fault_point
 from ..crypto import Sealer, fingerprint
 from ..errors import TokenIssueError, TokenStorageError
 from ..failure import IssueFailure
 from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
+from ..ratelimit.base import RateLimiter
+from ..ratelimit.memory import MemoryRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
+
+if TYPE_CHECKING:
+    from .lease import LeaseRecords, SeedLease
 
 __all__ = [
     "IssuanceLock",
@@ -112,6 +117,7 @@ class TokenStorage(ABC):
     refresh_margin_s: float = REFRESH_MARGIN_S
     wait_timeout: float = default_wait_timeout()
     clock: Callable[[], float] = staticmethod(time.time)
+    _lease: SeedLease | None = None  # the seed-protocol lease, where a backend has one
 
     # -- the seed's interface --------------------------------------------------------------------
     @abstractmethod
@@ -153,6 +159,23 @@ class TokenStorage(ABC):
                 "fleet is about to hold a token"
             )
 
+    # -- the call-rate limit -----------------------------------------------------------------------
+    def rate_limiter(self, api_key: str, calls_per_second: float) -> RateLimiter:
+        """The limiter of KIS calls for ``api_key``, shared as widely as this store shares tokens.
+
+        This default counts within this process only (logged once per store class): a store
+        that every process of the fleet reaches should override it with a limiter on that same
+        backend, or clients be given ``rate_limiter=``. ``ValueError`` for a rate out of range.
+        """
+        if type(self) not in _noted_per_process:
+            _noted_per_process.add(type(self))
+            logger.info(
+                "%s has no shared rate limiter: KIS calls are limited per process "
+                "(pass rate_limiter= to share one across the fleet)",
+                type(self).__name__,
+            )
+        return MemoryRateLimiter(api_key, calls_per_second)
+
     # -- single flight ---------------------------------------------------------------------------
     def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
         """A usable token: the cached one, or one issued by exactly one caller fleet-wide.
@@ -171,6 +194,30 @@ class TokenStorage(ABC):
         token = self._read(api_key, api_secret)
         if self._usable(token):
             return token
+        if self._lease is not None:
+            return self._get_or_issue_leased(self._lease, api_key, api_secret, issue)
+        return self._get_or_issue_locked(api_key, api_secret, issue)
+
+    def _get_or_issue_leased(
+        self, lease: SeedLease, api_key: str, api_secret: str, issue: IssueFn
+    ) -> Token:
+        """With the seed-protocol lease on, seed clients issue under the lease, not under the
+        issuance lock: take the lease first (or wait in it for a seed holder's save), so a fleet
+        mixing them with ours issues once. The save ends the lease; a failure releases it. A
+        token still valid but inside the refresh margin is renewed under the lock alone (seed
+        clients, which still see it valid, do not issue)."""
+        held = not lease.check_token_valid(api_key, api_secret)
+        if not held:
+            token = self._read(api_key, api_secret, fresh=True)
+            if self._usable(token):
+                return token
+        try:
+            return self._get_or_issue_locked(api_key, api_secret, issue)
+        finally:
+            if held:
+                lease.released_by_delete(api_key)  # a no-op after our save, which ended it
+
+    def _get_or_issue_locked(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
         lock = self._issuance_lock(api_key, api_secret)
         got = lock.acquire(time.monotonic() + self.wait_timeout)
         if isinstance(got, Token):
@@ -192,7 +239,12 @@ class TokenStorage(ABC):
         holder keeps its token: KIS would refuse another within the minute."""
         try:
             lock.extend()
-            self._write(api_key, api_secret, token)
+            if self._lease is not None:
+                self._lease.save(
+                    api_key, api_secret, token
+                )  # also ends our lease, marks the window
+            else:
+                self._write(api_key, api_secret, token)
         except TokenStorageError as exc:
             logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
             return
@@ -296,6 +348,7 @@ class TokenStorage(ABC):
         return LocalIssuanceLock(api_key)
 
 
+_noted_per_process: set[type[TokenStorage]] = set()
 _local_locks: dict[str, threading.Lock] = {}
 _local_locks_guard = threading.Lock()
 _local_failures: dict[tuple[str, str], IssueFailure] = {}
@@ -335,6 +388,13 @@ class SealedTokenStorage(TokenStorage):
 
     The seed's bool/None returns stay, but an unreachable backend is logged once with its cause
     (not swallowed silently) and ``get_or_issue`` raises :class:`TokenStorageError`.
+
+    ``seed_lease=True`` (off by default) turns on the seed-protocol lease of
+    :mod:`kis_safe_token.storage.lease` for clients that only call the four seed methods:
+    ``check_token_valid`` answering ``False`` then means "you hold the issuance lease: issue and
+    ``save_token``", and other callers wait in it for that save. ``lease_ttl``: how long a lease
+    lasts; ``issue_window_s``: KIS's one-issue-per-minute window, during which no new lease is
+    granted after a grant or a save.
     """
 
     def __init__(
@@ -344,6 +404,9 @@ class SealedTokenStorage(TokenStorage):
         refresh_margin_s: float = REFRESH_MARGIN_S,
         wait_timeout: float | None = None,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         self._encryption_keys = tuple(encryption_keys)
         self.refresh_margin_s = (
@@ -357,6 +420,21 @@ class SealedTokenStorage(TokenStorage):
         self.clock = clock
         self._sealers: dict[tuple[str, str], Sealer] = {}
         self._failing = False
+        if not isinstance(seed_lease, bool):
+            raise ValueError("seed_lease must be True or False")
+        if seed_lease:
+            from .lease import new_seed_lease
+
+            self._lease = new_seed_lease(self, lease_ttl, issue_window_s)
+
+    @property
+    def seed_lease(self) -> bool:
+        """Whether the seed-protocol lease is on (see :mod:`kis_safe_token.storage.lease`)."""
+        return self._lease is not None
+
+    def _lease_records(self) -> LeaseRecords:
+        """The backend's records of the seed-protocol lease (see :mod:`.lease`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no seed-protocol lease")
 
     def _sealer(self, api_key: str, api_secret: str) -> Sealer:
         sealer = self._sealers.get((api_key, api_secret))
@@ -394,7 +472,10 @@ class SealedTokenStorage(TokenStorage):
             )
             return False
         try:
-            self._write(api_key, api_secret, token)
+            if self._lease is not None:
+                self._lease.save(api_key, api_secret, token)
+            else:
+                self._write(api_key, api_secret, token)
         except TokenStorageError as exc:
             self._failed("save_token", exc)
             return False
@@ -403,7 +484,10 @@ class SealedTokenStorage(TokenStorage):
 
     def load_token(self, api_key: str, api_secret: str) -> dict[str, Any] | None:
         try:
-            token = self._read(api_key, api_secret)
+            if self._lease is not None:
+                token = self._lease.load_token(api_key, api_secret)
+            else:
+                token = self._read(api_key, api_secret)
         except TokenStorageError as exc:
             self._failed("load_token", exc)
             return None
@@ -413,11 +497,15 @@ class SealedTokenStorage(TokenStorage):
         return token.to_token_data(api_key, api_secret)
 
     def check_token_valid(self, api_key: str, api_secret: str) -> bool:
+        if self._lease is not None:  # may wait; raises TokenStorageError (see .lease)
+            return self._lease.check_token_valid(api_key, api_secret)
         return self.load_token(api_key, api_secret) is not None
 
     def delete_token(self, api_key: str, api_secret: str) -> bool:
         try:
             self._delete(api_key)
+            if self._lease is not None:
+                self._lease.released_by_delete(api_key)
         except TokenStorageError as exc:
             self._failed("delete_token", exc)
             return False

@@ -17,6 +17,7 @@ from typing import Any
 
 from .base import TokenStorage
 from .file import FileTokenStorage
+from .lease import MAX_LEASE_TTL_S
 from .redis import DEFAULT_REDIS_URL, RETRY_TIMEOUT_S, LockedRedisTokenStorage, validate_redis_url
 from .redis_ha import (
     DEFAULT_CLUSTER_PORT,
@@ -40,6 +41,8 @@ __all__ = [
     "REDIS_TLS_CA_FILE_ENV",
     "REDIS_TLS_ENV",
     "REDIS_URL_ENV",
+    "SEED_LEASE_ENV",
+    "SEED_LEASE_TTL_ENV",
     "STORAGE_ENV",
     "STORAGE_TYPES",
     "create_token_storage",
@@ -59,21 +62,23 @@ REDIS_TLS_ENV = "KOREA_INVESTMENT_REDIS_TLS"
 REDIS_TLS_CA_FILE_ENV = "KOREA_INVESTMENT_REDIS_TLS_CA_FILE"
 REDIS_RETRY_TIMEOUT_ENV = "KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT"
 STORAGE_TYPES = ("file", "redis")
+SEED_LEASE_ENV = "KOREA_INVESTMENT_SEED_LEASE"
+SEED_LEASE_TTL_ENV = "KOREA_INVESTMENT_SEED_LEASE_TTL"
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
 REDIS_MODES = ("standalone", "sentinel", "cluster")
 DEFAULT_SENTINEL_SERVICE = "mymaster"
 #: The default ``retry_timeout_s`` of a Sentinel or Cluster deployment: longer than a failover
 #: with the servers' own defaults (Sentinel ``down-after-milliseconds`` 30 s plus an election;
 #: Cluster ``cluster-node-timeout`` 15 s, twice).
 HA_RETRY_TIMEOUT_S = 40.0
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
     value = (env.get(name) or "").strip().lower()
-    if value in _TRUE:
+    if value in _ON:
         return True
-    if value in _FALSE:
+    if value in _OFF:
         return False
     raise ValueError(f"{name}={value[:20]!r} is not a flag; allowed values: true, false (1, 0)")
 
@@ -175,22 +180,27 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
     ``KOREA_INVESTMENT_TOKEN_STORAGE``: ``file`` (default) or ``redis`` (the locked backend);
     ``KOREA_INVESTMENT_TOKEN_FILE``; ``KOREA_INVESTMENT_REDIS_URL``;
     ``KOREA_INVESTMENT_REDIS_PASSWORD``; for Sentinel or Cluster, ``KOREA_INVESTMENT_REDIS_MODE``
-    and the variables :func:`redis_client_from_env` reads. A bad value raises ``ValueError``
-    naming the variable.
+    and the variables :func:`redis_client_from_env` reads; ``KOREA_INVESTMENT_SEED_LEASE``
+    (``1``/``true``/``yes``/``on`` turns on the seed-protocol lease, default off) and
+    ``KOREA_INVESTMENT_SEED_LEASE_TTL`` (its ``lease_ttl`` in seconds). A bad value raises
+    ``ValueError`` naming the variable.
     """
     env = os.environ if environ is None else environ
+    lease = _lease_options(env)
     kind = (env.get(STORAGE_ENV) or "file").strip().lower()
     if kind == "file":
         path = (env.get(FILE_ENV) or "").strip()
-        return FileTokenStorage(path or None)
+        return FileTokenStorage(path or None, **lease)
     if kind == "redis":
         client, retry_timeout = redis_client_from_env(env)
         if client is not None:
-            return LockedRedisTokenStorage(client=client, retry_timeout_s=retry_timeout)
+            return LockedRedisTokenStorage(client=client, retry_timeout_s=retry_timeout, **lease)
         url = validate_redis_url(env.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL, REDIS_URL_ENV)
         password = env.get(REDIS_PASSWORD_ENV) or None
         try:
-            return LockedRedisTokenStorage(url, password=password, retry_timeout_s=retry_timeout)
+            return LockedRedisTokenStorage(
+                url, password=password, retry_timeout_s=retry_timeout, **lease
+            )
         except (ValueError, TypeError) as exc:
             # redis-py's own message may quote the URL, password included: name the variable.
             raise ValueError(
@@ -201,3 +211,27 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
         f"{STORAGE_ENV}={kind[:40]!r} is not a storage type; allowed values: "
         + ", ".join(STORAGE_TYPES)
     )
+
+
+def _lease_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """``seed_lease`` and ``lease_ttl`` from the environment; ``ValueError`` naming the variable."""
+    flag = (env.get(SEED_LEASE_ENV) or "").strip().lower()
+    if flag not in _ON + _OFF:
+        raise ValueError(
+            f"{SEED_LEASE_ENV}={flag[:20]!r} is not a switch; allowed values: "
+            + ", ".join(repr(v) for v in _ON + _OFF[1:])
+        )
+    options: dict[str, Any] = {"seed_lease": flag in _ON}
+    ttl_text = (env.get(SEED_LEASE_TTL_ENV) or "").strip()
+    if ttl_text:
+        try:
+            ttl = float(ttl_text)
+        except ValueError:
+            ttl = math.nan
+        if not (math.isfinite(ttl) and 0 < ttl <= MAX_LEASE_TTL_S):
+            raise ValueError(
+                f"{SEED_LEASE_TTL_ENV}={ttl_text[:20]!r} is not a lease TTL; expected a number of "
+                f"seconds more than 0 and at most {MAX_LEASE_TTL_S:g}"
+            )
+        options["lease_ttl"] = ttl
+    return options

@@ -25,8 +25,11 @@ from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
+from ..kis import ISSUE_WINDOW_S
+from ..ratelimit.file import FileRateLimiter, shared_file_rate_limiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
+from .lease import FileLeaseRecords
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -81,6 +84,8 @@ class FileTokenStorage(SealedTokenStorage):
 
     ``file_path``: default :func:`default_token_path`. ``encryption_keys``: optional explicit
     Fernet keys (first encrypts). ``wait_timeout``: how long to wait for another's issuance.
+    ``seed_lease``, ``lease_ttl``, ``issue_window_s``: the opt-in seed-protocol lease
+    (:mod:`kis_safe_token.storage.lease`).
     """
 
     def __init__(
@@ -92,12 +97,18 @@ class FileTokenStorage(SealedTokenStorage):
         wait_timeout: float | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         super().__init__(
             encryption_keys=encryption_keys,
             refresh_margin_s=refresh_margin_s,
             wait_timeout=wait_timeout,
             clock=clock,
+            seed_lease=seed_lease,
+            lease_ttl=lease_ttl,
+            issue_window_s=issue_window_s,
         )
         self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
@@ -309,6 +320,16 @@ class FileTokenStorage(SealedTokenStorage):
 
     def _issuance_lock(self, api_key: str, api_secret: str) -> FileIssuanceLock:
         return FileIssuanceLock(self, api_key, api_secret)
+
+    # -- the call-rate limit -------------------------------------------------------------------
+    def rate_limiter(self, api_key: str, calls_per_second: float) -> FileRateLimiter:
+        """Host-wide: a 16-byte record in ``<token file>.rate-<key id>``, beside the token file
+        (one limiter object per file and rate in a process)."""
+        path = self.token_file.with_name(f"{self.token_file.name}.rate-{key_id(api_key)}")
+        return shared_file_rate_limiter(path, calls_per_second)
+
+    def _lease_records(self) -> FileLeaseRecords:
+        return FileLeaseRecords(self)
 
 
 class FileIssuanceLock(IssuanceLock):

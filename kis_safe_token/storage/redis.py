@@ -29,8 +29,10 @@ from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..kis import ISSUE_WINDOW_S
+from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
+from .lease import RedisLeaseRecords
 from .redis_retry import redis_retry
 
 try:
@@ -132,7 +134,8 @@ class RedisTokenStorage(SealedTokenStorage):
 
     This class issues under an in-process lock only (the seed's behaviour):
     :class:`LockedRedisTokenStorage` is the same store with a fleet-wide lock, and the only user
-    of ``lock_ttl`` and ``poll_interval_s``.
+    of ``lock_ttl`` and ``poll_interval_s``. ``seed_lease``, ``lease_ttl``, ``issue_window_s``:
+    the opt-in seed-protocol lease (:mod:`kis_safe_token.storage.lease`), on either class.
     """
 
     #: Whether issuance takes the fleet-wide :class:`RedisIssuanceLock`.
@@ -154,6 +157,9 @@ class RedisTokenStorage(SealedTokenStorage):
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
         retry_timeout_s: float = RETRY_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        seed_lease: bool = False,
+        lease_ttl: float | None = None,
+        issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=MAX_LOCK_TTL_S)
         self.retry_timeout_s = check_seconds("retry_timeout_s", retry_timeout_s, high=3600.0)
@@ -167,6 +173,9 @@ class RedisTokenStorage(SealedTokenStorage):
             refresh_margin_s=refresh_margin_s,
             wait_timeout=wait_timeout,
             clock=clock,
+            seed_lease=seed_lease,
+            lease_ttl=lease_ttl,
+            issue_window_s=issue_window_s,
         )
         if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
             raise ValueError("key_prefix must be a non-empty string without '{'")
@@ -229,6 +238,19 @@ class RedisTokenStorage(SealedTokenStorage):
         if self.fleet_lock:
             return RedisIssuanceLock(self, api_key, api_secret)
         return super()._issuance_lock(api_key, api_secret)
+
+    def rate_limiter(self, api_key: str, calls_per_second: float) -> RedisRateLimiter:
+        """Fleet-wide: ``<token key>:rate`` on this store's Redis, under the token's hash tag."""
+        return RedisRateLimiter(
+            lambda: self.redis_client,
+            f"{self._get_redis_key(api_key)}:rate",
+            calls_per_second,
+            where=self._where,
+            retry_timeout_s=self.retry_timeout_s,
+        )
+
+    def _lease_records(self) -> RedisLeaseRecords:
+        return RedisLeaseRecords(self)
 
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""

@@ -4,6 +4,10 @@ It behaves like KIS for what this library touches: ``POST /oauth2/tokenP`` (one 
 key per ``issue_window_s`` or ``EGW00133``), ``/oauth2/revokeP``, ``/oauth2/Approval`` and the
 domestic price quote, which answers HTTP 500 ``EGW00121`` (invalid token) / ``EGW00123``
 (expired token) as KIS does. It counts what it saw, so tests can assert "exactly one issuance".
+
+With ``calls_per_second`` it also meters every ``/uapi/`` call per app key as KIS does (real
+accounts 20/s, virtual 2/s): a call beyond the limit within one second of the simulator's clock
+gets HTTP 500 ``EGW00201`` "초당 거래건수를 초과하였습니다.".
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import secrets
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,15 +38,17 @@ from ..kis import (
     TOKEN_EXPIRED,
     TOKEN_INVALID,
     TOKEN_PATH,
+    TOO_MANY_CALLS,
+    TOO_MANY_CALLS_MESSAGE,
+    UNKNOWN_SERVICE,
 )
 from ..token import format_kst
 
-__all__ = ["KisSimulator"]
+__all__ = ["REAL_CALLS_PER_SECOND", "VIRTUAL_CALLS_PER_SECOND", "KisSimulator"]
 
-WRONG_TR_ID = "EGW00201"
-"""The simulator's answer to a ``tr_id`` it does not serve, as it always was (tests assert it).
-It is the same code as :data:`~kis_safe_token.kis.TOO_MANY_CALLS` but means no rate limit:
-code that backs off on ``TOO_MANY_CALLS`` must not be tested with a wrong ``tr_id``."""
+#: KIS's limits per app key, for ``KisSimulator(calls_per_second=...)``.
+REAL_CALLS_PER_SECOND = 20
+VIRTUAL_CALLS_PER_SECOND = 2
 
 
 @dataclass
@@ -58,6 +65,13 @@ class KisSimulator:
     one-issue-per-app-key window (KIS: 60 s). ``token_lifetime_s``: validity of issued tokens.
     ``issue_latency_s``: artificial delay of ``tokenP`` (widens races the way a slow KIS does).
     ``clock``: the simulator's time, for expiries and for the HTTP ``Date`` of every answer.
+    ``calls_per_second``: ``/uapi/`` calls allowed per app key in each second of ``clock``
+    (:data:`REAL_CALLS_PER_SECOND`, :data:`VIRTUAL_CALLS_PER_SECOND`); beyond it ``EGW00201``.
+    ``None`` (the default) meters nothing: the upstream clients people run limit each process
+    on its own, and tests of other things must not fail on their fleets' rate.
+
+    Counters (:attr:`counts`): ``uapi_calls`` (answered within the limit), ``EGW00201``,
+    ``approval_requests``, ``approvals_issued``; :attr:`peak_calls_per_second` per app key.
     """
 
     def __init__(
@@ -70,8 +84,14 @@ class KisSimulator:
         token_lifetime_s: float = 86_400.0,
         issue_latency_s: float = 0.05,
         clock: Callable[[], float] = time.time,
+        calls_per_second: int | None = None,
     ) -> None:
         self.apps = dict(apps) if apps is not None else None
+        self.calls_per_second = calls_per_second
+        self._window: dict[str, tuple[int, int]] = {}
+        self._refuse_next = 0
+        self.peak_calls_per_second: Counter[str] = Counter()
+        self.approval_keys: list[str] = []
         self.issue_window_s = issue_window_s
         self.token_lifetime_s = token_lifetime_s
         self.issue_latency_s = issue_latency_s
@@ -134,6 +154,53 @@ class KisSimulator:
     def rate_limited(self) -> int:
         """``EGW00133`` answers so far."""
         return self.counts[RATE_LIMITED]
+
+    @property
+    def too_many_calls(self) -> int:
+        """``EGW00201`` answers so far."""
+        return self.counts[TOO_MANY_CALLS]
+
+    def outside_calls(self, app_key: str, calls: int) -> None:
+        """Count ``calls`` ``/uapi/`` calls of ``app_key`` in the current second, as a program
+        outside the fleet using the same app key would (needs ``calls_per_second``)."""
+        second = int(self.clock())
+        with self._cond:
+            start, count = self._window.get(app_key, (second, 0))
+            self._window[app_key] = (second, (count if start == second else 0) + calls)
+
+    def refuse_calls(self, calls: int) -> None:
+        """Answer the next ``calls`` ``/uapi/`` calls with ``EGW00201`` whatever the rate: an
+        outside program that keeps the app key's quota used up, deterministically."""
+        with self._cond:
+            self._refuse_next = calls
+
+    def _metered(self, headers: Any) -> tuple[int, dict[str, Any]] | None:
+        """``EGW00201`` if this ``/uapi/`` call is over the app key's limit, else ``None``."""
+        app_key = str(headers.get("appkey") or "")
+        second = int(self.clock())
+        with self._cond:
+            refused = self._refuse_next > 0
+            if refused:
+                self._refuse_next -= 1
+            elif self.calls_per_second is not None:
+                start, count = self._window.get(app_key, (second, 0))
+                count = (count if start == second else 0) + 1
+                self._window[app_key] = (second, count)
+                refused = count > self.calls_per_second
+            if refused:
+                self.counts[TOO_MANY_CALLS] += 1
+                self._cond.notify_all()
+                return 500, {
+                    "rt_cd": "1",
+                    "msg_cd": TOO_MANY_CALLS,
+                    "msg1": TOO_MANY_CALLS_MESSAGE,
+                }
+            self.counts["uapi_calls"] += 1
+            if self.calls_per_second is not None:
+                peak = self.peak_calls_per_second
+                peak[app_key] = max(peak[app_key], self._window[app_key][1])
+            self._cond.notify_all()
+        return None
 
     def issued_tokens(self) -> list[str]:
         with self._cond:
@@ -224,10 +291,20 @@ class KisSimulator:
         return 200, {"code": 200, "message": "접근토큰 폐기에 성공하였습니다"}
 
     def _approval(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._count("approval_requests")
         refused = self._check_app(str(body.get("appkey")), str(body.get("secretkey")))
         if refused:
             return 403, refused
-        return 200, {"approval_key": secrets.token_hex(18)}
+        if body.get("grant_type") != "client_credentials" or not body.get("secretkey"):
+            return 403, {"error_description": "잘못된 요청입니다.", "error_code": "EGW00002"}
+        if self.issue_latency_s:
+            time.sleep(self.issue_latency_s)
+        key = str(uuid.uuid4())
+        with self._cond:
+            self.approval_keys.append(key)
+            self.counts["approvals_issued"] += 1
+            self._cond.notify_all()
+        return 200, {"approval_key": key}
 
     def _price(self, headers: Any, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         self._count("price_requests")
@@ -254,7 +331,11 @@ class KisSimulator:
                     "msg1": "기간이 만료된 token 입니다.",
                 }
         if headers.get("tr_id") != PRICE_TR_ID:
-            return 500, {"rt_cd": "1", "msg_cd": WRONG_TR_ID, "msg1": "tr_id 가 올바르지 않습니다."}
+            return 500, {
+                "rt_cd": "1",
+                "msg_cd": UNKNOWN_SERVICE,
+                "msg1": "없는 서비스 코드 입니다.",
+            }
         # KIS reads query keys whatever their case (mojito2 sends them in lower case).
         query = {key.upper(): values for key, values in query.items()}
         symbol = (query.get("FID_INPUT_ISCD") or [""])[0]
@@ -350,6 +431,11 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
                 APPROVAL_PATH: sim._approval,
             }
             route = routes.get(path)
+            if path.startswith("/uapi/"):
+                refused = sim._metered(self.headers)
+                if refused is not None:
+                    self._reply(*refused)
+                    return
             if route is None:
                 self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})
                 return
@@ -357,6 +443,11 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             parts = urlsplit(self.path)
+            if parts.path.startswith("/uapi/"):
+                refused = sim._metered(self.headers)
+                if refused is not None:
+                    self._reply(*refused)
+                    return
             if parts.path != PRICE_PATH:
                 self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})
                 return

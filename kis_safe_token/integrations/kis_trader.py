@@ -1,0 +1,320 @@
+"""kis-trader's ``TokenManager`` and ``RequestsTransport``, the token shared through our storage.
+
+Wiring (``KISClient`` builds its own transport only when none is given)::
+
+    from kis_trader import KISClient
+    from kis_safe_token.integrations.kis_trader import RequestsTransport, TokenManager
+
+    tokens = TokenManager(app_key=key, app_secret=secret, environment="real")  # token_storage=
+    client = KISClient(app_key=key, app_secret=secret, environment="real",
+                       transport=RequestsTransport(token_manager=tokens))
+
+- :class:`TokenManager` takes kis-trader's keyword names (``app_key``, ``app_secret``,
+  ``environment``, ``post``, ``clock``) plus ``token_storage`` (default: ours from the
+  environment). ``environment``: ``'real'``, ``'virtual'`` or kis-trader's own ``'paper'`` (the
+  same thing). Its ``access_token()`` comes from the storage's single flight: a fleet makes one
+  ``tokenP`` call, issued at the host kis-trader's endpoint table gives for the environment,
+  through its ``post`` (kis-trader's ``requests.post`` with ``timeout=10`` by default). It never
+  reads or writes kis-trader's token file (``~/.cache/kis-trader/tokens``). Unlike upstream it
+  accepts tokens that live 600 s or less (upstream refuses them, ``_auth.py:152-153``); they
+  are refreshed in the last tenth of their life (:meth:`kis_safe_token.Token.refresh_at`).
+  ``EGW00133`` makes the holder sit out KIS's window instead of failing; a refused issuance
+  reaches the caller as kis-trader's ``KISAuthError``. ``revoke()`` revokes the token at KIS
+  and drops it from the storage (compare-and-delete).
+- **Refresh after EGW00123**: a token manager never sees responses, and kis-trader's transport
+  only retries the same token (``_http.py:223``) and raises ``KISError(msg_cd='EGW00123')``. The
+  hook is the transport's ``send`` (the narrowest seam kis-trader injects): :func:`refreshing_send`
+  wraps one so that an answer ``EGW00123``/``EGW00121`` drops the token the request carried, by
+  compare-and-delete (a late process never deletes the fresh token), and sends once more with
+  the fleet's next token: one issuance fleet-wide. :class:`RequestsTransport` is kis-trader's
+  with that wrapper applied, and ``app_key``/``app_secret``/``environment`` defaulting to the
+  manager's. To keep your own transport, pass ``send=refreshing_send(tokens, your_send)``. The
+  repeated call is made inside the attempt that got the rejection, so it does not take a second
+  slot of the transport's ``rate_limiter``.
+- With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``): pass
+  ``rate_limiter=`` to the transport as you would to kis-trader's.
+
+Depends on kis-trader 0.12.2 (``UPSTREAM_VERSION``; ``tests/test_integration_kis_trader.py``
+fails if another version is installed or these move), paths under ``site-packages/kis_trader/``:
+``_internal/_auth.py:24`` ``TokenPoster``, ``:27-32`` ``_requests_post``, ``:47-70``
+``TokenManager.__init__`` (keywords), ``:156`` ``access_token()`` and ``:177`` ``revoke()``
+(overridden); ``_internal/_http.py:38-53`` the sender signature, ``:58`` ``_requests_send``,
+``:130-156`` ``RequestsTransport.__init__`` (keywords), ``:182-196`` the token read once per
+request into ``headers['authorization']``; ``_internal/_endpoints.py:10-21`` the endpoint table
+and ``base_url()``; ``transport.py:22`` the environment names.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from ..errors import TokenIssueError
+from ..kis import (
+    RATE_LIMITED,
+    REVOKE_PATH,
+    TOKEN_PATH,
+    TOKEN_REJECTED,
+    json_or_none,
+    kis_code,
+    kis_message,
+)
+from ..shared import SharedToken
+from ..storage.base import TokenStorage
+from ..storage.factory import create_token_storage
+from ..token import Token
+from . import require
+
+require("kis_trader", "kis-trader")
+from kis_trader._internal import _auth, _http  # noqa: E402
+from kis_trader._internal._endpoints import base_url as _endpoint  # noqa: E402
+from kis_trader.errors import KISAuthError  # noqa: E402
+
+__all__ = [
+    "ENVIRONMENTS",
+    "UPSTREAM_VERSION",
+    "RequestsTransport",
+    "TokenManager",
+    "refreshing_send",
+]
+
+UPSTREAM_VERSION = "0.12.2"
+"""The kis-trader release this module was written against (the ``[kis-trader]`` extra pins it)."""
+
+if importlib.metadata.version("kis-trader") != UPSTREAM_VERSION:  # pragma: no cover
+    warnings.warn(
+        f"kis_safe_token.integrations.kis_trader was written for kis-trader {UPSTREAM_VERSION}, "
+        f"not {importlib.metadata.version('kis-trader')}: pin it with "
+        "pip install 'kis-safe-token[kis-trader]'",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+ENVIRONMENTS: dict[str, Literal["real", "paper"]] = {
+    "real": "real",
+    "virtual": "paper",
+    "paper": "paper",
+}
+"""The environments accepted, and kis-trader's name of each."""
+
+Sender = Callable[..., "_http.HTTPResult"]
+
+
+def trader_environment(environment: object) -> Literal["real", "paper"]:
+    """kis-trader's name of ``environment``; ``ValueError`` naming the allowed values."""
+    name = ENVIRONMENTS.get(environment) if isinstance(environment, str) else None
+    if name is None:
+        raise ValueError(
+            f"environment must be one of {', '.join(map(repr, ENVIRONMENTS))}, "
+            f"not {str(environment)[:20]!r}"
+        )
+    return name
+
+
+class _TraderToken(SharedToken):
+    """The shared token of one kis-trader app key, issued through the manager's ``post``."""
+
+    def __init__(
+        self,
+        manager: TokenManager,
+        storage: TokenStorage,
+        post: _auth.TokenPoster | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._environment = manager.environment
+        self._post = post
+        super().__init__(
+            manager.app_key,
+            manager.app_secret,
+            storage,
+            mock=self._environment == "paper",
+            clock=clock,
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The endpoint table's host for the environment, read at each call, as kis-trader does."""
+        return _endpoint(self._environment)
+
+    @base_url.setter
+    def base_url(self, value: str) -> None:
+        """``SharedToken.__init__`` sets it; kis-trader's endpoint table is the one used."""
+
+    def in_memory(self) -> Token | None:
+        """The token held in memory (never fetches one)."""
+        return self._token
+
+    def call(self, path: str, body: Mapping[str, str]) -> tuple[int, Any]:
+        """POST ``body`` to ``path`` of the environment's host, through the manager's ``post``
+        if one was given, else through our session with our timeout."""
+        url = self.base_url + path
+        if self._post is not None:
+            return self._post(url, body)
+        resp = self.session.post(url, json=dict(body), timeout=self.timeout)
+        return resp.status_code, json_or_none(resp)
+
+    def _issue(self) -> Token:
+        """``tokenP`` (called by the store, holding the issuance lock)."""
+        body = {
+            "grant_type": "client_credentials",
+            "appkey": self.api_key,
+            "appsecret": self.api_secret,
+        }
+        try:
+            status, payload = self.call(TOKEN_PATH, body)
+        except Exception as exc:  # noqa: BLE001 - whatever the injected post raises
+            raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+        answer = payload if isinstance(payload, Mapping) else None
+        if status != 200 or answer is None or "access_token" not in answer:
+            code = kis_code(answer)
+            raise TokenIssueError(
+                kis_message(answer) or f"KIS answered HTTP {status} without a token",
+                code=code,
+                status=status,
+                retry_after_s=self.rate_limit_wait_s if code == RATE_LIMITED else None,
+            )
+        try:
+            return Token.from_kis_response(answer, now=self._clock())
+        except ValueError as exc:
+            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
+
+
+class TokenManager(_auth.TokenManager):
+    """kis-trader's ``TokenManager`` whose token comes from ``token_storage`` (one issuance per
+    app key, fleet-wide). ``environment``: ``'real'``, ``'virtual'`` or ``'paper'``.
+    ``token_storage=None``: ours from the environment. ``post``: kis-trader's token poster
+    (``(url, body) -> (status, json)``). ``ValueError`` for an unknown environment.
+    """
+
+    def __init__(
+        self,
+        *,
+        app_key: str,
+        app_secret: str,
+        environment: str,
+        token_storage: TokenStorage | None = None,
+        post: _auth.TokenPoster | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        env = trader_environment(environment)
+        storage = token_storage if token_storage is not None else create_token_storage()
+        super().__init__(
+            app_key=app_key,
+            app_secret=app_secret,
+            environment=env,
+            post=post if post is not None else _auth._requests_post,
+            clock=clock,
+        )
+        self.app_key = app_key
+        self.app_secret = app_secret
+        self.environment: Literal["real", "paper"] = env
+        self._kst_token = _TraderToken(self, storage, post, clock)
+
+    def __repr__(self) -> str:
+        return f"TokenManager(environment={self.environment!r}, shared={self._kst_token!r})"
+
+    @property
+    def token_storage(self) -> TokenStorage:
+        """The storage the token comes from."""
+        return self._kst_token.token_storage
+
+    def access_token(self) -> str:
+        """The access token (without ``Bearer``), from memory or the fleet's single flight.
+        ``KISAuthError`` if KIS refuses to issue one; ``TokenStorageError`` if the storage
+        cannot be used."""
+        try:
+            bearer = self._kst_token.bearer
+        except TokenIssueError as exc:
+            raise KISAuthError(f"KIS OAuth token issuance failed: {exc}", msg_cd=exc.code) from exc
+        return bearer.removeprefix("Bearer ")
+
+    def invalidate(self, access_token: str) -> bool:
+        """KIS rejected ``access_token`` (with or without ``Bearer``): drop it from the storage
+        if the storage still holds it (compare-and-delete) and from memory. Returns whether the
+        storage deleted it."""
+        return self._kst_token.invalidate(access_token)
+
+    def revoke(self) -> None:
+        """Revoke the current token at KIS (``/oauth2/revokeP``) and drop it from memory and the
+        storage, so the next :meth:`access_token` gets a new one. Nothing to do without a valid
+        token. ``KISAuthError`` if the revocation fails (the token is dropped all the same, as
+        kis-trader does)."""
+        shared = self._kst_token
+        token = shared.in_memory() or shared.load()
+        if token is None:
+            return
+        shared.invalidate(token.access_token)
+        body = {"appkey": self.app_key, "appsecret": self.app_secret, "token": token.access_token}
+        try:
+            status, _payload = shared.call(REVOKE_PATH, body)
+        except Exception as err:  # noqa: BLE001 - whatever the injected post raises
+            raise KISAuthError(f"KIS token revocation failed: {type(err).__name__}") from None
+        if status != 200:
+            raise KISAuthError(f"KIS token revocation failed (HTTP {status})")
+
+
+def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> Sender:
+    """kis-trader's ``send`` (default: its ``requests`` sender) that answers ``EGW00123`` /
+    ``EGW00121`` by dropping the rejected token (compare-and-delete) and sending once more with
+    the fleet's next one. Any other answer, and the repeated call's, goes back unchanged."""
+    inner: Sender = send if send is not None else _http._requests_send
+
+    def send_refreshing(
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None,
+        json_body: Mapping[str, str] | None,
+    ) -> _http.HTTPResult:
+        result = inner(method, url, headers=headers, params=params, json_body=json_body)
+        payload = result[2]
+        if not isinstance(payload, Mapping) or payload.get("msg_cd") not in TOKEN_REJECTED:
+            return result
+        sent = str(headers.get("authorization", ""))
+        token_manager.invalidate(sent)
+        fresh = f"Bearer {token_manager.access_token()}"
+        if fresh == sent:  # the storage kept it: sending it again would be rejected again
+            return result
+        retry = {**headers, "authorization": fresh}
+        return inner(method, url, headers=retry, params=params, json_body=json_body)
+
+    return send_refreshing
+
+
+class RequestsTransport(_http.RequestsTransport):
+    """kis-trader's ``RequestsTransport``; with our :class:`TokenManager` its ``send`` is wrapped
+    by :func:`refreshing_send`. ``app_key``, ``app_secret`` and ``environment`` default to the
+    manager's (``environment`` also takes ``'virtual'``); other keywords are kis-trader's."""
+
+    def __init__(
+        self,
+        *,
+        token_manager: _auth.TokenManager,
+        app_key: str | None = None,
+        app_secret: str | None = None,
+        environment: str | None = None,
+        send: Sender | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(token_manager, TokenManager):
+            app_key = app_key if app_key is not None else token_manager.app_key
+            app_secret = app_secret if app_secret is not None else token_manager.app_secret
+            environment = environment if environment is not None else token_manager.environment
+            send = refreshing_send(token_manager, send)
+        if app_key is None or app_secret is None or environment is None:
+            raise ValueError(
+                "app_key, app_secret and environment are required with a token_manager that "
+                "is not kis_safe_token's TokenManager"
+            )
+        super().__init__(
+            app_key=app_key,
+            app_secret=app_secret,
+            environment=trader_environment(environment),
+            token_manager=token_manager,
+            send=send if send is not None else _http._requests_send,
+            **kwargs,
+        )

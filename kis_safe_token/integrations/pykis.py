@@ -1,0 +1,312 @@
+"""``PyKis``: python-kis's client, its access token shared by the fleet through our storage.
+
+``from kis_safe_token.integrations.pykis import PyKis`` instead of ``from pykis import PyKis``,
+same arguments plus ``token_storage=`` (default: ours from the environment,
+:func:`~kis_safe_token.create_token_storage`). Every token the client sends comes through the
+storage's single flight: 16 processes starting at once make one ``tokenP`` call between them.
+
+What changes against upstream, and why:
+
+- **Issuance** still goes through pykis's own ``token_issue`` (its ``request`` loop, so pykis's
+  host, session and rate limiter apply), but only from inside ``get_or_issue``, holding the
+  fleet's issuance lock. The ``tokenP`` call gets our HTTP timeout (pykis sets none): an untimed
+  call would hold the issuance lock for ever. Other pykis calls keep pykis's (lack of) timeout.
+  An ``EGW00133`` refusal becomes a :class:`~kis_safe_token.TokenIssueError` with
+  ``retry_after_s``, so the holder sits out KIS's one-minute window instead of crashing.
+- **Refresh after EGW00123**: pykis's request loop answers an expired token by setting
+  ``self._token = None`` (or ``self._virtual_token``) and trying again, without a bound. Here
+  ``_token`` is a property: that assignment drops, by compare-and-delete, the token this thread
+  sent (remembered per thread, so a thread late to see its rejection never deletes the fresh
+  token another just got), and the loop's next ``self.token`` comes from the single flight. The
+  stale token is never served again, so the loop ends after one more call.
+- **No plaintext cache**: ``keep_token`` (pykis's JSON token file, ``~/.pykis/cache``) is
+  refused with a ``ValueError``, as are ``token=``/``virtual_token=``: the storage holds the
+  token (encrypted), and a token handed in would bypass the fleet's single flight.
+- **Virtual trading** (``virtual_appkey``/``virtual_secretkey``) works the same way: the
+  virtual app key has its own shared token (``primary_token``).
+- ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
+  from the storage, so the fleet does not keep serving a revoked token; another process still
+  holding it meets ``EGW00121``, which pykis raises: ``request`` answers it like ``EGW00123``
+  (drops the token this thread sent, and calls once more).
+
+Depends on python-kis 2.1.6 (``UPSTREAM_VERSION``; ``tests/test_integration_pykis.py`` fails if
+another version is installed or these move), paths under ``site-packages/pykis/``:
+
+- ``kis.py:329-345`` ``PyKis.__init__`` (keyword names; ``keep_token``, ``token``,
+  ``virtual_token``), ``:419-424`` ``self._token = ...`` / ``self._virtual_token = ...`` at init,
+  ``:425-431`` ``self._sessions`` (``{"real", "virtual"}`` of ``requests.Session``).
+- ``kis.py:555-593`` the ``request`` loop: ``self.token``/``self.primary_token`` read per attempt
+  (``:559``), ``session.request`` without timeout (``:561``), ``EGW00123`` ->
+  ``self._token = None`` / ``self._virtual_token = None`` (``:586-591``).
+- ``kis.py:505-517`` ``request``'s keywords (``domain``, ``auth``), ``:593-594`` any other
+  code raised as ``KisHTTPError``.
+- ``kis.py:664-707`` the ``token`` / ``primary_token`` properties (replaced here),
+  ``:709-719`` ``discard`` (replaced), ``:47-49`` ``virtual``.
+- ``api/auth/token.py:21-31`` ``KisAccessToken`` fields, ``:72-90`` ``token_issue``,
+  ``:93-114`` ``token_revoke``; ``client/exceptions.py:69`` ``KisHTTPError(response)``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+import warnings
+from typing import Any, Literal
+
+import requests
+
+from ..errors import TokenIssueError
+from ..kis import RATE_LIMITED, TOKEN_INVALID, json_or_none, kis_code, kis_message
+from ..shared import SharedToken
+from ..storage.base import TokenStorage
+from ..storage.factory import create_token_storage
+from ..token import Token
+from . import require
+
+require("pykis", "python-kis")
+import pykis.kis  # noqa: E402
+from pykis import PyKis as _UpstreamPyKis  # noqa: E402
+from pykis.api.auth.token import KisAccessToken, token_issue, token_revoke  # noqa: E402
+from pykis.client.exceptions import KisHTTPError  # noqa: E402
+from pykis.responses.dynamic import KisObject  # noqa: E402
+
+__all__ = ["UPSTREAM_VERSION", "PyKis"]
+
+UPSTREAM_VERSION = "2.1.6"
+"""The python-kis release this module was written against (the ``[python-kis]`` extra pins it)."""
+
+if importlib.metadata.version("python-kis") != UPSTREAM_VERSION:  # pragma: no cover
+    warnings.warn(
+        f"kis_safe_token.integrations.pykis was written for python-kis {UPSTREAM_VERSION}, not "
+        f"{importlib.metadata.version('python-kis')}: pin it with "
+        "pip install 'kis-safe-token[python-kis]'",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+Domain = Literal["real", "virtual"]
+DOMAINS: tuple[Domain, ...] = ("real", "virtual")
+
+_token_call = threading.local()
+"""``timeout`` set while this thread makes a token call through pykis's request loop."""
+
+
+class _Session(requests.Session):
+    """pykis's session, with our timeout on the token calls only: pykis sends every call without
+    one (``kis.py:561``), and an issuance that hangs would hold the fleet's issuance lock."""
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        timeout = getattr(_token_call, "timeout", None)
+        if timeout is not None and kwargs.get("timeout") is None:
+            kwargs["timeout"] = timeout
+        return super().request(method, url, *args, **kwargs)
+
+
+class _DomainToken(SharedToken):
+    """The shared token of one pykis domain's app key, issued through pykis's ``token_issue``."""
+
+    def __init__(self, kis: PyKis, domain: Domain, storage: TokenStorage) -> None:
+        key = kis.appkey if domain == "real" else kis.virtual_appkey
+        self._kis = kis
+        self._domain: Domain = domain
+        host = pykis.kis.REAL_DOMAIN if domain == "real" else pykis.kis.VIRTUAL_DOMAIN
+        super().__init__(
+            key.appkey, key.secretkey, storage, base_url=host, session=kis._sessions[domain]
+        )
+
+    def in_memory(self) -> Token | None:
+        """The token held in memory (never fetches one)."""
+        return self._token
+
+    def now(self) -> float:
+        """The clock the token's expiry is read against."""
+        return self._clock()
+
+    def _issue(self) -> Token:
+        """``tokenP`` through pykis's own request path (called by the store, holding the lock)."""
+        _token_call.timeout = self.timeout
+        try:
+            answer = token_issue(self._kis, domain=self._domain)
+        except KisHTTPError as exc:
+            raise _refused(exc.response, self.rate_limit_wait_s) from None
+        except requests.RequestException as exc:
+            raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+        except Exception as exc:  # noqa: BLE001 - pykis's parser on a garbled answer
+            raise TokenIssueError(f"KIS token response unusable: {type(exc).__name__}") from None
+        finally:
+            _token_call.timeout = None
+        try:
+            return Token.from_kis_response(answer.raw() or {}, now=self._clock())
+        except ValueError as exc:
+            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
+
+
+def _refused(resp: requests.Response, rate_limit_wait_s: float) -> TokenIssueError:
+    """Our error for a ``tokenP`` answer pykis raised as ``KisHTTPError`` (never its message:
+    pykis's may quote the request)."""
+    payload = json_or_none(resp)
+    code = kis_code(payload)
+    return TokenIssueError(
+        kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token",
+        code=code,
+        status=resp.status_code,
+        retry_after_s=rate_limit_wait_s if code == RATE_LIMITED else None,
+    )
+
+
+class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type information
+    """``pykis.PyKis`` whose tokens come from ``token_storage`` (one issuance per app key,
+    fleet-wide). Takes pykis's own arguments, except ``keep_token``, ``token`` and
+    ``virtual_token`` (``ValueError``: the storage holds the token); ``token_storage=None`` builds
+    ours from the environment. No network call at construction, as in pykis.
+    """
+
+    def __init__(
+        self,
+        auth: Any = None,
+        virtual_auth: Any = None,
+        /,
+        *,
+        token_storage: TokenStorage | None = None,
+        keep_token: Any = None,
+        token: Any = None,
+        virtual_token: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self._sessions: dict[Domain, requests.Session] = {}  # pykis's __del__ closes them
+        if keep_token:
+            raise ValueError(
+                "keep_token is not supported: pykis would write the token in plain JSON under "
+                "~/.pykis; the token_storage keeps it (encrypted) and shares it with the fleet"
+            )
+        if token is not None or virtual_token is not None:
+            raise ValueError(
+                "token / virtual_token are not supported: the token comes from token_storage "
+                "(one issuance per app key for the whole fleet)"
+            )
+        storage = token_storage if token_storage is not None else create_token_storage()
+        super().__init__(auth, virtual_auth, **kwargs)
+        for domain in DOMAINS:  # same headers (User-Agent), timed token calls
+            session = _Session()
+            session.headers.update(self._sessions[domain].headers)
+            self._sessions[domain].close()
+            self._sessions[domain] = session
+        self._kst_served = threading.local()
+        self._kst_wrapped: dict[Domain, tuple[Token, Any]] = {}
+        self._kst_tokens: dict[Domain, _DomainToken] = {"real": _DomainToken(self, "real", storage)}
+        if self.virtual:
+            self._kst_tokens["virtual"] = _DomainToken(self, "virtual", storage)
+
+    @property
+    def token_storage(self) -> TokenStorage:
+        """The storage the tokens come from."""
+        return self._kst_tokens["real"].token_storage
+
+    # -- the tokens pykis reads ------------------------------------------------------------------
+    @property
+    def token(self) -> Any:
+        """The real domain's access token (``KisAccessToken``), from the fleet's single flight."""
+        return self._kst_serve("real")
+
+    @token.setter
+    def token(self, token: Any) -> None:
+        raise ValueError("the token comes from token_storage and cannot be set")
+
+    @property
+    def primary_token(self) -> Any:
+        """The virtual domain's access token in virtual mode, else :attr:`token`."""
+        if not self.virtual:
+            return self.token
+        return self._kst_serve("virtual")
+
+    @primary_token.setter
+    def primary_token(self, token: Any) -> None:
+        raise ValueError("the token comes from token_storage and cannot be set")
+
+    @property
+    def _token(self) -> Any:
+        return self._kst_current("real")
+
+    @_token.setter
+    def _token(self, value: Any) -> None:
+        self._kst_dropped("real", value)
+
+    @property
+    def _virtual_token(self) -> Any:
+        return self._kst_current("virtual")
+
+    @_virtual_token.setter
+    def _virtual_token(self, value: Any) -> None:
+        self._kst_dropped("virtual", value)
+
+    def request(self, path: str, **kwargs: Any) -> Any:
+        """pykis's ``request``; an ``EGW00121`` answer (a token KIS does not know, say one that
+        another process revoked with :meth:`discard`) drops the token this thread sent, as pykis
+        does for ``EGW00123``, and the call is made once more (pykis raises it)."""
+        try:
+            return super().request(path, **kwargs)
+        except KisHTTPError as exc:
+            if (
+                not kwargs.get("auth", True)
+                or kis_code(json_or_none(exc.response)) != TOKEN_INVALID
+            ):
+                raise
+            # the token pykis sent (kis.py:559): the real one for "real", else primary_token's
+            domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
+            self._kst_dropped("virtual" if domain != "real" and self.virtual else "real", None)
+        return super().request(path, **kwargs)
+
+    def discard(self, domain: Domain | None = None) -> None:
+        """Revoke the tokens in memory at KIS (pykis's ``token_revoke``), then drop them from
+        the storage (compare-and-delete) and from memory."""
+        for name in DOMAINS:
+            shared = self._kst_tokens.get(name)
+            if shared is None or domain not in (None, name):
+                continue
+            current = shared.in_memory()
+            if current is not None:
+                token_revoke(self, current.access_token)
+                shared.invalidate(current.access_token)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _kst_serve(self, domain: Domain) -> Any:
+        token = self._kst_tokens[domain].token
+        setattr(self._kst_served, domain, token.access_token)
+        return self._kst_wrap(domain, token)
+
+    def _kst_wrap(self, domain: Domain, token: Token) -> Any:
+        """``token`` as pykis's ``KisAccessToken`` (built once per token)."""
+        cached = self._kst_wrapped.get(domain)
+        if cached is not None and cached[0] is token:
+            return cached[1]
+        wrapped = KisObject.transform_(
+            {
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "access_token_token_expired": token.expired_kst,
+                "expires_in": max(0, int(token.expires_at - self._kst_tokens[domain].now())),
+            },
+            KisAccessToken,
+        )
+        self._kst_wrapped[domain] = (token, wrapped)
+        return wrapped
+
+    def _kst_current(self, domain: Domain) -> Any:
+        shared = self.__dict__.get("_kst_tokens", {}).get(domain)
+        token = shared.in_memory() if shared is not None else None
+        return self._kst_wrap(domain, token) if token is not None else None
+
+    def _kst_dropped(self, domain: Domain, value: Any) -> None:
+        """pykis assigned ``self._token`` (or ``_virtual_token``): ``None`` at construction, and
+        ``None`` again when KIS answered ``EGW00123`` to the token this thread sent."""
+        if value is not None:
+            raise ValueError("the token comes from token_storage and cannot be set")
+        shared = self.__dict__.get("_kst_tokens", {}).get(domain)
+        if shared is None:
+            return  # pykis.__init__ initialising the attribute
+        # Only the token this thread sent: the current one may be the fresh token another thread
+        # got after the same rejection. A thread that sent none has none to drop.
+        rejected = getattr(self._kst_served, domain, None)
+        if rejected is not None:
+            setattr(self._kst_served, domain, None)
+            shared.invalidate(rejected)

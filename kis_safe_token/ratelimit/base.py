@@ -1,0 +1,209 @@
+"""The call-rate limiter protocol and its arithmetic (GCRA), written once for every backend.
+
+KIS meters REST calls per second per app key (real accounts 20/s, virtual 2/s; over it
+``EGW00201``), whatever process sends them. A :class:`RateLimiter` hands out *slots* spaced
+``1 / rate`` seconds apart to every process that shares its state (a file, a Redis key, or this
+process only). It is GCRA, the Generic Cell Rate Algorithm, in its reservation form: the state is
+one number, the TAT (theoretical arrival time of the next free slot); a caller takes the slot at
+``max(TAT, now)``, moves the TAT one interval on, and sleeps until its slot. Why GCRA rather than
+a sliding window of call times:
+
+- one number of state, read and written in one step (one Lua call, one 16-byte record), so the
+  cost per call does not grow with the rate or the fleet;
+- a reservation tells the caller how long to sleep, so nobody polls: no herd of retries, and
+  slots go out first come, first served (fair: no process starves);
+- no burst allowance (``tau = 0``): calls are spaced evenly, so no one-second window KIS may
+  count holds more than ``rate`` (+1 at its edge) even when every process fires at once.
+
+The core never sleeps: :meth:`RateLimiter.try_acquire` reserves a slot and returns the seconds
+to wait (an asyncio client awaits that); :meth:`RateLimiter.acquire` is the blocking wrapper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Final
+
+from ..errors import KisApiError
+
+__all__ = [
+    "ACQUIRE_TIMEOUT_S",
+    "MAX_CALLS_PER_SECOND",
+    "MAX_WAIT_S",
+    "MIN_CALLS_PER_SECOND",
+    "SLOWDOWN_FACTOR",
+    "SLOWDOWN_S",
+    "STALE_AHEAD_S",
+    "RateLimitTimeout",
+    "RateLimiter",
+    "check_rate",
+    "reserve",
+]
+
+logger = logging.getLogger("kis_safe_token")
+
+#: How long :meth:`RateLimiter.acquire` waits for a slot by default.
+ACQUIRE_TIMEOUT_S: Final = 30.0
+#: The longest wait anyone may reserve: bounds how far ahead a TAT can legitimately be.
+MAX_WAIT_S: Final = 60.0
+MIN_CALLS_PER_SECOND: Final = 0.1
+MAX_CALLS_PER_SECOND: Final = 10_000.0
+#: After ``EGW00201`` the fleet's interval is multiplied by this (the rate halves) ...
+SLOWDOWN_FACTOR: Final = 2.0
+#: ... for this long (extended by every further ``EGW00201``).
+SLOWDOWN_S: Final = 60.0
+#: A TAT further ahead than any reservation can make (``MAX_WAIT_S`` plus a slowed interval at
+#: the lowest rate) was written before a clock step back or a reboot: it is reset, not obeyed.
+STALE_AHEAD_S: Final = MAX_WAIT_S + 2 * SLOWDOWN_FACTOR / MIN_CALLS_PER_SECOND
+
+
+class RateLimitTimeout(KisApiError):
+    """No call slot within the wait allowed (the fleet's queue is longer than the timeout)."""
+
+
+def check_rate(calls_per_second: object, name: str = "calls_per_second") -> float:
+    """``calls_per_second`` as a float in the allowed range; else a ``ValueError`` naming it."""
+    if isinstance(calls_per_second, bool) or not isinstance(calls_per_second, (int, float)):
+        kind = type(calls_per_second).__name__
+        raise ValueError(f"{name} must be a number of calls per second, not {kind}")
+    rate = float(calls_per_second)
+    if not (math.isfinite(rate) and MIN_CALLS_PER_SECOND <= rate <= MAX_CALLS_PER_SECOND):
+        raise ValueError(
+            f"{name} must be between {MIN_CALLS_PER_SECOND:g} and {MAX_CALLS_PER_SECOND:g} "
+            "(or 0 to turn the limiter off)"
+        )
+    return rate
+
+
+def reserve(tat: float, now: float, interval: float, max_wait: float) -> tuple[float | None, float]:
+    """One GCRA step in seconds: ``(wait, new_tat)``; ``wait`` is ``None`` (and the TAT
+    unchanged) if the next slot begins more than ``max_wait`` after ``now``. (The Redis limiter
+    runs the same step in Lua, in microseconds of the Redis server's clock.)"""
+    if not math.isfinite(tat) or tat - now > STALE_AHEAD_S:
+        tat = now
+    start = max(tat, now)
+    wait = start - now
+    if wait > max_wait:
+        return None, tat
+    return wait, start + interval
+
+
+class RateLimiter(ABC):
+    """Slots for calls to KIS, ``rate`` per second, shared by everyone on the same state.
+
+    Subclasses supply :meth:`try_acquire` (never sleeps), :meth:`_slow_down` and
+    :meth:`slowdown_left_s`; :meth:`acquire` and :meth:`penalize` are written here.
+    """
+
+    #: The configured calls per second (the slowed-down rate is ``rate / SLOWDOWN_FACTOR``).
+    rate: float
+    #: Where the state lives, for logs and ``kis-token status`` (no secret in it).
+    where: str = "this process"
+    #: How :meth:`acquire` sleeps (replaceable in tests, to play a host that oversleeps).
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
+
+    @property
+    def interval_s(self) -> float:
+        return 1.0 / self.rate
+
+    @abstractmethod
+    def try_acquire(self, max_wait_s: float = 0.0) -> float | None:
+        """Reserve the next slot if it begins within ``max_wait_s``: the seconds until it does
+        (``0.0``: call now). ``None``: no slot that soon, nothing reserved. Never sleeps; an
+        asyncio caller awaits ``asyncio.sleep`` of the result. :class:`TokenStorageError` if the
+        shared state cannot be reached."""
+
+    @abstractmethod
+    def _slow_down(self, hold_s: float) -> bool:
+        """Slow the shared rate down for ``hold_s``; whether this call started the slowdown."""
+
+    @abstractmethod
+    def slowdown_left_s(self) -> float:
+        """Seconds the learned slowdown still lasts (0: the full rate applies)."""
+
+    def acquire(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
+        """Block until this caller's slot; the seconds slept. :class:`RateLimitTimeout` if no
+        slot is free within ``timeout_s`` (at once if the queue is longer than that).
+
+        A caller that wakes more than one interval after its slot (a CPU-starved host oversleeps)
+        lets the slot go and takes a new one: sent now, its call would bunch with the next
+        callers' and KIS could count one too many in that second. Within one interval it goes:
+        that adds at most one call to any second, which the default 10 % margin absorbs.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        slept = 0.0
+        while True:
+            left = deadline - time.monotonic()
+            wait = self.try_acquire(min(max(0.0, left), MAX_WAIT_S))
+            if wait is None:
+                raise self._no_slot(timeout_s)
+            if wait <= 0:
+                return slept
+            slot = time.monotonic() + wait
+            self.sleep(wait)
+            slept += wait
+            if not self.missed(time.monotonic() - slot):
+                return slept
+
+    async def acquire_async(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
+        """:meth:`acquire` for asyncio: the same rules, awaiting ``asyncio.sleep`` instead of
+        blocking. :meth:`try_acquire` itself runs inline (microseconds on a file, one round trip
+        on Redis); a client on ``redis.asyncio`` can run the Redis script itself instead (see
+        :meth:`RedisRateLimiter.reserve_call`)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        slept = 0.0
+        while True:
+            wait = self.try_acquire(min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S))
+            if wait is None:
+                raise self._no_slot(timeout_s)
+            if wait <= 0:
+                return slept
+            slot = time.monotonic() + wait
+            await asyncio.sleep(wait)
+            slept += wait
+            if not self.missed(time.monotonic() - slot):
+                return slept
+
+    def _no_slot(self, timeout_s: float) -> RateLimitTimeout:
+        return RateLimitTimeout(
+            f"no KIS call slot within {timeout_s:.1f} s at {self.rate:g} calls/s "
+            f"({self.where}): too many callers share this app key's limit"
+        )
+
+    def missed(self, late_s: float) -> bool:
+        """Whether a caller that woke ``late_s`` after its slot must take a new one (see
+        :meth:`acquire`; an asyncio caller applies the same rule after ``asyncio.sleep``)."""
+        return late_s > self.interval_s
+
+    def penalize(self, hold_s: float = SLOWDOWN_S) -> bool:
+        """KIS answered ``EGW00201`` anyway (another program uses the app key): halve the rate
+        for ``hold_s`` for everyone sharing this state. Logged once, by the caller that started
+        the slowdown; whether this call started it."""
+        started = self._slow_down(hold_s)
+        if started:
+            logger.warning(
+                "KIS answered EGW00201 (too many calls per second) although this fleet keeps to "
+                "%g calls/s: another program may be using the app key; slowing down to %g "
+                "calls/s for %.0f s (%s)",
+                self.rate,
+                self.rate / SLOWDOWN_FACTOR,
+                hold_s,
+                self.where,
+            )
+        return started
+
+    def describe(self) -> str:
+        """``"18 calls/s, shared by <where>"``, plus a slowdown in force (for status lines)."""
+        text = f"{self.rate:g} calls/s, shared by {self.where}"
+        left = self.slowdown_left_s()
+        if left > 0:
+            text += f" (slowed to {self.rate / SLOWDOWN_FACTOR:g}/s for {left:.0f} s more)"
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.rate:g}/s, {self.where})"

@@ -1,0 +1,138 @@
+"""The behaviour every :class:`~kis_safe_token.ratelimit.RateLimiter` must show, as a pytest
+test class (the ``TokenStorageContract`` pattern of :mod:`kis_safe_token.testing.contract`).
+
+Subclass :class:`RateLimiterContract` under a name pytest collects and override the
+``make_limiter`` fixture: a factory ``(name, calls_per_second) -> RateLimiter`` whose every call
+builds a *new* limiter object on the same shared state for ``name`` (the contract checks that
+two objects share one rate)::
+
+    class TestMyRateLimiter(RateLimiterContract):
+        @pytest.fixture
+        def make_limiter(self, tmp_path):
+            return lambda name, rate: MyRateLimiter(tmp_path, name, rate)
+
+Times are real (a limiter may read a server's clock), so rates are high and checks tolerant.
+Requires pytest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+try:
+    import pytest
+except ImportError as exc:  # pragma: no cover - exercised only without pytest
+    raise ImportError("kis_safe_token.testing.ratelimit_contract requires pytest") from exc
+
+from ..ratelimit.base import SLOWDOWN_FACTOR, RateLimiter, RateLimitTimeout
+
+__all__ = ["LimiterFactory", "RateLimiterContract"]
+
+LimiterFactory = Callable[[str, float], RateLimiter]
+
+#: 10 calls/s: slots 100 ms apart, wide against scheduling noise on a loaded machine.
+RATE = 10.0
+INTERVAL_S = 1 / RATE
+#: How far a reported wait may fall short of the slot's offset: time that passed between calls.
+SLACK_S = 0.05
+
+
+def new_name() -> str:
+    return f"PSlimit{uuid.uuid4().hex[:20]}"
+
+
+class RateLimiterContract:
+    """Slots spaced ``1 / rate`` apart, shared by every object on the same state, independent
+    per name; ``try_acquire`` never reserves past ``max_wait_s``; ``acquire`` times out at once;
+    ``penalize`` halves the rate, started once; threads get distinct slots."""
+
+    @pytest.fixture
+    def make_limiter(self) -> LimiterFactory:
+        """Override: a factory of new limiter objects on state private to the test."""
+        raise NotImplementedError(f"{type(self).__name__} must override the make_limiter fixture")
+
+    def test_first_slot_is_now_and_the_next_ones_are_spaced_by_the_interval(
+        self, make_limiter: LimiterFactory
+    ) -> None:
+        limiter = make_limiter(new_name(), RATE)
+        assert limiter.rate == RATE
+        waits = [limiter.try_acquire(1.0) for _ in range(4)]
+        assert waits[0] == 0.0
+        for k, wait in enumerate(waits[1:], start=1):
+            assert wait is not None
+            assert k * INTERVAL_S - SLACK_S <= wait <= k * INTERVAL_S + 0.001
+
+    def test_a_slot_beyond_max_wait_is_refused_and_not_reserved(
+        self, make_limiter: LimiterFactory
+    ) -> None:
+        limiter = make_limiter(new_name(), RATE)
+        assert limiter.try_acquire(0.0) == 0.0
+        assert limiter.try_acquire(0.0) is None  # the next slot is ~100 ms away
+        assert limiter.try_acquire(0.0) is None
+        wait = limiter.try_acquire(1.0)  # the refusals reserved nothing: this is slot 2, not 4
+        assert wait is not None and wait <= INTERVAL_S + 0.001
+
+    def test_two_objects_on_one_name_share_the_rate(self, make_limiter: LimiterFactory) -> None:
+        name = new_name()
+        first, second = make_limiter(name, RATE), make_limiter(name, RATE)
+        assert first.try_acquire(1.0) == 0.0
+        wait = second.try_acquire(1.0)
+        assert wait is not None and wait >= INTERVAL_S - SLACK_S
+
+    def test_names_do_not_share_a_rate(self, make_limiter: LimiterFactory) -> None:
+        assert make_limiter(new_name(), RATE).try_acquire(0.0) == 0.0
+        assert make_limiter(new_name(), RATE).try_acquire(0.0) == 0.0
+
+    def test_acquire_blocks_until_the_slot_and_times_out_at_once_if_too_far(
+        self, make_limiter: LimiterFactory
+    ) -> None:
+        limiter = make_limiter(new_name(), RATE)
+        assert limiter.acquire(1.0) == 0.0
+        waited = limiter.acquire(1.0)
+        assert INTERVAL_S - SLACK_S <= waited <= INTERVAL_S + 0.001
+        for _ in range(3):
+            limiter.try_acquire(1.0)
+        with pytest.raises(RateLimitTimeout, match="no KIS call slot within"):
+            limiter.acquire(0.05)
+
+    def test_penalize_halves_the_rate_and_says_who_started_it(
+        self, make_limiter: LimiterFactory
+    ) -> None:
+        name = new_name()
+        limiter, other = make_limiter(name, RATE), make_limiter(name, RATE)
+        assert limiter.slowdown_left_s() == 0.0
+        assert limiter.penalize(5.0) is True
+        assert other.penalize(5.0) is False  # already slowed: only the first one logs
+        assert 4.0 < other.slowdown_left_s() <= 5.0
+        assert "slowed to" in other.describe()
+        assert limiter.try_acquire(1.0) == 0.0
+        wait = limiter.try_acquire(1.0)
+        assert wait is not None and wait >= SLOWDOWN_FACTOR * INTERVAL_S - SLACK_S
+
+    def test_threads_get_distinct_slots(self, make_limiter: LimiterFactory) -> None:
+        rate = 50.0
+        limiter = make_limiter(new_name(), rate)
+        taken: list[float] = []
+        guard = threading.Lock()
+
+        def take() -> None:
+            for _ in range(10):
+                wait = limiter.try_acquire(5.0)
+                with guard:
+                    taken.append(-1.0 if wait is None else wait)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        elapsed = time.monotonic() - started
+        assert len(taken) == 80 and min(taken) >= 0.0
+        # No update lost: the 80 slots are consumed, so the next one is 80 intervals after the
+        # first (less the time that passed), not fewer.
+        nxt = limiter.try_acquire(5.0)
+        assert nxt is not None and nxt >= 80 / rate - elapsed - SLACK_S

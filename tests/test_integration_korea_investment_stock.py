@@ -1,0 +1,305 @@
+"""kis_safe_token.integrations.korea_investment_stock: korea-investment-stock 0.19.0 (the real
+package) with the fleet's single flight, against the simulator."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from upstream_herd import (
+    UPSTREAM_ACCOUNT,
+    UPSTREAM_APP_KEY,
+    UPSTREAM_SECRET,
+    require_client,
+    run_upstream_herd,
+    upstream_simulator,
+)
+
+from kis_safe_token.kis import REAL_BASE_URL, TOKEN_EXPIRED
+from kis_safe_token.storage import FileTokenStorage
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.token import Token
+
+# [dev] installs it (on Python >= 3.11, as its own metadata requires)
+korea_investment_stock = require_client("korea_investment_stock", min_python=(3, 11))
+
+from kis_safe_token.integrations import korea_investment_stock as integration  # noqa: E402
+from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment  # noqa: E402
+
+SCENARIO = "upstream_clients.korea_investment_stock_scenario"
+MODULE = "kis_safe_token.integrations.korea_investment_stock"
+KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
+
+
+@pytest.fixture
+def usim() -> Any:
+    with upstream_simulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> FileTokenStorage:
+    return FileTokenStorage(tmp_path / "shared" / "token.json")
+
+
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Upstream reads ~/.config/kis/config.yaml and writes ~/.cache/kis: a home of the test's."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def broker_for(sim: KisSimulator, storage: FileTokenStorage) -> KoreaInvestment:
+    return KoreaInvestment(KEY, SECRET, ACCOUNT, token_storage=storage, base_url=sim.base_url)
+
+
+def price_ok(answer: dict[str, Any]) -> bool:
+    return answer.get("rt_cd") == "0" and bool(answer["output"]["stck_prpr"])
+
+
+# -- the fleet -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_herd_of_16_makes_one_issuance_then_one_refresh(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    spec: dict[str, Any] = (
+        {"kind": "file", "path": str(tmp_path / "shared" / "token.json")}
+        if backend == "file"
+        else {
+            "kind": "redis",
+            "url": request.getfixturevalue("redis_url"),
+            "key_prefix": request.getfixturevalue("key_prefix"),
+        }
+    )
+    with upstream_simulator() as sim:
+        result = run_upstream_herd(
+            f"{SCENARIO}:integrated",
+            16,
+            spec,
+            sim.base_url,
+            folder=tmp_path / "herd",
+            sim=sim,
+            between_rounds=lambda _: sim.expire_tokens(),
+        )
+        expired_answers = sim.counts[TOKEN_EXPIRED]
+    assert not result.harness_errors, result.summary()
+    assert result.errors() == [], result.summary()
+    assert result.issued == [1, 1], result.summary()  # start, then after the server-side expiry
+    assert result.rate_limited == [0, 0] and result.crashed() == 0, result.summary()
+    assert len(result.round_rows(1)) == 16
+    assert len(result.tokens(0)) == 1 and len(result.tokens(1)) == 1
+    assert result.tokens(0) != result.tokens(1)
+    assert expired_answers >= 1  # round 1 went through upstream's refresh path
+    assert result.cache_files() == []  # no ~/.cache/kis/token.key, nothing in the cwd
+
+
+def test_as_shipped_the_herd_crashes_and_pickles_its_cache(tmp_path: Path) -> None:
+    """The harness sees what the integration fixes (so its zeros above mean something)."""
+    with upstream_simulator() as sim:
+        result = run_upstream_herd(
+            f"{SCENARIO}:shipped", 4, None, sim.base_url, folder=tmp_path, sim=sim, rounds=1
+        )
+    assert result.rate_limited == [3] and result.crashed() == 3, result.summary()
+    assert all("HTTPError: 403" in e for e in result.errors()), result.summary()
+    assert "home:.cache/kis/token.key" in result.cache_files()
+
+
+# -- host and storage ------------------------------------------------------------------------------
+def test_base_url_keyword_is_the_host_of_every_call(
+    usim: KisSimulator, storage: FileTokenStorage
+) -> None:
+    broker = broker_for(usim, storage)
+    assert broker.base_url == usim.base_url
+    assert broker._token_manager.base_url == usim.base_url  # upstream's hard-coded one ignored
+    assert usim.issued == 1 and price_ok(broker.fetch_domestic_price("005930"))
+    broker.base_url = usim.base_url + "/"  # a later assignment is the user's: honoured
+    assert broker.base_url == usim.base_url
+
+
+def test_base_url_from_the_environment(
+    usim: KisSimulator, storage: FileTokenStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KOREA_INVESTMENT_BASE_URL", usim.base_url)
+    broker = KoreaInvestment(KEY, SECRET, ACCOUNT, token_storage=storage)
+    assert broker.base_url == usim.base_url and usim.issued == 1
+    assert price_ok(broker.fetch_domestic_price("005930"))
+
+
+def test_default_host_is_upstreams(storage: FileTokenStorage) -> None:
+    # A stored token: construction needs no network, so the real host is never called.
+    storage.save_token(Token("stored-token", time.time() + 3600).to_token_data(KEY, SECRET))
+    broker = KoreaInvestment(KEY, SECRET, ACCOUNT, token_storage=storage)
+    assert broker.base_url == REAL_BASE_URL
+    assert broker.access_token == "Bearer stored-token"
+
+
+def test_default_storage_is_ours_from_the_environment(
+    usim: KisSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _own_home: Path
+) -> None:
+    monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_STORAGE", "file")
+    monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_FILE", str(tmp_path / "env" / "token.json"))
+    broker = KoreaInvestment(KEY, SECRET, ACCOUNT, base_url=usim.base_url)
+    assert isinstance(broker.token_storage, FileTokenStorage)
+    assert broker.token_storage.check_token_valid(KEY, SECRET)
+    assert (tmp_path / "env" / "token.json").exists()
+    assert not (_own_home / ".cache").exists()  # upstream's pickle never written
+
+
+def test_upstream_storage_is_refused(tmp_path: Path) -> None:
+    theirs = korea_investment_stock.FileTokenStorage(tmp_path / "token.key")
+    with pytest.raises(TypeError, match="token_storage must be a kis_safe_token storage"):
+        KoreaInvestment(KEY, SECRET, ACCOUNT, token_storage=theirs)
+
+
+# -- the token -------------------------------------------------------------------------------------
+def test_check_access_token_is_a_pure_read(usim: KisSimulator, storage: FileTokenStorage) -> None:
+    broker = broker_for(usim, storage)
+    assert broker.check_access_token() is True
+    storage.delete_token(KEY, SECRET)
+    assert broker.check_access_token() is False
+    assert broker.check_access_token() is False
+    assert usim.issued == 1 and usim.counts["issue_requests"] == 1
+
+
+def test_refresh_after_expiry_reuses_a_token_another_broker_got(
+    usim: KisSimulator, storage: FileTokenStorage
+) -> None:
+    """Compare-and-delete: the second broker drops only the token it sent (already gone), so it
+    takes the first one's fresh token instead of deleting it and issuing a third."""
+    first, second = broker_for(usim, storage), broker_for(usim, storage)
+    usim.expire_tokens()
+    assert price_ok(first.fetch_domestic_price("005930"))
+    assert price_ok(second.fetch_domestic_price("005930"))
+    assert usim.issued == 2 and usim.rate_limited == 0
+    assert first.access_token == second.access_token
+
+
+def test_a_late_refresh_drops_only_the_token_its_thread_sent(
+    usim: KisSimulator, storage: FileTokenStorage
+) -> None:
+    """A thread whose expired answer comes after another thread refreshed drops the token it
+    sent (gone already), not the fresh one, so no second issuance (refused within the minute)."""
+    broker = broker_for(usim, storage)
+    sent, go, results = threading.Event(), threading.Event(), []
+
+    def late() -> None:
+        results.append(broker.access_token)  # this thread builds its header with the first token
+        sent.set()
+        go.wait(10)
+        broker.issue_access_token(force=True)  # upstream's refresh path
+        results.append(broker.access_token)
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    assert sent.wait(10)
+    usim.expire_tokens()
+    assert price_ok(broker.fetch_domestic_price("005930"))  # this thread refreshes first
+    fresh = broker.access_token
+    go.set()
+    thread.join(30)
+    assert results[0] != fresh and results[1] == fresh
+    assert usim.issued == 2 and usim.rate_limited == 0
+    assert storage.load_token(KEY, SECRET)["access_token"] == fresh.removeprefix("Bearer ")
+
+
+def test_threads_sharing_a_broker_refresh_once(
+    usim: KisSimulator, storage: FileTokenStorage
+) -> None:
+    """Each thread drops the token it sent, not the one another thread just got (which would
+    cost a second issuance, refused within KIS's minute)."""
+    broker = broker_for(usim, storage)
+    usim.expire_tokens()
+    start = threading.Barrier(8)
+    answers: list[dict[str, Any]] = []
+
+    def call() -> None:
+        start.wait(10)
+        answers.append(broker.fetch_domestic_price("005930"))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 8 and all(price_ok(a) for a in answers)
+    assert usim.issued == 2 and usim.rate_limited == 0
+
+
+def test_forced_issue_gets_a_new_token(usim: KisSimulator, storage: FileTokenStorage) -> None:
+    broker = broker_for(usim, storage)
+    old = broker.access_token
+    usim.expire_tokens()  # resets the issue window too
+    broker.issue_access_token(force=True)
+    assert broker.access_token != old and usim.issued == 2
+    broker.load_access_token()
+    broker.issue_access_token()
+    assert usim.issued == 2  # without force: the fleet's token
+
+
+def test_upstream_wrappers_work_on_top(usim: KisSimulator, storage: FileTokenStorage) -> None:
+    broker = broker_for(usim, storage)
+    limited = korea_investment_stock.RateLimitedKoreaInvestment(broker, calls_per_second=100)
+    assert price_ok(limited.fetch_domestic_price("005930"))
+    cached = korea_investment_stock.CachedKoreaInvestment(broker)
+    assert price_ok(cached.fetch_domestic_price("005930"))
+    before = usim.counts["price_requests"]
+    assert price_ok(cached.fetch_domestic_price("005930"))
+    assert usim.counts["price_requests"] == before  # served by upstream's cache
+    usim.expire_tokens()
+    assert price_ok(limited.fetch_domestic_price("005930"))  # refreshed under the wrapper
+    assert usim.issued == 2
+
+
+# -- packaging and the upstream version ------------------------------------------------------------
+def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "korea_investment_stock", None)  # import -> ImportError
+    monkeypatch.delitem(sys.modules, MODULE)
+    extra = r"pip install 'kis-safe-token\[korea-investment-stock\]'"
+    with pytest.raises(ImportError, match=extra):
+        importlib.import_module(MODULE)
+
+
+def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
+    """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
+    assert importlib.metadata.version("korea-investment-stock") == integration.UPSTREAM_VERSION
+    assert integration.UPSTREAM_VERSION == "0.19.0"
+    cls = korea_investment_stock.KoreaInvestment
+    assert list(inspect.signature(cls.__init__).parameters) == [
+        "self",
+        "api_key",
+        "api_secret",
+        "acc_no",
+        "config",
+        "config_file",
+        "token_storage",
+    ]
+    assert list(inspect.signature(cls.issue_access_token).parameters) == ["self", "force"]
+    source = Path(inspect.getfile(cls)).read_text(encoding="utf-8").splitlines()
+    expected = {
+        127: 'self.base_url = "https://openapi.koreainvestment.com:9443"',
+        142: "storage = token_storage or create_token_storage(self._resolved_config)",
+        145: "self._token_manager = TokenManager(",
+        156: "self.access_token = self._token_manager.get_valid_token()",
+        174: "def issue_access_token(self, force: bool = False):",
+        237: "self.issue_access_token(force=True)",
+        238: 'headers["authorization"] = self.access_token',
+        245: "def check_access_token(self) -> bool:",
+        253: "def load_access_token(self):",
+    }
+    for line, text in expected.items():
+        assert source[line - 1].strip() == text, f"korea_investment_stock.py:{line} moved"
+    manager = inspect.getsource(korea_investment_stock.TokenManager.get_valid_token)
+    assert "if self.is_token_valid():" in manager and "self._load_token()" in manager
+    load = inspect.getsource(korea_investment_stock.TokenManager._load_token)
+    assert 'token_data["access_token"]' in load
+    headers = inspect.getsource(cls.fetch_domestic_price)
+    assert '"authorization": self.access_token' in headers

@@ -1,0 +1,91 @@
+"""Proof of the fleet-wide rate limit: real processes and a real gunicorn fleet against the
+simulator metering 20 calls/s per app key as KIS does. Every call is answered, none gets
+EGW00201, and no process starves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import APP_KEY, SECRET
+from herd import HERD_APP_KEY, HERD_SECRET, run_call_herd
+from test_fleets import APPS, wait_until_serving
+
+from kis_safe_token.crypto import key_id
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.redis_server import free_port
+from kis_safe_token.testing.simulator import REAL_CALLS_PER_SECOND
+
+pytestmark = pytest.mark.stress
+
+PROCESSES, CALLS = 8, 25
+
+
+@pytest.fixture
+def metered_sim() -> Iterator[KisSimulator]:
+    with KisSimulator(
+        apps={HERD_APP_KEY: HERD_SECRET, APP_KEY: SECRET},
+        issue_latency_s=0,
+        calls_per_second=REAL_CALLS_PER_SECOND,
+    ) as sim:
+        yield sim
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+def test_eight_processes_keep_to_the_limit_together(
+    metered_sim: KisSimulator, tmp_path: Path, redis_url: str, key_prefix: str, kind: str
+) -> None:
+    spec = (
+        {"kind": "file", "path": str(tmp_path / "tokens.json")}
+        if kind == "file"
+        else {"kind": "redis", "url": redis_url, "key_prefix": key_prefix}
+    )
+    released, reports, errors = run_call_herd(PROCESSES, CALLS, spec, metered_sim.base_url)
+    assert errors == []
+    assert [r["answered"] for r in reports] == [CALLS] * PROCESSES
+    assert metered_sim.too_many_calls == 0
+    assert metered_sim.counts["uapi_calls"] == PROCESSES * CALLS
+    assert metered_sim.peak_calls_per_second[HERD_APP_KEY] <= REAL_CALLS_PER_SECOND
+    # Fair: slots go out first come, first served, so every process finishes near the end.
+    rates = [CALLS / (r["ended"] - released) for r in reports]
+    assert min(rates) >= 0.8 * max(rates), rates
+    # ... and the fleet used its 18 calls/s: 200 calls take about 11 s, not much more.
+    assert max(r["ended"] for r in reports) - released < 1.5 * PROCESSES * CALLS / 18
+
+
+def test_gunicorn_fleet_under_load_gets_no_egw00201(
+    metered_sim: KisSimulator, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOREA_INVESTMENT_")}
+    env.update(
+        KOREA_INVESTMENT_BASE_URL=metered_sim.base_url,
+        KOREA_INVESTMENT_TOKEN_FILE=str(tmp_path / "cache" / "tokens.json"),
+        KIS_TEST_APP_KEY=APP_KEY,
+        KIS_TEST_APP_SECRET=SECRET,
+        PYTHONPATH=os.pathsep.join([str(APPS), env.get("PYTHONPATH", "")]),
+    )
+    port = free_port()
+    args = [sys.executable, "-m", "gunicorn", "-w", "4", "-k", "gthread", "--threads", "4"]
+    args += ["-b", f"127.0.0.1:{port}", "--log-level", "warning", "wsgi_app:app"]
+    proc = subprocess.Popen(args, env=env, cwd=APPS)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{url}/005930", proc)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: requests.get(f"{url}/005930", timeout=30), range(64)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert [a.status_code for a in answers] == [200] * 64
+    assert len({a.json()["pid"] for a in answers}) > 1  # several workers served
+    assert metered_sim.too_many_calls == 0
+    assert metered_sim.counts["uapi_calls"] >= 64  # (and the start-up probes)
+    assert metered_sim.peak_calls_per_second[APP_KEY] <= REAL_CALLS_PER_SECOND
+    assert (tmp_path / "cache" / f"tokens.json.rate-{key_id(APP_KEY)}").exists()

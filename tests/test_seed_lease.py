@@ -1,0 +1,503 @@
+"""The opt-in seed-protocol lease (issue 11, item 5): single flight for clients that only call the
+seed's four methods. Every behaviour runs on both backends (a real file, a real redis-server);
+the last tests start 16 real processes through the real korea-investment-stock 0.19.0.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import IN_CI
+
+from kis_safe_token import FileTokenStorage, LockedRedisTokenStorage, TokenStorageError
+from kis_safe_token.storage.base import SealedTokenStorage
+from kis_safe_token.storage.factory import create_token_storage
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.token import Token
+
+# Before the import: the contract's asserts then report values, as a test module's do.
+pytest.register_assert_rewrite("kis_safe_token.testing.contract")
+from kis_safe_token.testing.contract import StorageFactory, TokenStorageContract  # noqa: E402
+
+K, S = "PSleaseAppKey0000000000000000000000", "lease-secret-" + "l" * 40
+BACKENDS = ["file", "redis"]
+#: Long enough for a thread that is going to return to have returned: only used to show that a
+#: call is *still* blocked, never to let a race come out right.
+BLOCKED_S = 0.3
+
+Build = Callable[..., SealedTokenStorage]
+
+
+@pytest.fixture(params=BACKENDS)
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Build:
+    """``make(**options)``: a storage of this backend with the lease on, all sharing one store."""
+    backend: str = request.param
+
+    def build(**options: Any) -> SealedTokenStorage:
+        options.setdefault("seed_lease", True)
+        options.setdefault("wait_timeout", 10.0)
+        options.setdefault("lease_ttl", 2.0)
+        options.setdefault("issue_window_s", 0)  # a waiter honours the window its granter set
+        if backend == "file":
+            return FileTokenStorage(tmp_path / "cache" / "tokens.json", **options)
+        url: str = request.getfixturevalue("redis_url")
+        prefix: str = request.getfixturevalue("key_prefix")
+        return LockedRedisTokenStorage(url, key_prefix=prefix, lock_ttl=0.5, **options)
+
+    return build
+
+
+def in_thread(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``fn`` in a new thread (a new lease owner; a pool would reuse threads)."""
+    done: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            done.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> Future[tuple[Any, float]]:
+    """``in_thread`` that also reports how long the call took."""
+
+    def run() -> tuple[Any, float]:
+        started = time.monotonic()
+        result = fn(*args)
+        return result, time.monotonic() - started
+
+    return in_thread(run)
+
+
+def token(name: str = "a", expires_in: float = 86_400) -> Token:
+    return Token(f"tok-{name}-" + "x" * 50, time.time() + expires_in)
+
+
+def data(tok: Token) -> dict[str, Any]:
+    return tok.to_token_data(K, S)
+
+
+def blocked(fut: Future[Any]) -> bool:
+    try:
+        fut.result(timeout=BLOCKED_S)
+    except TimeoutError:
+        return True
+    return False
+
+
+# -- off by default, then the basic promise -------------------------------------------------------
+
+
+def test_the_lease_is_off_by_default(make: Build) -> None:
+    storage = make(seed_lease=False)
+    assert not storage.seed_lease
+    assert storage.check_token_valid(K, S) is False
+    # Without the lease another caller is told the same at once: the seed's herd.
+    assert in_thread(storage.check_token_valid, K, S).result(timeout=5) is False
+
+
+def test_false_grants_the_lease_and_others_wait_for_the_holders_save(make: Build) -> None:
+    holder, other = make(), make()
+    assert holder.seed_lease
+    assert holder.check_token_valid(K, S) is False  # this thread holds the lease
+    waiters = [in_thread(other.check_token_valid, K, S) for _ in range(3)]
+    assert all(blocked(w) for w in waiters)
+    assert holder.save_token(data(token()))
+    assert [w.result(timeout=5) for w in waiters] == [True, True, True]
+    assert holder.load_token(K, S)["access_token"] == token().access_token
+
+
+def test_holder_thread_re_enters_another_thread_of_the_process_waits(make: Build) -> None:
+    storage = make()
+    assert storage.check_token_valid(K, S) is False
+    assert storage.check_token_valid(K, S) is False  # again: no deadlock, still the holder
+    assert make(lease_ttl=1.0).check_token_valid(K, S) is False  # whichever storage object
+    assert storage.load_token(K, S) is None  # the holder reading never waits on itself
+    same_process = in_thread(storage.check_token_valid, K, S)
+    assert blocked(same_process)
+    storage.save_token(data(token()))
+    assert same_process.result(timeout=5) is True
+
+
+def test_a_forked_child_is_a_separate_owner(make: Build) -> None:
+    holder, storage = make(lease_ttl=30.0, wait_timeout=60.0), make(lease_ttl=0.3, wait_timeout=0.6)
+    assert holder.check_token_valid(K, S) is False
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child's thread id is copied from its parent's holder thread
+        try:
+            answer = repr(storage.check_token_valid(K, S))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            answer = type(exc).__name__
+        os.write(write_end, answer.encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    answer = os.read(read_end, 100).decode()
+    os.close(read_end)
+    assert answer == "TokenStorageError"  # it waited on the parent's lease, was not granted
+
+
+# -- a caller that checks and never issues --------------------------------------------------------
+
+
+def test_status_display_blocks_the_fleet_only_for_the_lease_ttl(make: Build) -> None:
+    display, fleet = make(lease_ttl=0.8, issue_window_s=0.2), make()
+    assert display.check_token_valid(K, S) is False  # and it never issues
+    answer, waited = timed(fleet.check_token_valid, K, S).result(timeout=10)
+    assert answer is False  # the next caller holds the lease once the display's expired
+    assert 0.6 < waited < 0.8 + 1.5
+
+
+def test_lease_is_a_record_not_a_held_lock_the_file_stays_writable(
+    make: Build, tmp_path: Path
+) -> None:
+    display, other = make(lease_ttl=5.0), make()
+    assert display.check_token_valid(K, S) is False
+    # A held file lock would make every save wait; the record lets anyone save at once.
+    assert in_thread(other.save_token, data(token())).result(timeout=2) is True
+    assert in_thread(other.check_token_valid, K, S).result(timeout=2) is True
+
+
+def test_waiter_honours_a_holders_longer_lease_and_gives_up_with_storage_error(
+    make: Build,
+) -> None:
+    holder = make(lease_ttl=30.0, wait_timeout=60.0)
+    impatient = make(lease_ttl=0.3, issue_window_s=0, wait_timeout=1.0)
+    assert holder.check_token_valid(K, S) is False
+    started = time.monotonic()
+    with pytest.raises(TokenStorageError, match="holder of the issuance lease"):
+        in_thread(impatient.check_token_valid, K, S).result(timeout=10)
+    assert 0.9 < time.monotonic() - started < 3.0
+
+
+# -- load_token waits, never grants ----------------------------------------------------------
+
+
+def test_load_token_waits_for_an_active_lease_and_never_grants(make: Build) -> None:
+    reader, holder = make(lease_ttl=0.5, issue_window_s=0), make(lease_ttl=0.5, issue_window_s=0)
+    assert reader.load_token(K, S) is None  # nothing stored, no lease: at once
+    assert holder.check_token_valid(K, S) is False  # the reader did not take the lease
+    loaded = in_thread(reader.load_token, K, S)
+    assert blocked(loaded)
+    holder.save_token(data(token()))
+    got = loaded.result(timeout=5)
+    assert got is not None and got["access_token"] == token().access_token
+
+
+def test_load_token_stops_waiting_when_the_lease_expires(make: Build) -> None:
+    reader, holder = make(lease_ttl=0.5, issue_window_s=0), make(lease_ttl=0.5, issue_window_s=0)
+    assert holder.check_token_valid(K, S) is False
+    answer, waited = timed(reader.load_token, K, S).result(timeout=5)
+    assert answer is None and 0.3 < waited < 2.0
+    # ... and it still granted nothing: the next checker is the holder.
+    assert in_thread(reader.check_token_valid, K, S).result(timeout=2) is False
+
+
+# -- a holder that issued and died: the next one waits out KIS's window --------------------------
+
+
+@pytest.fixture
+def short_window_sim() -> Iterator[KisSimulator]:
+    with KisSimulator(apps={K: S}, issue_window_s=1.0, issue_latency_s=0) as sim:
+        yield sim
+
+
+def post_token(base_url: str) -> requests.Response:
+    body = {"grant_type": "client_credentials", "appkey": K, "appsecret": S}
+    return requests.post(f"{base_url}/oauth2/tokenP", json=body, timeout=5)
+
+
+def test_holder_killed_after_kis_answered_next_holder_waits_out_the_window(
+    make: Build, short_window_sim: KisSimulator
+) -> None:
+    sim = short_window_sim
+    # The storage's window is the simulator's plus the margin ISSUE_WINDOW_S has over KIS's.
+    options = {"lease_ttl": 0.2, "issue_window_s": 1.3, "wait_timeout": 5.0}
+    storage = make(**options)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the holder: checks, KIS issues, it dies before save_token
+        code = 1
+        try:
+            if storage.check_token_valid(K, S) is False and post_token(sim.base_url).ok:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0 and sim.issued == 1
+    answer, waited = timed(make(**options).check_token_valid, K, S).result(timeout=10)
+    assert answer is False
+    resp = post_token(sim.base_url)
+    assert resp.status_code == 200, resp.text  # not EGW00133
+    assert sim.rate_limited == 0 and sim.issued == 2
+    assert time.monotonic() - started >= 1.3 and waited < 3.0
+
+
+def test_delete_by_the_holder_releases_its_waiters_but_keeps_the_window(make: Build) -> None:
+    holder = make(lease_ttl=5.0, issue_window_s=0.8)
+    assert holder.check_token_valid(K, S) is False
+    granted_at = time.monotonic()
+    waiter = in_thread(make(lease_ttl=5.0).check_token_valid, K, S)
+    assert blocked(waiter)
+    assert holder.delete_token(K, S)  # its issue failed: it lets go
+    assert waiter.result(timeout=10) is False  # the waiter holds the lease now
+    waited = time.monotonic() - granted_at
+    assert 0.7 < waited < 3.0  # after the window, long before the 5 s lease would have ended
+
+
+def test_a_deleted_token_is_not_re_issued_within_the_window_of_its_save(make: Build) -> None:
+    holder = make(lease_ttl=0.2, issue_window_s=0.8)
+    assert holder.check_token_valid(K, S) is False
+    holder.save_token(data(token()))
+    saved_at = time.monotonic()
+    holder.delete_token(K, S)  # say, a client dropping a token KIS rejected
+    answer, _ = timed(make(lease_ttl=0.2).check_token_valid, K, S).result(timeout=10)
+    assert answer is False and time.monotonic() - saved_at > 0.7
+
+
+# -- a save after the lease expired --------------------------------------------------------------
+
+
+def test_late_save_keeps_the_newest_token(make: Build) -> None:
+    slow, quick = make(lease_ttl=0.2, issue_window_s=0), make(lease_ttl=0.2, issue_window_s=0)
+    older, newer, newest = token("older", 86_000), token("newer", 86_200), token("newest", 86_400)
+    assert slow.check_token_valid(K, S) is False  # its POST hangs past its lease
+    assert in_thread(quick.check_token_valid, K, S).result(timeout=5) is False
+    assert in_thread(quick.save_token, data(newer)).result(timeout=5)
+    assert slow.save_token(data(older))  # late, and KIS issued it first: dropped
+    assert quick.load_token(K, S)["access_token"] == newer.access_token
+    assert slow.save_token(data(newest))  # late, but issued later: it lives longer, it wins
+    assert quick.load_token(K, S)["access_token"] == newest.access_token
+
+
+def test_a_newer_save_replaces_an_expired_or_deleted_token(make: Build) -> None:
+    storage = make(issue_window_s=0)
+    assert storage.save_token(data(token("first", 86_400)))
+    storage.delete_token(K, S)
+    assert storage.save_token(data(token("second", 3_600)))  # shorter-lived, but nothing stored
+    assert storage.load_token(K, S)["access_token"] == token("second").access_token
+
+
+# -- the lease keeps the storage contract -------------------------------------------------------
+
+#: No window: the contract deletes and re-saves tokens at once, as tests (not KIS) do.
+CONTRACT_LEASE: dict[str, Any] = {"seed_lease": True, "lease_ttl": 0.5, "issue_window_s": 0}
+
+
+class TestFileTokenStorageWithSeedLease(TokenStorageContract):
+    @pytest.fixture
+    def make_storage(self, token_path: Path) -> StorageFactory:
+        return lambda clock=time.time: FileTokenStorage(token_path, clock=clock, **CONTRACT_LEASE)
+
+
+class TestLockedRedisTokenStorageWithSeedLease(TokenStorageContract):
+    @pytest.fixture
+    def make_storage(self, redis_url: str, key_prefix: str) -> StorageFactory:
+        return lambda clock=time.time: LockedRedisTokenStorage(
+            redis_url, key_prefix=key_prefix, clock=clock, **CONTRACT_LEASE
+        )
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_lease_options_are_validated(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    with pytest.raises(ValueError, match="lease_ttl"):
+        FileTokenStorage(path, seed_lease=True, lease_ttl=0)
+    with pytest.raises(ValueError, match="issue_window_s"):
+        FileTokenStorage(path, seed_lease=True, issue_window_s=-1)
+    with pytest.raises(ValueError, match="wait_timeout"):
+        FileTokenStorage(path, seed_lease=True, wait_timeout=30)  # < KIS's 61 s window
+    with pytest.raises(ValueError, match="seed_lease"):
+        FileTokenStorage(path, seed_lease="yes")  # type: ignore[arg-type]
+
+
+def test_environment_turns_the_lease_on(tmp_path: Path) -> None:
+    env = {"KOREA_INVESTMENT_TOKEN_FILE": str(tmp_path / "t.json")}
+    assert not create_token_storage(env).seed_lease
+    on = create_token_storage({**env, "KOREA_INVESTMENT_SEED_LEASE": "true"})
+    assert on.seed_lease
+    assert on.check_token_valid(K, S) is False
+    assert blocked(in_thread(on.check_token_valid, K, S))
+    on.save_token(data(token()))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("KOREA_INVESTMENT_SEED_LEASE", "maybe"), ("KOREA_INVESTMENT_SEED_LEASE_TTL", "-3")],
+)
+def test_bad_lease_variables_are_named(tmp_path: Path, name: str, value: str) -> None:
+    env = {"KOREA_INVESTMENT_TOKEN_FILE": str(tmp_path / "t.json"), name: value}
+    with pytest.raises(ValueError, match=name):
+        create_token_storage(env)
+
+
+def test_unreachable_store_is_a_storage_error_not_a_grant() -> None:
+    from kis_safe_token.testing.redis_server import free_port
+
+    storage = LockedRedisTokenStorage(
+        f"redis://127.0.0.1:{free_port()}/0",
+        seed_lease=True,
+        connect_timeout_s=0.2,
+        lock_ttl=0.5,
+        lease_ttl=0.5,
+        issue_window_s=1.0,
+        wait_timeout=2.0,
+    )
+    with pytest.raises(TokenStorageError):
+        storage.check_token_valid(K, S)  # False would send every process to KIS
+
+
+# -- the real korea-investment-stock 0.19.0, 16 processes ---------------------------------------
+
+HERD = 16
+
+
+def _upstream_client_class(base_url: str) -> type[Any]:
+    """korea-investment-stock's own class, its hard-coded host redirected (test only).
+
+    Upstream assigns ``self.base_url = "https://openapi…:9443"`` in ``__init__`` (0.19.0,
+    ``korea_investment_stock.py:127``) and builds its TokenManager from it (``:145``): a class
+    level property whose setter ignores that assignment points both at the simulator.
+    """
+    try:
+        import korea_investment_stock as ki
+    except ImportError:
+        if IN_CI:
+            pytest.fail("korea-investment-stock is not installed: CI must run this test")
+        pytest.skip("korea-investment-stock is not installed (pip install -e '.[dev]')")
+
+    class LocalKoreaInvestment(ki.KoreaInvestment):  # type: ignore[misc, name-defined]
+        @property
+        def base_url(self) -> str:
+            return base_url
+
+        @base_url.setter
+        def base_url(self, value: str) -> None:
+            pass
+
+    return LocalKoreaInvestment
+
+
+def _upstream_child(
+    cls: type[Any], build: Callable[[], SealedTokenStorage], barrier: Any, out: Any
+) -> None:
+    try:
+        storage = build()
+        storage.load_token(K, S)  # connections and key derivation before the start line
+        barrier.wait(30)
+        client = cls(K, S, "12345678-01", token_storage=storage)
+        quote = client.fetch_domestic_price("005930")
+        out.put(("ok", client.access_token, quote.get("rt_cd")))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put(("crash", f"{type(exc).__name__}: {str(exc)[:200]}", None))
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sixteen_korea_investment_stock_processes_share_one_issuance(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    with KisSimulator(apps={K: S}, issue_latency_s=0.05) as sim:
+        assert sim.issue_window_s == 60  # KIS's window is on: a second issue would be EGW00133
+        cls = _upstream_client_class(sim.base_url)  # pandas-heavy: imported once, here
+        options: dict[str, Any] = {"seed_lease": True}
+        if backend == "file":
+            build: Callable[[], SealedTokenStorage] = lambda: FileTokenStorage(  # noqa: E731
+                tmp_path / "tokens.json", **options
+            )
+        else:
+            url, prefix = (
+                request.getfixturevalue("redis_url"),
+                request.getfixturevalue("key_prefix"),
+            )
+            build = lambda: LockedRedisTokenStorage(url, key_prefix=prefix, **options)  # noqa: E731
+        ctx = mp.get_context("fork")
+        barrier, out = ctx.Barrier(HERD + 1), ctx.Queue()
+        procs = [
+            ctx.Process(target=_upstream_child, args=(cls, build, barrier, out))
+            for _ in range(HERD)
+        ]
+        for p in procs:
+            p.start()
+        barrier.wait(60)
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+    crashes = [r[1] for r in results if r[0] != "ok"]
+    counts = f"{sim.issued} issued, {sim.rate_limited} EGW00133, {len(crashes)} crashed"
+    print(f"\n{backend}: {HERD} korea-investment-stock processes: {counts}")
+    assert crashes == [], counts
+    assert sim.issued == 1 and sim.rate_limited == 0
+    assert len({r[1] for r in results}) == 1  # one token
+    assert {r[2] for r in results} == {"0"}  # and it works at KIS
+
+
+# -- a mixed fleet: seed clients and get_or_issue on one store --------------------------------
+
+
+def test_get_or_issue_waits_for_a_seed_holders_save_instead_of_issuing(make: Build) -> None:
+    seed, ours = make(), make()
+    assert seed.check_token_valid(K, S) is False  # a seed client holds the lease
+    issued: list[Token] = []
+
+    def issue() -> Token:
+        issued.append(token("ours"))
+        return issued[-1]
+
+    getter = in_thread(ours.get_or_issue, K, S, issue)
+    assert blocked(getter)
+    seed.save_token(data(token("seed")))
+    assert getter.result(timeout=5).access_token == token("seed").access_token
+    assert issued == []  # without the lease in get_or_issue, ours would have asked KIS too
+
+
+def test_a_seed_client_waits_while_get_or_issue_issues(make: Build) -> None:
+    seed, ours = make(), make()
+    asked, answer = threading.Event(), threading.Event()
+
+    def slow_issue() -> Token:
+        asked.set()
+        assert answer.wait(5)
+        return token("ours")
+
+    getter = in_thread(ours.get_or_issue, K, S, slow_issue)
+    assert asked.wait(5)  # ours is at KIS, holding its lock and the lease
+    checker = in_thread(seed.check_token_valid, K, S)
+    assert blocked(checker)  # without the lease in get_or_issue: False, and a second issuance
+    answer.set()
+    assert getter.result(timeout=5).access_token == token("ours").access_token
+    assert checker.result(timeout=5) is True
+    assert seed.load_token(K, S)["access_token"] == token("ours").access_token
+
+
+def test_the_clients_check_access_token_never_takes_the_lease(make: Build) -> None:
+    from kis_safe_token import KoreaInvestment
+
+    storage = make()
+    with KisSimulator() as sim:  # any app key
+        # Short timings, as the fixture's storages have: the client checks them against its own.
+        client = KoreaInvestment(
+            K, S, token_storage=storage, base_url=sim.base_url, timeout=0.2, rate_limit_wait_s=1
+        )
+        assert storage.delete_token(K, S)
+        assert client.check_access_token() is False
+        # The lease is free: a seed client is granted it at once (the seed's check would have
+        # taken it for this thread and made the seed client wait for a save that never comes).
+        # (well before the fixture's 2 s lease would have expired)
+        assert in_thread(make().check_token_valid, K, S).result(timeout=1) is False
+        client.close()
