@@ -351,3 +351,38 @@ def test_sentinel_environment_builds_passwords_and_tls_where_they_belong(tmp_pat
         s.connection_pool.connection_kwargs["password"] == "sentinel-pass" for s in sentinels
     )
     assert "pass" not in repr(storage)
+
+
+# -- the rate limiter and the seed lease go through the same helper ----------------------------
+
+
+def test_the_rate_limiter_rides_out_a_dropped_connection(
+    flaky: FlakyRedis, key_prefix: str
+) -> None:
+    from kis_safe_token.ratelimit.redis import RESERVE_LUA
+
+    storage = LockedRedisTokenStorage(client=flaky, key_prefix=key_prefix, retry_timeout_s=5)
+    limiter = storage.rate_limiter("key1", 10.0)
+    flaky.down[sha(RESERVE_LUA)] = 2
+    assert limiter.try_acquire() == 0.0  # the first slot, after two refused attempts
+    assert flaky.calls[sha(RESERVE_LUA)] >= 3  # (+1 EVALSHA after NOSCRIPT: first load)
+    flaky.down[sha(RESERVE_LUA)] = 10**6
+    started = time.monotonic()
+    with pytest.raises(TokenStorageError, match="rate limiter reserve failed"):
+        LockedRedisTokenStorage(
+            client=flaky, key_prefix=key_prefix, retry_timeout_s=0.3
+        ).rate_limiter("key1", 10.0).try_acquire()
+    assert 0.3 <= time.monotonic() - started < 1.5
+
+
+def test_a_seed_lease_save_whose_reply_was_lost_counts_as_stored(
+    flaky: FlakyRedis, key_prefix: str
+) -> None:
+    from kis_safe_token.storage.lease import SAVE_NEWEST_LUA, RedisLeaseRecords
+
+    storage = LockedRedisTokenStorage(client=flaky, key_prefix=key_prefix)
+    flaky.faults[sha(SAVE_NEWEST_LUA)] = 1  # stored, reply lost: the retry finds its own value
+    records = RedisLeaseRecords(storage)
+    assert records.save_newest("key1", "secret1", TOKEN, "owner-1", 1.0) is True
+    assert flaky.calls[sha(SAVE_NEWEST_LUA)] == 2
+    assert storage.load_token("key1", "secret1")["access_token"] == TOKEN.access_token
