@@ -29,6 +29,11 @@ from .ratelimit import (
 )
 from .storage.base import TokenStorage
 from .storage.factory import (
+    REDIS_CLUSTER_NODES_ENV,
+    REDIS_MODE_ENV,
+    REDIS_MODES,
+    REDIS_SENTINEL_SERVICE_ENV,
+    REDIS_SENTINELS_ENV,
     REDIS_URL_ENV,
     STORAGE_ENV,
     STORAGE_TYPES,
@@ -43,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--storage", choices=STORAGE_TYPES, help=f"default: ${STORAGE_ENV} or file")
     common.add_argument("--redis-url", help=f"default: ${REDIS_URL_ENV}")
+    # Passwords only from the environment: a command line is visible to every user in `ps`.
+    common.add_argument(
+        "--redis-mode", choices=REDIS_MODES, help=f"default: ${REDIS_MODE_ENV} or standalone"
+    )
+    common.add_argument(
+        "--redis-sentinels", metavar="HOST:PORT,...", help=f"default: ${REDIS_SENTINELS_ENV}"
+    )
+    common.add_argument(
+        "--redis-sentinel-service",
+        metavar="NAME",
+        help=f"the sentinels' master name; default: ${REDIS_SENTINEL_SERVICE_ENV} or mymaster",
+    )
+    common.add_argument(
+        "--redis-cluster-nodes",
+        metavar="HOST:PORT,...",
+        help=f"seed nodes; default: ${REDIS_CLUSTER_NODES_ENV}",
+    )
     common.add_argument("--base-url", help=f"KIS host; default: ${BASE_URL_ENV} or the real host")
     insecure = argparse.ArgumentParser(add_help=False)
     insecure.add_argument(
@@ -94,8 +116,16 @@ def _storage(args: argparse.Namespace) -> TokenStorage:
     env = dict(os.environ)
     if args.storage:
         env[STORAGE_ENV] = args.storage
-    if args.redis_url:
-        env[REDIS_URL_ENV] = args.redis_url
+    flags = (
+        (args.redis_url, REDIS_URL_ENV),
+        (args.redis_mode, REDIS_MODE_ENV),
+        (args.redis_sentinels, REDIS_SENTINELS_ENV),
+        (args.redis_sentinel_service, REDIS_SENTINEL_SERVICE_ENV),
+        (args.redis_cluster_nodes, REDIS_CLUSTER_NODES_ENV),
+    )
+    for value, name in flags:
+        if value:
+            env[name] = value
     return create_token_storage(env)
 
 

@@ -7,7 +7,10 @@ spawned children inherit that path. It records save times by wrapping the storag
 ``_write``, which only a test harness may do.
 
 A storage *spec* is a picklable dict: ``{"kind": "file", "path": ...}`` or
-``{"kind": "redis", "url": ..., "key_prefix": ..., "lock_ttl": ..., "locked": True}``.
+``{"kind": "redis", "url": ..., "key_prefix": ..., "lock_ttl": ..., "locked": True}``;
+``{"kind": "redis-sentinel", "sentinels": [[host, port], ...], "service": ..., "key_prefix": ...}``
+or ``{"kind": "redis-cluster", "nodes": [[host, port], ...], "key_prefix": ...}`` (locked,
+clients built by :mod:`kis_safe_token.storage.redis_ha`).
 Processes line up on a barrier (the parent is one of its parties), so all start together;
 with ``rounds > 1`` the parent runs ``between_rounds`` (say, expire the token server-side)
 and releases the next round, in which every process fetches a price again.
@@ -56,6 +59,20 @@ def build_storage(spec: dict[str, Any]) -> TokenStorage:
 
         cls = LockedRedisTokenStorage if spec.get("locked", True) else RedisTokenStorage
         return cls(spec["url"], key_prefix=spec["key_prefix"], **options)
+    if kind in ("redis-sentinel", "redis-cluster"):
+        from kis_safe_token.storage.factory import HA_RETRY_TIMEOUT_S
+        from kis_safe_token.storage.redis import LockedRedisTokenStorage
+        from kis_safe_token.storage.redis_ha import cluster_client, sentinel_client
+
+        # As built from the environment: a cold read outlasts a failover too.
+        options.setdefault("retry_timeout_s", HA_RETRY_TIMEOUT_S)
+
+        if kind == "redis-sentinel":
+            sentinels = [(h, int(p)) for h, p in spec["sentinels"]]
+            client = sentinel_client(sentinels, spec.get("service", "mymaster"))
+        else:
+            client = cluster_client([(h, int(p)) for h, p in spec["nodes"]])
+        return LockedRedisTokenStorage(client=client, key_prefix=spec["key_prefix"], **options)
     raise ValueError(f"unknown storage kind {kind!r}")
 
 

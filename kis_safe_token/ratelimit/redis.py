@@ -14,23 +14,15 @@ the slowdown after its hold), so an idle app key leaves nothing behind.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ..errors import TokenStorageError
 from .base import MAX_WAIT_S, SLOWDOWN_FACTOR, STALE_AHEAD_S, RateLimiter, check_rate
-
-try:
-    import redis
-except ImportError:  # pragma: no cover - exercised only without the [redis] extra
-    redis = None  # type: ignore[assignment]
 
 __all__ = ["PENALIZE_LUA", "RESERVE_LUA", "RedisRateLimiter"]
 
 _US: Final = 1_000_000
-_ERRORS: tuple[type[BaseException], ...] = (OSError,)
-if redis is not None:
-    _ERRORS = (redis.exceptions.RedisError, redis.exceptions.ChildDeadlockedError, OSError)
 
 RESERVE_LUA: Final = """
 -- KEYS[1] the TAT (integer microseconds, Redis clock), KEYS[2] the slowdown flag.
@@ -67,17 +59,26 @@ class RedisRateLimiter(RateLimiter):
 
     ``client`` is a callable so the limiter follows its storage's client (a storage that
     reconnects in a forked child hands out the new one). Redis errors become
-    :class:`TokenStorageError`; every Redis call goes through :meth:`_run`.
+    :class:`TokenStorageError`; every Redis call goes through :meth:`_run`, which retries
+    transient ones (a failover) for ``retry_timeout_s`` (its storage's; 0: one attempt).
     """
 
     def __init__(
-        self, client: Callable[[], Any], key: str, calls_per_second: float, *, where: str = "Redis"
+        self,
+        client: Callable[[], Any],
+        key: str,
+        calls_per_second: float,
+        *,
+        where: str = "Redis",
+        retry_timeout_s: float = 0.0,
     ) -> None:
         self.rate = check_rate(calls_per_second)
         self._client = client
         self._key = key
         self._slow_key = f"{key}:slow"
         self.where = f"every process using {where}"
+        self._redis_where = where
+        self._retry_timeout_s = retry_timeout_s
         self._scripts: dict[tuple[int, str], Any] = {}
 
     def _script(self, client: Any, source: str) -> Any:
@@ -90,12 +91,18 @@ class RedisRateLimiter(RateLimiter):
         return script
 
     def _run(self, what: str, call: Callable[[Any], Any]) -> Any:
-        """``call(client)``, its Redis errors as :class:`TokenStorageError`: the one place this
-        limiter talks to Redis (a retry policy plugs in here)."""
-        try:
-            return call(self._client())
-        except _ERRORS as exc:
-            raise TokenStorageError(f"Redis rate limiter {what} failed: {exc}") from exc
+        """``call(client)`` through :func:`~kis_safe_token.storage.redis_retry.redis_retry`, its
+        Redis errors as :class:`TokenStorageError`: the one place this limiter talks to Redis.
+        A reservation retried after a lost reply may take one more slot than it uses: the
+        fleet then calls KIS slightly under its limit, never over it."""
+        from ..storage.redis_retry import redis_retry  # here: storage imports this module
+
+        return redis_retry(
+            lambda: call(self._client()),
+            deadline=time.monotonic() + self._retry_timeout_s,
+            what=f"rate limiter {what}",
+            where=self._redis_where,
+        )
 
     def _eval(self, what: str, source: str, keys: list[str], args: list[Any]) -> Any:
         """One script, one round trip (EVALSHA; redis-py loads it on NOSCRIPT)."""

@@ -1,4 +1,12 @@
-"""``create_token_storage()``: the backend named by the seed's environment variables."""
+"""``create_token_storage()``: the backend named by the seed's environment variables.
+
+Where Redis runs is its own setting, ``KOREA_INVESTMENT_REDIS_MODE`` (``standalone``, the
+default, ``sentinel`` or ``cluster``), not a new storage type: the topology is a property of the
+Redis deployment, so the same variables serve every part of the library that talks to Redis,
+and ``KOREA_INVESTMENT_TOKEN_STORAGE`` keeps the seed's two values. A multi-host URL scheme
+(``redis+sentinel://h1,h2/name``) was not chosen: redis-py does not parse one, and it would put
+two passwords (sentinels', data nodes') into one string that ends up in logs and ``ps``.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +18,160 @@ from typing import Any
 from .base import TokenStorage
 from .file import FileTokenStorage
 from .lease import MAX_LEASE_TTL_S
-from .redis import DEFAULT_REDIS_URL, LockedRedisTokenStorage, validate_redis_url
+from .redis import DEFAULT_REDIS_URL, RETRY_TIMEOUT_S, LockedRedisTokenStorage, validate_redis_url
+from .redis_ha import (
+    DEFAULT_CLUSTER_PORT,
+    DEFAULT_SENTINEL_PORT,
+    cluster_client,
+    parse_nodes,
+    sentinel_client,
+)
 
 __all__ = [
     "FILE_ENV",
+    "HA_RETRY_TIMEOUT_S",
+    "REDIS_CLUSTER_NODES_ENV",
+    "REDIS_MODES",
+    "REDIS_MODE_ENV",
     "REDIS_PASSWORD_ENV",
+    "REDIS_RETRY_TIMEOUT_ENV",
+    "REDIS_SENTINELS_ENV",
+    "REDIS_SENTINEL_PASSWORD_ENV",
+    "REDIS_SENTINEL_SERVICE_ENV",
+    "REDIS_TLS_CA_FILE_ENV",
+    "REDIS_TLS_ENV",
     "REDIS_URL_ENV",
     "SEED_LEASE_ENV",
     "SEED_LEASE_TTL_ENV",
     "STORAGE_ENV",
     "STORAGE_TYPES",
     "create_token_storage",
+    "redis_client_from_env",
 ]
 
 STORAGE_ENV = "KOREA_INVESTMENT_TOKEN_STORAGE"
 FILE_ENV = "KOREA_INVESTMENT_TOKEN_FILE"
 REDIS_URL_ENV = "KOREA_INVESTMENT_REDIS_URL"
 REDIS_PASSWORD_ENV = "KOREA_INVESTMENT_REDIS_PASSWORD"
+REDIS_MODE_ENV = "KOREA_INVESTMENT_REDIS_MODE"
+REDIS_SENTINELS_ENV = "KOREA_INVESTMENT_REDIS_SENTINELS"
+REDIS_SENTINEL_SERVICE_ENV = "KOREA_INVESTMENT_REDIS_SENTINEL_SERVICE"
+REDIS_SENTINEL_PASSWORD_ENV = "KOREA_INVESTMENT_REDIS_SENTINEL_PASSWORD"
+REDIS_CLUSTER_NODES_ENV = "KOREA_INVESTMENT_REDIS_CLUSTER_NODES"
+REDIS_TLS_ENV = "KOREA_INVESTMENT_REDIS_TLS"
+REDIS_TLS_CA_FILE_ENV = "KOREA_INVESTMENT_REDIS_TLS_CA_FILE"
+REDIS_RETRY_TIMEOUT_ENV = "KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT"
 STORAGE_TYPES = ("file", "redis")
 SEED_LEASE_ENV = "KOREA_INVESTMENT_SEED_LEASE"
 SEED_LEASE_TTL_ENV = "KOREA_INVESTMENT_SEED_LEASE_TTL"
 _ON = ("1", "true", "yes", "on")
 _OFF = ("", "0", "false", "no", "off")
+REDIS_MODES = ("standalone", "sentinel", "cluster")
+DEFAULT_SENTINEL_SERVICE = "mymaster"
+#: The default ``retry_timeout_s`` of a Sentinel or Cluster deployment: longer than a failover
+#: with the servers' own defaults (Sentinel ``down-after-milliseconds`` 30 s plus an election;
+#: Cluster ``cluster-node-timeout`` 15 s, twice).
+HA_RETRY_TIMEOUT_S = 40.0
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = (env.get(name) or "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(f"{name}={value[:20]!r} is not a flag; allowed values: true, false (1, 0)")
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    text = (env.get(name) or "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise ValueError(f"{name}={text[:20]!r} must be a number of seconds, more than 0, <= 3600")
+    return value
+
+
+def redis_mode(env: Mapping[str, str]) -> str:
+    """``KOREA_INVESTMENT_REDIS_MODE``, checked: one of :data:`REDIS_MODES`."""
+    mode = (env.get(REDIS_MODE_ENV) or "standalone").strip().lower()
+    if mode not in REDIS_MODES:
+        raise ValueError(
+            f"{REDIS_MODE_ENV}={mode[:40]!r} is not a Redis mode; allowed values: "
+            + ", ".join(REDIS_MODES)
+        )
+    return mode
+
+
+def redis_client_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any, float]:
+    """The Redis client a Sentinel or Cluster environment describes, with its retry budget.
+
+    For ``standalone`` (the URL) returns ``(None, RETRY_TIMEOUT_S)``: the storage builds its own
+    client from the URL. Other parts of the library that talk to Redis (a rate limiter) use the
+    same variables through this function. ``ValueError`` naming the variable on bad input.
+    """
+    env = os.environ if environ is None else environ
+    mode = redis_mode(env)
+    tls = _flag(env, REDIS_TLS_ENV)
+    ca_file = (env.get(REDIS_TLS_CA_FILE_ENV) or "").strip() or None
+    if mode == "standalone":
+        for name in (REDIS_SENTINELS_ENV, REDIS_CLUSTER_NODES_ENV, REDIS_TLS_CA_FILE_ENV):
+            if (env.get(name) or "").strip():
+                raise ValueError(f"{name} needs {REDIS_MODE_ENV}=sentinel or cluster")
+        if tls:
+            raise ValueError(
+                f"{REDIS_TLS_ENV} is for {REDIS_MODE_ENV}=sentinel or cluster; "
+                f"a standalone server takes a rediss:// URL in {REDIS_URL_ENV}"
+            )
+        return None, _seconds(env, REDIS_RETRY_TIMEOUT_ENV, RETRY_TIMEOUT_S)
+    if (env.get(REDIS_URL_ENV) or "").strip():
+        raise ValueError(
+            f"{REDIS_URL_ENV} is for {REDIS_MODE_ENV}=standalone; {mode} takes "
+            + (REDIS_SENTINELS_ENV if mode == "sentinel" else REDIS_CLUSTER_NODES_ENV)
+        )
+    if ca_file and not tls:
+        raise ValueError(f"{REDIS_TLS_CA_FILE_ENV} needs {REDIS_TLS_ENV}=true")
+    if ca_file and not os.path.isfile(ca_file):
+        raise ValueError(f"{REDIS_TLS_CA_FILE_ENV} names no readable file")
+    retry_timeout = _seconds(env, REDIS_RETRY_TIMEOUT_ENV, HA_RETRY_TIMEOUT_S)
+    password = env.get(REDIS_PASSWORD_ENV) or None
+    if mode == "sentinel":
+        if (env.get(REDIS_CLUSTER_NODES_ENV) or "").strip():
+            raise ValueError(f"{REDIS_CLUSTER_NODES_ENV} needs {REDIS_MODE_ENV}=cluster")
+        sentinels = parse_nodes(
+            env.get(REDIS_SENTINELS_ENV) or "", REDIS_SENTINELS_ENV, DEFAULT_SENTINEL_PORT
+        )
+        service = (env.get(REDIS_SENTINEL_SERVICE_ENV) or DEFAULT_SENTINEL_SERVICE).strip()
+        if not service or any(c.isspace() for c in service):
+            raise ValueError(f"{REDIS_SENTINEL_SERVICE_ENV} must be the sentinels' master name")
+        client = sentinel_client(
+            sentinels,
+            service,
+            password=password,
+            sentinel_password=env.get(REDIS_SENTINEL_PASSWORD_ENV) or None,
+            tls=tls,
+            tls_ca_file=ca_file,
+        )
+        return client, retry_timeout
+    for name in (REDIS_SENTINELS_ENV, REDIS_SENTINEL_PASSWORD_ENV):
+        if (env.get(name) or "").strip():
+            raise ValueError(f"{name} needs {REDIS_MODE_ENV}=sentinel")
+    nodes = parse_nodes(
+        env.get(REDIS_CLUSTER_NODES_ENV) or "", REDIS_CLUSTER_NODES_ENV, DEFAULT_CLUSTER_PORT
+    )
+    try:
+        client = cluster_client(nodes, password=password, tls=tls, tls_ca_file=ca_file)
+    except Exception as exc:  # noqa: BLE001 - redis-py's errors, re-raised with the variable
+        from ..errors import TokenStorageError
+
+        raise TokenStorageError(
+            f"no Redis Cluster node of {REDIS_CLUSTER_NODES_ENV} answered: {type(exc).__name__}"
+        ) from exc
+    return client, retry_timeout
 
 
 def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStorage:
@@ -39,9 +179,11 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
 
     ``KOREA_INVESTMENT_TOKEN_STORAGE``: ``file`` (default) or ``redis`` (the locked backend);
     ``KOREA_INVESTMENT_TOKEN_FILE``; ``KOREA_INVESTMENT_REDIS_URL``;
-    ``KOREA_INVESTMENT_REDIS_PASSWORD``; ``KOREA_INVESTMENT_SEED_LEASE`` (``1``/``true``/``yes``/
-    ``on`` turns on the seed-protocol lease, default off) and ``KOREA_INVESTMENT_SEED_LEASE_TTL``
-    (its ``lease_ttl`` in seconds). A bad value raises ``ValueError`` naming the variable.
+    ``KOREA_INVESTMENT_REDIS_PASSWORD``; for Sentinel or Cluster, ``KOREA_INVESTMENT_REDIS_MODE``
+    and the variables :func:`redis_client_from_env` reads; ``KOREA_INVESTMENT_SEED_LEASE``
+    (``1``/``true``/``yes``/``on`` turns on the seed-protocol lease, default off) and
+    ``KOREA_INVESTMENT_SEED_LEASE_TTL`` (its ``lease_ttl`` in seconds). A bad value raises
+    ``ValueError`` naming the variable.
     """
     env = os.environ if environ is None else environ
     lease = _lease_options(env)
@@ -50,10 +192,15 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
         path = (env.get(FILE_ENV) or "").strip()
         return FileTokenStorage(path or None, **lease)
     if kind == "redis":
+        client, retry_timeout = redis_client_from_env(env)
+        if client is not None:
+            return LockedRedisTokenStorage(client=client, retry_timeout_s=retry_timeout, **lease)
         url = validate_redis_url(env.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL, REDIS_URL_ENV)
         password = env.get(REDIS_PASSWORD_ENV) or None
         try:
-            return LockedRedisTokenStorage(url, password=password, **lease)
+            return LockedRedisTokenStorage(
+                url, password=password, retry_timeout_s=retry_timeout, **lease
+            )
         except (ValueError, TypeError) as exc:
             # redis-py's own message may quote the URL, password included: name the variable.
             raise ValueError(

@@ -439,7 +439,8 @@ SAVE_NEWEST_LUA = """
 -- ('' = keep the stored one), ARGV[3] its ttl ms, ARGV[4] owner, ARGV[5] window ms.
 -- Returns 1 stored, 0 kept, -1 the token changed since the caller read it (read and decide again).
 local current = redis.call('get', KEYS[1]) or ''
-if current ~= ARGV[1] then return -1 end
+-- Our own sealed value already there: a retry whose first run's reply was lost; go on.
+if current ~= ARGV[1] and (ARGV[2] == '' or current ~= ARGV[2]) then return -1 end
 if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
 local holder = redis.call('get', KEYS[3])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[4] then redis.call('del', KEYS[3]) end

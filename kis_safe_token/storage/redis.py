@@ -33,10 +33,11 @@ from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 from .lease import RedisLeaseRecords
+from .redis_retry import redis_retry
 
 try:
     import redis
-    from redis.backoff import ExponentialBackoff
+    from redis.backoff import NoBackoff
     from redis.retry import Retry
 except ImportError:  # pragma: no cover - exercised only without the [redis] extra
     redis = None  # type: ignore[assignment]
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_REDIS_URL",
     "LOCK_TTL_S",
     "LockedRedisTokenStorage",
+    "RETRY_TIMEOUT_S",
     "RedisIssuanceLock",
     "RedisTokenStorage",
     "validate_redis_url",
@@ -58,6 +60,11 @@ DEFAULT_KEY_PREFIX = "korea_investment:token"
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
 LOCK_TTL_S = 30.0
+#: How long one Redis operation keeps retrying transient errors when no caller deadline is
+#: longer: enough for a dropped connection or a restart. Set ``retry_timeout_s`` above your
+#: failover time for Sentinel or Cluster (waiters and a holder saving its token use their own,
+#: longer deadline anyway).
+RETRY_TIMEOUT_S = 3.0
 POLL_INTERVAL_S = 0.25
 WAKE_FANOUT = 64
 WAKE_TTL_MS = 10_000
@@ -65,11 +72,6 @@ WAKE_TTL_MS = 10_000
 MIN_LOCK_TTL_S = 0.1
 MAX_LOCK_TTL_S = 3600.0
 MAX_LOCK_TTL_MS = int(MAX_LOCK_TTL_S * 1000)
-
-_ERRORS: tuple[type[BaseException], ...] = (OSError,)
-if redis is not None:
-    # ChildDeadlockedError: a pool whose lock a parent's thread held at fork() (not a RedisError).
-    _ERRORS = (redis.exceptions.RedisError, redis.exceptions.ChildDeadlockedError, OSError)
 
 
 def validate_redis_url(url: str, source: str = "redis_url") -> str:
@@ -105,6 +107,14 @@ def _display_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
+def _describe_client(client: Any) -> str:
+    """A name for an injected client, without secrets: its class, and a Sentinel service."""
+    service = getattr(getattr(client, "connection_pool", None), "service_name", None)
+    if isinstance(service, str):
+        return f"sentinel service {service[:60]!r}"
+    return type(client).__name__
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -117,7 +127,10 @@ class RedisTokenStorage(SealedTokenStorage):
     Built with ``redis.from_url(redis_url, password=...)`` (the password goes in as a keyword,
     never spliced into the URL, so ``rediss://user:pass@…`` and ``unix://`` work) or with an
     injected ``client`` (``Redis``, ``RedisCluster``, a Sentinel master; decoding or not).
-    Connection failures raise :class:`TokenStorageError` within about ``connect_timeout_s`` x 3.
+    Every operation retries connection and timeout errors (:func:`.redis_retry.redis_retry`),
+    letting a Sentinel or Cluster client find the new primary, for ``retry_timeout_s`` (a waiter:
+    until its ``wait_timeout``; a holder saving the token KIS just gave it: at least that long),
+    then raises :class:`TokenStorageError`.
 
     This class issues under an in-process lock only (the seed's behaviour):
     :class:`LockedRedisTokenStorage` is the same store with a fleet-wide lock, and the only user
@@ -142,12 +155,14 @@ class RedisTokenStorage(SealedTokenStorage):
         refresh_margin_s: float = REFRESH_MARGIN_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         socket_timeout_s: float = SOCKET_TIMEOUT_S,
+        retry_timeout_s: float = RETRY_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
         seed_lease: bool = False,
         lease_ttl: float | None = None,
         issue_window_s: float = ISSUE_WINDOW_S,
     ) -> None:
         self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=MAX_LOCK_TTL_S)
+        self.retry_timeout_s = check_seconds("retry_timeout_s", retry_timeout_s, high=3600.0)
         # A BLPOP waits up to 1.5 x poll_interval_s (jitter): it must end before the socket
         # timeout, or every wait would fail as a dead connection.
         self.poll_interval_s = check_seconds(
@@ -174,7 +189,8 @@ class RedisTokenStorage(SealedTokenStorage):
             options: dict[str, Any] = {
                 "socket_connect_timeout": connect_timeout_s,
                 "socket_timeout": socket_timeout_s,
-                "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                # Attempts are ours (redis_retry, bounded by a deadline), not redis-py's.
+                "retry": Retry(NoBackoff(), 0),
             }
             if password:
                 options["password"] = password
@@ -183,7 +199,7 @@ class RedisTokenStorage(SealedTokenStorage):
             self._where = _display_url(redis_url)
         else:
             self._connect = None
-            self._where = type(client).__name__
+            self._where = _describe_client(client)
         self.redis_client = client
         self._scripts: dict[str, Any] = {}
         renew_after_fork(self)
@@ -230,6 +246,7 @@ class RedisTokenStorage(SealedTokenStorage):
             f"{self._get_redis_key(api_key)}:rate",
             calls_per_second,
             where=self._where,
+            retry_timeout_s=self.retry_timeout_s,
         )
 
     def _lease_records(self) -> RedisLeaseRecords:
@@ -245,11 +262,12 @@ class RedisTokenStorage(SealedTokenStorage):
             script = self._scripts[source] = self.redis_client.register_script(source)
         return script
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except _ERRORS as exc:
-            raise TokenStorageError(f"Redis {what} failed ({self._where}): {exc}") from exc
+    def _call(self, what: str, fn: Callable[[], Any], deadline: float | None = None) -> Any:
+        """``fn()`` retried through transient errors until ``deadline`` (default: in
+        ``retry_timeout_s``); :class:`TokenStorageError` after it."""
+        if deadline is None:
+            deadline = time.monotonic() + self.retry_timeout_s
+        return redis_retry(fn, deadline=deadline, what=what, where=self._where)
 
     # -- primitives ------------------------------------------------------------------------------
     def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
@@ -269,10 +287,14 @@ class RedisTokenStorage(SealedTokenStorage):
             )
         key = self._get_redis_key(api_key)
         sealed = self._sealer(api_key, api_secret).seal(token)
-        pipe = self.redis_client.pipeline(transaction=False)
-        pipe.set(key, sealed, px=ttl_ms)
-        pipe.delete(f"{key}:failure")
-        self._call("SET", pipe.execute)
+
+        def save() -> Any:  # a new pipeline per attempt: redis-py empties one that failed
+            pipe = self.redis_client.pipeline(transaction=False)
+            pipe.set(key, sealed, px=ttl_ms)
+            pipe.delete(f"{key}:failure")
+            return pipe.execute()
+
+        self._call("SET", save)
 
     def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         key = f"{self._get_redis_key(api_key)}:failure"
@@ -382,6 +404,7 @@ class RedisIssuanceLock(IssuanceLock):
         self._lock_key = f"{self._token_key}:lock"
         self._failure_key = f"{self._token_key}:failure"
         self._ttl_ms = math.ceil(storage.lock_ttl * 1000)
+        self._deadline = time.monotonic() + storage.wait_timeout
         host = socket.gethostname()
         self._owner = f"{host}:{os.getpid()}:{uuid.uuid4().hex}:{self._ttl_ms}"
 
@@ -400,6 +423,9 @@ class RedisIssuanceLock(IssuanceLock):
         return None
 
     def acquire(self, deadline: float) -> Acquired:
+        # Every call below retries until this waiter's own deadline: a failover that outlasts
+        # retry_timeout_s still ends well for a waiter, which was ready to wait that long.
+        self._deadline = deadline
         storage = self._storage
         client = storage.redis_client
         script = storage._script(ACQUIRE_LUA)
@@ -407,8 +433,9 @@ class RedisIssuanceLock(IssuanceLock):
         args = [self._owner, self._ttl_ms, MAX_LOCK_TTL_MS]
         spurious: str | None = None  # a wake-up list that woke us without a token
         while True:
+            # Retried after a lost reply, the script finds its own owner id: the lock is ours.
             acquired, holder, raw, raw_failure = storage._call(
-                "lock", lambda: script(keys=keys, args=args)
+                "lock", lambda: script(keys=keys, args=args), deadline
             )
             if acquired:
                 return True
@@ -427,41 +454,53 @@ class RedisIssuanceLock(IssuanceLock):
                 # Someone filled this holder's list without saving a token: do not spin on it.
                 time.sleep(timeout)
                 continue
-            if storage._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout)):
+            if storage._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout), deadline):
                 # Woken by the save: pass one wake-up on and read the token in one round trip,
                 # instead of racing the other waiters for the (now free) lock first.
-                pipe = client.pipeline(transaction=False)
-                pipe.lpush(wake_key, "1")
-                pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
-                pipe.get(self._token_key)
-                pipe.get(self._failure_key)
-                _, _, raw, raw_failure = storage._call("GET", pipe.execute)
+                _, _, raw, raw_failure = storage._call(
+                    "GET", partial(self._pass_on_and_read, client, wake_key), deadline
+                )
                 seen = self._seen(raw, raw_failure)
                 if seen is not None:
                     return seen
                 spurious = wake_key
 
+    def _pass_on_and_read(self, client: Any, wake_key: str) -> Any:
+        pipe = client.pipeline(transaction=False)  # a new one per attempt
+        pipe.lpush(wake_key, "1")
+        pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
+        pipe.get(self._token_key)
+        pipe.get(self._failure_key)
+        return pipe.execute()
+
     def extend(self) -> None:
+        """Keep the lock; retried until this holder's deadline (at least ``retry_timeout_s``
+        from now). Called right before saving a token KIS just gave: a failover then delays the
+        save instead of losing the token, which KIS would not issue again within the minute."""
         storage = self._storage
         script = storage._script(EXTEND_LUA)
         kept = storage._call(
-            "PEXPIRE", lambda: script(keys=[self._lock_key], args=[self._owner, self._ttl_ms])
+            "PEXPIRE",
+            lambda: script(keys=[self._lock_key], args=[self._owner, self._ttl_ms]),
+            max(self._deadline, time.monotonic() + storage.retry_timeout_s),
         )
         if not kept:
             logger.warning(
-                "the issuance lock expired while held (lock_ttl %.1f s too short?)",
+                "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
+                "failover before it was replicated?); saving the token anyway",
                 storage.lock_ttl,
             )
 
     def release(self) -> None:
         storage = self._storage
         script = storage._script(RELEASE_LUA)
+        keys = [self._lock_key, self._wake_key(self._owner)]
+        args = [self._owner, WAKE_FANOUT, WAKE_TTL_MS]
+        # Retried no longer than the lock would live: past that, it has expired by itself.
+        deadline = time.monotonic() + min(storage.retry_timeout_s, storage.lock_ttl)
         try:
-            script(
-                keys=[self._lock_key, self._wake_key(self._owner)],
-                args=[self._owner, WAKE_FANOUT, WAKE_TTL_MS],
-            )
-        except _ERRORS as exc:
+            storage._call("release", lambda: script(keys=keys, args=args), deadline)
+        except TokenStorageError as exc:
             logger.warning(
                 "could not release the issuance lock (it expires by itself in %.0f s): %s",
                 storage.lock_ttl,

