@@ -18,6 +18,7 @@ from .kis import (
     PRICE_TR_ID,
     REAL_BASE_URL,
     VIRTUAL_BASE_URL,
+    Answer,
     json_or_none,
     kis_code,
     kis_message,
@@ -174,13 +175,8 @@ class KoreaInvestment:
         """Call a KIS endpoint with the token headers; one retry with a fresh token on
         ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure, and
         ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
-        _check_request_line(method, path)
-        check_header_value("tr_id", tr_id)
-        headers = {
-            "content-type": "application/json; charset=utf-8",
-            "tr_id": tr_id,
-            "custtype": self.custtype,
-        }
+        check_request_line(method, path)
+        headers = request_headers(tr_id, self.custtype)
         try:
             resp = self.shared_token.session.request(
                 method,
@@ -192,20 +188,8 @@ class KoreaInvestment:
                 auth=self._auth,
             )
         except requests.RequestException as exc:
-            raise KisApiError(f"KIS request {path} failed: {type(exc).__name__}") from None
-        payload = json_or_none(resp)
-        if payload is None:
-            raise KisApiError(
-                f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
-                status=resp.status_code,
-            )
-        if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
-            raise KisApiError(
-                kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
-                code=kis_code(payload),
-                status=resp.status_code,
-            )
-        return payload
+            raise request_failed(path, exc) from None
+        return payload_of(resp, path)
 
     def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
@@ -213,7 +197,7 @@ class KoreaInvestment:
             "GET",
             PRICE_PATH,
             tr_id=PRICE_TR_ID,
-            params={"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol},
+            params=price_params(symbol),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -234,7 +218,42 @@ class KoreaInvestment:
         self.close()
 
 
-def _check_request_line(method: object, path: object) -> None:
+def request_headers(tr_id: str, custtype: str) -> dict[str, str]:
+    """The headers of a KIS REST call other than the credentials."""
+    check_header_value("tr_id", tr_id)
+    return {"content-type": "application/json; charset=utf-8", "tr_id": tr_id, "custtype": custtype}
+
+
+def price_params(symbol: str) -> dict[str, str]:
+    """The query of the domestic price quote (``FHKST01010100``) of ``symbol``."""
+    return {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol}
+
+
+def request_failed(path: str, exc: BaseException) -> KisApiError:
+    """The error of a call that got no answer (named by its type: the message may quote it)."""
+    return KisApiError(f"KIS request {path} failed: {type(exc).__name__}")
+
+
+def payload_of(resp: Answer, path: str) -> dict[str, Any]:
+    """The decoded JSON of KIS's answer to ``path`` (``requests`` or ``httpx``), or
+    :class:`KisApiError` with KIS's code if it is not a success."""
+    payload = json_or_none(resp)
+    if payload is None:
+        raise KisApiError(
+            f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
+            status=resp.status_code,
+        )
+    if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
+        raise KisApiError(
+            kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}",
+            code=kis_code(payload),
+            status=resp.status_code,
+        )
+    return payload
+
+
+def check_request_line(method: object, path: object) -> None:
+    """``ValueError`` naming ``method`` or ``path`` if the request line cannot be sent."""
     if not header_safe(method):
         raise ValueError("method must be an HTTP method name such as GET or POST")
     # Without the leading slash, "@host/..." appended to base_url would send the credentials
