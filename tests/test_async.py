@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -25,7 +26,12 @@ from async_herd import run_mixed_herd
 from herd import HERD_APP_KEY, HERD_SECRET, SYMBOL, build_storage
 from test_fleets import APPS, fleet_env, wait_until_serving
 
-from kis_safe_token import AsyncKoreaInvestment, KoreaInvestment, TokenStorageError
+from kis_safe_token import (
+    AsyncKoreaInvestment,
+    KoreaInvestment,
+    TokenIssueError,
+    TokenStorageError,
+)
 from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.storage.redis import WAKE_TTL_MS
 from kis_safe_token.testing import KisSimulator
@@ -199,13 +205,16 @@ def test_loop_keeps_ticking_while_waiting_for_another_process_issuance(
         bearer, got_s = run(waiting(holder))
     assert holder.bearer == bearer
     assert sim.issued == 1
-    assert len(lags) >= 50, "the ticker hardly ran"
-    worst = max(lags)
+    worst, median = max(lags), statistics.median(lags)
     print(
-        f"\n[{backend}] ticks={len(lags)} max loop lag {worst * 1000:.1f} ms, "
-        f"token {got_s * 1000:.0f} ms after the holder's"
+        f"\n[{backend}] ticks={len(lags)} loop lag median {median * 1000:.1f} ms, "
+        f"max {worst * 1000:.1f} ms; token {got_s * 1000:.0f} ms after the holder's"
     )
-    assert worst < 0.1  # goal 20 ms; a loaded 2-core box gets slack, not a blocked loop (600 ms)
+    # A wait that blocked the loop would stall the ticker for the whole 600 ms window: no tick
+    # in it, one lag of 600 ms or more. The goal is 20 ms (met on a quiet box, see the report);
+    # the bound leaves room for a 2-core box shared by a dozen busy processes.
+    assert len(lags) >= 20, "the ticker hardly ran"
+    assert worst < 0.3
 
 
 # -- cancellation and timeouts -------------------------------------------------------------------
@@ -366,3 +375,53 @@ def test_starlette_under_gunicorn_uvicorn_workers_makes_one_issuance(
     bodies = [a.json() for a in answers]
     assert len({b["token"] for b in bodies}) == 1
     assert sim.issued == 1 and sim.rate_limited == 0
+
+
+# -- KIS refusing ----------------------------------------------------------------------------------
+def test_holder_sits_out_egw00133_on_the_loop_and_asks_again(
+    spec_of: Callable[[str], dict[str, Any]],
+) -> None:
+    storage = build_storage(spec_of("redis"))
+    with KisSimulator(issue_window_s=1.0, issue_latency_s=0) as sim:
+        # Someone issued within the window and kept the token to itself (a holder that died).
+        requests.post(
+            f"{sim.base_url}/oauth2/tokenP",
+            json={
+                "grant_type": "client_credentials",
+                "appkey": HERD_APP_KEY,
+                "appsecret": HERD_SECRET,
+            },
+            timeout=5,
+        )
+        assert sim.issued == 1
+
+        async def main() -> list[str]:
+            async with client(storage, sim, rate_limit_wait_s=1.2) as kis:
+                quotes = await asyncio.gather(*(kis.fetch_price(SYMBOL) for _ in range(10)))
+                return [q["rt_cd"] for q in quotes]
+
+        assert run(main()) == ["0"] * 10
+        assert sim.rate_limited == 1 and sim.issued == 2, dict(sim.counts)
+
+
+def test_failed_issuance_is_shared_with_the_fleet_not_retried_by_each(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    spec = spec_of("file")
+    sim.outage.set()
+
+    async def main() -> list[BaseException | dict[str, Any]]:
+        clients = [client(build_storage(spec), sim) for _ in range(3)]
+        try:
+            first = await asyncio.gather(clients[0].fetch_price(SYMBOL), return_exceptions=True)
+            rest = await asyncio.gather(
+                *(kis.fetch_price(SYMBOL) for kis in clients[1:]), return_exceptions=True
+            )
+            return [*first, *rest]
+        finally:
+            for kis in clients:
+                await kis.aclose()
+
+    outcomes = run(main())
+    assert all(isinstance(o, TokenIssueError) and o.status == 502 for o in outcomes)
+    assert sim.counts["issue_requests"] == 1  # the others re-raised the recorded failure
