@@ -11,7 +11,14 @@ from typing import Any
 import httpx
 
 from .async_shared import AsyncSharedToken, httpx_timeout
-from .client import check_request_line, payload_of, price_params, request_failed, request_headers
+from .client import (
+    ClientSettings,
+    check_request_line,
+    payload_of,
+    price_params,
+    request_failed,
+    request_headers,
+)
 from .kis import (
     HTTP_TIMEOUT_S,
     ISSUE_WINDOW_S,
@@ -23,7 +30,7 @@ from .kis import (
 )
 from .shared import check_header_value
 from .storage.base import TokenStorage
-from .token import Token, mask
+from .token import Token
 
 __all__ = ["AsyncKoreaInvestment"]
 
@@ -31,7 +38,7 @@ __all__ = ["AsyncKoreaInvestment"]
 THROTTLED_PREFIX = "/uapi/"
 
 
-class AsyncKoreaInvestment:
+class AsyncKoreaInvestment(ClientSettings):
     """:class:`~kis_safe_token.KoreaInvestment` for asyncio: ``await fetch_price(...)``, one
     token shared with every sync and async process on the same store, and no call that blocks
     the event loop while another process issues.
@@ -103,6 +110,8 @@ class AsyncKoreaInvestment:
         client.rate_limiter = None
         return client
 
+    shared_token: AsyncSharedToken
+
     def _setup(
         self, shared: AsyncSharedToken, acc_no: str | None, custtype: str, *, owned: bool
     ) -> None:
@@ -110,24 +119,6 @@ class AsyncKoreaInvestment:
         self.acc_no = acc_no
         self.custtype = custtype
         self._owned = owned
-
-    def __repr__(self) -> str:
-        return (
-            f"AsyncKoreaInvestment(api_key={mask(self.api_key, 4)!r}, "
-            f"base_url={self.base_url!r}, token_storage={self.token_storage!r})"
-        )
-
-    @property
-    def api_key(self) -> str:
-        return self.shared_token.api_key
-
-    @property
-    def base_url(self) -> str:
-        return self.shared_token.base_url
-
-    @property
-    def token_storage(self) -> TokenStorage:
-        return self.shared_token.token_storage
 
     # -- the token -------------------------------------------------------------------------------
     async def access_token(self) -> str:

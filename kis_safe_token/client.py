@@ -24,14 +24,55 @@ from .kis import (
     kis_message,
 )
 from .oauth import Timeout
-from .shared import BASE_URL_ENV, SharedToken, check_header_value
+from .shared import BASE_URL_ENV, SharedToken, TokenSettings, check_header_value
 from .storage.base import TokenStorage
 from .token import Token, header_safe, mask
 
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
 
-class KoreaInvestment:
+class ClientSettings:
+    """What a client's token holder was built with, read through it (the sync and the asyncio
+    client alike): the credentials, the host, the store and the timings."""
+
+    shared_token: TokenSettings
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(api_key={mask(self.api_key, 4)!r}, "
+            f"base_url={self.base_url!r}, token_storage={self.token_storage!r})"
+        )
+
+    @property
+    def api_key(self) -> str:
+        return self.shared_token.api_key
+
+    @property
+    def api_secret(self) -> str:
+        return self.shared_token.api_secret
+
+    @property
+    def mock(self) -> bool:
+        return self.shared_token.mock
+
+    @property
+    def base_url(self) -> str:
+        return self.shared_token.base_url
+
+    @property
+    def token_storage(self) -> TokenStorage:
+        return self.shared_token.token_storage
+
+    @property
+    def timeout(self) -> Timeout:
+        return self.shared_token.timeout
+
+    @property
+    def rate_limit_wait_s(self) -> float:
+        return self.shared_token.rate_limit_wait_s
+
+
+class KoreaInvestment(ClientSettings):
     """A KIS client whose access token is shared with every other process using the same store.
 
     The token is a :class:`SharedToken` (in memory, checked locally, refreshed through the
@@ -91,6 +132,8 @@ class KoreaInvestment:
         client._setup(shared, acc_no, custtype, owned=False)
         return client
 
+    shared_token: SharedToken
+
     def _setup(
         self, shared: SharedToken, acc_no: str | None, custtype: str, *, owned: bool
     ) -> None:
@@ -99,41 +142,6 @@ class KoreaInvestment:
         self.custtype = custtype
         self._owned = owned
         self._auth = KisAuth.from_shared(shared)
-
-    def __repr__(self) -> str:
-        return (
-            f"KoreaInvestment(api_key={mask(self.api_key, 4)!r}, base_url={self.base_url!r}, "
-            f"token_storage={self.token_storage!r})"
-        )
-
-    # -- what the shared token holds ---------------------------------------------------------------
-    @property
-    def api_key(self) -> str:
-        return self.shared_token.api_key
-
-    @property
-    def api_secret(self) -> str:
-        return self.shared_token.api_secret
-
-    @property
-    def mock(self) -> bool:
-        return self.shared_token.mock
-
-    @property
-    def base_url(self) -> str:
-        return self.shared_token.base_url
-
-    @property
-    def token_storage(self) -> TokenStorage:
-        return self.shared_token.token_storage
-
-    @property
-    def timeout(self) -> Timeout:
-        return self.shared_token.timeout
-
-    @property
-    def rate_limit_wait_s(self) -> float:
-        return self.shared_token.rate_limit_wait_s
 
     # -- the token (the seed's names) --------------------------------------------------------------
     @property
