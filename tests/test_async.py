@@ -425,3 +425,19 @@ def test_failed_issuance_is_shared_with_the_fleet_not_retried_by_each(
     outcomes = run(main())
     assert all(isinstance(o, TokenIssueError) and o.status == 502 for o in outcomes)
     assert sim.counts["issue_requests"] == 1  # the others re-raised the recorded failure
+
+
+def test_reprs_show_neither_the_secret_nor_the_token(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    storage = build_storage(spec_of("file"))
+
+    async def main() -> tuple[str, list[str]]:
+        async with client(storage, sim) as kis:
+            return await kis.access_token(), [repr(kis), repr(kis.shared_token)]
+
+    bearer, reprs = run(main())
+    for text in reprs:
+        assert HERD_SECRET not in text
+        assert HERD_APP_KEY not in text
+        assert bearer.removeprefix("Bearer ")[:16] not in text
