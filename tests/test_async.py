@@ -33,7 +33,7 @@ from kis_safe_token import (
     TokenStorageError,
 )
 from kis_safe_token.storage.base import TokenStorage
-from kis_safe_token.storage.redis import WAKE_TTL_MS
+from kis_safe_token.storage.redis import ACQUIRE_LUA, WAKE_TTL_MS
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import RedisServer, free_port
 
@@ -127,10 +127,14 @@ def test_four_processes_of_fifty_tasks_make_one_issuance(
     assert sim.rate_limited == 0
 
 
+@pytest.mark.parametrize("backend", ["file", "redis-unlocked"])
 def test_clients_of_one_store_in_one_loop_share_one_issuance(
-    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
 ) -> None:
-    storage = build_storage(spec_of("file"))
+    # redis-unlocked: the seed's RedisTokenStorage, a store with no fleet lock of its own (its
+    # primitives run in threads, its lock is this process's own).
+    spec = spec_of(backend.removesuffix("-unlocked"))
+    storage = build_storage({**spec, "locked": False})
 
     async def main() -> set[str]:
         clients = [client(storage, sim) for _ in range(3)]
@@ -441,3 +445,43 @@ def test_reprs_show_neither_the_secret_nor_the_token(
         assert HERD_SECRET not in text
         assert HERD_APP_KEY not in text
         assert bearer.removeprefix("Bearer ")[:16] not in text
+
+
+def test_attempt_cancelled_after_redis_took_the_lock_gives_it_back(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    spec = spec_of("redis")
+    storage = build_storage(spec)
+
+    class ReplyLost:
+        """A ``redis.asyncio`` client whose lock attempt runs on the server, and whose task is
+        then cancelled before the reply arrives (the lock taken, the taker not knowing it)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def register_script(self, source: str) -> Any:
+            script = self.inner.register_script(source)
+            if source != ACQUIRE_LUA:
+                return script
+
+            async def run(**kwargs: Any) -> Any:
+                await script(**kwargs)
+                raise asyncio.CancelledError
+
+            return run
+
+    async def main() -> None:
+        inner = storage.async_client()
+        kis = client(storage, sim, redis_client=ReplyLost(inner))
+        with pytest.raises(asyncio.CancelledError):
+            await kis.fetch_price(SYMBOL)
+        await kis.aclose()
+        await inner.aclose()
+
+    run(main())
+    assert lock_is_free(spec)  # not held until lock_ttl (30 s) runs out
+    assert sim.counts["issue_requests"] == 0
