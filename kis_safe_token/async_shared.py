@@ -15,8 +15,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, TOKEN_PATH
-from .oauth import Timeout, token_from_answer, token_request, token_request_failed
+from .errors import KisApiError
+from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REVOKE_PATH, TOKEN_PATH
+from .oauth import (
+    Timeout,
+    check_revoked,
+    revoke_request,
+    token_from_answer,
+    token_request,
+    token_request_failed,
+)
 from .shared import TokenSettings
 from .storage.aio import AsyncStore
 from .storage.base import TokenStorage
@@ -122,6 +130,23 @@ class AsyncSharedToken(TokenSettings):
         if current is not None and current.access_token == access_token:
             self._forget()
         return deleted
+
+    async def revoke(self) -> None:
+        """Revoke the token in memory at KIS, then drop it from the store and from memory
+        (nothing to do before a token was fetched). :class:`KisApiError` if KIS refuses."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            resp = await self._http.post(
+                f"{self.base_url}{REVOKE_PATH}",
+                json=revoke_request(self.api_key, self.api_secret, token.access_token),
+                timeout=httpx_timeout(self.timeout),
+            )
+        except httpx.HTTPError as exc:
+            raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
+        check_revoked(resp)
+        await self.invalidate(token.access_token)
 
     async def load(self) -> Token | None:
         """Take the stored token into memory if the store holds a valid one; never issues."""

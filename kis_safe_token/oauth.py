@@ -29,7 +29,9 @@ from .token import Token
 __all__ = [
     "CLOCK_TOLERANCE_S",
     "Timeout",
+    "check_revoked",
     "issue_token",
+    "revoke_request",
     "revoke_token",
     "token_from_answer",
     "token_request",
@@ -115,11 +117,21 @@ def revoke_token(
     timeout: Timeout,
 ) -> None:
     """Revoke ``access_token`` at KIS (``POST /oauth2/revokeP``); :class:`KisApiError` if not."""
-    body = {"appkey": api_key, "appsecret": api_secret, "token": access_token}
+    body = revoke_request(api_key, api_secret, access_token)
     try:
         resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
         raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
+    check_revoked(resp)
+
+
+def revoke_request(api_key: str, api_secret: str, access_token: str) -> dict[str, str]:
+    """The JSON body of a ``revokeP`` call."""
+    return {"appkey": api_key, "appsecret": api_secret, "token": access_token}
+
+
+def check_revoked(resp: Answer) -> None:
+    """:class:`KisApiError` unless KIS's answer to ``revokeP`` is a success."""
     payload = json_or_none(resp)
     if resp.status_code != 200 or payload is None:
         raise KisApiError(

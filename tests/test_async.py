@@ -485,3 +485,19 @@ def test_attempt_cancelled_after_redis_took_the_lock_gives_it_back(
     run(main())
     assert lock_is_free(spec)  # not held until lock_ttl (30 s) runs out
     assert sim.counts["issue_requests"] == 0
+
+
+def test_revoke_drops_the_token_at_kis_in_the_store_and_in_memory(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    storage = build_storage(spec_of("file"))
+
+    async def main() -> None:
+        async with client(storage, sim) as kis:
+            shared = kis.shared_token
+            await shared.revoke()
+            assert await shared.load() is None
+
+    run(main())
+    assert sim.counts["revoke_requests"] == 1
+    assert storage.load_token(HERD_APP_KEY, HERD_SECRET) is None
