@@ -1,4 +1,11 @@
-"""kis_safe_token: one KIS Open API access token, shared safely by a fleet of processes."""
+"""kis_safe_token: one KIS Open API access token, shared safely by a fleet of processes.
+
+The asyncio side, ``AsyncKoreaInvestment`` and ``AsyncSharedToken``, is imported on first use
+(it needs httpx: ``pip install 'kis-safe-token[async]'``), and is left out of ``__all__`` so that
+``from kis_safe_token import *`` works without that extra.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from .auth import KisAuth
 from .client import KoreaInvestment
@@ -20,6 +27,10 @@ from .storage import (
     create_token_storage,
 )
 from .token import Token
+
+if TYPE_CHECKING:
+    from .async_client import AsyncKoreaInvestment as AsyncKoreaInvestment
+    from .async_shared import AsyncSharedToken as AsyncSharedToken
 
 __version__ = "0.1.0"
 
@@ -43,3 +54,15 @@ __all__ = [
     "get_api_secret",
     "set_api_secret",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AsyncKoreaInvestment":
+        from .async_client import AsyncKoreaInvestment
+
+        return AsyncKoreaInvestment
+    if name == "AsyncSharedToken":
+        from .async_shared import AsyncSharedToken
+
+        return AsyncSharedToken
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

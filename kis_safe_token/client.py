@@ -19,20 +19,67 @@ from .kis import (
     REAL_BASE_URL,
     TOO_MANY_CALLS,
     VIRTUAL_BASE_URL,
+    Answer,
     json_or_none,
     kis_code,
     kis_message,
 )
 from .oauth import Timeout
 from .ratelimit import RateLimiter
-from .shared import BASE_URL_ENV, SharedToken, check_header_value
+from .shared import BASE_URL_ENV, SharedToken, TokenSettings, check_header_value
 from .storage.base import TokenStorage
 from .token import Token, header_safe, mask
 
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
 
-class KoreaInvestment:
+class ClientSettings:
+    """What a client's token holder was built with, read through it (the sync and the asyncio
+    client alike): the credentials, the host, the store and the timings."""
+
+    shared_token: TokenSettings
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(api_key={mask(self.api_key, 4)!r}, "
+            f"base_url={self.base_url!r}, token_storage={self.token_storage!r})"
+        )
+
+    @property
+    def api_key(self) -> str:
+        return self.shared_token.api_key
+
+    @property
+    def api_secret(self) -> str:
+        return self.shared_token.api_secret
+
+    @property
+    def mock(self) -> bool:
+        return self.shared_token.mock
+
+    @property
+    def base_url(self) -> str:
+        return self.shared_token.base_url
+
+    @property
+    def token_storage(self) -> TokenStorage:
+        return self.shared_token.token_storage
+
+    @property
+    def timeout(self) -> Timeout:
+        return self.shared_token.timeout
+
+    @property
+    def rate_limit_wait_s(self) -> float:
+        return self.shared_token.rate_limit_wait_s
+
+    @property
+    def rate_limiter(self) -> RateLimiter | None:
+        """The fleet-wide call-rate limiter every call waits for (``None``: turned off)."""
+        return self.shared_token.rate_limiter
+
+
+class KoreaInvestment(ClientSettings):
     """A KIS client whose access token is shared with every other process using the same store.
 
     The token is a :class:`SharedToken` (in memory, checked locally, refreshed through the
@@ -101,6 +148,8 @@ class KoreaInvestment:
         client._setup(shared, acc_no, custtype, owned=False)
         return client
 
+    shared_token: SharedToken
+
     def _setup(
         self, shared: SharedToken, acc_no: str | None, custtype: str, *, owned: bool
     ) -> None:
@@ -109,46 +158,6 @@ class KoreaInvestment:
         self.custtype = custtype
         self._owned = owned
         self._auth = KisAuth.from_shared(shared)
-
-    def __repr__(self) -> str:
-        return (
-            f"KoreaInvestment(api_key={mask(self.api_key, 4)!r}, base_url={self.base_url!r}, "
-            f"token_storage={self.token_storage!r})"
-        )
-
-    # -- what the shared token holds ---------------------------------------------------------------
-    @property
-    def api_key(self) -> str:
-        return self.shared_token.api_key
-
-    @property
-    def api_secret(self) -> str:
-        return self.shared_token.api_secret
-
-    @property
-    def mock(self) -> bool:
-        return self.shared_token.mock
-
-    @property
-    def base_url(self) -> str:
-        return self.shared_token.base_url
-
-    @property
-    def token_storage(self) -> TokenStorage:
-        return self.shared_token.token_storage
-
-    @property
-    def timeout(self) -> Timeout:
-        return self.shared_token.timeout
-
-    @property
-    def rate_limit_wait_s(self) -> float:
-        return self.shared_token.rate_limit_wait_s
-
-    @property
-    def rate_limiter(self) -> RateLimiter | None:
-        """The fleet-wide call-rate limiter every call waits for (``None``: turned off)."""
-        return self.shared_token.rate_limiter
 
     @property
     def approval_key(self) -> str:
@@ -198,13 +207,8 @@ class KoreaInvestment:
         retry with a fresh token on ``EGW00121``/``EGW00123``, bounded retries with back-off on
         ``EGW00201``. Raises :class:`KisApiError` on any other failure, and
         ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
-        _check_request_line(method, path)
-        check_header_value("tr_id", tr_id)
-        headers = {
-            "content-type": "application/json; charset=utf-8",
-            "tr_id": tr_id,
-            "custtype": self.custtype,
-        }
+        check_request_line(method, path)
+        headers = request_headers(tr_id, self.custtype)
         try:
             resp = self.shared_token.session.request(
                 method,
@@ -216,23 +220,8 @@ class KoreaInvestment:
                 auth=self._auth,
             )
         except requests.RequestException as exc:
-            raise KisApiError(f"KIS request {path} failed: {type(exc).__name__}") from None
-        payload = json_or_none(resp)
-        if payload is None:
-            raise KisApiError(
-                f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
-                status=resp.status_code,
-            )
-        if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
-            code = kis_code(payload)
-            message = kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}"
-            if code == TOO_MANY_CALLS:
-                message += (
-                    f" (still refused after {len(resp.history)} re-sends with back-off: another "
-                    "program may be using this app key)"
-                )
-            raise KisApiError(message, code=code, status=resp.status_code)
-        return payload
+            raise request_failed(path, exc) from None
+        return payload_of(resp, path, resends=len(resp.history))
 
     def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
@@ -240,7 +229,7 @@ class KoreaInvestment:
             "GET",
             PRICE_PATH,
             tr_id=PRICE_TR_ID,
-            params={"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol},
+            params=price_params(symbol),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -261,7 +250,46 @@ class KoreaInvestment:
         self.close()
 
 
-def _check_request_line(method: object, path: object) -> None:
+def request_headers(tr_id: str, custtype: str) -> dict[str, str]:
+    """The headers of a KIS REST call other than the credentials."""
+    check_header_value("tr_id", tr_id)
+    return {"content-type": "application/json; charset=utf-8", "tr_id": tr_id, "custtype": custtype}
+
+
+def price_params(symbol: str) -> dict[str, str]:
+    """The query of the domestic price quote (``FHKST01010100``) of ``symbol``."""
+    return {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol}
+
+
+def request_failed(path: str, exc: BaseException) -> KisApiError:
+    """The error of a call that got no answer (named by its type: the message may quote it)."""
+    return KisApiError(f"KIS request {path} failed: {type(exc).__name__}")
+
+
+def payload_of(resp: Answer, path: str, *, resends: int = 0) -> dict[str, Any]:
+    """The decoded JSON of KIS's answer to ``path`` (``requests`` or ``httpx``), or
+    :class:`KisApiError` with KIS's code if it is not a success (``resends``: how many times the
+    call was re-sent after ``EGW00201``, for the message)."""
+    payload = json_or_none(resp)
+    if payload is None:
+        raise KisApiError(
+            f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
+            status=resp.status_code,
+        )
+    if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
+        code = kis_code(payload)
+        message = kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}"
+        if code == TOO_MANY_CALLS:
+            message += (
+                f" (still refused after {resends} re-sends with back-off: another "
+                "program may be using this app key)"
+            )
+        raise KisApiError(message, code=code, status=resp.status_code)
+    return payload
+
+
+def check_request_line(method: object, path: object) -> None:
+    """``ValueError`` naming ``method`` or ``path`` if the request line cannot be sent."""
     if not header_safe(method):
         raise ValueError("method must be an HTTP method name such as GET or POST")
     # Without the leading slash, "@host/..." appended to base_url would send the credentials

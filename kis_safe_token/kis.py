@@ -4,14 +4,12 @@ simulator; and how to read a KIS answer (its code and message), written once for
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final
-
-if TYPE_CHECKING:
-    import requests
+from typing import Any, Final, Protocol
 
 __all__ = [
     "APPROVAL_KEY_LIFETIME_S",
     "APPROVAL_PATH",
+    "Answer",
     "BAD_APP_KEY",
     "BAD_APP_SECRET",
     "HTTP_TIMEOUT_S",
@@ -79,7 +77,19 @@ RATE_LIMIT_MESSAGE: Final = "접근토큰 발급 잠시 후 다시 시도하세�
 
 
 # -- reading an answer ----------------------------------------------------------------------------
-def json_or_none(resp: requests.Response) -> dict[str, Any] | None:
+class Answer(Protocol):
+    """What is read of an HTTP answer: a ``requests.Response`` or an ``httpx.Response``."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+def json_or_none(resp: Answer) -> dict[str, Any] | None:
     """The JSON object of ``resp``, or ``None`` if the body is not one (a gateway's HTML page)."""
     try:
         payload = resp.json()

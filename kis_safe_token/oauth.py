@@ -21,13 +21,25 @@ from .kis import (
     RATE_LIMITED,
     REVOKE_PATH,
     TOKEN_PATH,
+    Answer,
     json_or_none,
     kis_code,
     kis_message,
 )
 from .token import Token, header_safe
 
-__all__ = ["CLOCK_TOLERANCE_S", "Timeout", "issue_approval_key", "issue_token", "revoke_token"]
+__all__ = [
+    "CLOCK_TOLERANCE_S",
+    "Timeout",
+    "check_revoked",
+    "issue_approval_key",
+    "issue_token",
+    "revoke_request",
+    "revoke_token",
+    "token_from_answer",
+    "token_request",
+    "token_request_failed",
+]
 
 Timeout: TypeAlias = tuple[float, float]
 """requests' ``(connect, read)`` timeout, in seconds."""
@@ -61,11 +73,30 @@ def issue_token(
     refused only because this host's clock is far from KIS's is a ``local`` error naming the
     clock.
     """
-    body = {"grant_type": "client_credentials", "appkey": api_key, "appsecret": api_secret}
+    body = token_request(api_key, api_secret)
     try:
         resp = session.post(f"{base_url}{TOKEN_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
-        raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+        raise token_request_failed(exc) from None
+    return token_from_answer(resp, clock=clock, rate_limit_wait_s=rate_limit_wait_s)
+
+
+def token_request(api_key: str, api_secret: str) -> dict[str, str]:
+    """The JSON body of a ``tokenP`` call."""
+    return {"grant_type": "client_credentials", "appkey": api_key, "appsecret": api_secret}
+
+
+def token_request_failed(exc: BaseException) -> TokenIssueError:
+    """The error of a ``tokenP`` call that got no answer (named by its type only: an HTTP
+    library's message may quote the request)."""
+    return TokenIssueError(f"KIS token request failed: {type(exc).__name__}")
+
+
+def token_from_answer(
+    resp: Answer, *, clock: Callable[[], float], rate_limit_wait_s: float
+) -> Token:
+    """The token in KIS's answer to ``tokenP`` (from ``requests`` or ``httpx``); the errors
+    :func:`issue_token` describes."""
     payload = json_or_none(resp)
     if resp.status_code != 200 or payload is None or "access_token" not in payload:
         code = kis_code(payload)
@@ -89,11 +120,21 @@ def revoke_token(
     timeout: Timeout,
 ) -> None:
     """Revoke ``access_token`` at KIS (``POST /oauth2/revokeP``); :class:`KisApiError` if not."""
-    body = {"appkey": api_key, "appsecret": api_secret, "token": access_token}
+    body = revoke_request(api_key, api_secret, access_token)
     try:
         resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
         raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
+    check_revoked(resp)
+
+
+def revoke_request(api_key: str, api_secret: str, access_token: str) -> dict[str, str]:
+    """The JSON body of a ``revokeP`` call."""
+    return {"appkey": api_key, "appsecret": api_secret, "token": access_token}
+
+
+def check_revoked(resp: Answer) -> None:
+    """:class:`KisApiError` unless KIS's answer to ``revokeP`` is a success."""
     payload = json_or_none(resp)
     if resp.status_code != 200 or payload is None:
         raise KisApiError(
@@ -135,7 +176,7 @@ def issue_approval_key(
     return Token(str(key), now + APPROVAL_KEY_LIFETIME_S, "approval", issued_at=now)
 
 
-def _kis_time(resp: requests.Response) -> float | None:
+def _kis_time(resp: Answer) -> float | None:
     """KIS's clock when it answered: the HTTP ``Date`` of ``resp``, if it has a usable one."""
     try:
         moment = parsedate_to_datetime(resp.headers.get("Date") or "")

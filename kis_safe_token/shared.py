@@ -32,6 +32,7 @@ __all__ = [
     "BASE_URL_ENV",
     "MAX_WAIT_S",
     "SharedToken",
+    "TokenSettings",
     "check_header_value",
 ]
 
@@ -46,7 +47,69 @@ MAX_WAIT_S = 3600.0
 issuance lock that long, and far larger numbers overflow the socket layer."""
 
 
-class SharedToken:
+class TokenSettings:
+    """What a token holder needs, checked once: the credentials, the KIS host, the store and the
+    HTTP timings. The base of :class:`SharedToken` and of its asyncio twin
+    :class:`~kis_safe_token.AsyncSharedToken`, so both read their arguments the same way.
+
+    ``ValueError`` names an argument that cannot be used (a credential that cannot go in an
+    HTTP header, a bad timeout, timings the store's waiters would not outlast, a bad rate).
+    ``calls_per_second``/``rate_limiter``: the fleet's call-rate limit (see
+    :mod:`kis_safe_token.ratelimit`; ``None``: KIS's default for the account type, ``0``: off).
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        api_secret: str | None = None,
+        token_storage: TokenStorage | None = None,
+        *,
+        mock: bool = False,
+        base_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
+        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        check_header_value("api_key", api_key)
+        self.timeout: Timeout = _checked_timeout(timeout)
+        self.rate_limit_wait_s = check_seconds(
+            "rate_limit_wait_s", rate_limit_wait_s, high=MAX_WAIT_S
+        )
+        self.api_key = api_key
+        self.api_secret = resolve_api_secret(api_key, api_secret)
+        check_header_value("api_secret", self.api_secret)
+        self.mock = mock
+        self.base_url = (
+            base_url
+            or os.environ.get(BASE_URL_ENV, "").strip()
+            or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
+        ).rstrip("/")
+        self.token_storage = token_storage if token_storage is not None else create_token_storage()
+        self.token_storage.check_timing(
+            http_timeout_s=sum(self.timeout), issue_window_s=self.rate_limit_wait_s
+        )
+        self._clock = clock
+        self._margin_s = self.token_storage.refresh_margin_s
+        if rate_limiter is not None:
+            if calls_per_second is not None:
+                raise ValueError("give calls_per_second or rate_limiter, not both")
+            self.rate_limiter: RateLimiter | None = rate_limiter
+        else:
+            rate = resolve_calls_per_second(calls_per_second, mock=mock)
+            self.rate_limiter = (
+                None if rate is None else self.token_storage.rate_limiter(api_key, rate)
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(api_key={mask(self.api_key, 4)!r}, "
+            f"base_url={self.base_url!r}, token_storage={self.token_storage!r})"
+        )
+
+
+class SharedToken(TokenSettings):
     """The access token of one app key, shared with every process that uses the same store.
 
     The token lives in memory and is checked against its expiry locally: :attr:`bearer` costs a
@@ -89,35 +152,18 @@ class SharedToken:
         calls_per_second: float | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:
-        check_header_value("api_key", api_key)
-        self.timeout: Timeout = _checked_timeout(timeout)
-        self.rate_limit_wait_s = check_seconds(
-            "rate_limit_wait_s", rate_limit_wait_s, high=MAX_WAIT_S
+        super().__init__(
+            api_key,
+            api_secret,
+            token_storage,
+            mock=mock,
+            base_url=base_url,
+            clock=clock,
+            timeout=timeout,
+            rate_limit_wait_s=rate_limit_wait_s,
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
         )
-        self.api_key = api_key
-        self.api_secret = resolve_api_secret(api_key, api_secret)
-        check_header_value("api_secret", self.api_secret)
-        self.mock = mock
-        self.base_url = (
-            base_url
-            or os.environ.get(BASE_URL_ENV, "").strip()
-            or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
-        ).rstrip("/")
-        self.token_storage = token_storage if token_storage is not None else create_token_storage()
-        self.token_storage.check_timing(
-            http_timeout_s=sum(self.timeout), issue_window_s=self.rate_limit_wait_s
-        )
-        self._clock = clock
-        if rate_limiter is not None:
-            if calls_per_second is not None:
-                raise ValueError("give calls_per_second or rate_limiter, not both")
-            self.rate_limiter: RateLimiter | None = rate_limiter
-        else:
-            rate = resolve_calls_per_second(calls_per_second, mock=mock)
-            self.rate_limiter = (
-                None if rate is None else self.token_storage.rate_limiter(api_key, rate)
-            )
-        self._margin_s = self.token_storage.refresh_margin_s
         self._own_session = session is None
         self._session = session if session is not None else requests.Session()
         self._lock = threading.Lock()
@@ -129,12 +175,6 @@ class SharedToken:
         self._fresh_until = float("-inf")
         self._approval_lock = threading.Lock()
         self._approval: Token | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"SharedToken(api_key={mask(self.api_key, 4)!r}, base_url={self.base_url!r}, "
-            f"token_storage={self.token_storage!r})"
-        )
 
     # -- the token -------------------------------------------------------------------------------
     @property

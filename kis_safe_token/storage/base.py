@@ -228,7 +228,7 @@ class TokenStorage(ABC):
             token = self._read(api_key, api_secret, fresh=True)
             if not self._usable(token):
                 token = self._issue_recording(lock, api_key, api_secret, issue)
-                _local_failures.pop(_failure_key(api_key, api_secret), None)
+                self._note_success(api_key, api_secret)
                 self._save_issued(lock, api_key, api_secret, token)
             return token
         finally:
@@ -264,16 +264,12 @@ class TokenStorage(ABC):
         """Issue holding the lock, unless a recent failure says KIS is not worth asking yet;
         record a failure for the fleet (or, if it is this host's own, for this process)."""
         previous = self._failure(api_key, api_secret)
-        now = self.clock()
-        if previous is not None and previous.active(now):
-            raise previous.error(now)
+        self._raise_if_held(previous)
         try:
             return self._issue_holding(lock, api_key, api_secret, issue)
         except TokenIssueError as exc:
-            failure = IssueFailure.after(exc, self.clock(), previous)
-            if exc.local:
-                _local_failures[_failure_key(api_key, api_secret)] = failure
-            else:
+            failure = self._note_failure(api_key, api_secret, exc, previous)
+            if failure is not None:
                 try:
                     self._write_failure(api_key, api_secret, failure)
                 except TokenStorageError as store_exc:
@@ -282,10 +278,54 @@ class TokenStorage(ABC):
 
     def _failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         """The most recent failure: this process's own, else the store's."""
-        local = _local_failures.get(_failure_key(api_key, api_secret))
+        local = self._local_failure(api_key, api_secret)
         if local is not None and local.active(self.clock()):
             return local
         return self._read_failure(api_key, api_secret) or local
+
+    # -- the pure parts of the protocol, shared with the asyncio side (storage/aio.py) ----------
+    def _local_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        """This process's own record of the last failed issuance of these credentials."""
+        return _local_failures.get(_failure_key(api_key, api_secret))
+
+    def _raise_if_held(self, previous: IssueFailure | None) -> None:
+        """Re-raise ``previous`` while its hold lasts: KIS is not worth asking yet."""
+        now = self.clock()
+        if previous is not None and previous.active(now):
+            raise previous.error(now)
+
+    def _note_failure(
+        self, api_key: str, api_secret: str, exc: TokenIssueError, previous: IssueFailure | None
+    ) -> IssueFailure | None:
+        """The record of a failed issuance: kept by this process if it is this host's own
+        (``None`` is returned), else returned for the caller to store for the fleet."""
+        failure = IssueFailure.after(exc, self.clock(), previous)
+        if exc.local:
+            _local_failures[_failure_key(api_key, api_secret)] = failure
+            return None
+        return failure
+
+    def _note_success(self, api_key: str, api_secret: str) -> None:
+        """A token was issued: this process's own failure record no longer holds anyone back."""
+        _local_failures.pop(_failure_key(api_key, api_secret), None)
+
+    def _resume_at(self, exc: TokenIssueError) -> float:
+        """When (``time.monotonic()``) a holder refused with ``EGW00133`` asks KIS again;
+        ``exc`` itself is raised if KIS refused for any other reason."""
+        if exc.retry_after_s is None:
+            raise exc
+        logger.warning(
+            "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
+            exc.code,
+            exc.retry_after_s,
+        )
+        return time.monotonic() + exc.retry_after_s
+
+    def _backoff_slice_s(self) -> float:
+        """How often a holder sitting out ``EGW00133`` extends its lock and re-checks the cache:
+        a third of a lock that expires by itself, so it never lapses meanwhile."""
+        takeover = self.takeover_s()
+        return min(BACKOFF_SLICE_S, takeover / 3) if takeover > 0 else BACKOFF_SLICE_S
 
     def _issue_holding(
         self, lock: IssuanceLock, api_key: str, api_secret: str, issue: IssueFn
@@ -295,16 +335,8 @@ class TokenStorage(ABC):
         try:
             return _issued(issue)
         except TokenIssueError as exc:
-            if exc.retry_after_s is None:
-                raise
-            logger.warning(
-                "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
-                exc.code,
-                exc.retry_after_s,
-            )
-            resume = time.monotonic() + exc.retry_after_s
-        takeover = self.takeover_s()
-        slice_s = min(BACKOFF_SLICE_S, takeover / 3) if takeover > 0 else BACKOFF_SLICE_S
+            resume = self._resume_at(exc)
+        slice_s = self._backoff_slice_s()
         while (left := resume - time.monotonic()) > 0:
             time.sleep(min(slice_s, left))
             lock.extend()
@@ -357,7 +389,11 @@ place for them. Keyed by app key and credential fingerprint (never the secret it
 
 
 def _issued(issue: IssueFn) -> Token:
-    token = issue()
+    return checked_token(issue())
+
+
+def checked_token(token: object) -> Token:
+    """``token`` if the issue function returned a :class:`Token`; else a ``TypeError``."""
     if not isinstance(token, Token):
         raise TypeError(f"the issue function must return a Token, not {type(token).__name__}")
     return token

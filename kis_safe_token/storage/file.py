@@ -346,34 +346,46 @@ class FileIssuanceLock(IssuanceLock):
         self._api_key = api_key
         self._api_secret = api_secret
         self._flock: filelock.FileLock | None = None
+        self._next_try = 0.0
 
     def acquire(self, deadline: float) -> Acquired:
+        while (got := self.look()) is None:
+            time.sleep(self.pause_s(deadline))
+        return got
+
+    def look(self) -> Acquired | None:
+        """One look that never blocks: the lock if a try is due and it is free, else a usable
+        token or an active failure in the store, else ``None`` (look again after
+        :meth:`pause_s`). The asyncio side drives the same looks between ``asyncio.sleep``."""
         storage = self._storage
-        flock = storage._lock()
-        next_try = 0.0
-        while True:
-            if time.monotonic() >= next_try:
-                try:
-                    flock.acquire(timeout=0)
-                    self._flock = flock
-                    return True
-                except filelock.Timeout:
-                    next_try = time.monotonic() + jittered(LOCK_RETRY_S)
-                except OSError as exc:
-                    raise TokenStorageError(f"cannot lock {storage.lock_file}: {exc}") from exc
-            token = storage._read(self._api_key, self._api_secret)
-            if storage._usable(token):
-                return token
-            failure = storage._read_failure(self._api_key, self._api_secret)
-            if failure is not None and failure.active(storage.clock()):
-                return failure
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TokenStorageError(
-                    f"timed out after {storage.wait_timeout:.1f} s waiting for the issuing "
-                    f"process holding {storage.lock_file}"
-                )
-            time.sleep(min(left, jittered(storage.poll_interval_s)))
+        if time.monotonic() >= self._next_try:
+            flock = storage._lock()
+            try:
+                flock.acquire(timeout=0)
+                self._flock = flock
+                return True
+            except filelock.Timeout:
+                self._next_try = time.monotonic() + jittered(LOCK_RETRY_S)
+            except OSError as exc:
+                raise TokenStorageError(f"cannot lock {storage.lock_file}: {exc}") from exc
+        token = storage._read(self._api_key, self._api_secret)
+        if storage._usable(token):
+            return token
+        failure = storage._read_failure(self._api_key, self._api_secret)
+        if failure is not None and failure.active(storage.clock()):
+            return failure
+        return None
+
+    def pause_s(self, deadline: float) -> float:
+        """How long to wait before the next :meth:`look`; :class:`TokenStorageError` past
+        ``deadline`` (``time.monotonic()``)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TokenStorageError(
+                f"timed out after {self._storage.wait_timeout:.1f} s waiting for the issuing "
+                f"process holding {self._storage.lock_file}"
+            )
+        return min(left, jittered(self._storage.poll_interval_s))
 
     def release(self) -> None:
         if self._flock is not None:

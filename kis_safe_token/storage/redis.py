@@ -195,10 +195,13 @@ class RedisTokenStorage(SealedTokenStorage):
             if password:
                 options["password"] = password
             self._connect: Callable[[], Any] | None = partial(redis.from_url, redis_url, **options)
+            self._async_connect: Callable[[], Any] | None = partial(
+                _async_client, redis_url, options
+            )
             client = self._connect()
             self._where = _display_url(redis_url)
         else:
-            self._connect = None
+            self._connect = self._async_connect = None
             self._where = _describe_client(client)
         self.redis_client = client
         self._scripts: dict[str, Any] = {}
@@ -222,6 +225,18 @@ class RedisTokenStorage(SealedTokenStorage):
 
     def takeover_s(self) -> float:
         return self.lock_ttl if self.fleet_lock else 0.0
+
+    def async_client(self) -> Any:
+        """A new ``redis.asyncio`` client on this storage's server, with its password and
+        timeouts, for the asyncio side (:mod:`kis_safe_token.storage.aio`); its connections
+        belong to the event loop that first uses them. ``ValueError`` for a storage built on
+        an injected ``client``: pass the matching asyncio client yourself."""
+        if self._async_connect is None:
+            raise ValueError(
+                "this storage was built on an injected client: pass the matching "
+                "redis.asyncio client as redis_client="
+            )
+        return self._async_connect()
 
     def check_timing(
         self, *, http_timeout_s: float, issue_window_s: float = ISSUE_WINDOW_S
@@ -322,6 +337,14 @@ class RedisTokenStorage(SealedTokenStorage):
         return bool(self._call("compare-and-delete", lambda: script(keys=[key], args=[raw])))
 
 
+def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
+    import redis.asyncio
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    # As for the sync client, attempts are ours (redis_retry_async), not redis-py's.
+    return redis.asyncio.from_url(redis_url, **{**options, "retry": AsyncRetry(NoBackoff(), 0)})
+
+
 COMPARE_AND_DELETE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -411,6 +434,62 @@ class RedisIssuanceLock(IssuanceLock):
     def _wake_key(self, owner: str | None) -> str:
         return f"{self._lock_key}:wake:{owner}"
 
+    # -- the pure parts of a wait, shared with the asyncio lock (storage/aio.py) -----------------
+    @property
+    def acquire_keys_args(self) -> tuple[list[str], list[Any]]:
+        """``ACQUIRE_LUA``'s KEYS and ARGV for this acquisition."""
+        return [self._lock_key, self._token_key, self._failure_key], [
+            self._owner,
+            self._ttl_ms,
+            MAX_LOCK_TTL_MS,
+        ]
+
+    @property
+    def release_keys_args(self) -> tuple[list[str], list[Any]]:
+        """``RELEASE_LUA``'s KEYS and ARGV: our lock and our own wake-up list."""
+        return [self._lock_key, self._wake_key(self._owner)], [
+            self._owner,
+            WAKE_FANOUT,
+            WAKE_TTL_MS,
+        ]
+
+    @property
+    def extend_keys_args(self) -> tuple[list[str], list[Any]]:
+        """``EXTEND_LUA``'s KEYS and ARGV."""
+        return [self._lock_key], [self._owner, self._ttl_ms]
+
+    def attempt_outcome(self, reply: Any) -> tuple[Acquired | None, str]:
+        """What an ``ACQUIRE_LUA`` reply means: ``True`` (held), a usable token or an active
+        failure, or ``None`` (wait); and the wake-up list of the holder to wait on."""
+        acquired, holder, raw, raw_failure = reply
+        if acquired:
+            return True, ""
+        return self._seen(raw, raw_failure), self._wake_key(_text(holder))
+
+    def wait_s(self, deadline: float) -> float:
+        """How long one ``BLPOP`` may block; :class:`TokenStorageError` past ``deadline``."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TokenStorageError(
+                f"timed out after {self._storage.wait_timeout:.1f} s waiting for the process "
+                "holding the issuance lock"
+            )
+        return max(0.001, min(left, jittered(self._storage.poll_interval_s)))
+
+    def queue_pass_on(self, pipe: Any, wake_key: str) -> Any:
+        """Queue, on a (sync or asyncio) pipeline, what a woken waiter does: pass one wake-up on
+        and read the token and the failure record, in one round trip, instead of racing the
+        other waiters for the (now free) lock first. :meth:`woken_outcome` reads the reply."""
+        pipe.lpush(wake_key, "1")
+        pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
+        pipe.get(self._token_key)
+        pipe.get(self._failure_key)
+        return pipe
+
+    def woken_outcome(self, reply: Any) -> Token | IssueFailure | None:
+        _, _, raw, raw_failure = reply
+        return self._seen(raw, raw_failure)
+
     def _seen(self, raw: Any, raw_failure: Any) -> Token | IssueFailure | None:
         """A usable token or an active failure among what a round trip read, if any."""
         storage = self._storage
@@ -429,49 +508,32 @@ class RedisIssuanceLock(IssuanceLock):
         storage = self._storage
         client = storage.redis_client
         script = storage._script(ACQUIRE_LUA)
-        keys = [self._lock_key, self._token_key, self._failure_key]
-        args = [self._owner, self._ttl_ms, MAX_LOCK_TTL_MS]
+        keys, args = self.acquire_keys_args
         spurious: str | None = None  # a wake-up list that woke us without a token
         while True:
             # Retried after a lost reply, the script finds its own owner id: the lock is ours.
-            acquired, holder, raw, raw_failure = storage._call(
-                "lock", lambda: script(keys=keys, args=args), deadline
-            )
-            if acquired:
-                return True
-            seen = self._seen(raw, raw_failure)
-            if seen is not None:
-                return seen
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TokenStorageError(
-                    f"timed out after {storage.wait_timeout:.1f} s waiting for the process "
-                    "holding the issuance lock"
-                )
-            wake_key = self._wake_key(_text(holder))
-            timeout = max(0.001, min(left, jittered(storage.poll_interval_s)))
+            reply = storage._call("lock", lambda: script(keys=keys, args=args), deadline)
+            got, wake_key = self.attempt_outcome(reply)
+            if got is not None:
+                return got
+            timeout = self.wait_s(deadline)
             if wake_key == spurious:
                 # Someone filled this holder's list without saving a token: do not spin on it.
                 time.sleep(timeout)
                 continue
             if storage._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout), deadline):
-                # Woken by the save: pass one wake-up on and read the token in one round trip,
-                # instead of racing the other waiters for the (now free) lock first.
-                _, _, raw, raw_failure = storage._call(
-                    "GET", partial(self._pass_on_and_read, client, wake_key), deadline
+                seen = self.woken_outcome(
+                    storage._call(
+                        "GET", partial(self._pass_on_and_read, client, wake_key), deadline
+                    )
                 )
-                seen = self._seen(raw, raw_failure)
                 if seen is not None:
                     return seen
                 spurious = wake_key
 
     def _pass_on_and_read(self, client: Any, wake_key: str) -> Any:
-        pipe = client.pipeline(transaction=False)  # a new one per attempt
-        pipe.lpush(wake_key, "1")
-        pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
-        pipe.get(self._token_key)
-        pipe.get(self._failure_key)
-        return pipe.execute()
+        # A new pipeline per attempt: redis-py empties one that failed.
+        return self.queue_pass_on(client.pipeline(transaction=False), wake_key).execute()
 
     def extend(self) -> None:
         """Keep the lock; retried until this holder's deadline (at least ``retry_timeout_s``
@@ -479,30 +541,37 @@ class RedisIssuanceLock(IssuanceLock):
         save instead of losing the token, which KIS would not issue again within the minute."""
         storage = self._storage
         script = storage._script(EXTEND_LUA)
+        keys, args = self.extend_keys_args
         kept = storage._call(
             "PEXPIRE",
-            lambda: script(keys=[self._lock_key], args=[self._owner, self._ttl_ms]),
+            lambda: script(keys=keys, args=args),
             max(self._deadline, time.monotonic() + storage.retry_timeout_s),
         )
         if not kept:
-            logger.warning(
-                "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
-                "failover before it was replicated?); saving the token anyway",
-                storage.lock_ttl,
-            )
+            self.lapsed()
+
+    def lapsed(self) -> None:
+        """Say that the lock expired while held (an extend found another owner or none)."""
+        logger.warning(
+            "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
+            "failover before it was replicated?); saving the token anyway",
+            self._storage.lock_ttl,
+        )
 
     def release(self) -> None:
         storage = self._storage
         script = storage._script(RELEASE_LUA)
-        keys = [self._lock_key, self._wake_key(self._owner)]
-        args = [self._owner, WAKE_FANOUT, WAKE_TTL_MS]
+        keys, args = self.release_keys_args
         # Retried no longer than the lock would live: past that, it has expired by itself.
         deadline = time.monotonic() + min(storage.retry_timeout_s, storage.lock_ttl)
         try:
             storage._call("release", lambda: script(keys=keys, args=args), deadline)
         except TokenStorageError as exc:
-            logger.warning(
-                "could not release the issuance lock (it expires by itself in %.0f s): %s",
-                storage.lock_ttl,
-                exc,
-            )
+            self.release_failed(exc)
+
+    def release_failed(self, exc: BaseException) -> None:
+        logger.warning(
+            "could not release the issuance lock (it expires by itself in %.0f s): %s",
+            self._storage.lock_ttl,
+            exc,
+        )

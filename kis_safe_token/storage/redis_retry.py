@@ -19,10 +19,11 @@ make a Lua script recognise its own earlier effect (the lock script sees its own
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
 from ..errors import TokenStorageError
@@ -32,7 +33,14 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the [redis] extra
     redis = None  # type: ignore[assignment]
 
-__all__ = ["BACKOFF_CAP_S", "BACKOFF_FIRST_S", "is_transient", "redis_retry"]
+__all__ = [
+    "BACKOFF_CAP_S",
+    "BACKOFF_FIRST_S",
+    "FAILED",
+    "is_transient",
+    "redis_retry",
+    "redis_retry_async",
+]
 
 logger = logging.getLogger("kis_safe_token")
 
@@ -48,13 +56,13 @@ BACKOFF_CAP_S: Final = 0.5
 #: the command: ``UNBLOCKED`` ends a ``BLPOP`` when its server turns replica.
 _TRANSIENT_REPLIES: Final = ("UNBLOCKED", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN")
 
-_FAILED: tuple[type[BaseException], ...] = (OSError,)
+FAILED: tuple[type[BaseException], ...] = (OSError,)
 _TRANSIENT: tuple[type[BaseException], ...] = (OSError,)
 _NEVER: tuple[type[BaseException], ...] = ()
 if redis is not None:
     _exc = redis.exceptions
     # ChildDeadlockedError: a pool whose lock a parent's thread held at fork() (not a RedisError).
-    _FAILED = (_exc.RedisError, _exc.ChildDeadlockedError, OSError)
+    FAILED = (_exc.RedisError, _exc.ChildDeadlockedError, OSError)
     _TRANSIENT = (
         _exc.ConnectionError,  # includes BusyLoadingError and Sentinel's MasterNotFoundError
         _exc.TimeoutError,
@@ -103,28 +111,49 @@ def redis_retry(
     Raises :class:`TokenStorageError` (with the Redis error as its cause) at once for an error
     that is not transient, and after the deadline for one that is.
     """
-    attempts = 0
-    started = time.monotonic()
+    attempts, started = 0, time.monotonic()
     while True:
         attempts += 1
         try:
             return fn()
-        except _FAILED as exc:
-            now = time.monotonic()
-            if not is_transient(exc):
-                raise TokenStorageError(f"Redis {what} failed ({where}): {exc}") from exc
-            if now >= deadline:
-                raise TokenStorageError(
-                    f"Redis {what} failed ({where}) after {attempts} attempt(s) in "
-                    f"{now - started:.1f} s: {exc}"
-                ) from exc
-            if attempts == 1:
-                logger.warning(
-                    "Redis %s failed (%s), retrying for up to %.1f s: %s",
-                    what,
-                    where,
-                    deadline - now,
-                    exc,
-                )
-            bound = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(attempts - 1, 16))
-            sleep(min(random.uniform(bound / 2, bound), max(0.0, deadline - now)))
+        except FAILED as exc:
+            sleep(_pause_or_raise(exc, attempts, started, deadline, what, where))
+
+
+async def redis_retry_async(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    deadline: float,
+    what: str = "command",
+    where: str = "Redis",
+) -> T:
+    """:func:`redis_retry` for ``redis.asyncio``: ``await fn()`` again after each transient
+    error until ``deadline``, pausing with ``asyncio.sleep`` (the loop keeps running)."""
+    attempts, started = 0, time.monotonic()
+    while True:
+        attempts += 1
+        try:
+            return await fn()
+        except FAILED as exc:
+            await asyncio.sleep(_pause_or_raise(exc, attempts, started, deadline, what, where))
+
+
+def _pause_or_raise(
+    exc: BaseException, attempts: int, started: float, deadline: float, what: str, where: str
+) -> float:
+    """The pause before the next attempt after ``exc``; :class:`TokenStorageError` if the error
+    is not transient or the deadline has passed."""
+    now = time.monotonic()
+    if not is_transient(exc):
+        raise TokenStorageError(f"Redis {what} failed ({where}): {exc}") from exc
+    if now >= deadline:
+        raise TokenStorageError(
+            f"Redis {what} failed ({where}) after {attempts} attempt(s) in "
+            f"{now - started:.1f} s: {exc}"
+        ) from exc
+    if attempts == 1:
+        logger.warning(
+            "Redis %s failed (%s), retrying for up to %.1f s: %s", what, where, deadline - now, exc
+        )
+    bound = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(attempts - 1, 16))
+    return min(random.uniform(bound / 2, bound), max(0.0, deadline - now))

@@ -1,0 +1,199 @@
+"""``AsyncSharedToken``: :class:`~kis_safe_token.SharedToken` for asyncio code.
+
+The same token, store and single flight as the sync side (a sync and an async process share one
+token), with waits that never block the event loop (:mod:`kis_safe_token.storage.aio`) and KIS's
+OAuth calls made with ``httpx`` (the ``[async]`` extra). httpx rather than aiohttp: its API is
+requests' own (the answer parsing of :mod:`kis_safe_token.oauth` serves both unchanged, and the
+``(connect, read)`` timeouts map one to one), it is pure Python, and it needs no running loop
+to build a client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from .errors import KisApiError
+from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REVOKE_PATH, TOKEN_PATH
+from .oauth import (
+    Timeout,
+    check_revoked,
+    revoke_request,
+    token_from_answer,
+    token_request,
+    token_request_failed,
+)
+from .ratelimit import RateLimiter
+from .shared import TokenSettings
+from .storage.aio import AsyncStore
+from .storage.base import TokenStorage
+from .token import Token
+
+try:
+    import httpx
+except ImportError as exc:  # pragma: no cover - exercised only without the [async] extra
+    raise ImportError(
+        "the asyncio client needs httpx: pip install 'kis-safe-token[async]'"
+    ) from exc
+
+__all__ = ["AsyncSharedToken", "httpx_timeout"]
+
+
+def httpx_timeout(timeout: Timeout) -> httpx.Timeout:
+    """requests' ``(connect, read)`` pair as an ``httpx.Timeout`` (write and pool: the read)."""
+    connect, read = timeout
+    return httpx.Timeout(read, connect=connect)
+
+
+class AsyncSharedToken(TokenSettings):
+    """The access token of one app key for coroutines, shared with every process (sync or
+    async) that uses the same store.
+
+    ``await shared.token()`` / ``await shared.bearer()`` cost a clock read while the token is
+    fresh; near its expiry, or after :meth:`invalidate`, a new one comes through the store's
+    single flight. Tasks of one event loop needing a token at once make one store round and at
+    most one ``tokenP`` between them. Nothing is fetched at construction.
+
+    The arguments are :class:`~kis_safe_token.SharedToken`'s, plus ``http_client`` (an
+    ``httpx.AsyncClient`` for the OAuth calls; one of its own by default, closed by
+    :meth:`aclose`) and ``redis_client`` (the ``redis.asyncio`` client a
+    :class:`~kis_safe_token.LockedRedisTokenStorage` is waited on with; by default one built
+    from the storage's URL, password and timeouts).
+    """
+
+    def __init__(
+        self,
+        api_key: str,
+        api_secret: str | None = None,
+        token_storage: TokenStorage | None = None,
+        *,
+        mock: bool = False,
+        base_url: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        redis_client: Any = None,
+        clock: Callable[[], float] = time.time,
+        timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
+        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        calls_per_second: float | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        super().__init__(
+            api_key,
+            api_secret,
+            token_storage,
+            mock=mock,
+            base_url=base_url,
+            clock=clock,
+            timeout=timeout,
+            rate_limit_wait_s=rate_limit_wait_s,
+            calls_per_second=calls_per_second,
+            rate_limiter=rate_limiter,
+        )
+        self._own_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.AsyncClient()
+        self._store = AsyncStore(self.token_storage, redis_client=redis_client)
+        self._token: Token | None = None
+        self._fresh_until = float("-inf")
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The ``httpx.AsyncClient`` of the OAuth calls; clients send their calls through it."""
+        return self._http
+
+    # -- the token -------------------------------------------------------------------------------
+    async def token(self) -> Token:
+        """The current :class:`Token`, refreshed through the store when near its expiry."""
+        token = self._token
+        if token is not None and self._clock() < self._fresh_until:
+            return token
+        return self._set(await self._store.get_or_issue(self.api_key, self.api_secret, self._issue))
+
+    async def bearer(self) -> str:
+        """``Bearer <token>`` for the ``authorization`` header."""
+        return (await self.token()).bearer
+
+    async def issue(self, force: bool = False) -> Token:
+        """The token through the store's single flight; ``force`` first drops the stored one
+        (compare-and-delete), so a new one is issued unless another process just did."""
+        if force:
+            stored = await self._store.load_token(self.api_key, self.api_secret)
+            if stored is not None:
+                await self._store.invalidate_token(
+                    self.api_key, self.api_secret, stored.access_token
+                )
+            self._forget()
+        return await self.token()
+
+    async def invalidate(self, access_token: str) -> bool:
+        """KIS rejected ``access_token``: drop it from the store only if the store still holds
+        it, and from memory if it is the current one (see ``SharedToken.invalidate``)."""
+        access_token = access_token.removeprefix("Bearer ")
+        deleted = await self._store.invalidate_token(self.api_key, self.api_secret, access_token)
+        current = self._token
+        if current is not None and current.access_token == access_token:
+            self._forget()
+        return deleted
+
+    async def revoke(self) -> None:
+        """Revoke the token in memory at KIS, then drop it from the store and from memory
+        (nothing to do before a token was fetched). :class:`KisApiError` if KIS refuses."""
+        token = self._token
+        if token is None:
+            return
+        try:
+            resp = await self._http.post(
+                f"{self.base_url}{REVOKE_PATH}",
+                json=revoke_request(self.api_key, self.api_secret, token.access_token),
+                timeout=httpx_timeout(self.timeout),
+            )
+        except httpx.HTTPError as exc:
+            raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
+        check_revoked(resp)
+        await self.invalidate(token.access_token)
+
+    async def load(self) -> Token | None:
+        """Take the stored token into memory if the store holds a valid one; never issues."""
+        token = await self._store.load_token(self.api_key, self.api_secret)
+        return self._set(token) if token is not None else None
+
+    # -- internals -------------------------------------------------------------------------------
+    def _set(self, token: Token) -> Token:
+        self._token = token
+        self._fresh_until = token.refresh_at(self._margin_s)
+        return token
+
+    def _forget(self) -> None:
+        self._fresh_until = float("-inf")
+        self._token = None
+
+    async def _issue(self) -> Token:
+        """Ask KIS for a token (called by the store, holding the issuance lock)."""
+        try:
+            resp = await self._http.post(
+                f"{self.base_url}{TOKEN_PATH}",
+                json=token_request(self.api_key, self.api_secret),
+                timeout=httpx_timeout(self.timeout),
+            )
+        except httpx.HTTPError as exc:
+            raise token_request_failed(exc) from None
+        return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close the HTTP client and the Redis client, if this object built them."""
+        if self._own_http:
+            await self._http.aclose()
+        await self._store.aclose()
+
+    async def __aenter__(self) -> AsyncSharedToken:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

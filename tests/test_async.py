@@ -1,0 +1,503 @@
+"""The asyncio side: AsyncKoreaInvestment / AsyncSharedToken on the same stores, locks and token
+as the sync side, with waits that never block the event loop, and cancellation that leaves no
+lock behind. Real processes, a real redis-server, the simulator over real HTTP.
+
+pytest has no asyncio plugin here: each test drives its coroutines with ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+import requests
+from async_herd import run_mixed_herd
+from herd import HERD_APP_KEY, HERD_SECRET, SYMBOL, build_storage
+from test_fleets import APPS, fleet_env, wait_until_serving
+
+from kis_safe_token import (
+    AsyncKoreaInvestment,
+    KoreaInvestment,
+    TokenIssueError,
+    TokenStorageError,
+)
+from kis_safe_token.storage.base import TokenStorage
+from kis_safe_token.storage.redis import ACQUIRE_LUA, WAKE_TTL_MS
+from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.redis_server import RedisServer, free_port
+
+T = TypeVar("T")
+BACKENDS = ["file", "redis"]
+
+
+@pytest.fixture
+def spec_of(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str], dict[str, Any]]:
+    """The storage spec of a backend (Redis: this test's own key prefix on the worker's server)."""
+
+    def spec(backend: str) -> dict[str, Any]:
+        if backend == "file":
+            return {"kind": "file", "path": str(tmp_path / "cache" / "tokens.json")}
+        return {
+            "kind": "redis",
+            "url": request.getfixturevalue("redis_url"),
+            "key_prefix": request.getfixturevalue("key_prefix"),
+        }
+
+    return spec
+
+
+def client(storage: TokenStorage, sim: KisSimulator, **kwargs: Any) -> AsyncKoreaInvestment:
+    return AsyncKoreaInvestment(
+        HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=sim.base_url, **kwargs
+    )
+
+
+class SyncHolder:
+    """Another process's issuance, played by a thread with its own storage object: it takes the
+    fleet's lock and hangs in ``tokenP`` (the simulator's ``issue_gate``) until :meth:`finish`."""
+
+    def __init__(self, sim: KisSimulator, spec: dict[str, Any]) -> None:
+        self.sim = sim
+        self.spec = spec
+        self.bearer: str | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        storage = build_storage(self.spec)
+        kis = KoreaInvestment(
+            HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=self.sim.base_url
+        )
+        self.bearer = kis.access_token
+
+    def __enter__(self) -> SyncHolder:
+        self.sim.issue_gate.clear()
+        self.thread.start()
+        assert self.sim.wait_for(lambda s: s.counts["issue_requests"] >= 1), "no tokenP came"
+        return self
+
+    def finish(self) -> None:
+        self.sim.issue_gate.set()
+        self.thread.join(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+def lock_is_free(spec: dict[str, Any]) -> bool:
+    """Whether another process (a fresh storage object) gets the issuance lock at once."""
+    storage = build_storage(spec)
+    lock = storage._issuance_lock(HERD_APP_KEY, HERD_SECRET)
+    try:
+        got = lock.acquire(time.monotonic() + 0.5)
+    except TokenStorageError:
+        return False
+    if got is True:
+        lock.release()
+    return got is True
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# -- fleets ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kinds", [["async"] * 4, ["sync", "async", "sync", "async"]], ids=["async", "mixed"]
+)
+def test_four_processes_of_fifty_tasks_make_one_issuance(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str, kinds: list[str]
+) -> None:
+    herd = run_mixed_herd(kinds, spec_of(backend), sim.base_url, tasks=50)
+    assert herd.errors == []
+    assert herd.calls == 200
+    assert len(herd.tokens) == 1
+    assert sim.issued == 1
+    assert sim.rate_limited == 0
+
+
+@pytest.mark.parametrize("backend", ["file", "redis-unlocked"])
+def test_clients_of_one_store_in_one_loop_share_one_issuance(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+) -> None:
+    # redis-unlocked: the seed's RedisTokenStorage, a store with no fleet lock of its own (its
+    # primitives run in threads, its lock is this process's own).
+    spec = spec_of(backend.removesuffix("-unlocked"))
+    storage = build_storage({**spec, "locked": False})
+
+    async def main() -> set[str]:
+        clients = [client(storage, sim) for _ in range(3)]
+        try:
+            calls = [kis.fetch_price(SYMBOL) for kis in clients for _ in range(20)]
+            await asyncio.gather(*calls)
+            return {await kis.access_token() for kis in clients}
+        finally:
+            for kis in clients:
+                await kis.aclose()
+
+    assert len(run(main())) == 1
+    assert sim.issued == 1 and sim.counts["issue_requests"] == 1
+
+
+def test_rejected_token_is_replaced_once_for_all_tasks(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    storage = build_storage(spec_of("redis"))
+
+    async def main() -> tuple[str, str]:
+        async with client(storage, sim) as kis:
+            first = await kis.access_token()
+            sim.expire_tokens()
+            quotes = await asyncio.gather(*(kis.fetch_price(SYMBOL) for _ in range(30)))
+            assert all(q["rt_cd"] == "0" for q in quotes)
+            return first, await kis.access_token()
+
+    first, second = run(main())
+    assert first != second
+    assert sim.issued == 2 and sim.rate_limited == 0
+    assert sim.counts["EGW00123"] >= 1
+
+
+# -- the event loop keeps running ----------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loop_keeps_ticking_while_waiting_for_another_process_issuance(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+) -> None:
+    spec = spec_of(backend)
+    storage = build_storage(spec)
+    lags: list[float] = []
+    tick_s = 0.005
+
+    async def waiting(holder: SyncHolder) -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                start = loop.time()
+                await asyncio.sleep(tick_s)
+                lags.append(loop.time() - start - tick_s)
+
+        kis = client(storage, sim)
+        ticking = asyncio.create_task(ticker())
+        call = asyncio.create_task(kis.fetch_price(SYMBOL))
+        window_s = 0.6
+        await asyncio.sleep(window_s)  # the measurement window, not a race
+        assert not call.done(), "the call did not wait for the other process"
+        holder.sim.issue_gate.set()
+        opened = loop.time()
+        await call
+        got_s = loop.time() - opened
+        done.set()
+        await ticking
+        bearer = await kis.access_token()
+        await kis.aclose()
+        return bearer, got_s
+
+    with SyncHolder(sim, spec) as holder:
+        bearer, got_s = run(waiting(holder))
+    assert holder.bearer == bearer
+    assert sim.issued == 1
+    worst, median = max(lags), statistics.median(lags)
+    print(
+        f"\n[{backend}] ticks={len(lags)} loop lag median {median * 1000:.1f} ms, "
+        f"max {worst * 1000:.1f} ms; token {got_s * 1000:.0f} ms after the holder's"
+    )
+    # A wait that blocked the loop would stall the ticker for the whole 600 ms window: no tick
+    # in it, one lag of 600 ms or more. The goal is 20 ms (met on a quiet box, see the report);
+    # the bound leaves room for a 2-core box shared by a dozen busy processes.
+    assert len(lags) >= 20, "the ticker hardly ran"
+    assert worst < 0.3
+
+
+# -- cancellation and timeouts -------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_task_cancelled_while_holding_the_lock_releases_it(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+) -> None:
+    spec = spec_of(backend)
+    storage = build_storage(spec)
+    sim.issue_gate.clear()
+
+    async def main() -> bool:
+        async with client(storage, sim).shared_token as shared:
+            holding = asyncio.create_task(shared.token())
+            entered = await asyncio.to_thread(
+                sim.wait_for, lambda s: s.counts["issue_requests"] >= 1
+            )
+            assert entered, "the task never reached tokenP"
+            assert not await asyncio.to_thread(lock_is_free, spec), "the task holds no lock"
+            holding.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await holding
+            return await asyncio.to_thread(lock_is_free, spec)
+
+    try:
+        assert run(main()) is True
+    finally:
+        sim.issue_gate.set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_task_cancelled_while_waiting_leaves_the_others_unharmed(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+) -> None:
+    spec = spec_of(backend)
+    # Three "processes" in one loop: each its own storage object, so each waits on the fleet lock.
+    clients_storages = [build_storage(spec) for _ in range(3)]
+
+    async def main(holder: SyncHolder) -> list[str]:
+        clients = [client(s, sim) for s in clients_storages]
+        calls = [asyncio.create_task(kis.fetch_price(SYMBOL)) for kis in clients]
+        await asyncio.sleep(0.3)  # all three are waiting on the holder (asserted below)
+        assert not any(c.done() for c in calls)
+        calls[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+        holder.finish()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*calls[1:])
+        bearers = [await kis.access_token() for kis in clients[1:]]
+        for kis in clients:
+            await kis.aclose()
+        return bearers
+
+    with SyncHolder(sim, spec) as holder:
+        bearers = run(main(holder))
+    assert set(bearers) == {holder.bearer}
+    assert sim.issued == 1 and sim.counts["issue_requests"] == 1
+    assert lock_is_free(spec)
+    if backend == "redis":
+        r = redis.from_url(spec["url"])
+        assert r.keys(f"{spec['key_prefix']}:*:lock") == []
+        # Wake-up lists are the releasers' own and expire by themselves: nothing stays behind.
+        wake_lists = r.keys(f"{spec['key_prefix']}:*:lock:wake:*")
+        assert wake_lists and all(0 < r.pttl(k) <= WAKE_TTL_MS for k in wake_lists)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_asyncio_timeout_around_a_call_gives_up_and_the_client_still_works(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+) -> None:
+    spec = spec_of(backend)
+    storage = build_storage(spec)
+
+    async def main(holder: SyncHolder) -> float:
+        kis = client(storage, sim)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await kis.fetch_price(SYMBOL)
+        gave_up_s = time.monotonic() - started
+        holder.finish()
+        quote = await kis.fetch_price(SYMBOL)
+        assert quote["rt_cd"] == "0"
+        assert await kis.access_token() == holder.bearer
+        await kis.aclose()
+        return gave_up_s
+
+    with SyncHolder(sim, spec) as holder:
+        gave_up_s = run(main(holder))
+    assert gave_up_s < 1.0
+    assert sim.issued == 1
+    assert lock_is_free(spec)
+
+
+# -- the rate-limit hook ---------------------------------------------------------------------------
+def test_every_uapi_call_goes_through_the_throttle_hook(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    storage = build_storage(spec_of("file"))
+    seen: list[str] = []
+
+    class Counting(AsyncKoreaInvestment):
+        async def _throttle(self) -> None:
+            seen.append("call")
+
+    async def main() -> None:
+        async with Counting(
+            HERD_APP_KEY,
+            HERD_SECRET,
+            token_storage=storage,
+            base_url=sim.base_url,
+            calls_per_second=5,
+        ) as kis:
+            for _ in range(3):
+                await kis.fetch_price(SYMBOL)
+
+    run(main())
+    assert seen == ["call"] * 3  # not for tokenP
+    with pytest.raises(ValueError, match="calls_per_second"):
+        AsyncKoreaInvestment(HERD_APP_KEY, HERD_SECRET, token_storage=storage, calls_per_second=0)
+
+
+# -- an ASGI fleet ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("storage", BACKENDS)
+def test_starlette_under_gunicorn_uvicorn_workers_makes_one_issuance(
+    sim: KisSimulator, tmp_path: Path, storage: str
+) -> None:
+    with RedisServer() as private_redis:
+        env = fleet_env(sim, storage, tmp_path, private_redis)
+        port = free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            "4",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "asgi_app:app",
+        ]
+        proc = subprocess.Popen(args, env=env, cwd=APPS)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_serving(f"{url}/health", proc)
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(
+                    pool.map(lambda i: requests.get(f"{url}/{SYMBOL}", timeout=30), range(48))
+                )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert [a.status_code for a in answers] == [200] * 48
+    bodies = [a.json() for a in answers]
+    assert len({b["token"] for b in bodies}) == 1
+    assert sim.issued == 1 and sim.rate_limited == 0
+
+
+# -- KIS refusing ----------------------------------------------------------------------------------
+def test_holder_sits_out_egw00133_on_the_loop_and_asks_again(
+    spec_of: Callable[[str], dict[str, Any]],
+) -> None:
+    storage = build_storage(spec_of("redis"))
+    with KisSimulator(issue_window_s=1.0, issue_latency_s=0) as sim:
+        # Someone issued within the window and kept the token to itself (a holder that died).
+        requests.post(
+            f"{sim.base_url}/oauth2/tokenP",
+            json={
+                "grant_type": "client_credentials",
+                "appkey": HERD_APP_KEY,
+                "appsecret": HERD_SECRET,
+            },
+            timeout=5,
+        )
+        assert sim.issued == 1
+
+        async def main() -> list[str]:
+            async with client(storage, sim, rate_limit_wait_s=1.2) as kis:
+                quotes = await asyncio.gather(*(kis.fetch_price(SYMBOL) for _ in range(10)))
+                return [q["rt_cd"] for q in quotes]
+
+        assert run(main()) == ["0"] * 10
+        assert sim.rate_limited == 1 and sim.issued == 2, dict(sim.counts)
+
+
+def test_failed_issuance_is_shared_with_the_fleet_not_retried_by_each(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    spec = spec_of("file")
+    sim.outage.set()
+
+    async def main() -> list[BaseException | dict[str, Any]]:
+        clients = [client(build_storage(spec), sim) for _ in range(3)]
+        try:
+            first = await asyncio.gather(clients[0].fetch_price(SYMBOL), return_exceptions=True)
+            rest = await asyncio.gather(
+                *(kis.fetch_price(SYMBOL) for kis in clients[1:]), return_exceptions=True
+            )
+            return [*first, *rest]
+        finally:
+            for kis in clients:
+                await kis.aclose()
+
+    outcomes = run(main())
+    assert all(isinstance(o, TokenIssueError) and o.status == 502 for o in outcomes)
+    assert sim.counts["issue_requests"] == 1  # the others re-raised the recorded failure
+
+
+def test_reprs_show_neither_the_secret_nor_the_token(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    storage = build_storage(spec_of("file"))
+
+    async def main() -> tuple[str, list[str]]:
+        async with client(storage, sim) as kis:
+            return await kis.access_token(), [repr(kis), repr(kis.shared_token)]
+
+    bearer, reprs = run(main())
+    for text in reprs:
+        assert HERD_SECRET not in text
+        assert HERD_APP_KEY not in text
+        assert bearer.removeprefix("Bearer ")[:16] not in text
+
+
+def test_attempt_cancelled_after_redis_took_the_lock_gives_it_back(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    spec = spec_of("redis")
+    storage = build_storage(spec)
+
+    class ReplyLost:
+        """A ``redis.asyncio`` client whose lock attempt runs on the server, and whose task is
+        then cancelled before the reply arrives (the lock taken, the taker not knowing it)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def register_script(self, source: str) -> Any:
+            script = self.inner.register_script(source)
+            if source != ACQUIRE_LUA:
+                return script
+
+            async def run(**kwargs: Any) -> Any:
+                await script(**kwargs)
+                raise asyncio.CancelledError
+
+            return run
+
+    async def main() -> None:
+        inner = storage.async_client()
+        kis = client(storage, sim, redis_client=ReplyLost(inner))
+        with pytest.raises(asyncio.CancelledError):
+            await kis.fetch_price(SYMBOL)
+        await kis.aclose()
+        await inner.aclose()
+
+    run(main())
+    assert lock_is_free(spec)  # not held until lock_ttl (30 s) runs out
+    assert sim.counts["issue_requests"] == 0
+
+
+def test_revoke_drops_the_token_at_kis_in_the_store_and_in_memory(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    storage = build_storage(spec_of("file"))
+
+    async def main() -> None:
+        async with client(storage, sim) as kis:
+            shared = kis.shared_token
+            await shared.revoke()
+            assert await shared.load() is None
+
+    run(main())
+    assert sim.counts["revoke_requests"] == 1
+    assert storage.load_token(HERD_APP_KEY, HERD_SECRET) is None
