@@ -16,7 +16,9 @@ and a Fernet open of a small file otherwise (~60 us), so it runs on the loop; so
 holder's save (~1 ms with its fsyncs, once per issuance): it must, as ``filelock`` locks per
 thread and the loop's thread holds the lock. A Redis read or write, or a store we do not know,
 runs in a worker thread (``asyncio.to_thread``), and so does compare-and-delete on the file (it
-may wait for the lock). The file waiter looks on the loop rather than waiting in a thread: a
+may wait for the lock). The fleet's call-rate limiter (:meth:`AsyncStore.try_acquire`): a
+Redis one's script runs on ``redis.asyncio`` (one round trip, failovers retried with
+``asyncio.sleep``), a file or memory one's inline. The file waiter looks on the loop rather than waiting in a thread: a
 thread cannot be cancelled, and one left waiting would go on to issue for nobody.
 """
 
