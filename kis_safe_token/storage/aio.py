@@ -18,8 +18,9 @@ thread and the loop's thread holds the lock. A Redis read or write, or a store w
 runs in a worker thread (``asyncio.to_thread``), and so does compare-and-delete on the file (it
 may wait for the lock). The fleet's call-rate limiter (:meth:`AsyncStore.try_acquire`): a
 Redis one's script runs on ``redis.asyncio`` (one round trip, failovers retried with
-``asyncio.sleep``), a file or memory one's inline. The file waiter looks on the loop rather than waiting in a thread: a
-thread cannot be cancelled, and one left waiting would go on to issue for nobody.
+``asyncio.sleep``), a file or memory one's inline. The file waiter looks on the loop rather
+than waiting in a thread: a thread cannot be cancelled, and one left waiting would go on to
+issue for nobody.
 """
 
 from __future__ import annotations
