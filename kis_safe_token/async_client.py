@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from .async_shared import AsyncSharedToken, httpx_timeout
+from .auth import RETRY_ATTEMPTS, RETRY_BUDGET_S, backoff_s
 from .client import (
     ClientSettings,
     check_request_line,
@@ -24,10 +27,12 @@ from .kis import (
     PRICE_PATH,
     PRICE_TR_ID,
     TOKEN_REJECTED,
+    TOO_MANY_CALLS,
     json_or_none,
     kis_code,
 )
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, RateLimitTimeout
+from .ratelimit.base import ACQUIRE_TIMEOUT_S
 from .shared import check_header_value
 from .storage.base import TokenStorage
 from .token import Token
@@ -48,13 +53,21 @@ class AsyncKoreaInvestment(ClientSettings):
     A call whose token KIS rejects (``EGW00121``/``EGW00123``) is sent once more with a fresh
     one, through the store's single flight.
 
-    The arguments are :class:`~kis_safe_token.KoreaInvestment`'s, plus ``http_client`` and
-    ``redis_client`` (see :class:`AsyncSharedToken`). ``calls_per_second`` and
-    ``rate_limiter`` are accepted for the fleet-wide call limit (issue 12), which every
-    ``/uapi/`` call goes through in :meth:`_throttle`.
-    """
+    Every ``/uapi/`` call first waits (``asyncio.sleep``, never blocking the loop) for a slot
+    of the app key's fleet-wide call-rate limit, the very limiter sync processes on the same
+    store use, so a mixed fleet counts once: ``calls_per_second=None`` is
+    ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 18/s real, 1.8/s virtual; a number overrides;
+    ``0`` turns it off; ``rate_limiter=`` injects one. On a Redis store the slot is one script
+    on ``redis.asyncio``. An ``EGW00201`` that comes anyway (a program outside the fleet) slows
+    the fleet down, and the call is re-sent after a jittered back-off, at most
+    :data:`~kis_safe_token.auth.RETRY_ATTEMPTS` times within
+    :data:`~kis_safe_token.auth.RETRY_BUDGET_S`, then raised as :class:`KisApiError`.
+    ``await kis.approval_key()`` is the websocket approval key, one for the fleet (sync and
+    async), through the store's single flight.
 
-    # TODO(issue 12): approval_key (the websocket key, single flight like the token).
+    The arguments are :class:`~kis_safe_token.KoreaInvestment`'s, plus ``http_client`` and
+    ``redis_client`` (see :class:`AsyncSharedToken`).
+    """
 
     def __init__(
         self,
@@ -134,61 +147,88 @@ class AsyncKoreaInvestment(ClientSettings):
         params: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Call a KIS endpoint with the token headers; one re-send with a fresh token on
-        ``EGW00121``/``EGW00123``. Raises :class:`KisApiError` on any other failure, and
+        """Call a KIS endpoint with the token headers, after a slot of the fleet's call-rate
+        limit for a ``/uapi/`` path; one re-send with a fresh token on
+        ``EGW00121``/``EGW00123``; bounded re-sends after back-off on ``EGW00201``. Raises
+        :class:`KisApiError` on any other failure (or an ``EGW00201`` that does not stop), and
         ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
         check_request_line(method, path)
-        headers = request_headers(tr_id, self.custtype)
+        call = _Call(method, path, request_headers(tr_id, self.custtype), params, body)
         sent = await self.shared_token.token()
-        resp = await self._send(method, path, headers, params, body, sent)
+        resp, resends = await self._send_retrying(call, sent)
         if _token_rejected(resp):
             await self.shared_token.invalidate(sent.access_token)
             fresh = await self.shared_token.token()
             if fresh.access_token != sent.access_token:
-                resp = await self._send(method, path, headers, params, body, fresh)
-        return payload_of(resp, path)
+                resp, more = await self._send_retrying(call, fresh)
+                resends += more
+        return payload_of(resp, path, resends=resends)
 
     async def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
         return await self.request("GET", PRICE_PATH, tr_id=PRICE_TR_ID, params=price_params(symbol))
 
+    async def _send_retrying(self, call: _Call, token: Token) -> tuple[httpx.Response, int]:
+        """Send ``call`` (after a slot), then re-send it while KIS answers ``EGW00201``: tell
+        the limiter (the fleet slows down, logged once), back off with jitter, take a new slot,
+        at most :data:`RETRY_ATTEMPTS` times within :data:`RETRY_BUDGET_S` (as
+        :class:`~kis_safe_token.KisAuth` does). KIS's last answer and the re-sends made."""
+        resp = await self._send(call, token)
+        first = time.monotonic()
+        attempt = 0
+        while attempt < RETRY_ATTEMPTS and _too_many_calls(resp):
+            await self.shared_token.penalize()
+            pause = backoff_s(attempt)
+            left = RETRY_BUDGET_S - (time.monotonic() - first) - pause
+            if left <= 0:
+                break
+            await asyncio.sleep(pause)
+            try:
+                resp = await self._send(call, token, slot_timeout_s=left)
+            except RateLimitTimeout:
+                break  # no slot within the budget: the caller gets KIS's EGW00201
+            attempt += 1
+        return resp, attempt
+
     async def _send(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        params: Mapping[str, str] | None,
-        body: Mapping[str, Any] | None,
-        token: Token,
+        self, call: _Call, token: Token, *, slot_timeout_s: float = ACQUIRE_TIMEOUT_S
     ) -> httpx.Response:
-        if path.startswith(THROTTLED_PREFIX):
-            await self._throttle()
+        if call.path.startswith(THROTTLED_PREFIX):
+            await self._throttle(slot_timeout_s)
         shared = self.shared_token
         headers = {
-            **headers,
+            **call.headers,
             "authorization": token.bearer,
             "appkey": shared.api_key,
             "appsecret": shared.api_secret,
         }
         try:
             return await shared.http.request(
-                method,
-                f"{shared.base_url}{path}",
+                call.method,
+                f"{shared.base_url}{call.path}",
                 headers=headers,
-                params=params,
-                json=body,
+                params=call.params,
+                json=call.body,
                 timeout=httpx_timeout(shared.timeout),
             )
         except httpx.HTTPError as exc:
-            raise request_failed(path, exc) from None
+            raise request_failed(call.path, exc) from None
 
-    async def _throttle(self) -> None:
-        """Wait for this app key's fleet-wide call budget before a ``/uapi/`` call.
+    async def _throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> None:
+        """Wait, without blocking the loop, for a slot of this app key's fleet-wide call-rate
+        limit before a ``/uapi/`` call (:meth:`AsyncSharedToken.throttle`)."""
+        await self.shared_token.throttle(timeout_s)
 
-        A no-op for now: the fleet-wide limiter (issue 12, ``calls_per_second`` /
-        ``rate_limiter``, a non-sleeping ``try_acquire() -> wait_s``) is wired in here at merge
-        time, as ``while (wait_s := limiter.try_acquire()) > 0: await asyncio.sleep(wait_s)``.
-        """
+    # -- the websocket approval key ----------------------------------------------------------------
+    async def approval_key(self) -> str:
+        """The websocket approval key, issued once for the fleet (sync and async processes
+        alike) and shared through the store (:meth:`AsyncSharedToken.approval_key`)."""
+        return await self.shared_token.approval_key()
+
+    async def invalidate_approval_key(self, approval_key: str) -> bool:
+        """KIS rejected ``approval_key``: compare-and-delete it, so the next
+        :meth:`approval_key` gets a new one (:meth:`AsyncSharedToken.invalidate_approval_key`)."""
+        return await self.shared_token.invalidate_approval_key(approval_key)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -211,6 +251,24 @@ class AsyncKoreaInvestment(ClientSettings):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request as the caller gave it, sent again as is after a refusal."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    params: Mapping[str, str] | None
+    body: Mapping[str, Any] | None
+
+
+def _too_many_calls(resp: httpx.Response) -> bool:
+    """Whether KIS answered ``EGW00201`` (JSON decoded only if the body names it)."""
+    if TOO_MANY_CALLS.encode() not in resp.content:
+        return False
+    return kis_code(json_or_none(resp)) == TOO_MANY_CALLS
 
 
 def _token_rejected(resp: httpx.Response) -> bool:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 from .errors import KisApiError
-from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REVOKE_PATH, TOKEN_PATH
+from .kis import APPROVAL_PATH, HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REVOKE_PATH, TOKEN_PATH
 from .oauth import (
     Timeout,
+    approval_key_from_answer,
+    approval_request,
+    approval_request_failed,
     check_revoked,
     revoke_request,
     token_from_answer,
@@ -26,7 +30,8 @@ from .oauth import (
     token_request_failed,
 )
 from .ratelimit import RateLimiter
-from .shared import TokenSettings
+from .ratelimit.base import ACQUIRE_TIMEOUT_S
+from .shared import APPROVAL_SUFFIX, TokenSettings
 from .storage.aio import AsyncStore
 from .storage.base import TokenStorage
 from .token import Token
@@ -96,6 +101,7 @@ class AsyncSharedToken(TokenSettings):
         self._store = AsyncStore(self.token_storage, redis_client=redis_client)
         self._token: Token | None = None
         self._fresh_until = float("-inf")
+        self._approval: Token | None = None
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -153,6 +159,54 @@ class AsyncSharedToken(TokenSettings):
         check_revoked(resp)
         await self.invalidate(token.access_token)
 
+    # -- the call-rate limit and the websocket approval key ---------------------------------------
+    async def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
+        """Wait, without blocking the loop, for a slot of the fleet-wide call-rate limit (the
+        one sync processes on the same store take theirs from); the seconds waited. Await it
+        before every KIS REST call not sent by :class:`AsyncKoreaInvestment` (which does).
+        A no-op without a limiter; :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no
+        slot is free within ``timeout_s``. On a Redis store the reservation runs on
+        ``redis.asyncio``; a file or memory limiter's runs inline (microseconds)."""
+        limiter = self.rate_limiter
+        if limiter is None:
+            return 0.0
+        return await limiter.acquire_async(
+            timeout_s, try_acquire=partial(self._store.try_acquire, limiter)
+        )
+
+    async def penalize(self) -> None:
+        """KIS answered ``EGW00201`` anyway: slow the fleet's rate down for a while (see
+        :meth:`RateLimiter.penalize`); a no-op without a limiter."""
+        limiter = self.rate_limiter
+        if limiter is not None:
+            await self._store.penalize(limiter)
+
+    async def approval_key(self) -> str:
+        """The websocket approval key (``POST /oauth2/Approval``), shared like the token and
+        with the sync side: the same sealed entry, lock and failure record as
+        ``SharedToken.approval_key``, so one process of the whole fleet (sync or async) asks
+        KIS and the others read it. Tasks of one loop asking at once make one store round.
+        Kept in memory; :meth:`invalidate_approval_key` when KIS rejects it."""
+        current = self._approval
+        if current is None or not current.is_valid(self._clock(), self._margin_s):
+            current = self._approval = await self._store.get_or_issue(
+                self.api_key + APPROVAL_SUFFIX, self.api_secret, self._issue_approval
+            )
+        return current.access_token
+
+    async def invalidate_approval_key(self, approval_key: str) -> bool:
+        """KIS rejected ``approval_key``: drop it from the store only if the store still holds
+        it (compare-and-delete), and from memory if it is the current one; the next
+        :meth:`approval_key` gets a new one through the single flight. Whether the store
+        deleted it."""
+        deleted = await self._store.invalidate_token(
+            self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
+        )
+        current = self._approval
+        if current is not None and current.access_token == approval_key:
+            self._approval = None
+        return deleted
+
     async def load(self) -> Token | None:
         """Take the stored token into memory if the store holds a valid one; never issues."""
         token = await self._store.load_token(self.api_key, self.api_secret)
@@ -179,6 +233,18 @@ class AsyncSharedToken(TokenSettings):
         except httpx.HTTPError as exc:
             raise token_request_failed(exc) from None
         return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
+
+    async def _issue_approval(self) -> Token:
+        """Ask KIS for an approval key (called by the store, holding the issuance lock)."""
+        try:
+            resp = await self._http.post(
+                f"{self.base_url}{APPROVAL_PATH}",
+                json=approval_request(self.api_key, self.api_secret),
+                timeout=httpx_timeout(self.timeout),
+            )
+        except httpx.HTTPError as exc:
+            raise approval_request_failed(exc) from None
+        return approval_key_from_answer(resp, clock=self._clock)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:

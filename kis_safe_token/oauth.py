@@ -1,4 +1,5 @@
-"""KIS's OAuth endpoints: issue a token (``tokenP``) and revoke one (``revokeP``).
+"""KIS's OAuth endpoints: issue a token (``tokenP``), revoke one (``revokeP``), and get the
+websocket approval key (``Approval``).
 
 Plain functions over an injected ``requests.Session``: no memory, no storage, no lock. Whoever
 calls :func:`issue_token` decides when (:class:`~kis_safe_token.SharedToken` calls it only while
@@ -31,6 +32,9 @@ from .token import Token, header_safe
 __all__ = [
     "CLOCK_TOLERANCE_S",
     "Timeout",
+    "approval_key_from_answer",
+    "approval_request",
+    "approval_request_failed",
     "check_revoked",
     "issue_approval_key",
     "issue_token",
@@ -157,11 +161,27 @@ def issue_approval_key(
     whose ``access_token`` is the key, valid :data:`~kis_safe_token.kis.APPROVAL_KEY_LIFETIME_S`
     (KIS states no expiry). :class:`TokenIssueError` with KIS's code if it refuses, or if the
     answer holds no key that can be sent."""
-    body = {"grant_type": "client_credentials", "appkey": api_key, "secretkey": api_secret}
+    body = approval_request(api_key, api_secret)
     try:
         resp = session.post(f"{base_url}{APPROVAL_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
-        raise TokenIssueError(f"KIS approval key request failed: {type(exc).__name__}") from None
+        raise approval_request_failed(exc) from None
+    return approval_key_from_answer(resp, clock=clock)
+
+
+def approval_request(api_key: str, api_secret: str) -> dict[str, str]:
+    """The JSON body of an ``Approval`` call (KIS names the secret ``secretkey`` here)."""
+    return {"grant_type": "client_credentials", "appkey": api_key, "secretkey": api_secret}
+
+
+def approval_request_failed(exc: BaseException) -> TokenIssueError:
+    """The error of an ``Approval`` call that got no answer (named by its type only)."""
+    return TokenIssueError(f"KIS approval key request failed: {type(exc).__name__}")
+
+
+def approval_key_from_answer(resp: Answer, *, clock: Callable[[], float]) -> Token:
+    """The approval key in KIS's answer to ``Approval`` (from ``requests`` or ``httpx``), as
+    :func:`issue_approval_key` describes it; :class:`TokenIssueError` if there is none."""
     payload = json_or_none(resp)
     key = payload.get("approval_key") if payload else None
     if resp.status_code != 200 or not header_safe(key):

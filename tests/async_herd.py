@@ -32,7 +32,9 @@ class MixedHerd:
     wall_s: float = 0.0  # from the barrier to the last call answered, slowest process
 
 
-def _async_calls(spec: dict[str, Any], base_url: str, tasks: int, barrier: Any) -> list[Any]:
+def _async_calls(
+    spec: dict[str, Any], base_url: str, tasks: int, barrier: Any, rate: float | None
+) -> list[Any]:
     from kis_safe_token import AsyncKoreaInvestment
 
     storage = build_storage(spec)
@@ -40,7 +42,11 @@ def _async_calls(spec: dict[str, Any], base_url: str, tasks: int, barrier: Any) 
 
     async def main() -> list[Any]:
         kis = AsyncKoreaInvestment(
-            HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=base_url
+            HERD_APP_KEY,
+            HERD_SECRET,
+            token_storage=storage,
+            base_url=base_url,
+            calls_per_second=rate,
         )
         async with kis.shared_token:
             await asyncio.to_thread(barrier.wait, 60)
@@ -54,12 +60,16 @@ def _async_calls(spec: dict[str, Any], base_url: str, tasks: int, barrier: Any) 
     return asyncio.run(main())
 
 
-def _sync_calls(spec: dict[str, Any], base_url: str, tasks: int, barrier: Any) -> list[Any]:
+def _sync_calls(
+    spec: dict[str, Any], base_url: str, tasks: int, barrier: Any, rate: float | None
+) -> list[Any]:
     from kis_safe_token import KoreaInvestment, SharedToken
 
     storage = build_storage(spec)
     storage.load_token(HERD_APP_KEY, HERD_SECRET)
-    shared = SharedToken(HERD_APP_KEY, HERD_SECRET, storage, base_url=base_url)
+    shared = SharedToken(
+        HERD_APP_KEY, HERD_SECRET, storage, base_url=base_url, calls_per_second=rate
+    )
     kis = KoreaInvestment.from_shared(shared)
     out: list[Any] = [None] * tasks
 
@@ -80,11 +90,17 @@ def _sync_calls(spec: dict[str, Any], base_url: str, tasks: int, barrier: Any) -
 
 
 def _worker(
-    kind: str, spec: dict[str, Any], base_url: str, tasks: int, barrier: Any, q: Any
+    kind: str,
+    spec: dict[str, Any],
+    base_url: str,
+    tasks: int,
+    rate: float | None,
+    barrier: Any,
+    q: Any,
 ) -> None:
     try:
         run = _async_calls if kind == "async" else _sync_calls
-        outcomes = run(spec, base_url, tasks, barrier)
+        outcomes = run(spec, base_url, tasks, barrier, rate)
         done = time.time()
         q.put(
             (
@@ -98,15 +114,27 @@ def _worker(
 
 
 def run_mixed_herd(
-    kinds: list[str], spec: dict[str, Any], base_url: str, *, tasks: int = 50, timeout_s: float = 60
+    kinds: list[str],
+    spec: dict[str, Any],
+    base_url: str,
+    *,
+    tasks: int = 50,
+    calls_per_second: float | None = None,
+    timeout_s: float = 60,
 ) -> MixedHerd:
     """Start one spawned process per entry of ``kinds`` (``"async"`` or ``"sync"``), release
-    them together, and gather what they saw."""
+    them together, and gather what they saw. ``calls_per_second``: the clients' fleet-wide
+    call-rate limit (``None``: KIS's default, 18/s; a herd about issuance sets it high, or its
+    calls queue for the limit)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(kinds) + 1)
     q = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(k, spec, base_url, tasks, barrier, q), daemon=True)
+        ctx.Process(
+            target=_worker,
+            args=(k, spec, base_url, tasks, calls_per_second, barrier, q),
+            daemon=True,
+        )
         for k in kinds
     ]
     for p in procs:

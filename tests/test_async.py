@@ -8,13 +8,16 @@ pytest has no asyncio plugin here: each test drives its coroutines with ``asynci
 from __future__ import annotations
 
 import asyncio
+import logging
+import multiprocessing as mp
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,12 +29,18 @@ from async_herd import run_mixed_herd
 from herd import HERD_APP_KEY, HERD_SECRET, SYMBOL, build_storage
 from test_fleets import APPS, fleet_env, wait_until_serving
 
+import kis_safe_token.async_client as async_client_module
 from kis_safe_token import (
     AsyncKoreaInvestment,
+    AsyncSharedToken,
+    KisApiError,
     KoreaInvestment,
+    SharedToken,
     TokenIssueError,
     TokenStorageError,
 )
+from kis_safe_token.auth import RETRY_ATTEMPTS
+from kis_safe_token.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.storage.redis import ACQUIRE_LUA, WAKE_TTL_MS
 from kis_safe_token.testing import KisSimulator
@@ -39,6 +48,9 @@ from kis_safe_token.testing.redis_server import RedisServer, free_port
 
 T = TypeVar("T")
 BACKENDS = ["file", "redis"]
+#: A call-rate limit that keeps the limiter in every call's path without making tests about the
+#: token queue for KIS's 18/s (200 calls would take 11 s).
+FAST = 1000.0
 
 
 @pytest.fixture
@@ -119,7 +131,7 @@ def run(coro: Awaitable[T]) -> T:
 def test_four_processes_of_fifty_tasks_make_one_issuance(
     sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str, kinds: list[str]
 ) -> None:
-    herd = run_mixed_herd(kinds, spec_of(backend), sim.base_url, tasks=50)
+    herd = run_mixed_herd(kinds, spec_of(backend), sim.base_url, tasks=50, calls_per_second=FAST)
     assert herd.errors == []
     assert herd.calls == 200
     assert len(herd.tokens) == 1
@@ -137,7 +149,7 @@ def test_clients_of_one_store_in_one_loop_share_one_issuance(
     storage = build_storage({**spec, "locked": False})
 
     async def main() -> set[str]:
-        clients = [client(storage, sim) for _ in range(3)]
+        clients = [client(storage, sim, calls_per_second=FAST) for _ in range(3)]
         try:
             calls = [kis.fetch_price(SYMBOL) for kis in clients for _ in range(20)]
             await asyncio.gather(*calls)
@@ -156,7 +168,7 @@ def test_rejected_token_is_replaced_once_for_all_tasks(
     storage = build_storage(spec_of("redis"))
 
     async def main() -> tuple[str, str]:
-        async with client(storage, sim) as kis:
+        async with client(storage, sim, calls_per_second=FAST) as kis:
             first = await kis.access_token()
             sim.expire_tokens()
             quotes = await asyncio.gather(*(kis.fetch_price(SYMBOL) for _ in range(30)))
@@ -314,32 +326,216 @@ def test_asyncio_timeout_around_a_call_gives_up_and_the_client_still_works(
     assert lock_is_free(spec)
 
 
-# -- the rate-limit hook ---------------------------------------------------------------------------
-def test_every_uapi_call_goes_through_the_throttle_hook(
+# -- the fleet's call-rate limit (issue 12 on the asyncio side) ------------------------------------
+class CountingLimiter(MemoryRateLimiter):
+    """A process-local limiter that counts the slots it hands out."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__("counting-" + os.urandom(4).hex(), rate)
+        self.taken = 0
+
+    def try_acquire(self, max_wait_s: float = 0.0) -> float | None:
+        self.taken += 1
+        return super().try_acquire(max_wait_s)
+
+
+def test_every_uapi_call_takes_a_slot_of_the_limiter(
     sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
 ) -> None:
     storage = build_storage(spec_of("file"))
-    seen: list[str] = []
-
-    class Counting(AsyncKoreaInvestment):
-        async def _throttle(self) -> None:
-            seen.append("call")
+    limiter = CountingLimiter(1000)
 
     async def main() -> None:
-        async with Counting(
-            HERD_APP_KEY,
-            HERD_SECRET,
-            token_storage=storage,
-            base_url=sim.base_url,
-            calls_per_second=5,
-        ) as kis:
+        async with client(storage, sim, rate_limiter=limiter) as kis:
+            for _ in range(3):
+                await kis.fetch_price(SYMBOL)
+            await kis.approval_key()
+
+    run(main())
+    assert limiter.taken == 3 == sim.counts["uapi_calls"]  # not for tokenP nor Approval
+    off = client(storage, sim, calls_per_second=0)
+    assert off.rate_limiter is None
+    with pytest.raises(ValueError, match="calls_per_second"):
+        client(storage, sim, calls_per_second=-1)
+    with pytest.raises(ValueError, match="not both"):
+        client(storage, sim, calls_per_second=5, rate_limiter=limiter)
+
+
+@pytest.fixture
+def metered_sim() -> Iterator[KisSimulator]:
+    """The simulator enforcing KIS's real-account limit, 20 calls/s per app key."""
+    with KisSimulator(apps={HERD_APP_KEY: HERD_SECRET}, calls_per_second=20) as simulator:
+        yield simulator
+
+
+@pytest.mark.parametrize(
+    ("backend", "kinds", "tasks"),
+    [("redis", ["async", "async"], 30), ("file", ["sync", "async"], 20)],
+    ids=["redis-async-pair", "file-mixed-pair"],
+)
+def test_a_fleet_of_async_processes_keeps_to_the_limit(
+    metered_sim: KisSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
+    kinds: list[str],
+    tasks: int,
+) -> None:
+    # Every task fires at once; at 18/s each process alone would be under KIS's 20/s, so only
+    # one limit shared by both processes (sync and async alike) keeps the pair under it.
+    herd = run_mixed_herd(kinds, spec_of(backend), metered_sim.base_url, tasks=tasks)
+    assert herd.errors == []
+    assert herd.calls == len(kinds) * tasks == metered_sim.counts["uapi_calls"]
+    assert metered_sim.too_many_calls == 0, dict(metered_sim.counts)
+    assert metered_sim.peak_calls_per_second[HERD_APP_KEY] <= 20
+    assert metered_sim.issued == 1
+
+
+def test_redis_slots_are_reserved_on_redis_asyncio_in_the_sync_side_s_state(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    spec = spec_of("redis")
+    storage = build_storage(spec)
+
+    async def main() -> None:
+        async with client(storage, sim, calls_per_second=5) as kis:
+            limiter = kis.rate_limiter
+            assert isinstance(limiter, RedisRateLimiter)
+
+            def blocking(max_wait_s: float = 0.0) -> float | None:
+                raise AssertionError("a blocking Redis round trip on the event loop")
+
+            limiter.try_acquire = blocking  # type: ignore[method-assign]
             for _ in range(3):
                 await kis.fetch_price(SYMBOL)
 
     run(main())
-    assert seen == ["call"] * 3  # not for tokenP
-    with pytest.raises(ValueError, match="calls_per_second"):
-        AsyncKoreaInvestment(HERD_APP_KEY, HERD_SECRET, token_storage=storage, calls_per_second=0)
+    assert sim.counts["uapi_calls"] == 3
+    # A sync process on the same Redis queues behind the async one's reservations.
+    other = SharedToken(HERD_APP_KEY, HERD_SECRET, build_storage(spec), calls_per_second=5)
+    assert other.rate_limiter is not None
+    wait = other.rate_limiter.try_acquire(10)
+    assert wait is not None and wait > 0.05
+
+
+def test_egw00201_from_outside_is_retried_after_back_off_and_slows_the_fleet(
+    sim: KisSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = build_storage(spec_of("redis"))
+    sim.refuse_calls(2)
+    caplog.set_level(logging.WARNING, "kis_safe_token")
+
+    async def main() -> tuple[str, float, float]:
+        async with client(storage, sim) as kis:
+            started = time.monotonic()
+            quote = await kis.fetch_price(SYMBOL)
+            took = time.monotonic() - started
+            limiter = kis.rate_limiter
+            assert limiter is not None
+            return quote["rt_cd"], took, limiter.slowdown_left_s()
+
+    rt_cd, took, slowdown_left = run(main())
+    assert rt_cd == "0"
+    assert took >= 0.25 * 0.5 + 0.5 * 0.5  # two jittered back-offs
+    assert sim.too_many_calls == 2 and sim.counts["uapi_calls"] == 1
+    assert slowdown_left > 50  # the fleet (every process on this Redis) slowed down
+    warnings = [r for r in caplog.records if "EGW00201" in r.getMessage()]
+    assert len(warnings) == 1  # two refusals, one log line
+
+
+def test_egw00201_that_does_not_stop_is_a_clear_error_after_bounded_re_sends(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = build_storage(spec_of("file"))
+    pauses: list[int] = []
+
+    def quick_backoff(attempt: int) -> float:
+        pauses.append(attempt)
+        return 0.01
+
+    monkeypatch.setattr(async_client_module, "backoff_s", quick_backoff)
+    sim.refuse_calls(1_000)
+
+    async def main() -> KisApiError:
+        async with client(storage, sim) as kis:
+            with pytest.raises(KisApiError) as info:
+                await kis.fetch_price(SYMBOL)
+            return info.value
+
+    error = run(main())
+    assert error.code == "EGW00201" and error.status == 500
+    assert f"after {RETRY_ATTEMPTS} re-sends" in str(error)
+    assert sim.too_many_calls == 1 + RETRY_ATTEMPTS
+    assert pauses == list(range(RETRY_ATTEMPTS))
+
+
+# -- the websocket approval key (issue 12 on the asyncio side) ------------------------------------
+def _sync_approval(spec: dict[str, Any], base_url: str, barrier: Any, out: Any) -> None:
+    try:
+        storage = build_storage(spec)
+        shared = SharedToken(HERD_APP_KEY, HERD_SECRET, storage, base_url=base_url)
+        barrier.wait(30)
+        out.put(shared.approval_key)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put(f"error: {type(exc).__name__}: {exc}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tasks_and_a_sync_process_share_one_approval_key(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+) -> None:
+    spec = spec_of(backend)
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    proc = ctx.Process(target=_sync_approval, args=(spec, sim.base_url, barrier, out))
+    proc.start()
+
+    async def main() -> list[str]:
+        # Two async "processes" (each its own storage object) of 10 tasks each.
+        shareds = [
+            AsyncSharedToken(HERD_APP_KEY, HERD_SECRET, build_storage(spec), base_url=sim.base_url)
+            for _ in range(2)
+        ]
+        try:
+            await asyncio.to_thread(barrier.wait, 30)
+            return await asyncio.gather(*(s.approval_key() for s in shareds for _ in range(10)))
+        finally:
+            for shared in shareds:
+                await shared.aclose()
+
+    try:
+        keys = [*run(main()), out.get(timeout=30)]
+    finally:
+        proc.join(10)
+    assert len(set(keys)) == 1 and keys[0] in sim.approval_keys
+    assert sim.counts["approval_requests"] == 1 and sim.counts["approvals_issued"] == 1
+    assert sim.issued == 0  # the approval key needs no access token
+
+
+def test_a_rejected_approval_key_is_dropped_only_if_still_stored(
+    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    spec = spec_of("redis")
+
+    async def main() -> tuple[str, str]:
+        async with (
+            client(build_storage(spec), sim) as first,
+            client(build_storage(spec), sim) as late,
+        ):
+            old = await first.approval_key()
+            assert await late.approval_key() == old
+            assert await first.invalidate_approval_key(old) is True
+            new = await first.approval_key()
+            assert new != old and sim.counts["approvals_issued"] == 2
+            assert await late.invalidate_approval_key(old) is False  # the fresh key survives
+            assert await late.approval_key() == new
+            return old, new
+
+    old, new = run(main())
+    assert sim.counts["approvals_issued"] == 2
+    sync_side = SharedToken(HERD_APP_KEY, HERD_SECRET, build_storage(spec), base_url=sim.base_url)
+    assert sync_side.approval_key == new
 
 
 # -- an ASGI fleet ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ..errors import KisApiError
@@ -150,15 +150,24 @@ class RateLimiter(ABC):
             if not self.missed(time.monotonic() - slot):
                 return slept
 
-    async def acquire_async(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
+    async def acquire_async(
+        self,
+        timeout_s: float = ACQUIRE_TIMEOUT_S,
+        *,
+        try_acquire: Callable[[float], Awaitable[float | None]] | None = None,
+    ) -> float:
         """:meth:`acquire` for asyncio: the same rules, awaiting ``asyncio.sleep`` instead of
-        blocking. :meth:`try_acquire` itself runs inline (microseconds on a file, one round trip
-        on Redis); a client on ``redis.asyncio`` can run the Redis script itself instead (see
-        :meth:`RedisRateLimiter.reserve_call`)."""
+        blocking. The reservation is :meth:`try_acquire` run inline (microseconds on a file),
+        unless ``try_acquire`` awaits it some other way: the asyncio client runs a Redis
+        limiter's script on ``redis.asyncio`` (see ``AsyncStore.try_acquire``)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         slept = 0.0
         while True:
-            wait = self.try_acquire(min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S))
+            max_wait_s = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S)
+            if try_acquire is None:
+                wait = self.try_acquire(max_wait_s)
+            else:
+                wait = await try_acquire(max_wait_s)
             if wait is None:
                 raise self._no_slot(timeout_s)
             if wait <= 0:

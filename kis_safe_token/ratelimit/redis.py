@@ -125,6 +125,17 @@ class RedisRateLimiter(RateLimiter):
         ]
         return [self._key, self._slow_key], args
 
+    def on_client(self, client: Any) -> bool:
+        """Whether this limiter's state is on ``client`` (the storage's own Redis client): an
+        asyncio client may then run :data:`RESERVE_LUA` on the matching ``redis.asyncio``
+        client instead of blocking its loop on :meth:`try_acquire`."""
+        return bool(self._client() is client)
+
+    @property
+    def retry_timeout_s(self) -> float:
+        """How long a transient Redis error (a failover) is retried."""
+        return self._retry_timeout_s
+
     @staticmethod
     def reserve_result(reply: Any) -> float | None:
         """The wait in seconds that :data:`RESERVE_LUA`'s reply grants, or ``None``."""

@@ -16,8 +16,11 @@ and a Fernet open of a small file otherwise (~60 us), so it runs on the loop; so
 holder's save (~1 ms with its fsyncs, once per issuance): it must, as ``filelock`` locks per
 thread and the loop's thread holds the lock. A Redis read or write, or a store we do not know,
 runs in a worker thread (``asyncio.to_thread``), and so does compare-and-delete on the file (it
-may wait for the lock). The file waiter looks on the loop rather than waiting in a thread: a
-thread cannot be cancelled, and one left waiting would go on to issue for nobody.
+may wait for the lock). The fleet's call-rate limiter (:meth:`AsyncStore.try_acquire`): a
+Redis one's script runs on ``redis.asyncio`` (one round trip, failovers retried with
+``asyncio.sleep``), a file or memory one's inline. The file waiter looks on the loop rather
+than waiting in a thread: a thread cannot be cancelled, and one left waiting would go on to
+issue for nobody.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any
 
 from ..errors import TokenIssueError, TokenStorageError
 from ..failure import IssueFailure
+from ..ratelimit import FileRateLimiter, MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from ..ratelimit.redis import RESERVE_LUA
 from ..token import Token
 from .base import Acquired, TokenStorage, _local_lock, checked_token, jittered
 from .file import FileIssuanceLock, FileTokenStorage
@@ -58,6 +63,9 @@ __all__ = [
 logger = logging.getLogger("kis_safe_token")
 
 AsyncIssueFn = Callable[[], Awaitable[Token]]
+
+#: Limiters whose reservation is a few microseconds of local work: run on the loop.
+_INLINE_LIMITERS = (FileRateLimiter, MemoryRateLimiter)
 
 #: How often a task waiting for this process's own (thread) lock looks again.
 LOCAL_POLL_S = 0.005
@@ -352,6 +360,42 @@ class AsyncStore:
             self.storage.invalidate_token, api_key, api_secret, access_token
         )
         return deleted
+
+    # -- the call-rate limiter --------------------------------------------------------------------
+    async def try_acquire(self, limiter: RateLimiter, max_wait_s: float) -> float | None:
+        """``limiter.try_acquire(max_wait_s)`` without blocking the loop on a network: a
+        :class:`RedisRateLimiter` on this store's Redis runs its one script on the
+        ``redis.asyncio`` client (retried through a failover like the lock); a file or memory
+        limiter runs inline (microseconds); any other limiter in a worker thread."""
+        client = self._client
+        if (
+            isinstance(limiter, RedisRateLimiter)
+            and client is not None
+            and isinstance(self.storage, RedisTokenStorage)
+            and limiter.on_client(self.storage.redis_client)
+        ):
+            keys, args = limiter.reserve_call(max_wait_s)
+            script = client.register_script(RESERVE_LUA)
+            reply = await redis_retry_async(
+                lambda: script(keys=keys, args=args),
+                deadline=time.monotonic() + limiter.retry_timeout_s,
+                what="rate limiter reserve",
+                where=self.storage._where,
+            )
+            return limiter.reserve_result(reply)
+        if isinstance(limiter, _INLINE_LIMITERS):
+            return limiter.try_acquire(max_wait_s)
+        wait: float | None = await asyncio.to_thread(limiter.try_acquire, max_wait_s)
+        return wait
+
+    @staticmethod
+    async def penalize(limiter: RateLimiter) -> bool:
+        """``limiter.penalize()`` (after ``EGW00201``; rare): inline for a file or memory
+        limiter, in a worker thread for any other (a Redis round trip, retried)."""
+        if isinstance(limiter, _INLINE_LIMITERS):
+            return limiter.penalize()
+        started: bool = await asyncio.to_thread(limiter.penalize)
+        return started
 
     async def load_token(self, api_key: str, api_secret: str) -> Token | None:
         """The stored token if it is valid (never issues)."""
