@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socketserver
 import statistics
 import sys
 import tempfile
@@ -224,10 +223,6 @@ def herd_rows(
 
 
 def main() -> int:
-    # The simulator writes an answer's headers and body as two segments; with Nagle's algorithm
-    # the body then waits for the client's delayed ACK (~40 ms a call on Linux). Measure the
-    # clients, not that: this script's simulator sends at once.
-    socketserver.StreamRequestHandler.disable_nagle_algorithm = True
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="herds of 4 processes only")
     args = parser.parse_args()

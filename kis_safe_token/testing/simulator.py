@@ -392,6 +392,8 @@ class _Server(ThreadingHTTPServer):
 def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Keep-alive answers go out at once, not after the client's delayed ACK (~40 ms a call).
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by design
             pass
