@@ -503,3 +503,23 @@ def test_the_clients_check_access_token_never_takes_the_lease(make: Build) -> No
         # (well before the fixture's 2 s lease would have expired)
         assert in_thread(make().check_token_valid, K, S).result(timeout=1) is False
         client.close()
+
+
+def test_a_recorded_issuance_failure_fails_the_next_caller_fast(make: Build) -> None:
+    """A failed holder leaves the quiet mark: the next caller must get the recorded failure at
+    once, not wait out the window in the lease (and then fail anyway)."""
+    from kis_safe_token import TokenIssueError
+
+    first, second = make(issue_window_s=3.0), make(issue_window_s=3.0)
+
+    def refused() -> Token:
+        raise TokenIssueError("app key revoked", code="EGW00105", status=403)
+
+    with pytest.raises(TokenIssueError):
+        first.get_or_issue(K, S, refused)
+    asked: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(TokenIssueError, match="app key revoked"):
+        in_thread(second.get_or_issue, K, S, lambda: asked.append("x")).result(timeout=10)
+    assert time.monotonic() - started < 1.0  # without the check: the 3 s window, then the error
+    assert asked == []

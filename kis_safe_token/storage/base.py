@@ -18,6 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
 
 from .._faults import fault_point
@@ -206,7 +207,11 @@ class TokenStorage(ABC):
         mixing them with ours issues once. The save ends the lease; a failure releases it. A
         token still valid but inside the refresh margin is renewed under the lock alone (seed
         clients, which still see it valid, do not issue)."""
-        held = not lease.check_token_valid(api_key, api_secret)
+        # A recorded failure fails callers fast, as it does without the lease: a failed holder
+        # leaves the quiet mark, and waiting in it would keep them for the whole window.
+        held = not lease.wait_for_grant(
+            api_key, api_secret, partial(self._raise_failed, api_key, api_secret)
+        )
         if not held:
             token = self._read(api_key, api_secret, fresh=True)
             if self._usable(token):
@@ -275,6 +280,10 @@ class TokenStorage(ABC):
                 except TokenStorageError as store_exc:
                     logger.warning("could not record the failed issuance: %s", store_exc)
             raise
+
+    def _raise_failed(self, api_key: str, api_secret: str) -> None:
+        """Raise the recorded failure of these credentials while its hold lasts."""
+        self._raise_if_held(self._failure(api_key, api_secret))
 
     def _failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         """The most recent failure: this process's own, else the store's."""

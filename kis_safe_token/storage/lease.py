@@ -62,6 +62,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -158,31 +159,67 @@ class SeedLease:
             return token
         return None
 
+    def try_grant(
+        self, api_key: str, api_secret: str, owner: str | None = None
+    ) -> bool | LeaseState:
+        """One look, never waiting: ``True`` if a valid token is stored, ``False`` if ``owner``
+        (default: this thread) now holds the lease, else the refusal (when to look again).
+
+        The step both the blocking :meth:`wait_for_grant` and the asyncio side's loop take
+        (``owner`` passed by the latter: its looks may run in worker threads).
+        """
+        if self._stored(api_key, api_secret) is not None:
+            return True
+        owner = thread_owner() if owner is None else owner
+        state = self._records.grant(api_key, owner, self.ttl_s, self.window_s)
+        return False if state.granted else state
+
+    def stored_valid(self, api_key: str, api_secret: str) -> bool:
+        """Whether a valid token is stored (a waiter's look between grant attempts)."""
+        return self._stored(api_key, api_secret) is not None
+
+    @staticmethod
+    def retry_in_s(state: LeaseState) -> float:
+        """How long a refused caller waits before asking for the lease again (looking for the
+        holder's token meanwhile)."""
+        return min(max(state.retry_in_s, LEASE_POLL_S), LEASE_RETRY_S)
+
+    def timed_out(self, state: LeaseState) -> TokenStorageError:
+        """The error of a waiter that saw no token within the storage's ``wait_timeout``."""
+        what = "holder of the issuance lease" if state.held else "KIS issue window"
+        return TokenStorageError(
+            f"timed out after {self._storage.wait_timeout:.1f} s waiting for a token "
+            f"(waiting on the {what})"
+        )
+
     def check_token_valid(self, api_key: str, api_secret: str) -> bool:
         """``True`` once a valid token is stored; ``False``: the calling thread holds the lease.
 
         Raises :class:`TokenStorageError` if the store is unreachable or no token shows up within
         the storage's ``wait_timeout``.
         """
-        storage, owner = self._storage, thread_owner()
-        deadline = time.monotonic() + storage.wait_timeout
+        return self.wait_for_grant(api_key, api_secret)
+
+    def wait_for_grant(
+        self, api_key: str, api_secret: str, on_look: Callable[[], None] | None = None
+    ) -> bool:
+        """:meth:`check_token_valid`, calling ``on_look`` before every look (it may raise: a
+        caller of ``get_or_issue`` stops waiting when a failed issuance is recorded)."""
+        deadline = time.monotonic() + self._storage.wait_timeout
         while True:
-            if self._stored(api_key, api_secret) is not None:
-                return True
-            state = self._records.grant(api_key, owner, self.ttl_s, self.window_s)
-            if state.granted:
-                return False
-            retry_in = min(max(state.retry_in_s, LEASE_POLL_S), LEASE_RETRY_S)
-            retry_at = time.monotonic() + retry_in
+            if on_look is not None:
+                on_look()
+            step = self.try_grant(api_key, api_secret)
+            if isinstance(step, bool):
+                return step
+            retry_at = time.monotonic() + self.retry_in_s(step)
             while (now := time.monotonic()) < retry_at:
                 if now >= deadline:
-                    what = "holder of the issuance lease" if state.held else "KIS issue window"
-                    raise TokenStorageError(
-                        f"timed out after {storage.wait_timeout:.1f} s waiting for a token "
-                        f"(waiting on the {what})"
-                    )
+                    raise self.timed_out(step)
                 time.sleep(min(retry_at - now, deadline - now, jittered(LEASE_POLL_S)))
-                if self._stored(api_key, api_secret) is not None:
+                if on_look is not None:
+                    on_look()
+                if self.stored_valid(api_key, api_secret):
                     return True
 
     def load_token(self, api_key: str, api_secret: str) -> Token | None:
@@ -198,17 +235,19 @@ class SeedLease:
                 return None
             time.sleep(jittered(LEASE_POLL_S))
 
-    def save(self, api_key: str, api_secret: str, token: Token) -> None:
-        """Keep the newest token, mark the window, end the caller's lease."""
-        if not self._records.save_newest(api_key, api_secret, token, thread_owner(), self.window_s):
+    def save(self, api_key: str, api_secret: str, token: Token, owner: str | None = None) -> None:
+        """Keep the newest token, mark the window, end ``owner``'s (default: this thread's)
+        lease."""
+        owner = thread_owner() if owner is None else owner
+        if not self._records.save_newest(api_key, api_secret, token, owner, self.window_s):
             logger.info(
                 "save_token: kept the stored token, which expires no earlier than the one being "
                 "saved (both are valid at KIS)"
             )
 
-    def released_by_delete(self, api_key: str) -> None:
-        """``delete_token`` by the holder ends its lease."""
-        self._records.release(api_key, thread_owner())
+    def released_by_delete(self, api_key: str, owner: str | None = None) -> None:
+        """``delete_token`` by the holder ends its lease (``owner``: default this thread's)."""
+        self._records.release(api_key, thread_owner() if owner is None else owner)
 
 
 def new_seed_lease(
