@@ -5,20 +5,27 @@ the last tests start 16 real processes through the real korea-investment-stock 0
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import requests
 from conftest import IN_CI
 
-from kis_safe_token import FileTokenStorage, LockedRedisTokenStorage, TokenStorageError
+from kis_safe_token import (
+    FileTokenStorage,
+    LockedRedisTokenStorage,
+    TokenIssueError,
+    TokenStorageError,
+)
+from kis_safe_token.storage.aio import AsyncStore
 from kis_safe_token.storage.base import SealedTokenStorage
 from kis_safe_token.storage.factory import create_token_storage
 from kis_safe_token.testing import KisSimulator
@@ -35,6 +42,7 @@ BACKENDS = ["file", "redis"]
 BLOCKED_S = 0.3
 
 Build = Callable[..., SealedTokenStorage]
+T = TypeVar("T")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -508,8 +516,6 @@ def test_the_clients_check_access_token_never_takes_the_lease(make: Build) -> No
 def test_a_recorded_issuance_failure_fails_the_next_caller_fast(make: Build) -> None:
     """A failed holder leaves the quiet mark: the next caller must get the recorded failure at
     once, not wait out the window in the lease (and then fail anyway)."""
-    from kis_safe_token import TokenIssueError
-
     first, second = make(issue_window_s=3.0), make(issue_window_s=3.0)
 
     def refused() -> Token:
@@ -523,3 +529,135 @@ def test_a_recorded_issuance_failure_fails_the_next_caller_fast(make: Build) -> 
         in_thread(second.get_or_issue, K, S, lambda: asked.append("x")).result(timeout=10)
     assert time.monotonic() - started < 1.0  # without the check: the 3 s window, then the error
     assert asked == []
+
+
+# -- the asyncio side: the same lease, waited for with asyncio.sleep -----------------------------
+
+
+async def _ticking(work: Awaitable[T]) -> tuple[T, int]:
+    """``await work`` while a ticker counts 10 ms ticks: a blocked loop would not tick."""
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await work, ticks
+    finally:
+        ticker.cancel()
+
+
+def test_async_get_or_issue_waits_for_a_seed_holders_save(make: Build) -> None:
+    seed, ours = make(), AsyncStore(make())
+    assert seed.check_token_valid(K, S) is False  # a seed client (this thread) holds the lease
+    issued: list[Token] = []
+
+    async def issue() -> Token:
+        issued.append(token("ours"))
+        return issued[-1]
+
+    async def main() -> tuple[Token, int]:
+        try:
+            return await _ticking(ours.get_or_issue(K, S, issue))
+        finally:
+            await ours.aclose()
+
+    getter = in_thread(asyncio.run, main())  # another thread: another lease owner
+    assert blocked(getter)
+    seed.save_token(data(token("seed")))
+    got, ticks = getter.result(timeout=5)
+    assert got.access_token == token("seed").access_token
+    assert issued == []  # without the lease on the async side, it would have asked KIS too
+    assert ticks >= 10  # it waited with the loop running (BLOCKED_S is 30 ticks)
+
+
+def test_a_seed_client_waits_while_async_get_or_issue_issues(make: Build) -> None:
+    seed, ours = make(), AsyncStore(make())
+    asked, answer = threading.Event(), threading.Event()
+
+    async def slow_issue() -> Token:
+        asked.set()
+        assert await asyncio.to_thread(answer.wait, 5)
+        return token("ours")
+
+    async def main() -> Token:
+        try:
+            return await ours.get_or_issue(K, S, slow_issue)
+        finally:
+            await ours.aclose()
+
+    getter = in_thread(asyncio.run, main())
+    assert asked.wait(5)  # the task is at KIS, holding the lock and the lease
+    checker = in_thread(seed.check_token_valid, K, S)
+    assert blocked(checker)  # without the lease on the async side: False, a second issuance
+    answer.set()
+    assert getter.result(timeout=5).access_token == token("ours").access_token
+    assert checker.result(timeout=5) is True
+    # The task let go of the lease: after a delete, a seed client is granted at once (not
+    # after the 2 s lease_ttl of the loop thread's lease).
+    assert seed.delete_token(K, S)
+    assert in_thread(make().check_token_valid, K, S).result(timeout=1) is False
+
+
+def test_async_caller_gets_a_recorded_failure_fast_with_the_lease(make: Build) -> None:
+    ours = AsyncStore(make(issue_window_s=3.0))
+    asked: list[str] = []
+
+    async def refused() -> Token:
+        asked.append("x")
+        raise TokenIssueError("app key revoked", code="EGW00105", status=403)
+
+    async def main() -> float:
+        try:
+            with pytest.raises(TokenIssueError):
+                await ours.get_or_issue(K, S, refused)
+            started = time.monotonic()
+            with pytest.raises(TokenIssueError, match="app key revoked"):
+                await ours.get_or_issue(K, S, refused)
+            return time.monotonic() - started
+        finally:
+            await ours.aclose()
+
+    assert in_thread(asyncio.run, main()).result(timeout=10) < 1.0  # not the 3 s window
+    assert asked == ["x"]
+
+
+def test_async_save_goes_through_the_lease_and_keeps_the_newest(
+    redis_url: str, key_prefix: str
+) -> None:
+    """A seed client's own refresh saves a longer-lived token while the task is at KIS: the task's
+    save keeps the newest (a plain write would replace it). Redis only: a file holder's lock
+    keeps every other writer out until its save."""
+
+    def make_redis() -> SealedTokenStorage:
+        return LockedRedisTokenStorage(
+            redis_url,
+            key_prefix=key_prefix,
+            seed_lease=True,
+            wait_timeout=10.0,
+            lease_ttl=2.0,
+            issue_window_s=0,
+            lock_ttl=0.5,
+        )
+
+    other, ours = make_redis(), AsyncStore(make_redis())
+    longer = token("longer", expires_in=90_000)
+
+    async def issue() -> Token:
+        assert await asyncio.to_thread(other.save_token, data(longer))
+        return token("ours")
+
+    async def main() -> Token:
+        try:
+            return await ours.get_or_issue(K, S, issue)
+        finally:
+            await ours.aclose()
+
+    assert (
+        in_thread(asyncio.run, main()).result(timeout=10).access_token == token("ours").access_token
+    )
+    assert other.load_token(K, S)["access_token"] == longer.access_token

@@ -11,6 +11,12 @@ Within one event loop, tasks that need a token for the same store and app key qu
 ``asyncio.Lock`` before the fleet's lock: one of them issues, the others read what it saved
 (the file lock is re-entrant within a thread, so without this two tasks would both hold it).
 
+With the seed-protocol lease on (``seed_lease=True``, :mod:`.lease`), a task takes the lease
+before the fleet's lock, as the sync ``get_or_issue`` does: one :meth:`SeedLease.try_grant` per
+look, ``asyncio.sleep`` between, inside the loop's guard (the lease's owner is the loop thread,
+shared by its tasks); a recorded failure is raised on every look; the save goes through the lease
+(keeps the newest, marks the window) and the lease is released on the way out.
+
 Where the sync primitives run: a file read is a ``stat`` while the file is unchanged (~4 us)
 and a Fernet open of a small file otherwise (~60 us), so it runs on the loop; so does the
 holder's save (~1 ms with its fsyncs, once per issuance): it must, as ``filelock`` locks per
@@ -42,6 +48,7 @@ from ..ratelimit.redis import RESERVE_LUA
 from ..token import Token
 from .base import Acquired, TokenStorage, _local_lock, checked_token, jittered
 from .file import FileIssuanceLock, FileTokenStorage
+from .lease import LEASE_POLL_S, SeedLease, thread_owner
 from .redis import (
     ACQUIRE_LUA,
     COMPARE_AND_DELETE_LUA,
@@ -281,12 +288,76 @@ class AsyncStore:
             token = await self._read(api_key, api_secret)  # another task may just have saved one
             if storage._usable(token):
                 return token
-            return await self._locked_issue(api_key, api_secret, issue, deadline)
+            lease = storage._lease
+            if lease is None:
+                return await self._locked_issue(api_key, api_secret, issue, deadline)
+            return await self._leased_issue(lease, api_key, api_secret, issue, deadline)
         finally:
             guard.release()
 
+    async def _leased_issue(
+        self, lease: SeedLease, api_key: str, api_secret: str, issue: AsyncIssueFn, deadline: float
+    ) -> Token:
+        """:meth:`TokenStorage._get_or_issue_leased` without blocking the loop: take the
+        seed-protocol lease (or wait in it for a seed holder's save, looking with
+        ``asyncio.sleep`` between), then the locked path; a recorded failure fails fast.
+
+        The owner is the loop thread's: its tasks share it, and the loop guard held around this
+        lets one of them at a time hold the lease. It is passed to every look and to the save,
+        since a Redis look runs in a worker thread, whose own owner would differ.
+        """
+        storage, owner = self.storage, thread_owner()
+        held = await self._take_lease(lease, api_key, api_secret, owner)
+        if not held:
+            token = await self._read(api_key, api_secret, fresh=True)
+            if storage._usable(token):
+                return token
+        try:
+            return await self._locked_issue(api_key, api_secret, issue, deadline, owner)
+        finally:
+            if held:  # a no-op after our save, which ended it; shielded like the lock's release
+                await asyncio.shield(self._run(partial(lease.released_by_delete, api_key, owner)))
+
+    async def _take_lease(
+        self, lease: SeedLease, api_key: str, api_secret: str, owner: str
+    ) -> bool:
+        """Whether ``owner`` now holds the lease (``False``: a valid token is stored), as
+        :meth:`SeedLease.wait_for_grant` decides, raising a recorded failure on every look."""
+        storage = self.storage
+        deadline = time.monotonic() + storage.wait_timeout
+        while True:
+            await self._raise_failed(api_key, api_secret)
+            step = await self._run(partial(lease.try_grant, api_key, api_secret, owner))
+            if isinstance(step, bool):
+                return not step
+            retry_at = time.monotonic() + lease.retry_in_s(step)
+            while (now := time.monotonic()) < retry_at:
+                if now >= deadline:
+                    raise lease.timed_out(step)
+                await asyncio.sleep(min(retry_at - now, deadline - now, jittered(LEASE_POLL_S)))
+                await self._raise_failed(api_key, api_secret)
+                if await self._run(partial(lease.stored_valid, api_key, api_secret)):
+                    return False
+
+    async def _failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        """:meth:`TokenStorage._failure`: this process's own record, else the store's."""
+        storage = self.storage
+        previous = storage._local_failure(api_key, api_secret)
+        if previous is None or not previous.active(storage.clock()):
+            stored = await self._run(partial(storage._read_failure, api_key, api_secret))
+            previous = stored or previous
+        return previous
+
+    async def _raise_failed(self, api_key: str, api_secret: str) -> None:
+        self.storage._raise_if_held(await self._failure(api_key, api_secret))
+
     async def _locked_issue(
-        self, api_key: str, api_secret: str, issue: AsyncIssueFn, deadline: float
+        self,
+        api_key: str,
+        api_secret: str,
+        issue: AsyncIssueFn,
+        deadline: float,
+        owner: str | None = None,
     ) -> Token:
         storage = self.storage
         lock = self._issuance_lock(api_key, api_secret)
@@ -300,18 +371,30 @@ class AsyncStore:
             if not storage._usable(token):
                 token = await self._issue_recording(lock, api_key, api_secret, issue)
                 storage._note_success(api_key, api_secret)
-                await self._save_issued(lock, api_key, api_secret, token)
+                await self._save_issued(lock, api_key, api_secret, token, owner)
             return token
         finally:
             # Shielded: a second cancellation must not leave the fleet's lock behind.
             await asyncio.shield(lock.release())
 
     async def _save_issued(
-        self, lock: AsyncIssuanceLock, api_key: str, api_secret: str, token: Token
+        self,
+        lock: AsyncIssuanceLock,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str | None = None,
     ) -> None:
+        """Save what KIS just issued; with the lease on, through it (keeps the newest, marks the
+        window, ends ``owner``'s lease), as the sync holder does."""
+        lease = self.storage._lease
         try:
             await lock.extend()
-            await self._run(partial(self.storage._write, api_key, api_secret, token))
+            if lease is not None:
+                owner = thread_owner() if owner is None else owner
+                await self._run(partial(lease.save, api_key, api_secret, token, owner))
+            else:
+                await self._run(partial(self.storage._write, api_key, api_secret, token))
         except TokenStorageError as exc:
             logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
 
@@ -319,10 +402,7 @@ class AsyncStore:
         self, lock: AsyncIssuanceLock, api_key: str, api_secret: str, issue: AsyncIssueFn
     ) -> Token:
         storage = self.storage
-        previous = storage._local_failure(api_key, api_secret)
-        if previous is None or not previous.active(storage.clock()):
-            stored = await self._run(partial(storage._read_failure, api_key, api_secret))
-            previous = stored or previous
+        previous = await self._failure(api_key, api_secret)
         storage._raise_if_held(previous)
         try:
             return await self._issue_holding(lock, api_key, api_secret, issue)

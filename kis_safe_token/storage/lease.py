@@ -45,10 +45,12 @@ Redis TTLs are the lease and the quiet mark, so hosts' clocks do not matter). A 
 owner id (host, pid, a random part) and times, nothing secret; one forged by someone who can
 write the store blocks issuance for at most its declared ``lease_ttl`` (capped at an hour).
 
-Scope: the four seed methods, and :meth:`get_or_issue` (this library's clients and
-integrations): with the lease on, the caller about to issue under the storage's issuance lock also
-takes the lease (or waits in it for a seed holder's save), and its save ends the lease and marks
-the window, so a fleet mixing seed clients with ours on one store issues once. A ``save_token``
+Scope: the four seed methods, and :meth:`get_or_issue` and its asyncio twin
+(:class:`~kis_safe_token.storage.aio.AsyncStore`; this library's clients and integrations):
+with the lease on, the caller about to issue under the storage's issuance lock also takes the
+lease (or waits in it for a seed holder's save; a recorded active failure is raised instead of
+waiting), and its save ends the lease and marks the window, so a fleet mixing seed clients with
+ours on one store issues once. A ``save_token``
 without the lease (a client's own refresh path) is kept-newest and moves the quiet mark too.
 """
 
