@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -543,23 +544,13 @@ def test_a_rejected_approval_key_is_dropped_only_if_still_stored(
 def test_starlette_under_gunicorn_uvicorn_workers_makes_one_issuance(
     sim: KisSimulator, tmp_path: Path, storage: str
 ) -> None:
-    with RedisServer() as private_redis:
+    with ExitStack() as stack:
+        # A private redis-server only for the Redis backend (the fleet uses the default prefix).
+        private_redis = stack.enter_context(RedisServer()) if storage == "redis" else None
         env = fleet_env(sim, storage, tmp_path, private_redis)
         port = free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            "4",
-            "-k",
-            "uvicorn.workers.UvicornWorker",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-            "asgi_app:app",
-        ]
+        args = [sys.executable, "-m", "gunicorn", "-w", "4", "-k", "uvicorn.workers.UvicornWorker"]
+        args += ["-b", f"127.0.0.1:{port}", "--log-level", "warning", "asgi_app:app"]
         proc = subprocess.Popen(args, env=env, cwd=APPS)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -573,6 +564,7 @@ def test_starlette_under_gunicorn_uvicorn_workers_makes_one_issuance(
             proc.wait(30)
     assert [a.status_code for a in answers] == [200] * 48
     bodies = [a.json() for a in answers]
+    assert len({b["pid"] for b in bodies}) > 1  # several workers served
     assert len({b["token"] for b in bodies}) == 1
     assert sim.issued == 1 and sim.rate_limited == 0
 

@@ -34,18 +34,21 @@ def private_redis() -> Iterator[RedisServer]:
 
 
 def fleet_env(
-    sim: KisSimulator, storage: str, tmp_path: Path, redis: RedisServer
+    sim: KisSimulator, storage: str, tmp_path: Path, redis: RedisServer | None
 ) -> dict[str, str]:
+    """The environment of a fleet on ``storage`` (``redis``: a private server, needed only for
+    the Redis backend, as the fleets use the default key prefix)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KOREA_INVESTMENT_")}
     env.update(
         KOREA_INVESTMENT_BASE_URL=sim.base_url,
         KOREA_INVESTMENT_TOKEN_STORAGE=storage,
         KOREA_INVESTMENT_TOKEN_FILE=str(tmp_path / "cache" / "tokens.json"),
-        KOREA_INVESTMENT_REDIS_URL=redis.url,
         KIS_TEST_APP_KEY=APP_KEY,
         KIS_TEST_APP_SECRET=SECRET,
         PYTHONPATH=os.pathsep.join([str(APPS), env.get("PYTHONPATH", "")]),
     )
+    if redis is not None:
+        env["KOREA_INVESTMENT_REDIS_URL"] = redis.url
     return env
 
 
