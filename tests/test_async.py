@@ -43,6 +43,7 @@ from kis_safe_token import (
 from kis_safe_token.auth import RETRY_ATTEMPTS
 from kis_safe_token.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from kis_safe_token.storage.base import TokenStorage
+from kis_safe_token.storage.file import FileIssuanceLock
 from kis_safe_token.storage.redis import ACQUIRE_LUA, WAKE_TTL_MS
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import RedisServer, free_port
@@ -118,6 +119,36 @@ def lock_is_free(spec: dict[str, Any]) -> bool:
     if got is True:
         lock.release()
     return got is True
+
+
+def waiting_on_the_fleet_lock(
+    spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], int]:
+    """How many waiters are on the fleet's lock, by a real signal of each backend: Redis
+    clients blocked in ``BLPOP`` on a wake-up list (``CLIENT LIST`` flag ``b``); file locks whose
+    look found the lock taken (the file lock's own :meth:`FileIssuanceLock.look`, counted)."""
+    if spec["kind"] == "redis":
+        r = redis.from_url(spec["url"])
+        return lambda: sum("b" in c["flags"] for c in r.client_list())
+    refused: set[int] = set()
+    look = FileIssuanceLock.look
+
+    def counted(self: FileIssuanceLock) -> Any:
+        got = look(self)
+        if got is None:
+            refused.add(id(self))
+        return got
+
+    monkeypatch.setattr(FileIssuanceLock, "look", counted)
+    return lambda: len(refused)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Wait on the loop until ``condition()`` holds (a bounded wait, never a guess)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.01)
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -264,16 +295,20 @@ def test_task_cancelled_while_holding_the_lock_releases_it(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_task_cancelled_while_waiting_leaves_the_others_unharmed(
-    sim: KisSimulator, spec_of: Callable[[str], dict[str, Any]], backend: str
+    sim: KisSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec = spec_of(backend)
     # Three "processes" in one loop: each its own storage object, so each waits on the fleet lock.
     clients_storages = [build_storage(spec) for _ in range(3)]
+    waiting = waiting_on_the_fleet_lock(spec, monkeypatch)
 
     async def main(holder: SyncHolder) -> list[str]:
         clients = [client(s, sim) for s in clients_storages]
         calls = [asyncio.create_task(kis.fetch_price(SYMBOL)) for kis in clients]
-        await asyncio.sleep(0.3)  # all three are waiting on the holder (asserted below)
+        await until(lambda: waiting() >= 3, "all three tasks wait on the holder's lock")
         assert not any(c.done() for c in calls)
         calls[0].cancel()
         with pytest.raises(asyncio.CancelledError):
