@@ -661,3 +661,55 @@ def test_async_save_goes_through_the_lease_and_keeps_the_newest(
         in_thread(asyncio.run, main()).result(timeout=10).access_token == token("ours").access_token
     )
     assert other.load_token(K, S)["access_token"] == longer.access_token
+
+
+def test_a_task_cancelled_during_its_grant_gives_the_lease_back(
+    redis_url: str, key_prefix: str
+) -> None:
+    """Redis grants run in a worker thread, which a cancellation does not stop: a lease granted
+    after the task was cancelled is given back, not left to block the fleet for its ttl."""
+
+    def make_redis() -> SealedTokenStorage:
+        return LockedRedisTokenStorage(
+            redis_url,
+            key_prefix=key_prefix,
+            seed_lease=True,
+            wait_timeout=10.0,
+            lease_ttl=2.0,
+            issue_window_s=0,
+            lock_ttl=0.5,
+        )
+
+    storage = make_redis()
+    lease = storage._lease
+    assert lease is not None
+    entered, gate, returned = threading.Event(), threading.Event(), threading.Event()
+    grant = lease.try_grant
+
+    def gated(*args: Any) -> Any:
+        entered.set()
+        assert gate.wait(5)
+        try:
+            return grant(*args)
+        finally:
+            returned.set()
+
+    lease.try_grant = gated  # type: ignore[method-assign]
+
+    async def issue() -> Token:
+        raise AssertionError("a cancelled task must not issue")
+
+    async def main() -> None:
+        ours = AsyncStore(storage)
+        task = asyncio.create_task(ours.get_or_issue(K, S, issue))
+        assert await asyncio.to_thread(entered.wait, 5)  # the grant is on its way, in a thread
+        task.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await ours.aclose()
+
+    in_thread(asyncio.run, main()).result(timeout=10)
+    assert returned.wait(5)  # the grant did run (and took the lease for the loop's thread)
+    # Given back: a seed client is granted at once, not after the 2 s lease_ttl.
+    assert in_thread(make_redis().check_token_valid, K, S).result(timeout=1) is False

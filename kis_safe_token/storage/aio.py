@@ -327,7 +327,14 @@ class AsyncStore:
         deadline = time.monotonic() + storage.wait_timeout
         while True:
             await self._raise_failed(api_key, api_secret)
-            step = await self._run(partial(lease.try_grant, api_key, api_secret, owner))
+            look = asyncio.ensure_future(
+                self._run(partial(lease.try_grant, api_key, api_secret, owner))
+            )
+            try:
+                step = await asyncio.shield(look)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._abandon_grant(look, lease, api_key, owner))
+                raise
             if isinstance(step, bool):
                 return not step
             retry_at = time.monotonic() + lease.retry_in_s(step)
@@ -338,6 +345,22 @@ class AsyncStore:
                 await self._raise_failed(api_key, api_secret)
                 if await self._run(partial(lease.stored_valid, api_key, api_secret)):
                     return False
+
+    async def _abandon_grant(
+        self, look: asyncio.Future[Any], lease: SeedLease, api_key: str, owner: str
+    ) -> None:
+        """After a task was cancelled during a grant attempt that runs on in a worker thread
+        (Redis): let it finish and give back a lease it took, rather than leave the fleet
+        waiting for the lease to expire."""
+        try:
+            step = await look
+        except Exception:  # noqa: BLE001 - nothing was granted
+            return
+        if step is False:
+            try:
+                await self._run(partial(lease.released_by_delete, api_key, owner))
+            except TokenStorageError as exc:
+                logger.warning("could not give back the lease of a cancelled task: %s", exc)
 
     async def _failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         """:meth:`TokenStorage._failure`: this process's own record, else the store's."""
