@@ -713,3 +713,22 @@ def test_a_task_cancelled_during_its_grant_gives_the_lease_back(
     assert returned.wait(5)  # the grant did run (and took the lease for the loop's thread)
     # Given back: a seed client is granted at once, not after the 2 s lease_ttl.
     assert in_thread(make_redis().check_token_valid, K, S).result(timeout=1) is False
+
+
+def test_load_token_sees_a_save_that_lands_between_its_looks(make: Build) -> None:
+    """The holder's save ends its lease: a reader that found no token, then no lease, must look
+    at the token once more (played deterministically: the save lands right between the looks)."""
+    reader, holder = make(), make()
+    assert holder.check_token_valid(K, S) is False
+    lease = reader._lease
+    assert lease is not None
+    records = lease._records
+    held_by_other = records.held_by_other
+
+    def save_first(api_key: str, owner: str) -> bool:
+        assert holder.save_token(data(token()))
+        return held_by_other(api_key, owner)
+
+    records.held_by_other = save_first  # type: ignore[method-assign]
+    got = reader.load_token(K, S)
+    assert got is not None and got["access_token"] == token().access_token

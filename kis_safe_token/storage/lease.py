@@ -234,7 +234,9 @@ class SeedLease:
             if token is not None:
                 return token
             if time.monotonic() >= deadline or not self._records.held_by_other(api_key, owner):
-                return None
+                # Looked once more: the holder's save may have landed (and ended its lease)
+                # between the look above and this one.
+                return self._stored(api_key, api_secret)
             time.sleep(jittered(LEASE_POLL_S))
 
     def save(self, api_key: str, api_secret: str, token: Token, owner: str | None = None) -> None:
