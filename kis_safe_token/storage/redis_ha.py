@@ -29,16 +29,19 @@ SOCKET_TIMEOUT_S = 5.0
 def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
     """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs.
 
-    ``ValueError`` naming ``source`` and the expected form if ``value`` is empty or malformed.
+    ``ValueError`` naming ``source``, the entry's position and the expected form if ``value``
+    is empty or malformed; never the entry itself, which may hold a password
+    (``redis://:pw@host``, ``user:pw@host``).
     """
     expected = f"expected host[:port][,host[:port]…], e.g. 10.0.0.1:{default_port},10.0.0.2"
     nodes: list[tuple[str, int]] = []
-    for item in (value or "").split(","):
+    for position, item in enumerate((value or "").split(","), start=1):
         item = item.strip()
+        entry = f"{source} entry {position}"
         if not item:
             continue
         if "://" in item:
-            raise ValueError(f"{source} has a URL {item[:60]!r}, not an address; {expected}")
+            raise ValueError(f"{entry} is a URL, not an address; {expected}")
         if item.startswith("["):  # [::1]:26379
             host, _, rest = item[1:].partition("]")
             port_text = rest[1:] if rest.startswith(":") else rest
@@ -47,13 +50,13 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
         else:
             host, port_text = item, ""
         if not host or "/" in host or "@" in host or any(c.isspace() for c in host):
-            raise ValueError(f"{source} has a malformed address {item[:60]!r}; {expected}")
+            raise ValueError(f"{entry} is not a host name or address; {expected}")
         if port_text == "":
             port = default_port
         elif port_text.isdigit() and 0 < int(port_text) < 65536:
             port = int(port_text)
         else:
-            raise ValueError(f"{source} has a bad port in {item[:60]!r}; {expected}")
+            raise ValueError(f"{entry} has no valid port (1-65535); {expected}")
         nodes.append((host, port))
     if not nodes:
         raise ValueError(f"{source} names no node; {expected}")
