@@ -223,3 +223,27 @@ def test_environment_and_cli_build_a_working_cluster_storage(
     )
     from_cli = _storage(args)
     assert all(from_cli.load_token(f"ha-key-{n}", "ha-secret") for n in range(6))
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_cluster_client_leaves_retries_to_us(
+    redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    """redis-py's own cluster retries (10, with backoff, in redis-py 8) are off: one command
+    against a stale, dead slot owner fails at once (redis_retry then tries again, within the
+    caller's deadline)."""
+    from redis.cluster import ClusterNode
+
+    from kis_safe_token.storage.redis_ha import cluster_client
+    from kis_safe_token.testing.redis_server import free_port
+
+    client = cluster_client(redis_cluster.nodes[:1], connect_timeout_s=0.5)
+    assert client.retry.get_retries() == 0
+    key = f"{key_prefix}:stale"
+    client.nodes_manager.slots_cache[client.keyslot(key)] = [
+        ClusterNode("127.0.0.1", free_port())  # type: ignore[no-untyped-call]
+    ]
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.get(key)
+    assert time.monotonic() - started < 1.0

@@ -127,9 +127,11 @@ def cluster_client(
     """A ``RedisCluster`` that learns the slot table from the first seed of ``nodes`` it reaches.
 
     Connects at once (raises ``redis.exceptions.RedisClusterException`` or ``ConnectionError``
-    when no seed answers).
+    when no seed answers). redis-py's cluster-level retries (10 by default, with backoff) are
+    off: one attempt of ours must not outlast the caller's deadline.
     """
     from redis.cluster import ClusterNode, RedisCluster
+    from redis.retry import Retry
 
     if not nodes:
         raise ValueError("nodes must name at least one cluster node")
@@ -141,4 +143,22 @@ def cluster_client(
     if password:
         options["password"] = password
     seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-    return RedisCluster(startup_nodes=seeds, **options)
+    return RedisCluster(startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, Retry))
+
+
+def _no_cluster_retries(cluster_class: Any, retry_class: Any) -> dict[str, Any]:
+    """``cluster_class`` options that turn redis-py's own cluster-level retries off: a
+    ``retry`` of 0 (which redis-py 6+ uses for them, ignoring the deprecated
+    ``cluster_error_retry_attempts``) and, for redis-py 5, ``cluster_error_retry_attempts=0``."""
+    import inspect
+
+    import redis
+    from redis.backoff import NoBackoff
+
+    options: dict[str, Any] = {}
+    parameters = inspect.signature(cluster_class.__init__).parameters
+    if "retry" in parameters:
+        options["retry"] = retry_class(NoBackoff(), 0)
+    if int(redis.__version__.split(".")[0]) < 6 or "retry" not in parameters:
+        options["cluster_error_retry_attempts"] = 0  # pragma: no cover - redis-py 5
+    return options
