@@ -1,11 +1,13 @@
 """Configuration of the highly available Redis clients, without servers (issue 13 review):
-an address list never echoes an entry (it may hold a password)."""
+an address list never echoes an entry (it may hold a password), and an injected client that
+``redis_ha`` did not build still asks for its asyncio twin by name."""
 
 from __future__ import annotations
 
 import pytest
+import redis
 
-from kis_safe_token import create_token_storage
+from kis_safe_token import LockedRedisTokenStorage, create_token_storage
 from kis_safe_token.storage.redis_ha import parse_nodes
 
 SECRET = "s3cr3t-Pa55"
@@ -38,3 +40,9 @@ def test_a_bad_address_is_named_by_position_never_echoed(
     with pytest.raises(ValueError) as direct:
         parse_nodes(value, "nodes", 26379)
     assert SECRET not in str(direct.value)
+
+
+def test_an_injected_client_redis_ha_did_not_build_still_needs_redis_client() -> None:
+    storage = LockedRedisTokenStorage(client=redis.Redis(port=1))
+    with pytest.raises(ValueError, match="redis_client="):
+        storage.async_client()

@@ -33,6 +33,7 @@ from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 from .lease import RedisLeaseRecords
+from .redis_ha import async_builder_of
 from .redis_retry import redis_retry
 
 try:
@@ -201,7 +202,9 @@ class RedisTokenStorage(SealedTokenStorage):
             client = self._connect()
             self._where = _display_url(redis_url)
         else:
-            self._connect = self._async_connect = None
+            self._connect = None
+            # A Sentinel or Cluster client of redis_ha carries its redis.asyncio twin's builder.
+            self._async_connect = async_builder_of(client)
             self._where = _describe_client(client)
         self.redis_client = client
         self._scripts: dict[str, Any] = {}
@@ -229,8 +232,11 @@ class RedisTokenStorage(SealedTokenStorage):
     def async_client(self) -> Any:
         """A new ``redis.asyncio`` client on this storage's server, with its password and
         timeouts, for the asyncio side (:mod:`kis_safe_token.storage.aio`); its connections
-        belong to the event loop that first uses them. ``ValueError`` for a storage built on
-        an injected ``client``: pass the matching asyncio client yourself."""
+        belong to the event loop that first uses them. A storage built on a client of
+        :func:`.redis_ha.sentinel_client` or :func:`.redis_ha.cluster_client` (as the
+        environment's Sentinel and Cluster modes are) gets the matching asyncio Sentinel or
+        Cluster client. ``ValueError`` for any other injected ``client``: pass the matching
+        asyncio client yourself."""
         if self._async_connect is None:
             raise ValueError(
                 "this storage was built on an injected client: pass the matching "

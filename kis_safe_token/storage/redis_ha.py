@@ -8,13 +8,15 @@ re-resolves the primary (Sentinel) or the slot owner (Cluster).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "DEFAULT_CLUSTER_PORT",
     "DEFAULT_SENTINEL_PORT",
+    "async_builder_of",
     "cluster_client",
     "parse_nodes",
     "sentinel_client",
@@ -24,6 +26,17 @@ DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_CLUSTER_PORT = 6379
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
+
+#: The attribute a client built here carries: a builder of the matching ``redis.asyncio``
+#: client (same nodes, passwords, TLS, timeouts; no redis-py retries either).
+_ASYNC_BUILDER = "_kis_safe_token_async_builder"
+
+
+def async_builder_of(client: Any) -> Callable[[], Any] | None:
+    """The ``redis.asyncio`` twin builder of a client :func:`sentinel_client` or
+    :func:`cluster_client` made (``None`` for any other client)."""
+    builder = getattr(client, _ASYNC_BUILDER, None)
+    return builder if callable(builder) else None
 
 
 def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
@@ -112,7 +125,29 @@ def sentinel_client(
         list(sentinels), sentinel_kwargs=sentinel_kwargs, **data_kwargs
     )
     # No retries of redis-py's: one of ours asks the sentinels again (redis_retry).
-    return manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+    client = manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+    setattr(
+        client,
+        _ASYNC_BUILDER,
+        partial(_async_sentinel, list(sentinels), service_name, sentinel_kwargs, data_kwargs),
+    )
+    return client
+
+
+def _async_sentinel(
+    sentinels: list[tuple[str, int]],
+    service_name: str,
+    sentinel_kwargs: dict[str, Any],
+    data_kwargs: dict[str, Any],
+) -> Any:
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.backoff import NoBackoff
+
+    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=sentinel_kwargs, **data_kwargs
+    )
+    return manager.master_for(service_name, retry=AsyncRetry(NoBackoff(), 0))
 
 
 def cluster_client(
@@ -143,7 +178,11 @@ def cluster_client(
     if password:
         options["password"] = password
     seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-    return RedisCluster(startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, Retry))
+    client = RedisCluster(
+        startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, Retry)
+    )
+    setattr(client, _ASYNC_BUILDER, partial(_async_cluster, list(nodes), options))
+    return client
 
 
 def _no_cluster_retries(cluster_class: Any, retry_class: Any) -> dict[str, Any]:
@@ -162,3 +201,13 @@ def _no_cluster_retries(cluster_class: Any, retry_class: Any) -> dict[str, Any]:
     if int(redis.__version__.split(".")[0]) < 6 or "retry" not in parameters:
         options["cluster_error_retry_attempts"] = 0  # pragma: no cover - redis-py 5
     return options
+
+
+def _async_cluster(nodes: list[tuple[str, int]], options: dict[str, Any]) -> Any:
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    seeds = [ClusterNode(host, port) for host, port in nodes]
+    return RedisCluster(
+        startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, AsyncRetry)
+    )
