@@ -362,11 +362,14 @@ class AsyncStore:
         return deleted
 
     # -- the call-rate limiter --------------------------------------------------------------------
-    async def try_acquire(self, limiter: RateLimiter, max_wait_s: float) -> float | None:
+    async def try_acquire(
+        self, limiter: RateLimiter, max_wait_s: float, deadline: float | None = None
+    ) -> float | None:
         """``limiter.try_acquire(max_wait_s)`` without blocking the loop on a network: a
         :class:`RedisRateLimiter` on this store's Redis runs its one script on the
-        ``redis.asyncio`` client (retried through a failover like the lock); a file or memory
-        limiter runs inline (microseconds); any other limiter in a worker thread."""
+        ``redis.asyncio`` client (retried through a failover like the lock, no later than the
+        caller's ``deadline``); a file or memory limiter runs inline (microseconds); any other
+        limiter in a worker thread."""
         client = self._client
         if (
             isinstance(limiter, RedisRateLimiter)
@@ -378,23 +381,29 @@ class AsyncStore:
             script = client.register_script(RESERVE_LUA)
             reply = await redis_retry_async(
                 lambda: script(keys=keys, args=args),
-                deadline=time.monotonic() + limiter.retry_timeout_s,
+                deadline=limiter.retry_deadline(deadline),
                 what="rate limiter reserve",
                 where=self.storage._where,
             )
             return limiter.reserve_result(reply)
         if isinstance(limiter, _INLINE_LIMITERS):
             return limiter.try_acquire(max_wait_s)
+        if deadline is not None:
+            bounded: float | None = await asyncio.to_thread(
+                limiter._reserve_by, max_wait_s, deadline
+            )
+            return bounded
         wait: float | None = await asyncio.to_thread(limiter.try_acquire, max_wait_s)
         return wait
 
     @staticmethod
-    async def penalize(limiter: RateLimiter) -> bool:
+    async def penalize(limiter: RateLimiter, timeout_s: float | None = None) -> bool:
         """``limiter.penalize()`` (after ``EGW00201``; rare): inline for a file or memory
-        limiter, in a worker thread for any other (a Redis round trip, retried)."""
+        limiter, in a worker thread for any other (a Redis round trip, retried for at most
+        ``timeout_s``, the caller's budget left, where given)."""
         if isinstance(limiter, _INLINE_LIMITERS):
             return limiter.penalize()
-        started: bool = await asyncio.to_thread(limiter.penalize)
+        started: bool = await asyncio.to_thread(partial(limiter.penalize, timeout_s=timeout_s))
         return started
 
     async def load_token(self, api_key: str, api_secret: str) -> Token | None:
