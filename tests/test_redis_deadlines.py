@@ -1,6 +1,7 @@
 """Redis retries bounded by the caller's own deadline (issue 13 review): a rate-limit slot or an
 ``EGW00201`` slowdown on a dead Redis gives up within the caller's budget, not after the
-storage's ``retry_timeout_s`` (40 s in HA mode)."""
+storage's ``retry_timeout_s`` (40 s in HA mode); a holder saving the token KIS just gave
+retries until its own deadline, not for ``retry_timeout_s`` only."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from functools import partial
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio
+from test_redis_retry import TOKEN, FlakyRedis, sha
 
 from kis_safe_token import LockedRedisTokenStorage, TokenStorageError
 from kis_safe_token.storage.aio import AsyncStore
+from kis_safe_token.storage.lease import SAVE_NEWEST_LUA
 from kis_safe_token.testing.redis_server import free_port
+from kis_safe_token.token import Token
 
 BUDGET_S = 0.5
 #: The budget, one backoff pause and loopback connection refusals.
@@ -67,3 +73,74 @@ def test_async_acquire_and_penalize_on_a_dead_redis_give_up_within_the_budget(
 
     _fails_within_budget(lambda: asyncio.run(acquire()))
     _fails_within_budget(lambda: asyncio.run(AsyncStore.penalize(limiter, BUDGET_S)))
+
+
+# -- the holder's save ----------------------------------------------------------------------------
+
+#: Refused attempts of the save: with backoff from 0.05 s, about 1.5 s of outage, five times
+#: the stores' retry_timeout_s below.
+SAVE_OUTAGE = 8
+
+
+@pytest.fixture
+def flaky(redis_server: Any) -> FlakyRedis:
+    return FlakyRedis("127.0.0.1", redis_server.port)
+
+
+def _stored(flaky: FlakyRedis, key_prefix: str) -> Token | None:
+    fresh = LockedRedisTokenStorage(
+        client=redis.Redis(port=flaky.connection_pool.connection_kwargs["port"]),
+        key_prefix=key_prefix,
+    )
+    return fresh._read("key1", "secret1")
+
+
+@pytest.mark.parametrize("seed_lease", [False, True])
+def test_the_holder_retries_its_save_until_its_own_deadline(
+    flaky: FlakyRedis, key_prefix: str, seed_lease: bool
+) -> None:
+    # The extend goes through; then the save is refused for longer than retry_timeout_s.
+    storage = LockedRedisTokenStorage(
+        client=flaky,
+        key_prefix=key_prefix,
+        lock_ttl=5,
+        wait_timeout=20,
+        retry_timeout_s=0.3,
+        seed_lease=seed_lease,
+        lease_ttl=5,
+        issue_window_s=1,
+    )
+    save = sha(SAVE_NEWEST_LUA) if seed_lease else "pipeline"
+
+    def issue() -> Token:
+        flaky.down[save] = SAVE_OUTAGE
+        return TOKEN
+
+    assert storage.get_or_issue("key1", "secret1", issue) == TOKEN
+    assert flaky.calls[save] >= SAVE_OUTAGE + 1
+    assert _stored(flaky, key_prefix) == TOKEN
+
+
+def test_the_async_holder_retries_its_save_until_its_own_deadline(
+    flaky: FlakyRedis, key_prefix: str
+) -> None:
+    storage = LockedRedisTokenStorage(
+        client=flaky, key_prefix=key_prefix, lock_ttl=5, wait_timeout=20, retry_timeout_s=0.3
+    )
+    port = flaky.connection_pool.connection_kwargs["port"]
+
+    async def main() -> Token:
+        store = AsyncStore(storage, redis_client=redis.asyncio.Redis(port=port))
+
+        async def issue() -> Token:
+            flaky.down["pipeline"] = SAVE_OUTAGE  # the save runs on the sync client
+            return TOKEN
+
+        try:
+            return await store.get_or_issue("key1", "secret1", issue)
+        finally:
+            await store._client.aclose()
+
+    assert asyncio.run(main()) == TOKEN
+    assert flaky.calls["pipeline"] >= SAVE_OUTAGE + 1
+    assert _stored(flaky, key_prefix) == TOKEN

@@ -82,6 +82,10 @@ class AsyncIssuanceLock(ABC):
     async def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
         """Keep holding a lock that expires by itself."""
 
+    def save_deadline(self) -> float | None:
+        """See :meth:`~kis_safe_token.storage.base.IssuanceLock.save_deadline`."""
+        return None
+
     @abstractmethod
     async def release(self) -> None:
         """Release the lock (and wake the waiters, where the backend has any)."""
@@ -199,9 +203,13 @@ class AsyncRedisIssuanceLock(AsyncIssuanceLock):
         a failover then delays the save of a token KIS just gave instead of losing it."""
         keys, args = self._lock.extend_keys_args
         script = self._client.register_script(EXTEND_LUA)
-        deadline = max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
+        deadline = self.save_deadline()
         if not await self._call("PEXPIRE", lambda: script(keys=keys, args=args), deadline):
             self._lock.lapsed()
+
+    def save_deadline(self) -> float:
+        """This holder's deadline, at least ``retry_timeout_s`` from now."""
+        return max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
 
     async def release(self) -> None:
         keys, args = self._lock.release_keys_args
@@ -311,7 +319,9 @@ class AsyncStore:
     ) -> None:
         try:
             await lock.extend()
-            await self._run(partial(self.storage._write, api_key, api_secret, token))
+            await self._run(
+                partial(self.storage._write_until, api_key, api_secret, token, lock.save_deadline())
+            )
         except TokenStorageError as exc:
             logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
 

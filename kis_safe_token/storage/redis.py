@@ -296,7 +296,13 @@ class RedisTokenStorage(SealedTokenStorage):
         return self._sealer(api_key, api_secret).open(raw)
 
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
-        """Save ``token`` with a TTL of its time left and clear the failure record.
+        self._write_until(api_key, api_secret, token, None)
+
+    def _write_until(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None
+    ) -> None:
+        """Save ``token`` with a TTL of its time left and clear the failure record, retried
+        until ``deadline`` (default: ``retry_timeout_s`` from now).
 
         A token this host's clock already sees as expired is refused, never written as a
         delete: a host whose clock runs a day fast must not wipe the fleet's good token.
@@ -315,7 +321,7 @@ class RedisTokenStorage(SealedTokenStorage):
             pipe.delete(f"{key}:failure")
             return pipe.execute()
 
-        self._call("SET", save)
+        self._call("SET", save, deadline)
 
     def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         key = f"{self._get_redis_key(api_key)}:failure"
@@ -548,13 +554,14 @@ class RedisIssuanceLock(IssuanceLock):
         storage = self._storage
         script = storage._script(EXTEND_LUA)
         keys, args = self.extend_keys_args
-        kept = storage._call(
-            "PEXPIRE",
-            lambda: script(keys=keys, args=args),
-            max(self._deadline, time.monotonic() + storage.retry_timeout_s),
-        )
+        kept = storage._call("PEXPIRE", lambda: script(keys=keys, args=args), self.save_deadline())
         if not kept:
             self.lapsed()
+
+    def save_deadline(self) -> float:
+        """This holder's deadline, at least ``retry_timeout_s`` from now: the extend and the
+        save of a token KIS just gave retry a failover that long."""
+        return max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
 
     def lapsed(self) -> None:
         """Say that the lock expired while held (an extend found another owner or none)."""
