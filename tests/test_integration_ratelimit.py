@@ -283,6 +283,39 @@ def test_one_slot_per_send_the_refresh_resend_included(
     assert (limiter.slots, metered_sim.counts["price_requests"]) == (3, 3)
 
 
+class _IssuanceRecorder(MemoryRateLimiter):
+    """A fast limiter that records, at each slot taken, how many tokens the simulator had
+    issued by then."""
+
+    def __init__(self, sim: KisSimulator) -> None:
+        super().__init__("integration-order", 1000)
+        self.sim = sim
+        self.issued_at_slot: list[int] = []
+
+    def acquire(self, timeout_s: float = 30.0) -> float:
+        self.issued_at_slot.append(self.sim.issued)
+        return super().acquire(timeout_s)
+
+
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_the_slot_is_taken_once_the_token_is_in_hand(
+    name: str, ctx: ScenarioContext, metered_sim: KisSimulator
+) -> None:
+    """A call that must wait for a token issuance takes its slot after the token is in hand,
+    as ``KisAuth`` does: a slot taken first would pass unused during the wait, and the calls
+    queued behind the issuance would then all go at once when the token lands."""
+    _require(name)
+    limiter = _IssuanceRecorder(metered_sim)
+    client, shared = build(name, ctx, rate_limiter=limiter)
+    client.round(0)
+    issued = metered_sim.issued
+    metered_sim.issue_window_s = 0  # KIS's one-a-minute window is not what this is about
+    shared.invalidate(shared.token.access_token)  # neither memory nor store: the next issues
+    client.round(1)
+    assert metered_sim.issued == issued + 1
+    assert limiter.issued_at_slot[-1] == issued + 1
+
+
 @pytest.mark.parametrize("name", ["korea_investment_stock", "mojito"])
 def test_the_hashkey_call_takes_a_slot_too(
     name: str, ctx: ScenarioContext, metered_sim: KisSimulator
