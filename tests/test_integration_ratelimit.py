@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from upstream_herd import (
     UPSTREAM_APP_KEY,
+    UPSTREAM_CLIENTS,
     UPSTREAM_SECRET,
     ScenarioClient,
     ScenarioContext,
-    require_client,
+    require_upstream,
     run_upstream_herd,
     upstream_simulator,
 )
@@ -32,21 +33,14 @@ from kis_safe_token.storage import FileTokenStorage
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.simulator import REAL_CALLS_PER_SECOND
 
-#: client -> (module to import, the Python it needs), as the per-client test modules require.
-CLIENTS: dict[str, tuple[str, tuple[int, int]]] = {
-    "korea_investment_stock": ("korea_investment_stock", (3, 11)),
-    "mojito": ("mojito", (3, 10)),
-    "pykis": ("pykis", (3, 10)),
-    "kis_trader": ("kis_trader", (3, 11)),
-}
+CLIENTS = UPSTREAM_CLIENTS
 PROCESSES, CALLS = 4, 15
 DEFAULT_RATE = 18.0  # 90 % of KIS's 20/s for a real account
 
 
 def _require(name: str) -> None:
     """The client (imported here, in the parent, before any fork), or a skip outside CI."""
-    module, min_python = CLIENTS[name]
-    require_client(module, min_python=min_python)
+    require_upstream(name)
 
 
 def build(name: str, ctx: ScenarioContext, **rate: Any) -> tuple[ScenarioClient, SharedToken]:

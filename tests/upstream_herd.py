@@ -55,11 +55,13 @@ from kis_safe_token.testing import KisSimulator
 __all__ = [
     "UPSTREAM_ACCOUNT",
     "UPSTREAM_APP_KEY",
+    "UPSTREAM_CLIENTS",
     "UPSTREAM_SECRET",
     "ScenarioClient",
     "ScenarioContext",
     "UpstreamHerdResult",
     "require_client",
+    "require_upstream",
     "run_upstream_herd",
     "upstream_simulator",
 ]
@@ -68,6 +70,15 @@ UPSTREAM_APP_KEY = "PSupstreamHerdKey".ljust(36, "0")
 UPSTREAM_SECRET = "upstream-herd-secret-".ljust(180, "u")
 UPSTREAM_ACCOUNT = "50000000-01"
 SYMBOL = "005930"
+
+#: The clients with an integration: name (of ``upstream_clients.<name>_scenario`` and of
+#: ``kis_safe_token.integrations.<name>``) -> (the module to import, the Python it needs).
+UPSTREAM_CLIENTS: dict[str, tuple[str, tuple[int, int]]] = {
+    "korea_investment_stock": ("korea_investment_stock", (3, 11)),
+    "mojito": ("mojito", (3, 10)),
+    "pykis": ("pykis", (3, 10)),
+    "kis_trader": ("kis_trader", (3, 11)),
+}
 
 
 def require_client(module: str, min_python: tuple[int, int] = (3, 10)) -> ModuleType:
@@ -86,6 +97,13 @@ def require_client(module: str, min_python: tuple[int, int] = (3, 10)) -> Module
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             raise
         pytest.skip(f"{module} is not installed ({exc})", allow_module_level=True)
+
+
+def require_upstream(name: str) -> ModuleType:
+    """:func:`require_client` for the client of :data:`UPSTREAM_CLIENTS` named ``name``, from
+    inside a test (imported in the parent, before any fork)."""
+    module, min_python = UPSTREAM_CLIENTS[name]
+    return require_client(module, min_python=min_python)
 
 
 def upstream_simulator(**kwargs: Any) -> KisSimulator:
