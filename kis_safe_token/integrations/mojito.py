@@ -61,10 +61,8 @@ moves them):
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import inspect
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -79,22 +77,14 @@ from ._client_token import (
     too_many_calls,
 )
 
-_mojito = require("mojito", "mojito2")
+UPSTREAM_VERSION = "0.1.6"
+"""The mojito2 release these overrides were written and tested against."""
+
+_mojito = require("mojito", "mojito2", version=UPSTREAM_VERSION)
 _UpstreamKoreaInvestment: Any = _mojito.KoreaInvestment
 
 __all__ = ["REFRESHING_METHODS", "UPSTREAM_VERSION", "KoreaInvestment"]
 
-UPSTREAM_VERSION = "0.1.6"
-"""The mojito2 release these overrides were written and tested against."""
-
-if importlib.metadata.version("mojito2") != UPSTREAM_VERSION:  # pragma: no cover
-    warnings.warn(
-        f"kis_safe_token.integrations.mojito was tested with mojito2 {UPSTREAM_VERSION}, not "
-        f"{importlib.metadata.version('mojito2')}: pin it with "
-        "pip install 'kis-safe-token[mojito2]'",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 _TOKEN_METHODS = frozenset(
     {"__init__", "set_base_url", "issue_access_token", "check_access_token", "load_access_token"}
