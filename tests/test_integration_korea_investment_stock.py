@@ -18,7 +18,7 @@ from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
     require_client,
-    run_upstream_herd,
+    run_shipped_herd,
     upstream_simulator,
 )
 
@@ -68,11 +68,9 @@ def price_ok(answer: dict[str, Any]) -> bool:
 
 # -- the fleet -------------------------------------------------------------------------------------
 def test_as_shipped_the_herd_crashes_and_pickles_its_cache(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so its zeros above mean something)."""
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:shipped", 4, None, sim.base_url, folder=tmp_path, sim=sim, rounds=1
-        )
+    """The harness sees what the integration fixes (so the zeros of its herd test in
+    ``test_integration_herds.py`` mean something)."""
+    result = run_shipped_herd(SCENARIO, tmp_path, rounds=1)
     assert result.rate_limited == [3] and result.crashed() == 3, result.summary()
     assert all("HTTPError: 403" in e for e in result.errors()), result.summary()
     assert "home:.cache/kis/token.key" in result.cache_files()

@@ -18,7 +18,7 @@ from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
     require_client,
-    run_upstream_herd,
+    run_shipped_herd,
     upstream_simulator,
 )
 
@@ -67,17 +67,9 @@ def price_ok(answer: dict[str, Any]) -> bool:
 
 # -- the fleet -------------------------------------------------------------------------------------
 def test_as_shipped_the_herd_crashes_and_cannot_refresh(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so its zeros above mean something)."""
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:shipped",
-            4,
-            None,
-            sim.base_url,
-            folder=tmp_path,
-            sim=sim,
-            between_rounds=lambda _: sim.expire_tokens(),
-        )
+    """The harness sees what the integration fixes (so the zeros of its herd test in
+    ``test_integration_herds.py`` mean something)."""
+    result = run_shipped_herd(SCENARIO, tmp_path)
     assert result.rate_limited[0] == 3 and result.crashed(0) == 3, result.summary()
     assert all("KeyError: 'access_token'" in e for e in result.errors(0)), result.summary()
     assert [e.split(": ", 1)[1] for e in result.errors(1)] == [

@@ -20,7 +20,7 @@ from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
     require_client,
-    run_upstream_herd,
+    run_shipped_herd,
     upstream_simulator,
 )
 
@@ -92,11 +92,9 @@ def stored(storage: FileTokenStorage, key: str = KEY, secret: str = SECRET) -> s
 
 # -- the fleet -------------------------------------------------------------------------------------
 def test_as_shipped_the_herd_crashes_and_writes_its_plaintext_cache(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so the zeros above mean something)."""
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:shipped", 4, None, sim.base_url, folder=tmp_path, sim=sim
-        )
+    """The harness sees what the integration fixes (so the zeros of its herd test in
+    ``test_integration_herds.py`` mean something)."""
+    result = run_shipped_herd(SCENARIO, tmp_path, expire_between=False)
     assert result.rate_limited[0] == 3 and result.crashed(0) == 3, result.summary()
     assert all("KisHTTPError" in e and RATE_LIMITED in e for e in result.errors(0))
     assert any(f.startswith("home:.pykis/cache/token_real_") for f in result.cache_files())

@@ -62,6 +62,7 @@ __all__ = [
     "UpstreamHerdResult",
     "require_client",
     "require_upstream",
+    "run_shipped_herd",
     "run_upstream_herd",
     "upstream_simulator",
 ]
@@ -104,6 +105,26 @@ def require_upstream(name: str) -> ModuleType:
     inside a test (imported in the parent, before any fork)."""
     module, min_python = UPSTREAM_CLIENTS[name]
     return require_client(module, min_python=min_python)
+
+
+def run_shipped_herd(
+    scenario: str, folder: Path, *, rounds: int = 2, expire_between: bool = True
+) -> UpstreamHerdResult:
+    """The baseline of an integration's herd test: 4 processes of the client as shipped
+    (``<scenario module>:shipped``: its own token cache, no storage of ours) against a fresh
+    :func:`upstream_simulator`, for ``rounds`` rounds, every token expired server-side between
+    them if ``expire_between``."""
+    with upstream_simulator() as sim:
+        return run_upstream_herd(
+            f"{scenario}:shipped",
+            4,
+            None,
+            sim.base_url,
+            folder=folder,
+            sim=sim,
+            rounds=rounds,
+            between_rounds=(lambda _: sim.expire_tokens()) if expire_between else None,
+        )
 
 
 def upstream_simulator(**kwargs: Any) -> KisSimulator:
