@@ -236,7 +236,9 @@ class AsyncSharedToken(TokenSettings):
         return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
 
     async def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock)."""
+        """Ask KIS for an approval key (called by the store, holding the issuance lock), in a
+        slot of the fleet's rate limit: KIS meters the approval call with the REST calls."""
+        await self.throttle()
         try:
             resp = await self._http.post(
                 f"{self.base_url}{APPROVAL_PATH}",
