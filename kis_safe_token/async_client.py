@@ -177,7 +177,7 @@ class AsyncKoreaInvestment(ClientSettings):
         first = time.monotonic()
         attempt = 0
         while attempt < RETRY_ATTEMPTS and _too_many_calls(resp):
-            await self.shared_token.penalize()
+            await self.shared_token.penalize(RETRY_BUDGET_S - (time.monotonic() - first))
             pause = backoff_s(attempt)
             left = RETRY_BUDGET_S - (time.monotonic() - first) - pause
             if left <= 0:

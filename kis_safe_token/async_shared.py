@@ -174,12 +174,13 @@ class AsyncSharedToken(TokenSettings):
             timeout_s, try_acquire=partial(self._store.try_acquire, limiter)
         )
 
-    async def penalize(self) -> None:
+    async def penalize(self, timeout_s: float | None = None) -> None:
         """KIS answered ``EGW00201`` anyway: slow the fleet's rate down for a while (see
-        :meth:`RateLimiter.penalize`); a no-op without a limiter."""
+        :meth:`RateLimiter.penalize`; ``timeout_s``: the caller's budget left); a no-op without
+        a limiter."""
         limiter = self.rate_limiter
         if limiter is not None:
-            await self._store.penalize(limiter)
+            await self._store.penalize(limiter, timeout_s)
 
     async def approval_key(self) -> str:
         """The websocket approval key (``POST /oauth2/Approval``), shared like the token and
@@ -235,7 +236,9 @@ class AsyncSharedToken(TokenSettings):
         return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
 
     async def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock)."""
+        """Ask KIS for an approval key (called by the store, holding the issuance lock), in a
+        slot of the fleet's rate limit: KIS meters the approval call with the REST calls."""
+        await self.throttle()
         try:
             resp = await self._http.post(
                 f"{self.base_url}{APPROVAL_PATH}",

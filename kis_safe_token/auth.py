@@ -180,7 +180,7 @@ class _Resend:
         ):
             limiter = self.shared.rate_limiter
             if limiter is not None:
-                limiter.penalize()
+                limiter.penalize(timeout_s=RETRY_BUDGET_S - (time.monotonic() - first))
             pause = backoff_s(attempt)
             left = RETRY_BUDGET_S - (time.monotonic() - first) - pause
             if left <= 0:

@@ -291,7 +291,9 @@ class SharedToken(TokenSettings):
         return deleted
 
     def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock)."""
+        """Ask KIS for an approval key (called by the store, holding the issuance lock), in a
+        slot of the fleet's rate limit: KIS meters the approval call with the REST calls."""
+        self.throttle()
         return issue_approval_key(
             self._session,
             self.base_url,

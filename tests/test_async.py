@@ -388,7 +388,9 @@ def test_every_uapi_call_takes_a_slot_of_the_limiter(
             await kis.approval_key()
 
     run(main())
-    assert limiter.taken == 3 == sim.counts["uapi_calls"]  # not for tokenP nor Approval
+    # One slot per /uapi/ call and one for the Approval call (metered with them); none for tokenP.
+    assert sim.counts["uapi_calls"] == 3 and sim.counts["approval_requests"] == 1
+    assert limiter.taken == 4
     off = client(storage, sim, calls_per_second=0)
     assert off.rate_limiter is None
     with pytest.raises(ValueError, match="calls_per_second"):

@@ -18,7 +18,7 @@ from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
     require_client,
-    run_upstream_herd,
+    run_shipped_herd,
     upstream_simulator,
 )
 
@@ -66,53 +66,10 @@ def price_ok(answer: dict[str, Any]) -> bool:
 
 
 # -- the fleet -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["file", "redis"])
-def test_herd_of_16_makes_one_issuance_then_one_refresh(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    spec: dict[str, Any] = (
-        {"kind": "file", "path": str(tmp_path / "shared" / "token.json")}
-        if backend == "file"
-        else {
-            "kind": "redis",
-            "url": request.getfixturevalue("redis_url"),
-            "key_prefix": request.getfixturevalue("key_prefix"),
-        }
-    )
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:integrated",
-            16,
-            spec,
-            sim.base_url,
-            folder=tmp_path / "herd",
-            sim=sim,
-            between_rounds=lambda _: sim.expire_tokens(),
-        )
-        expired_answers = sim.counts[TOKEN_EXPIRED]
-    assert not result.harness_errors, result.summary()
-    assert result.errors() == [], result.summary()
-    assert result.issued == [1, 1], result.summary()  # start, then after the server-side expiry
-    assert result.rate_limited == [0, 0] and result.crashed() == 0, result.summary()
-    assert len(result.round_rows(1)) == 16
-    assert len(result.tokens(0)) == 1 and len(result.tokens(1)) == 1
-    assert result.tokens(0) != result.tokens(1)
-    assert expired_answers >= 1  # round 1 met the expiry and refreshed (mojito alone cannot)
-    assert result.cache_files() == []  # no token.dat in any working directory
-
-
 def test_as_shipped_the_herd_crashes_and_cannot_refresh(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so its zeros above mean something)."""
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:shipped",
-            4,
-            None,
-            sim.base_url,
-            folder=tmp_path,
-            sim=sim,
-            between_rounds=lambda _: sim.expire_tokens(),
-        )
+    """The harness sees what the integration fixes (so the zeros of its herd test in
+    ``test_integration_herds.py`` mean something)."""
+    result = run_shipped_herd(SCENARIO, tmp_path)
     assert result.rate_limited[0] == 3 and result.crashed(0) == 3, result.summary()
     assert all("KeyError: 'access_token'" in e for e in result.errors(0)), result.summary()
     assert [e.split(": ", 1)[1] for e in result.errors(1)] == [

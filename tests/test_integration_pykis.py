@@ -20,7 +20,7 @@ from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
     require_client,
-    run_upstream_herd,
+    run_shipped_herd,
     upstream_simulator,
 )
 
@@ -91,47 +91,10 @@ def stored(storage: FileTokenStorage, key: str = KEY, secret: str = SECRET) -> s
 
 
 # -- the fleet -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["file", "redis"])
-def test_herd_of_16_makes_one_issuance_then_one_refresh(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    spec: dict[str, Any] = (
-        {"kind": "file", "path": str(tmp_path / "shared" / "token.json")}
-        if backend == "file"
-        else {
-            "kind": "redis",
-            "url": request.getfixturevalue("redis_url"),
-            "key_prefix": request.getfixturevalue("key_prefix"),
-        }
-    )
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:integrated",
-            16,
-            spec,
-            sim.base_url,
-            folder=tmp_path / "herd",
-            sim=sim,
-            between_rounds=lambda _: sim.expire_tokens(),
-        )
-        expired_answers = sim.counts[TOKEN_EXPIRED]
-    assert not result.harness_errors, result.summary()
-    assert result.errors() == [], result.summary()
-    assert result.issued == [1, 1], result.summary()  # start, then after the server-side expiry
-    assert result.rate_limited == [0, 0] and result.crashed() == 0, result.summary()
-    assert len(result.round_rows(1)) == 16
-    assert len(result.tokens(0)) == 1 and len(result.tokens(1)) == 1
-    assert result.tokens(0) != result.tokens(1)
-    assert expired_answers == 16  # every process met the expiry in pykis's loop and went on
-    assert result.cache_files() == []  # no ~/.pykis/cache/token_real_*.json anywhere
-
-
 def test_as_shipped_the_herd_crashes_and_writes_its_plaintext_cache(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so the zeros above mean something)."""
-    with upstream_simulator() as sim:
-        result = run_upstream_herd(
-            f"{SCENARIO}:shipped", 4, None, sim.base_url, folder=tmp_path, sim=sim
-        )
+    """The harness sees what the integration fixes (so the zeros of its herd test in
+    ``test_integration_herds.py`` mean something)."""
+    result = run_shipped_herd(SCENARIO, tmp_path, expire_between=False)
     assert result.rate_limited[0] == 3 and result.crashed(0) == 3, result.summary()
     assert all("KisHTTPError" in e and RATE_LIMITED in e for e in result.errors(0))
     assert any(f.startswith("home:.pykis/cache/token_real_") for f in result.cache_files())

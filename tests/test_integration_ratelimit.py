@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from upstream_herd import (
     UPSTREAM_APP_KEY,
+    UPSTREAM_CLIENTS,
     UPSTREAM_SECRET,
     ScenarioClient,
     ScenarioContext,
-    require_client,
+    require_upstream,
     run_upstream_herd,
     upstream_simulator,
 )
@@ -32,21 +33,14 @@ from kis_safe_token.storage import FileTokenStorage
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.simulator import REAL_CALLS_PER_SECOND
 
-#: client -> (module to import, the Python it needs), as the per-client test modules require.
-CLIENTS: dict[str, tuple[str, tuple[int, int]]] = {
-    "korea_investment_stock": ("korea_investment_stock", (3, 11)),
-    "mojito": ("mojito", (3, 10)),
-    "pykis": ("pykis", (3, 10)),
-    "kis_trader": ("kis_trader", (3, 11)),
-}
+CLIENTS = UPSTREAM_CLIENTS
 PROCESSES, CALLS = 4, 15
 DEFAULT_RATE = 18.0  # 90 % of KIS's 20/s for a real account
 
 
 def _require(name: str) -> None:
     """The client (imported here, in the parent, before any fork), or a skip outside CI."""
-    module, min_python = CLIENTS[name]
-    require_client(module, min_python=min_python)
+    require_upstream(name)
 
 
 def build(name: str, ctx: ScenarioContext, **rate: Any) -> tuple[ScenarioClient, SharedToken]:
@@ -281,6 +275,39 @@ def test_one_slot_per_send_the_refresh_resend_included(
     metered_sim.expire_tokens()
     client.round(1)
     assert (limiter.slots, metered_sim.counts["price_requests"]) == (3, 3)
+
+
+class _IssuanceRecorder(MemoryRateLimiter):
+    """A fast limiter that records, at each slot taken, how many tokens the simulator had
+    issued by then."""
+
+    def __init__(self, sim: KisSimulator) -> None:
+        super().__init__("integration-order", 1000)
+        self.sim = sim
+        self.issued_at_slot: list[int] = []
+
+    def acquire(self, timeout_s: float = 30.0) -> float:
+        self.issued_at_slot.append(self.sim.issued)
+        return super().acquire(timeout_s)
+
+
+@pytest.mark.parametrize("name", list(CLIENTS))
+def test_the_slot_is_taken_once_the_token_is_in_hand(
+    name: str, ctx: ScenarioContext, metered_sim: KisSimulator
+) -> None:
+    """A call that must wait for a token issuance takes its slot after the token is in hand,
+    as ``KisAuth`` does: a slot taken first would pass unused during the wait, and the calls
+    queued behind the issuance would then all go at once when the token lands."""
+    _require(name)
+    limiter = _IssuanceRecorder(metered_sim)
+    client, shared = build(name, ctx, rate_limiter=limiter)
+    client.round(0)
+    issued = metered_sim.issued
+    metered_sim.issue_window_s = 0  # KIS's one-a-minute window is not what this is about
+    shared.invalidate(shared.token.access_token)  # neither memory nor store: the next issues
+    client.round(1)
+    assert metered_sim.issued == issued + 1
+    assert limiter.issued_at_slot[-1] == issued + 1
 
 
 @pytest.mark.parametrize("name", ["korea_investment_stock", "mojito"])

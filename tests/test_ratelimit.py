@@ -193,6 +193,9 @@ def test_every_call_takes_a_slot(sim: KisSimulator, token_path: Path) -> None:
         params={"FID_INPUT_ISCD": "005930"},
     )
     assert Counting.taken == 4 == sim.counts["uapi_calls"]
+    # The Approval call takes one too (KIS meters it with the REST calls); tokenP took none.
+    broker.approval_key  # noqa: B018
+    assert Counting.taken == 5 and sim.counts["approval_requests"] == 1
 
 
 # -- EGW00201 anyway: back off, retry, bounded ----------------------------------------------------

@@ -8,6 +8,7 @@ Each topology is started once per test process (session fixtures) and healed aft
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -223,3 +224,83 @@ def test_environment_and_cli_build_a_working_cluster_storage(
     )
     from_cli = _storage(args)
     assert all(from_cli.load_token(f"ha-key-{n}", "ha-secret") for n in range(6))
+
+
+# -- the asyncio clients on Sentinel and Cluster, configured from the environment -----------------
+
+ASYNC_APP_KEY, ASYNC_SECRET = "ha-async-key", "ha-async-secret"
+
+
+def _async_then_sync_share_one_token(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AsyncSharedToken whose storage comes from ``env`` gets a token from the simulator; a
+    sync SharedToken on the same environment reads that one instead of issuing its own."""
+    from kis_safe_token import AsyncSharedToken, SharedToken
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with KisSimulator(apps={ASYNC_APP_KEY: ASYNC_SECRET}) as sim:
+
+        async def main() -> Token:
+            shared = AsyncSharedToken(ASYNC_APP_KEY, ASYNC_SECRET, base_url=sim.base_url)
+            try:
+                return await shared.token()
+            finally:
+                await shared.aclose()
+
+        got = asyncio.run(main())
+        with SharedToken(ASYNC_APP_KEY, ASYNC_SECRET, base_url=sim.base_url) as sync:
+            assert sync.token == got
+        assert sim.issued == 1
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_async_client_on_sentinel_from_the_environment_shares_the_token_with_a_sync_one(
+    sentinel_set: LocalSentinelSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+        "KOREA_INVESTMENT_REDIS_MODE": "sentinel",
+        "KOREA_INVESTMENT_REDIS_SENTINELS": ",".join(f"{h}:{p}" for h, p in sentinel_set.sentinels),
+        "KOREA_INVESTMENT_REDIS_SENTINEL_SERVICE": "mymaster",
+    }
+    _async_then_sync_share_one_token(env, monkeypatch)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_async_client_on_cluster_from_the_environment_shares_the_token_with_a_sync_one(
+    redis_cluster: LocalRedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+        "KOREA_INVESTMENT_REDIS_MODE": "cluster",
+        "KOREA_INVESTMENT_REDIS_CLUSTER_NODES": ",".join(
+            f"{h}:{p}" for h, p in redis_cluster.nodes[:2]
+        ),
+    }
+    _async_then_sync_share_one_token(env, monkeypatch)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_cluster_client_leaves_retries_to_us(
+    redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    """redis-py's own cluster retries (10, with backoff, in redis-py 8) are off, in the sync
+    client and its asyncio twin: one command against a stale, dead slot owner fails at once
+    (redis_retry then tries again, within the caller's deadline)."""
+    from redis.cluster import ClusterNode
+
+    from kis_safe_token.storage.redis_ha import async_builder_of, cluster_client
+    from kis_safe_token.testing.redis_server import free_port
+
+    client = cluster_client(redis_cluster.nodes[:1], connect_timeout_s=0.5)
+    assert client.retry.get_retries() == 0
+    builder = async_builder_of(client)
+    assert builder is not None and builder().retry.get_retries() == 0
+    key = f"{key_prefix}:stale"
+    client.nodes_manager.slots_cache[client.keyslot(key)] = [
+        ClusterNode("127.0.0.1", free_port())  # type: ignore[no-untyped-call]
+    ]
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        client.get(key)
+    assert time.monotonic() - started < 1.0

@@ -253,11 +253,11 @@ CLUSTER = {"KOREA_INVESTMENT_TOKEN_STORAGE": "redis", "KOREA_INVESTMENT_REDIS_MO
         (SENTINEL, "KOREA_INVESTMENT_REDIS_SENTINELS names no node"),
         (
             {**SENTINEL, "KOREA_INVESTMENT_REDIS_SENTINELS": "10.0.0.1:99999"},
-            "KOREA_INVESTMENT_REDIS_SENTINELS has a bad port",
+            "KOREA_INVESTMENT_REDIS_SENTINELS entry 1 has no valid port",
         ),
         (
             {**SENTINEL, "KOREA_INVESTMENT_REDIS_SENTINELS": "redis://10.0.0.1"},
-            "KOREA_INVESTMENT_REDIS_SENTINELS has a URL",
+            "KOREA_INVESTMENT_REDIS_SENTINELS entry 1 is a URL",
         ),
         (
             {

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import requests
 from conftest import APP_KEY, SECRET
 
 from kis_safe_token.kis import PRICE_PATH, PRICE_TR_ID
 from kis_safe_token.testing import KisSimulator
+from kis_safe_token.testing.simulator import (
+    KIS_LIMITS,
+    REAL_CALLS_PER_SECOND,
+    VIRTUAL_CALLS_PER_SECOND,
+)
 
 
 def quote(sim: KisSimulator, params: dict[str, str]) -> dict:
@@ -37,3 +43,79 @@ def test_a_quote_carries_the_fields_the_upstream_clients_parse(sim: KisSimulator
     kis_trader = "stck_oprc stck_hgpr stck_lwpr stck_sdpr prdy_vrss_sign w52_hgpr w52_lwpr"
     assert set((pykis + " " + kis_trader).split()) <= set(output)
     assert int(output["stck_llam"]) <= int(output["stck_prpr"]) <= int(output["stck_mxpr"])
+
+
+# -- the call-rate limit per app key (issue 12 item 5) ------------------------------------------
+FROZEN = 1_000.5  # one second of the simulator's clock for the whole test: no window rolls over
+
+
+def _codes(sim: KisSimulator, app_key: str, calls: int) -> list[str]:
+    """``msg_cd`` of ``calls`` ``/uapi/`` calls of ``app_key`` without a token: ``EGW00121``
+    when the simulator answers the call, ``EGW00201`` when it refuses it over the limit."""
+    with requests.Session() as session:
+        return [
+            session.get(f"{sim.base_url}{PRICE_PATH}", headers={"appkey": app_key}, timeout=5)
+            .json()
+            .get("msg_cd", "")
+            for _ in range(calls)
+        ]
+
+
+def _approval(sim: KisSimulator, app_key: str) -> requests.Response:
+    body = {"grant_type": "client_credentials", "appkey": app_key, "secretkey": "s"}
+    return requests.post(f"{sim.base_url}/oauth2/Approval", json=body, timeout=5)
+
+
+def test_metering_is_off_by_default() -> None:
+    with KisSimulator(clock=lambda: FROZEN) as sim:
+        codes = _codes(sim, "A", VIRTUAL_CALLS_PER_SECOND + REAL_CALLS_PER_SECOND + 1)
+    assert sim.limit_for("A") is None
+    assert "EGW00201" not in codes and sim.too_many_calls == 0
+
+
+@pytest.mark.parametrize("kis", ["kis", True])
+def test_kis_limits_are_20_real_and_2_virtual_per_app_key(kis: object) -> None:
+    with KisSimulator(calls_per_second=kis, virtual_apps={"V"}, clock=lambda: FROZEN) as sim:  # type: ignore[arg-type]
+        real = _codes(sim, "R", REAL_CALLS_PER_SECOND + 1)
+        virtual = _codes(sim, "V", VIRTUAL_CALLS_PER_SECOND + 1)
+    assert "EGW00201" not in real[:-1] and real[-1] == "EGW00201"
+    assert "EGW00201" not in virtual[:-1] and virtual[-1] == "EGW00201"
+    assert sim.peak_calls_per_second == {
+        "R": REAL_CALLS_PER_SECOND,
+        "V": VIRTUAL_CALLS_PER_SECOND,
+    }
+    assert sim.too_many_calls == 2
+
+
+def test_a_mock_simulator_gives_every_app_key_the_virtual_limit() -> None:
+    with KisSimulator(calls_per_second=KIS_LIMITS, mock=True, clock=lambda: FROZEN) as sim:
+        codes = _codes(sim, "any", VIRTUAL_CALLS_PER_SECOND + 1)
+    assert codes[-1] == "EGW00201" and "EGW00201" not in codes[:-1]
+    assert sim.limit_for("other") == VIRTUAL_CALLS_PER_SECOND
+
+
+def test_approval_calls_count_in_the_app_keys_window() -> None:
+    """``Approval`` shares the app key's window with the ``/uapi/`` calls, and over the limit
+    it is refused exactly as a REST call is; another app key's window is its own."""
+    with KisSimulator(calls_per_second=3, clock=lambda: FROZEN) as sim:
+        assert _approval(sim, "A").status_code == 200
+        codes = _codes(sim, "A", 3)  # answered (EGW00121: no token) until 1 approval + 2 calls
+        assert [code == "EGW00201" for code in codes] == [False, False, True]
+        refused = _approval(sim, "A")
+        other = _approval(sim, "B")
+    assert refused.status_code == 500
+    assert refused.json() == {
+        "rt_cd": "1",
+        "msg_cd": "EGW00201",
+        "msg1": "초당 거래건수를 초과하였습니다.",
+    }
+    assert other.status_code == 200
+    assert sim.counts["approval_requests"] == 3 and sim.counts["approvals_issued"] == 2
+    assert sim.counts["uapi_calls"] == 2 and sim.too_many_calls == 2
+    assert sim.peak_calls_per_second == {"A": 3, "B": 1}
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "fast"])
+def test_a_bad_calls_per_second_names_the_allowed_values(bad: object) -> None:
+    with pytest.raises(ValueError, match="calls_per_second must be .*'kis'"):
+        KisSimulator(calls_per_second=bad)  # type: ignore[arg-type]

@@ -55,11 +55,14 @@ from kis_safe_token.testing import KisSimulator
 __all__ = [
     "UPSTREAM_ACCOUNT",
     "UPSTREAM_APP_KEY",
+    "UPSTREAM_CLIENTS",
     "UPSTREAM_SECRET",
     "ScenarioClient",
     "ScenarioContext",
     "UpstreamHerdResult",
     "require_client",
+    "require_upstream",
+    "run_shipped_herd",
     "run_upstream_herd",
     "upstream_simulator",
 ]
@@ -68,6 +71,15 @@ UPSTREAM_APP_KEY = "PSupstreamHerdKey".ljust(36, "0")
 UPSTREAM_SECRET = "upstream-herd-secret-".ljust(180, "u")
 UPSTREAM_ACCOUNT = "50000000-01"
 SYMBOL = "005930"
+
+#: The clients with an integration: name (of ``upstream_clients.<name>_scenario`` and of
+#: ``kis_safe_token.integrations.<name>``) -> (the module to import, the Python it needs).
+UPSTREAM_CLIENTS: dict[str, tuple[str, tuple[int, int]]] = {
+    "korea_investment_stock": ("korea_investment_stock", (3, 11)),
+    "mojito": ("mojito", (3, 10)),
+    "pykis": ("pykis", (3, 10)),
+    "kis_trader": ("kis_trader", (3, 11)),
+}
 
 
 def require_client(module: str, min_python: tuple[int, int] = (3, 10)) -> ModuleType:
@@ -86,6 +98,33 @@ def require_client(module: str, min_python: tuple[int, int] = (3, 10)) -> Module
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             raise
         pytest.skip(f"{module} is not installed ({exc})", allow_module_level=True)
+
+
+def require_upstream(name: str) -> ModuleType:
+    """:func:`require_client` for the client of :data:`UPSTREAM_CLIENTS` named ``name``, from
+    inside a test (imported in the parent, before any fork)."""
+    module, min_python = UPSTREAM_CLIENTS[name]
+    return require_client(module, min_python=min_python)
+
+
+def run_shipped_herd(
+    scenario: str, folder: Path, *, rounds: int = 2, expire_between: bool = True
+) -> UpstreamHerdResult:
+    """The baseline of an integration's herd test: 4 processes of the client as shipped
+    (``<scenario module>:shipped``: its own token cache, no storage of ours) against a fresh
+    :func:`upstream_simulator`, for ``rounds`` rounds, every token expired server-side between
+    them if ``expire_between``."""
+    with upstream_simulator() as sim:
+        return run_upstream_herd(
+            f"{scenario}:shipped",
+            4,
+            None,
+            sim.base_url,
+            folder=folder,
+            sim=sim,
+            rounds=rounds,
+            between_rounds=(lambda _: sim.expire_tokens()) if expire_between else None,
+        )
 
 
 def upstream_simulator(**kwargs: Any) -> KisSimulator:

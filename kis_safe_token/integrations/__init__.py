@@ -21,18 +21,46 @@ imported, and says which extra to install when the client is missing.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import warnings
 from types import ModuleType
 
 __all__ = ["require"]
 
+_warned: set[str] = set()
+"""The distributions whose version mismatch was already warned about in this process."""
 
-def require(module: str, extra: str) -> ModuleType:
+
+def require(
+    module: str, extra: str, *, version: str | None = None, distribution: str | None = None
+) -> ModuleType:
     """Import a third-party client, or raise an ``ImportError`` naming the extra that
-    installs it."""
+    installs it.
+
+    ``version``: the release the integration was written and tested against; if the installed
+    ``distribution`` (default: ``extra``, which is named after it) is another, a
+    ``RuntimeWarning`` says so and how to pin it, once per process and distribution."""
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
             f"{module!r} is not installed (or failed to import: {exc}); "
             f"install it with: pip install 'kis-safe-token[{extra}]'"
         ) from exc
+    if version is not None:
+        _check_version(distribution or extra, extra, version)
+    return imported
+
+
+def _check_version(distribution: str, extra: str, version: str) -> None:
+    installed = importlib.metadata.version(distribution)
+    if installed == version or distribution in _warned:
+        return
+    _warned.add(distribution)
+    warnings.warn(
+        f"kis_safe_token's {distribution} integration was written and tested with "
+        f"{distribution} {version}, not {installed}: pin it with "
+        f"pip install 'kis-safe-token[{extra}]'",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -125,7 +125,9 @@ class CallMeter:
 
     def before_send(self) -> None:
         """A slot for the HTTP send this thread is about to make, if it is inside :meth:`call`
-        (a read of the token outside a call, say by the user, takes none)."""
+        (a read of the token outside a call, say by the user, takes none). Call it once the
+        send's token is in hand, as ``KisAuth`` does: a slot taken before a refresh would pass
+        unused while the token is issued."""
         current: CallSlots | None = getattr(self._local, "slots", None)
         if current is not None:
             current.take()

@@ -58,9 +58,7 @@ and ``base_url()``; ``transport.py:22`` the environment names.
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -82,7 +80,10 @@ from ..token import Token
 from . import require
 from ._client_token import CallSlots, answer_code, send_metered
 
-require("kis_trader", "kis-trader")
+UPSTREAM_VERSION = "0.12.2"
+"""The kis-trader release this module was written against (the ``[kis-trader]`` extra pins it)."""
+
+require("kis_trader", "kis-trader", version=UPSTREAM_VERSION)
 from kis_trader._internal import _auth, _http  # noqa: E402
 from kis_trader._internal._endpoints import base_url as _endpoint  # noqa: E402
 from kis_trader.errors import KISAuthError  # noqa: E402
@@ -95,17 +96,6 @@ __all__ = [
     "refreshing_send",
 ]
 
-UPSTREAM_VERSION = "0.12.2"
-"""The kis-trader release this module was written against (the ``[kis-trader]`` extra pins it)."""
-
-if importlib.metadata.version("kis-trader") != UPSTREAM_VERSION:  # pragma: no cover
-    warnings.warn(
-        f"kis_safe_token.integrations.kis_trader was written for kis-trader {UPSTREAM_VERSION}, "
-        f"not {importlib.metadata.version('kis-trader')}: pin it with "
-        "pip install 'kis-safe-token[kis-trader]'",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 ENVIRONMENTS: dict[str, Literal["real", "paper"]] = {
     "real": "real",

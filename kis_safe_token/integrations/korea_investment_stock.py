@@ -60,8 +60,6 @@ Upstream offers no hook for any of this; the overrides depend on korea-investmen
 
 from __future__ import annotations
 
-import importlib.metadata
-import warnings
 from typing import Any
 
 from ..kis import REAL_BASE_URL
@@ -70,26 +68,16 @@ from ..storage.base import TokenStorage
 from . import require
 from ._client_token import ClientToken, answer_code, checked_storage, env_base_url, send_metered
 
-_upstream = require("korea_investment_stock", "korea-investment-stock")
+UPSTREAM_VERSION = "0.19.0"
+"""The korea-investment-stock release these overrides were written and tested against."""
+
+_upstream = require("korea_investment_stock", "korea-investment-stock", version=UPSTREAM_VERSION)
 _UpstreamKoreaInvestment: Any = _upstream.KoreaInvestment
 _SeedTokenStorage: Any = require(
     "korea_investment_stock.token", "korea-investment-stock"
 ).TokenStorage
 
 __all__ = ["UPSTREAM_VERSION", "KoreaInvestment"]
-
-UPSTREAM_VERSION = "0.19.0"
-"""The korea-investment-stock release these overrides were written and tested against."""
-
-if importlib.metadata.version("korea-investment-stock") != UPSTREAM_VERSION:  # pragma: no cover
-    warnings.warn(
-        f"kis_safe_token.integrations.korea_investment_stock was tested with "
-        f"korea-investment-stock {UPSTREAM_VERSION}, not "
-        f"{importlib.metadata.version('korea-investment-stock')}: pin it with "
-        "pip install 'kis-safe-token[korea-investment-stock]'",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 
 class _SeedBridge(_SeedTokenStorage):  # type: ignore[misc]

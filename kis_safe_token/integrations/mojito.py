@@ -31,12 +31,12 @@ What changes (install with ``pip install 'kis-safe-token[mojito2]'``):
   virtual with ``mock=True``; ``0`` off): every request a wrapped method sends takes a slot of
   the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage. The slot
   is taken where the method reads ``self.access_token`` for its header (mojito reads it once
-  per request, right before ``requests.get``/``post``), so nested wrapped calls
-  (``fetch_balance_oversea`` calls ``fetch_oversea_day_night``) take one slot per HTTP call,
-  not one per wrapper level, and the refresh re-send takes its own. An ``EGW00201`` answer
-  tells the limiter (``penalize``) and the method is called again after a jittered back-off, at
-  most ``RETRY_ATTEMPTS`` times within ``RETRY_BUDGET_S`` per outermost call
-  (:mod:`kis_safe_token.auth`); then mojito's answer is returned. ``issue_hashkey`` (``POST
+  per request, right before ``requests.get``/``post``), after the token is in hand, so
+  nested wrapped calls (``fetch_balance_oversea`` calls ``fetch_oversea_day_night``) take one
+  slot per HTTP call, not one per wrapper level, and the refresh re-send takes its own. An
+  ``EGW00201`` answer tells the limiter (``penalize``) and the method is called again after a
+  jittered back-off, at most ``RETRY_ATTEMPTS`` times within ``RETRY_BUDGET_S`` per outermost
+  call (:mod:`kis_safe_token.auth`); then mojito's answer is returned. ``issue_hashkey`` (``POST
   /uapi/hashkey``, made by the order methods) reads no token and takes its slot itself.
   ``download_master_file`` (another host) is not throttled.
 - ``check_access_token()`` reads the store (never issues); ``load_access_token()`` and
@@ -61,10 +61,8 @@ moves them):
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import inspect
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -79,22 +77,14 @@ from ._client_token import (
     too_many_calls,
 )
 
-_mojito = require("mojito", "mojito2")
+UPSTREAM_VERSION = "0.1.6"
+"""The mojito2 release these overrides were written and tested against."""
+
+_mojito = require("mojito", "mojito2", version=UPSTREAM_VERSION)
 _UpstreamKoreaInvestment: Any = _mojito.KoreaInvestment
 
 __all__ = ["REFRESHING_METHODS", "UPSTREAM_VERSION", "KoreaInvestment"]
 
-UPSTREAM_VERSION = "0.1.6"
-"""The mojito2 release these overrides were written and tested against."""
-
-if importlib.metadata.version("mojito2") != UPSTREAM_VERSION:  # pragma: no cover
-    warnings.warn(
-        f"kis_safe_token.integrations.mojito was tested with mojito2 {UPSTREAM_VERSION}, not "
-        f"{importlib.metadata.version('mojito2')}: pin it with "
-        "pip install 'kis-safe-token[mojito2]'",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 _TOKEN_METHODS = frozenset(
     {"__init__", "set_base_url", "issue_access_token", "check_access_token", "load_access_token"}
@@ -145,11 +135,14 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
     @property
     def access_token(self) -> str:
         """``Bearer <token>``, the fleet's (refreshed through the store near expiry). Read inside
-        a wrapped method, it is the header of the request mojito sends next: it takes that
-        request's slot of the fleet's rate limit first."""
+        a wrapped method, it is the header of the request mojito sends next: once the token is
+        in hand, it takes that request's slot of the fleet's rate limit (as ``KisAuth`` does:
+        a slot taken before a refresh would pass unused while the token is issued, and the
+        calls queued behind the refresh would then all go at once)."""
         shared = self._kst_shared()
+        bearer = shared.serve()
         shared.meter.before_send()
-        return shared.serve()
+        return bearer
 
     @access_token.setter
     def access_token(self, value: object) -> None:

@@ -62,9 +62,7 @@ another version is installed or these move), paths under ``site-packages/pykis/`
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import threading
-import warnings
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -87,7 +85,10 @@ from ..token import Token
 from . import require
 from ._client_token import CallMeter
 
-require("pykis", "python-kis")
+UPSTREAM_VERSION = "2.1.6"
+"""The python-kis release this module was written against (the ``[python-kis]`` extra pins it)."""
+
+require("pykis", "python-kis", version=UPSTREAM_VERSION)
 import pykis.kis  # noqa: E402
 from pykis import PyKis as _UpstreamPyKis  # noqa: E402
 from pykis.api.auth.token import KisAccessToken, token_issue, token_revoke  # noqa: E402
@@ -96,17 +97,6 @@ from pykis.responses.dynamic import KisObject  # noqa: E402
 
 __all__ = ["UPSTREAM_VERSION", "PyKis"]
 
-UPSTREAM_VERSION = "2.1.6"
-"""The python-kis release this module was written against (the ``[python-kis]`` extra pins it)."""
-
-if importlib.metadata.version("python-kis") != UPSTREAM_VERSION:  # pragma: no cover
-    warnings.warn(
-        f"kis_safe_token.integrations.pykis was written for python-kis {UPSTREAM_VERSION}, not "
-        f"{importlib.metadata.version('python-kis')}: pin it with "
-        "pip install 'kis-safe-token[python-kis]'",
-        RuntimeWarning,
-        stacklevel=2,
-    )
 
 Domain = Literal["real", "virtual"]
 DOMAINS: tuple[Domain, ...] = ("real", "virtual")

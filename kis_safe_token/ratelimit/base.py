@@ -126,6 +126,16 @@ class RateLimiter(ABC):
     def slowdown_left_s(self) -> float:
         """Seconds the learned slowdown still lasts (0: the full rate applies)."""
 
+    def _reserve_by(self, max_wait_s: float, deadline: float) -> float | None:
+        """:meth:`try_acquire` for a caller that must be done by ``deadline``
+        (``time.monotonic()``): a limiter on a network (Redis) retries a failover no longer
+        than that. By default, :meth:`try_acquire`."""
+        return self.try_acquire(max_wait_s)
+
+    def _slow_down_by(self, hold_s: float, deadline: float | None) -> bool:
+        """:meth:`_slow_down`, done by ``deadline`` where one is given (see :meth:`_reserve_by`)."""
+        return self._slow_down(hold_s)
+
     def acquire(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
         """Block until this caller's slot; the seconds slept. :class:`RateLimitTimeout` if no
         slot is free within ``timeout_s`` (at once if the queue is longer than that).
@@ -139,7 +149,7 @@ class RateLimiter(ABC):
         slept = 0.0
         while True:
             left = deadline - time.monotonic()
-            wait = self.try_acquire(min(max(0.0, left), MAX_WAIT_S))
+            wait = self._reserve_by(min(max(0.0, left), MAX_WAIT_S), deadline)
             if wait is None:
                 raise self._no_slot(timeout_s)
             if wait <= 0:
@@ -154,20 +164,21 @@ class RateLimiter(ABC):
         self,
         timeout_s: float = ACQUIRE_TIMEOUT_S,
         *,
-        try_acquire: Callable[[float], Awaitable[float | None]] | None = None,
+        try_acquire: Callable[[float, float], Awaitable[float | None]] | None = None,
     ) -> float:
         """:meth:`acquire` for asyncio: the same rules, awaiting ``asyncio.sleep`` instead of
         blocking. The reservation is :meth:`try_acquire` run inline (microseconds on a file),
-        unless ``try_acquire`` awaits it some other way: the asyncio client runs a Redis
-        limiter's script on ``redis.asyncio`` (see ``AsyncStore.try_acquire``)."""
+        unless ``try_acquire(max_wait_s, deadline)`` awaits it some other way: the asyncio
+        client runs a Redis limiter's script on ``redis.asyncio`` (see
+        ``AsyncStore.try_acquire``), retried no later than ``deadline``."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         slept = 0.0
         while True:
             max_wait_s = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S)
             if try_acquire is None:
-                wait = self.try_acquire(max_wait_s)
+                wait = self._reserve_by(max_wait_s, deadline)
             else:
-                wait = await try_acquire(max_wait_s)
+                wait = await try_acquire(max_wait_s, deadline)
             if wait is None:
                 raise self._no_slot(timeout_s)
             if wait <= 0:
@@ -189,11 +200,13 @@ class RateLimiter(ABC):
         :meth:`acquire`; an asyncio caller applies the same rule after ``asyncio.sleep``)."""
         return late_s > self.interval_s
 
-    def penalize(self, hold_s: float = SLOWDOWN_S) -> bool:
+    def penalize(self, hold_s: float = SLOWDOWN_S, *, timeout_s: float | None = None) -> bool:
         """KIS answered ``EGW00201`` anyway (another program uses the app key): halve the rate
         for ``hold_s`` for everyone sharing this state. Logged once, by the caller that started
-        the slowdown; whether this call started it."""
-        started = self._slow_down(hold_s)
+        the slowdown; whether this call started it. ``timeout_s``: the caller's time budget
+        left, which bounds a Redis limiter's retries through a failover."""
+        deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        started = self._slow_down_by(hold_s, deadline)
         if started:
             logger.warning(
                 "KIS answered EGW00201 (too many calls per second) although this fleet keeps to "

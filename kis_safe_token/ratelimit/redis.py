@@ -90,29 +90,48 @@ class RedisRateLimiter(RateLimiter):
             script = self._scripts[cache_key] = client.register_script(source)
         return script
 
-    def _run(self, what: str, call: Callable[[Any], Any]) -> Any:
+    def _run(self, what: str, call: Callable[[Any], Any], deadline: float | None = None) -> Any:
         """``call(client)`` through :func:`~kis_safe_token.storage.redis_retry.redis_retry`, its
         Redis errors as :class:`TokenStorageError`: the one place this limiter talks to Redis.
+        Retried for ``retry_timeout_s``, or until the caller's ``deadline`` if that is sooner.
         A reservation retried after a lost reply may take one more slot than it uses: the
         fleet then calls KIS slightly under its limit, never over it."""
         from ..storage.redis_retry import redis_retry  # here: storage imports this module
 
         return redis_retry(
             lambda: call(self._client()),
-            deadline=time.monotonic() + self._retry_timeout_s,
+            deadline=self.retry_deadline(deadline),
             what=f"rate limiter {what}",
             where=self._redis_where,
         )
 
-    def _eval(self, what: str, source: str, keys: list[str], args: list[Any]) -> Any:
+    def retry_deadline(self, deadline: float | None = None) -> float:
+        """Until when a transient Redis error is retried: ``retry_timeout_s`` from now, or the
+        caller's ``deadline`` (``time.monotonic()``) if that is sooner."""
+        own = time.monotonic() + self._retry_timeout_s
+        return own if deadline is None else min(own, deadline)
+
+    def _eval(
+        self,
+        what: str,
+        source: str,
+        keys: list[str],
+        args: list[Any],
+        deadline: float | None = None,
+    ) -> Any:
         """One script, one round trip (EVALSHA; redis-py loads it on NOSCRIPT)."""
         return self._run(
-            what, lambda client: self._script(client, source)(keys=keys, args=args, client=client)
+            what,
+            lambda client: self._script(client, source)(keys=keys, args=args, client=client),
+            deadline,
         )
 
     def try_acquire(self, max_wait_s: float = 0.0) -> float | None:
+        return self._reserve_by(max_wait_s, None)
+
+    def _reserve_by(self, max_wait_s: float, deadline: float | None) -> float | None:
         keys, args = self.reserve_call(max_wait_s)
-        return self.reserve_result(self._eval("reserve", RESERVE_LUA, keys, args))
+        return self.reserve_result(self._eval("reserve", RESERVE_LUA, keys, args, deadline))
 
     def reserve_call(self, max_wait_s: float) -> tuple[list[str], list[Any]]:
         """``(keys, args)`` of :data:`RESERVE_LUA` for one reservation: an asyncio client runs
@@ -143,7 +162,11 @@ class RedisRateLimiter(RateLimiter):
         return int(wait_us) / _US if int(reserved) else None
 
     def _slow_down(self, hold_s: float) -> bool:
-        started = self._eval("penalize", PENALIZE_LUA, [self._slow_key], [math.ceil(hold_s * 1000)])
+        return self._slow_down_by(hold_s, None)
+
+    def _slow_down_by(self, hold_s: float, deadline: float | None) -> bool:
+        hold_ms = math.ceil(hold_s * 1000)
+        started = self._eval("penalize", PENALIZE_LUA, [self._slow_key], [hold_ms], deadline)
         return bool(int(started))
 
     def slowdown_left_s(self) -> float:

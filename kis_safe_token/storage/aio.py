@@ -89,6 +89,10 @@ class AsyncIssuanceLock(ABC):
     async def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
         """Keep holding a lock that expires by itself."""
 
+    def save_deadline(self) -> float | None:
+        """See :meth:`~kis_safe_token.storage.base.IssuanceLock.save_deadline`."""
+        return None
+
     @abstractmethod
     async def release(self) -> None:
         """Release the lock (and wake the waiters, where the backend has any)."""
@@ -206,9 +210,13 @@ class AsyncRedisIssuanceLock(AsyncIssuanceLock):
         a failover then delays the save of a token KIS just gave instead of losing it."""
         keys, args = self._lock.extend_keys_args
         script = self._client.register_script(EXTEND_LUA)
-        deadline = max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
+        deadline = self.save_deadline()
         if not await self._call("PEXPIRE", lambda: script(keys=keys, args=args), deadline):
             self._lock.lapsed()
+
+    def save_deadline(self) -> float:
+        """This holder's deadline, at least ``retry_timeout_s`` from now."""
+        return max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
 
     async def release(self) -> None:
         keys, args = self._lock.release_keys_args
@@ -413,11 +421,15 @@ class AsyncStore:
         lease = self.storage._lease
         try:
             await lock.extend()
+            deadline = lock.save_deadline()
             if lease is not None:
                 owner = thread_owner() if owner is None else owner
-                await self._run(partial(lease.save, api_key, api_secret, token, owner))
+                save = partial(lease.save, api_key, api_secret, token, owner, deadline=deadline)
+                await self._run(save)
             else:
-                await self._run(partial(self.storage._write, api_key, api_secret, token))
+                await self._run(
+                    partial(self.storage._write_until, api_key, api_secret, token, deadline)
+                )
         except TokenStorageError as exc:
             logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
 
@@ -465,11 +477,14 @@ class AsyncStore:
         return deleted
 
     # -- the call-rate limiter --------------------------------------------------------------------
-    async def try_acquire(self, limiter: RateLimiter, max_wait_s: float) -> float | None:
+    async def try_acquire(
+        self, limiter: RateLimiter, max_wait_s: float, deadline: float | None = None
+    ) -> float | None:
         """``limiter.try_acquire(max_wait_s)`` without blocking the loop on a network: a
         :class:`RedisRateLimiter` on this store's Redis runs its one script on the
-        ``redis.asyncio`` client (retried through a failover like the lock); a file or memory
-        limiter runs inline (microseconds); any other limiter in a worker thread."""
+        ``redis.asyncio`` client (retried through a failover like the lock, no later than the
+        caller's ``deadline``); a file or memory limiter runs inline (microseconds); any other
+        limiter in a worker thread."""
         client = self._client
         if (
             isinstance(limiter, RedisRateLimiter)
@@ -481,23 +496,29 @@ class AsyncStore:
             script = client.register_script(RESERVE_LUA)
             reply = await redis_retry_async(
                 lambda: script(keys=keys, args=args),
-                deadline=time.monotonic() + limiter.retry_timeout_s,
+                deadline=limiter.retry_deadline(deadline),
                 what="rate limiter reserve",
                 where=self.storage._where,
             )
             return limiter.reserve_result(reply)
         if isinstance(limiter, _INLINE_LIMITERS):
             return limiter.try_acquire(max_wait_s)
+        if deadline is not None:
+            bounded: float | None = await asyncio.to_thread(
+                limiter._reserve_by, max_wait_s, deadline
+            )
+            return bounded
         wait: float | None = await asyncio.to_thread(limiter.try_acquire, max_wait_s)
         return wait
 
     @staticmethod
-    async def penalize(limiter: RateLimiter) -> bool:
+    async def penalize(limiter: RateLimiter, timeout_s: float | None = None) -> bool:
         """``limiter.penalize()`` (after ``EGW00201``; rare): inline for a file or memory
-        limiter, in a worker thread for any other (a Redis round trip, retried)."""
+        limiter, in a worker thread for any other (a Redis round trip, retried for at most
+        ``timeout_s``, the caller's budget left, where given)."""
         if isinstance(limiter, _INLINE_LIMITERS):
             return limiter.penalize()
-        started: bool = await asyncio.to_thread(limiter.penalize)
+        started: bool = await asyncio.to_thread(partial(limiter.penalize, timeout_s=timeout_s))
         return started
 
     async def load_token(self, api_key: str, api_secret: str) -> Token | None:

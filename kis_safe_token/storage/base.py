@@ -68,6 +68,12 @@ class IssuanceLock(ABC):
     def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
         """Keep holding a lock that expires by itself (called while the holder works)."""
 
+    def save_deadline(self) -> float | None:
+        """Until when (``time.monotonic()``) the holder retries saving the token KIS just gave
+        it; ``None``: the store's own default. A Redis lock: its holder's deadline, at least
+        ``retry_timeout_s`` from now."""
+        return None
+
     @abstractmethod
     def release(self) -> None:
         """Release the lock (and wake the waiters, where the backend has any)."""
@@ -244,12 +250,11 @@ class TokenStorage(ABC):
         holder keeps its token: KIS would refuse another within the minute."""
         try:
             lock.extend()
-            if self._lease is not None:
-                self._lease.save(
-                    api_key, api_secret, token
-                )  # also ends our lease, marks the window
+            deadline = lock.save_deadline()
+            if self._lease is not None:  # also ends our lease, marks the window
+                self._lease.save(api_key, api_secret, token, deadline=deadline)
             else:
-                self._write(api_key, api_secret, token)
+                self._write_until(api_key, api_secret, token, deadline)
         except TokenStorageError as exc:
             logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
             return
@@ -368,6 +373,13 @@ class TokenStorage(ABC):
         here too: a success ends an outage's hold)."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
+
+    def _write_until(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None
+    ) -> None:
+        """:meth:`_write`, retried through a store's transient errors until ``deadline``
+        (``time.monotonic()``; ``None``: the store's default) where the store retries at all."""
+        self._write(api_key, api_secret, token)
 
     def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         """The failure record in the store (the default store has none: see ``_write_failure``)."""

@@ -133,10 +133,17 @@ class LeaseRecords(ABC):
 
     @abstractmethod
     def save_newest(
-        self, api_key: str, api_secret: str, token: Token, owner: str, window_s: float
+        self,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str,
+        window_s: float,
+        deadline: float | None = None,
     ) -> bool:
         """Atomically: store ``token`` unless the stored one is valid and expires no earlier,
-        set the quiet mark to now, end ``owner``'s lease. Returns whether ``token`` was stored."""
+        set the quiet mark to now, end ``owner``'s lease. Returns whether ``token`` was stored.
+        ``deadline``: until when a store that retries transient errors keeps trying."""
 
 
 class SeedLease:
@@ -239,11 +246,21 @@ class SeedLease:
                 return self._stored(api_key, api_secret)
             time.sleep(jittered(LEASE_POLL_S))
 
-    def save(self, api_key: str, api_secret: str, token: Token, owner: str | None = None) -> None:
+    def save(
+        self,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> None:
         """Keep the newest token, mark the window, end ``owner``'s (default: this thread's)
-        lease."""
+        lease (retried until ``deadline`` where the store retries)."""
         owner = thread_owner() if owner is None else owner
-        if not self._records.save_newest(api_key, api_secret, token, owner, self.window_s):
+        if not self._records.save_newest(
+            api_key, api_secret, token, owner, self.window_s, deadline
+        ):
             logger.info(
                 "save_token: kept the stored token, which expires no earlier than the one being "
                 "saved (both are valid at KIS)"
@@ -403,7 +420,13 @@ class FileLeaseRecords(LeaseRecords):
         self._storage._update(drop)
 
     def save_newest(
-        self, api_key: str, api_secret: str, token: Token, owner: str, window_s: float
+        self,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str,
+        window_s: float,
+        deadline: float | None = None,
     ) -> bool:
         from .file import _failure_id
 
@@ -538,7 +561,13 @@ class RedisLeaseRecords(LeaseRecords):
         storage._call("lease release", lambda: script(keys=[lease_key], args=args))
 
     def save_newest(
-        self, api_key: str, api_secret: str, token: Token, owner: str, window_s: float
+        self,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str,
+        window_s: float,
+        deadline: float | None = None,
     ) -> bool:
         storage = self._storage
         client = storage.redis_client
@@ -548,7 +577,7 @@ class RedisLeaseRecords(LeaseRecords):
         script = storage._script(SAVE_NEWEST_LUA)
         sealed = sealer.seal(token)
         for _ in range(8):  # another save between our GET and the script: decide again
-            raw = storage._call("GET", lambda: client.get(token_key))
+            raw = storage._call("GET", lambda: client.get(token_key), deadline)
             stored = sealer.open(raw)
             now = storage.clock()
             newer = stored is None or not stored.is_valid(now)
@@ -560,7 +589,7 @@ class RedisLeaseRecords(LeaseRecords):
                 )
             args = [raw or "", sealed if newer else "", max(ttl_ms, 1)]
             args += [owner, round(window_s * 1000)]
-            done = storage._call("SET", partial(script, keys=keys, args=args))
+            done = storage._call("SET", partial(script, keys=keys, args=args), deadline)
             if int(done) >= 0:
                 return bool(done)
         raise TokenStorageError("the stored token kept changing while saving; try again")

@@ -33,6 +33,7 @@ from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 from .lease import RedisLeaseRecords
+from .redis_ha import async_builder_of
 from .redis_retry import redis_retry
 
 try:
@@ -201,7 +202,9 @@ class RedisTokenStorage(SealedTokenStorage):
             client = self._connect()
             self._where = _display_url(redis_url)
         else:
-            self._connect = self._async_connect = None
+            self._connect = None
+            # A Sentinel or Cluster client of redis_ha carries its redis.asyncio twin's builder.
+            self._async_connect = async_builder_of(client)
             self._where = _describe_client(client)
         self.redis_client = client
         self._scripts: dict[str, Any] = {}
@@ -229,8 +232,11 @@ class RedisTokenStorage(SealedTokenStorage):
     def async_client(self) -> Any:
         """A new ``redis.asyncio`` client on this storage's server, with its password and
         timeouts, for the asyncio side (:mod:`kis_safe_token.storage.aio`); its connections
-        belong to the event loop that first uses them. ``ValueError`` for a storage built on
-        an injected ``client``: pass the matching asyncio client yourself."""
+        belong to the event loop that first uses them. A storage built on a client of
+        :func:`.redis_ha.sentinel_client` or :func:`.redis_ha.cluster_client` (as the
+        environment's Sentinel and Cluster modes are) gets the matching asyncio Sentinel or
+        Cluster client. ``ValueError`` for any other injected ``client``: pass the matching
+        asyncio client yourself."""
         if self._async_connect is None:
             raise ValueError(
                 "this storage was built on an injected client: pass the matching "
@@ -290,7 +296,13 @@ class RedisTokenStorage(SealedTokenStorage):
         return self._sealer(api_key, api_secret).open(raw)
 
     def _write(self, api_key: str, api_secret: str, token: Token) -> None:
-        """Save ``token`` with a TTL of its time left and clear the failure record.
+        self._write_until(api_key, api_secret, token, None)
+
+    def _write_until(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None
+    ) -> None:
+        """Save ``token`` with a TTL of its time left and clear the failure record, retried
+        until ``deadline`` (default: ``retry_timeout_s`` from now).
 
         A token this host's clock already sees as expired is refused, never written as a
         delete: a host whose clock runs a day fast must not wipe the fleet's good token.
@@ -309,7 +321,7 @@ class RedisTokenStorage(SealedTokenStorage):
             pipe.delete(f"{key}:failure")
             return pipe.execute()
 
-        self._call("SET", save)
+        self._call("SET", save, deadline)
 
     def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         key = f"{self._get_redis_key(api_key)}:failure"
@@ -542,13 +554,14 @@ class RedisIssuanceLock(IssuanceLock):
         storage = self._storage
         script = storage._script(EXTEND_LUA)
         keys, args = self.extend_keys_args
-        kept = storage._call(
-            "PEXPIRE",
-            lambda: script(keys=keys, args=args),
-            max(self._deadline, time.monotonic() + storage.retry_timeout_s),
-        )
+        kept = storage._call("PEXPIRE", lambda: script(keys=keys, args=args), self.save_deadline())
         if not kept:
             self.lapsed()
+
+    def save_deadline(self) -> float:
+        """This holder's deadline, at least ``retry_timeout_s`` from now: the extend and the
+        save of a token KIS just gave retry a failover that long."""
+        return max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
 
     def lapsed(self) -> None:
         """Say that the lock expired while held (an extend found another owner or none)."""

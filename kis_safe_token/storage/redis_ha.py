@@ -8,13 +8,15 @@ re-resolves the primary (Sentinel) or the slot owner (Cluster).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "DEFAULT_CLUSTER_PORT",
     "DEFAULT_SENTINEL_PORT",
+    "async_builder_of",
     "cluster_client",
     "parse_nodes",
     "sentinel_client",
@@ -25,20 +27,34 @@ DEFAULT_CLUSTER_PORT = 6379
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
 
+#: The attribute a client built here carries: a builder of the matching ``redis.asyncio``
+#: client (same nodes, passwords, TLS, timeouts; no redis-py retries either).
+_ASYNC_BUILDER = "_kis_safe_token_async_builder"
+
+
+def async_builder_of(client: Any) -> Callable[[], Any] | None:
+    """The ``redis.asyncio`` twin builder of a client :func:`sentinel_client` or
+    :func:`cluster_client` made (``None`` for any other client)."""
+    builder = getattr(client, _ASYNC_BUILDER, None)
+    return builder if callable(builder) else None
+
 
 def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
     """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs.
 
-    ``ValueError`` naming ``source`` and the expected form if ``value`` is empty or malformed.
+    ``ValueError`` naming ``source``, the entry's position and the expected form if ``value``
+    is empty or malformed; never the entry itself, which may hold a password
+    (``redis://:pw@host``, ``user:pw@host``).
     """
     expected = f"expected host[:port][,host[:port]…], e.g. 10.0.0.1:{default_port},10.0.0.2"
     nodes: list[tuple[str, int]] = []
-    for item in (value or "").split(","):
+    for position, item in enumerate((value or "").split(","), start=1):
         item = item.strip()
+        entry = f"{source} entry {position}"
         if not item:
             continue
         if "://" in item:
-            raise ValueError(f"{source} has a URL {item[:60]!r}, not an address; {expected}")
+            raise ValueError(f"{entry} is a URL, not an address; {expected}")
         if item.startswith("["):  # [::1]:26379
             host, _, rest = item[1:].partition("]")
             port_text = rest[1:] if rest.startswith(":") else rest
@@ -47,13 +63,13 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
         else:
             host, port_text = item, ""
         if not host or "/" in host or "@" in host or any(c.isspace() for c in host):
-            raise ValueError(f"{source} has a malformed address {item[:60]!r}; {expected}")
+            raise ValueError(f"{entry} is not a host name or address; {expected}")
         if port_text == "":
             port = default_port
         elif port_text.isdigit() and 0 < int(port_text) < 65536:
             port = int(port_text)
         else:
-            raise ValueError(f"{source} has a bad port in {item[:60]!r}; {expected}")
+            raise ValueError(f"{entry} has no valid port (1-65535); {expected}")
         nodes.append((host, port))
     if not nodes:
         raise ValueError(f"{source} names no node; {expected}")
@@ -109,7 +125,29 @@ def sentinel_client(
         list(sentinels), sentinel_kwargs=sentinel_kwargs, **data_kwargs
     )
     # No retries of redis-py's: one of ours asks the sentinels again (redis_retry).
-    return manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+    client = manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+    setattr(
+        client,
+        _ASYNC_BUILDER,
+        partial(_async_sentinel, list(sentinels), service_name, sentinel_kwargs, data_kwargs),
+    )
+    return client
+
+
+def _async_sentinel(
+    sentinels: list[tuple[str, int]],
+    service_name: str,
+    sentinel_kwargs: dict[str, Any],
+    data_kwargs: dict[str, Any],
+) -> Any:
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.backoff import NoBackoff
+
+    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs=sentinel_kwargs, **data_kwargs
+    )
+    return manager.master_for(service_name, retry=AsyncRetry(NoBackoff(), 0))
 
 
 def cluster_client(
@@ -124,9 +162,11 @@ def cluster_client(
     """A ``RedisCluster`` that learns the slot table from the first seed of ``nodes`` it reaches.
 
     Connects at once (raises ``redis.exceptions.RedisClusterException`` or ``ConnectionError``
-    when no seed answers).
+    when no seed answers). redis-py's cluster-level retries (10 by default, with backoff) are
+    off: one attempt of ours must not outlast the caller's deadline.
     """
     from redis.cluster import ClusterNode, RedisCluster
+    from redis.retry import Retry
 
     if not nodes:
         raise ValueError("nodes must name at least one cluster node")
@@ -138,4 +178,36 @@ def cluster_client(
     if password:
         options["password"] = password
     seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-    return RedisCluster(startup_nodes=seeds, **options)
+    client = RedisCluster(
+        startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, Retry)
+    )
+    setattr(client, _ASYNC_BUILDER, partial(_async_cluster, list(nodes), options))
+    return client
+
+
+def _no_cluster_retries(cluster_class: Any, retry_class: Any) -> dict[str, Any]:
+    """``cluster_class`` options that turn redis-py's own cluster-level retries off: a
+    ``retry`` of 0 (which redis-py 6+ uses for them, ignoring the deprecated
+    ``cluster_error_retry_attempts``) and, for redis-py 5, ``cluster_error_retry_attempts=0``."""
+    import inspect
+
+    import redis
+    from redis.backoff import NoBackoff
+
+    options: dict[str, Any] = {}
+    parameters = inspect.signature(cluster_class.__init__).parameters
+    if "retry" in parameters:
+        options["retry"] = retry_class(NoBackoff(), 0)
+    if int(redis.__version__.split(".")[0]) < 6 or "retry" not in parameters:
+        options["cluster_error_retry_attempts"] = 0  # pragma: no cover - redis-py 5
+    return options
+
+
+def _async_cluster(nodes: list[tuple[str, int]], options: dict[str, Any]) -> Any:
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    seeds = [ClusterNode(host, port) for host, port in nodes]
+    return RedisCluster(
+        startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, AsyncRetry)
+    )

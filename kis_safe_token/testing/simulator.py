@@ -5,9 +5,10 @@ key per ``issue_window_s`` or ``EGW00133``), ``/oauth2/revokeP``, ``/oauth2/Appr
 domestic price quote, which answers HTTP 500 ``EGW00121`` (invalid token) / ``EGW00123``
 (expired token) as KIS does. It counts what it saw, so tests can assert "exactly one issuance".
 
-With ``calls_per_second`` it also meters every ``/uapi/`` call per app key as KIS does (real
-accounts 20/s, virtual 2/s): a call beyond the limit within one second of the simulator's clock
-gets HTTP 500 ``EGW00201`` "초당 거래건수를 초과하였습니다.".
+With ``calls_per_second`` it also meters every ``/uapi/`` call and every ``/oauth2/Approval``
+call per app key as KIS does (``"kis"``: real accounts 20/s, virtual 2/s): a call beyond the
+limit within one second of the simulator's clock gets HTTP 500 ``EGW00201`` "초당 거래건수를
+초과하였습니다.".
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from ..kis import (
@@ -44,11 +45,17 @@ from ..kis import (
 )
 from ..token import format_kst
 
-__all__ = ["REAL_CALLS_PER_SECOND", "VIRTUAL_CALLS_PER_SECOND", "KisSimulator"]
+__all__ = ["KIS_LIMITS", "REAL_CALLS_PER_SECOND", "VIRTUAL_CALLS_PER_SECOND", "KisSimulator"]
 
 #: KIS's limits per app key, for ``KisSimulator(calls_per_second=...)``.
 REAL_CALLS_PER_SECOND = 20
 VIRTUAL_CALLS_PER_SECOND = 2
+
+KIS_LIMITS: Literal["kis"] = "kis"
+"""``KisSimulator(calls_per_second="kis")``: each app key's KIS limit for its account type,
+:data:`REAL_CALLS_PER_SECOND`, or :data:`VIRTUAL_CALLS_PER_SECOND` for the virtual ones."""
+
+CallsPerSecond = int | bool | Literal["kis"] | None
 
 
 @dataclass
@@ -65,13 +72,27 @@ class KisSimulator:
     one-issue-per-app-key window (KIS: 60 s). ``token_lifetime_s``: validity of issued tokens.
     ``issue_latency_s``: artificial delay of ``tokenP`` (widens races the way a slow KIS does).
     ``clock``: the simulator's time, for expiries and for the HTTP ``Date`` of every answer.
-    ``calls_per_second``: ``/uapi/`` calls allowed per app key in each second of ``clock``
-    (:data:`REAL_CALLS_PER_SECOND`, :data:`VIRTUAL_CALLS_PER_SECOND`); beyond it ``EGW00201``.
-    ``None`` (the default) meters nothing: the upstream clients people run limit each process
-    on its own, and tests of other things must not fail on their fleets' rate.
+    ``calls_per_second``: calls allowed per app key in each second of ``clock``, on every
+    ``/uapi/`` path and on ``/oauth2/Approval`` (one window per app key for both); beyond it
+    HTTP 500 ``EGW00201`` as KIS answers it. ``"kis"`` (:data:`KIS_LIMITS`) or ``True``: KIS's
+    own limits, :data:`REAL_CALLS_PER_SECOND` for a real account's app key and
+    :data:`VIRTUAL_CALLS_PER_SECOND` for a virtual (모의투자) one; a number: that limit for
+    every app key. ``mock=True`` makes every app key a virtual account's (a simulator playing
+    KIS's virtual host); ``virtual_apps`` names the virtual ones otherwise.
 
-    Counters (:attr:`counts`): ``uapi_calls`` (answered within the limit), ``EGW00201``,
-    ``approval_requests``, ``approvals_issued``; :attr:`peak_calls_per_second` per app key.
+    Metering is **off by default** (``None``/``False``), deliberately: the upstream clients
+    people run limit each process on their own (or not at all), so most tests' herds and
+    benchmarks would collect ``EGW00201`` answers, or would have to be slowed to KIS's pace,
+    for something they are not about. The tests of the rate limit turn it on.
+
+    ``Approval`` is metered because issue 12 says KIS counts it, and we could not confirm it
+    does not: counting it is the cautious side (a fleet keeping to the limit with it counted
+    keeps to it either way). The tokenP/revokeP calls are not metered (KIS limits ``tokenP`` by
+    its one-a-minute window, ``EGW00133``).
+
+    Counters (:attr:`counts`): ``uapi_calls`` (``/uapi/`` calls answered within the limit),
+    ``EGW00201``, ``approval_requests``, ``approvals_issued``; :attr:`peak_calls_per_second`:
+    the most calls of each app key answered in one second (Approval included).
     """
 
     def __init__(
@@ -84,10 +105,14 @@ class KisSimulator:
         token_lifetime_s: float = 86_400.0,
         issue_latency_s: float = 0.05,
         clock: Callable[[], float] = time.time,
-        calls_per_second: int | None = None,
+        calls_per_second: CallsPerSecond = None,
+        mock: bool = False,
+        virtual_apps: Iterable[str] = (),
     ) -> None:
         self.apps = dict(apps) if apps is not None else None
-        self.calls_per_second = calls_per_second
+        self.calls_per_second = _checked_rate(calls_per_second)
+        self.mock = mock
+        self.virtual_apps = frozenset(_checked_apps(virtual_apps))
         self._window: dict[str, tuple[int, int]] = {}
         self._refuse_next = 0
         self.peak_calls_per_second: Counter[str] = Counter()
@@ -160,6 +185,15 @@ class KisSimulator:
         """``EGW00201`` answers so far."""
         return self.counts[TOO_MANY_CALLS]
 
+    def limit_for(self, app_key: str) -> int | None:
+        """The calls per second ``app_key`` is allowed (``None``: not metered)."""
+        rate = self.calls_per_second
+        if rate != KIS_LIMITS:
+            return rate if isinstance(rate, int) else None
+        if self.mock or app_key in self.virtual_apps:
+            return VIRTUAL_CALLS_PER_SECOND
+        return REAL_CALLS_PER_SECOND
+
     def outside_calls(self, app_key: str, calls: int) -> None:
         """Count ``calls`` ``/uapi/`` calls of ``app_key`` in the current second, as a program
         outside the fleet using the same app key would (needs ``calls_per_second``)."""
@@ -174,19 +208,20 @@ class KisSimulator:
         with self._cond:
             self._refuse_next = calls
 
-    def _metered(self, headers: Any) -> tuple[int, dict[str, Any]] | None:
-        """``EGW00201`` if this ``/uapi/`` call is over the app key's limit, else ``None``."""
-        app_key = str(headers.get("appkey") or "")
+    def _metered(self, app_key: str, *, uapi: bool = True) -> tuple[int, dict[str, Any]] | None:
+        """``EGW00201`` if this call of ``app_key`` (a ``/uapi/`` one, else ``Approval``) is over
+        the app key's limit, else ``None``."""
         second = int(self.clock())
+        limit = self.limit_for(app_key)
         with self._cond:
-            refused = self._refuse_next > 0
+            refused = self._refuse_next > 0 and uapi
             if refused:
                 self._refuse_next -= 1
-            elif self.calls_per_second is not None:
+            elif limit is not None:
                 start, count = self._window.get(app_key, (second, 0))
                 count = (count if start == second else 0) + 1
                 self._window[app_key] = (second, count)
-                refused = count > self.calls_per_second
+                refused = count > limit
             if refused:
                 self.counts[TOO_MANY_CALLS] += 1
                 self._cond.notify_all()
@@ -195,8 +230,9 @@ class KisSimulator:
                     "msg_cd": TOO_MANY_CALLS,
                     "msg1": TOO_MANY_CALLS_MESSAGE,
                 }
-            self.counts["uapi_calls"] += 1
-            if self.calls_per_second is not None:
+            if uapi:
+                self.counts["uapi_calls"] += 1
+            if limit is not None:
                 peak = self.peak_calls_per_second
                 peak[app_key] = max(peak[app_key], self._window[app_key][1])
             self._cond.notify_all()
@@ -292,6 +328,9 @@ class KisSimulator:
 
     def _approval(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self._count("approval_requests")
+        too_many = self._metered(str(body.get("appkey") or ""), uapi=False)
+        if too_many is not None:
+            return too_many
         refused = self._check_app(str(body.get("appkey")), str(body.get("secretkey")))
         if refused:
             return 403, refused
@@ -352,6 +391,29 @@ class KisSimulator:
             "msg_cd": "MCA00000",
             "msg1": "정상처리 되었습니다.",
         }
+
+
+def _checked_rate(calls_per_second: object) -> int | Literal["kis"] | None:
+    """``calls_per_second`` as the simulator keeps it; ``ValueError`` naming the allowed
+    values otherwise."""
+    if calls_per_second is None or calls_per_second is False:
+        return None
+    if calls_per_second is True or calls_per_second == KIS_LIMITS:
+        return KIS_LIMITS
+    if isinstance(calls_per_second, int) and calls_per_second > 0:
+        return calls_per_second
+    raise ValueError(
+        "calls_per_second must be None/False (not metered), 'kis'/True (KIS's limits: "
+        f"{REAL_CALLS_PER_SECOND} real, {VIRTUAL_CALLS_PER_SECOND} virtual) or a positive "
+        f"int, not {str(calls_per_second)[:20]!r}"
+    )
+
+
+def _checked_apps(virtual_apps: Iterable[str]) -> list[str]:
+    """``virtual_apps`` as a list of app keys; ``TypeError`` for a lone string."""
+    if isinstance(virtual_apps, str):
+        raise TypeError("virtual_apps must be a collection of app keys, not one string")
+    return list(virtual_apps)
 
 
 def _quote(symbol: str, price: int) -> dict[str, str]:
@@ -434,7 +496,7 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
             }
             route = routes.get(path)
             if path.startswith("/uapi/"):
-                refused = sim._metered(self.headers)
+                refused = sim._metered(str(self.headers.get("appkey") or ""))
                 if refused is not None:
                     self._reply(*refused)
                     return
@@ -446,7 +508,7 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             parts = urlsplit(self.path)
             if parts.path.startswith("/uapi/"):
-                refused = sim._metered(self.headers)
+                refused = sim._metered(str(self.headers.get("appkey") or ""))
                 if refused is not None:
                     self._reply(*refused)
                     return
