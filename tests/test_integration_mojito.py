@@ -7,12 +7,12 @@ import importlib
 import importlib.metadata
 import inspect
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from refresh_cases import late_refresh_drops_only_its_token, price_ok, threads_refresh_once
 from upstream_herd import (
     UPSTREAM_ACCOUNT,
     UPSTREAM_APP_KEY,
@@ -59,10 +59,6 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def broker_for(sim: KisSimulator, storage: FileTokenStorage) -> KoreaInvestment:
     return KoreaInvestment(KEY, SECRET, ACCOUNT, token_storage=storage, base_url=sim.base_url)
-
-
-def price_ok(answer: dict[str, Any]) -> bool:
-    return answer.get("rt_cd") == "0" and bool(answer["output"]["stck_prpr"])
 
 
 # -- the fleet -------------------------------------------------------------------------------------
@@ -154,52 +150,22 @@ def test_refresh_after_expiry_reuses_a_token_another_broker_got(
 def test_a_late_refresh_drops_only_the_token_its_thread_sent(
     usim: KisSimulator, storage: FileTokenStorage
 ) -> None:
-    """A thread whose expired answer comes after another thread refreshed drops the token it
-    sent (gone already), not the fresh one, so no second issuance (refused within the minute)."""
     broker = broker_for(usim, storage)
-    sent, go, results = threading.Event(), threading.Event(), []
-
-    def late() -> None:
-        results.append(broker.access_token)  # this thread builds its header with the first token
-        sent.set()
-        go.wait(10)
-        broker._kst_shared().refresh_rejected()  # what the wrapper does
-        results.append(broker.access_token)
-
-    thread = threading.Thread(target=late)
-    thread.start()
-    assert sent.wait(10)
-    usim.expire_tokens()
-    assert price_ok(broker.fetch_price("005930"))  # this thread refreshes first
-    fresh = broker.access_token
-    go.set()
-    thread.join(30)
-    assert results[0] != fresh and results[1] == fresh
-    assert usim.issued == 2 and usim.rate_limited == 0
-    assert storage.load_token(KEY, SECRET)["access_token"] == fresh.removeprefix("Bearer ")
+    late_refresh_drops_only_its_token(
+        broker,
+        usim,
+        storage,
+        (KEY, SECRET),
+        lambda: broker.fetch_price("005930"),
+        lambda: broker._kst_shared().refresh_rejected(),
+    )
 
 
 def test_threads_sharing_a_broker_refresh_once(
     usim: KisSimulator, storage: FileTokenStorage
 ) -> None:
-    """Each thread drops the token it sent, not the one another thread just got (which would
-    cost a second issuance, refused within KIS's minute)."""
     broker = broker_for(usim, storage)
-    usim.expire_tokens()
-    start = threading.Barrier(8)
-    answers: list[dict[str, Any]] = []
-
-    def call() -> None:
-        start.wait(10)
-        answers.append(broker.fetch_price("005930"))
-
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert len(answers) == 8 and all(price_ok(a) for a in answers)
-    assert usim.issued == 2 and usim.rate_limited == 0
+    threads_refresh_once(usim, lambda: broker.fetch_price("005930"))
 
 
 def test_one_refresh_per_outermost_call(usim: KisSimulator, storage: FileTokenStorage) -> None:
