@@ -16,8 +16,15 @@ from functools import partial
 from types import TracebackType
 from typing import Any
 
-from .errors import KisApiError
-from .kis import APPROVAL_PATH, HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REVOKE_PATH, TOKEN_PATH
+from .errors import KisApiError, TokenIssueError
+from .kis import (
+    APPROVAL_PATH,
+    HTTP_TIMEOUT_S,
+    ISSUE_WINDOW_S,
+    REVOKE_PATH,
+    TOKEN_PATH,
+    TOO_MANY_CALLS,
+)
 from .oauth import (
     Timeout,
     approval_key_from_answer,
@@ -190,10 +197,19 @@ class AsyncSharedToken(TokenSettings):
         Kept in memory; :meth:`invalidate_approval_key` when KIS rejects it."""
         current = self._approval
         if current is None or not current.is_valid(self._clock(), self._margin_s):
-            current = self._approval = await self._store.get_or_issue(
-                self.api_key + APPROVAL_SUFFIX, self.api_secret, self._issue_approval
-            )
+            current = self._approval = await self._fetch_approval()
         return current.access_token
+
+    async def _fetch_approval(self) -> Token:
+        """As ``SharedToken._fetch_approval``: the stored key, or (in a rate-limit slot taken
+        before the store's issuance lock, never while holding it) one through the single
+        flight."""
+        key = self.api_key + APPROVAL_SUFFIX
+        stored = await self._store.load_token(key, self.api_secret)
+        if stored is not None:
+            return stored
+        await self.throttle()
+        return await self._store.get_or_issue(key, self.api_secret, self._issue_approval)
 
     async def invalidate_approval_key(self, approval_key: str) -> bool:
         """KIS rejected ``approval_key``: drop it from the store only if the store still holds
@@ -236,9 +252,8 @@ class AsyncSharedToken(TokenSettings):
         return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
 
     async def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock), in a
-        slot of the fleet's rate limit: KIS meters the approval call with the REST calls."""
-        await self.throttle()
+        """Ask KIS for an approval key (called by the store, holding the issuance lock); an
+        ``EGW00201`` answer slows the fleet's rate down (the store sits it out, asks once more)."""
         try:
             resp = await self._http.post(
                 f"{self.base_url}{APPROVAL_PATH}",
@@ -247,7 +262,12 @@ class AsyncSharedToken(TokenSettings):
             )
         except httpx.HTTPError as exc:
             raise approval_request_failed(exc) from None
-        return approval_key_from_answer(resp, clock=self._clock)
+        try:
+            return approval_key_from_answer(resp, clock=self._clock)
+        except TokenIssueError as exc:
+            if exc.code == TOO_MANY_CALLS:
+                await self.penalize()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:

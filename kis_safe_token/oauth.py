@@ -22,6 +22,7 @@ from .kis import (
     RATE_LIMITED,
     REVOKE_PATH,
     TOKEN_PATH,
+    TOO_MANY_CALLS,
     Answer,
     json_or_none,
     kis_code,
@@ -179,18 +180,26 @@ def approval_request_failed(exc: BaseException) -> TokenIssueError:
     return TokenIssueError(f"KIS approval key request failed: {type(exc).__name__}")
 
 
+APPROVAL_RATE_LIMITED_WAIT_S = 1.0
+"""How long an approval-key holder sits out an ``EGW00201`` before asking once more."""
+
+
 def approval_key_from_answer(resp: Answer, *, clock: Callable[[], float]) -> Token:
     """The approval key in KIS's answer to ``Approval`` (from ``requests`` or ``httpx``), as
     :func:`issue_approval_key` describes it; :class:`TokenIssueError` if there is none."""
     payload = json_or_none(resp)
     key = payload.get("approval_key") if payload else None
     if resp.status_code != 200 or not header_safe(key):
+        code = kis_code(payload)
         raise TokenIssueError(
             kis_message(payload)
             or f"KIS answered {APPROVAL_PATH} with HTTP {resp.status_code} "
             "without a usable approval_key",
-            code=kis_code(payload),
+            code=code,
             status=resp.status_code,
+            # EGW00201 (KIS meters Approval with the REST calls): the holder sits this out and
+            # asks once more, instead of the fleet recording a failure.
+            retry_after_s=APPROVAL_RATE_LIMITED_WAIT_S if code == TOO_MANY_CALLS else None,
         )
     now = clock()
     return Token(str(key), now + APPROVAL_KEY_LIFETIME_S, "approval", issued_at=now)

@@ -17,9 +17,15 @@ import requests
 
 from ._faults import fault_point
 from ._fork import renew_after_fork
-from .errors import TokenStorageError
+from .errors import TokenIssueError, TokenStorageError
 from .keyring_secrets import resolve_api_secret
-from .kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, REAL_BASE_URL, VIRTUAL_BASE_URL
+from .kis import (
+    HTTP_TIMEOUT_S,
+    ISSUE_WINDOW_S,
+    REAL_BASE_URL,
+    TOO_MANY_CALLS,
+    VIRTUAL_BASE_URL,
+)
 from .oauth import Timeout, issue_approval_key, issue_token, revoke_token
 from .ratelimit import RateLimiter, resolve_calls_per_second
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
@@ -271,12 +277,21 @@ class SharedToken(TokenSettings):
         try:
             current = self._approval
             if current is None or not current.is_valid(self._clock(), self._margin_s):
-                current = self._approval = self.token_storage.get_or_issue(
-                    self.api_key + APPROVAL_SUFFIX, self.api_secret, self._issue_approval
-                )
+                current = self._approval = self._fetch_approval()
             return current.access_token
         finally:
             self._approval_lock.release()
+
+    def _fetch_approval(self) -> Token:
+        """The stored approval key, or (in a slot of the fleet's rate limit: KIS meters the
+        Approval call with the REST calls) one through the store's single flight. The slot is
+        taken before the store's issuance lock, never while holding it."""
+        key = self.api_key + APPROVAL_SUFFIX
+        stored = self.token_storage.load_token(key, self.api_secret)
+        if stored is not None:
+            return Token.from_token_data(stored)
+        self.throttle()
+        return self.token_storage.get_or_issue(key, self.api_secret, self._issue_approval)
 
     def invalidate_approval_key(self, approval_key: str) -> bool:
         """KIS rejected ``approval_key``: drop it from the store only if the store still holds it
@@ -291,17 +306,21 @@ class SharedToken(TokenSettings):
         return deleted
 
     def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock), in a
-        slot of the fleet's rate limit: KIS meters the approval call with the REST calls."""
-        self.throttle()
-        return issue_approval_key(
-            self._session,
-            self.base_url,
-            api_key=self.api_key,
-            api_secret=self.api_secret,
-            timeout=self.timeout,
-            clock=self._clock,
-        )
+        """Ask KIS for an approval key (called by the store, holding the issuance lock); an
+        ``EGW00201`` answer slows the fleet's rate down (the store sits it out, asks once more)."""
+        try:
+            return issue_approval_key(
+                self._session,
+                self.base_url,
+                api_key=self.api_key,
+                api_secret=self.api_secret,
+                timeout=self.timeout,
+                clock=self._clock,
+            )
+        except TokenIssueError as exc:
+            if exc.code == TOO_MANY_CALLS and self.rate_limiter is not None:
+                self.rate_limiter.penalize()
+            raise
 
     def load(self) -> Token | None:
         """Take the stored token into memory if the store holds a valid one; never issues."""

@@ -286,6 +286,27 @@ def test_processes_share_one_approval_key(sim: KisSimulator, token_path: Path) -
     assert sim.issued == 0  # the approval key needs no access token
 
 
+def test_an_approval_answered_egw00201_is_sat_out_and_asked_again(token_path: Path) -> None:
+    """KIS meters Approval with the REST calls: an ``EGW00201`` there slows the fleet down and
+    the holder asks once more after a short pause, instead of the fleet recording a failure
+    (which would refuse everyone the key for 5-30 s)."""
+    base = float(int(time.time()))
+    counts: dict[str, int] = {}
+    # The second Approval request is metered in the next second: the window has passed.
+    with KisSimulator(
+        apps={APP_KEY: SECRET},
+        calls_per_second=20,
+        clock=lambda: base + (counts.get("approval_requests", 0) >= 2),
+    ) as sim:
+        counts = sim.counts  # type: ignore[assignment]
+        shared = SharedToken(APP_KEY, SECRET, FileTokenStorage(token_path), base_url=sim.base_url)
+        sim.outside_calls(APP_KEY, 20)  # another program used this second's quota
+        key = shared.approval_key
+        assert key in sim.approval_keys
+        assert sim.counts["approval_requests"] == 2 and sim.counts["approvals_issued"] == 1
+        assert shared.rate_limiter is not None and shared.rate_limiter.slowdown_left_s() > 0
+
+
 def test_a_rejected_approval_key_is_dropped_only_if_still_stored(
     sim: KisSimulator, token_path: Path
 ) -> None:

@@ -732,3 +732,34 @@ def test_load_token_sees_a_save_that_lands_between_its_looks(make: Build) -> Non
     records.held_by_other = save_first  # type: ignore[method-assign]
     got = reader.load_token(K, S)
     assert got is not None and got["access_token"] == token().access_token
+
+
+def test_sync_seed_code_on_the_loop_thread_is_not_the_async_holder(make: Build) -> None:
+    """A task holds the lease; seed code called (blocking) on the loop thread is another owner:
+    it must not be told "you hold the lease" (it would issue a second token). It waits, and
+    since it blocks the very loop the holder needs, it gives up after its wait_timeout."""
+    # The holder's lease outlives the seed code's wait, so the wait cannot end in a new grant.
+    ours, seed = AsyncStore(make(lease_ttl=5.0)), make(lease_ttl=1.0, wait_timeout=2.5)
+    issued: list[str] = []
+
+    async def main() -> Token:
+        asked, answer = asyncio.Event(), asyncio.Event()
+
+        async def slow_issue() -> Token:
+            issued.append("ours")
+            asked.set()
+            await answer.wait()
+            return token("ours")
+
+        try:
+            holder = asyncio.create_task(ours.get_or_issue(K, S, slow_issue))
+            await asyncio.wait_for(asked.wait(), 5)
+            with pytest.raises(TokenStorageError):
+                seed.check_token_valid(K, S)  # with one owner per loop thread: False at once
+            answer.set()
+            return await asyncio.wait_for(holder, 5)
+        finally:
+            await ours.aclose()
+
+    assert asyncio.run(main()).access_token == token("ours").access_token
+    assert issued == ["ours"]

@@ -35,6 +35,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -310,16 +311,19 @@ class AsyncStore:
         seed-protocol lease (or wait in it for a seed holder's save, looking with
         ``asyncio.sleep`` between), then the locked path; a recorded failure fails fast.
 
-        The owner is the loop thread's: its tasks share it, and the loop guard held around this
-        lets one of them at a time hold the lease. It is passed to every look and to the save,
-        since a Redis look runs in a worker thread, whose own owner would differ.
+        The owner is this call's own (the loop thread's id plus a random part): sync seed code
+        run on the loop thread, or another store object's call in the same loop, is another
+        owner, not a holder. It is passed to every look and to the save, since a Redis look
+        runs in a worker thread, whose own owner would differ. The issuance lock gets a fresh
+        ``wait_timeout`` after the lease, as on the sync side.
         """
-        storage, owner = self.storage, thread_owner()
+        storage, owner = self.storage, f"{thread_owner()}:{uuid.uuid4().hex[:8]}"
         held = await self._take_lease(lease, api_key, api_secret, owner)
         if not held:
             token = await self._read(api_key, api_secret, fresh=True)
             if storage._usable(token):
                 return token
+        deadline = max(deadline, time.monotonic() + storage.wait_timeout)
         try:
             return await self._locked_issue(api_key, api_secret, issue, deadline, owner)
         finally:
