@@ -593,6 +593,12 @@ def test_starlette_under_gunicorn_uvicorn_workers_makes_one_issuance(
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_serving(f"{url}/health", proc)
+            # Until several workers answer (bounded): one worker up early could take all 48.
+            deadline, seen = time.monotonic() + 30, set()
+            while len(seen) < 2 and time.monotonic() < deadline:
+                with ThreadPoolExecutor(8) as pool:
+                    health = pool.map(lambda i: requests.get(f"{url}/health", timeout=5), range(8))
+                    seen |= {h.json()["pid"] for h in health}
             with ThreadPoolExecutor(16) as pool:
                 answers = list(
                     pool.map(lambda i: requests.get(f"{url}/{SYMBOL}", timeout=30), range(48))
