@@ -75,15 +75,20 @@ HA_RETRY_TIMEOUT_S = 40.0
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
+    """A switch variable (unset or empty: off); ``ValueError`` naming it and the allowed values."""
     value = (env.get(name) or "").strip().lower()
     if value in _ON:
         return True
     if value in _OFF:
         return False
-    raise ValueError(f"{name}={value[:20]!r} is not a flag; allowed values: true, false (1, 0)")
+    raise ValueError(
+        f"{name}={value[:20]!r} is not a flag; allowed values: true, false "
+        f"(also {', '.join(_ON[:1] + _ON[2:])} / {', '.join(_OFF[1:2] + _OFF[3:])})"
+    )
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _seconds(env: Mapping[str, str], name: str, default: float, *, high: float = 3600.0) -> float:
+    """A number of seconds in (0, ``high``], ``default`` if unset; ``ValueError`` naming it."""
     text = (env.get(name) or "").strip()
     if not text:
         return default
@@ -91,8 +96,10 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 3600):
-        raise ValueError(f"{name}={text[:20]!r} must be a number of seconds, more than 0, <= 3600")
+    if not (math.isfinite(value) and 0 < value <= high):
+        raise ValueError(
+            f"{name}={text[:20]!r} must be a number of seconds, more than 0, <= {high:g}"
+        )
     return value
 
 
@@ -215,23 +222,7 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
 
 def _lease_options(env: Mapping[str, str]) -> dict[str, Any]:
     """``seed_lease`` and ``lease_ttl`` from the environment; ``ValueError`` naming the variable."""
-    flag = (env.get(SEED_LEASE_ENV) or "").strip().lower()
-    if flag not in _ON + _OFF:
-        raise ValueError(
-            f"{SEED_LEASE_ENV}={flag[:20]!r} is not a switch; allowed values: "
-            + ", ".join(repr(v) for v in _ON + _OFF[1:])
-        )
-    options: dict[str, Any] = {"seed_lease": flag in _ON}
-    ttl_text = (env.get(SEED_LEASE_TTL_ENV) or "").strip()
-    if ttl_text:
-        try:
-            ttl = float(ttl_text)
-        except ValueError:
-            ttl = math.nan
-        if not (math.isfinite(ttl) and 0 < ttl <= MAX_LEASE_TTL_S):
-            raise ValueError(
-                f"{SEED_LEASE_TTL_ENV}={ttl_text[:20]!r} is not a lease TTL; expected a number of "
-                f"seconds more than 0 and at most {MAX_LEASE_TTL_S:g}"
-            )
-        options["lease_ttl"] = ttl
+    options: dict[str, Any] = {"seed_lease": _flag(env, SEED_LEASE_ENV)}
+    if (env.get(SEED_LEASE_TTL_ENV) or "").strip():
+        options["lease_ttl"] = _seconds(env, SEED_LEASE_TTL_ENV, 0.0, high=MAX_LEASE_TTL_S)
     return options
