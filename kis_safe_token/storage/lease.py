@@ -437,8 +437,7 @@ class FileLeaseRecords(LeaseRecords):
 
         def put(entries: dict[str, str]) -> bool:
             now = storage.clock()
-            stored = sealer.open(entries.get(key_id(api_key)))
-            if stored is None or not stored.is_valid(now) or stored.expires_at < token.expires_at:
+            if _replaces(token, sealer.open(entries.get(key_id(api_key))), now):
                 entries[key_id(api_key)] = sealed
                 entries.pop(_failure_id(api_key), None)
                 written[0] = True
@@ -457,6 +456,12 @@ class FileLeaseRecords(LeaseRecords):
 
 def _id(api_key: str) -> str:
     return key_id(api_key) + ":lease"
+
+
+def _replaces(token: Token, stored: Token | None, now: float) -> bool:
+    """Keep-the-newest: ``token`` replaces ``stored`` unless that is valid and expires no
+    earlier (both backends' ``save_newest``)."""
+    return stored is None or not stored.is_valid(now) or stored.expires_at < token.expires_at
 
 
 # -- Redis backend ---------------------------------------------------------------------------------
@@ -578,10 +583,8 @@ class RedisLeaseRecords(LeaseRecords):
         sealed = sealer.seal(token)
         for _ in range(8):  # another save between our GET and the script: decide again
             raw = storage._call("GET", lambda: client.get(token_key), deadline)
-            stored = sealer.open(raw)
             now = storage.clock()
-            newer = stored is None or not stored.is_valid(now)
-            newer = newer or stored is not None and stored.expires_at < token.expires_at
+            newer = _replaces(token, sealer.open(raw), now)
             ttl_ms = int((token.expires_at - now) * 1000)
             if newer and ttl_ms <= 0:
                 raise TokenStorageError(
