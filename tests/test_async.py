@@ -37,11 +37,13 @@ from kis_safe_token import (
     KisApiError,
     KoreaInvestment,
     SharedToken,
+    Token,
     TokenIssueError,
     TokenStorageError,
 )
 from kis_safe_token.auth import RETRY_ATTEMPTS
 from kis_safe_token.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from kis_safe_token.storage.aio import AsyncStore, _loop_guard
 from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.storage.file import FileIssuanceLock
 from kis_safe_token.storage.redis import ACQUIRE_LUA, WAKE_TTL_MS
@@ -332,6 +334,64 @@ def test_task_cancelled_while_waiting_leaves_the_others_unharmed(
         # Wake-up lists are the releasers' own and expire by themselves: nothing stays behind.
         wake_lists = r.keys(f"{spec['key_prefix']}:*:lock:wake:*")
         assert wake_lists and all(0 < r.pttl(k) <= WAKE_TTL_MS for k in wake_lists)
+
+
+def test_a_cancellation_that_lands_as_the_loop_guard_is_granted_still_cancels(
+    spec_of: Callable[[str], dict[str, Any]],
+) -> None:
+    """The race behind ``asyncio.timeout`` around a call: the task is cancelled in the same loop
+    step as the per-loop guard is handed to it. ``asyncio.wait_for`` before Python 3.12 returns
+    the lock then and swallows the cancellation: the call would go on to issue, and a timeout
+    around it would not fire until the whole wait was over."""
+    storage = build_storage(spec_of("file"))
+    store = AsyncStore(storage)
+    issued: list[Token] = []
+
+    async def issue() -> Token:
+        token = Token("tok-" + os.urandom(4).hex(), time.time() + 86400)
+        issued.append(token)
+        return token
+
+    async def main() -> None:
+        guard = _loop_guard(storage, HERD_APP_KEY)
+        await guard.acquire()
+        call = asyncio.create_task(store.get_or_issue(HERD_APP_KEY, HERD_SECRET, issue))
+        await until(lambda: bool(getattr(guard, "_waiters", None)), "the call waits on the guard")
+        guard.release()  # hands the guard to the call's acquire ...
+        call.cancel()  # ... and cancels the call before that acquire has run
+        done, _ = await asyncio.wait({call}, timeout=5)
+        assert done, "the call neither finished nor was cancelled"
+        assert call.cancelled(), f"the cancellation was swallowed: {call.result()!r}"
+        assert not guard.locked(), "the cancelled call left the guard held"
+
+    run(main())
+    assert issued == []
+
+
+def test_a_call_that_outwaits_another_task_s_refresh_is_a_clear_error_holding_nothing(
+    spec_of: Callable[[str], dict[str, Any]],
+) -> None:
+    spec = spec_of("file")
+    spec["options"] = {"wait_timeout": 0.2}
+    storage = build_storage(spec)
+    store = AsyncStore(storage)
+
+    async def issue() -> Token:
+        return Token("tok-" + os.urandom(4).hex(), time.time() + 86400)
+
+    async def main() -> Token:
+        guard = _loop_guard(storage, HERD_APP_KEY)
+        await guard.acquire()  # another task of this loop, refreshing for longer than the wait
+        started = time.monotonic()
+        with pytest.raises(TokenStorageError, match="waiting for another task's refresh"):
+            await store.get_or_issue(HERD_APP_KEY, HERD_SECRET, issue)
+        assert time.monotonic() - started < 2.0
+        guard.release()
+        await asyncio.sleep(0)  # one loop step: a waiter left in line would take the guard now
+        assert not guard.locked(), "the timed-out call took the guard after giving up"
+        return await store.get_or_issue(HERD_APP_KEY, HERD_SECRET, issue)
+
+    assert run(main()).access_token.startswith("tok-")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -287,12 +287,10 @@ class AsyncStore:
             return token
         deadline = time.monotonic() + storage.wait_timeout
         guard = _loop_guard(storage, api_key)
-        try:
-            await asyncio.wait_for(guard.acquire(), storage.wait_timeout)
-        except asyncio.TimeoutError:
+        if not await _acquire_within(guard, storage.wait_timeout):
             raise TokenStorageError(
                 f"timed out after {storage.wait_timeout:.1f} s waiting for another task's refresh"
-            ) from None
+            )
         try:
             token = await self._read(api_key, api_secret)  # another task may just have saved one
             if storage._usable(token):
@@ -540,3 +538,32 @@ def _loop_guard(storage: TokenStorage, api_key: str) -> asyncio.Lock:
     one loop; keyed by the store object, which lives as long as the clients using it)."""
     per_loop = _guards.setdefault(asyncio.get_running_loop(), {})
     return per_loop.setdefault((id(storage), api_key), asyncio.Lock())
+
+
+async def _acquire_within(lock: asyncio.Lock, timeout_s: float) -> bool:
+    """Whether ``lock`` was acquired within ``timeout_s``.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns the lock, swallowing the
+    cancellation, when the task is cancelled in the loop step that grants it; an
+    ``asyncio.timeout`` around the call would then not fire until the whole refresh was over.
+    Cancelled or timed out, this holds nothing: a lock granted meanwhile is given back.
+    """
+    acquiring = asyncio.ensure_future(lock.acquire())
+    try:
+        await asyncio.wait({acquiring}, timeout=timeout_s)
+    except BaseException:
+        _give_back(lock, acquiring)
+        raise
+    if acquiring.done():
+        return True
+    _give_back(lock, acquiring)
+    return False
+
+
+def _give_back(lock: asyncio.Lock, acquiring: asyncio.Future[Any]) -> None:
+    """Undo an acquire whose caller gave up: release a lock it got, else cancel it (a cancelled
+    ``asyncio.Lock.acquire`` takes nothing and passes a grant on to the next waiter)."""
+    if not acquiring.done():
+        acquiring.cancel()
+    elif not acquiring.cancelled():
+        lock.release()
