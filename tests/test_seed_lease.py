@@ -52,8 +52,10 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Build:
 
     def build(**options: Any) -> SealedTokenStorage:
         options.setdefault("seed_lease", True)
-        options.setdefault("wait_timeout", 10.0)
-        options.setdefault("lease_ttl", 2.0)
+        # A lease that outlives any pause of a loaded machine (a 2 s one lapsed under
+        # `pytest -n 8` before the holder's save); tests of expiry set their own short ones.
+        options.setdefault("wait_timeout", 20.0)
+        options.setdefault("lease_ttl", 10.0)
         options.setdefault("issue_window_s", 0)  # a waiter honours the window its granter set
         if backend == "file":
             return FileTokenStorage(tmp_path / "cache" / "tokens.json", **options)
@@ -508,7 +510,7 @@ def test_the_clients_check_access_token_never_takes_the_lease(make: Build) -> No
         assert client.check_access_token() is False
         # The lease is free: a seed client is granted it at once (the seed's check would have
         # taken it for this thread and made the seed client wait for a save that never comes).
-        # (well before the fixture's 2 s lease would have expired)
+        # (well before the fixture's 10 s lease would have expired)
         assert in_thread(make().check_token_valid, K, S).result(timeout=1) is False
         client.close()
 
@@ -598,7 +600,7 @@ def test_a_seed_client_waits_while_async_get_or_issue_issues(make: Build) -> Non
     assert getter.result(timeout=5).access_token == token("ours").access_token
     assert checker.result(timeout=5) is True
     # The task let go of the lease: after a delete, a seed client is granted at once (not
-    # after the 2 s lease_ttl of the loop thread's lease).
+    # after the 10 s lease_ttl of the loop thread's lease).
     assert seed.delete_token(K, S)
     assert in_thread(make().check_token_valid, K, S).result(timeout=1) is False
 
@@ -638,8 +640,8 @@ def test_async_save_goes_through_the_lease_and_keeps_the_newest(
             redis_url,
             key_prefix=key_prefix,
             seed_lease=True,
-            wait_timeout=10.0,
-            lease_ttl=2.0,
+            wait_timeout=20.0,
+            lease_ttl=10.0,
             issue_window_s=0,
             lock_ttl=0.5,
         )
@@ -674,8 +676,8 @@ def test_a_task_cancelled_during_its_grant_gives_the_lease_back(
             redis_url,
             key_prefix=key_prefix,
             seed_lease=True,
-            wait_timeout=10.0,
-            lease_ttl=2.0,
+            wait_timeout=20.0,
+            lease_ttl=10.0,
             issue_window_s=0,
             lock_ttl=0.5,
         )
@@ -711,7 +713,7 @@ def test_a_task_cancelled_during_its_grant_gives_the_lease_back(
 
     in_thread(asyncio.run, main()).result(timeout=10)
     assert returned.wait(5)  # the grant did run (and took the lease for the loop's thread)
-    # Given back: a seed client is granted at once, not after the 2 s lease_ttl.
+    # Given back: a seed client is granted at once, not after the 10 s lease_ttl.
     assert in_thread(make_redis().check_token_valid, K, S).result(timeout=1) is False
 
 
