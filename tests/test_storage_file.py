@@ -209,7 +209,7 @@ def test_invalidating_an_already_replaced_token_takes_no_lock(token_path: Path) 
     with other.acquire(timeout=5):  # another process is busy issuing
         started = time.monotonic()
         assert storage.invalidate_token("key1", "secret1", TOKEN_A) is False
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < storage.wait_timeout  # no wait for the lock
         with pytest.raises(TokenStorageError, match="timed out"):
             storage.invalidate_token("key1", "secret1", TOKEN_B)  # this one needs the lock
     assert storage.invalidate_token("key1", "secret1", TOKEN_B) is True
