@@ -678,7 +678,9 @@ def test_holder_sits_out_egw00133_on_the_loop_and_asks_again(
     spec_of: Callable[[str], dict[str, Any]],
 ) -> None:
     storage = build_storage(spec_of("redis"))
-    with KisSimulator(issue_window_s=1.0, issue_latency_s=0) as sim:
+    # KIS's one-minute window, ended by the refusal below rather than by the wall clock: the
+    # holder's short sit-out (rate_limit_wait_s) stands for the minute.
+    with KisSimulator(issue_latency_s=0, refusals_per_window=1) as sim:
         # Someone issued within the window and kept the token to itself (a holder that died).
         requests.post(
             f"{sim.base_url}/oauth2/tokenP",

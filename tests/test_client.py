@@ -131,7 +131,9 @@ def issue_elsewhere(sim: KisSimulator) -> None:
 
 
 def test_rate_limited_issue_backs_off_rechecks_and_retries(token_path: Path) -> None:
-    with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=1.0, issue_latency_s=0) as sim:
+    # The window ends with the first refusal, not after a second of wall clock: the client's
+    # first ask is refused and its ask after the sit-out issued, however loaded the machine.
+    with KisSimulator(apps={APP_KEY: SECRET}, refusals_per_window=1, issue_latency_s=0) as sim:
         issue_elsewhere(sim)
         started = time.monotonic()
         broker = client(sim, token_path, rate_limit_wait_s=1.1)

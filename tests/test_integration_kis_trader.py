@@ -221,12 +221,12 @@ def test_short_lived_tokens_are_accepted(
 def test_egw00133_is_sat_out_and_a_refusal_is_a_kis_auth_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    sim = simulator(monkeypatch, issue_window_s=1.0)
+    sim = simulator(monkeypatch, refusals_per_window=1)  # the window ends with one refusal
     try:
         body = {"grant_type": "client_credentials", "appkey": KEY, "appsecret": SECRET}
         assert requests.post(sim.base_url + TOKEN_PATH, json=body, timeout=5).ok  # elsewhere
         tokens = manager(FileTokenStorage(tmp_path / "a.json"))
-        tokens._kst_token.rate_limit_wait_s = 1.5  # the simulator's window is 1 s
+        tokens._kst_token.rate_limit_wait_s = 1.5  # stands for KIS's minute
         assert tokens.access_token() and sim.issued == 2 and sim.rate_limited == 1
         wrong = TokenManager(
             app_key=KEY,

@@ -222,7 +222,9 @@ def test_a_token_another_process_discarded_is_replaced(
 def test_egw00133_is_sat_out_not_raised(tmp_path: Path, storage: FileTokenStorage) -> None:
     """A token issued outside the storage (another tool, a holder that died after KIS answered)
     makes KIS refuse ours for a minute: the holder waits the window out and retries."""
-    with upstream_simulator(issue_window_s=1.0) as sim:
+    # The window ends with the second refusal (ours below, then the holder's first ask), not
+    # after a second of wall clock that a loaded machine could let pass before either.
+    with upstream_simulator(refusals_per_window=2) as sim:
         pykis.kis.REAL_DOMAIN, real = sim.base_url, pykis.kis.REAL_DOMAIN
         try:
             body = {"grant_type": "client_credentials", "appkey": KEY, "appsecret": SECRET}
@@ -234,7 +236,7 @@ def test_egw00133_is_sat_out_not_raised(tmp_path: Path, storage: FileTokenStorag
             assert refused.value.code == RATE_LIMITED and refused.value.status == 403
             assert refused.value.retry_after_s == shared.rate_limit_wait_s
             assert SECRET not in str(refused.value) and KEY not in str(refused.value)
-            shared.rate_limit_wait_s = 1.5  # the simulator's window is 1 s
+            shared.rate_limit_wait_s = 1.5  # stands for KIS's minute
             assert price(kis) and sim.issued == 2 and sim.rate_limited == 2
         finally:
             pykis.kis.REAL_DOMAIN = real

@@ -119,3 +119,20 @@ def test_approval_calls_count_in_the_app_keys_window() -> None:
 def test_a_bad_calls_per_second_names_the_allowed_values(bad: object) -> None:
     with pytest.raises(ValueError, match="calls_per_second must be .*'kis'"):
         KisSimulator(calls_per_second=bad)  # type: ignore[arg-type]
+
+
+def test_refusals_per_window_ends_the_window_after_that_many_egw00133() -> None:
+    """The count-based window that sit-out tests use: refused exactly ``n`` times, whatever the
+    clock says (frozen here: by time alone the window would never end), then issued; the count
+    starts over with each issuance, and another app key's window is its own."""
+
+    def ask(sim: KisSimulator, key: str = APP_KEY) -> int:
+        body = {"grant_type": "client_credentials", "appkey": key, "appsecret": SECRET}
+        return requests.post(f"{sim.base_url}/oauth2/tokenP", json=body, timeout=5).status_code
+
+    with KisSimulator(refusals_per_window=2, issue_latency_s=0, clock=lambda: FROZEN) as sim:
+        assert [ask(sim) for _ in range(7)] == [200, 403, 403, 200, 403, 403, 200]
+        assert ask(sim, "another-app-key") == 200
+        assert sim.issued == 4 and sim.rate_limited == 4
+    with pytest.raises(ValueError, match="refusals_per_window"):
+        KisSimulator(refusals_per_window=0)

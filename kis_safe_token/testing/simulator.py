@@ -72,6 +72,9 @@ class KisSimulator:
     ``apps``: app key -> secret to accept (``None`` accepts any pair). ``issue_window_s``: the
     one-issue-per-app-key window (KIS: 60 s). ``token_lifetime_s``: validity of issued tokens.
     ``issue_latency_s``: artificial delay of ``tokenP`` (widens races the way a slow KIS does).
+    ``refusals_per_window``: a number ends an app key's window after that many ``EGW00133``
+    answers instead of after ``issue_window_s`` (as if the minute had passed while the client
+    sat it out): a test of a sit-out then races no wall clock, however loaded the machine.
     ``clock``: the simulator's time, for expiries and for the HTTP ``Date`` of every answer.
     ``calls_per_second``: calls allowed per app key in each second of ``clock``, on every
     ``/uapi/`` path and on ``/oauth2/Approval`` (one window per app key for both); beyond it
@@ -105,6 +108,7 @@ class KisSimulator:
         issue_window_s: float = 60.0,
         token_lifetime_s: float = 86_400.0,
         issue_latency_s: float = 0.05,
+        refusals_per_window: int | None = None,
         clock: Callable[[], float] = time.time,
         calls_per_second: CallsPerSecond = None,
         mock: bool = False,
@@ -119,6 +123,10 @@ class KisSimulator:
         self.peak_calls_per_second: Counter[str] = Counter()
         self.approval_keys: list[str] = []
         self.issue_window_s = issue_window_s
+        if refusals_per_window is not None and refusals_per_window < 1:
+            raise ValueError("refusals_per_window must be None or at least 1")
+        self.refusals_per_window = refusals_per_window
+        self._refusals: Counter[str] = Counter()
         self.token_lifetime_s = token_lifetime_s
         self.issue_latency_s = issue_latency_s
         self.clock = clock
@@ -285,12 +293,13 @@ class KisSimulator:
             time.sleep(self.issue_latency_s)
         now = self.clock()
         with self._cond:
-            last = self._last_issue.get(key)
-            if last is not None and now - last < self.issue_window_s:
+            if self._in_window(str(key), now):
+                self._refusals[key] += 1
                 self.counts[RATE_LIMITED] += 1
                 self._cond.notify_all()
                 return 403, {"error_description": RATE_LIMIT_MESSAGE, "error_code": RATE_LIMITED}
             self._last_issue[key] = now
+            self._refusals[key] = 0
             token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(96)
             expires_at = now + self.token_lifetime_s
             self._tokens[token] = _Issued(str(key), expires_at)
@@ -302,6 +311,15 @@ class KisSimulator:
             "token_type": "Bearer",
             "expires_in": int(self.token_lifetime_s),
         }
+
+    def _in_window(self, key: str, now: float) -> bool:
+        """Whether ``key`` had a token issued within its window (call with the lock held)."""
+        last = self._last_issue.get(key)
+        if last is None:
+            return False
+        if self.refusals_per_window is not None:
+            return self._refusals[key] < self.refusals_per_window
+        return now - last < self.issue_window_s
 
     def _check_app(self, key: str, secret: str) -> dict[str, Any] | None:
         if self.apps is None:
