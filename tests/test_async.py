@@ -110,12 +110,13 @@ class SyncHolder:
         self.finish()
 
 
-def lock_is_free(spec: dict[str, Any]) -> bool:
-    """Whether another process (a fresh storage object) gets the issuance lock at once."""
+def lock_is_free(spec: dict[str, Any], within_s: float = 3.0) -> bool:
+    """Whether another process (a fresh storage object) gets the issuance lock within
+    ``within_s`` (a new connection and a script load on a loaded box fit in the default)."""
     storage = build_storage(spec)
     lock = storage._issuance_lock(HERD_APP_KEY, HERD_SECRET)
     try:
-        got = lock.acquire(time.monotonic() + 0.5)
+        got = lock.acquire(time.monotonic() + within_s)
     except TokenStorageError:
         return False
     if got is True:
@@ -238,7 +239,7 @@ def test_loop_keeps_ticking_while_waiting_for_another_process_issuance(
         kis = client(storage, sim)
         ticking = asyncio.create_task(ticker())
         call = asyncio.create_task(kis.fetch_price(SYMBOL))
-        window_s = 0.6
+        window_s = 1.5
         await asyncio.sleep(window_s)  # the measurement window, not a race
         assert not call.done(), "the call did not wait for the other process"
         holder.sim.issue_gate.set()
@@ -260,11 +261,11 @@ def test_loop_keeps_ticking_while_waiting_for_another_process_issuance(
         f"\n[{backend}] ticks={len(lags)} loop lag median {median * 1000:.1f} ms, "
         f"max {worst * 1000:.1f} ms; token {got_s * 1000:.0f} ms after the holder's"
     )
-    # A wait that blocked the loop would stall the ticker for the whole 600 ms window: no tick
-    # in it, one lag of 600 ms or more. The goal is 20 ms (met on a quiet box, see the report);
+    # A wait that blocked the loop would stall the ticker for the whole 1.5 s window: no tick
+    # in it, one lag of 1.5 s or more. The goal is 20 ms (met on a quiet box, see the report);
     # the bound leaves room for a 2-core box shared by a dozen busy processes.
     assert len(lags) >= 20, "the ticker hardly ran"
-    assert worst < 0.3
+    assert worst < 1.0
 
 
 # -- cancellation and timeouts -------------------------------------------------------------------
@@ -283,7 +284,8 @@ def test_task_cancelled_while_holding_the_lock_releases_it(
                 sim.wait_for, lambda s: s.counts["issue_requests"] >= 1
             )
             assert entered, "the task never reached tokenP"
-            assert not await asyncio.to_thread(lock_is_free, spec), "the task holds no lock"
+            # (held for the whole test: a short look cannot mistake it for free)
+            assert not await asyncio.to_thread(lock_is_free, spec, 0.5), "the task holds no lock"
             holding.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await holding
@@ -417,7 +419,7 @@ def test_asyncio_timeout_around_a_call_gives_up_and_the_client_still_works(
 
     with SyncHolder(sim, spec) as holder:
         gave_up_s = run(main(holder))
-    assert gave_up_s < 1.0
+    assert gave_up_s < 5.0  # without the timeout: until the holder's tokenP is answered
     assert sim.issued == 1
     assert lock_is_free(spec)
 
@@ -495,7 +497,7 @@ def test_redis_slots_are_reserved_on_redis_asyncio_in_the_sync_side_s_state(
     storage = build_storage(spec)
 
     async def main() -> None:
-        async with client(storage, sim, calls_per_second=1) as kis:
+        async with client(storage, sim, calls_per_second=0.5) as kis:
             limiter = kis.rate_limiter
             assert isinstance(limiter, RedisRateLimiter)
 
@@ -503,15 +505,16 @@ def test_redis_slots_are_reserved_on_redis_asyncio_in_the_sync_side_s_state(
                 raise AssertionError("a blocking Redis round trip on the event loop")
 
             limiter.try_acquire = blocking  # type: ignore[method-assign]
-            for _ in range(2):  # slots at t0 and t0 + 1 s
+            for _ in range(2):  # slots at t0 and t0 + 2 s
                 await kis.fetch_price(SYMBOL)
 
     run(main())
     assert sim.counts["uapi_calls"] == 2
     # A sync process on the same Redis queues behind the async one's reservations.
-    other = SharedToken(HERD_APP_KEY, HERD_SECRET, build_storage(spec), calls_per_second=1)
+    other = SharedToken(HERD_APP_KEY, HERD_SECRET, build_storage(spec), calls_per_second=0.5)
     assert other.rate_limiter is not None
-    # The next free slot is t0 + 2 s: about a second away, unless the run above was very slow.
+    # The next free slot is t0 + 4 s: about two seconds away, unless the run above was very slow
+    # (a limiter of its own would give this process a slot at once).
     wait = other.rate_limiter.try_acquire(10)
     assert wait is not None and wait > 0.3
 

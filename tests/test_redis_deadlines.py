@@ -22,8 +22,9 @@ from kis_safe_token.testing.redis_server import free_port
 from kis_safe_token.token import Token
 
 BUDGET_S = 0.5
-#: The budget, one backoff pause and loopback connection refusals.
-WITHIN_S = 1.5
+#: The budget, one backoff pause and loopback connection refusals, with room for a loaded box:
+#: still far below the store's own 40 s, which is what a call would take without its budget.
+WITHIN_S = 5.0
 
 
 @pytest.fixture

@@ -213,7 +213,8 @@ def test_expired_holder_never_frees_its_successors_lock(redis_url: str, key_pref
 
 
 def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: str) -> None:
-    waiter = locked(redis_url, key_prefix, poll_interval_s=2.0)  # a poll would take ~2 s
+    # The longest poll allowed: a BLPOP that timed out would take 1.25-3.75 s (jittered).
+    waiter = locked(redis_url, key_prefix, poll_interval_s=2.5)
     got: list[float] = []
 
     def wait() -> None:
@@ -227,7 +228,7 @@ def test_waiter_is_woken_by_the_save_not_by_polling(redis_url: str, key_prefix: 
         released = time.monotonic()
         held.finish()
         w.join(10)
-    assert got and got[0] - released < 0.5
+    assert got and got[0] - released < 1.0
 
 
 def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefix: str) -> None:
@@ -239,18 +240,20 @@ def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefi
         calls.append(time.monotonic())
         entered.set()
         if len(calls) == 1:
-            raise TokenIssueError("EGW00133", code="EGW00133", retry_after_s=3.0)
+            raise TokenIssueError("EGW00133", code="EGW00133", retry_after_s=5.0)
         return make_token()
 
-    holder = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=5.0)
-    waiter = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=1.5, poll_interval_s=0.1)
+    # The holder keeps its 2 s lock alive through the sit-out (a stall under 1.3 s of its thread
+    # cannot let the lock lapse); the waiter gives up after 3 s, long before the holder is done.
+    holder = locked(redis_url, key_prefix, lock_ttl=2.0, wait_timeout=8.0)
+    waiter = locked(redis_url, key_prefix, lock_ttl=1.0, wait_timeout=3.0, poll_interval_s=0.1)
     t = threading.Thread(target=holder.get_or_issue, args=("key1", "secret1", rate_limited_once))
     t.start()
     assert entered.wait(10)
     started = time.monotonic()
     with pytest.raises(TokenStorageError, match="timed out"):
         waiter.get_or_issue("key1", "secret1", lambda: pytest.fail("waiter must not issue"))
-    assert 1.5 <= time.monotonic() - started < 3
+    assert 3.0 <= time.monotonic() - started < 3.0 + 1.5
     t.join(10)
     assert len(calls) == 2  # the holder kept its lock through the sit-out and asked again
 
