@@ -20,6 +20,7 @@ from keyring.backend import KeyringBackend
 from kis_safe_token._faults import FAULT_ENV
 from kis_safe_token.errors import KisTokenError
 from kis_safe_token.keyring_secrets import ALLOW_INSECURE_KEYRING_ENV
+from kis_safe_token.storage import FileTokenStorage
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
 from kis_safe_token.token import Token
@@ -59,6 +60,12 @@ def sim() -> Iterator[KisSimulator]:
 @pytest.fixture
 def token_path(tmp_path: Path) -> Path:
     return tmp_path / "cache" / "tokens.json"
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> FileTokenStorage:
+    """A token file of the test's own, in a folder the storage creates."""
+    return FileTokenStorage(tmp_path / "shared" / "token.json")
 
 
 @pytest.fixture(scope="session")

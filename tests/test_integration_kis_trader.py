@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import sys
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,7 +40,6 @@ from kis_safe_token.integrations.kis_trader import (  # noqa: E402
 )
 
 SCENARIO = "upstream_clients.kis_trader_scenario"
-MODULE = "kis_safe_token.integrations.kis_trader"
 KEY, SECRET = UPSTREAM_APP_KEY, UPSTREAM_SECRET
 QUOTE = {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"}
 
@@ -68,11 +66,6 @@ def usim(monkeypatch: pytest.MonkeyPatch) -> Iterator[KisSimulator]:
     sim = simulator(monkeypatch)
     yield sim
     sim.stop()
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> FileTokenStorage:
-    return FileTokenStorage(tmp_path / "shared" / "token.json")
 
 
 def manager(storage: FileTokenStorage, environment: str = "real") -> TokenManager:
@@ -308,13 +301,6 @@ def test_default_storage_and_other_token_managers(
 
 
 # -- packaging and the upstream version ------------------------------------------------------------
-def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "kis_trader", None)  # import -> ImportError
-    monkeypatch.delitem(sys.modules, MODULE)
-    with pytest.raises(ImportError, match=r"pip install 'kis-safe-token\[kis-trader\]'"):
-        importlib.import_module(MODULE)
-
-
 def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
     """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
     assert importlib.metadata.version("kis-trader") == integration.UPSTREAM_VERSION == "0.12.2"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from kis_safe_token.integrations import korea_investment_stock as integration  #
 from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment  # noqa: E402
 
 SCENARIO = "upstream_clients.korea_investment_stock_scenario"
-MODULE = "kis_safe_token.integrations.korea_investment_stock"
 KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
 
 
@@ -42,11 +40,6 @@ KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
 def usim() -> Any:
     with upstream_simulator() as simulator:
         yield simulator
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> FileTokenStorage:
-    return FileTokenStorage(tmp_path / "shared" / "token.json")
 
 
 @pytest.fixture(autouse=True)
@@ -189,14 +182,6 @@ def test_upstream_wrappers_work_on_top(usim: KisSimulator, storage: FileTokenSto
 
 
 # -- packaging and the upstream version ------------------------------------------------------------
-def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "korea_investment_stock", None)  # import -> ImportError
-    monkeypatch.delitem(sys.modules, MODULE)
-    extra = r"pip install 'kis-safe-token\[korea-investment-stock\]'"
-    with pytest.raises(ImportError, match=extra):
-        importlib.import_module(MODULE)
-
-
 def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
     """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
     assert importlib.metadata.version("korea-investment-stock") == integration.UPSTREAM_VERSION

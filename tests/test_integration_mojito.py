@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from kis_safe_token.integrations import mojito as integration  # noqa: E402
 from kis_safe_token.integrations.mojito import KoreaInvestment  # noqa: E402
 
 SCENARIO = "upstream_clients.mojito_scenario"
-MODULE = "kis_safe_token.integrations.mojito"
 KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
 
 
@@ -41,11 +39,6 @@ KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
 def usim() -> Any:
     with upstream_simulator() as simulator:
         yield simulator
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> FileTokenStorage:
-    return FileTokenStorage(tmp_path / "shared" / "token.json")
 
 
 @pytest.fixture(autouse=True)
@@ -200,13 +193,6 @@ def test_the_rest_methods_are_wrapped() -> None:
 
 
 # -- packaging and the upstream version ------------------------------------------------------------
-def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "mojito", None)  # import -> ImportError
-    monkeypatch.delitem(sys.modules, MODULE)
-    with pytest.raises(ImportError, match=r"pip install 'kis-safe-token\[mojito2\]'"):
-        importlib.import_module(MODULE)
-
-
 def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
     """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
     assert importlib.metadata.version("mojito2") == integration.UPSTREAM_VERSION == "0.1.6"

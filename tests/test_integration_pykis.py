@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,7 +44,6 @@ from kis_safe_token.integrations import pykis as integration  # noqa: E402
 from kis_safe_token.integrations.pykis import PyKis  # noqa: E402
 
 SCENARIO = "upstream_clients.pykis_scenario"
-MODULE = "kis_safe_token.integrations.pykis"
 KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
 VKEY, VSECRET = "PSvirtualHerdKey".ljust(36, "0"), "virtual-secret-".ljust(180, "v")
 QUOTE = {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"}
@@ -60,11 +58,6 @@ def usim(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[KisSimulat
         monkeypatch.setattr(pykis.kis, "REAL_DOMAIN", simulator.base_url)
         monkeypatch.setattr(pykis.kis, "VIRTUAL_DOMAIN", simulator.base_url)
         yield simulator
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> FileTokenStorage:
-    return FileTokenStorage(tmp_path / "shared" / "token.json")
 
 
 def client(storage: FileTokenStorage, **kwargs: Any) -> PyKis:
@@ -306,13 +299,6 @@ def test_default_storage_comes_from_the_environment(
 
 
 # -- packaging and the upstream version ------------------------------------------------------------
-def test_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pykis", None)  # import -> ImportError
-    monkeypatch.delitem(sys.modules, MODULE)
-    with pytest.raises(ImportError, match=r"pip install 'kis-safe-token\[python-kis\]'"):
-        importlib.import_module(MODULE)
-
-
 def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
     """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
     assert importlib.metadata.version("python-kis") == integration.UPSTREAM_VERSION == "2.1.6"

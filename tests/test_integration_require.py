@@ -4,7 +4,9 @@ release is not the one the integration was written against."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import sys
 import warnings
 
 import pytest
@@ -24,6 +26,24 @@ def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_missing_client_names_the_extra() -> None:
     with pytest.raises(ImportError, match=r"pip install 'kis-safe-token\[some-extra\]'"):
         require("kis_safe_token_no_such_client", "some-extra")
+
+
+@pytest.mark.parametrize(
+    ("module", "client", "extra"),
+    [
+        ("korea_investment_stock", "korea_investment_stock", "korea-investment-stock"),
+        ("pykis", "pykis", "python-kis"),
+        ("mojito", "mojito", "mojito2"),
+        ("kis_trader", "kis_trader", "kis-trader"),
+    ],
+)
+def test_each_integration_without_its_client_names_its_extra(
+    monkeypatch: pytest.MonkeyPatch, module: str, client: str, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, client, None)  # import -> ImportError
+    monkeypatch.delitem(sys.modules, f"kis_safe_token.integrations.{module}", raising=False)
+    with pytest.raises(ImportError, match=rf"pip install 'kis-safe-token\[{extra}\]'"):
+        importlib.import_module(f"kis_safe_token.integrations.{module}")
 
 
 def test_the_release_written_against_imports_without_a_warning() -> None:
