@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +66,19 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Build:
         return LockedRedisTokenStorage(url, key_prefix=prefix, lock_ttl=lock_ttl, **options)
 
     return build
+
+
+def redis_with_lease(url: str, prefix: str) -> SealedTokenStorage:
+    """A Redis storage with the lease on and the fixture's timings, for the Redis-only tests."""
+    return LockedRedisTokenStorage(
+        url,
+        key_prefix=prefix,
+        seed_lease=True,
+        wait_timeout=20.0,
+        lease_ttl=10.0,
+        issue_window_s=0,
+        lock_ttl=0.5,
+    )
 
 
 def in_thread(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -640,16 +654,7 @@ def test_async_save_goes_through_the_lease_and_keeps_the_newest(
     save keeps the newest (a plain write would replace it). Redis only: a file holder's lock
     keeps every other writer out until its save."""
 
-    def make_redis() -> SealedTokenStorage:
-        return LockedRedisTokenStorage(
-            redis_url,
-            key_prefix=key_prefix,
-            seed_lease=True,
-            wait_timeout=20.0,
-            lease_ttl=10.0,
-            issue_window_s=0,
-            lock_ttl=0.5,
-        )
+    make_redis = partial(redis_with_lease, redis_url, key_prefix)
 
     other, ours = make_redis(), AsyncStore(make_redis())
     longer = token("longer", expires_in=90_000)
@@ -676,16 +681,7 @@ def test_a_task_cancelled_during_its_grant_gives_the_lease_back(
     """Redis grants run in a worker thread, which a cancellation does not stop: a lease granted
     after the task was cancelled is given back, not left to block the fleet for its ttl."""
 
-    def make_redis() -> SealedTokenStorage:
-        return LockedRedisTokenStorage(
-            redis_url,
-            key_prefix=key_prefix,
-            seed_lease=True,
-            wait_timeout=20.0,
-            lease_ttl=10.0,
-            issue_window_s=0,
-            lock_ttl=0.5,
-        )
+    make_redis = partial(redis_with_lease, redis_url, key_prefix)
 
     storage = make_redis()
     lease = storage._lease
