@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from herd import HERD_APP_KEY, HERD_SECRET, SYMBOL, build_storage, token_id
+from herd import HERD_APP_KEY, HERD_SECRET, SYMBOL, build_storage, reap, token_id
 
 __all__ = ["MixedHerd", "run_mixed_herd"]
 
@@ -152,9 +152,5 @@ def run_mixed_herd(
     except Exception as exc:  # noqa: BLE001 - a herd that hangs is a failure to report
         out.errors.append(f"herd: {type(exc).__name__}: {exc}")
     finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        reap(procs, time.monotonic() + 10)
     return out

@@ -25,8 +25,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from kis_safe_token.client import KoreaInvestment
@@ -264,12 +265,17 @@ def run_herd(
     except (queue.Empty, threading.BrokenBarrierError):
         out.errors.append(f"herd did not finish within {timeout_s:.0f} s")
     finally:
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        reap(procs, deadline)
     return out
+
+
+def reap(procs: Iterable[BaseProcess], deadline: float) -> None:
+    """Join each process until ``deadline`` (monotonic); kill one still running then."""
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 def gated_client(
@@ -364,9 +370,5 @@ def run_call_herd(
     except (queue.Empty, threading.BrokenBarrierError):
         errors.append(f"call herd did not finish within {timeout_s:.0f} s")
     finally:
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        reap(procs, deadline)
     return released_at, reports, errors

@@ -47,7 +47,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from herd import build_storage, token_id
+from herd import build_storage, reap, token_id
 
 from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.testing import KisSimulator
@@ -377,9 +377,5 @@ def run_upstream_herd(
     finally:
         if out.harness_errors:
             barrier.abort()  # children waiting for the next round leave now
-        for p in procs:
-            p.join(max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        reap(procs, deadline)
     return out
