@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 import requests
-from conftest import IN_CI
+from upstream_herd import require_upstream, with_host
 
 from kis_safe_token import (
     FileTokenStorage,
@@ -399,29 +399,8 @@ HERD = 16
 
 
 def _upstream_client_class(base_url: str) -> type[Any]:
-    """korea-investment-stock's own class, its hard-coded host redirected (test only).
-
-    Upstream assigns ``self.base_url = "https://openapi…:9443"`` in ``__init__`` (0.19.0,
-    ``korea_investment_stock.py:127``) and builds its TokenManager from it (``:145``): a class
-    level property whose setter ignores that assignment points both at the simulator.
-    """
-    try:
-        import korea_investment_stock as ki
-    except ImportError:
-        if IN_CI:
-            pytest.fail("korea-investment-stock is not installed: CI must run this test")
-        pytest.skip("korea-investment-stock is not installed (pip install -e '.[dev]')")
-
-    class LocalKoreaInvestment(ki.KoreaInvestment):  # type: ignore[misc, name-defined]
-        @property
-        def base_url(self) -> str:
-            return base_url
-
-        @base_url.setter
-        def base_url(self, value: str) -> None:
-            pass
-
-    return LocalKoreaInvestment
+    """korea-investment-stock's own class, its hard-coded host redirected (test only)."""
+    return with_host(require_upstream("korea_investment_stock").KoreaInvestment, base_url)
 
 
 def _upstream_child(

@@ -62,6 +62,7 @@ __all__ = [
     "UpstreamHerdResult",
     "require_client",
     "require_upstream",
+    "with_host",
     "run_shipped_herd",
     "run_upstream_herd",
     "upstream_simulator",
@@ -105,6 +106,25 @@ def require_upstream(name: str) -> ModuleType:
     inside a test (imported in the parent, before any fork)."""
     module, min_python = UPSTREAM_CLIENTS[name]
     return require_client(module, min_python=min_python)
+
+
+def with_host(cls: type[Any], base_url: str) -> type[Any]:
+    """``cls`` with its host pinned to ``base_url`` (test only). korea-investment-stock assigns
+    its hard-coded host in ``__init__`` (0.19.0, ``korea_investment_stock.py:127``) and builds
+    its TokenManager from it (``:145``): a class-level property whose setter ignores that
+    assignment outranks it."""
+
+    class Pinned(cls):  # type: ignore[misc, valid-type]
+        @property
+        def base_url(self) -> str:
+            return base_url
+
+        @base_url.setter
+        def base_url(self, value: str) -> None:
+            pass
+
+    Pinned.__name__ = Pinned.__qualname__ = cls.__name__
+    return Pinned
 
 
 def run_shipped_herd(

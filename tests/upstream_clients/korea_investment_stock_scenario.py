@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import korea_investment_stock
-from upstream_herd import ScenarioContext
+from upstream_herd import ScenarioContext, with_host
 
 from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment
 
@@ -25,18 +25,7 @@ class _Client:
 
 
 def shipped(ctx: ScenarioContext) -> _Client:
-    base_url = ctx.base_url
-
-    class Shipped(korea_investment_stock.KoreaInvestment):  # type: ignore[misc]
-        # Upstream hard-codes the host in __init__; a class property outranks that assignment.
-        @property
-        def base_url(self) -> str:
-            return base_url
-
-        @base_url.setter
-        def base_url(self, value: str) -> None:
-            pass
-
+    Shipped = with_host(korea_investment_stock.KoreaInvestment, ctx.base_url)  # noqa: N806
     # Its default storage: the pickle ~/.cache/kis/token.key under the process's own HOME.
     return _Client(Shipped(ctx.app_key, ctx.app_secret, ctx.account), ctx.symbol)
 
