@@ -36,7 +36,7 @@ from kis_safe_token import (  # noqa: E402
     KoreaInvestment,
     SharedToken,
 )
-from kis_safe_token.storage.aio import AsyncStore  # noqa: E402
+from kis_safe_token.flight.aio import AsyncStore  # noqa: E402
 from kis_safe_token.testing import KisSimulator  # noqa: E402
 from kis_safe_token.testing.redis_server import RedisServer  # noqa: E402
 from kis_safe_token.token import Token  # noqa: E402

@@ -1,7 +1,7 @@
 """``AsyncSharedToken``: :class:`~kis_safe_token.SharedToken` for asyncio code.
 
 The same token, store and single flight as the sync side (a sync and an async process share one
-token), with waits that never block the event loop (:mod:`kis_safe_token.storage.aio`) and KIS's
+token), with waits that never block the event loop (:mod:`kis_safe_token.flight.aio`) and KIS's
 OAuth calls made with ``httpx`` (the ``[async]`` extra). httpx rather than aiohttp: its API is
 requests' own (the answer parsing of :mod:`kis_safe_token.oauth` serves both unchanged, and the
 ``(connect, read)`` timeouts map one to one), it is pure Python, and it needs no running loop
@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from .errors import KisApiError, TokenIssueError
+from .flight.aio import AsyncStore
 from .kis import (
     APPROVAL_PATH,
     HTTP_TIMEOUT_S,
@@ -39,7 +40,6 @@ from .oauth import (
 from .ratelimit import RateLimiter
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
 from .shared import APPROVAL_SUFFIX, TokenSettings
-from .storage.aio import AsyncStore
 from .storage.base import TokenStorage
 from .token import Token
 

@@ -43,11 +43,11 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _no_failures_of_earlier_tests() -> Iterator[None]:
     """This process's failure memo (a host's clock error is host-wide by design) starts empty:
     a test that played a far-off clock must not fail the next test of the same worker."""
-    from kis_safe_token.storage import base
+    from kis_safe_token.flight import engine
 
-    base._local_failures.clear()
+    engine.local_failures.clear()
     yield
-    base._local_failures.clear()
+    engine.local_failures.clear()
 
 
 @pytest.fixture

@@ -42,11 +42,12 @@ from kis_safe_token import (
     TokenStorageError,
 )
 from kis_safe_token.auth import RETRY_ATTEMPTS
+from kis_safe_token.flight.aio import AsyncStore, _loop_guard
 from kis_safe_token.ratelimit import MemoryRateLimiter, RedisRateLimiter
-from kis_safe_token.storage.aio import AsyncStore, _loop_guard
+from kis_safe_token.storage import Busy
 from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.storage.file import FileIssuanceLock
-from kis_safe_token.storage.redis import ACQUIRE_LUA, WAKE_TTL_MS
+from kis_safe_token.storage.redis import WAKE_TTL_MS, RedisIssuanceLock
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import RedisServer, free_port
 
@@ -114,7 +115,7 @@ def lock_is_free(spec: dict[str, Any], within_s: float = 3.0) -> bool:
     """Whether another process (a fresh storage object) gets the issuance lock within
     ``within_s`` (a new connection and a script load on a loaded box fit in the default)."""
     storage = build_storage(spec)
-    lock = storage._issuance_lock(HERD_APP_KEY, HERD_SECRET)
+    lock = storage.issuance_lock(HERD_APP_KEY, HERD_SECRET)
     try:
         got = lock.acquire(time.monotonic() + within_s)
     except TokenStorageError:
@@ -129,20 +130,20 @@ def waiting_on_the_fleet_lock(
 ) -> Callable[[], int]:
     """How many waiters are on the fleet's lock, by a real signal of each backend: Redis
     clients blocked in ``BLPOP`` on a wake-up list (``CLIENT LIST`` flag ``b``); file locks whose
-    look found the lock taken (the file lock's own :meth:`FileIssuanceLock.look`, counted)."""
+    attempt found the lock taken (the file lock's own :meth:`FileIssuanceLock.attempt`, counted)."""
     if spec["kind"] == "redis":
         r = redis.from_url(spec["url"])
         return lambda: sum("b" in c["flags"] for c in r.client_list())
     refused: set[int] = set()
-    look = FileIssuanceLock.look
+    attempt = FileIssuanceLock.attempt
 
     def counted(self: FileIssuanceLock) -> Any:
-        got = look(self)
-        if got is None:
+        got = attempt(self)
+        if isinstance(got, Busy):
             refused.add(id(self))
         return got
 
-    monkeypatch.setattr(FileIssuanceLock, "look", counted)
+    monkeypatch.setattr(FileIssuanceLock, "attempt", counted)
     return lambda: len(refused)
 
 
@@ -750,36 +751,30 @@ def test_attempt_cancelled_after_redis_took_the_lock_gives_it_back(
     spec = spec_of("redis")
     storage = build_storage(spec)
 
-    class ReplyLost:
-        """A ``redis.asyncio`` client whose lock attempt runs on the server, and whose task is
-        then cancelled before the reply arrives (the lock taken, the taker not knowing it)."""
+    attempted, cancelled = threading.Event(), threading.Event()
+    real_attempt = RedisIssuanceLock.attempt
 
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.inner, name)
-
-        def register_script(self, source: str) -> Any:
-            script = self.inner.register_script(source)
-            if source != ACQUIRE_LUA:
-                return script
-
-            async def run(**kwargs: Any) -> Any:
-                await script(**kwargs)
-                raise asyncio.CancelledError
-
-            return run
+    def reply_lost(self: RedisIssuanceLock) -> Any:
+        """The attempt runs on the server (the lock taken) and its task is cancelled before
+        the reply is back: the taker does not know it holds the lock."""
+        got = real_attempt(self)
+        attempted.set()
+        cancelled.wait(10)
+        return got
 
     async def main() -> None:
-        inner = storage.async_client()
-        kis = client(storage, sim, redis_client=ReplyLost(inner))
+        kis = client(storage, sim)
+        call = asyncio.ensure_future(kis.fetch_price(SYMBOL))
+        assert await asyncio.to_thread(attempted.wait, 10)
+        call.cancel()
+        cancelled.set()
         with pytest.raises(asyncio.CancelledError):
-            await kis.fetch_price(SYMBOL)
+            await call
         await kis.aclose()
-        await inner.aclose()
 
-    run(main())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RedisIssuanceLock, "attempt", reply_lost)
+        run(main())
     assert lock_is_free(spec)  # not held until lock_ttl (30 s) runs out
     assert sim.counts["issue_requests"] == 0
 

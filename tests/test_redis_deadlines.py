@@ -16,8 +16,8 @@ import redis.asyncio
 from test_redis_retry import TOKEN, FlakyRedis, sha
 
 from kis_safe_token import LockedRedisTokenStorage, TokenStorageError
-from kis_safe_token.storage.aio import AsyncStore
-from kis_safe_token.storage.lease import SAVE_NEWEST_LUA
+from kis_safe_token.flight.aio import AsyncStore
+from kis_safe_token.storage.redis import SAVE_NEWEST_LUA
 from kis_safe_token.testing.redis_server import free_port
 from kis_safe_token.token import Token
 

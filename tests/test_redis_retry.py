@@ -386,7 +386,7 @@ def test_the_rate_limiter_rides_out_a_dropped_connection(
 def test_a_seed_lease_save_whose_reply_was_lost_counts_as_stored(
     flaky: FlakyRedis, key_prefix: str
 ) -> None:
-    from kis_safe_token.storage.lease import SAVE_NEWEST_LUA, RedisLeaseRecords
+    from kis_safe_token.storage.redis import SAVE_NEWEST_LUA, RedisLeaseRecords
 
     storage = LockedRedisTokenStorage(client=flaky, key_prefix=key_prefix)
     flaky.faults[sha(SAVE_NEWEST_LUA)] = 1  # stored, reply lost: the retry finds its own value

@@ -26,7 +26,7 @@ from kis_safe_token import (
     TokenIssueError,
     TokenStorageError,
 )
-from kis_safe_token.storage.aio import AsyncStore
+from kis_safe_token.flight.aio import AsyncStore
 from kis_safe_token.storage.base import SealedTokenStorage
 from kis_safe_token.storage.factory import create_token_storage
 from kis_safe_token.testing import KisSimulator

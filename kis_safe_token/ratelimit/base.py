@@ -21,13 +21,13 @@ to wait (an asyncio client awaits that); :meth:`RateLimiter.acquire` is the bloc
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Final
+from functools import partial
+from typing import Any, Final
 
 from ..errors import KisApiError
 
@@ -106,6 +106,9 @@ class RateLimiter(ABC):
     where: str = "this process"
     #: How :meth:`acquire` sleeps (replaceable in tests, to play a host that oversleeps).
     sleep: Callable[[float], None] = staticmethod(time.sleep)
+    #: A reservation is microseconds of local work (a file, memory): asyncio callers run it on
+    #: the event loop; any other limiter's runs in a worker thread.
+    inline: bool = False
 
     @property
     def interval_s(self) -> float:
@@ -171,6 +174,8 @@ class RateLimiter(ABC):
         unless ``try_acquire(max_wait_s, deadline)`` awaits it some other way: the asyncio
         client runs a Redis limiter's script on ``redis.asyncio`` (see
         ``AsyncStore.try_acquire``), retried no later than ``deadline``."""
+        import asyncio  # here: a sync user of the library never imports asyncio
+
         deadline = time.monotonic() + max(0.0, timeout_s)
         slept = 0.0
         while True:
@@ -188,6 +193,36 @@ class RateLimiter(ABC):
             slept += wait
             if not self.missed(time.monotonic() - slot):
                 return slept
+
+    async def try_acquire_async(
+        self, max_wait_s: float, deadline: float | None = None, async_client: Any = None
+    ) -> float | None:
+        """:meth:`try_acquire` (by ``deadline``) without blocking the loop: inline for an
+        ``inline`` limiter, else in a worker thread. ``async_client``: the caller's
+        ``redis.asyncio`` client, which a limiter on that Redis may run its script on."""
+        reserve = (
+            partial(self.try_acquire, max_wait_s)
+            if deadline is None
+            else partial(self._reserve_by, max_wait_s, deadline)
+        )
+        if self.inline:
+            return reserve()
+        import asyncio
+
+        return await asyncio.to_thread(reserve)
+
+    async def penalize_async(self, timeout_s: float | None = None) -> bool:
+        """:meth:`penalize` without blocking the loop (inline for an ``inline`` limiter)."""
+        if self.inline:
+            return self.penalize(timeout_s=timeout_s)
+        import asyncio
+
+        return await asyncio.to_thread(partial(self.penalize, timeout_s=timeout_s))
+
+    def on_client(self, client: Any) -> bool:
+        """Whether this limiter's state lives on the Redis ``client`` (see
+        :meth:`try_acquire_async`); no for a limiter that is not on Redis."""
+        return False
 
     def _no_slot(self, timeout_s: float) -> RateLimitTimeout:
         return RateLimitTimeout(

@@ -47,6 +47,8 @@ class FileRateLimiter(RateLimiter):
     does not exclude holders of the same description either).
     """
 
+    inline = True
+
     def __init__(
         self, path: Path | str, calls_per_second: float, *, clock: Callable[[], float] = time.time
     ) -> None:

@@ -50,6 +50,8 @@ class MemoryRateLimiter(RateLimiter):
     also the reference implementation of the contract.
     """
 
+    inline = True
+
     def __init__(
         self, name: str, calls_per_second: float, *, clock: Callable[[], float] = time.monotonic
     ) -> None:

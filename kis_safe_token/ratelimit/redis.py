@@ -144,6 +144,25 @@ class RedisRateLimiter(RateLimiter):
         ]
         return [self._key, self._slow_key], args
 
+    async def try_acquire_async(
+        self, max_wait_s: float, deadline: float | None = None, async_client: Any = None
+    ) -> float | None:
+        """One script on ``async_client`` (``redis.asyncio``, on this limiter's Redis), retried
+        through a failover no later than ``deadline``; without one, in a worker thread."""
+        if async_client is None:
+            return await super().try_acquire_async(max_wait_s, deadline)
+        from ..storage.redis_retry import redis_retry_async
+
+        keys, args = self.reserve_call(max_wait_s)
+        script = async_client.register_script(RESERVE_LUA)
+        reply = await redis_retry_async(
+            lambda: script(keys=keys, args=args),
+            deadline=self.retry_deadline(deadline),
+            what="rate limiter reserve",
+            where=self._redis_where,
+        )
+        return self.reserve_result(reply)
+
     def on_client(self, client: Any) -> bool:
         """Whether this limiter's state is on ``client`` (the storage's own Redis client): an
         asyncio client may then run :data:`RESERVE_LUA` on the matching ``redis.asyncio``

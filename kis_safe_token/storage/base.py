@@ -1,97 +1,48 @@
-"""The storage interface and the single-flight issuance protocol, written once.
+"""The storage interface: the seed's four methods, ``get_or_issue`` and the backend protocol.
 
-``get_or_issue`` is a template method: a valid cached token is returned without any lock;
-otherwise the backend's :class:`IssuanceLock` either is acquired or hands over a token that
-another process saved meanwhile (or the failure it met); the holder looks again, issues only if
-still needed, saves and releases (waking the waiters). Backends supply the primitives ``_read``,
-``_write``, ``_read_failure``, ``_write_failure``, ``_compare_and_delete`` and their lock,
-``_issuance_lock``.
+A backend supplies records (``_read``, ``_write``, ``_read_failure``, ``_write_failure``,
+``_compare_and_delete``) and an issuance lock object (:meth:`TokenStorage.issuance_lock`, see
+:class:`~kis_safe_token.flight.lock.IssuanceLock`), and optionally a rate limiter. The
+single-flight protocol itself lives once in :mod:`kis_safe_token.flight.engine`;
+``get_or_issue`` runs it with the blocking driver, the asyncio client with the asyncio one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import random
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard
+from typing import Any, TypeGuard
 
-from .._faults import fault_point
-from ..crypto import Sealer, fingerprint
-from ..errors import TokenIssueError, TokenStorageError
+from .._checks import check_seconds
+from ..crypto import Sealer
+from ..errors import TokenStorageError
 from ..failure import IssueFailure
+from ..flight import engine
+from ..flight.drivers import run_sync
+from ..flight.lock import IssuanceLock, LocalIssuanceLock, _local_lock, jittered
 from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
 from ..ratelimit.base import RateLimiter
 from ..ratelimit.memory import MemoryRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
-
-if TYPE_CHECKING:
-    from .lease import LeaseRecords, SeedLease
+from .lease import LeasedLock, LeaseRecords, SeedLease, new_seed_lease
 
 __all__ = [
     "IssuanceLock",
     "LocalIssuanceLock",
     "SealedTokenStorage",
     "TokenStorage",
+    "check_seconds",
     "default_wait_timeout",
+    "jittered",
 ]
 
 logger = logging.getLogger("kis_safe_token")
 
-BACKOFF_SLICE_S = 1.0
 WAIT_SLACK_S = 5.0
 
 IssueFn = Callable[[], Token]
-Acquired: TypeAlias = "Literal[True] | Token | IssueFailure"
-"""What :meth:`IssuanceLock.acquire` hands back: ``True`` (held), a token another process saved
-meanwhile, or the failure it recorded."""
-
-
-class IssuanceLock(ABC):
-    """The lock that lets one caller at a time issue a token for one app key.
-
-    Modelled on redis-py's ``Lock`` and msal-extensions' ``CrossPlatLock``, with one twist: a
-    waiter also watches the store, so :meth:`acquire` returns as soon as the holder's token (or
-    its failure) appears, instead of taking the lock only to find the work done.
-    """
-
-    @abstractmethod
-    def acquire(self, deadline: float) -> Acquired:
-        """``True`` once held; or the usable :class:`Token` / active :class:`IssueFailure` that
-        showed up meanwhile. :class:`TokenStorageError` past ``deadline`` (``time.monotonic()``)."""
-
-    def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
-        """Keep holding a lock that expires by itself (called while the holder works)."""
-
-    def save_deadline(self) -> float | None:
-        """Until when (``time.monotonic()``) the holder retries saving the token KIS just gave
-        it; ``None``: the store's own default. A Redis lock: its holder's deadline, at least
-        ``retry_timeout_s`` from now."""
-        return None
-
-    @abstractmethod
-    def release(self) -> None:
-        """Release the lock (and wake the waiters, where the backend has any)."""
-
-
-class LocalIssuanceLock(IssuanceLock):
-    """A lock within this process only: the default for a storage that has no shared lock."""
-
-    def __init__(self, api_key: str) -> None:
-        self._lock = _local_lock(api_key)
-
-    def acquire(self, deadline: float) -> Acquired:
-        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TokenStorageError("timed out waiting for this process's own issuance")
-        return True
-
-    def release(self) -> None:
-        self._lock.release()
 
 
 def default_wait_timeout(takeover_s: float = 0.0) -> float:
@@ -102,15 +53,6 @@ def default_wait_timeout(takeover_s: float = 0.0) -> float:
     would fail while the fleet is about to hold a token.
     """
     return takeover_s + ISSUE_WINDOW_S + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
-
-
-def check_seconds(name: str, value: float, *, low: float = 0.0, high: float = 86_400.0) -> float:
-    """``value`` as a float if ``low < value <= high``; else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not (math.isfinite(value) and low < value <= high):
-        raise ValueError(f"{name} must be more than {low:g} and at most {high:g} seconds")
-    return float(value)
 
 
 class TokenStorage(ABC):
@@ -194,71 +136,14 @@ class TokenStorage(ABC):
         keeps the lock, re-checks the cache while it sits out the window, and asks once more.
         Any other failure is recorded for the fleet (:mod:`kis_safe_token.failure`): waiters and
         later callers get the same :class:`TokenIssueError` at once instead of each asking KIS.
+        The protocol: :mod:`kis_safe_token.flight.engine`.
 
         Raises :class:`TokenStorageError` if the store is unreachable or the wait exceeds
         ``wait_timeout``, and :class:`TokenIssueError` if KIS refuses.
         """
-        token = self._read(api_key, api_secret)
-        if self._usable(token):
-            return token
-        if self._lease is not None:
-            return self._get_or_issue_leased(self._lease, api_key, api_secret, issue)
-        return self._get_or_issue_locked(api_key, api_secret, issue)
-
-    def _get_or_issue_leased(
-        self, lease: SeedLease, api_key: str, api_secret: str, issue: IssueFn
-    ) -> Token:
-        """With the seed-protocol lease on, seed clients issue under the lease, not under the
-        issuance lock: take the lease first (or wait in it for a seed holder's save), so a fleet
-        mixing them with ours issues once. The save ends the lease; a failure releases it. A
-        token still valid but inside the refresh margin is renewed under the lock alone (seed
-        clients, which still see it valid, do not issue)."""
-        # A recorded failure fails callers fast, as it does without the lease: a failed holder
-        # leaves the quiet mark, and waiting in it would keep them for the whole window.
-        held = not lease.wait_for_grant(
-            api_key, api_secret, partial(self._raise_failed, api_key, api_secret)
-        )
-        if not held:
-            token = self._read(api_key, api_secret, fresh=True)
-            if self._usable(token):
-                return token
-        try:
-            return self._get_or_issue_locked(api_key, api_secret, issue)
-        finally:
-            if held:
-                lease.released_by_delete(api_key)  # a no-op after our save, which ended it
-
-    def _get_or_issue_locked(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
-        lock = self._issuance_lock(api_key, api_secret)
-        got = lock.acquire(time.monotonic() + self.wait_timeout)
-        if isinstance(got, Token):
-            return got
-        if isinstance(got, IssueFailure):
-            raise got.error(self.clock())
-        try:
-            token = self._read(api_key, api_secret, fresh=True)
-            if not self._usable(token):
-                token = self._issue_recording(lock, api_key, api_secret, issue)
-                self._note_success(api_key, api_secret)
-                self._save_issued(lock, api_key, api_secret, token)
-            return token
-        finally:
-            lock.release()
-
-    def _save_issued(self, lock: IssuanceLock, api_key: str, api_secret: str, token: Token) -> None:
-        """Save what KIS just issued. A store that fails now costs the others a wait, but the
-        holder keeps its token: KIS would refuse another within the minute."""
-        try:
-            lock.extend()
-            deadline = lock.save_deadline()
-            if self._lease is not None:  # also ends our lease, marks the window
-                self._lease.save(api_key, api_secret, token, deadline=deadline)
-            else:
-                self._write_until(api_key, api_secret, token, deadline)
-        except TokenStorageError as exc:
-            logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
-            return
-        fault_point("storage.after_save")
+        flight = engine.Flight(self, api_key, api_secret)
+        token: Token = run_sync(flight, engine.get_or_issue(flight), issue)
+        return token
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         """Delete the stored token only if it is still ``access_token`` (compare-and-delete).
@@ -268,96 +153,20 @@ class TokenStorage(ABC):
         """
         return self._compare_and_delete(api_key, api_secret, access_token)
 
-    def _issue_recording(
-        self, lock: IssuanceLock, api_key: str, api_secret: str, issue: IssueFn
-    ) -> Token:
-        """Issue holding the lock, unless a recent failure says KIS is not worth asking yet;
-        record a failure for the fleet (or, if it is this host's own, for this process)."""
-        previous = self._failure(api_key, api_secret)
-        self._raise_if_held(previous)
-        try:
-            return self._issue_holding(lock, api_key, api_secret, issue)
-        except TokenIssueError as exc:
-            failure = self._note_failure(api_key, api_secret, exc, previous)
-            if failure is not None:
-                try:
-                    self._write_failure(api_key, api_secret, failure)
-                except TokenStorageError as store_exc:
-                    logger.warning("could not record the failed issuance: %s", store_exc)
-            raise
+    def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
+        """The lock guarding issuance for this app key, for both drivers.
 
-    def _raise_failed(self, api_key: str, api_secret: str) -> None:
-        """Raise the recorded failure of these credentials while its hold lasts."""
-        self._raise_if_held(self._failure(api_key, api_secret))
-
-    def _failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
-        """The most recent failure: this process's own, else the store's."""
-        local = self._local_failure(api_key, api_secret)
-        if local is not None and local.active(self.clock()):
-            return local
-        return self._read_failure(api_key, api_secret) or local
-
-    # -- the pure parts of the protocol, shared with the asyncio side (storage/aio.py) ----------
-    def _local_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
-        """This process's own record of the last failed issuance of these credentials."""
-        return _local_failures.get(_failure_key(api_key, api_secret))
-
-    def _raise_if_held(self, previous: IssueFailure | None) -> None:
-        """Re-raise ``previous`` while its hold lasts: KIS is not worth asking yet."""
-        now = self.clock()
-        if previous is not None and previous.active(now):
-            raise previous.error(now)
-
-    def _note_failure(
-        self, api_key: str, api_secret: str, exc: TokenIssueError, previous: IssueFailure | None
-    ) -> IssueFailure | None:
-        """The record of a failed issuance: kept by this process if it is this host's own
-        (``None`` is returned), else returned for the caller to store for the fleet."""
-        failure = IssueFailure.after(exc, self.clock(), previous)
-        if exc.local:
-            _local_failures[_failure_key(api_key, api_secret)] = failure
-            return None
-        return failure
-
-    def _note_success(self, api_key: str, api_secret: str) -> None:
-        """A token was issued: this process's own failure record no longer holds anyone back."""
-        _local_failures.pop(_failure_key(api_key, api_secret), None)
-
-    def _resume_at(self, exc: TokenIssueError) -> float:
-        """When (``time.monotonic()``) a holder refused with ``EGW00133`` asks KIS again;
-        ``exc`` itself is raised if KIS refused for any other reason."""
-        if exc.retry_after_s is None:
-            raise exc
-        logger.warning(
-            "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
-            exc.code,
-            exc.retry_after_s,
-        )
-        return time.monotonic() + exc.retry_after_s
-
-    def _backoff_slice_s(self) -> float:
-        """How often a holder sitting out ``EGW00133`` extends its lock and re-checks the cache:
-        a third of a lock that expires by itself, so it never lapses meanwhile."""
-        takeover = self.takeover_s()
-        return min(BACKOFF_SLICE_S, takeover / 3) if takeover > 0 else BACKOFF_SLICE_S
-
-    def _issue_holding(
-        self, lock: IssuanceLock, api_key: str, api_secret: str, issue: IssueFn
-    ) -> Token:
-        """Ask KIS; after ``EGW00133`` sit out the window, re-checking the cache, and ask once
-        more. The holder does not give up early: its waiters' ``wait_timeout`` covers this."""
-        try:
-            return _issued(issue)
-        except TokenIssueError as exc:
-            resume = self._resume_at(exc)
-        slice_s = self._backoff_slice_s()
-        while (left := resume - time.monotonic()) > 0:
-            time.sleep(min(slice_s, left))
-            lock.extend()
-            token = self._read(api_key, api_secret, fresh=True)
-            if self._usable(token):
-                return token
-        return _issued(issue)
+        This default locks within this process only (logged once per store class): all that a
+        store written to the seed's four methods can offer. A store every process of the fleet
+        reaches overrides it with a lock on that same backend.
+        """
+        if type(self) not in _noted_local_lock:
+            _noted_local_lock.add(type(self))
+            logger.info(
+                "%s has no fleet-wide issuance lock: single flight within this process only",
+                type(self).__name__,
+            )
+        return LocalIssuanceLock(api_key)
 
     def _usable(self, token: Token | None) -> TypeGuard[Token]:
         """Whether ``token`` is there and good beyond the refresh margin."""
@@ -387,7 +196,7 @@ class TokenStorage(ABC):
 
     def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
         """Share ``failure`` with the fleet; by default with this process only."""
-        _local_failures[_failure_key(api_key, api_secret)] = failure
+        engine.Flight(self, api_key, api_secret).keep_local(failure)
 
     def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
         with _local_lock(api_key):
@@ -396,48 +205,9 @@ class TokenStorage(ABC):
                 return False
             return self.delete_token(api_key, api_secret)
 
-    def _issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
-        """The lock guarding issuance for this app key; by default within this process only."""
-        return LocalIssuanceLock(api_key)
-
 
 _noted_per_process: set[type[TokenStorage]] = set()
-_local_locks: dict[str, threading.Lock] = {}
-_local_locks_guard = threading.Lock()
-_local_failures: dict[tuple[str, str], IssueFailure] = {}
-"""Failures only this process may act on: its own clock's, and those of a store without a
-place for them. Keyed by app key and credential fingerprint (never the secret itself)."""
-
-
-def _issued(issue: IssueFn) -> Token:
-    return checked_token(issue())
-
-
-def checked_token(token: object) -> Token:
-    """``token`` if the issue function returned a :class:`Token`; else a ``TypeError``."""
-    if not isinstance(token, Token):
-        raise TypeError(f"the issue function must return a Token, not {type(token).__name__}")
-    return token
-
-
-def _failure_key(api_key: str, api_secret: str) -> tuple[str, str]:
-    return api_key, fingerprint(api_key, api_secret)
-
-
-def _local_lock(api_key: str) -> threading.Lock:
-    with _local_locks_guard:
-        return _local_locks.setdefault(api_key, threading.Lock())
-
-
-def _fresh_local_locks() -> None:
-    """In a forked child: locks a parent's thread held at the fork would never be released."""
-    global _local_locks_guard
-    _local_locks_guard = threading.Lock()
-    _local_locks.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_local_locks)
+_noted_local_lock: set[type[TokenStorage]] = set()
 
 
 class SealedTokenStorage(TokenStorage):
@@ -480,14 +250,18 @@ class SealedTokenStorage(TokenStorage):
         if not isinstance(seed_lease, bool):
             raise ValueError("seed_lease must be True or False")
         if seed_lease:
-            from .lease import new_seed_lease
-
             self._lease = new_seed_lease(self, lease_ttl, issue_window_s)
 
     @property
     def seed_lease(self) -> bool:
         """Whether the seed-protocol lease is on (see :mod:`kis_safe_token.storage.lease`)."""
         return self._lease is not None
+
+    def _leased(self, lock: IssuanceLock, api_key: str, api_secret: str) -> IssuanceLock:
+        """``lock``, behind the seed-protocol lease where it is on (:class:`.lease.LeasedLock`)."""
+        if self._lease is None:
+            return lock
+        return LeasedLock(self, self._lease, api_key, api_secret, lock)
 
     def _lease_records(self) -> LeaseRecords:
         """The backend's records of the seed-protocol lease (see :mod:`.lease`)."""
@@ -584,8 +358,3 @@ def _key_error_text(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return f"missing field {exc.args[0]!r}"
     return str(exc)
-
-
-def jittered(interval_s: float) -> float:
-    """``interval_s`` spread by ±50 %, so a herd of pollers does not wake in lockstep."""
-    return interval_s * (0.5 + random.random())

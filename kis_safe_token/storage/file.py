@@ -14,6 +14,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,11 +26,12 @@ from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
+from ..flight.lock import HELD, Attempt, Busy, IssuanceLock, jittered
 from ..kis import ISSUE_WINDOW_S
 from ..ratelimit.file import FileRateLimiter, shared_file_rate_limiter
 from ..token import REFRESH_MARGIN_S, Token
-from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
-from .lease import FileLeaseRecords
+from .base import SealedTokenStorage, check_seconds
+from .lease import CLOCK_SKEW_S, MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -318,8 +320,9 @@ class FileTokenStorage(SealedTokenStorage):
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
         return self._flock
 
-    def _issuance_lock(self, api_key: str, api_secret: str) -> FileIssuanceLock:
-        return FileIssuanceLock(self, api_key, api_secret)
+    def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
+        """The host-wide ``filelock`` on ``<file>.lock`` (behind the seed lease, if on)."""
+        return self._leased(FileIssuanceLock(self, api_key, api_secret), api_key, api_secret)
 
     # -- the call-rate limit -------------------------------------------------------------------
     def rate_limiter(self, api_key: str, calls_per_second: float) -> FileRateLimiter:
@@ -330,6 +333,10 @@ class FileTokenStorage(SealedTokenStorage):
 
     def _lease_records(self) -> FileLeaseRecords:
         return FileLeaseRecords(self)
+
+    #: Reads are a ``stat`` (a Fernet open when the file changed): the asyncio driver performs
+    #: this store's steps on the event loop, whose thread then holds the ``filelock``.
+    inline_io = True
 
 
 class FileIssuanceLock(IssuanceLock):
@@ -348,22 +355,16 @@ class FileIssuanceLock(IssuanceLock):
         self._flock: filelock.FileLock | None = None
         self._next_try = 0.0
 
-    def acquire(self, deadline: float) -> Acquired:
-        while (got := self.look()) is None:
-            time.sleep(self.pause_s(deadline))
-        return got
-
-    def look(self) -> Acquired | None:
-        """One look that never blocks: the lock if a try is due and it is free, else a usable
-        token or an active failure in the store, else ``None`` (look again after
-        :meth:`pause_s`). The asyncio side drives the same looks between ``asyncio.sleep``."""
+    def attempt(self) -> Attempt:
+        """The lock if a try is due and it is free, else a usable token or an active failure in
+        the store, else :class:`Busy` (look again after ``poll_interval_s``, jittered)."""
         storage = self._storage
         if time.monotonic() >= self._next_try:
             flock = storage._lock()
             try:
                 flock.acquire(timeout=0)
                 self._flock = flock
-                return True
+                return HELD
             except filelock.Timeout:
                 self._next_try = time.monotonic() + jittered(LOCK_RETRY_S)
             except OSError as exc:
@@ -374,18 +375,10 @@ class FileIssuanceLock(IssuanceLock):
         failure = storage._read_failure(self._api_key, self._api_secret)
         if failure is not None and failure.active(storage.clock()):
             return failure
-        return None
-
-    def pause_s(self, deadline: float) -> float:
-        """How long to wait before the next :meth:`look`; :class:`TokenStorageError` past
-        ``deadline`` (``time.monotonic()``)."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TokenStorageError(
-                f"timed out after {self._storage.wait_timeout:.1f} s waiting for the issuing "
-                f"process holding {self._storage.lock_file}"
-            )
-        return min(left, jittered(self._storage.poll_interval_s))
+        return Busy(
+            jittered(storage.poll_interval_s),
+            f"the issuing process holding {storage.lock_file}",
+        )
 
     def release(self) -> None:
         if self._flock is not None:
@@ -494,3 +487,142 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -- the seed-protocol lease -----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _FileLease:
+    """The lease entry of one app key in the token document (plain JSON: nothing secret)."""
+
+    owner: str | None
+    at: float  # grant time (epoch s)
+    ttl: float
+    mark: float  # last grant or save (epoch s)
+    window: float
+
+    def active(self, now: float) -> bool:
+        return self.owner is not None and self.at - CLOCK_SKEW_S <= now < self.at + self.ttl
+
+    def quiet(self, now: float) -> bool:
+        return self.mark - CLOCK_SKEW_S <= now < self.mark + self.window
+
+    def dumps(self) -> str:
+        body = {"owner": self.owner, "at": self.at, "ttl": self.ttl}
+        body.update(mark=self.mark, window=self.window)
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, raw: str | None) -> _FileLease | None:
+        """The record, or ``None`` if missing or malformed (a miss, like any unreadable entry)."""
+        if not raw:
+            return None
+        try:
+            body: Any = json.loads(raw)
+            owner = body["owner"]
+            numbers = [float(body[k]) for k in ("at", "ttl", "mark", "window")]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if owner is not None and not isinstance(owner, str):
+            return None
+        at, ttl, mark, window = numbers
+        if not 0 <= ttl <= MAX_LEASE_TTL_S or not 0 <= window <= MAX_LEASE_TTL_S:
+            return None
+        return cls(owner, at, ttl, mark, window)
+
+
+def _decide(lease: _FileLease | None, owner: str, now: float) -> LeaseState:
+    if lease is not None and lease.active(now):
+        if lease.owner == owner:
+            return LeaseState(True)
+        return LeaseState(False, lease.at + lease.ttl - now, held=True)
+    if lease is not None and lease.quiet(now):
+        return LeaseState(False, lease.mark + lease.window - now)
+    return LeaseState(True)
+
+
+class FileLeaseRecords(LeaseRecords):
+    """The lease as an entry ``<key id>:lease`` of the token document, read without the lock and
+    changed under it (held only for that read-modify-write, never across the holder's issue)."""
+
+    def __init__(self, storage: FileTokenStorage) -> None:
+        self._storage = storage
+
+    def _peek(self, api_key: str) -> _FileLease | None:
+        storage = self._storage
+        sig = storage._signature()
+        return None if sig is None else _FileLease.loads(storage._entries(sig).get(_id(api_key)))
+
+    def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
+        storage = self._storage
+        peek, now = self._peek(api_key), storage.clock()
+        state = _decide(peek, owner, now)
+        if not state.granted or peek is not None and peek.active(now):
+            return state  # refused without taking the file lock, or ours already
+        decided = [state]
+
+        def take(entries: dict[str, str]) -> bool:
+            now = storage.clock()
+            lease = _FileLease.loads(entries.get(_id(api_key)))
+            decided[0] = _decide(lease, owner, now)
+            if not decided[0].granted or lease is not None and lease.active(now):
+                return False  # refused, or ours already
+            entries[_id(api_key)] = _FileLease(owner, now, ttl_s, now, window_s).dumps()
+            return True
+
+        storage._update(take)
+        return decided[0]
+
+    def held_by_other(self, api_key: str, owner: str) -> bool:
+        lease = self._peek(api_key)
+        return lease is not None and lease.active(self._storage.clock()) and lease.owner != owner
+
+    def release(self, api_key: str, owner: str) -> None:
+        peek = self._peek(api_key)
+        if peek is None or peek.owner != owner:
+            return
+
+        def drop(entries: dict[str, str]) -> bool:
+            lease = _FileLease.loads(entries.get(_id(api_key)))
+            if lease is None or lease.owner != owner:
+                return False
+            ended = _FileLease(None, lease.at, 0.0, lease.mark, lease.window)
+            entries[_id(api_key)] = ended.dumps()
+            return True
+
+        self._storage._update(drop)
+
+    def save_newest(
+        self,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str,
+        window_s: float,
+        deadline: float | None = None,
+    ) -> bool:
+        storage = self._storage
+        sealer = storage._sealer(api_key, api_secret)
+        sealed = sealer.seal(token).decode()
+        written = [False]
+
+        def put(entries: dict[str, str]) -> bool:
+            now = storage.clock()
+            if replaces(token, sealer.open(entries.get(key_id(api_key))), now):
+                entries[key_id(api_key)] = sealed
+                entries.pop(_failure_id(api_key), None)
+                written[0] = True
+            lease = _FileLease.loads(entries.get(_id(api_key)))
+            mine = lease is not None and lease.owner == owner
+            if lease is None or mine or not lease.active(now):
+                lease = _FileLease(None, now, 0.0, now, window_s)
+            else:  # another holder's active lease stays; only the mark moves
+                lease = _FileLease(lease.owner, lease.at, lease.ttl, now, window_s)
+            entries[_id(api_key)] = lease.dumps()
+            return True
+
+        storage._update(put)
+        return written[0]
+
+
+def _id(api_key: str) -> str:
+    return key_id(api_key) + ":lease"

@@ -56,7 +56,6 @@ without the lease (a client's own refresh path) is kept-newest and moves the qui
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -65,28 +64,27 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Final
 
-from ..crypto import key_id
+from .._checks import check_seconds
 from ..errors import TokenStorageError
+from ..failure import IssueFailure
+from ..flight.engine import Flight
+from ..flight.lock import Attempt, Busy, IssuanceLock, Seen, jittered
 from ..token import Token
-from .base import check_seconds, jittered
 
 if TYPE_CHECKING:
     from .base import SealedTokenStorage
-    from .file import FileTokenStorage
-    from .redis import RedisTokenStorage
 
 __all__ = [
     "LEASE_TTL_S",
-    "FileLeaseRecords",
     "LeaseRecords",
     "LeaseState",
-    "RedisLeaseRecords",
+    "LeasedLock",
     "SeedLease",
     "new_seed_lease",
+    "replaces",
 ]
 
 logger = logging.getLogger("kis_safe_token")
@@ -193,13 +191,10 @@ class SeedLease:
         holder's token meanwhile)."""
         return min(max(state.retry_in_s, LEASE_POLL_S), LEASE_RETRY_S)
 
-    def timed_out(self, state: LeaseState) -> TokenStorageError:
-        """The error of a waiter that saw no token within the storage's ``wait_timeout``."""
+    def waiting_on(self, state: LeaseState) -> str:
+        """What a refused caller waits for, for the message of one that gives up."""
         what = "holder of the issuance lease" if state.held else "KIS issue window"
-        return TokenStorageError(
-            f"timed out after {self._storage.wait_timeout:.1f} s waiting for a token "
-            f"(waiting on the {what})"
-        )
+        return f"a token (waiting on the {what})"
 
     def check_token_valid(self, api_key: str, api_secret: str) -> bool:
         """``True`` once a valid token is stored; ``False``: the calling thread holds the lease.
@@ -207,27 +202,19 @@ class SeedLease:
         Raises :class:`TokenStorageError` if the store is unreachable or no token shows up within
         the storage's ``wait_timeout``.
         """
-        return self.wait_for_grant(api_key, api_secret)
-
-    def wait_for_grant(
-        self, api_key: str, api_secret: str, on_look: Callable[[], None] | None = None
-    ) -> bool:
-        """:meth:`check_token_valid`, calling ``on_look`` before every look (it may raise: a
-        caller of ``get_or_issue`` stops waiting when a failed issuance is recorded)."""
         deadline = time.monotonic() + self._storage.wait_timeout
         while True:
-            if on_look is not None:
-                on_look()
             step = self.try_grant(api_key, api_secret)
             if isinstance(step, bool):
                 return step
             retry_at = time.monotonic() + self.retry_in_s(step)
             while (now := time.monotonic()) < retry_at:
                 if now >= deadline:
-                    raise self.timed_out(step)
+                    raise TokenStorageError(
+                        f"timed out after {self._storage.wait_timeout:.1f} s waiting for "
+                        f"{self.waiting_on(step)}"
+                    )
                 time.sleep(min(retry_at - now, deadline - now, jittered(LEASE_POLL_S)))
-                if on_look is not None:
-                    on_look()
                 if self.stored_valid(api_key, api_secret):
                     return True
 
@@ -317,282 +304,114 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_owners)
 
 
-# -- file backend ----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class _FileLease:
-    """The lease entry of one app key in the token document (plain JSON: nothing secret)."""
-
-    owner: str | None
-    at: float  # grant time (epoch s)
-    ttl: float
-    mark: float  # last grant or save (epoch s)
-    window: float
-
-    def active(self, now: float) -> bool:
-        return self.owner is not None and self.at - CLOCK_SKEW_S <= now < self.at + self.ttl
-
-    def quiet(self, now: float) -> bool:
-        return self.mark - CLOCK_SKEW_S <= now < self.mark + self.window
-
-    def dumps(self) -> str:
-        body = {"owner": self.owner, "at": self.at, "ttl": self.ttl}
-        body.update(mark=self.mark, window=self.window)
-        return json.dumps(body, separators=(",", ":"))
-
-    @classmethod
-    def loads(cls, raw: str | None) -> _FileLease | None:
-        """The record, or ``None`` if missing or malformed (a miss, like any unreadable entry)."""
-        if not raw:
-            return None
-        try:
-            body: Any = json.loads(raw)
-            owner = body["owner"]
-            numbers = [float(body[k]) for k in ("at", "ttl", "mark", "window")]
-        except (ValueError, TypeError, KeyError):
-            return None
-        if owner is not None and not isinstance(owner, str):
-            return None
-        at, ttl, mark, window = numbers
-        if not 0 <= ttl <= MAX_LEASE_TTL_S or not 0 <= window <= MAX_LEASE_TTL_S:
-            return None
-        return cls(owner, at, ttl, mark, window)
-
-
-def _decide(lease: _FileLease | None, owner: str, now: float) -> LeaseState:
-    if lease is not None and lease.active(now):
-        if lease.owner == owner:
-            return LeaseState(True)
-        return LeaseState(False, lease.at + lease.ttl - now, held=True)
-    if lease is not None and lease.quiet(now):
-        return LeaseState(False, lease.mark + lease.window - now)
-    return LeaseState(True)
-
-
-class FileLeaseRecords(LeaseRecords):
-    """The lease as an entry ``<key id>:lease`` of the token document, read without the lock and
-    changed under it (held only for that read-modify-write, never across the holder's issue)."""
-
-    def __init__(self, storage: FileTokenStorage) -> None:
-        self._storage = storage
-
-    def _peek(self, api_key: str) -> _FileLease | None:
-        storage = self._storage
-        sig = storage._signature()
-        return None if sig is None else _FileLease.loads(storage._entries(sig).get(_id(api_key)))
-
-    def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
-        storage = self._storage
-        peek, now = self._peek(api_key), storage.clock()
-        state = _decide(peek, owner, now)
-        if not state.granted or peek is not None and peek.active(now):
-            return state  # refused without taking the file lock, or ours already
-        decided = [state]
-
-        def take(entries: dict[str, str]) -> bool:
-            now = storage.clock()
-            lease = _FileLease.loads(entries.get(_id(api_key)))
-            decided[0] = _decide(lease, owner, now)
-            if not decided[0].granted or lease is not None and lease.active(now):
-                return False  # refused, or ours already
-            entries[_id(api_key)] = _FileLease(owner, now, ttl_s, now, window_s).dumps()
-            return True
-
-        storage._update(take)
-        return decided[0]
-
-    def held_by_other(self, api_key: str, owner: str) -> bool:
-        lease = self._peek(api_key)
-        return lease is not None and lease.active(self._storage.clock()) and lease.owner != owner
-
-    def release(self, api_key: str, owner: str) -> None:
-        peek = self._peek(api_key)
-        if peek is None or peek.owner != owner:
-            return
-
-        def drop(entries: dict[str, str]) -> bool:
-            lease = _FileLease.loads(entries.get(_id(api_key)))
-            if lease is None or lease.owner != owner:
-                return False
-            ended = _FileLease(None, lease.at, 0.0, lease.mark, lease.window)
-            entries[_id(api_key)] = ended.dumps()
-            return True
-
-        self._storage._update(drop)
-
-    def save_newest(
-        self,
-        api_key: str,
-        api_secret: str,
-        token: Token,
-        owner: str,
-        window_s: float,
-        deadline: float | None = None,
-    ) -> bool:
-        from .file import _failure_id
-
-        storage = self._storage
-        sealer = storage._sealer(api_key, api_secret)
-        sealed = sealer.seal(token).decode()
-        written = [False]
-
-        def put(entries: dict[str, str]) -> bool:
-            now = storage.clock()
-            if _replaces(token, sealer.open(entries.get(key_id(api_key))), now):
-                entries[key_id(api_key)] = sealed
-                entries.pop(_failure_id(api_key), None)
-                written[0] = True
-            lease = _FileLease.loads(entries.get(_id(api_key)))
-            mine = lease is not None and lease.owner == owner
-            if lease is None or mine or not lease.active(now):
-                lease = _FileLease(None, now, 0.0, now, window_s)
-            else:  # another holder's active lease stays; only the mark moves
-                lease = _FileLease(lease.owner, lease.at, lease.ttl, now, window_s)
-            entries[_id(api_key)] = lease.dumps()
-            return True
-
-        storage._update(put)
-        return written[0]
-
-
-def _id(api_key: str) -> str:
-    return key_id(api_key) + ":lease"
-
-
-def _replaces(token: Token, stored: Token | None, now: float) -> bool:
+def replaces(token: Token, stored: Token | None, now: float) -> bool:
     """Keep-the-newest: ``token`` replaces ``stored`` unless that is valid and expires no
     earlier (both backends' ``save_newest``)."""
     return stored is None or not stored.is_valid(now) or stored.expires_at < token.expires_at
 
 
-# -- Redis backend ---------------------------------------------------------------------------------
-GRANT_LUA = """
--- KEYS[1] lease (value: owner id ending in ':<its lease ttl in ms>', PX lease ttl),
--- KEYS[2] quiet mark (PX window: no grant while it lives).
--- ARGV[1] owner with its ttl, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl
--- in ms allowed, ARGV[5] the owner (the thread), whatever ttl it declared.
--- Returns {granted 1/0, ms until worth trying again, 1 if another holds the lease}.
-local holder = redis.call('get', KEYS[1])
-if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[5] then return {1, 0, 0} end
-if holder then
-  -- A lease longer than its holder declared (a stray SET, no TTL) is cut to our ttl.
-  local declared = tonumber(string.match(holder, ':(%d+)$'))
-  if declared == nil or declared > tonumber(ARGV[4]) then declared = tonumber(ARGV[2]) end
-  local left = redis.call('pttl', KEYS[1])
-  if left == -1 or left > declared then
-    redis.call('pexpire', KEYS[1], ARGV[2])
-    left = tonumber(ARGV[2])
-  end
-  return {0, left, 1}
-end
-local quiet = redis.call('pttl', KEYS[2])
-if quiet == -1 or quiet > tonumber(ARGV[4]) then
-  redis.call('pexpire', KEYS[2], ARGV[3])
-  quiet = tonumber(ARGV[3])
-end
-if quiet > 0 then return {0, quiet, 0} end
-redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if tonumber(ARGV[3]) > 0 then redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[3]) end
-return {1, 0, 0}
-"""
+class LeasedLock(IssuanceLock):
+    """The seed-protocol lease in front of the store's issuance lock, as one lock for the engine.
 
-RELEASE_LEASE_LUA = """
--- KEYS[1] lease; ARGV[1] owner: delete the lease only if this owner still holds it.
-local holder = redis.call('get', KEYS[1])
-if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
+    Stage 0 takes the lease, or waits in it for a seed holder's save; a recorded active failure
+    is handed back at once, as without the lease (a failed holder leaves the quiet mark, and
+    waiting in it would keep callers for the whole window). Stage 1 is the store's own lock,
+    with a fresh ``wait_timeout``. A token still valid but inside the refresh margin is renewed
+    under the lock alone: seed clients, which still see it valid, do not issue. The save keeps
+    the newest token, marks the window and ends the lease; :meth:`release` ends a lease held
+    without a save.
 
-SAVE_NEWEST_LUA = """
--- KEYS[1] token, KEYS[2] failure record, KEYS[3] lease, KEYS[4] quiet mark.
--- ARGV[1] the sealed token the caller read ('' = none), ARGV[2] the sealed token to store
--- ('' = keep the stored one), ARGV[3] its ttl ms, ARGV[4] owner, ARGV[5] window ms.
--- Returns 1 stored, 0 kept, -1 the token changed since the caller read it (read and decide again).
-local current = redis.call('get', KEYS[1]) or ''
--- Our own sealed value already there: a retry whose first run's reply was lost; go on.
-if current ~= ARGV[1] and (ARGV[2] == '' or current ~= ARGV[2]) then return -1 end
-if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
-local holder = redis.call('get', KEYS[3])
-if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[4] then redis.call('del', KEYS[3]) end
-if ARGV[2] == '' then return 0 end
-redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('del', KEYS[2])
-return 1
-"""
+    The owner is the calling thread's (:func:`thread_owner`), so a seed method on the same
+    thread is the same holder; for the asyncio driver (:meth:`for_task`) it is this call's own,
+    so two tasks of one event loop are two owners, as are the worker threads a Redis look runs on.
+    """
 
-
-class RedisLeaseRecords(LeaseRecords):
-    """The lease as ``<token key>:lease`` (owner id ending in ``:<its lease_ttl in ms>``, so a
-    waiter honours a holder's longer lease and cuts a stray one; PX ``lease_ttl``; re-entrant for
-    the thread whatever ttl it declared) and the quiet mark as
-    ``<token key>:lease:quiet`` (PX window): Redis expires both, so no host's clock is read.
-    Same hash tag as the token, so all live on one Cluster slot."""
-
-    def __init__(self, storage: RedisTokenStorage) -> None:
-        self._storage = storage
-
-    def _keys(self, api_key: str) -> tuple[str, str]:
-        token_key = self._storage._get_redis_key(api_key)
-        return f"{token_key}:lease", f"{token_key}:lease:quiet"
-
-    @staticmethod
-    def _owner(owner: str, ttl_s: float) -> str:
-        return f"{owner}:{round(ttl_s * 1000)}"
-
-    def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
-        storage = self._storage
-        script = storage._script(GRANT_LUA)
-        args = [self._owner(owner, ttl_s), round(ttl_s * 1000), round(window_s * 1000)]
-        args += [round(MAX_LEASE_TTL_S * 1000), owner]
-        granted, left_ms, held = storage._call(
-            "lease", lambda: script(keys=list(self._keys(api_key)), args=args)
-        )
-        return LeaseState(bool(granted), max(0, int(left_ms)) / 1000, bool(held))
-
-    def held_by_other(self, api_key: str, owner: str) -> bool:
-        lease_key = self._keys(api_key)[0]
-        holder = self._storage._call("GET", lambda: self._storage.redis_client.get(lease_key))
-        if holder is None:
-            return False
-        text = holder.decode() if isinstance(holder, bytes) else str(holder)
-        return text.rsplit(":", 1)[0] != owner  # the holder's id ends in ':<its ttl ms>'
-
-    def release(self, api_key: str, owner: str) -> None:
-        storage = self._storage
-        script = storage._script(RELEASE_LEASE_LUA)
-        lease_key = self._keys(api_key)[0]
-        args = [owner]
-        storage._call("lease release", lambda: script(keys=[lease_key], args=args))
-
-    def save_newest(
+    def __init__(
         self,
+        storage: SealedTokenStorage,
+        lease: SeedLease,
         api_key: str,
         api_secret: str,
-        token: Token,
-        owner: str,
-        window_s: float,
-        deadline: float | None = None,
-    ) -> bool:
+        lock: IssuanceLock,
+    ) -> None:
+        self._storage = storage
+        self._lease = lease
+        self._api_key = api_key
+        self._api_secret = api_secret
+        self._lock = lock
+        self._owner = thread_owner()
+        self._stage = 0
+        self._held_lease = False
+        self._retry_at = 0.0
+        self._waiting_on = "a token"
+
+    def for_task(self) -> None:
+        self._owner = f"{thread_owner()}:{uuid.uuid4().hex[:8]}"
+        self._lock.for_task()
+
+    def attempt(self) -> Attempt:
+        if self._stage == 1:
+            return self._lock_attempt()
+        failure = self._active_failure()
+        if failure is not None:
+            return failure
+        lease, key, secret = self._lease, self._api_key, self._api_secret
+        now = time.monotonic()
+        if now >= self._retry_at:
+            step = lease.try_grant(key, secret, self._owner)
+            if step is False:
+                self._held_lease = True
+                return self._lock_attempt()
+            if isinstance(step, LeaseState):
+                self._retry_at = now + lease.retry_in_s(step)
+                self._waiting_on = lease.waiting_on(step)
+                return Busy(min(jittered(LEASE_POLL_S), self._retry_at - now), self._waiting_on)
+        elif not lease.stored_valid(key, secret):
+            return Busy(min(jittered(LEASE_POLL_S), self._retry_at - now), self._waiting_on)
+        token = self._storage._read(key, secret, fresh=True)
+        if self._storage._usable(token):
+            return token
+        return self._lock_attempt()
+
+    def _lock_attempt(self) -> Attempt:
+        self._stage = 1
+        got = self._lock.attempt()
+        return replace(got, stage=1) if isinstance(got, Busy) else got
+
+    def _active_failure(self) -> IssueFailure | None:
         storage = self._storage
-        client = storage.redis_client
-        sealer = storage._sealer(api_key, api_secret)
-        token_key = storage._get_redis_key(api_key)
-        keys = [token_key, f"{token_key}:failure", *self._keys(api_key)]
-        script = storage._script(SAVE_NEWEST_LUA)
-        sealed = sealer.seal(token)
-        for _ in range(8):  # another save between our GET and the script: decide again
-            raw = storage._call("GET", lambda: client.get(token_key), deadline)
-            now = storage.clock()
-            newer = _replaces(token, sealer.open(raw), now)
-            ttl_ms = int((token.expires_at - now) * 1000)
-            if newer and ttl_ms <= 0:
-                raise TokenStorageError(
-                    "refusing to save a token this host's clock sees as expired"
-                )
-            args = [raw or "", sealed if newer else "", max(ttl_ms, 1)]
-            args += [owner, round(window_s * 1000)]
-            done = storage._call("SET", partial(script, keys=keys, args=args), deadline)
-            if int(done) >= 0:
-                return bool(done)
-        raise TokenStorageError("the stored token kept changing while saving; try again")
+        now = storage.clock()
+        local = Flight(storage, self._api_key, self._api_secret).local_failure()
+        if local is not None and local.active(now):
+            return local
+        stored = storage._read_failure(self._api_key, self._api_secret)
+        return stored if stored is not None and stored.active(now) else None
+
+    def wait(self, busy: Busy, timeout_s: float) -> Seen | None:
+        if busy.stage == 1:
+            return self._lock.wait(busy, timeout_s)
+        return super().wait(busy, timeout_s)
+
+    async def wait_async(self, busy: Busy, timeout_s: float) -> Seen | None:
+        if busy.stage == 1:
+            return await self._lock.wait_async(busy, timeout_s)
+        return await super().wait_async(busy, timeout_s)
+
+    def extend(self) -> None:
+        self._lock.extend()
+
+    def save_deadline(self) -> float | None:
+        return self._lock.save_deadline()
+
+    def save(self, write: Callable[[Token, float | None], None], token: Token) -> None:
+        self._lease.save(
+            self._api_key, self._api_secret, token, self._owner, deadline=self.save_deadline()
+        )
+
+    def release(self) -> None:
+        try:
+            self._lock.release()
+        finally:
+            if self._held_lease:  # a no-op after our save, which ended it
+                self._held_lease = False
+                self._lease.released_by_delete(self._api_key, self._owner)

@@ -28,11 +28,12 @@ from .._fork import renew_after_fork
 from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
+from ..flight.lock import HELD, Attempt, Busy, IssuanceLock, Seen, jittered
 from ..kis import ISSUE_WINDOW_S
 from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
-from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
-from .lease import RedisLeaseRecords
+from .base import SealedTokenStorage, check_seconds
+from .lease import MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
 from .redis_ha import async_builder_of
 from .redis_retry import redis_retry
 
@@ -255,10 +256,14 @@ class RedisTokenStorage(SealedTokenStorage):
             )
         super().check_timing(http_timeout_s=http_timeout_s, issue_window_s=issue_window_s)
 
-    def _issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
+    def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
+        """:class:`LockedRedisTokenStorage`: the fleet-wide :class:`RedisIssuanceLock`; this
+        class: this process's lock only (the seed's behaviour). Behind the seed lease, if on."""
         if self.fleet_lock:
-            return RedisIssuanceLock(self, api_key, api_secret)
-        return super()._issuance_lock(api_key, api_secret)
+            lock: IssuanceLock = RedisIssuanceLock(self, api_key, api_secret)
+        else:
+            lock = super().issuance_lock(api_key, api_secret)
+        return self._leased(lock, api_key, api_secret)
 
     def rate_limiter(self, api_key: str, calls_per_second: float) -> RedisRateLimiter:
         """Fleet-wide: ``<token key>:rate`` on this store's Redis, under the token's hash tag."""
@@ -442,67 +447,63 @@ class RedisIssuanceLock(IssuanceLock):
         self._deadline = time.monotonic() + storage.wait_timeout
         host = socket.gethostname()
         self._owner = f"{host}:{os.getpid()}:{uuid.uuid4().hex}:{self._ttl_ms}"
+        self._held = False
+        self._spurious: str | None = None  # a wake-up list that woke us without a token
 
     def _wake_key(self, owner: str | None) -> str:
         return f"{self._lock_key}:wake:{owner}"
 
-    # -- the pure parts of a wait, shared with the asyncio lock (storage/aio.py) -----------------
-    @property
-    def acquire_keys_args(self) -> tuple[list[str], list[Any]]:
-        """``ACQUIRE_LUA``'s KEYS and ARGV for this acquisition."""
-        return [self._lock_key, self._token_key, self._failure_key], [
-            self._owner,
-            self._ttl_ms,
-            MAX_LOCK_TTL_MS,
-        ]
-
-    @property
-    def release_keys_args(self) -> tuple[list[str], list[Any]]:
-        """``RELEASE_LUA``'s KEYS and ARGV: our lock and our own wake-up list."""
-        return [self._lock_key, self._wake_key(self._owner)], [
-            self._owner,
-            WAKE_FANOUT,
-            WAKE_TTL_MS,
-        ]
-
-    @property
-    def extend_keys_args(self) -> tuple[list[str], list[Any]]:
-        """``EXTEND_LUA``'s KEYS and ARGV."""
-        return [self._lock_key], [self._owner, self._ttl_ms]
-
-    def attempt_outcome(self, reply: Any) -> tuple[Acquired | None, str]:
-        """What an ``ACQUIRE_LUA`` reply means: ``True`` (held), a usable token or an active
-        failure, or ``None`` (wait); and the wake-up list of the holder to wait on."""
-        acquired, holder, raw, raw_failure = reply
+    def attempt(self) -> Attempt:
+        """One round trip: the lock, or the token and failure record a waiter decides on."""
+        storage = self._storage
+        script = storage._script(ACQUIRE_LUA)
+        keys = [self._lock_key, self._token_key, self._failure_key]
+        args = [self._owner, self._ttl_ms, MAX_LOCK_TTL_MS]
+        # Every call retries until this waiter's own deadline: a failover that outlasts
+        # retry_timeout_s still ends well for a waiter, which was ready to wait that long.
+        # Retried after a lost reply, the script finds its own owner id: the lock is ours.
+        acquired, holder, raw, raw_failure = storage._call(
+            "lock", lambda: script(keys=keys, args=args), self._deadline
+        )
         if acquired:
-            return True, ""
-        return self._seen(raw, raw_failure), self._wake_key(_text(holder))
+            self._held = True
+            return HELD
+        seen = self._seen(raw, raw_failure)
+        if seen is not None:
+            return seen
+        wake_key = self._wake_key(_text(holder))
+        # A list that woke us without a token (someone filled it by hand): do not spin on it.
+        wake = None if wake_key == self._spurious else wake_key
+        return Busy(jittered(storage.poll_interval_s), wake=wake)
 
-    def wait_s(self, deadline: float) -> float:
-        """How long one ``BLPOP`` may block; :class:`TokenStorageError` past ``deadline``."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TokenStorageError(
-                f"timed out after {self._storage.wait_timeout:.1f} s waiting for the process "
-                "holding the issuance lock"
-            )
-        return max(0.001, min(left, jittered(self._storage.poll_interval_s)))
+    def wait(self, busy: Busy, timeout_s: float) -> Seen | None:
+        """``BLPOP`` on the holder's wake-up list; woken, pass one wake-up on and read the token
+        and the failure record in one round trip, instead of racing the other waiters for the
+        (now free) lock first."""
+        if busy.wake is None:
+            return super().wait(busy, timeout_s)
+        storage, client, wake_key = self._storage, self._storage.redis_client, busy.wake
+        popped = storage._call(
+            "BLPOP", partial(client.blpop, [wake_key], timeout=timeout_s), self._deadline
+        )
+        if not popped:
+            return None
 
-    def queue_pass_on(self, pipe: Any, wake_key: str) -> Any:
-        """Queue, on a (sync or asyncio) pipeline, what a woken waiter does: pass one wake-up on
-        and read the token and the failure record, in one round trip, instead of racing the
-        other waiters for the (now free) lock first. :meth:`woken_outcome` reads the reply."""
-        pipe.lpush(wake_key, "1")
-        pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
-        pipe.get(self._token_key)
-        pipe.get(self._failure_key)
-        return pipe
+        def pass_on_and_read() -> Any:  # a new pipeline per try: redis-py empties a failed one
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(wake_key, "1")
+            pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
+            pipe.get(self._token_key)
+            pipe.get(self._failure_key)
+            return pipe.execute()
 
-    def woken_outcome(self, reply: Any) -> Token | IssueFailure | None:
-        _, _, raw, raw_failure = reply
-        return self._seen(raw, raw_failure)
+        _, _, raw, raw_failure = storage._call("GET", pass_on_and_read, self._deadline)
+        seen = self._seen(raw, raw_failure)
+        if seen is None:
+            self._spurious = wake_key
+        return seen
 
-    def _seen(self, raw: Any, raw_failure: Any) -> Token | IssueFailure | None:
+    def _seen(self, raw: Any, raw_failure: Any) -> Seen | None:
         """A usable token or an active failure among what a round trip read, if any."""
         storage = self._storage
         token = self._sealer.open(raw)
@@ -513,68 +514,35 @@ class RedisIssuanceLock(IssuanceLock):
             return failure
         return None
 
-    def acquire(self, deadline: float) -> Acquired:
-        # Every call below retries until this waiter's own deadline: a failover that outlasts
-        # retry_timeout_s still ends well for a waiter, which was ready to wait that long.
-        self._deadline = deadline
-        storage = self._storage
-        client = storage.redis_client
-        script = storage._script(ACQUIRE_LUA)
-        keys, args = self.acquire_keys_args
-        spurious: str | None = None  # a wake-up list that woke us without a token
-        while True:
-            # Retried after a lost reply, the script finds its own owner id: the lock is ours.
-            reply = storage._call("lock", lambda: script(keys=keys, args=args), deadline)
-            got, wake_key = self.attempt_outcome(reply)
-            if got is not None:
-                return got
-            timeout = self.wait_s(deadline)
-            if wake_key == spurious:
-                # Someone filled this holder's list without saving a token: do not spin on it.
-                time.sleep(timeout)
-                continue
-            if storage._call("BLPOP", partial(client.blpop, [wake_key], timeout=timeout), deadline):
-                seen = self.woken_outcome(
-                    storage._call(
-                        "GET", partial(self._pass_on_and_read, client, wake_key), deadline
-                    )
-                )
-                if seen is not None:
-                    return seen
-                spurious = wake_key
-
-    def _pass_on_and_read(self, client: Any, wake_key: str) -> Any:
-        # A new pipeline per attempt: redis-py empties one that failed.
-        return self.queue_pass_on(client.pipeline(transaction=False), wake_key).execute()
-
     def extend(self) -> None:
         """Keep the lock; retried until this holder's deadline (at least ``retry_timeout_s``
         from now). Called right before saving a token KIS just gave: a failover then delays the
         save instead of losing the token, which KIS would not issue again within the minute."""
         storage = self._storage
         script = storage._script(EXTEND_LUA)
-        keys, args = self.extend_keys_args
+        keys, args = [self._lock_key], [self._owner, self._ttl_ms]
         kept = storage._call("PEXPIRE", lambda: script(keys=keys, args=args), self.save_deadline())
         if not kept:
-            self.lapsed()
+            logger.warning(
+                "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
+                "failover before it was replicated?); saving the token anyway",
+                storage.lock_ttl,
+            )
 
     def save_deadline(self) -> float:
         """This holder's deadline, at least ``retry_timeout_s`` from now: the extend and the
         save of a token KIS just gave retry a failover that long."""
         return max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
 
-    def lapsed(self) -> None:
-        """Say that the lock expired while held (an extend found another owner or none)."""
-        logger.warning(
-            "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
-            "failover before it was replicated?); saving the token anyway",
-            self._storage.lock_ttl,
-        )
-
     def release(self) -> None:
+        """Wake this holder's waiters and delete the lock if still ours (a no-op if not held)."""
+        if not self._held:
+            return
+        self._held = False
         storage = self._storage
         script = storage._script(RELEASE_LUA)
-        keys, args = self.release_keys_args
+        keys = [self._lock_key, self._wake_key(self._owner)]
+        args = [self._owner, WAKE_FANOUT, WAKE_TTL_MS]
         # Retried no longer than the lock would live: past that, it has expired by itself.
         deadline = time.monotonic() + min(storage.retry_timeout_s, storage.lock_ttl)
         try:
@@ -588,3 +556,137 @@ class RedisIssuanceLock(IssuanceLock):
             self._storage.lock_ttl,
             exc,
         )
+
+
+# -- the seed-protocol lease -----------------------------------------------------------------------
+GRANT_LUA = """
+-- KEYS[1] lease (value: owner id ending in ':<its lease ttl in ms>', PX lease ttl),
+-- KEYS[2] quiet mark (PX window: no grant while it lives).
+-- ARGV[1] owner with its ttl, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl
+-- in ms allowed, ARGV[5] the owner (the thread), whatever ttl it declared.
+-- Returns {granted 1/0, ms until worth trying again, 1 if another holds the lease}.
+local holder = redis.call('get', KEYS[1])
+if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[5] then return {1, 0, 0} end
+if holder then
+  -- A lease longer than its holder declared (a stray SET, no TTL) is cut to our ttl.
+  local declared = tonumber(string.match(holder, ':(%d+)$'))
+  if declared == nil or declared > tonumber(ARGV[4]) then declared = tonumber(ARGV[2]) end
+  local left = redis.call('pttl', KEYS[1])
+  if left == -1 or left > declared then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    left = tonumber(ARGV[2])
+  end
+  return {0, left, 1}
+end
+local quiet = redis.call('pttl', KEYS[2])
+if quiet == -1 or quiet > tonumber(ARGV[4]) then
+  redis.call('pexpire', KEYS[2], ARGV[3])
+  quiet = tonumber(ARGV[3])
+end
+if quiet > 0 then return {0, quiet, 0} end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[3]) end
+return {1, 0, 0}
+"""
+
+RELEASE_LEASE_LUA = """
+-- KEYS[1] lease; ARGV[1] owner: delete the lease only if this owner still holds it.
+local holder = redis.call('get', KEYS[1])
+if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+SAVE_NEWEST_LUA = """
+-- KEYS[1] token, KEYS[2] failure record, KEYS[3] lease, KEYS[4] quiet mark.
+-- ARGV[1] the sealed token the caller read ('' = none), ARGV[2] the sealed token to store
+-- ('' = keep the stored one), ARGV[3] its ttl ms, ARGV[4] owner, ARGV[5] window ms.
+-- Returns 1 stored, 0 kept, -1 the token changed since the caller read it (read and decide again).
+local current = redis.call('get', KEYS[1]) or ''
+-- Our own sealed value already there: a retry whose first run's reply was lost; go on.
+if current ~= ARGV[1] and (ARGV[2] == '' or current ~= ARGV[2]) then return -1 end
+if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
+local holder = redis.call('get', KEYS[3])
+if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[4] then redis.call('del', KEYS[3]) end
+if ARGV[2] == '' then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('del', KEYS[2])
+return 1
+"""
+
+
+class RedisLeaseRecords(LeaseRecords):
+    """The lease as ``<token key>:lease`` (owner id ending in ``:<its lease_ttl in ms>``, so a
+    waiter honours a holder's longer lease and cuts a stray one; PX ``lease_ttl``; re-entrant for
+    the thread whatever ttl it declared) and the quiet mark as
+    ``<token key>:lease:quiet`` (PX window): Redis expires both, so no host's clock is read.
+    Same hash tag as the token, so all live on one Cluster slot."""
+
+    def __init__(self, storage: RedisTokenStorage) -> None:
+        self._storage = storage
+
+    def _keys(self, api_key: str) -> tuple[str, str]:
+        token_key = self._storage._get_redis_key(api_key)
+        return f"{token_key}:lease", f"{token_key}:lease:quiet"
+
+    @staticmethod
+    def _owner(owner: str, ttl_s: float) -> str:
+        return f"{owner}:{round(ttl_s * 1000)}"
+
+    def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
+        storage = self._storage
+        script = storage._script(GRANT_LUA)
+        args = [self._owner(owner, ttl_s), round(ttl_s * 1000), round(window_s * 1000)]
+        args += [round(MAX_LEASE_TTL_S * 1000), owner]
+        granted, left_ms, held = storage._call(
+            "lease", lambda: script(keys=list(self._keys(api_key)), args=args)
+        )
+        return LeaseState(bool(granted), max(0, int(left_ms)) / 1000, bool(held))
+
+    def held_by_other(self, api_key: str, owner: str) -> bool:
+        lease_key = self._keys(api_key)[0]
+        holder = self._storage._call("GET", lambda: self._storage.redis_client.get(lease_key))
+        if holder is None:
+            return False
+        text = holder.decode() if isinstance(holder, bytes) else str(holder)
+        return text.rsplit(":", 1)[0] != owner  # the holder's id ends in ':<its ttl ms>'
+
+    def release(self, api_key: str, owner: str) -> None:
+        storage = self._storage
+        script = storage._script(RELEASE_LEASE_LUA)
+        lease_key = self._keys(api_key)[0]
+        args = [owner]
+        storage._call("lease release", lambda: script(keys=[lease_key], args=args))
+
+    def save_newest(
+        self,
+        api_key: str,
+        api_secret: str,
+        token: Token,
+        owner: str,
+        window_s: float,
+        deadline: float | None = None,
+    ) -> bool:
+        storage = self._storage
+        client = storage.redis_client
+        sealer = storage._sealer(api_key, api_secret)
+        token_key = storage._get_redis_key(api_key)
+        keys = [token_key, f"{token_key}:failure", *self._keys(api_key)]
+        script = storage._script(SAVE_NEWEST_LUA)
+        sealed = sealer.seal(token)
+        for _ in range(8):  # another save between our GET and the script: decide again
+            raw = storage._call("GET", lambda: client.get(token_key), deadline)
+            now = storage.clock()
+            newer = replaces(token, sealer.open(raw), now)
+            ttl_ms = int((token.expires_at - now) * 1000)
+            if newer and ttl_ms <= 0:
+                raise TokenStorageError(
+                    "refusing to save a token this host's clock sees as expired"
+                )
+            args = [raw or "", sealed if newer else "", max(ttl_ms, 1)]
+            args += [owner, round(window_s * 1000)]
+            done = storage._call("SET", partial(script, keys=keys, args=args), deadline)
+            if int(done) >= 0:
+                return bool(done)
+        raise TokenStorageError("the stored token kept changing while saving; try again")

@@ -1,0 +1,289 @@
+"""The single-flight protocol, written once and free of I/O.
+
+Read the cached token; take the fleet's lock (or find the token, or the failure, that another
+caller left meanwhile); read again; issue only if still missing; save, to the holder's
+deadline; release, which wakes the waiters. Around it: the ``EGW00133`` sit-out (the holder
+keeps the lock and re-checks the cache until KIS's window ends, then asks once more) and the
+failure hold (a failed issuance is recorded for the fleet, and re-raised to every caller until
+its hold ends, so an outage costs KIS a few calls, not one per process).
+
+The protocol is a generator: it yields a :class:`Step` and is sent what performing it gave
+(or thrown what it raised). It never sleeps, reads a file or touches a socket; the two drivers
+of :mod:`.drivers` do, one with blocking calls and one with ``await`` (cancellation handling
+lives there). Like h11 for HTTP, the decisions can be read, and tested, apart from the waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+from ..errors import TokenIssueError, TokenStorageError
+from ..failure import IssueFailure
+from ..token import Token
+from .lock import Busy, IssuanceLock
+
+if TYPE_CHECKING:
+    from ..storage.base import TokenStorage
+
+__all__ = [
+    "ATTEMPT",
+    "EXTEND",
+    "ISSUE",
+    "READ_FAILURE",
+    "RELEASE",
+    "Flight",
+    "Protocol",
+    "Read",
+    "RecordFailure",
+    "Save",
+    "Sleep",
+    "Step",
+    "Wait",
+    "checked_token",
+    "get_or_issue",
+]
+
+logger = logging.getLogger("kis_safe_token")
+
+#: How often a holder sitting out ``EGW00133`` extends its lock and re-checks the cache, at most.
+BACKOFF_SLICE_S: Final = 1.0
+
+
+# -- the steps a driver performs --------------------------------------------------------------
+class Step:
+    """What the protocol asks its driver to do next."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Read(Step):
+    """The stored token (``fresh``: not from a cache of the last read) -> ``Token | None``."""
+
+    fresh: bool = False
+
+
+class _Named(Step):
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: The stored failure record -> ``IssueFailure | None``.
+READ_FAILURE: Final = _Named("READ_FAILURE")
+#: One non-blocking lock attempt -> :data:`~.lock.Attempt`.
+ATTEMPT: Final = _Named("ATTEMPT")
+#: Ask KIS (the caller's issue function) -> ``Token``, or raises ``TokenIssueError``.
+ISSUE: Final = _Named("ISSUE")
+#: Keep the lock alive -> ``None``.
+EXTEND: Final = _Named("EXTEND")
+#: Release whatever the lock holds (a no-op if nothing) -> ``None``.
+RELEASE: Final = _Named("RELEASE")
+
+
+@dataclass(frozen=True, slots=True)
+class Wait(Step):
+    """Wait as ``busy`` says, at most ``timeout_s`` -> what a wake-up brought, or ``None``."""
+
+    busy: Busy
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep(Step):
+    """Sleep ``seconds`` (a holder sitting out KIS's window) -> ``None``."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Save(Step):
+    """Save the token KIS just issued, the lock's way, to the holder's deadline -> ``None``."""
+
+    token: Token
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFailure(Step):
+    """Store a failure record for the fleet -> ``None``."""
+
+    failure: IssueFailure
+
+
+Protocol: TypeAlias = Generator[Step, Any, Any]
+
+
+# -- one flight: a store, one app key, one lock --------------------------------------------------
+class Flight:
+    """One call's view of the store: the credentials, the timings and the issuance lock."""
+
+    __slots__ = ("_lock", "api_key", "api_secret", "storage")
+
+    def __init__(self, storage: TokenStorage, api_key: str, api_secret: str) -> None:
+        self.storage = storage
+        self.api_key = api_key
+        self.api_secret = api_secret
+        self._lock: IssuanceLock | None = None
+
+    @property
+    def lock(self) -> IssuanceLock:
+        """The store's issuance lock, made when first needed (a warm read needs none)."""
+        if self._lock is None:
+            self._lock = self.storage.issuance_lock(self.api_key, self.api_secret)
+        return self._lock
+
+    def usable(self, token: Token | None) -> bool:
+        storage = self.storage
+        return token is not None and token.is_valid(storage.clock(), storage.refresh_margin_s)
+
+    def local_failure(self) -> IssueFailure | None:
+        return local_failures.get(self.failure_key)
+
+    def keep_local(self, failure: IssueFailure) -> None:
+        """Record ``failure`` for this process only (its own clock's, or a store's that has no
+        place for it)."""
+        local_failures[self.failure_key] = failure
+
+    @property
+    def failure_key(self) -> tuple[str, str]:
+        from ..crypto import fingerprint
+
+        return self.api_key, fingerprint(self.api_key, self.api_secret)
+
+
+local_failures: dict[tuple[str, str], IssueFailure] = {}
+"""Failures only this process may act on: its own clock's, and those of a store without a
+place for them. Keyed by app key and credential fingerprint (never the secret itself)."""
+
+
+# -- the protocol ---------------------------------------------------------------------------------
+def get_or_issue(flight: Flight) -> Protocol:
+    """A usable token: the cached one, or one issued by exactly one caller fleet-wide."""
+    token = yield Read()
+    if flight.usable(token):
+        return token
+    return (yield from _issue_flight(flight))
+
+
+def _issue_flight(flight: Flight) -> Protocol:
+    try:
+        got = yield from _acquire(flight)
+        if isinstance(got, Token):
+            return got
+        if isinstance(got, IssueFailure):
+            raise got.error(flight.storage.clock())
+        token = yield Read(fresh=True)  # another caller may have saved one just before we locked
+        if not flight.usable(token):
+            token = yield from _issue_recording(flight)
+            local_failures.pop(flight.failure_key, None)
+            yield from _save_issued(flight, token)
+        return token
+    finally:
+        yield RELEASE
+
+
+def _acquire(flight: Flight) -> Protocol:
+    """Attempt until held, or a usable token or an active failure shows up; each stage of the
+    lock gets the store's full ``wait_timeout``."""
+    wait_timeout = flight.storage.wait_timeout
+    stage, deadline = 0, time.monotonic() + wait_timeout
+    while True:
+        got = yield ATTEMPT
+        if not isinstance(got, Busy):
+            return got
+        if got.stage != stage:
+            stage, deadline = got.stage, time.monotonic() + wait_timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TokenStorageError(
+                f"timed out after {wait_timeout:.1f} s waiting for {got.waiting_on}"
+            )
+        seen = yield Wait(got, max(0.001, min(left, got.poll_s)))
+        if seen is not None and not isinstance(seen, Busy):
+            return seen
+
+
+def current_failure(flight: Flight) -> Protocol:
+    """The most recent failure: this process's own while active, else the store's."""
+    local = flight.local_failure()
+    if local is not None and local.active(flight.storage.clock()):
+        return local
+    stored = yield READ_FAILURE
+    return stored or local
+
+
+def raise_if_held(flight: Flight, previous: IssueFailure | None) -> None:
+    """Re-raise ``previous`` while its hold lasts: KIS is not worth asking yet."""
+    now = flight.storage.clock()
+    if previous is not None and previous.active(now):
+        raise previous.error(now)
+
+
+def _issue_recording(flight: Flight) -> Protocol:
+    """Issue holding the lock, unless a recent failure says KIS is not worth asking yet; record
+    a failure for the fleet (or, if it is this host's own, for this process)."""
+    previous = yield from current_failure(flight)
+    raise_if_held(flight, previous)
+    try:
+        return (yield from _issue_holding(flight))
+    except TokenIssueError as exc:
+        failure = IssueFailure.after(exc, flight.storage.clock(), previous)
+        if exc.local:
+            flight.keep_local(failure)
+        else:
+            try:
+                yield RecordFailure(failure)
+            except TokenStorageError as store_exc:
+                logger.warning("could not record the failed issuance: %s", store_exc)
+        raise
+
+
+def _issue_holding(flight: Flight) -> Protocol:
+    """Ask KIS; after ``EGW00133`` sit out the window, re-checking the cache, and ask once more.
+    The holder does not give up early: its waiters' ``wait_timeout`` covers this."""
+    try:
+        return checked_token((yield ISSUE))
+    except TokenIssueError as exc:
+        if exc.retry_after_s is None:
+            raise
+        logger.warning(
+            "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
+            exc.code,
+            exc.retry_after_s,
+        )
+        resume = time.monotonic() + exc.retry_after_s
+    # A third of a lock that expires by itself, so it never lapses meanwhile.
+    takeover = flight.storage.takeover_s()
+    slice_s = min(BACKOFF_SLICE_S, takeover / 3) if takeover > 0 else BACKOFF_SLICE_S
+    while (left := resume - time.monotonic()) > 0:
+        yield Sleep(min(slice_s, left))
+        yield EXTEND
+        token = yield Read(fresh=True)
+        if flight.usable(token):
+            return token
+    return checked_token((yield ISSUE))
+
+
+def _save_issued(flight: Flight, token: Token) -> Protocol:
+    """Save what KIS just issued. A store that fails now costs the others a wait, but the
+    holder keeps its token: KIS would refuse another within the minute."""
+    try:
+        yield EXTEND
+        yield Save(token)
+    except TokenStorageError as exc:
+        logger.error("could not save the token KIS just issued (kept in memory): %s", exc)
+
+
+def checked_token(token: object) -> Token:
+    """``token`` if the issue function returned a :class:`Token`; else a ``TypeError``."""
+    if not isinstance(token, Token):
+        raise TypeError(f"the issue function must return a Token, not {type(token).__name__}")
+    return token
