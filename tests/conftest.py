@@ -25,6 +25,9 @@ from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import RedisServer, find_redis_server
 from kis_safe_token.token import Token
 
+# The integrations' shared contract is a helper module, not a test module: rewrite its asserts too.
+pytest.register_assert_rewrite("integration_contract")
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 APP_KEY = "PStestAppKey0000000000000000000000"

@@ -1,29 +1,31 @@
 """kis_safe_token.integrations.kis_trader: kis-trader 0.12.2 (the real package) with the fleet's
 single flight, and a refresh after EGW00123 through the transport's ``send``, against the
-simulator."""
+simulator. The behaviour every integration owes is
+:class:`integration_contract.IntegrationContract`'s; the tests below it are this client's."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import inspect
 import typing
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from integration_contract import IntegrationContract
 from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
+    UpstreamHerdResult,
     require_client,
-    run_shipped_herd,
     upstream_simulator,
 )
 
 from kis_safe_token.kis import PRICE_PATH, PRICE_TR_ID, RATE_LIMITED, TOKEN_EXPIRED, TOKEN_PATH
 from kis_safe_token.storage import FileTokenStorage
+from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.testing import KisSimulator
 
 kis_trader = require_client("kis_trader", min_python=(3, 11))  # [dev] installs kis-trader
@@ -39,7 +41,6 @@ from kis_safe_token.integrations.kis_trader import (  # noqa: E402
     refreshing_send,
 )
 
-SCENARIO = "upstream_clients.kis_trader_scenario"
 KEY, SECRET = UPSTREAM_APP_KEY, UPSTREAM_SECRET
 QUOTE = {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"}
 
@@ -68,7 +69,7 @@ def usim(monkeypatch: pytest.MonkeyPatch) -> Iterator[KisSimulator]:
     sim.stop()
 
 
-def manager(storage: FileTokenStorage, environment: str = "real") -> TokenManager:
+def manager(storage: TokenStorage, environment: str = "real") -> TokenManager:
     return TokenManager(
         app_key=KEY, app_secret=SECRET, environment=environment, token_storage=storage
     )
@@ -87,52 +88,102 @@ def stored(storage: FileTokenStorage) -> str | None:
     return None if data is None else str(data["access_token"])
 
 
-# -- the fleet -------------------------------------------------------------------------------------
-def test_as_shipped_the_herd_crashes_and_cannot_refresh(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so the zeros of its herd test in
-    ``test_integration_herds.py`` mean something)."""
-    result = run_shipped_herd(SCENARIO, tmp_path)
-    assert result.rate_limited[0] == 3 and result.crashed(0) == 3, result.summary()
-    assert all("KISAuthError" in e for e in result.errors(0)), result.summary()
-    # the one process with a token: upstream retries the expired token, then gives up
-    assert any(
-        e.endswith("KISError: KIS HTTP 요청에 실패했다 (status 500).") for e in result.errors(1)
-    ), result.summary()
-    assert any(f.startswith("home:.cache/kis-trader/tokens/real-") for f in result.cache_files())
+@dataclass
+class Trader:
+    """The contract's client: the token manager (holds the token) and the transport over it
+    (sends, and refreshes after EGW00123)."""
+
+    tokens: TokenManager
+    transport: RequestsTransport
+
+    @classmethod
+    def over(cls, tokens: TokenManager) -> Trader:
+        return cls(tokens, RequestsTransport(token_manager=tokens))
 
 
-# -- the token manager -----------------------------------------------------------------------------
-def test_transport_refreshes_once_after_expiry_with_one_extra_send(
-    usim: KisSimulator, storage: FileTokenStorage
-) -> None:
-    tokens = manager(storage)
-    transport = RequestsTransport(token_manager=tokens)
-    assert price(transport) and usim.issued == 1
-    stale = tokens.access_token()
-    usim.expire_tokens()
-    before = usim.counts["price_requests"]
-    assert price(transport)
-    # one rejected send and one more with the fleet's next token (upstream: 3 with the stale one)
-    assert usim.counts["price_requests"] - before == 2 and usim.counts[TOKEN_EXPIRED] == 1
-    assert usim.issued == 2 and stored(storage) not in (None, stale)
-    assert tokens.access_token() == stored(storage)
+class TestKisTrader(IntegrationContract):
+    """No host setting (kis-trader reads its endpoint table per call: ``usim`` points it,
+    test_environments_and_the_endpoint_table checks it) and no storage keyword of upstream's
+    to refuse (test_other_token_managers_are_left_as_kis_traders): not a
+    :class:`integration_contract.BrokerContract`."""
+
+    SCENARIO = "upstream_clients.kis_trader_scenario"
+    SHIPPED_ERRORS = ("KISAuthError",)
+    SHIPPED_CACHE = "home:.cache/kis-trader/tokens/real-*"
+    DISTRIBUTION, PINNED_VERSION, INTEGRATION = "kis-trader", "0.12.2", integration
+
+    def make_client(self, usim: KisSimulator, storage: TokenStorage) -> Trader:
+        return Trader.over(manager(storage))
+
+    def make_default_client(self, usim: KisSimulator) -> Trader:
+        return Trader.over(TokenManager(app_key=KEY, app_secret=SECRET, environment="real"))
+
+    def storage_of(self, client: Trader) -> TokenStorage:
+        return client.tokens.token_storage
+
+    def price(self, client: Trader) -> bool:
+        return bool(price(client.transport))
+
+    def token_of(self, client: Trader) -> str:
+        return client.tokens.access_token()
+
+    def refresh_rejected(self, client: Trader, sent: str) -> None:
+        """refreshing_send names the token its request sent (kis-trader's header is built from
+        access_token() per request)."""
+        client.tokens.invalidate(sent)
+
+    def own_cache(self, tmp_path: Path) -> Path:
+        return tmp_path / "xdg-cache"  # $XDG_CACHE_HOME/kis-trader/tokens
+
+    def assert_shipped_later_rounds(self, result: UpstreamHerdResult) -> None:
+        """The one process with a token: upstream retries the expired token, then gives up."""
+        assert any(
+            e.endswith("KISError: KIS HTTP 요청에 실패했다 (status 500).") for e in result.errors(1)
+        ), result.summary()
+
+    def assert_upstream_unmoved(self) -> None:
+        manager_params = inspect.signature(_auth.TokenManager.__init__).parameters
+        assert list(manager_params) == [
+            "self",
+            "app_key",
+            "app_secret",
+            "environment",
+            "post",
+            "clock",
+            "cache_dir",
+            "refresh_margin",
+        ]
+        assert list(inspect.signature(_auth.TokenManager.access_token).parameters) == ["self"]
+        assert list(inspect.signature(_auth.TokenManager.revoke).parameters) == ["self"]
+        assert list(inspect.signature(_auth._requests_post).parameters) == ["url", "body"]
+        transport_params = inspect.signature(_http.RequestsTransport.__init__).parameters
+        assert {"app_key", "app_secret", "environment", "token_manager", "send"} <= set(
+            transport_params
+        )
+        assert list(inspect.signature(_http._requests_send).parameters) == [
+            "method",
+            "url",
+            "headers",
+            "params",
+            "json_body",
+        ]
+        assert typing.get_args(kt_transport.Environment) == ("real", "paper")
+        assert set(_endpoints._BASE_URL_BY_ENVIRONMENT) == {"real", "paper"}
+        http_py = Path(inspect.getfile(_http)).read_text(encoding="utf-8").splitlines()
+        expected = {
+            182: "token = self._token_manager.access_token()",
+            190: '"authorization": f"Bearer {token}",',
+            197: "url = base_url(self.environment) + path",
+            205: "status, response_headers, payload = self._send(",
+        }
+        for line, text in expected.items():
+            assert http_py[line - 1].strip() == text, f"kis_trader/_internal/_http.py:{line} moved"
+        auth_py = Path(inspect.getfile(_auth)).read_text(encoding="utf-8").splitlines()
+        assert auth_py[131 - 1].strip() == 'base_url(self._environment) + "/oauth2/tokenP", body'
+        assert RATE_LIMITED == "EGW00133"  # what the holder sits out
 
 
-def test_a_late_rejection_never_deletes_the_fresh_token(
-    usim: KisSimulator, storage: FileTokenStorage
-) -> None:
-    """Two managers (two processes' worth) hold the same token; after the expiry the first
-    refreshes, the second's rejection compare-and-deletes nothing and reuses the fresh one."""
-    first = RequestsTransport(token_manager=manager(storage))
-    second = RequestsTransport(token_manager=manager(storage))
-    price(first), price(second)
-    usim.expire_tokens()
-    assert price(first) and usim.issued == 2
-    fresh = stored(storage)
-    assert price(second) and usim.issued == 2 and usim.rate_limited == 0
-    assert stored(storage) == fresh
-
-
+# -- the transport's refresh -----------------------------------------------------------------------
 def test_other_answers_pass_through_unchanged(
     usim: KisSimulator, storage: FileTokenStorage
 ) -> None:
@@ -283,13 +334,11 @@ def test_kis_traders_cache_is_never_written(
     assert not cache_home.exists() or list(cache_home.rglob("*")) == []
 
 
-def test_default_storage_and_other_token_managers(
+def test_other_token_managers_are_left_as_kis_traders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_FILE", str(tmp_path / "env" / "token.json"))
     tokens = TokenManager(app_key=KEY, app_secret=SECRET, environment="real")
-    assert isinstance(tokens.token_storage, FileTokenStorage)
-    assert Path(tokens.token_storage.token_file) == tmp_path / "env" / "token.json"
     assert SECRET not in repr(tokens)
     upstream = _auth.TokenManager(app_key=KEY, app_secret=SECRET, environment="real")
     with pytest.raises(ValueError, match="required with a token_manager"):
@@ -298,48 +347,3 @@ def test_default_storage_and_other_token_managers(
         token_manager=upstream, app_key=KEY, app_secret=SECRET, environment="real"
     )
     assert plain._send is _http._requests_send  # not ours: left as kis-trader's
-
-
-# -- packaging and the upstream version ------------------------------------------------------------
-def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
-    """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
-    assert importlib.metadata.version("kis-trader") == integration.UPSTREAM_VERSION == "0.12.2"
-    manager_params = inspect.signature(_auth.TokenManager.__init__).parameters
-    assert list(manager_params) == [
-        "self",
-        "app_key",
-        "app_secret",
-        "environment",
-        "post",
-        "clock",
-        "cache_dir",
-        "refresh_margin",
-    ]
-    assert list(inspect.signature(_auth.TokenManager.access_token).parameters) == ["self"]
-    assert list(inspect.signature(_auth.TokenManager.revoke).parameters) == ["self"]
-    assert list(inspect.signature(_auth._requests_post).parameters) == ["url", "body"]
-    transport_params = inspect.signature(_http.RequestsTransport.__init__).parameters
-    assert {"app_key", "app_secret", "environment", "token_manager", "send"} <= set(
-        transport_params
-    )
-    assert list(inspect.signature(_http._requests_send).parameters) == [
-        "method",
-        "url",
-        "headers",
-        "params",
-        "json_body",
-    ]
-    assert typing.get_args(kt_transport.Environment) == ("real", "paper")
-    assert set(_endpoints._BASE_URL_BY_ENVIRONMENT) == {"real", "paper"}
-    http_py = Path(inspect.getfile(_http)).read_text(encoding="utf-8").splitlines()
-    expected = {
-        182: "token = self._token_manager.access_token()",
-        190: '"authorization": f"Bearer {token}",',
-        197: "url = base_url(self.environment) + path",
-        205: "status, response_headers, payload = self._send(",
-    }
-    for line, text in expected.items():
-        assert http_py[line - 1].strip() == text, f"kis_trader/_internal/_http.py:{line} moved"
-    auth_py = Path(inspect.getfile(_auth)).read_text(encoding="utf-8").splitlines()
-    assert auth_py[131 - 1].strip() == 'base_url(self._environment) + "/oauth2/tokenP", body'
-    assert RATE_LIMITED == "EGW00133"  # what the holder sits out

@@ -1,10 +1,10 @@
 """kis_safe_token.integrations.pykis: python-kis 2.1.6 (the real package) with the fleet's single
-flight and its own EGW00123 reset turned into a compare-and-delete, against the simulator."""
+flight and its own EGW00123 reset turned into a compare-and-delete, against the simulator. The
+behaviour every integration owes is :class:`integration_contract.IntegrationContract`'s; the
+tests below it are this client's."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import inspect
 import threading
 import time
@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 import requests
+from integration_contract import IntegrationContract
 from upstream_herd import (
     UPSTREAM_ACCOUNT,
     UPSTREAM_APP_KEY,
     UPSTREAM_SECRET,
+    UpstreamHerdResult,
     require_client,
-    run_shipped_herd,
     upstream_simulator,
 )
 
@@ -28,11 +29,11 @@ from kis_safe_token.kis import (
     PRICE_PATH,
     PRICE_TR_ID,
     RATE_LIMITED,
-    TOKEN_EXPIRED,
     TOKEN_INVALID,
     TOKEN_PATH,
 )
 from kis_safe_token.storage import FileTokenStorage
+from kis_safe_token.storage.base import TokenStorage
 from kis_safe_token.testing import KisSimulator
 
 require_client("pykis")  # [dev] installs python-kis
@@ -43,7 +44,6 @@ from pykis.api.stock.quote import domestic_quote  # noqa: E402
 from kis_safe_token.integrations import pykis as integration  # noqa: E402
 from kis_safe_token.integrations.pykis import PyKis  # noqa: E402
 
-SCENARIO = "upstream_clients.pykis_scenario"
 KEY, SECRET, ACCOUNT = UPSTREAM_APP_KEY, UPSTREAM_SECRET, UPSTREAM_ACCOUNT
 VKEY, VSECRET = "PSvirtualHerdKey".ljust(36, "0"), "virtual-secret-".ljust(180, "v")
 QUOTE = {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"}
@@ -60,7 +60,7 @@ def usim(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[KisSimulat
         yield simulator
 
 
-def client(storage: FileTokenStorage, **kwargs: Any) -> PyKis:
+def client(storage: TokenStorage, **kwargs: Any) -> PyKis:
     return PyKis(
         id="tester",
         account=ACCOUNT,
@@ -83,14 +83,80 @@ def stored(storage: FileTokenStorage, key: str = KEY, secret: str = SECRET) -> s
     return None if data is None else str(data["access_token"])
 
 
-# -- the fleet -------------------------------------------------------------------------------------
-def test_as_shipped_the_herd_crashes_and_writes_its_plaintext_cache(tmp_path: Path) -> None:
-    """The harness sees what the integration fixes (so the zeros of its herd test in
-    ``test_integration_herds.py`` mean something)."""
-    result = run_shipped_herd(SCENARIO, tmp_path, expire_between=False)
-    assert result.rate_limited[0] == 3 and result.crashed(0) == 3, result.summary()
-    assert all("KisHTTPError" in e and RATE_LIMITED in e for e in result.errors(0))
-    assert any(f.startswith("home:.pykis/cache/token_real_") for f in result.cache_files())
+class TestPyKis(IntegrationContract):
+    """No host setting (pykis joins its module constants REAL_DOMAIN/VIRTUAL_DOMAIN per call:
+    ``usim`` points them, test_issuance_goes_where_pykis_sends checks it) and no storage
+    keyword of upstream's to refuse (test_keep_token_and_handed_in_tokens_are_refused): not a
+    :class:`integration_contract.BrokerContract`."""
+
+    SCENARIO = "upstream_clients.pykis_scenario"
+    SHIPPED_HERD = {"expire_between": False}
+    SHIPPED_ERRORS = ("KisHTTPError", RATE_LIMITED)
+    SHIPPED_CACHE = "home:.pykis/cache/token_real_*"  # plaintext JSON (keep_token=True)
+    DISTRIBUTION, PINNED_VERSION, INTEGRATION = "python-kis", "2.1.6", integration
+
+    def make_client(self, usim: KisSimulator, storage: TokenStorage) -> PyKis:
+        return client(storage)
+
+    def make_default_client(self, usim: KisSimulator) -> PyKis:
+        return PyKis(
+            id="tester", account=ACCOUNT, appkey=KEY, secretkey=SECRET, use_websocket=False
+        )
+
+    def storage_of(self, client: PyKis) -> TokenStorage:
+        return client.token_storage
+
+    def price(self, client: PyKis) -> bool:
+        return bool(price(client))
+
+    def token_of(self, client: PyKis) -> str:
+        return str(client.token.token)
+
+    def refresh_rejected(self, client: PyKis, sent: str) -> None:
+        """pykis resets self._token after EGW00123 without saying which token was rejected: the
+        one dropped is the one this thread sent."""
+        client._token = None  # what pykis's loop does after EGW00123 (kis.py:589)
+
+    def own_cache(self, tmp_path: Path) -> Path:
+        return tmp_path / "home"  # ~/.pykis/cache
+
+    def assert_shipped_later_rounds(self, result: UpstreamHerdResult) -> None:
+        """Nothing: the shipped herd runs without an expiry between its rounds."""
+
+    def assert_upstream_unmoved(self) -> None:
+        upstream = pykis.PyKis
+        params = inspect.signature(upstream.__init__).parameters
+        assert list(params)[:3] == ["self", "auth", "virtual_auth"]
+        names = {"keep_token", "token", "virtual_token", "appkey", "secretkey", "virtual_appkey"}
+        assert names <= set(params)
+        for name in ("token", "primary_token"):
+            assert isinstance(inspect.getattr_static(upstream, name), property)
+        assert list(inspect.signature(upstream.discard).parameters) == ["self", "domain"]
+        token_api = pykis.api.auth.token
+        assert list(inspect.signature(token_api.token_issue).parameters) == ["self", "domain"]
+        assert list(inspect.signature(token_api.token_revoke).parameters) == ["self", "token"]
+        kis_py = Path(inspect.getfile(upstream)).read_text(encoding="utf-8").splitlines()
+        expected = {
+            419: "self._token = token if isinstance(token, KisAccessToken) else KisAccessToken.load(token) if token else None",  # noqa: E501
+            420: "self._virtual_token = (",
+            425: "self._sessions = {",
+            555: "while True:",
+            559: '(self.token if domain == "real" else self.primary_token).build(request_headers)',
+            505: "def request(",
+            561: "resp = session.request(",
+            563: 'url=urljoin(REAL_DOMAIN if domain == "real" else VIRTUAL_DOMAIN, path),',
+            586: 'case "EGW00123":',
+            589: "self._token = None",
+            591: "self._virtual_token = None",
+            594: "raise KisHTTPError(response=resp)",
+            666: "def token(self) -> KisAccessToken:",
+            687: "def primary_token(self) -> KisAccessToken:",
+            709: 'def discard(self, domain: Literal["real", "virtual"] | None = None) -> None:',
+        }
+        for line, text in expected.items():
+            assert kis_py[line - 1].strip() == text, f"pykis/kis.py:{line} moved"
+        token_py = Path(inspect.getfile(token_api)).read_text(encoding="utf-8").splitlines()
+        assert token_py[80 - 1].strip() == '"/oauth2/tokenP",', "pykis/api/auth/token.py:80 moved"
 
 
 # -- the token pykis reads -------------------------------------------------------------------------
@@ -104,67 +170,18 @@ def test_no_network_at_construction_and_one_issuance_for_many_calls(
     assert client(storage).token.token == kis.token.token and usim.issued == 1
 
 
-def test_refresh_after_expiry_drops_the_stale_token_once(
+def test_a_reset_from_a_thread_that_sent_nothing_drops_nothing(
     usim: KisSimulator, storage: FileTokenStorage
 ) -> None:
+    """pykis's reset names no token (the contract's late-refresh test has a thread drop the one
+    it sent): a thread that sent none has none to drop."""
     kis = client(storage)
-    price(kis)
-    stale = kis.token.token
-    usim.expire_tokens()
-    before = usim.counts["price_requests"]
     assert price(kis)
-    # pykis's loop: one rejected call, one more with the fleet's next token, never the stale one
-    assert usim.counts["price_requests"] - before == 2 and usim.counts[TOKEN_EXPIRED] == 1
-    assert usim.issued == 2 and stored(storage) not in (None, stale)
-    assert kis.token.token == stored(storage)
-
-
-def test_a_late_rejection_never_deletes_the_fresh_token(
-    usim: KisSimulator, storage: FileTokenStorage
-) -> None:
-    """Two clients (two processes' worth) hold the same token; after the expiry the first
-    refreshes, the second's rejection compare-and-deletes nothing and reuses the fresh one."""
-    first, second = client(storage), client(storage)
-    price(first), price(second)
-    usim.expire_tokens()
-    assert price(first) and usim.issued == 2
-    fresh = stored(storage)
-    assert price(second) and usim.issued == 2 and usim.rate_limited == 0
-    assert stored(storage) == fresh == second.token.token
-
-
-def test_a_thread_late_to_its_rejection_drops_only_the_token_it_sent(
-    usim: KisSimulator, storage: FileTokenStorage
-) -> None:
-    """pykis resets self._token after EGW00123 without saying which token was rejected: the one
-    dropped is the one this thread sent, so a thread late to see its rejection (another thread
-    already refreshed) does not delete the fresh token."""
-    kis = client(storage)
-    sent: list[str] = []
-    got, rejected, done = threading.Event(), threading.Event(), threading.Event()
-
-    def late_thread() -> None:
-        sent.append(kis.token.token)  # the header of its request
-        got.set()
-        rejected.wait(10)
-        kis._token = None  # what pykis's loop does after EGW00123 (kis.py:589)
-        done.set()
-
-    late = threading.Thread(target=late_thread)
-    late.start()
-    assert got.wait(10)
-    usim.expire_tokens()
-    assert price(kis) and usim.issued == 2  # this thread met the expiry and refreshed first
-    fresh = kis.token.token
-    assert fresh != sent[0] and stored(storage) == fresh
-    rejected.set()
-    assert done.wait(10)
-    late.join()
-    assert stored(storage) == fresh and kis.token.token == fresh and usim.issued == 2
+    current = kis.token.token
     idle = threading.Thread(target=lambda: setattr(kis, "_token", None))  # sent nothing
     idle.start()
     idle.join()
-    assert stored(storage) == fresh and kis.token.token == fresh and usim.issued == 2
+    assert stored(storage) == current and kis.token.token == current and usim.issued == 1
 
 
 def test_virtual_mode_shares_the_virtual_app_keys_token(
@@ -287,52 +304,3 @@ def test_nothing_is_written_under_home(
     kis.discard()
     home = tmp_path / "home"
     assert not home.exists() or list(home.rglob("*")) == []
-
-
-def test_default_storage_comes_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_FILE", str(tmp_path / "env" / "token.json"))
-    kis = PyKis(id="tester", account=ACCOUNT, appkey=KEY, secretkey=SECRET, use_websocket=False)
-    assert isinstance(kis.token_storage, FileTokenStorage)
-    assert Path(kis.token_storage.token_file) == tmp_path / "env" / "token.json"
-
-
-# -- packaging and the upstream version ------------------------------------------------------------
-def test_upstream_is_the_version_the_overrides_were_written_for() -> None:
-    """Fails loudly when an upgrade moves what the overrides depend on (module docstring)."""
-    assert importlib.metadata.version("python-kis") == integration.UPSTREAM_VERSION == "2.1.6"
-    upstream = pykis.PyKis
-    params = inspect.signature(upstream.__init__).parameters
-    assert list(params)[:3] == ["self", "auth", "virtual_auth"]
-    assert {"keep_token", "token", "virtual_token", "appkey", "secretkey", "virtual_appkey"} <= set(
-        params
-    )
-    for name in ("token", "primary_token"):
-        assert isinstance(inspect.getattr_static(upstream, name), property)
-    assert list(inspect.signature(upstream.discard).parameters) == ["self", "domain"]
-    token_api = pykis.api.auth.token
-    assert list(inspect.signature(token_api.token_issue).parameters) == ["self", "domain"]
-    assert list(inspect.signature(token_api.token_revoke).parameters) == ["self", "token"]
-    kis_py = Path(inspect.getfile(upstream)).read_text(encoding="utf-8").splitlines()
-    expected = {
-        419: "self._token = token if isinstance(token, KisAccessToken) else KisAccessToken.load(token) if token else None",  # noqa: E501
-        420: "self._virtual_token = (",
-        425: "self._sessions = {",
-        555: "while True:",
-        559: '(self.token if domain == "real" else self.primary_token).build(request_headers)',
-        505: "def request(",
-        561: "resp = session.request(",
-        563: 'url=urljoin(REAL_DOMAIN if domain == "real" else VIRTUAL_DOMAIN, path),',
-        586: 'case "EGW00123":',
-        589: "self._token = None",
-        591: "self._virtual_token = None",
-        594: "raise KisHTTPError(response=resp)",
-        666: "def token(self) -> KisAccessToken:",
-        687: "def primary_token(self) -> KisAccessToken:",
-        709: 'def discard(self, domain: Literal["real", "virtual"] | None = None) -> None:',
-    }
-    for line, text in expected.items():
-        assert kis_py[line - 1].strip() == text, f"pykis/kis.py:{line} moved"
-    token_py = Path(inspect.getfile(token_api)).read_text(encoding="utf-8").splitlines()
-    assert token_py[80 - 1].strip() == '"/oauth2/tokenP",', "pykis/api/auth/token.py:80 moved"
