@@ -20,21 +20,21 @@ it is judged member by member: only its members that protect the secret are read
 the chainer's order. ``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (``kis-token
 --allow-insecure-keyring``, or ``allow_insecure_keyring=True``) opts in to an unprotected
 backend that can store; the null and fail backends are never used.
+
+keyring itself is imported on the first lookup, not with this module.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Final
-
-import keyring
-import keyring.errors
-from keyring.backend import KeyringBackend
-from keyring.backends.chainer import ChainerBackend
+from typing import TYPE_CHECKING, Final
 
 from .errors import InsecureKeyringError, SecretNotFoundError
 from .token import mask
+
+if TYPE_CHECKING:
+    from keyring.backend import KeyringBackend
 
 __all__ = [
     "ALLOW_INSECURE_KEYRING_ENV",
@@ -133,6 +133,9 @@ def _usable_backends(allow_insecure_keyring: bool | None) -> list[KeyringBackend
 
     Raises :class:`InsecureKeyringError` naming the active backend (for the chainer, its members).
     """
+    import keyring
+    from keyring.backends.chainer import ChainerBackend
+
     active = keyring.get_keyring()
     chained = isinstance(active, ChainerBackend)
     members: list[KeyringBackend] = (
@@ -175,7 +178,10 @@ def _no_backend(exc: BaseException) -> SecretNotFoundError:
     )
 
 
-_KEYRING_ERRORS = (keyring.errors.NoKeyringError, keyring.errors.KeyringError, RuntimeError)
+def _keyring_errors() -> tuple[type[BaseException], ...]:
+    import keyring.errors
+
+    return keyring.errors.NoKeyringError, keyring.errors.KeyringError, RuntimeError
 
 
 def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | None = None) -> str:
@@ -201,7 +207,7 @@ def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | 
                 _name(backend),
             )
             return _name(backend)
-    except _KEYRING_ERRORS as exc:
+    except _keyring_errors() as exc:
         raise _no_backend(exc) from None
     raise _no_backend(NotImplementedError())
 
@@ -217,7 +223,7 @@ def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | 
                     _name(backend),
                 )
                 return secret
-    except _KEYRING_ERRORS as exc:
+    except _keyring_errors() as exc:
         raise _no_backend(exc) from None
     return None
 
@@ -245,11 +251,14 @@ def delete_api_secret(api_key: str) -> bool:
     Works on any backend, a plaintext one included: removing a secret exposes nothing.
     """
     _check_app_key(api_key)
+    import keyring
+    import keyring.errors
+
     try:
         keyring.delete_password(KEYRING_SERVICE, api_key)
     except keyring.errors.PasswordDeleteError:
         return False
-    except _KEYRING_ERRORS as exc:
+    except _keyring_errors() as exc:
         raise _no_backend(exc) from None
     return True
 

@@ -21,7 +21,6 @@ to wait (an asyncio client awaits that); :meth:`RateLimiter.acquire` is the bloc
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -171,6 +170,8 @@ class RateLimiter(ABC):
         unless ``try_acquire(max_wait_s, deadline)`` awaits it some other way: the asyncio
         client runs a Redis limiter's script on ``redis.asyncio`` (see
         ``AsyncStore.try_acquire``), retried no later than ``deadline``."""
+        import asyncio  # here: a file-storage user's ``import kis_safe_token`` loads no asyncio
+
         deadline = time.monotonic() + max(0.0, timeout_s)
         slept = 0.0
         while True:

@@ -34,14 +34,10 @@ from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 from .lease import RedisLeaseRecords
 from .redis_ha import async_builder_of
-from .redis_retry import redis_retry
+from .redis_retry import redis_retry, require_redis
 
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-except ImportError:  # pragma: no cover - exercised only without the [redis] extra
-    redis = None  # type: ignore[assignment]
+# redis-py is imported where a client is built (require_redis), not here: ``import
+# kis_safe_token`` (which names these classes) must cost a file-storage user nothing of it.
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -182,10 +178,10 @@ class RedisTokenStorage(SealedTokenStorage):
             raise ValueError("key_prefix must be a non-empty string without '{'")
         self.key_prefix = key_prefix
         if client is None:
-            if redis is None:
-                raise ImportError(
-                    "the Redis backend needs redis-py: pip install 'kis-safe-token[redis]'"
-                )
+            redis = require_redis()
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
             validate_redis_url(redis_url)
             options: dict[str, Any] = {
                 "socket_connect_timeout": connect_timeout_s,
@@ -352,6 +348,7 @@ class RedisTokenStorage(SealedTokenStorage):
 def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
     import redis.asyncio
     from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import NoBackoff
 
     # As for the sync client, attempts are ours (redis_retry_async), not redis-py's.
     return redis.asyncio.from_url(redis_url, **{**options, "retry": AsyncRetry(NoBackoff(), 0)})

@@ -13,6 +13,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .redis_retry import require_redis
+
 __all__ = [
     "DEFAULT_CLUSTER_PORT",
     "DEFAULT_SENTINEL_PORT",
@@ -103,8 +105,9 @@ def sentinel_client(
     """The primary of ``service_name`` as the sentinels know it, re-asked on every reconnect.
 
     ``password`` is the data nodes' (``requirepass``), ``sentinel_password`` the sentinels' own;
-    ``tls`` applies to both.
+    ``tls`` applies to both. ``ImportError`` naming the ``[redis]`` extra without redis-py.
     """
+    require_redis()
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     from redis.sentinel import Sentinel
@@ -163,8 +166,10 @@ def cluster_client(
 
     Connects at once (raises ``redis.exceptions.RedisClusterException`` or ``ConnectionError``
     when no seed answers). redis-py's cluster-level retries (10 by default, with backoff) are
-    off: one attempt of ours must not outlast the caller's deadline.
+    off: one attempt of ours must not outlast the caller's deadline. ``ImportError`` naming the
+    ``[redis]`` extra without redis-py.
     """
+    require_redis()
     from redis.cluster import ClusterNode, RedisCluster
     from redis.retry import Retry
 
