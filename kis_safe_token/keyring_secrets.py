@@ -21,6 +21,11 @@ the chainer's order. ``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (``kis-token
 --allow-insecure-keyring``, or ``allow_insecure_keyring=True``) opts in to an unprotected
 backend that can store; the null and fail backends are never used.
 
+A backend that asks for its own password on the terminal (:data:`PROMPTING_KEYRINGS`, the
+default of ``pip install keyrings.alt`` with pycryptodome) is not asked in a process that has
+no terminal (a pipe, a service, a gunicorn worker): where its prompt would end in ``EOFError``
+or wait forever on a stdin nobody writes, :class:`SecretNotFoundError` says at once how out.
+
 keyring itself is imported on the first lookup, not with this module.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Final
 
 from .errors import InsecureKeyringError, SecretNotFoundError
@@ -40,6 +46,7 @@ __all__ = [
     "ALLOW_INSECURE_KEYRING_ENV",
     "ENCRYPTED_FILE_KEYRINGS",
     "KEYRING_SERVICE",
+    "PROMPTING_KEYRINGS",
     "SECRET_ENV",
     "delete_api_secret",
     "get_api_secret",
@@ -59,6 +66,17 @@ ENCRYPTED_FILE_KEYRINGS: Final = frozenset(
         "keyrings.cryptfile.file.EncryptedKeyring",
     }
 )
+#: File keyrings that ask for their own password (``getpass``) the first time a process uses
+#: them, unless it was given to them (``backend.keyring_key = ...``; for keyrings.cryptfile also
+#: ``$KEYRING_CRYPTFILE_PASSWORD``).
+PROMPTING_KEYRINGS: Final = frozenset(
+    {
+        "keyrings.alt.file.EncryptedKeyring",
+        "keyrings.cryptfile.cryptfile.CryptFileKeyring",
+        "keyrings.cryptfile.file.EncryptedKeyring",
+    }
+)
+_CRYPTFILE_PASSWORD_ENV: Final = "KEYRING_CRYPTFILE_PASSWORD"
 _STORE_NOTHING: Final = frozenset(
     {"keyring.backends.null.Keyring", "keyring.backends.fail.Keyring"}
 )
@@ -184,6 +202,51 @@ def _keyring_errors() -> tuple[type[BaseException], ...]:
     return keyring.errors.NoKeyringError, keyring.errors.KeyringError, RuntimeError
 
 
+def _would_prompt(backend: KeyringBackend, method: str) -> bool:
+    """Whether ``backend.<method>`` may ask for the keyring's password on the terminal: one of
+    :data:`PROMPTING_KEYRINGS` running its own file code (not a subclass that stores elsewhere)
+    that has not been given its password."""
+    names = _class_names(backend)
+    if not names & PROMPTING_KEYRINGS or "keyring_key" in getattr(backend, "__dict__", {}):
+        return False
+    if any(n.startswith("keyrings.cryptfile.") for n in names) and os.environ.get(
+        _CRYPTFILE_PASSWORD_ENV
+    ):
+        return False
+    owner = next((c for c in type(backend).__mro__ if method in vars(c)), object)
+    return owner.__module__.startswith(("keyrings.alt.", "keyrings.cryptfile."))
+
+
+def _has_terminal() -> bool:
+    """Whether ``getpass`` could ask someone: a controlling terminal (POSIX ``/dev/tty``) or, on
+    Windows, a console on stdin. Without one, getpass reads stdin: ``EOFError`` on a closed or
+    empty pipe, a wait without end on one left open."""
+    if os.name != "posix":
+        return sys.stdin is not None and sys.stdin.isatty()
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _prompt_refused(backend: KeyringBackend) -> SecretNotFoundError:
+    return SecretNotFoundError(
+        f"the keyring backend {_name(backend)} asks for its own password on a terminal, and "
+        "this process has none to ask on (a pipe, a service, a worker); pick a backend that "
+        "does not prompt (PYTHON_KEYRING_BACKEND, e.g. keyring.backends.SecretService.Keyring, or "
+        f"keyrings.cryptfile with {_CRYPTFILE_PASSWORD_ENV}), or set {SECRET_ENV} for this "
+        "process instead"
+    )
+
+
+def _check_prompt(backend: KeyringBackend, method: str) -> None:
+    """:func:`_prompt_refused` before a call that would prompt where nobody can answer."""
+    if _would_prompt(backend, method) and not _has_terminal():
+        raise _prompt_refused(backend)
+
+
 def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | None = None) -> str:
     """Store ``secret`` for ``api_key`` in the OS keyring; returns the backend's name.
 
@@ -195,11 +258,19 @@ def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | 
     _check_app_key(api_key)
     if not isinstance(secret, str) or not secret.strip():
         raise ValueError("secret must be a non-empty string")
+    refused: SecretNotFoundError | None = None
     try:
         for backend in _usable_backends(allow_insecure_keyring):
             try:
+                _check_prompt(backend, "set_password")
                 backend.set_password(KEYRING_SERVICE, api_key, secret)
             except NotImplementedError:  # as keyring's chainer does: try the next one
+                continue
+            except SecretNotFoundError as exc:  # a prompt nobody can answer: the next one
+                refused = refused or exc
+                continue
+            except EOFError:  # a prompt that read an empty stdin all the same
+                refused = refused or _prompt_refused(backend)
                 continue
             _log.info(
                 "api_secret for app key %s stored in keyring backend %s",
@@ -209,13 +280,22 @@ def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | 
             return _name(backend)
     except _keyring_errors() as exc:
         raise _no_backend(exc) from None
-    raise _no_backend(NotImplementedError())
+    raise refused or _no_backend(NotImplementedError())
 
 
 def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | None:
+    refused: SecretNotFoundError | None = None
     try:
         for backend in _usable_backends(allow_insecure_keyring):
-            secret = backend.get_password(KEYRING_SERVICE, api_key)
+            try:
+                _check_prompt(backend, "get_password")
+                secret = backend.get_password(KEYRING_SERVICE, api_key)
+            except SecretNotFoundError as exc:  # a prompt nobody can answer: the next one
+                refused = refused or exc
+                continue
+            except EOFError:  # a prompt that read an empty stdin all the same
+                refused = refused or _prompt_refused(backend)
+                continue
             if secret:
                 _log.debug(
                     "api_secret for app key %s read from keyring backend %s",
@@ -225,6 +305,8 @@ def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | 
                 return secret
     except _keyring_errors() as exc:
         raise _no_backend(exc) from None
+    if refused is not None:
+        raise refused
     return None
 
 

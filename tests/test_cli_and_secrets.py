@@ -395,3 +395,98 @@ def test_demo_command_reports_one_issuance(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tokens issued by KIS: 1" in result.stdout
     assert "OK: one issuance shared by every worker" in result.stdout
+
+
+# -- a keyring that prompts for its own password, in a process with no terminal ----------------
+
+PROMPTING = "keyrings.alt.file.EncryptedKeyring"
+
+
+def no_terminal(
+    env: dict[str, str], args: list[str], stdin: str | None = "", timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``args`` run as a service runs: a new session (no controlling terminal), piped stdin."""
+    return subprocess.run(
+        args,
+        env=env,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
+def assert_says_how_out(stderr: str) -> None:
+    assert "Traceback" not in stderr and "EOFError" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    for needed in (PROMPTING, "PYTHON_KEYRING_BACKEND", "KOREA_INVESTMENT_API_SECRET"):
+        assert needed in stderr, stderr
+    assert SECRET not in stderr
+
+
+def test_piped_secret_set_on_a_prompting_keyring_is_one_clear_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    cli_env["PYTHON_KEYRING_BACKEND"] = PROMPTING
+    result = no_terminal(
+        cli_env, [sys.executable, "-m", "kis_safe_token", "secret", "set", APP_KEY], SECRET + "\n"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_says_how_out(result.stderr)
+    assert SECRET not in result.stdout
+    assert list(tmp_path.rglob("crypted_pass.cfg")) == []
+
+
+def test_a_prompting_keyring_never_waits_on_a_stdin_left_open(cli_env: dict[str, str]) -> None:
+    cli_env["PYTHON_KEYRING_BACKEND"] = PROMPTING
+    code = (
+        "import sys\n"
+        "from kis_safe_token import KisTokenError, set_api_secret\n"
+        "try:\n"
+        f"    set_api_secret({APP_KEY!r}, {SECRET!r})\n"
+        "except KisTokenError as exc:\n"
+        "    print(exc, file=sys.stderr)\n"
+    )
+    proc = subprocess.Popen(  # stdin: a pipe nobody writes to or closes, as a supervisor's
+        [sys.executable, "-c", code],
+        env=cli_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert_says_how_out(stderr)
+
+
+def test_a_worker_on_a_prompting_keyring_uses_the_environment_secret(
+    cli_env: dict[str, str], sim: KisSimulator
+) -> None:
+    backend = EncryptedKeyring()  # a keyring file holding this app key's secret, locked
+    backend.file_path = str(Path(cli_env["XDG_DATA_HOME"]) / "python_keyring" / "crypted_pass.cfg")
+    backend.keyring_key = "keyring-password"
+    backend.set_password("kis_safe_token", APP_KEY, SECRET)
+    cli_env["PYTHON_KEYRING_BACKEND"] = PROMPTING
+    code = (
+        "from kis_safe_token import KoreaInvestment\n"
+        f"c = KoreaInvestment({APP_KEY!r}, None, '50000000-01')\n"
+        "print(c.fetch_price('005930')['rt_cd'])\n"
+    )
+    failed = no_terminal(cli_env, [sys.executable, "-c", code], stdin=None)
+    assert failed.returncode == 1
+    assert_says_how_out(failed.stderr.strip().splitlines()[-1])
+    cli_env["KOREA_INVESTMENT_API_SECRET"] = SECRET
+    worked = no_terminal(cli_env, [sys.executable, "-c", code], stdin=None)
+    assert worked.returncode == 0, worked.stderr
+    assert worked.stdout.strip() == "0" and sim.issued == 1
+    status = no_terminal(cli_env, [sys.executable, "-m", "kis_safe_token", "status"], stdin=None)
+    assert status.returncode == 0, status.stderr
