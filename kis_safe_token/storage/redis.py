@@ -33,7 +33,7 @@ from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import Acquired, IssuanceLock, SealedTokenStorage, check_seconds, jittered
 from .lease import RedisLeaseRecords
-from .redis_ha import async_builder_of
+from .redis_ha import async_builder_of, check_host
 from .redis_retry import redis_retry, require_redis
 
 # redis-py is imported where a client is built (require_redis), not here: ``import
@@ -73,26 +73,40 @@ MAX_LOCK_TTL_MS = int(MAX_LOCK_TTL_S * 1000)
 
 def validate_redis_url(url: str, source: str = "redis_url") -> str:
     """``url`` if it is a usable ``redis://``, ``rediss://`` or ``unix://`` URL; else a
-    ``ValueError`` naming ``source`` and the allowed forms."""
+    ``ValueError`` naming ``source`` and the allowed forms.
+
+    The message quotes nothing of the URL but a scheme written as ``scheme://``: a password
+    holding a raw ``/``, ``?``, ``#`` or ``@`` moves part of itself into what urlsplit calls
+    the host, port, path or query (``redis://u:pw@LEAK/TAIL@host/0``)."""
     allowed = "redis://[user:password@]host[:port][/db], rediss://… or unix:///path/to/socket"
+    text = url.strip() if isinstance(url, str) else ""
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(text)
         port = parts.port
     except ValueError:
         raise ValueError(f"{source} is not a valid Redis URL; expected {allowed}") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"{source} has scheme {parts.scheme or '(none)'!r}; expected {allowed}")
+        written = parts.scheme and text.startswith(f"{parts.scheme}://")
+        shown = f" {parts.scheme[:20]!r}" if written else ""
+        raise ValueError(f"{source} has an unsupported scheme{shown}; expected {allowed}")
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise ValueError(
+            f"{source} has an '@' after its host: percent-encode '/', '?', '#' and '@' in a "
+            f"password (or give the password separately); expected {allowed}"
+        )
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError(f"{source} names no socket path; expected {allowed}")
     elif not parts.hostname:
         raise ValueError(f"{source} names no host; expected {allowed}")
+    else:
+        check_host(parts.hostname, source)
     if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{source} has port {port} out of range; expected {allowed}")
+        raise ValueError(f"{source} has a port out of range (1-65535); expected {allowed}")
     db = parts.path.lstrip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
-        raise ValueError(f"{source} has database {db[:20]!r}, not a number; expected {allowed}")
-    return url.strip()
+        raise ValueError(f"{source} has a database that is not a number; expected {allowed}")
+    return text
 
 
 def _display_url(url: str) -> str:
