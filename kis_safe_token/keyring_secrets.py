@@ -37,7 +37,7 @@ import sys
 from typing import TYPE_CHECKING, Final
 
 from .errors import InsecureKeyringError, SecretNotFoundError
-from .token import mask
+from .token import header_safe, mask
 
 if TYPE_CHECKING:
     from keyring.backend import KeyringBackend
@@ -351,7 +351,8 @@ def resolve_api_secret(
     """The explicit secret, else the keyring's, else ``$KOREA_INVESTMENT_API_SECRET``.
 
     A keyring that is missing or refused (see the module docstring) counts as holding nothing;
-    its error is raised only if the environment variable is not set either.
+    its error is raised only if the environment variable is not set either. A value of the
+    variable that cannot go in an HTTP header is a ``ValueError`` naming the variable.
     """
     if api_secret:
         return api_secret
@@ -365,6 +366,11 @@ def resolve_api_secret(
         return secret
     from_env = os.environ.get(SECRET_ENV, "").strip()
     if from_env:
+        if not header_safe(from_env):
+            raise ValueError(
+                f"{SECRET_ENV} must be printable ASCII without spaces or control characters "
+                "(it is sent in an HTTP header)"
+            )
         if backend_error is not None:
             _log.debug(
                 "keyring not used (%s); api_secret from $%s",

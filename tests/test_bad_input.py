@@ -29,6 +29,7 @@ from kis_safe_token import (
     create_token_storage,
 )
 from kis_safe_token.crypto import derive_key
+from kis_safe_token.storage.factory import base_url_from_environment, check_base_url
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import Token, format_kst
 
@@ -304,10 +305,12 @@ def test_secret_from_the_environment_is_checked_too(
     tmp_path: Path, memory_keyring: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KOREA_INVESTMENT_API_SECRET", BAD_HEADER_VALUES["hangul"])
-    with pytest.raises(ValueError, match="api_secret"):
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_API_SECRET must be") as info:
         KoreaInvestment(
             KEY, token_storage=FileTokenStorage(tmp_path / "t.json"), base_url="http://127.0.0.1:9"
         )
+    assert "api_secret" not in str(info.value)  # the variable, not an argument nobody passed
+    assert BAD_HEADER_VALUES["hangul"][:6] not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -432,6 +435,25 @@ def test_no_part_of_a_redis_urls_user_info_is_in_any_message(url: str, userinfo:
 
 @pytest.mark.parametrize(
     "value",
+    ["~nosuchuser-kis-test/x.json", "relative/tokens.json", "tokens.json", "./t.json", "a\0b"],
+)
+def test_a_token_file_the_fleet_cannot_share_is_a_named_value_error(value: str) -> None:
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_TOKEN_FILE") as info:
+        create_token_storage({"KOREA_INVESTMENT_TOKEN_FILE": value})
+    assert "absolute path" in str(info.value)
+
+
+def test_a_token_file_under_home_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    storage = create_token_storage({"KOREA_INVESTMENT_TOKEN_FILE": "~/kis/tokens.json"})
+    assert isinstance(storage, FileTokenStorage)
+    assert str(tmp_path / "kis" / "tokens.json") in repr(storage)
+
+
+@pytest.mark.parametrize(
+    "value",
     ["a" * 5_000, "h1:26379," * 600, "a" * 64 + ":26379", "bad host:26379", "x..y", "h_-!:1"],
     ids=["5000-chars", "600-nodes", "label-64", "space", "empty-label", "punctuation"],
 )
@@ -444,3 +466,47 @@ def test_a_sentinel_list_the_resolver_would_refuse_is_a_named_value_error(value:
     with pytest.raises(ValueError, match="KOREA_INVESTMENT_REDIS_SENTINELS") as info:
         create_token_storage(env)
     assert value[:30] not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "file:///etc/passwd",
+        "ftp://example.com",
+        "garbage",
+        "http:/example.com",
+        "http://",
+        "https://user:PROXYPW@proxy.example.com",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "https://example.com/some/path",
+        "https://example.com?x=1",
+        "http://" + "a" * 300,
+        "javascript:alert(1)",
+    ],
+)
+def test_a_base_url_that_is_not_http_host_port_is_a_named_value_error(value: str) -> None:
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_BASE_URL") as info:
+        base_url_from_environment({"KOREA_INVESTMENT_BASE_URL": value})
+    assert "PROXYPW" not in str(info.value) and "etc/passwd" not in str(info.value)
+    with pytest.raises(ValueError, match="base_url"):
+        check_base_url(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", None),
+        ("   ", None),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://openapi.koreainvestment.com:9443/", "https://openapi.koreainvestment.com:9443"),
+        (
+            "https://openapivts.koreainvestment.com:29443",
+            "https://openapivts.koreainvestment.com:29443",
+        ),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_a_base_url_of_host_and_port_is_taken(value: str, expected: str | None) -> None:
+    assert base_url_from_environment({"KOREA_INVESTMENT_BASE_URL": value}) == expected
+    assert base_url_from_environment({}) is None
