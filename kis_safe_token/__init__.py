@@ -3,6 +3,10 @@
 The asyncio side, ``AsyncKoreaInvestment`` and ``AsyncSharedToken``, is imported on first use
 (it needs httpx: ``pip install 'kis-safe-token[async]'``), and is left out of ``__all__`` so that
 ``from kis_safe_token import *`` works without that extra.
+
+Light imports: ``import kis_safe_token`` loads no redis, keyring, httpx or asyncio. redis-py is
+imported when a Redis storage (or limiter client) is built, keyring on the first keyring lookup,
+httpx and asyncio with the asyncio side; a missing extra is an ``ImportError`` naming it.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -57,12 +61,20 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "AsyncKoreaInvestment":
-        from .async_client import AsyncKoreaInvestment
+    # Imported here, not above: ``import kis_safe_token`` loads no httpx and no asyncio.
+    try:
+        if name == "AsyncKoreaInvestment":
+            from .async_client import AsyncKoreaInvestment
 
-        return AsyncKoreaInvestment
-    if name == "AsyncSharedToken":
-        from .async_shared import AsyncSharedToken
+            return AsyncKoreaInvestment
+        if name == "AsyncSharedToken":
+            from .async_shared import AsyncSharedToken
 
-        return AsyncSharedToken
+            return AsyncSharedToken
+    except ModuleNotFoundError as exc:
+        if exc.name != "httpx":
+            raise
+        raise ImportError(
+            f"{name} needs httpx: pip install 'kis-safe-token[async]'", name=exc.name
+        ) from None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

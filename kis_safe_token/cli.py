@@ -6,27 +6,34 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
+from . import __version__
 from .client import BASE_URL_ENV, KoreaInvestment
-from .errors import KisTokenError
+from .errors import KisTokenError, TokenStorageError
 from .keyring_secrets import (
     ALLOW_INSECURE_KEYRING_ENV,
     delete_api_secret,
     resolve_api_secret,
     set_api_secret,
 )
+from .oauth import revoke_token
 from .ratelimit import (
     CALLS_PER_SECOND_ENV,
     KIS_CALLS_PER_SECOND_REAL,
     KIS_CALLS_PER_SECOND_VIRTUAL,
     resolve_calls_per_second,
 )
+from .shared import SharedToken
 from .storage.base import TokenStorage
 from .storage.factory import (
     REDIS_CLUSTER_NODES_ENV,
@@ -43,72 +50,141 @@ from .token import Token, mask
 
 API_KEY_ENV = "KOREA_INVESTMENT_API_KEY"
 
+DESCRIPTION = """Store the api_secret in the OS keyring; inspect, issue, revoke and clear the token
+the fleet shares; run the offline KIS simulator and the demo. status, revoke and clear never
+issue a token: with none stored they say so and exit 0. Exit codes: 0 ok, 1 failure (one line
+on stderr), 2 usage."""
+
+SIMULATOR_HELP = """Run the offline KIS simulator in the foreground (Ctrl-C or SIGTERM stops it and
+prints what it counted). GET /_simulator/stats answers JSON: tokens issued, EGW00133 refusals,
+/uapi/ calls and EGW00201 refusals, in all and per app key (masked)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number, 0 to 65535 (0: any free port)")
+    return port
+
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--storage", choices=STORAGE_TYPES, help=f"default: ${STORAGE_ENV} or file")
-    common.add_argument("--redis-url", help=f"default: ${REDIS_URL_ENV}")
-    # Passwords only from the environment: a command line is visible to every user in `ps`.
+    common = _Parser(add_help=False)
     common.add_argument(
-        "--redis-mode", choices=REDIS_MODES, help=f"default: ${REDIS_MODE_ENV} or standalone"
+        "--storage", choices=STORAGE_TYPES, help=f"token store (default: ${STORAGE_ENV} or file)"
     )
     common.add_argument(
-        "--redis-sentinels", metavar="HOST:PORT,...", help=f"default: ${REDIS_SENTINELS_ENV}"
+        "--redis-url",
+        help=f"Redis URL (default: ${REDIS_URL_ENV} or redis://localhost:6379/0; passwords "
+        "only from the environment: a command line shows in ps)",
+    )
+    common.add_argument(
+        "--redis-mode",
+        choices=REDIS_MODES,
+        help=f"how Redis runs (default: ${REDIS_MODE_ENV} or standalone)",
+    )
+    common.add_argument(
+        "--redis-sentinels",
+        metavar="HOST:PORT,...",
+        help=f"sentinel addresses (default: ${REDIS_SENTINELS_ENV})",
     )
     common.add_argument(
         "--redis-sentinel-service",
         metavar="NAME",
-        help=f"the sentinels' master name; default: ${REDIS_SENTINEL_SERVICE_ENV} or mymaster",
+        help=f"the sentinels' master name (default: ${REDIS_SENTINEL_SERVICE_ENV} or mymaster)",
     )
     common.add_argument(
         "--redis-cluster-nodes",
         metavar="HOST:PORT,...",
-        help=f"seed nodes; default: ${REDIS_CLUSTER_NODES_ENV}",
+        help=f"seed nodes (default: ${REDIS_CLUSTER_NODES_ENV})",
     )
-    common.add_argument("--base-url", help=f"KIS host; default: ${BASE_URL_ENV} or the real host")
-    insecure = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--base-url", help=f"KIS host (default: ${BASE_URL_ENV} or KIS's real-account host)"
+    )
+    insecure = _Parser(add_help=False)
     insecure.add_argument(
         "--allow-insecure-keyring",
         action="store_true",
         help="use a keyring backend that does not protect the secret, such as a plaintext file "
-        f"(also: {ALLOW_INSECURE_KEYRING_ENV}=1)",
+        f"(default: off, unless {ALLOW_INSECURE_KEYRING_ENV}=1)",
     )
-    keyed = argparse.ArgumentParser(add_help=False, parents=[common, insecure])
+    keyed = _Parser(add_help=False, parents=[common, insecure])
     keyed.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
         help=f"the app key (default: ${API_KEY_ENV})",
     )
 
-    parser = argparse.ArgumentParser(prog="kis-token", description=__doc__)
+    parser = _Parser(prog="kis-token", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     secret = sub.add_parser("secret", help="store or delete the api_secret in the OS keyring")
     secret_sub = secret.add_subparsers(dest="action", required=True)
-    secret_sub.add_parser("set", parents=[insecure]).add_argument("app_key")
-    secret_sub.add_parser("delete").add_argument("app_key")
+    secret_set = secret_sub.add_parser(
+        "set",
+        parents=[insecure],
+        help="store it (typed at a prompt, or one line on stdin when that is not a terminal)",
+    )
+    secret_set.add_argument("app_key")
+    secret_sub.add_parser("delete", help="delete it").add_argument("app_key")
 
-    status = sub.add_parser("status", parents=[keyed], help="show the stored token (masked)")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status = sub.add_parser(
+        "status", parents=[keyed], help="show the stored token (masked); never issues one"
+    )
+    status.add_argument("--json", action="store_true", help="machine-readable (default: text)")
     issue = sub.add_parser("issue", parents=[keyed], help="get a token (single flight)")
-    issue.add_argument("--force", action="store_true", help="drop the stored token first")
-    sub.add_parser("revoke", parents=[keyed], help="revoke the token at KIS and drop it")
-    sub.add_parser("clear", parents=[keyed], help="drop the stored token")
+    issue.add_argument(
+        "--force", action="store_true", help="drop the stored token first (default: off)"
+    )
+    sub.add_parser(
+        "revoke",
+        parents=[keyed],
+        help="revoke the stored token at KIS and drop it; never issues one",
+    )
+    sub.add_parser("clear", parents=[keyed], help="drop the stored token; never issues one")
 
-    sim = sub.add_parser("simulator", help="run the offline KIS simulator in the foreground")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=0)
-    sim.add_argument("--issue-window", type=float, default=60.0, help="seconds (KIS: 60)")
+    sim = sub.add_parser(
+        "simulator", help="run the offline KIS simulator", description=SIMULATOR_HELP
+    )
+    sim.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    sim.add_argument(
+        "--port", type=_port, default=0, help="port to listen on (default: 0, any free port)"
+    )
+    sim.add_argument(
+        "--issue-window",
+        type=float,
+        default=60.0,
+        help="seconds between two token issues per app key (default: %(default)s, as KIS)",
+    )
     sim.add_argument(
         "--calls-per-second",
         type=int,
         default=None,
-        help="meter /uapi/ calls per app key like KIS (real 20, virtual 2); default: unmetered",
+        help="meter /uapi/ calls per app key like KIS (real 20, virtual 2) (default: unmetered)",
     )
 
     demo = sub.add_parser("demo", help="N processes share one token against the simulator")
-    demo.add_argument("--workers", type=int, default=8)
-    demo.add_argument("--storage", choices=STORAGE_TYPES, default="file")
+    demo.add_argument(
+        "--workers", type=int, default=8, help="processes, 1 to 256 (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--storage",
+        choices=STORAGE_TYPES,
+        default="file",
+        help="token store; redis starts a private redis-server (default: %(default)s)",
+    )
     return parser
 
 
@@ -196,12 +272,47 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
     print(f"left:     {hours}h {rest // 60:02d}m" + ("" if info["valid"] else " (expired)"))
 
 
+class _StoreFailures(logging.Handler):
+    """Collects what a storage logs when one of the seed's methods meets a store it cannot
+    reach: ``load_token`` then answers ``None`` and ``delete_token`` ``False``, the log says
+    why (once, with its cause)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+@contextmanager
+def _store_failure() -> Iterator[None]:
+    """:class:`TokenStorageError` (one line, the store's own words) if the store failed in
+    the block, instead of a "none stored" that would hide a Redis that is down. The retry
+    warnings before it are not printed either."""
+    handler = _StoreFailures()
+    log = logging.getLogger("kis_safe_token")
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+    if handler.messages:
+        raise TokenStorageError(f"the token store failed: {handler.messages[0]}")
+
+
+def _load(storage: TokenStorage, api_key: str, secret: str) -> Token | None:
+    """The valid stored token, or ``None``; never issues one."""
+    with _store_failure():
+        data = storage.load_token(api_key, secret)
+    return Token.from_token_data(data) if data else None
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     api_key = _api_key(args)
     secret = _secret(args, api_key)
     storage = _storage(args)
-    data = storage.load_token(api_key, secret)
-    token = Token.from_token_data(data) if data else None
+    token = _load(storage, api_key, secret)
     info = _describe(token, storage)
     info["rate_limit"] = _rate_info(storage, api_key)
     _print_info(info, args.json)
@@ -249,23 +360,51 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        client.revoke_access_token()
+    api_key = _api_key(args)
+    secret = _secret(args, api_key)
+    storage = _storage(args)
+    token = _load(storage, api_key, secret)
+    if token is None:  # a client would issue one here, only for us to revoke it
+        print(f"no valid token stored in {storage!r}: nothing to revoke")
+        return 0
+    with SharedToken(api_key, secret, storage, base_url=args.base_url) as shared:
+        revoke_token(
+            shared.session,
+            shared.base_url,
+            api_key=api_key,
+            api_secret=secret,
+            access_token=token.access_token,
+            timeout=shared.timeout,
+        )
+    with _store_failure():
+        storage.invalidate_token(api_key, secret, token.access_token)
     print("token revoked and dropped from the store")
     return 0
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
     api_key = _api_key(args)
+    secret = _secret(args, api_key)
     storage = _storage(args)
-    if not storage.delete_token(api_key, _secret(args, api_key)):
+    token = _load(storage, api_key, secret)
+    with _store_failure():
+        deleted = storage.delete_token(api_key, secret)
+    if not deleted:
         raise KisTokenError(f"could not clear the token in {storage!r} (see the log)")
-    print(f"token cleared from {storage!r}")
+    if token is None:
+        print(f"no valid token stored in {storage!r}: nothing to clear")
+    else:
+        print(f"token cleared from {storage!r}")
     return 0
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the simulator as Ctrl-C does: with its counts
 
 
 def _cmd_simulator(args: argparse.Namespace) -> int:
     from .testing import KisSimulator
+    from .testing.simulator import STATS_PATH
 
     with KisSimulator(
         host=args.host,
@@ -275,11 +414,16 @@ def _cmd_simulator(args: argparse.Namespace) -> int:
     ) as sim:
         print(f"KIS simulator listening on {sim.base_url}  (Ctrl-C to stop)", flush=True)
         print(f"  export {BASE_URL_ENV}={sim.base_url}", flush=True)
+        print(f"  what it counted: GET {sim.base_url}{STATS_PATH}", flush=True)
+        previous = signal.signal(signal.SIGTERM, _stop)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        print(sim.summary(), flush=True)
     return 0
 
 

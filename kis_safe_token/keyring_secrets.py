@@ -20,26 +20,33 @@ it is judged member by member: only its members that protect the secret are read
 the chainer's order. ``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (``kis-token
 --allow-insecure-keyring``, or ``allow_insecure_keyring=True``) opts in to an unprotected
 backend that can store; the null and fail backends are never used.
+
+A backend that asks for its own password on the terminal (:data:`PROMPTING_KEYRINGS`, the
+default of ``pip install keyrings.alt`` with pycryptodome) is not asked in a process that has
+no terminal (a pipe, a service, a gunicorn worker): where its prompt would end in ``EOFError``
+or wait forever on a stdin nobody writes, :class:`SecretNotFoundError` says at once how out.
+
+keyring itself is imported on the first lookup, not with this module.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Final
-
-import keyring
-import keyring.errors
-from keyring.backend import KeyringBackend
-from keyring.backends.chainer import ChainerBackend
+import sys
+from typing import TYPE_CHECKING, Final
 
 from .errors import InsecureKeyringError, SecretNotFoundError
-from .token import mask
+from .token import header_safe, mask
+
+if TYPE_CHECKING:
+    from keyring.backend import KeyringBackend
 
 __all__ = [
     "ALLOW_INSECURE_KEYRING_ENV",
     "ENCRYPTED_FILE_KEYRINGS",
     "KEYRING_SERVICE",
+    "PROMPTING_KEYRINGS",
     "SECRET_ENV",
     "delete_api_secret",
     "get_api_secret",
@@ -59,6 +66,17 @@ ENCRYPTED_FILE_KEYRINGS: Final = frozenset(
         "keyrings.cryptfile.file.EncryptedKeyring",
     }
 )
+#: File keyrings that ask for their own password (``getpass``) the first time a process uses
+#: them, unless it was given to them (``backend.keyring_key = ...``; for keyrings.cryptfile also
+#: ``$KEYRING_CRYPTFILE_PASSWORD``).
+PROMPTING_KEYRINGS: Final = frozenset(
+    {
+        "keyrings.alt.file.EncryptedKeyring",
+        "keyrings.cryptfile.cryptfile.CryptFileKeyring",
+        "keyrings.cryptfile.file.EncryptedKeyring",
+    }
+)
+_CRYPTFILE_PASSWORD_ENV: Final = "KEYRING_CRYPTFILE_PASSWORD"
 _STORE_NOTHING: Final = frozenset(
     {"keyring.backends.null.Keyring", "keyring.backends.fail.Keyring"}
 )
@@ -133,6 +151,9 @@ def _usable_backends(allow_insecure_keyring: bool | None) -> list[KeyringBackend
 
     Raises :class:`InsecureKeyringError` naming the active backend (for the chainer, its members).
     """
+    import keyring
+    from keyring.backends.chainer import ChainerBackend
+
     active = keyring.get_keyring()
     chained = isinstance(active, ChainerBackend)
     members: list[KeyringBackend] = (
@@ -175,7 +196,55 @@ def _no_backend(exc: BaseException) -> SecretNotFoundError:
     )
 
 
-_KEYRING_ERRORS = (keyring.errors.NoKeyringError, keyring.errors.KeyringError, RuntimeError)
+def _keyring_errors() -> tuple[type[BaseException], ...]:
+    import keyring.errors
+
+    return keyring.errors.NoKeyringError, keyring.errors.KeyringError, RuntimeError
+
+
+def _would_prompt(backend: KeyringBackend, method: str) -> bool:
+    """Whether ``backend.<method>`` may ask for the keyring's password on the terminal: one of
+    :data:`PROMPTING_KEYRINGS` running its own file code (not a subclass that stores elsewhere)
+    that has not been given its password."""
+    names = _class_names(backend)
+    if not names & PROMPTING_KEYRINGS or "keyring_key" in getattr(backend, "__dict__", {}):
+        return False
+    if any(n.startswith("keyrings.cryptfile.") for n in names) and os.environ.get(
+        _CRYPTFILE_PASSWORD_ENV
+    ):
+        return False
+    owner = next((c for c in type(backend).__mro__ if method in vars(c)), object)
+    return owner.__module__.startswith(("keyrings.alt.", "keyrings.cryptfile."))
+
+
+def _has_terminal() -> bool:
+    """Whether ``getpass`` could ask someone: a controlling terminal (POSIX ``/dev/tty``) or, on
+    Windows, a console on stdin. Without one, getpass reads stdin: ``EOFError`` on a closed or
+    empty pipe, a wait without end on one left open."""
+    if os.name != "posix":
+        return sys.stdin is not None and sys.stdin.isatty()
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _prompt_refused(backend: KeyringBackend) -> SecretNotFoundError:
+    return SecretNotFoundError(
+        f"the keyring backend {_name(backend)} asks for its own password on a terminal, and "
+        "this process has none to ask on (a pipe, a service, a worker); pick a backend that "
+        "does not prompt (PYTHON_KEYRING_BACKEND, e.g. keyring.backends.SecretService.Keyring, or "
+        f"keyrings.cryptfile with {_CRYPTFILE_PASSWORD_ENV}), or set {SECRET_ENV} for this "
+        "process instead"
+    )
+
+
+def _check_prompt(backend: KeyringBackend, method: str) -> None:
+    """:func:`_prompt_refused` before a call that would prompt where nobody can answer."""
+    if _would_prompt(backend, method) and not _has_terminal():
+        raise _prompt_refused(backend)
 
 
 def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | None = None) -> str:
@@ -189,11 +258,19 @@ def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | 
     _check_app_key(api_key)
     if not isinstance(secret, str) or not secret.strip():
         raise ValueError("secret must be a non-empty string")
+    refused: SecretNotFoundError | None = None
     try:
         for backend in _usable_backends(allow_insecure_keyring):
             try:
+                _check_prompt(backend, "set_password")
                 backend.set_password(KEYRING_SERVICE, api_key, secret)
             except NotImplementedError:  # as keyring's chainer does: try the next one
+                continue
+            except SecretNotFoundError as exc:  # a prompt nobody can answer: the next one
+                refused = refused or exc
+                continue
+            except EOFError:  # a prompt that read an empty stdin all the same
+                refused = refused or _prompt_refused(backend)
                 continue
             _log.info(
                 "api_secret for app key %s stored in keyring backend %s",
@@ -201,15 +278,24 @@ def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | 
                 _name(backend),
             )
             return _name(backend)
-    except _KEYRING_ERRORS as exc:
+    except _keyring_errors() as exc:
         raise _no_backend(exc) from None
-    raise _no_backend(NotImplementedError())
+    raise refused or _no_backend(NotImplementedError())
 
 
 def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | None:
+    refused: SecretNotFoundError | None = None
     try:
         for backend in _usable_backends(allow_insecure_keyring):
-            secret = backend.get_password(KEYRING_SERVICE, api_key)
+            try:
+                _check_prompt(backend, "get_password")
+                secret = backend.get_password(KEYRING_SERVICE, api_key)
+            except SecretNotFoundError as exc:  # a prompt nobody can answer: the next one
+                refused = refused or exc
+                continue
+            except EOFError:  # a prompt that read an empty stdin all the same
+                refused = refused or _prompt_refused(backend)
+                continue
             if secret:
                 _log.debug(
                     "api_secret for app key %s read from keyring backend %s",
@@ -217,8 +303,10 @@ def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | 
                     _name(backend),
                 )
                 return secret
-    except _KEYRING_ERRORS as exc:
+    except _keyring_errors() as exc:
         raise _no_backend(exc) from None
+    if refused is not None:
+        raise refused
     return None
 
 
@@ -245,11 +333,14 @@ def delete_api_secret(api_key: str) -> bool:
     Works on any backend, a plaintext one included: removing a secret exposes nothing.
     """
     _check_app_key(api_key)
+    import keyring
+    import keyring.errors
+
     try:
         keyring.delete_password(KEYRING_SERVICE, api_key)
     except keyring.errors.PasswordDeleteError:
         return False
-    except _KEYRING_ERRORS as exc:
+    except _keyring_errors() as exc:
         raise _no_backend(exc) from None
     return True
 
@@ -260,7 +351,8 @@ def resolve_api_secret(
     """The explicit secret, else the keyring's, else ``$KOREA_INVESTMENT_API_SECRET``.
 
     A keyring that is missing or refused (see the module docstring) counts as holding nothing;
-    its error is raised only if the environment variable is not set either.
+    its error is raised only if the environment variable is not set either. A value of the
+    variable that cannot go in an HTTP header is a ``ValueError`` naming the variable.
     """
     if api_secret:
         return api_secret
@@ -274,6 +366,11 @@ def resolve_api_secret(
         return secret
     from_env = os.environ.get(SECRET_ENV, "").strip()
     if from_env:
+        if not header_safe(from_env):
+            raise ValueError(
+                f"{SECRET_ENV} must be printable ASCII without spaces or control characters "
+                "(it is sent in an HTTP header)"
+            )
         if backend_error is not None:
             _log.debug(
                 "keyring not used (%s); api_secret from $%s",

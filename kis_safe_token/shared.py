@@ -7,7 +7,6 @@ memory with its refresh margin, single-flight refresh, compare-and-delete, and f
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from .oauth import Timeout, issue_approval_key, issue_token, revoke_token
 from .ratelimit import RateLimiter, resolve_calls_per_second
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
 from .storage.base import TokenStorage, check_seconds
-from .storage.factory import create_token_storage
+from .storage.factory import base_url_from_environment, create_token_storage
 from .token import Token, header_safe, mask
 
 __all__ = [
@@ -89,7 +88,7 @@ class TokenSettings:
         self.mock = mock
         self.base_url = (
             base_url
-            or os.environ.get(BASE_URL_ENV, "").strip()
+            or base_url_from_environment()
             or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
         ).rstrip("/")
         self.token_storage = token_storage if token_storage is not None else create_token_storage()

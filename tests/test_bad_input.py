@@ -4,6 +4,7 @@ clear ValueError naming the input; never a raw traceback from a dependency, neve
 from __future__ import annotations
 
 import json
+import re
 import string
 import tempfile
 import time
@@ -28,6 +29,7 @@ from kis_safe_token import (
     create_token_storage,
 )
 from kis_safe_token.crypto import derive_key
+from kis_safe_token.storage.factory import base_url_from_environment, check_base_url
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import Token, format_kst
 
@@ -303,10 +305,12 @@ def test_secret_from_the_environment_is_checked_too(
     tmp_path: Path, memory_keyring: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KOREA_INVESTMENT_API_SECRET", BAD_HEADER_VALUES["hangul"])
-    with pytest.raises(ValueError, match="api_secret"):
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_API_SECRET must be") as info:
         KoreaInvestment(
             KEY, token_storage=FileTokenStorage(tmp_path / "t.json"), base_url="http://127.0.0.1:9"
         )
+    assert "api_secret" not in str(info.value)  # the variable, not an argument nobody passed
+    assert BAD_HEADER_VALUES["hangul"][:6] not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -381,3 +385,128 @@ def test_any_request_arguments_are_an_answer_or_a_library_error(tmp_path: Path) 
 def test_a_token_answer_nested_past_the_stack_is_a_token_issue_error(tmp_path: Path) -> None:
     with pytest.raises(TokenIssueError):
         build(str(tmp_path), canned_session((200, b"[" * 200_000)))
+
+
+# -- Redis URLs: nothing of their user info in any message ------------------------------------
+
+#: (URL, its user info as the user meant it): passwords with a raw '@', '/', '?', '#' or ':'
+#: move part of themselves into what urlsplit reads as host, port, path, query or fragment.
+LEAKY_REDIS_URLS = [
+    ("redis://default:urlpw@LEAK/CANARYTAIL42@127.0.0.1/0", "default:urlpw@LEAK/CANARYTAIL42"),
+    ("redis://default:urlpw@LEAK:99999/TAIL77@127.0.0.1/0", "default:urlpw@LEAK:99999/TAIL77"),
+    ("redis://default:urlpw@LEAK:6379/TAIL77@127.0.0.1/0", "default:urlpw@LEAK:6379/TAIL77"),
+    ("redis://default:pwq9?QUERYLEAK@127.0.0.1/0", "default:pwq9?QUERYLEAK"),
+    ("redis://default:pwf9#FRAGLEAK@127.0.0.1/0", "default:pwf9#FRAGLEAK"),
+    ("redis://SECRETUSER:SECRETPW@127.0.0.1:6379/notadb", "SECRETUSER:SECRETPW"),
+    ("SECRETUSER:SECRETPW@127.0.0.1:6379/0", "SECRETUSER:SECRETPW"),
+    ("unix://:SOCKPW/SOCKTAIL@/tmp/redis.sock", ":SOCKPW/SOCKTAIL"),
+    ("redis://SECRETUSER:SECRETPW@" + "h" * 300 + "/0", "SECRETUSER:SECRETPW"),
+    ("redis://SECRETUSER:SECRETPW@127.0.0.1:6379/0", "SECRETUSER:SECRETPW"),  # a good one
+]
+
+
+def userinfo_parts(userinfo: str) -> list[str]:
+    return [part for part in re.split(r"[^A-Za-z0-9]+", userinfo) if len(part) >= 4]
+
+
+@pytest.mark.parametrize(("url", "userinfo"), LEAKY_REDIS_URLS, ids=range(len(LEAKY_REDIS_URLS)))
+def test_no_part_of_a_redis_urls_user_info_is_in_any_message(url: str, userinfo: str) -> None:
+    texts: list[str] = []
+    env = {"KOREA_INVESTMENT_TOKEN_STORAGE": "redis", "KOREA_INVESTMENT_REDIS_URL": url}
+    for build in (
+        lambda: create_token_storage(env),
+        lambda: LockedRedisTokenStorage(url),
+        lambda: RedisTokenStorage(url),
+    ):
+        try:
+            texts.append(repr(build()))
+        except ValueError as exc:
+            texts.append(str(exc))
+    assert texts, url
+    for text in texts:
+        for part in userinfo_parts(userinfo):
+            assert part not in text, (part, text)
+    if "CANARYTAIL42" in url:  # the brief's example: refused, and told how to fix it
+        assert "KOREA_INVESTMENT_REDIS_URL" in texts[0] and "percent-encode" in texts[0]
+
+
+# -- hostile environment values: a ValueError naming the variable, when it is read ------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["~nosuchuser-kis-test/x.json", "relative/tokens.json", "tokens.json", "./t.json", "a\0b"],
+)
+def test_a_token_file_the_fleet_cannot_share_is_a_named_value_error(value: str) -> None:
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_TOKEN_FILE") as info:
+        create_token_storage({"KOREA_INVESTMENT_TOKEN_FILE": value})
+    assert "absolute path" in str(info.value)
+
+
+def test_a_token_file_under_home_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    storage = create_token_storage({"KOREA_INVESTMENT_TOKEN_FILE": "~/kis/tokens.json"})
+    assert isinstance(storage, FileTokenStorage)
+    assert str(tmp_path / "kis" / "tokens.json") in repr(storage)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["a" * 5_000, "h1:26379," * 600, "a" * 64 + ":26379", "bad host:26379", "x..y", "h_-!:1"],
+    ids=["5000-chars", "600-nodes", "label-64", "space", "empty-label", "punctuation"],
+)
+def test_a_sentinel_list_the_resolver_would_refuse_is_a_named_value_error(value: str) -> None:
+    env = {
+        "KOREA_INVESTMENT_TOKEN_STORAGE": "redis",
+        "KOREA_INVESTMENT_REDIS_MODE": "sentinel",
+        "KOREA_INVESTMENT_REDIS_SENTINELS": value,
+    }
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_REDIS_SENTINELS") as info:
+        create_token_storage(env)
+    assert value[:30] not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "file:///etc/passwd",
+        "ftp://example.com",
+        "garbage",
+        "http:/example.com",
+        "http://",
+        "https://user:PROXYPW@proxy.example.com",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "https://example.com/some/path",
+        "https://example.com?x=1",
+        "http://" + "a" * 300,
+        "javascript:alert(1)",
+    ],
+)
+def test_a_base_url_that_is_not_http_host_port_is_a_named_value_error(value: str) -> None:
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_BASE_URL") as info:
+        base_url_from_environment({"KOREA_INVESTMENT_BASE_URL": value})
+    assert "PROXYPW" not in str(info.value) and "etc/passwd" not in str(info.value)
+    with pytest.raises(ValueError, match="base_url"):
+        check_base_url(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", None),
+        ("   ", None),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("https://openapi.koreainvestment.com:9443/", "https://openapi.koreainvestment.com:9443"),
+        (
+            "https://openapivts.koreainvestment.com:29443",
+            "https://openapivts.koreainvestment.com:29443",
+        ),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_a_base_url_of_host_and_port_is_taken(value: str, expected: str | None) -> None:
+    assert base_url_from_environment({"KOREA_INVESTMENT_BASE_URL": value}) == expected
+    assert base_url_from_environment({}) is None

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -395,3 +398,231 @@ def test_demo_command_reports_one_issuance(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tokens issued by KIS: 1" in result.stdout
     assert "OK: one issuance shared by every worker" in result.stdout
+
+
+# -- a keyring that prompts for its own password, in a process with no terminal ----------------
+
+PROMPTING = "keyrings.alt.file.EncryptedKeyring"
+
+
+def no_terminal(
+    env: dict[str, str], args: list[str], stdin: str | None = "", timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``args`` run as a service runs: a new session (no controlling terminal), piped stdin."""
+    return subprocess.run(
+        args,
+        env=env,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
+
+
+def assert_says_how_out(stderr: str) -> None:
+    assert "Traceback" not in stderr and "EOFError" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    for needed in (PROMPTING, "PYTHON_KEYRING_BACKEND", "KOREA_INVESTMENT_API_SECRET"):
+        assert needed in stderr, stderr
+    assert SECRET not in stderr
+
+
+def test_piped_secret_set_on_a_prompting_keyring_is_one_clear_line(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    cli_env["PYTHON_KEYRING_BACKEND"] = PROMPTING
+    result = no_terminal(
+        cli_env, [sys.executable, "-m", "kis_safe_token", "secret", "set", APP_KEY], SECRET + "\n"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_says_how_out(result.stderr)
+    assert SECRET not in result.stdout
+    assert list(tmp_path.rglob("crypted_pass.cfg")) == []
+
+
+def test_a_prompting_keyring_never_waits_on_a_stdin_left_open(cli_env: dict[str, str]) -> None:
+    cli_env["PYTHON_KEYRING_BACKEND"] = PROMPTING
+    code = (
+        "import sys\n"
+        "from kis_safe_token import KisTokenError, set_api_secret\n"
+        "try:\n"
+        f"    set_api_secret({APP_KEY!r}, {SECRET!r})\n"
+        "except KisTokenError as exc:\n"
+        "    print(exc, file=sys.stderr)\n"
+    )
+    proc = subprocess.Popen(  # stdin: a pipe nobody writes to or closes, as a supervisor's
+        [sys.executable, "-c", code],
+        env=cli_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert_says_how_out(stderr)
+
+
+def test_a_worker_on_a_prompting_keyring_uses_the_environment_secret(
+    cli_env: dict[str, str], sim: KisSimulator
+) -> None:
+    backend = EncryptedKeyring()  # a keyring file holding this app key's secret, locked
+    backend.file_path = str(Path(cli_env["XDG_DATA_HOME"]) / "python_keyring" / "crypted_pass.cfg")
+    backend.keyring_key = "keyring-password"
+    backend.set_password("kis_safe_token", APP_KEY, SECRET)
+    cli_env["PYTHON_KEYRING_BACKEND"] = PROMPTING
+    code = (
+        "from kis_safe_token import KoreaInvestment\n"
+        f"c = KoreaInvestment({APP_KEY!r}, None, '50000000-01')\n"
+        "print(c.fetch_price('005930')['rt_cd'])\n"
+    )
+    failed = no_terminal(cli_env, [sys.executable, "-c", code], stdin=None)
+    assert failed.returncode == 1
+    assert_says_how_out(failed.stderr.strip().splitlines()[-1])
+    cli_env["KOREA_INVESTMENT_API_SECRET"] = SECRET
+    worked = no_terminal(cli_env, [sys.executable, "-c", code], stdin=None)
+    assert worked.returncode == 0, worked.stderr
+    assert worked.stdout.strip() == "0" and sim.issued == 1
+    status = no_terminal(cli_env, [sys.executable, "-m", "kis_safe_token", "status"], stdin=None)
+    assert status.returncode == 0, status.stderr
+
+
+# -- commands that never issue, help, bad arguments, a store that is down -----------------------
+
+
+def test_status_revoke_and_clear_never_issue_and_say_nothing_is_stored(
+    cli_env: dict[str, str], sim: KisSimulator
+) -> None:
+    cli_env["KOREA_INVESTMENT_API_SECRET"] = SECRET
+    for command, says in (
+        ("status", "none stored"),
+        ("revoke", "nothing to revoke"),
+        ("clear", "nothing to clear"),
+    ):
+        result = kis_token(cli_env, command)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+        assert says in result.stdout, (command, result.stdout)
+    assert sim.counts["issue_requests"] == 0 and sim.counts["revoke_requests"] == 0
+    assert kis_token(cli_env, "issue").returncode == 0
+    assert "revoked" in kis_token(cli_env, "revoke").stdout
+    assert sim.issued == 1 and sim.counts["revoke_requests"] == 1
+    assert "nothing to revoke" in kis_token(cli_env, "revoke").stdout
+    assert sim.issued == 1 and sim.counts["revoke_requests"] == 1
+
+
+HELP_PATHS = [[], ["secret"], ["secret", "set"], ["secret", "delete"], ["status"], ["issue"]]
+HELP_PATHS += [["revoke"], ["clear"], ["simulator"], ["demo"]]
+
+
+def help_text(path: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from kis_safe_token.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*path, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_blocks(text: str) -> dict[str, str]:
+    """Each option of a help text (``  --name ...``) with its help, continuation lines joined."""
+    blocks: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        match = re.match(r"^  (-\w, )?(--[\w-]+)", line)
+        if match:
+            name = match.group(2)
+            blocks[name] = line
+        elif name and line.startswith("    "):
+            blocks[name] += " " + line.strip()
+        else:
+            name = None
+    return blocks
+
+
+@pytest.mark.parametrize("path", HELP_PATHS, ids=[" ".join(p) or "kis-token" for p in HELP_PATHS])
+def test_help_names_every_default_and_has_no_markup(
+    path: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = help_text(path, capsys)
+    for markup in ("``", ":class:", ":func:", ":mod:", ":data:", ":meth:"):
+        assert markup not in text, (markup, text)
+    options = {k: v for k, v in option_blocks(text).items() if k not in ("--help", "--version")}
+    for name, block in options.items():
+        assert "(default: " in block, (name, block)
+    if path == ["simulator"]:
+        assert "GET /_simulator/stats" in " ".join(text.split())
+    if path in (["status"], ["revoke"], ["clear"]):
+        assert os.environ.get("KOREA_INVESTMENT_API_KEY", "\0") not in text
+
+
+def test_version_is_printed(cli_env: dict[str, str]) -> None:
+    from kis_safe_token import __version__
+
+    result = kis_token(cli_env, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"kis-token {__version__}"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_bad_port_is_a_one_line_error(cli_env: dict[str, str], port: str) -> None:
+    result = kis_token(cli_env, "simulator", "--port", port)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--port" in result.stderr
+
+
+def test_status_with_redis_down_names_the_token_store_in_one_line(
+    cli_env: dict[str, str],
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cli_env.update(
+        KOREA_INVESTMENT_API_SECRET=SECRET,
+        KOREA_INVESTMENT_TOKEN_STORAGE="redis",
+        KOREA_INVESTMENT_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT="0.5",
+    )
+    for command in ("status", "revoke", "clear"):
+        result = kis_token(cli_env, command)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "token store" in result.stderr and "GET" in result.stderr
+        assert "PTTL" not in result.stderr and f"127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_simulator_prints_what_it_counted_when_stopped(
+    cli_env: dict[str, str], stop: signal.Signals
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kis_safe_token", "simulator", "--port", "0"],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = proc.stdout.readline().split("listening on ")[1].split()[0]
+        body = {"grant_type": "client_credentials", "appkey": APP_KEY, "appsecret": SECRET}
+        for _ in range(2):
+            requests.post(f"{url}/oauth2/tokenP", timeout=5, json=body)
+        stats = requests.get(f"{url}/_simulator/stats", timeout=5).json()
+        assert (stats["issued"], stats["EGW00133"]) == (1, 1)
+        assert list(stats["app_keys"]) == [APP_KEY[:4] + "…" + stats_digest(APP_KEY)]
+    finally:
+        proc.send_signal(stop)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "KIS simulator counted: 1 token(s) issued, 1 EGW00133 refusal(s)" in out
+    assert APP_KEY not in out
+
+
+def stats_digest(app_key: str) -> str:
+    return hashlib.sha256(app_key.encode()).hexdigest()[:8]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
 from conftest import APP_KEY, SECRET
@@ -11,7 +13,9 @@ from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.simulator import (
     KIS_LIMITS,
     REAL_CALLS_PER_SECOND,
+    STATS_PATH,
     VIRTUAL_CALLS_PER_SECOND,
+    mask_app_key,
 )
 
 
@@ -136,3 +140,28 @@ def test_refusals_per_window_ends_the_window_after_that_many_egw00133() -> None:
         assert sim.issued == 4 and sim.rate_limited == 4
     with pytest.raises(ValueError, match="refusals_per_window"):
         KisSimulator(refusals_per_window=0)
+
+
+# -- what it counted, asked over HTTP ---------------------------------------------------------
+
+
+def test_stats_endpoint_counts_issuances_refusals_and_calls_per_masked_app_key() -> None:
+    other = "PSotherAppKey000000000000000000000"
+    with KisSimulator(calls_per_second=1, clock=lambda: FROZEN) as sim:
+        for app_key in (APP_KEY, APP_KEY, other):  # the second issue of APP_KEY: EGW00133
+            requests.post(
+                f"{sim.base_url}/oauth2/tokenP",
+                json={"grant_type": "client_credentials", "appkey": app_key, "appsecret": SECRET},
+                timeout=5,
+            )
+        _codes(sim, APP_KEY, 3)  # one answered, two over the limit of 1/s
+        stats = requests.get(f"{sim.base_url}{STATS_PATH}", timeout=5).json()
+    assert stats == sim.stats()
+    assert (stats["issued"], stats["EGW00133"], stats["calls"], stats["EGW00201"]) == (2, 1, 1, 2)
+    assert stats["app_keys"] == {
+        mask_app_key(APP_KEY): {"issued": 1, "EGW00133": 1, "calls": 1, "EGW00201": 2},
+        mask_app_key(other): {"issued": 1, "EGW00133": 0, "calls": 0, "EGW00201": 0},
+    }
+    text = json.dumps(stats) + sim.summary()
+    assert APP_KEY not in text and other not in text and APP_KEY[:4] in text
+    assert "2 token(s) issued, 1 EGW00133" in sim.summary()

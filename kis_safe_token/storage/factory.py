@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .base import TokenStorage
 from .file import FileTokenStorage
@@ -22,12 +24,14 @@ from .redis import DEFAULT_REDIS_URL, RETRY_TIMEOUT_S, LockedRedisTokenStorage, 
 from .redis_ha import (
     DEFAULT_CLUSTER_PORT,
     DEFAULT_SENTINEL_PORT,
+    check_host,
     cluster_client,
     parse_nodes,
     sentinel_client,
 )
 
 __all__ = [
+    "BASE_URL_ENV",
     "FILE_ENV",
     "HA_RETRY_TIMEOUT_S",
     "REDIS_CLUSTER_NODES_ENV",
@@ -45,8 +49,11 @@ __all__ = [
     "SEED_LEASE_TTL_ENV",
     "STORAGE_ENV",
     "STORAGE_TYPES",
+    "base_url_from_environment",
+    "check_base_url",
     "create_token_storage",
     "redis_client_from_env",
+    "token_file_from_env",
 ]
 
 STORAGE_ENV = "KOREA_INVESTMENT_TOKEN_STORAGE"
@@ -61,6 +68,7 @@ REDIS_CLUSTER_NODES_ENV = "KOREA_INVESTMENT_REDIS_CLUSTER_NODES"
 REDIS_TLS_ENV = "KOREA_INVESTMENT_REDIS_TLS"
 REDIS_TLS_CA_FILE_ENV = "KOREA_INVESTMENT_REDIS_TLS_CA_FILE"
 REDIS_RETRY_TIMEOUT_ENV = "KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT"
+BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
 STORAGE_TYPES = ("file", "redis")
 SEED_LEASE_ENV = "KOREA_INVESTMENT_SEED_LEASE"
 SEED_LEASE_TTL_ENV = "KOREA_INVESTMENT_SEED_LEASE_TTL"
@@ -196,8 +204,7 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
     lease = _lease_options(env)
     kind = (env.get(STORAGE_ENV) or "file").strip().lower()
     if kind == "file":
-        path = (env.get(FILE_ENV) or "").strip()
-        return FileTokenStorage(path or None, **lease)
+        return FileTokenStorage(token_file_from_env(env), **lease)
     if kind == "redis":
         client, retry_timeout = redis_client_from_env(env)
         if client is not None:
@@ -226,3 +233,69 @@ def _lease_options(env: Mapping[str, str]) -> dict[str, Any]:
     if (env.get(SEED_LEASE_TTL_ENV) or "").strip():
         options["lease_ttl"] = _seconds(env, SEED_LEASE_TTL_ENV, 0.0, high=MAX_LEASE_TTL_S)
     return options
+
+
+def token_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``KOREA_INVESTMENT_TOKEN_FILE`` as an absolute path (``~`` expanded), ``None`` if unset.
+
+    ``ValueError`` naming the variable for a relative path (processes started in different
+    folders would each use a file of their own, and issue a token each), a ``~user`` this host
+    does not know, or a NUL character.
+    """
+    env = os.environ if environ is None else environ
+    raw = (env.get(FILE_ENV) or "").strip()
+    if not raw:
+        return None
+    if "\0" in raw:
+        raise ValueError(f"{FILE_ENV} holds a NUL character; give the token file's absolute path")
+    expanded = os.path.expanduser(raw)
+    if expanded.startswith("~"):
+        raise ValueError(
+            f"{FILE_ENV} starts with '~' but names no home folder this process knows (an "
+            "unknown ~user, or no $HOME); give the token file's absolute path"
+        )
+    if not os.path.isabs(expanded):
+        raise ValueError(
+            f"{FILE_ENV} must be an absolute path: a relative one names a different file in "
+            "each working folder, so processes started in different folders would not share "
+            "one token"
+        )
+    return Path(expanded)
+
+
+# -- the KIS host ------------------------------------------------------------------------------
+
+
+def check_base_url(value: str, source: str = "base_url") -> str:
+    """``value`` without a trailing ``/`` if it is ``http(s)://host[:port]``; else a
+    ``ValueError`` naming ``source`` (quoting nothing of ``value`` but a scheme: a proxy URL
+    may carry a password)."""
+    expected = "expected http(s)://host[:port], e.g. https://openapi.koreainvestment.com:9443"
+    text = value.strip() if isinstance(value, str) else ""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{source} is not a usable URL; {expected}") from None
+    written = parts.scheme and text.lower().startswith(f"{parts.scheme}://")
+    if parts.scheme not in ("http", "https") or not written:
+        shown = f" {parts.scheme[:20]!r}" if written else ""
+        raise ValueError(f"{source} has an unsupported scheme{shown}; {expected}")
+    if "@" in text:
+        raise ValueError(f"{source} holds user info ('@'); {expected}")
+    if not parts.hostname:
+        raise ValueError(f"{source} names no host; {expected}")
+    check_host(parts.hostname, source)
+    if port == 0:
+        raise ValueError(f"{source} has port 0; {expected}")
+    if parts.path.strip("/") or parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError(f"{source} has a path, query or fragment; {expected}")
+    return text.rstrip("/")
+
+
+def base_url_from_environment(environ: Mapping[str, str] | None = None) -> str | None:
+    """``KOREA_INVESTMENT_BASE_URL`` checked by :func:`check_base_url` (``ValueError`` naming
+    the variable), or ``None`` if it is unset or empty."""
+    env = os.environ if environ is None else environ
+    raw = (env.get(BASE_URL_ENV) or "").strip()
+    return check_base_url(raw, BASE_URL_ENV) if raw else None

@@ -112,7 +112,10 @@ class FileTokenStorage(SealedTokenStorage):
             lease_ttl=lease_ttl,
             issue_window_s=issue_window_s,
         )
-        self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
+        try:
+            self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
+        except RuntimeError:  # "~nosuchuser/...": no such home directory
+            raise ValueError("file_path names the home of a user this host does not know") from None
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
         self.poll_interval_s = check_seconds("poll_interval_s", poll_interval_s, high=1.0)
         # One lock object per storage, made here and not lazily: two threads racing to create it

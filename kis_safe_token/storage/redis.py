@@ -34,15 +34,11 @@ from ..ratelimit.redis import RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
 from .lease import MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
-from .redis_ha import async_builder_of
-from .redis_retry import redis_retry
+from .redis_ha import async_builder_of, check_host
+from .redis_retry import redis_retry, require_redis
 
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-except ImportError:  # pragma: no cover - exercised only without the [redis] extra
-    redis = None  # type: ignore[assignment]
+# redis-py is imported where a client is built (require_redis), not here: ``import
+# kis_safe_token`` (which names these classes) must cost a file-storage user nothing of it.
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -78,26 +74,40 @@ MAX_LOCK_TTL_MS = int(MAX_LOCK_TTL_S * 1000)
 
 def validate_redis_url(url: str, source: str = "redis_url") -> str:
     """``url`` if it is a usable ``redis://``, ``rediss://`` or ``unix://`` URL; else a
-    ``ValueError`` naming ``source`` and the allowed forms."""
+    ``ValueError`` naming ``source`` and the allowed forms.
+
+    The message quotes nothing of the URL but a scheme written as ``scheme://``: a password
+    holding a raw ``/``, ``?``, ``#`` or ``@`` moves part of itself into what urlsplit calls
+    the host, port, path or query (``redis://u:pw@LEAK/TAIL@host/0``)."""
     allowed = "redis://[user:password@]host[:port][/db], rediss://… or unix:///path/to/socket"
+    text = url.strip() if isinstance(url, str) else ""
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(text)
         port = parts.port
     except ValueError:
         raise ValueError(f"{source} is not a valid Redis URL; expected {allowed}") from None
     if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"{source} has scheme {parts.scheme or '(none)'!r}; expected {allowed}")
+        written = parts.scheme and text.startswith(f"{parts.scheme}://")
+        shown = f" {parts.scheme[:20]!r}" if written else ""
+        raise ValueError(f"{source} has an unsupported scheme{shown}; expected {allowed}")
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise ValueError(
+            f"{source} has an '@' after its host: percent-encode '/', '?', '#' and '@' in a "
+            f"password (or give the password separately); expected {allowed}"
+        )
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError(f"{source} names no socket path; expected {allowed}")
     elif not parts.hostname:
         raise ValueError(f"{source} names no host; expected {allowed}")
+    else:
+        check_host(parts.hostname, source)
     if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{source} has port {port} out of range; expected {allowed}")
+        raise ValueError(f"{source} has a port out of range (1-65535); expected {allowed}")
     db = parts.path.lstrip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
-        raise ValueError(f"{source} has database {db[:20]!r}, not a number; expected {allowed}")
-    return url.strip()
+        raise ValueError(f"{source} has a database that is not a number; expected {allowed}")
+    return text
 
 
 def _display_url(url: str) -> str:
@@ -183,10 +193,10 @@ class RedisTokenStorage(SealedTokenStorage):
             raise ValueError("key_prefix must be a non-empty string without '{'")
         self.key_prefix = key_prefix
         if client is None:
-            if redis is None:
-                raise ImportError(
-                    "the Redis backend needs redis-py: pip install 'kis-safe-token[redis]'"
-                )
+            redis = require_redis()
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
             validate_redis_url(redis_url)
             options: dict[str, Any] = {
                 "socket_connect_timeout": connect_timeout_s,
@@ -357,6 +367,7 @@ class RedisTokenStorage(SealedTokenStorage):
 def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
     import redis.asyncio
     from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import NoBackoff
 
     # As for the sync client, attempts are ours (redis_retry_async), not redis-py's.
     return redis.asyncio.from_url(redis_url, **{**options, "retry": AsyncRetry(NoBackoff(), 0)})

@@ -8,15 +8,20 @@ re-resolves the primary (Sentinel) or the slot owner (Cluster).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .redis_retry import require_redis
+
 __all__ = [
     "DEFAULT_CLUSTER_PORT",
     "DEFAULT_SENTINEL_PORT",
+    "MAX_NODES_CHARS",
     "async_builder_of",
+    "check_host",
     "cluster_client",
     "parse_nodes",
     "sentinel_client",
@@ -26,6 +31,12 @@ DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_CLUSTER_PORT = 6379
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
+#: The longest node list :func:`parse_nodes` reads (some 60 ``host:port`` entries): a longer
+#: value is a mistake, not a deployment.
+MAX_NODES_CHARS = 2048
+#: A DNS name: at most 253 characters, labels of 1-63 letters, digits, ``-`` or ``_``.
+_MAX_HOST_CHARS = 253
+_MAX_LABEL_CHARS = 63
 
 #: The attribute a client built here carries: a builder of the matching ``redis.asyncio``
 #: client (same nodes, passwords, TLS, timeouts; no redis-py retries either).
@@ -39,6 +50,31 @@ def async_builder_of(client: Any) -> Callable[[], Any] | None:
     return builder if callable(builder) else None
 
 
+def check_host(host: str, source: str) -> str:
+    """``host`` if it is an IP address or a DNS name the resolver takes; else a ``ValueError``
+    naming ``source`` (never ``host``: a password with a raw ``/`` or ``@`` may have ended up
+    in it). Checked here, when the configuration is read, so that a bad name is not an idna
+    codec error at the first connection instead."""
+    error = ValueError(f"{source} has a host that is neither an IP address nor a DNS name")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return host
+    try:
+        ascii_name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise error from None
+    labels = ascii_name.rstrip(".").split(".")
+    if len(ascii_name) > _MAX_HOST_CHARS or not all(
+        0 < len(label) <= _MAX_LABEL_CHARS and label.replace("-", "").replace("_", "").isalnum()
+        for label in labels
+    ):
+        raise error
+    return host
+
+
 def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
     """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs.
 
@@ -47,6 +83,8 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
     (``redis://:pw@host``, ``user:pw@host``).
     """
     expected = f"expected host[:port][,host[:port]…], e.g. 10.0.0.1:{default_port},10.0.0.2"
+    if len(value or "") > MAX_NODES_CHARS:
+        raise ValueError(f"{source} is longer than {MAX_NODES_CHARS} characters; {expected}")
     nodes: list[tuple[str, int]] = []
     for position, item in enumerate((value or "").split(","), start=1):
         item = item.strip()
@@ -64,6 +102,7 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
             host, port_text = item, ""
         if not host or "/" in host or "@" in host or any(c.isspace() for c in host):
             raise ValueError(f"{entry} is not a host name or address; {expected}")
+        check_host(host, entry)
         if port_text == "":
             port = default_port
         elif port_text.isdigit() and 0 < int(port_text) < 65536:
@@ -103,8 +142,9 @@ def sentinel_client(
     """The primary of ``service_name`` as the sentinels know it, re-asked on every reconnect.
 
     ``password`` is the data nodes' (``requirepass``), ``sentinel_password`` the sentinels' own;
-    ``tls`` applies to both.
+    ``tls`` applies to both. ``ImportError`` naming the ``[redis]`` extra without redis-py.
     """
+    require_redis()
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     from redis.sentinel import Sentinel
@@ -163,8 +203,10 @@ def cluster_client(
 
     Connects at once (raises ``redis.exceptions.RedisClusterException`` or ``ConnectionError``
     when no seed answers). redis-py's cluster-level retries (10 by default, with backoff) are
-    off: one attempt of ours must not outlast the caller's deadline.
+    off: one attempt of ours must not outlast the caller's deadline. ``ImportError`` naming the
+    ``[redis]`` extra without redis-py.
     """
+    require_redis()
     from redis.cluster import ClusterNode, RedisCluster
     from redis.retry import Retry
 

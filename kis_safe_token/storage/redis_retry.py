@@ -19,27 +19,26 @@ make a Lua script recognise its own earlier effect (the lock script sees its own
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import cache
+from types import ModuleType
 from typing import Final, TypeVar
 
 from ..errors import TokenStorageError
 
-try:
-    import redis
-except ImportError:  # pragma: no cover - exercised only without the [redis] extra
-    redis = None  # type: ignore[assignment]
-
 __all__ = [
     "BACKOFF_CAP_S",
     "BACKOFF_FIRST_S",
-    "FAILED",
+    "REDIS_EXTRA_HINT",
+    "failed_errors",
     "is_transient",
     "redis_retry",
     "redis_retry_async",
+    "require_redis",
 ]
 
 logger = logging.getLogger("kis_safe_token")
@@ -56,38 +55,84 @@ BACKOFF_CAP_S: Final = 0.5
 #: the command: ``UNBLOCKED`` ends a ``BLPOP`` when its server turns replica.
 _TRANSIENT_REPLIES: Final = ("UNBLOCKED", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN")
 
-FAILED: tuple[type[BaseException], ...] = (OSError,)
-_TRANSIENT: tuple[type[BaseException], ...] = (OSError,)
-_NEVER: tuple[type[BaseException], ...] = ()
-if redis is not None:
-    _exc = redis.exceptions
+#: How a missing ``[redis]`` extra is named in an ``ImportError``.
+REDIS_EXTRA_HINT: Final = "pip install 'kis-safe-token[redis]'"
+
+Errors = tuple[type[BaseException], ...]
+
+
+def require_redis() -> ModuleType:
+    """redis-py, imported on first use (``import kis_safe_token`` loads none of it: a
+    file-storage user pays nothing); ``ImportError`` naming the extra if it is missing."""
+    try:
+        import redis
+    except ImportError:
+        raise ImportError(f"the Redis backend needs redis-py: {REDIS_EXTRA_HINT}") from None
+    return redis
+
+
+def _classes() -> tuple[Errors, Errors, Errors, type[BaseException] | None]:
+    """``(failed, transient, never, ResponseError)``. Before redis-py is loaded, nothing it
+    raises can exist: ``OSError`` alone, and redis-py stays unloaded (a file-storage user's
+    process never loads it)."""
+    redis = sys.modules.get("redis")
+    if redis is None:
+        return (OSError,), (OSError,), (), None
+    return _redis_classes(redis)
+
+
+@cache
+def _redis_classes(redis: ModuleType) -> tuple[Errors, Errors, Errors, type[BaseException]]:
+    exc = redis.exceptions
     # ChildDeadlockedError: a pool whose lock a parent's thread held at fork() (not a RedisError).
-    FAILED = (_exc.RedisError, _exc.ChildDeadlockedError, OSError)
-    _TRANSIENT = (
-        _exc.ConnectionError,  # includes BusyLoadingError and Sentinel's MasterNotFoundError
-        _exc.TimeoutError,
-        _exc.ClusterError,  # ClusterDownError, MasterDownError
-        _exc.TryAgainError,
-        _exc.ReadOnlyError,
-        _exc.RedisClusterException,  # SlotNotCoveredError: the slot table is being rebuilt
+    failed = (exc.RedisError, exc.ChildDeadlockedError, OSError)
+    transient = (
+        exc.ConnectionError,  # includes BusyLoadingError and Sentinel's MasterNotFoundError
+        exc.TimeoutError,
+        exc.ClusterError,  # ClusterDownError, MasterDownError
+        exc.TryAgainError,
+        exc.ReadOnlyError,
+        exc.RedisClusterException,  # SlotNotCoveredError: the slot table is being rebuilt
         OSError,
     )
     # A wrong password or a missing ACL right does not heal by retrying.
-    _NEVER = (
-        _exc.AuthenticationError,
-        getattr(_exc, "AuthorizationError", _exc.AuthenticationError),
-        _exc.ChildDeadlockedError,
+    never = (
+        exc.AuthenticationError,
+        getattr(exc, "AuthorizationError", exc.AuthenticationError),
+        exc.ChildDeadlockedError,
     )
+    return failed, transient, never, exc.ResponseError
+
+
+def failed_errors() -> Errors:
+    """What a Redis call raises when it fails: redis-py's errors and ``OSError`` (what
+    :func:`redis_retry` catches)."""
+    return _classes()[0]
+
+
+def __getattr__(name: str) -> Errors:
+    # ``FAILED`` (that tuple, for an ``except`` elsewhere) stays importable from this module
+    # without redis-py being imported along with it: it is looked up, and redis-py loaded if
+    # installed, on first use.
+    if name == "FAILED":
+        try:
+            import redis  # noqa: F401 - loaded so that the tuple holds its errors
+        except ImportError:  # pragma: no cover - exercised only without the [redis] extra
+            pass
+        return failed_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a Redis error a failover, a restart or a dropped connection explains."""
-    if isinstance(exc, _NEVER):
+    _, transient, never, response_error = _classes()
+    if isinstance(exc, never):
         return False
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, transient):
         return True
-    return redis is not None and (
-        isinstance(exc, redis.exceptions.ResponseError)
+    return (
+        response_error is not None
+        and isinstance(exc, response_error)
         and str(exc).upper().startswith(_TRANSIENT_REPLIES)
     )
 
@@ -116,7 +161,7 @@ def redis_retry(
         attempts += 1
         try:
             return fn()
-        except FAILED as exc:
+        except failed_errors() as exc:
             sleep(_pause_or_raise(exc, attempts, started, deadline, what, where))
 
 
@@ -129,12 +174,14 @@ async def redis_retry_async(
 ) -> T:
     """:func:`redis_retry` for ``redis.asyncio``: ``await fn()`` again after each transient
     error until ``deadline``, pausing with ``asyncio.sleep`` (the loop keeps running)."""
+    import asyncio  # here: ``import kis_safe_token`` loads no asyncio
+
     attempts, started = 0, time.monotonic()
     while True:
         attempts += 1
         try:
             return await fn()
-        except FAILED as exc:
+        except failed_errors() as exc:
             await asyncio.sleep(_pause_or_raise(exc, attempts, started, deadline, what, where))
 
 

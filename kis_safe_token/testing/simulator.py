@@ -9,6 +9,16 @@ With ``calls_per_second`` it also meters every ``/uapi/`` call and every ``/oaut
 call per app key as KIS does (``"kis"``: real accounts 20/s, virtual 2/s): a call beyond the
 limit within one second of the simulator's clock gets HTTP 500 ``EGW00201`` "초당 거래건수를
 초과하였습니다.".
+
+What it counted is served as JSON at ``GET /_simulator/stats`` (:data:`STATS_PATH`,
+:meth:`KisSimulator.stats`): issuances, ``EGW00133`` refusals, ``/uapi/`` calls answered and
+``EGW00201`` refusals, in all and per app key (masked: its first 4 characters and 8 hex digits
+of its SHA-256), so single flight can be watched offline::
+
+    $ curl -s http://127.0.0.1:PORT/_simulator/stats
+    {"issued": 1, "EGW00133": 0, "calls": 8, "EGW00201": 0,
+     "app_keys": {"PSde…1a2b3c4d": {"issued": 1, "EGW00133": 0, "calls": 8, "EGW00201": 0}},
+     "counts": {...every counter of KisSimulator.counts...}}
 """
 
 from __future__ import annotations
@@ -46,7 +56,19 @@ from ..kis import (
 )
 from ..token import format_kst
 
-__all__ = ["KIS_LIMITS", "REAL_CALLS_PER_SECOND", "VIRTUAL_CALLS_PER_SECOND", "KisSimulator"]
+__all__ = [
+    "KIS_LIMITS",
+    "REAL_CALLS_PER_SECOND",
+    "STATS_PATH",
+    "VIRTUAL_CALLS_PER_SECOND",
+    "KisSimulator",
+    "mask_app_key",
+]
+
+#: ``GET`` this path of a simulator for what it counted (JSON, see :meth:`KisSimulator.stats`).
+STATS_PATH = "/_simulator/stats"
+#: The counters :meth:`KisSimulator.stats` reports, in all and per app key.
+_STATS = ("issued", RATE_LIMITED, "calls", TOO_MANY_CALLS)
 
 #: KIS's limits per app key, for ``KisSimulator(calls_per_second=...)``.
 REAL_CALLS_PER_SECOND = 20
@@ -131,6 +153,7 @@ class KisSimulator:
         self.issue_latency_s = issue_latency_s
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self._per_app_key: dict[str, Counter[str]] = {}
         self._tokens: dict[str, _Issued] = {}
         self._last_issue: dict[str, float] = {}
         self._cond = threading.Condition()
@@ -194,6 +217,43 @@ class KisSimulator:
         """``EGW00201`` answers so far."""
         return self.counts[TOO_MANY_CALLS]
 
+    def stats(self) -> dict[str, Any]:
+        """What it counted (also served at :data:`STATS_PATH`): ``issued`` (tokens),
+        ``EGW00133`` (refused issues), ``calls`` (``/uapi/`` calls answered within the limit),
+        ``EGW00201`` (calls refused over it); ``app_keys``: the same four per app key, keyed by
+        :func:`mask_app_key`; ``counts``: every counter of :attr:`counts`."""
+        with self._cond:
+            totals = {
+                "issued": self.issued,
+                RATE_LIMITED: self.rate_limited,
+                "calls": self.counts["uapi_calls"],
+                TOO_MANY_CALLS: self.too_many_calls,
+            }
+            per_key = {
+                mask_app_key(key): {name: counter[name] for name in _STATS}
+                for key, counter in sorted(self._per_app_key.items())
+            }
+            return {**totals, "app_keys": per_key, "counts": dict(self.counts)}
+
+    def summary(self) -> str:
+        """:meth:`stats` as a few lines of text: the totals, then one line per app key."""
+        stats = self.stats()
+
+        def line(counts: dict[str, int]) -> str:
+            return (
+                f"{counts['issued']} token(s) issued, {counts[RATE_LIMITED]} {RATE_LIMITED} "
+                f"refusal(s), {counts['calls']} call(s), {counts[TOO_MANY_CALLS]} "
+                f"{TOO_MANY_CALLS}"
+            )
+
+        lines = [f"KIS simulator counted: {line(stats)}"]
+        lines += [f"  app key {key}: {line(c)}" for key, c in stats["app_keys"].items()]
+        return "\n".join(lines)
+
+    def _count_app_key(self, app_key: str, name: str) -> None:
+        """One more ``name`` for ``app_key`` (call with the lock held)."""
+        self._per_app_key.setdefault(app_key, Counter())[name] += 1
+
     def limit_for(self, app_key: str) -> int | None:
         """The calls per second ``app_key`` is allowed (``None``: not metered)."""
         rate = self.calls_per_second
@@ -233,6 +293,7 @@ class KisSimulator:
                 refused = count > limit
             if refused:
                 self.counts[TOO_MANY_CALLS] += 1
+                self._count_app_key(app_key, TOO_MANY_CALLS)
                 self._cond.notify_all()
                 return 500, {
                     "rt_cd": "1",
@@ -241,6 +302,7 @@ class KisSimulator:
                 }
             if uapi:
                 self.counts["uapi_calls"] += 1
+                self._count_app_key(app_key, "calls")
             if limit is not None:
                 peak = self.peak_calls_per_second
                 peak[app_key] = max(peak[app_key], self._window[app_key][1])
@@ -296,6 +358,7 @@ class KisSimulator:
             if self._in_window(str(key), now):
                 self._refusals[key] += 1
                 self.counts[RATE_LIMITED] += 1
+                self._count_app_key(str(key), RATE_LIMITED)
                 self._cond.notify_all()
                 return 403, {"error_description": RATE_LIMIT_MESSAGE, "error_code": RATE_LIMITED}
             self._last_issue[key] = now
@@ -304,6 +367,7 @@ class KisSimulator:
             expires_at = now + self.token_lifetime_s
             self._tokens[token] = _Issued(str(key), expires_at)
             self.counts["issued"] += 1
+            self._count_app_key(str(key), "issued")
             self._cond.notify_all()
         return 200, {
             "access_token": token,
@@ -410,6 +474,13 @@ class KisSimulator:
             "msg_cd": "MCA00000",
             "msg1": "정상처리 되었습니다.",
         }
+
+
+def mask_app_key(app_key: str) -> str:
+    """``app_key`` as :meth:`KisSimulator.stats` shows it: its first 4 characters (none of a
+    short one) and 8 hex digits of its SHA-256, which tell two app keys apart."""
+    digest = hashlib.sha256(app_key.encode()).hexdigest()[:8]
+    return f"{app_key[:4] if len(app_key) > 8 else ''}…{digest}"
 
 
 def _checked_rate(calls_per_second: object) -> int | Literal["kis"] | None:
@@ -532,6 +603,9 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             parts = urlsplit(self.path)
+            if parts.path == STATS_PATH:
+                self._reply(200, sim.stats())
+                return
             if parts.path.startswith("/uapi/"):
                 refused = sim._metered(str(self.headers.get("appkey") or ""))
                 if refused is not None:
