@@ -107,10 +107,10 @@ def inline_rows(folder: Path) -> list[tuple[str, str, str]]:
     """The sealed-record costs that run on the loop for the file backend."""
     storage = FileTokenStorage(folder / "inline.json")
     token = Token("t" * 300, time.time() + 86_400)
-    storage._write(HERD_APP_KEY, HERD_SECRET, token)
-    read = us_per_call(lambda: storage._read(HERD_APP_KEY, HERD_SECRET, fresh=True), 2000)
-    warm = us_per_call(lambda: storage._read(HERD_APP_KEY, HERD_SECRET), 20_000)
-    write = us_per_call(lambda: storage._write(HERD_APP_KEY, HERD_SECRET, token), 200)
+    storage.write_token(HERD_APP_KEY, HERD_SECRET, token)
+    read = us_per_call(lambda: storage.read_token(HERD_APP_KEY, HERD_SECRET, fresh=True), 2000)
+    warm = us_per_call(lambda: storage.read_token(HERD_APP_KEY, HERD_SECRET), 20_000)
+    write = us_per_call(lambda: storage.write_token(HERD_APP_KEY, HERD_SECRET, token), 200)
     return [
         ("file: read, unchanged file (us, on loop)", "-", f"{warm:.1f}"),
         ("file: read + Fernet open (us, on loop)", "-", f"{read:.0f}"),

@@ -87,9 +87,7 @@ class TokenSettings:
         check_header_value("api_secret", self.api_secret)
         self.mock = mock
         self.base_url = (
-            base_url
-            or base_url_from_environment()
-            or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
+            base_url or base_url_from_environment() or (VIRTUAL_BASE_URL if mock else REAL_BASE_URL)
         ).rstrip("/")
         self.token_storage = token_storage if token_storage is not None else create_token_storage()
         self.token_storage.check_timing(

@@ -4,7 +4,7 @@ the benchmarks: ``run_herd(4, spec, sim.base_url)`` -> what each process saw.
 Test machinery, not part of the installed package: the tests import it as ``herd`` (pytest puts
 ``tests/`` on ``sys.path``), ``benchmarks/run.py`` puts ``tests/`` on ``sys.path`` itself, and
 spawned children inherit that path. It records save times by wrapping the storage's private
-``_write_until`` (every save of an issued token goes through it), which only a test harness
+``write_token`` (every save of an issued token goes through it), which only a test harness
 may do.
 
 A storage *spec* is a picklable dict: ``{"kind": "file", "path": ...}`` or
@@ -131,13 +131,13 @@ def _worker(
         # the barrier, so the herd times the protocol, not connection set-up (~8 ms of CPU each).
         storage.load_token(HERD_APP_KEY, HERD_SECRET)
         saved_at: list[float] = []
-        write = storage._write_until
+        write = storage.write_token
 
         def traced_write(*args: Any, **kwargs: Any) -> None:
             write(*args, **kwargs)
             saved_at.append(time.time())
 
-        storage._write_until = traced_write  # type: ignore[method-assign]
+        storage.write_token = traced_write  # type: ignore[method-assign]
         clients: list[KoreaInvestment | None] = [None] * threads
         results.put(("ready", index, None))
 

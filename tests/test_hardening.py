@@ -273,7 +273,7 @@ def test_a_holder_keeps_the_token_kis_gave_it_when_the_save_fails(
     def disk_full(*args: object) -> None:
         raise TokenStorageError("cannot write token file: No space left on device")
 
-    monkeypatch.setattr(storage, "_write", disk_full)
+    monkeypatch.setattr(storage, "write_token", disk_full)
     token = make_token()
     assert storage.get_or_issue("key1", "secret1", lambda: token) == token
 

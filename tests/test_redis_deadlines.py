@@ -93,7 +93,7 @@ def _stored(flaky: FlakyRedis, key_prefix: str) -> Token | None:
         client=redis.Redis(port=flaky.connection_pool.connection_kwargs["port"]),
         key_prefix=key_prefix,
     )
-    return fresh._read("key1", "secret1")
+    return fresh.read_token("key1", "secret1")
 
 
 @pytest.mark.parametrize("seed_lease", [False, True])

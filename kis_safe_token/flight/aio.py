@@ -124,8 +124,8 @@ class AsyncStore:
         fleet-wide (sync processes included), one issuance per event loop, and no blocking
         wait. Raises what ``get_or_issue`` raises."""
         storage = self.storage
-        token: Token | None = await self._run(partial(storage._read, api_key, api_secret))
-        if storage._usable(token):
+        token: Token | None = await self._run(partial(storage.read_token, api_key, api_secret))
+        if storage.usable(token):
             return token
         guard = _loop_guard(storage, api_key)
         if not await _acquire_within(guard, storage.wait_timeout):
@@ -149,7 +149,7 @@ class AsyncStore:
 
     async def load_token(self, api_key: str, api_secret: str) -> Token | None:
         """The stored token if it is valid (never issues)."""
-        token: Token | None = await self._run(partial(self.storage._read, api_key, api_secret))
+        token: Token | None = await self._run(partial(self.storage.read_token, api_key, api_secret))
         return token if token is not None and token.is_valid(self.storage.clock()) else None
 
     # -- the call-rate limiter --------------------------------------------------------------------

@@ -37,11 +37,11 @@ def io_call(flight: Flight, step: Step) -> Callable[[], Any]:
     """The call that performs an I/O step, the same for both drivers."""
     storage, key, secret, lock = flight.storage, flight.api_key, flight.api_secret, flight.lock
     if isinstance(step, Read):
-        return partial(storage._read, key, secret, fresh=step.fresh)
+        return partial(storage.read_token, key, secret, fresh=step.fresh)
     if step is ATTEMPT:
         return lock.attempt
     if step is READ_FAILURE:
-        return partial(storage._read_failure, key, secret)
+        return partial(storage.read_failure, key, secret)
     if step is EXTEND:
         return lock.extend
     if step is RELEASE:
@@ -49,13 +49,13 @@ def io_call(flight: Flight, step: Step) -> Callable[[], Any]:
     if isinstance(step, Save):
         return partial(_save, flight, step.token)
     if isinstance(step, RecordFailure):
-        return partial(storage._write_failure, key, secret, step.failure)
+        return partial(storage.write_failure, key, secret, step.failure)
     raise TypeError(f"not an I/O step: {step!r}")
 
 
 def _save(flight: Flight, token: Token) -> None:
     storage = flight.storage
-    flight.lock.save(partial(storage._write_until, flight.api_key, flight.api_secret), token)
+    flight.lock.save(partial(storage.write_token, flight.api_key, flight.api_secret), token)
     fault_point("storage.after_save")
 
 

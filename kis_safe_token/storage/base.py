@@ -1,8 +1,9 @@
 """The storage interface: the seed's four methods, ``get_or_issue`` and the backend protocol.
 
-A backend supplies records (``_read``, ``_write``, ``_read_failure``, ``_write_failure``,
-``_compare_and_delete``) and an issuance lock object (:meth:`TokenStorage.issuance_lock`, see
-:class:`~kis_safe_token.flight.lock.IssuanceLock`), and optionally a rate limiter. The
+A backend supplies records (``read_token``, ``write_token``, ``read_failure``,
+``write_failure``, ``invalidate_token``), an issuance lock object
+(:meth:`TokenStorage.issuance_lock`, an :class:`~kis_safe_token.flight.lock.IssuanceLock`) and,
+optionally, a rate limiter (:meth:`TokenStorage.rate_limiter`). The
 single-flight protocol itself lives once in :mod:`kis_safe_token.flight.engine`;
 ``get_or_issue`` runs it with the blocking driver, the asyncio client with the asyncio one.
 """
@@ -145,14 +146,6 @@ class TokenStorage(ABC):
         token: Token = run_sync(flight, engine.get_or_issue(flight), issue)
         return token
 
-    def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
-        """Delete the stored token only if it is still ``access_token`` (compare-and-delete).
-
-        N workers that saw the same token rejected make one deletion, not N; a worker that is
-        late never deletes the fresh token another one just saved. Returns whether it deleted.
-        """
-        return self._compare_and_delete(api_key, api_secret, access_token)
-
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
         """The lock guarding issuance for this app key, for both drivers.
 
@@ -168,39 +161,46 @@ class TokenStorage(ABC):
             )
         return LocalIssuanceLock(api_key)
 
-    def _usable(self, token: Token | None) -> TypeGuard[Token]:
+    def usable(self, token: Token | None) -> TypeGuard[Token]:
         """Whether ``token`` is there and good beyond the refresh margin."""
         return token is not None and token.is_valid(self.clock(), self.refresh_margin_s)
 
     # -- primitives; the defaults build on the seed methods and an in-process lock -------------
-    def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
+    def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
+        """The stored token (valid or not), or ``None``; ``fresh``: not from a cache of the last
+        read. :class:`TokenStorageError` if the store cannot be reached (unlike the seed's
+        ``load_token``). By default through the seed's ``load_token``."""
         data = self.load_token(api_key, api_secret)
         return Token.from_token_data(data) if data else None
 
-    def _write(self, api_key: str, api_secret: str, token: Token) -> None:
-        """Save ``token`` through the seed's ``save_token`` (stores with a failure record clear it
-        here too: a success ends an outage's hold)."""
+    def write_token(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
+    ) -> None:
+        """Store ``token`` and clear the failure record (a success ends an outage's hold),
+        retried through transient errors until ``deadline`` (``time.monotonic()``; ``None``:
+        the store's default) where the store retries at all. :class:`TokenStorageError` if it
+        could not be stored. By default through the seed's ``save_token``."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
 
-    def _write_until(
-        self, api_key: str, api_secret: str, token: Token, deadline: float | None
-    ) -> None:
-        """:meth:`_write`, retried through a store's transient errors until ``deadline``
-        (``time.monotonic()``; ``None``: the store's default) where the store retries at all."""
-        self._write(api_key, api_secret, token)
-
-    def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
-        """The failure record in the store (the default store has none: see ``_write_failure``)."""
+    def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        """The failure record in the store (the default store has none: see ``write_failure``)."""
         return None
 
-    def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
-        """Share ``failure`` with the fleet; by default with this process only."""
+    def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
+        """Share ``failure`` (a failed issuance) with the fleet; by default with this process
+        only."""
         engine.Flight(self, api_key, api_secret).keep_local(failure)
 
-    def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
+    def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
+        """Delete the stored token only if it is still ``access_token`` (compare-and-delete).
+
+        N workers that saw the same token rejected make one deletion, not N; a worker that is
+        late never deletes the fresh token another one just saved. Returns whether it deleted.
+        By default under this process's lock, through the seed's methods.
+        """
         with _local_lock(api_key):
-            token = self._read(api_key, api_secret, fresh=True)
+            token = self.read_token(api_key, api_secret, fresh=True)
             if token is None or token.access_token != access_token:
                 return False
             return self.delete_token(api_key, api_secret)
@@ -306,7 +306,7 @@ class SealedTokenStorage(TokenStorage):
             if self._lease is not None:
                 self._lease.save(api_key, api_secret, token)
             else:
-                self._write(api_key, api_secret, token)
+                self.write_token(api_key, api_secret, token)
         except TokenStorageError as exc:
             self._failed("save_token", exc)
             return False
@@ -318,7 +318,7 @@ class SealedTokenStorage(TokenStorage):
             if self._lease is not None:
                 token = self._lease.load_token(api_key, api_secret)
             else:
-                token = self._read(api_key, api_secret)
+                token = self.read_token(api_key, api_secret)
         except TokenStorageError as exc:
             self._failed("load_token", exc)
             return None
@@ -348,10 +348,12 @@ class SealedTokenStorage(TokenStorage):
         """Remove this app key's entry; :class:`TokenStorageError` if the store is unreachable."""
 
     @abstractmethod
-    def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None: ...
+    def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None: ...
 
     @abstractmethod
-    def _write(self, api_key: str, api_secret: str, token: Token) -> None: ...
+    def write_token(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
+    ) -> None: ...
 
 
 def _key_error_text(exc: BaseException) -> str:

@@ -140,7 +140,7 @@ class FileTokenStorage(SealedTokenStorage):
         self._flock = self._new_flock()
 
     # -- reading -----------------------------------------------------------------------------
-    def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
+    def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
         sig = self._signature()
         if sig is None:
             return None
@@ -217,7 +217,9 @@ class FileTokenStorage(SealedTokenStorage):
             logger.warning("ignoring %s: %s; the next save replaces it", self.token_file, reason)
 
     # -- writing (the caller may or may not hold the lock: it is re-entrant) ------------------
-    def _write(self, api_key: str, api_secret: str, token: Token) -> None:
+    def write_token(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
+    ) -> None:
         sealed = self._sealer(api_key, api_secret).seal(token).decode()
 
         def put(entries: dict[str, str]) -> bool:
@@ -227,14 +229,14 @@ class FileTokenStorage(SealedTokenStorage):
 
         self._update(put)
 
-    def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+    def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         sig = self._signature()
         if sig is None:
             return None
         sealed = self._entries(sig).get(_failure_id(api_key))
         return self._sealer(api_key, api_secret).open_failure(sealed)
 
-    def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
+    def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
         sealed = self._sealer(api_key, api_secret).seal_failure(failure).decode()
 
         def put(entries: dict[str, str]) -> bool:
@@ -246,10 +248,10 @@ class FileTokenStorage(SealedTokenStorage):
     def _delete(self, api_key: str) -> None:
         self._update(lambda entries: entries.pop(key_id(api_key), None) is not None)
 
-    def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
+    def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         # A fresh read: the warm cache keys on (mtime, size, inode), which a quick replace on a
         # filesystem with coarse timestamps can repeat; invalidation is rare, so it pays.
-        stored = self._read(api_key, api_secret, fresh=True)
+        stored = self.read_token(api_key, api_secret, fresh=True)
         if stored is None or stored.access_token != access_token:
             return False  # already replaced: N workers seeing one failure lock the file once
 
@@ -372,10 +374,10 @@ class FileIssuanceLock(IssuanceLock):
                 self._next_try = time.monotonic() + jittered(LOCK_RETRY_S)
             except OSError as exc:
                 raise TokenStorageError(f"cannot lock {storage.lock_file}: {exc}") from exc
-        token = storage._read(self._api_key, self._api_secret)
-        if storage._usable(token):
+        token = storage.read_token(self._api_key, self._api_secret)
+        if storage.usable(token):
             return token
-        failure = storage._read_failure(self._api_key, self._api_secret)
+        failure = storage.read_failure(self._api_key, self._api_secret)
         if failure is not None and failure.active(storage.clock()):
             return failure
         return Busy(

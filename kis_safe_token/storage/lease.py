@@ -161,7 +161,7 @@ class SeedLease:
         return self._records_cache
 
     def _stored(self, api_key: str, api_secret: str) -> Token | None:
-        token = self._storage._read(api_key, api_secret)
+        token = self._storage.read_token(api_key, api_secret)
         if token is not None and token.is_valid(self._storage.clock()):
             return token
         return None
@@ -368,8 +368,8 @@ class LeasedLock(IssuanceLock):
                 return Busy(min(jittered(LEASE_POLL_S), self._retry_at - now), self._waiting_on)
         elif not lease.stored_valid(key, secret):
             return Busy(min(jittered(LEASE_POLL_S), self._retry_at - now), self._waiting_on)
-        token = self._storage._read(key, secret, fresh=True)
-        if self._storage._usable(token):
+        token = self._storage.read_token(key, secret, fresh=True)
+        if self._storage.usable(token):
             return token
         return self._lock_attempt()
 
@@ -384,7 +384,7 @@ class LeasedLock(IssuanceLock):
         local = Flight(storage, self._api_key, self._api_secret).local_failure()
         if local is not None and local.active(now):
             return local
-        stored = storage._read_failure(self._api_key, self._api_secret)
+        stored = storage.read_failure(self._api_key, self._api_secret)
         return stored if stored is not None and stored.active(now) else None
 
     def wait(self, busy: Busy, timeout_s: float) -> Seen | None:

@@ -306,15 +306,12 @@ class RedisTokenStorage(SealedTokenStorage):
         return redis_retry(fn, deadline=deadline, what=what, where=self._where)
 
     # -- primitives ------------------------------------------------------------------------------
-    def _read(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
+    def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
         raw = self._call("GET", lambda: self.redis_client.get(self._get_redis_key(api_key)))
         return self._sealer(api_key, api_secret).open(raw)
 
-    def _write(self, api_key: str, api_secret: str, token: Token) -> None:
-        self._write_until(api_key, api_secret, token, None)
-
-    def _write_until(
-        self, api_key: str, api_secret: str, token: Token, deadline: float | None
+    def write_token(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
     ) -> None:
         """Save ``token`` with a TTL of its time left and clear the failure record, retried
         until ``deadline`` (default: ``retry_timeout_s`` from now).
@@ -338,12 +335,12 @@ class RedisTokenStorage(SealedTokenStorage):
 
         self._call("SET", save, deadline)
 
-    def _read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+    def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         key = f"{self._get_redis_key(api_key)}:failure"
         raw = self._call("GET", lambda: self.redis_client.get(key))
         return self._sealer(api_key, api_secret).open_failure(raw)
 
-    def _write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
+    def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
         key = f"{self._get_redis_key(api_key)}:failure"
         sealed = self._sealer(api_key, api_secret).seal_failure(failure)
         ttl_ms = int(failure.ttl_s * 1000)
@@ -352,7 +349,7 @@ class RedisTokenStorage(SealedTokenStorage):
     def _delete(self, api_key: str) -> None:
         self._call("DEL", lambda: self.redis_client.delete(self._get_redis_key(api_key)))
 
-    def _compare_and_delete(self, api_key: str, api_secret: str, access_token: str) -> bool:
+    def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         key = self._get_redis_key(api_key)
         raw = self._call("GET", lambda: self.redis_client.get(key))
         token = self._sealer(api_key, api_secret).open(raw)
@@ -518,7 +515,7 @@ class RedisIssuanceLock(IssuanceLock):
         """A usable token or an active failure among what a round trip read, if any."""
         storage = self._storage
         token = self._sealer.open(raw)
-        if storage._usable(token):
+        if storage.usable(token):
             return token
         failure = self._sealer.open_failure(raw_failure)
         if failure is not None and failure.active(storage.clock()):
