@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from typing import Any
 import httpx
 
 from .async_shared import AsyncSharedToken, httpx_timeout
-from .auth import RETRY_ATTEMPTS, RETRY_BUDGET_S, backoff_s
 from .client import (
     ClientSettings,
     check_request_line,
@@ -26,13 +24,10 @@ from .kis import (
     ISSUE_WINDOW_S,
     PRICE_PATH,
     PRICE_TR_ID,
-    TOKEN_REJECTED,
-    TOO_MANY_CALLS,
-    json_or_none,
-    kis_code,
+    verdict_of,
 )
-from .ratelimit import RateLimiter, RateLimitTimeout
-from .ratelimit.base import ACQUIRE_TIMEOUT_S
+from .policy import CallPolicy, backoff_s, drive_async
+from .ratelimit import RateLimiter
 from .shared import check_header_value
 from .storage.base import TokenStorage
 from .token import Token
@@ -58,10 +53,8 @@ class AsyncKoreaInvestment(ClientSettings):
     store use, so a mixed fleet counts once: ``calls_per_second=None`` is
     ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 18/s real, 1.8/s virtual; a number overrides;
     ``0`` turns it off; ``rate_limiter=`` injects one. On a Redis store the slot is one script
-    on ``redis.asyncio``. An ``EGW00201`` that comes anyway (a program outside the fleet) slows
-    the fleet down, and the call is re-sent after a jittered back-off, at most
-    :data:`~kis_safe_token.auth.RETRY_ATTEMPTS` times within
-    :data:`~kis_safe_token.auth.RETRY_BUDGET_S`, then raised as :class:`KisApiError`.
+    on ``redis.asyncio``. An ``EGW00201`` that comes anyway is re-sent as
+    :mod:`kis_safe_token.policy` says, then raised as :class:`KisApiError`.
     ``await kis.approval_key()`` is the websocket approval key, one for the fleet (sync and
     async), through the store's single flight.
 
@@ -154,48 +147,38 @@ class AsyncKoreaInvestment(ClientSettings):
         ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
         check_request_line(method, path)
         call = _Call(method, path, request_headers(tr_id, self.custtype), params, body)
-        sent = await self.shared_token.token()
-        resp, resends = await self._send_retrying(call, sent)
-        if _token_rejected(resp):
-            await self.shared_token.invalidate(sent.access_token)
-            fresh = await self.shared_token.token()
-            if fresh.access_token != sent.access_token:
-                resp, more = await self._send_retrying(call, fresh)
-                resends += more
-        return payload_of(resp, path, resends=resends)
+        shared = self.shared_token
+        policy = CallPolicy(backoff=backoff_s)  # looked up here: tests make it quick
+        sent = await shared.token()
+
+        async def resend(_last: httpx.Response) -> httpx.Response:
+            return await self._send(call, sent, policy.left_s())
+
+        async def refresh(_last: httpx.Response) -> bool:
+            nonlocal sent
+            await shared.invalidate(sent.access_token)
+            fresh = await shared.token()
+            if fresh.access_token == sent.access_token:
+                return False  # nothing better to send
+            sent = fresh
+            return True
+
+        first = await self._send(call, sent, policy.left_s())
+        resp = await drive_async(
+            policy, first, verdict_of, resend, penalize=shared.penalize, refresh=refresh
+        )
+        return payload_of(resp, path, resends=policy.resends)
 
     async def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
         return await self.request("GET", PRICE_PATH, tr_id=PRICE_TR_ID, params=price_params(symbol))
 
-    async def _send_retrying(self, call: _Call, token: Token) -> tuple[httpx.Response, int]:
-        """Send ``call`` (after a slot), then re-send it while KIS answers ``EGW00201``: tell
-        the limiter (the fleet slows down, logged once), back off with jitter, take a new slot,
-        at most :data:`RETRY_ATTEMPTS` times within :data:`RETRY_BUDGET_S` (as
-        :class:`~kis_safe_token.KisAuth` does). KIS's last answer and the re-sends made."""
-        resp = await self._send(call, token)
-        first = time.monotonic()
-        attempt = 0
-        while attempt < RETRY_ATTEMPTS and _too_many_calls(resp):
-            await self.shared_token.penalize(RETRY_BUDGET_S - (time.monotonic() - first))
-            pause = backoff_s(attempt)
-            left = RETRY_BUDGET_S - (time.monotonic() - first) - pause
-            if left <= 0:
-                break
-            await asyncio.sleep(pause)
-            try:
-                resp = await self._send(call, token, slot_timeout_s=left)
-            except RateLimitTimeout:
-                break  # no slot within the budget: the caller gets KIS's EGW00201
-            attempt += 1
-        return resp, attempt
-
-    async def _send(
-        self, call: _Call, token: Token, *, slot_timeout_s: float = ACQUIRE_TIMEOUT_S
-    ) -> httpx.Response:
-        if call.path.startswith(THROTTLED_PREFIX):
-            await self._throttle(slot_timeout_s)
+    async def _send(self, call: _Call, token: Token, slot_timeout_s: float) -> httpx.Response:
+        """Send ``call`` with ``token``, after a slot of the fleet's call-rate limit (waited
+        for, without blocking the loop, within ``slot_timeout_s``) for a ``/uapi/`` path."""
         shared = self.shared_token
+        if call.path.startswith(THROTTLED_PREFIX):
+            await shared.throttle(slot_timeout_s)
         headers = {
             **call.headers,
             "authorization": token.bearer,
@@ -213,11 +196,6 @@ class AsyncKoreaInvestment(ClientSettings):
             )
         except httpx.HTTPError as exc:
             raise request_failed(call.path, exc) from None
-
-    async def _throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> None:
-        """Wait, without blocking the loop, for a slot of this app key's fleet-wide call-rate
-        limit before a ``/uapi/`` call (:meth:`AsyncSharedToken.throttle`)."""
-        await self.shared_token.throttle(timeout_s)
 
     # -- the websocket approval key ----------------------------------------------------------------
     async def approval_key(self) -> str:
@@ -262,17 +240,3 @@ class _Call:
     headers: dict[str, str]
     params: Mapping[str, str] | None
     body: Mapping[str, Any] | None
-
-
-def _too_many_calls(resp: httpx.Response) -> bool:
-    """Whether KIS answered ``EGW00201`` (JSON decoded only if the body names it)."""
-    if TOO_MANY_CALLS.encode() not in resp.content:
-        return False
-    return kis_code(json_or_none(resp)) == TOO_MANY_CALLS
-
-
-def _token_rejected(resp: httpx.Response) -> bool:
-    """Whether KIS answered ``EGW00121``/``EGW00123`` (JSON decoded only if the body names one)."""
-    if b"EGW0012" not in resp.content:
-        return False
-    return kis_code(json_or_none(resp)) in TOKEN_REJECTED

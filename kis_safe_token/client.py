@@ -17,14 +17,15 @@ from .kis import (
     PRICE_PATH,
     PRICE_TR_ID,
     REAL_BASE_URL,
-    TOO_MANY_CALLS,
     VIRTUAL_BASE_URL,
     Answer,
+    Verdict,
     json_or_none,
     kis_code,
     kis_message,
+    verdict,
 )
-from .oauth import Timeout
+from .oauth import Timeout, no_answer
 from .ratelimit import RateLimiter
 from .shared import BASE_URL_ENV, SharedToken, TokenSettings, check_header_value
 from .storage.base import TokenStorage
@@ -262,8 +263,9 @@ def price_params(symbol: str) -> dict[str, str]:
 
 
 def request_failed(path: str, exc: BaseException) -> KisApiError:
-    """The error of a call that got no answer (named by its type: the message may quote it)."""
-    return KisApiError(f"KIS request {path} failed: {type(exc).__name__}")
+    """The error of a call to ``path`` that got no answer (:func:`~kis_safe_token.oauth.no_answer`:
+    KIS's host and the cause, never the exception's message, which may quote the request)."""
+    return KisApiError(no_answer(path, exc))
 
 
 def payload_of(resp: Answer, path: str, *, resends: int = 0) -> dict[str, Any]:
@@ -276,15 +278,15 @@ def payload_of(resp: Answer, path: str, *, resends: int = 0) -> dict[str, Any]:
             f"KIS answered {path} with HTTP {resp.status_code}, not JSON",
             status=resp.status_code,
         )
-    if resp.status_code != 200 or str(payload.get("rt_cd", "0")) != "0":
-        code = kis_code(payload)
+    kind = verdict(payload, resp.status_code)
+    if kind is not Verdict.OK:
         message = kis_message(payload) or f"KIS answered {path} with HTTP {resp.status_code}"
-        if code == TOO_MANY_CALLS:
+        if kind is Verdict.TOO_MANY_CALLS:
             message += (
                 f" (still refused after {resends} re-sends with back-off: another "
                 "program may be using this app key)"
             )
-        raise KisApiError(message, code=code, status=resp.status_code)
+        raise KisApiError(message, code=kis_code(payload), status=resp.status_code)
     return payload
 
 

@@ -1,10 +1,18 @@
 """What KIS is: its hosts, paths, error codes and limits, written once for the client and the
-simulator; and how to read a KIS answer (its code and message), written once for every caller."""
+simulator; and how to read a KIS answer (its code, message, clock and :class:`Verdict`), written
+once for every client and integration."""
 
 from __future__ import annotations
 
+import enum
+import re
 from collections.abc import Mapping
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
+
+from .token import Token
 
 __all__ = [
     "APPROVAL_KEY_LIFETIME_S",
@@ -12,6 +20,7 @@ __all__ = [
     "Answer",
     "BAD_APP_KEY",
     "BAD_APP_SECRET",
+    "CLOCK_TOLERANCE_S",
     "HTTP_TIMEOUT_S",
     "ISSUE_WINDOW_S",
     "PRICE_PATH",
@@ -28,9 +37,14 @@ __all__ = [
     "TOO_MANY_CALLS_MESSAGE",
     "UNKNOWN_SERVICE",
     "VIRTUAL_BASE_URL",
+    "Verdict",
     "json_or_none",
     "kis_code",
     "kis_message",
+    "kis_time",
+    "origin",
+    "verdict",
+    "verdict_of",
 ]
 
 REAL_BASE_URL: Final = "https://openapi.koreainvestment.com:9443"
@@ -42,6 +56,20 @@ ISSUE_WINDOW_S: Final = 61.0
 
 #: The client's default (connect, read) timeout of one KIS call, in seconds.
 HTTP_TIMEOUT_S: Final = (3.05, 10.0)
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``url``, with the scheme's default port filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
+
 
 # -- endpoints ------------------------------------------------------------------------------------
 TOKEN_PATH: Final = "/oauth2/tokenP"
@@ -86,6 +114,9 @@ class Answer(Protocol):
     @property
     def headers(self) -> Mapping[str, str]: ...
 
+    @property
+    def content(self) -> bytes: ...
+
     def json(self) -> Any: ...
 
 
@@ -115,3 +146,107 @@ def kis_message(payload: Mapping[str, Any] | None) -> str | None:
     if not text:
         return None
     return f"{code}: {str(text)[:200]}" if code else str(text)[:200]
+
+
+def kis_time(resp: Answer) -> float | None:
+    """KIS's clock when it answered: the HTTP ``Date`` of ``resp``, if it has a usable one."""
+    try:
+        moment = parsedate_to_datetime(resp.headers.get("Date") or "")
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+#: KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
+#: difference from this host's clock says nothing about the clock.
+CLOCK_TOLERANCE_S: Final = 5.0
+
+
+class Verdict(enum.Enum):
+    """What a KIS answer means to its caller: exactly one of these (:func:`verdict`)."""
+
+    OK = "ok"
+    #: ``EGW00121``/``EGW00123``, or a failure whose message says the token expired (``기간이
+    #: 만료된 token 입니다.``, from gateways that answer without the code): drop the token sent.
+    TOKEN_REJECTED = "token rejected"
+    #: ``EGW00133``: a token was issued for this app key within the minute.
+    ISSUE_REFUSED = "issue refused"
+    #: ``EGW00201``: too many calls per second for this app key.
+    TOO_MANY_CALLS = "too many calls"
+    #: A ``tokenP`` answer whose token is usable by KIS's clock (its ``Date``) but not by this
+    #: host's: the fault is this host's clock, not KIS's.
+    CLOCK_SKEW = "clock skew"
+    #: Any other refusal, or an answer that is not KIS's JSON.
+    OTHER = "other"
+
+
+def verdict(
+    answer: object,
+    status: int | None = None,
+    *,
+    now: float | None = None,
+    kis_now: float | None = None,
+) -> Verdict:
+    """The :class:`Verdict` of KIS's answer: its decoded JSON (not an object: KIS sent none)
+    and HTTP ``status`` (``None``: unknown). For a ``tokenP`` answer, ``now`` and ``kis_now``
+    (this host's clock, KIS's ``Date``) tell :attr:`Verdict.CLOCK_SKEW`."""
+    payload = answer if isinstance(answer, Mapping) else None
+    code = kis_code(payload)
+    if code in TOKEN_REJECTED:
+        return Verdict.TOKEN_REJECTED
+    if code == TOO_MANY_CALLS:
+        return Verdict.TOO_MANY_CALLS
+    if code == RATE_LIMITED:
+        return Verdict.ISSUE_REFUSED
+    if payload is None:
+        return Verdict.OTHER
+    rt_cd = str(payload.get("rt_cd", "0"))
+    if status not in (None, 200) or rt_cd != "0" or payload.get("error_code"):
+        message = str(payload.get("msg1") or payload.get("error_description") or "")
+        expired = "만료" in message and "token" in message.lower()
+        return Verdict.TOKEN_REJECTED if expired else Verdict.OTHER
+    if now is not None and kis_now is not None and _skewed(payload, now, kis_now):
+        return Verdict.CLOCK_SKEW
+    return Verdict.OK
+
+
+#: What a body holds if its verdict may be other than OK: a KIS gateway code, an expiry, an
+#: ``error_code``, or an ``rt_cd`` (then not "0", :data:`_RT_CD_OK`).
+_NEEDLES: Final = (b"EGW00", "만료".encode(), b'"error_code"')
+_RT_CD_OK: Final = re.compile(rb'"rt_cd"\s*:\s*"0"')
+
+
+def verdict_of(resp: Answer, *, stream: bool = False) -> Verdict:
+    """:func:`verdict` of an HTTP answer (``requests`` or ``httpx``), on every call's path: an
+    HTTP success is decoded only if a byte search says it may be a refusal, and left unread if
+    ``stream``."""
+    status = resp.status_code
+    if status < 400 and (stream or _plain(resp.content)):
+        return Verdict.OK
+    return verdict(json_or_none(resp), status)
+
+
+def _plain(body: bytes) -> bool:
+    if any(needle in body for needle in _NEEDLES):
+        return False
+    return b'"rt_cd"' not in body or _RT_CD_OK.search(body) is not None
+
+
+def _skewed(payload: Mapping[str, Any], now: float, kis_now: float) -> bool:
+    """Whether the token in ``payload`` is unusable at ``now`` only because this host's clock is
+    far from KIS's ``kis_now``: it is usable by KIS's clock."""
+    return (
+        abs(now - kis_now) > CLOCK_TOLERANCE_S
+        and not _usable(payload, now)
+        and _usable(payload, kis_now)
+    )
+
+
+def _usable(payload: Mapping[str, Any], now: float) -> bool:
+    try:
+        Token.from_kis_response(payload, now=now)
+    except ValueError:
+        return False
+    return True

@@ -1,5 +1,6 @@
 """KIS's OAuth endpoints: issue a token (``tokenP``), revoke one (``revokeP``), and get the
-websocket approval key (``Approval``).
+websocket approval key (``Approval``); and the reading of their answers, written once for every
+token holder (sync, asyncio) and integration (python-kis, kis-trader).
 
 Plain functions over an injected ``requests.Session``: no memory, no storage, no lock. Whoever
 calls :func:`issue_token` decides when (:class:`~kis_safe_token.SharedToken` calls it only while
@@ -8,9 +9,9 @@ holding the fleet's issuance lock). Neither the secret nor a token appears in an
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Callable, Mapping
-from datetime import timezone
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeAlias
 
 import requests
@@ -19,14 +20,17 @@ from .errors import KisApiError, TokenIssueError
 from .kis import (
     APPROVAL_KEY_LIFETIME_S,
     APPROVAL_PATH,
-    RATE_LIMITED,
+    CLOCK_TOLERANCE_S,
     REVOKE_PATH,
     TOKEN_PATH,
-    TOO_MANY_CALLS,
     Answer,
+    Verdict,
     json_or_none,
     kis_code,
     kis_message,
+    kis_time,
+    origin,
+    verdict,
 )
 from .token import Token, header_safe
 
@@ -39,8 +43,10 @@ __all__ = [
     "check_revoked",
     "issue_approval_key",
     "issue_token",
+    "no_answer",
     "revoke_request",
     "revoke_token",
+    "token_from",
     "token_from_answer",
     "token_request",
     "token_request_failed",
@@ -48,10 +54,6 @@ __all__ = [
 
 Timeout: TypeAlias = tuple[float, float]
 """requests' ``(connect, read)`` timeout, in seconds."""
-
-CLOCK_TOLERANCE_S = 5.0
-"""KIS's ``Date`` has one-second resolution and the answer takes time to arrive: a smaller
-difference from this host's clock says nothing about the clock."""
 
 
 def _NO_AUTH(request: requests.PreparedRequest) -> requests.PreparedRequest:  # noqa: N802
@@ -73,10 +75,10 @@ def issue_token(
     """Ask KIS for a new access token (``POST /oauth2/tokenP``).
 
     Raises :class:`TokenIssueError` carrying KIS's code and HTTP status if KIS refuses (with
-    ``retry_after_s=rate_limit_wait_s`` for ``EGW00133``), if the call fails, or if the answer
-    is a token that cannot be used (expired on arrival, unsendable, living for years). A token
-    refused only because this host's clock is far from KIS's is a ``local`` error naming the
-    clock.
+    ``retry_after_s=rate_limit_wait_s`` for ``EGW00133``), if the call fails (naming KIS's host
+    and the cause), or if the answer is a token that cannot be used (expired on arrival,
+    unsendable, living for years). A token refused only because this host's clock is far from
+    KIS's is a ``local`` error naming the clock.
     """
     body = token_request(api_key, api_secret)
     try:
@@ -92,9 +94,16 @@ def token_request(api_key: str, api_secret: str) -> dict[str, str]:
 
 
 def token_request_failed(exc: BaseException) -> TokenIssueError:
-    """The error of a ``tokenP`` call that got no answer (named by its type only: an HTTP
-    library's message may quote the request)."""
-    return TokenIssueError(f"KIS token request failed: {type(exc).__name__}")
+    """The error of a ``tokenP`` call that got no answer (:func:`no_answer`)."""
+    return TokenIssueError(no_answer("token", exc))
+
+
+def no_answer(what: str, exc: BaseException) -> str:
+    """``"KIS <what> request to <host>:<port> failed: <cause>"`` for a call that raised ``exc``:
+    the host of the request ``exc`` carries (``requests`` and ``httpx`` keep it), the cause
+    from its chain and type (``connection refused (ConnectionError)``, ``timed out
+    (ReadTimeout)``), never its message, which may quote the request."""
+    return f"KIS {what} request{_where(exc)} failed: {_cause(exc)}"
 
 
 def token_from_answer(
@@ -102,17 +111,51 @@ def token_from_answer(
 ) -> Token:
     """The token in KIS's answer to ``tokenP`` (from ``requests`` or ``httpx``); the errors
     :func:`issue_token` describes."""
-    payload = json_or_none(resp)
-    if resp.status_code != 200 or payload is None or "access_token" not in payload:
-        code = kis_code(payload)
-        message = kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token"
-        retry = rate_limit_wait_s if code == RATE_LIMITED else None
-        raise TokenIssueError(message, code=code, status=resp.status_code, retry_after_s=retry)
+    return token_from(
+        resp.status_code,
+        json_or_none(resp),
+        kis_time(resp),
+        clock=clock,
+        rate_limit_wait_s=rate_limit_wait_s,
+    )
+
+
+def token_from(
+    status: int | None,
+    payload: Mapping[str, Any] | None,
+    kis_now: float | None,
+    *,
+    clock: Callable[[], float],
+    rate_limit_wait_s: float,
+) -> Token:
+    """The token in KIS's ``tokenP`` answer given as its HTTP ``status``, its JSON object
+    (``None``: it had none) and KIS's clock (its ``Date``; ``None``: unknown, so a clock skew
+    reads as an unusable token), for clients that hand over no more (kis-trader's poster); the
+    errors :func:`issue_token` describes."""
     now = clock()
+    kind = verdict(payload, status, now=now, kis_now=kis_now)
+    if kind is Verdict.CLOCK_SKEW and kis_now is not None:
+        skew = now - kis_now
+        raise TokenIssueError(
+            f"this host's clock differs from KIS's by about {abs(skew):.0f} s "
+            f"({'ahead' if skew > 0 else 'behind'}, by the Date of KIS's answer): the token "
+            "KIS just issued is usable by KIS's clock but not by this host's; "
+            "fix this host's clock (NTP)",
+            status=200,
+            # A storage keeps it to this process: other processes' clocks may be right.
+            local=True,
+        )
+    if kind is not Verdict.OK or payload is None or "access_token" not in payload:
+        raise TokenIssueError(
+            kis_message(payload) or f"KIS answered HTTP {status} without a token",
+            code=kis_code(payload),
+            status=status,
+            retry_after_s=rate_limit_wait_s if kind is Verdict.ISSUE_REFUSED else None,
+        )
     try:
         return Token.from_kis_response(payload, now=now)
     except ValueError as exc:
-        raise _unusable_token(exc, payload, now, _kis_time(resp)) from None
+        raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
 
 
 def revoke_token(
@@ -129,7 +172,7 @@ def revoke_token(
     try:
         resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
-        raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
+        raise KisApiError(no_answer("revoke", exc)) from None
     check_revoked(resp)
 
 
@@ -176,8 +219,8 @@ def approval_request(api_key: str, api_secret: str) -> dict[str, str]:
 
 
 def approval_request_failed(exc: BaseException) -> TokenIssueError:
-    """The error of an ``Approval`` call that got no answer (named by its type only)."""
-    return TokenIssueError(f"KIS approval key request failed: {type(exc).__name__}")
+    """The error of an ``Approval`` call that got no answer (:func:`no_answer`)."""
+    return TokenIssueError(no_answer("approval key", exc))
 
 
 APPROVAL_RATE_LIMITED_WAIT_S = 1.0
@@ -189,55 +232,59 @@ def approval_key_from_answer(resp: Answer, *, clock: Callable[[], float]) -> Tok
     :func:`issue_approval_key` describes it; :class:`TokenIssueError` if there is none."""
     payload = json_or_none(resp)
     key = payload.get("approval_key") if payload else None
-    if resp.status_code != 200 or not header_safe(key):
-        code = kis_code(payload)
+    kind = verdict(payload, resp.status_code)
+    if kind is not Verdict.OK or not header_safe(key):
         raise TokenIssueError(
             kis_message(payload)
             or f"KIS answered {APPROVAL_PATH} with HTTP {resp.status_code} "
             "without a usable approval_key",
-            code=code,
+            code=kis_code(payload),
             status=resp.status_code,
             # EGW00201 (KIS meters Approval with the REST calls): the holder sits this out and
             # asks once more, instead of the fleet recording a failure.
-            retry_after_s=APPROVAL_RATE_LIMITED_WAIT_S if code == TOO_MANY_CALLS else None,
+            retry_after_s=APPROVAL_RATE_LIMITED_WAIT_S if kind is Verdict.TOO_MANY_CALLS else None,
         )
     now = clock()
     return Token(str(key), now + APPROVAL_KEY_LIFETIME_S, "approval", issued_at=now)
 
 
-def _kis_time(resp: Answer) -> float | None:
-    """KIS's clock when it answered: the HTTP ``Date`` of ``resp``, if it has a usable one."""
+# -- naming a call that got no answer --------------------------------------------------------------
+#: The causes named, by the exception found in the chain (the first match wins).
+_CAUSES: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (socket.gaierror, "host name not found"),
+    (ssl.SSLError, "TLS handshake failed"),
+    (TimeoutError, "timed out"),
+)
+
+
+def _cause(exc: BaseException) -> str:
+    """``"<cause> (<type of exc>)"``, the cause found in the chain of ``exc`` (``__cause__``,
+    ``__context__``, urllib3's ``reason``, wrapped exceptions in ``args``); else the type."""
+    name = type(exc).__name__
+    todo, seen = [exc], set[int]()
+    while todo and len(seen) < 20:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for kind, text in _CAUSES:
+            if isinstance(current, kind):
+                return f"{text} ({name})"
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None))
+        todo += [e for e in (*linked, *current.args) if isinstance(e, BaseException)]
+    return f"timed out ({name})" if "Timeout" in name else name
+
+
+def _where(exc: BaseException) -> str:
+    """``" to <host>:<port>"`` of the request ``exc`` was raised for, if it carries one."""
     try:
-        moment = parsedate_to_datetime(resp.headers.get("Date") or "")
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
-def _unusable_token(
-    exc: ValueError, payload: Mapping[str, Any], now: float, kis_now: float | None
-) -> TokenIssueError:
-    """The error for a tokenP answer that ``Token.from_kis_response`` refused at ``now``.
-
-    If the token is fine by KIS's own clock, the fault is this host's clock (ahead by more than
-    a token's lifetime, every fresh token looks expired): say so, and mark it ``local`` so a
-    storage does not pass it to other processes, whose clocks may be right.
-    """
-    if kis_now is not None and abs(now - kis_now) > CLOCK_TOLERANCE_S:
-        try:
-            Token.from_kis_response(payload, now=kis_now)
-        except ValueError:
-            pass
-        else:
-            skew = now - kis_now
-            return TokenIssueError(
-                f"this host's clock differs from KIS's by about {abs(skew):.0f} s "
-                f"({'ahead' if skew > 0 else 'behind'}, by the Date of KIS's answer): the token "
-                "KIS just issued is usable by KIS's clock but not by this host's; "
-                "fix this host's clock (NTP)",
-                status=200,
-                local=True,
-            )
-    return TokenIssueError(f"KIS token response unusable: {exc}", status=200)
+        url = getattr(getattr(exc, "request", None), "url", None)  # httpx: RuntimeError if none
+    except RuntimeError:
+        return ""
+    _scheme, host, port = origin(str(url or ""))
+    if not host:
+        return ""
+    host = f"[{host}]" if ":" in host else host
+    return f" to {host}:{port}" if port else f" to {host}"

@@ -36,12 +36,10 @@ Wiring (``KISClient`` builds its own transport only when none is given)::
   in :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the environment,
   ``0`` off). The same ``send`` wrapper takes a slot of the token's fleet-wide limiter (the one
   ``KoreaInvestment``/``KisAuth`` use for the same app key and storage) before every send, the
-  refresh re-send included. An ``EGW00201`` answer tells the limiter (``penalize``) and is
-  re-sent after a jittered back-off, at most ``RETRY_ATTEMPTS`` times within
-  ``RETRY_BUDGET_S`` (:mod:`kis_safe_token.auth`), for writes too (KIS refuses with
-  ``EGW00201`` before it processes a request); the last answer goes back to kis-trader, which
-  repeats a refused idempotent GET up to its ``max_attempts`` (each through the wrapper again)
-  and then raises ``KISRateLimitError``.
+  refresh re-send included. ``EGW00201`` is re-sent as :mod:`kis_safe_token.policy` says, for
+  writes too (KIS refuses it before it processes a request); the last answer goes back to
+  kis-trader, which repeats a refused idempotent GET up to its ``max_attempts`` (each through
+  the wrapper again) and then raises ``KISRateLimitError``.
 - With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``); the fleet's
   limit above does. A transport ``rate_limiter=`` (kis-trader's, per process) still applies
   per attempt if you give one.
@@ -63,22 +61,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from ..errors import TokenIssueError
-from ..kis import (
-    RATE_LIMITED,
-    REVOKE_PATH,
-    TOKEN_PATH,
-    TOKEN_REJECTED,
-    json_or_none,
-    kis_code,
-    kis_message,
-)
+from ..kis import REVOKE_PATH, TOKEN_PATH, json_or_none, verdict
+from ..oauth import token_from, token_request, token_request_failed
 from ..ratelimit import RateLimiter
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
 from ..storage.factory import create_token_storage
 from ..token import Token
 from . import require
-from ._client_token import CallSlots, answer_code, send_metered
+from ._client_token import CallMeter
 
 UPSTREAM_VERSION = "0.12.2"
 """The kis-trader release this module was written against (the ``[kis-trader]`` extra pins it)."""
@@ -165,29 +156,21 @@ class _TraderToken(SharedToken):
         return resp.status_code, json_or_none(resp)
 
     def _issue(self) -> Token:
-        """``tokenP`` (called by the store, holding the issuance lock)."""
-        body = {
-            "grant_type": "client_credentials",
-            "appkey": self.api_key,
-            "appsecret": self.api_secret,
-        }
+        """``tokenP`` (called by the store, holding the issuance lock): through our session,
+        read as every token answer is (:func:`~kis_safe_token.oauth.token_from_answer`: a skewed
+        clock is this host's own failure), or through the manager's ``post``, whose answer has
+        no ``Date``."""
+        if self._post is None:
+            return super()._issue()
+        url = self.base_url + TOKEN_PATH
         try:
-            status, payload = self.call(TOKEN_PATH, body)
+            status, payload = self._post(url, token_request(self.api_key, self.api_secret))
         except Exception as exc:  # noqa: BLE001 - whatever the injected post raises
-            raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+            raise token_request_failed(exc) from None
         answer = payload if isinstance(payload, Mapping) else None
-        if status != 200 or answer is None or "access_token" not in answer:
-            code = kis_code(answer)
-            raise TokenIssueError(
-                kis_message(answer) or f"KIS answered HTTP {status} without a token",
-                code=code,
-                status=status,
-                retry_after_s=self.rate_limit_wait_s if code == RATE_LIMITED else None,
-            )
-        try:
-            return Token.from_kis_response(answer, now=self._clock())
-        except ValueError as exc:
-            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
+        return token_from(
+            status, answer, None, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s
+        )
 
 
 class TokenManager(_auth.TokenManager):
@@ -276,7 +259,7 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
     token (compare-and-delete) and sends once more with the fleet's next one. Any other answer,
     and the last one, goes back unchanged (kis-trader raises on it)."""
     inner: Sender = send if send is not None else _http._requests_send
-    shared = token_manager._kst_token
+    meter = CallMeter(token_manager._kst_token)
 
     def send_refreshing(
         method: str,
@@ -286,31 +269,24 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
         params: Mapping[str, str] | None,
         json_body: Mapping[str, str] | None,
     ) -> _http.HTTPResult:
-        slots = CallSlots(shared)
+        sent = dict(headers)
 
-        def send_with(sent: Mapping[str, str]) -> _http.HTTPResult:
-            return send_metered(
-                slots,
-                lambda: inner(method, url, headers=sent, params=params, json_body=json_body),
-                _result_code,
-            )
+        def refresh() -> bool:
+            rejected = str(sent.get("authorization", ""))
+            token_manager.invalidate(rejected)
+            fresh = f"Bearer {token_manager.access_token()}"
+            if fresh == rejected:  # the storage kept it: sending it again would be rejected again
+                return False
+            sent["authorization"] = fresh
+            return True
 
-        result = send_with(headers)
-        payload = result[2]
-        if not isinstance(payload, Mapping) or payload.get("msg_cd") not in TOKEN_REJECTED:
-            return result
-        sent = str(headers.get("authorization", ""))
-        token_manager.invalidate(sent)
-        fresh = f"Bearer {token_manager.access_token()}"
-        if fresh == sent:  # the storage kept it: sending it again would be rejected again
-            return result
-        return send_with({**headers, "authorization": fresh})
+        return meter.run(
+            lambda: inner(method, url, headers=sent, params=params, json_body=json_body),
+            lambda result: verdict(result[2], result[0]),
+            refresh=refresh,
+        )
 
     return send_refreshing
-
-
-def _result_code(result: _http.HTTPResult) -> object:
-    return answer_code(result[2])
 
 
 class RequestsTransport(_http.RequestsTransport):

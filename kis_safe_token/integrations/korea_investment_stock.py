@@ -27,9 +27,8 @@ What changes (install with ``pip install 'kis-safe-token[korea-investment-stock]
   send of ``_request_with_token_refresh`` (the one path of every REST method) takes a slot of
   the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage, the re-send
   after an expired token included (taken in ``issue_access_token(force=True)``, which upstream
-  calls right before it). An ``EGW00201`` answer tells the limiter (``penalize``) and the whole
-  path is run again after a jittered back-off, at most ``RETRY_ATTEMPTS`` times within
-  ``RETRY_BUDGET_S`` (:mod:`kis_safe_token.auth`); then upstream's answer is returned.
+  calls right before it). ``EGW00201``: the whole path is run again as
+  :mod:`kis_safe_token.policy` says; then upstream's answer is returned.
   ``issue_hashkey`` (``POST /uapi/hashkey`` through upstream's ``requests.post``) takes a slot
   too; upstream raises on its refusal, so it is not re-sent. Not throttled: the master-file
   downloads (``download_master_file``, another host, not metered by KIS) and the module-level
@@ -66,7 +65,7 @@ from ..kis import REAL_BASE_URL
 from ..ratelimit import RateLimiter
 from ..storage.base import TokenStorage
 from . import require
-from ._client_token import ClientToken, answer_code, checked_storage, env_base_url, send_metered
+from ._client_token import ClientToken, checked_storage, env_base_url
 
 UPSTREAM_VERSION = "0.19.0"
 """The korea-investment-stock release these overrides were written and tested against."""
@@ -186,12 +185,10 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
     ) -> Any:
         """Upstream's request path (every REST method of the broker), each send in a slot of the
         fleet's rate limit; an ``EGW00201`` answer is re-sent after a back-off, bounded."""
-        shared = self._kst_shared(self.api_key, self.api_secret)
         parent = super()._request_with_token_refresh
-        with shared.meter.call() as slots:
-            return send_metered(
-                slots, lambda: parent(method, url, headers, params, max_retries), answer_code
-            )
+        return self._kst_shared(self.api_key, self.api_secret).meter.run(
+            lambda: parent(method, url, headers, params, max_retries)
+        )
 
     def issue_hashkey(self, data: dict[str, Any]) -> str:
         """Upstream's ``/uapi/hashkey`` call (``token/manager.py:166-176``), in a slot of the

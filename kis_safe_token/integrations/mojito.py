@@ -33,10 +33,9 @@ What changes (install with ``pip install 'kis-safe-token[mojito2]'``):
   is taken where the method reads ``self.access_token`` for its header (mojito reads it once
   per request, right before ``requests.get``/``post``), after the token is in hand, so
   nested wrapped calls (``fetch_balance_oversea`` calls ``fetch_oversea_day_night``) take one
-  slot per HTTP call, not one per wrapper level, and the refresh re-send takes its own. An
-  ``EGW00201`` answer tells the limiter (``penalize``) and the method is called again after a
-  jittered back-off, at most ``RETRY_ATTEMPTS`` times within ``RETRY_BUDGET_S`` per outermost
-  call (:mod:`kis_safe_token.auth`); then mojito's answer is returned. ``issue_hashkey`` (``POST
+  slot per HTTP call, not one per wrapper level, and the refresh re-send takes its own.
+  ``EGW00201``: the method is called again as :mod:`kis_safe_token.policy` says (one budget per
+  outermost call); then mojito's answer is returned. ``issue_hashkey`` (``POST
   /uapi/hashkey``, made by the order methods) reads no token and takes its slot itself.
   ``download_master_file`` (another host) is not throttled.
 - ``check_access_token()`` reads the store (never issues); ``load_access_token()`` and
@@ -62,20 +61,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..ratelimit import RateLimiter
 from ..storage.base import TokenStorage
 from . import require
-from ._client_token import (
-    ClientToken,
-    checked_storage,
-    env_base_url,
-    token_rejected,
-    too_many_calls,
-)
+from ._client_token import ClientToken, checked_storage, env_base_url
 
 UPSTREAM_VERSION = "0.1.6"
 """The mojito2 release these overrides were written and tested against."""
@@ -121,7 +113,6 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         self._kst_storage = checked_storage(token_storage)
         self._kst_base_url = env_base_url(base_url)
         self._kst_token: ClientToken | None = None
-        self._kst_calls = threading.local()
         super().__init__(api_key, api_secret, acc_no, exchange, mock)
 
     def set_base_url(self, mock: bool = True) -> None:
@@ -192,28 +183,10 @@ def _refreshing(method: F) -> F:
 
     @functools.wraps(method)
     def call(self: KoreaInvestment, *args: Any, **kwargs: Any) -> Any:
-        calls = self._kst_calls
-        depth = getattr(calls, "depth", 0)
-        if depth == 0:
-            calls.refreshed = False
-        calls.depth = depth + 1
-        try:
-            with self._kst_shared().meter.call() as slots:
-
-                def send() -> Any:
-                    answer = method(self, *args, **kwargs)
-                    while too_many_calls(answer) and slots.refused():
-                        answer = method(self, *args, **kwargs)
-                    return answer
-
-                answer = send()
-                if token_rejected(answer) and not calls.refreshed:
-                    calls.refreshed = True
-                    self._kst_shared().refresh_rejected()
-                    answer = send()
-            return answer
-        finally:
-            calls.depth = depth
+        shared = self._kst_shared()
+        # mojito reads the token (and so takes the slot, ``access_token``) in each send.
+        send = functools.partial(method, self, *args, **kwargs)
+        return shared.meter.run(send, refresh=shared.refresh_rejected, slots=False)
 
     return call  # type: ignore[return-value]
 

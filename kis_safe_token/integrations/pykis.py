@@ -32,9 +32,8 @@ What changes against upstream, and why:
   (the one ``KoreaInvestment``/``KisAuth`` use for the same app key and storage), in the
   domain's session, so each attempt of pykis's re-sending loop takes its own. pykis's own
   per-process limiter still runs first. ``EGW00201``: pykis re-sends it after 0.1 s, for ever;
-  here the limiter is told (``penalize``), a jittered back-off is slept before pykis re-sends,
-  and after ``RETRY_ATTEMPTS`` re-sends (or ``RETRY_BUDGET_S``, :mod:`kis_safe_token.auth`)
-  the answer is raised as ``KisHTTPError``, as pykis raises any other code. Token calls
+  here :mod:`kis_safe_token.policy` backs off first, and raises ``KisHTTPError`` (as pykis
+  does for any other code) when its budget is spent. Token calls
   (``/oauth2/``) take no slot: KIS does not meter them, and one holds the issuance lock.
 - ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
   from the storage, so the fleet does not keep serving a revoked token; another process still
@@ -63,20 +62,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
 
 from ..errors import TokenIssueError
-from ..kis import (
-    RATE_LIMITED,
-    TOKEN_INVALID,
-    TOO_MANY_CALLS,
-    json_or_none,
-    kis_code,
-    kis_message,
-)
+from ..kis import Verdict, verdict_of
+from ..oauth import token_from, token_from_answer, token_request_failed
+from ..policy import Action, CallPolicy
 from ..ratelimit import RateLimiter
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
@@ -122,16 +117,21 @@ class _Session(requests.Session):
         meter = self.meter
         if meter is None or not urlsplit(str(url)).path.startswith(METERED_PREFIX):
             return super().request(method, url, *args, **kwargs)
-        with meter.call() as slots:
-            slots.take()
+        with meter.call() as policy:
+            meter.before_send()
             resp = super().request(method, url, *args, **kwargs)
-            if resp.ok or kis_code(json_or_none(resp)) != TOO_MANY_CALLS:
+            if verdict_of(resp) is not Verdict.TOO_MANY_CALLS:
                 return resp
             # pykis re-sends EGW00201 after 0.1 s, for ever (kis.py:580-584): back off and let
-            # it, within KisAuth's budget; then raise, as pykis does for any other code.
-            if slots.refused():
-                return resp
-            raise KisHTTPError(response=resp)
+            # it, within the policy's budget; then raise, as pykis does for any other code.
+            step = policy.after(Verdict.TOO_MANY_CALLS)
+            limiter = meter.shared.rate_limiter
+            if step.penalize_s is not None and limiter is not None:
+                limiter.penalize(timeout_s=step.penalize_s)
+            if step.action is not Action.RESEND:
+                raise KisHTTPError(response=resp)
+            time.sleep(min(step.pause_s, policy.left_s()))
+            return resp
 
 
 class _DomainToken(SharedToken):
@@ -172,35 +172,24 @@ class _DomainToken(SharedToken):
         return self._clock()
 
     def _issue(self) -> Token:
-        """``tokenP`` through pykis's own request path (called by the store, holding the lock)."""
+        """``tokenP`` through pykis's own request path (called by the store, holding the lock),
+        its answer read as every token answer is (:func:`~kis_safe_token.oauth.token_from`)."""
+        clock, wait_s = self._clock, self.rate_limit_wait_s
         _token_call.timeout = self.timeout
         try:
             answer = token_issue(self._kis, domain=self._domain)
-        except KisHTTPError as exc:
-            raise _refused(exc.response, self.rate_limit_wait_s) from None
+        except KisHTTPError as exc:  # KIS refused: read as any refusal (and raised)
+            return token_from_answer(exc.response, clock=clock, rate_limit_wait_s=wait_s)
         except requests.RequestException as exc:
-            raise TokenIssueError(f"KIS token request failed: {type(exc).__name__}") from None
+            raise token_request_failed(exc) from None
         except Exception as exc:  # noqa: BLE001 - pykis's parser on a garbled answer
             raise TokenIssueError(f"KIS token response unusable: {type(exc).__name__}") from None
         finally:
             _token_call.timeout = None
-        try:
-            return Token.from_kis_response(answer.raw() or {}, now=self._clock())
-        except ValueError as exc:
-            raise TokenIssueError(f"KIS token response unusable: {exc}", status=200) from None
-
-
-def _refused(resp: requests.Response, rate_limit_wait_s: float) -> TokenIssueError:
-    """Our error for a ``tokenP`` answer pykis raised as ``KisHTTPError`` (never its message:
-    pykis's may quote the request)."""
-    payload = json_or_none(resp)
-    code = kis_code(payload)
-    return TokenIssueError(
-        kis_message(payload) or f"KIS answered HTTP {resp.status_code} without a token",
-        code=code,
-        status=resp.status_code,
-        retry_after_s=rate_limit_wait_s if code == RATE_LIMITED else None,
-    )
+        resp = (answer.__data__ or {}).get("__response__")  # kis.py:640
+        if isinstance(resp, requests.Response):
+            return token_from_answer(resp, clock=clock, rate_limit_wait_s=wait_s)
+        return token_from(200, answer.raw(), None, clock=clock, rate_limit_wait_s=wait_s)
 
 
 class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type information
@@ -310,13 +299,14 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
         session = self._sessions["virtual" if domain == "virtual" else "real"]
         meter = session.meter if isinstance(session, _Session) else None
-        with meter.call() if meter is not None else contextlib.nullcontext():
+        with meter.call() if meter is not None else contextlib.nullcontext(CallPolicy()) as policy:
             try:
                 return super().request(path, **kwargs)
             except KisHTTPError as exc:
                 if (
                     not kwargs.get("auth", True)
-                    or kis_code(json_or_none(exc.response)) != TOKEN_INVALID
+                    or verdict_of(exc.response) is not Verdict.TOKEN_REJECTED
+                    or policy.after(Verdict.TOKEN_REJECTED).action is not Action.REFRESH
                 ):
                     raise
                 # the token pykis sent (kis.py:559): the real one for "real", else primary's
