@@ -37,6 +37,7 @@ from .oauth import (
     token_request,
     token_request_failed,
 )
+from .policy import RETRY_BUDGET_S
 from .ratelimit import RateLimiter
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
 from .shared import APPROVAL_SUFFIX, TokenSettings
@@ -266,7 +267,7 @@ class AsyncSharedToken(TokenSettings):
             return approval_key_from_answer(resp, clock=self._clock)
         except TokenIssueError as exc:
             if exc.code == TOO_MANY_CALLS:
-                await self.penalize()
+                await self.penalize(RETRY_BUDGET_S)
             raise
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ are the only loops that sleep and send.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import random
 import time
@@ -157,6 +156,8 @@ async def drive_async(
     refresh: Callable[[R], Awaitable[bool]],
 ) -> R:
     """:func:`drive` for asyncio (``resend`` takes its own slot within ``policy.left_s()``)."""
+    import asyncio  # here: a sync user of the library never imports asyncio
+
     while True:
         step = policy.after(verdict_of(answer))
         if step.penalize_s is not None:

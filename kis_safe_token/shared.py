@@ -26,6 +26,7 @@ from .kis import (
     VIRTUAL_BASE_URL,
 )
 from .oauth import Timeout, issue_approval_key, issue_token, revoke_token
+from .policy import RETRY_BUDGET_S
 from .ratelimit import RateLimiter, resolve_calls_per_second
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
 from .storage.base import TokenStorage, check_seconds
@@ -316,7 +317,7 @@ class SharedToken(TokenSettings):
             )
         except TokenIssueError as exc:
             if exc.code == TOO_MANY_CALLS and self.rate_limiter is not None:
-                self.rate_limiter.penalize()
+                self.rate_limiter.penalize(timeout_s=RETRY_BUDGET_S)
             raise
 
     def load(self) -> Token | None:
