@@ -7,16 +7,17 @@ memory with its refresh margin, single-flight refresh, compare-and-delete, and f
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 
 import requests
 
 from ._faults import fault_point
 from ._fork import renew_after_fork
-from .errors import TokenIssueError, TokenStorageError
+from .errors import TokenIssueError
+from .flight.memory import InMemory
 from .keyring_secrets import resolve_api_secret
 from .kis import (
     HTTP_TIMEOUT_S,
@@ -170,32 +171,37 @@ class SharedToken(TokenSettings):
         )
         self._own_session = session is None
         self._session = session if session is not None else requests.Session()
-        self._lock = threading.Lock()
+        memory = partial(
+            InMemory,
+            wait_timeout=self.token_storage.wait_timeout,
+            refresh_margin_s=self._margin_s,
+            clock=self._clock,
+        )
+        self._memory = memory()
+        self._approvals = memory(what="another thread's approval key")
         renew_after_fork(self)
-        # Written in the order _set() gives and read without the lock: a reader that sees a
-        # fresh _fresh_until sees the _bearer that goes with it.
-        self._token: Token | None = None
-        self._bearer = ""
-        self._fresh_until = float("-inf")
-        self._approval_lock = threading.Lock()
-        self._approval: Token | None = None
 
     # -- the token -------------------------------------------------------------------------------
     @property
     def bearer(self) -> str:
         """``Bearer <token>`` for the ``authorization`` header, refreshed when near expiry."""
-        if self._clock() < self._fresh_until:
-            return self._bearer
+        memory = self._memory
+        if self._clock() < memory.fresh_until:
+            return memory.bearer
         return self._refresh().bearer
 
     @property
     def token(self) -> Token:
         """The current :class:`Token` (refreshed through the store when near expiry)."""
-        fresh_until = self._fresh_until  # read before the token: a refresh sets it after
-        token = self._token
+        fresh_until = self._memory.fresh_until  # read before the token: a refresh sets it after
+        token = self._memory.token
         if token is not None and self._clock() < fresh_until:
             return token
         return self._refresh()
+
+    def in_memory(self) -> Token | None:
+        """The token held in memory (never fetches one)."""
+        return self._memory.token
 
     @property
     def session(self) -> requests.Session:
@@ -212,7 +218,7 @@ class SharedToken(TokenSettings):
                 self.token_storage.invalidate_token(
                     self.api_key, self.api_secret, stored["access_token"]
                 )
-            self._forget()
+            self._memory.forget()
         return self._refresh()
 
     def invalidate(self, access_token: str) -> bool:
@@ -224,7 +230,7 @@ class SharedToken(TokenSettings):
         ``access_token`` may be given with its ``Bearer `` prefix. Returns whether the store
         deleted it. Raises :class:`TokenStorageError` if the store cannot be reached.
         """
-        current = self._token
+        current = self._memory.token
         if current is not None and access_token == current.bearer:
             access_token = current.access_token
         else:
@@ -232,13 +238,13 @@ class SharedToken(TokenSettings):
         deleted = self.token_storage.invalidate_token(self.api_key, self.api_secret, access_token)
         # After the store: forgetting first would let another thread reload the rejected token.
         if current is not None and current.access_token == access_token:
-            self._forget(current)
+            self._memory.forget(access_token)
         return deleted
 
     def revoke(self) -> None:
         """Revoke the token in memory at KIS, then drop it from the store and from memory
         (nothing to do before a token was fetched). :class:`KisApiError` if KIS refuses."""
-        token = self._token
+        token = self._memory.token
         if token is None:
             return
         revoke_token(
@@ -250,7 +256,7 @@ class SharedToken(TokenSettings):
             timeout=self.timeout,
         )
         self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
-        self._forget(token)
+        self._memory.forget(token.access_token)
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
@@ -267,18 +273,10 @@ class SharedToken(TokenSettings):
         """The websocket approval key (``POST /oauth2/Approval``), shared like the token: one
         process of the fleet asks KIS, the others read it from the store (its own sealed entry).
         Kept in memory; :meth:`invalidate_approval_key` when KIS rejects it."""
-        current = self._approval
+        current = self._approvals.token
         if current is not None and current.is_valid(self._clock(), self._margin_s):
             return current.access_token
-        if not self._approval_lock.acquire(timeout=self.token_storage.wait_timeout):
-            raise TokenStorageError("timed out waiting for another thread's approval key")
-        try:
-            current = self._approval
-            if current is None or not current.is_valid(self._clock(), self._margin_s):
-                current = self._approval = self._fetch_approval()
-            return current.access_token
-        finally:
-            self._approval_lock.release()
+        return self._approvals.get(self._fetch_approval).access_token
 
     def _fetch_approval(self) -> Token:
         """The stored approval key, or (in a slot of the fleet's rate limit: KIS meters the
@@ -298,9 +296,7 @@ class SharedToken(TokenSettings):
         deleted = self.token_storage.invalidate_token(
             self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
         )
-        with self._approval_lock:
-            if self._approval is not None and self._approval.access_token == approval_key:
-                self._approval = None
+        self._approvals.forget(approval_key)
         return deleted
 
     def _issue_approval(self) -> Token:
@@ -323,42 +319,19 @@ class SharedToken(TokenSettings):
     def load(self) -> Token | None:
         """Take the stored token into memory if the store holds a valid one; never issues."""
         data = self.token_storage.load_token(self.api_key, self.api_secret)
-        return self._set(Token.from_token_data(data)) if data else None
-
-    # -- internals -------------------------------------------------------------------------------
-    def _set(self, token: Token) -> Token:
-        self._token = token
-        self._bearer = token.bearer
-        self._fresh_until = token.refresh_at(self._margin_s)
+        if not data:
+            return None
+        token = Token.from_token_data(data)
+        self._memory.write_token(self.api_key, self.api_secret, token)
         return token
 
-    def _forget(self, token: Token | None = None) -> None:
-        """Forget the token in memory (only if it is still ``token``, when one is given)."""
-        with self._lock:
-            current = self._token
-            if token is None or (
-                current is not None and current.access_token == token.access_token
-            ):
-                self._fresh_until = float("-inf")
-                self._token = None
-
+    # -- internals -------------------------------------------------------------------------------
     def _refresh(self) -> Token:
-        # Bounded like the store's own wait: threads queued behind a refresh that times out
-        # must not each wait a full wait_timeout in turn.
-        if not self._lock.acquire(timeout=self.token_storage.wait_timeout):
-            raise TokenStorageError(
-                f"timed out after {self.token_storage.wait_timeout:.1f} s waiting for another "
-                "thread's refresh"
-            )
-        try:
-            token = self._token
-            if token is not None and self._clock() < self._fresh_until:
-                return token  # another thread refreshed while this one waited for the lock
-            return self._set(
-                self.token_storage.get_or_issue(self.api_key, self.api_secret, self._issue)
-            )
-        finally:
-            self._lock.release()
+        """The token through this process's tier (one thread at a time; bounded like the store's
+        own wait, so threads queued behind a refresh that times out do not each wait a full
+        ``wait_timeout`` in turn), then the store's single flight."""
+        storage, key, secret = self.token_storage, self.api_key, self.api_secret
+        return self._memory.get(partial(storage.get_or_issue, key, secret, self._issue))
 
     def _issue(self) -> Token:
         """Ask KIS for a token (called by the store, holding the issuance lock)."""
@@ -379,8 +352,8 @@ class SharedToken(TokenSettings):
         # In a child forked while another thread refreshed the token (gunicorn --preload with a
         # background thread), the inherited lock would stay held for ever; an object built before
         # fork() must not share pooled sockets with its parent either.
-        self._lock = threading.Lock()
-        self._approval_lock = threading.Lock()
+        self._memory.renew_after_fork()
+        self._approvals.renew_after_fork()
         if self._own_session:
             self._session = requests.Session()
 

@@ -19,15 +19,13 @@ import logging
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
+from typing import Protocol as Shape
 
 from ..errors import TokenIssueError, TokenStorageError
 from ..failure import IssueFailure
 from ..token import Token
 from .lock import Busy, IssuanceLock
-
-if TYPE_CHECKING:
-    from ..storage.base import TokenStorage
 
 __all__ = [
     "ATTEMPT",
@@ -121,13 +119,34 @@ class RecordFailure(Step):
 Protocol: TypeAlias = Generator[Step, Any, Any]
 
 
+class Store(Shape):
+    """What the engine asks of a store (a :class:`~kis_safe_token.storage.TokenStorage`, or the
+    in-memory tier in front of one, :class:`~kis_safe_token.flight.memory.InMemory`)."""
+
+    refresh_margin_s: float
+    wait_timeout: float
+    #: Whether failures are recorded and ``EGW00133`` sat out here (a tier in front of a store
+    #: leaves both to the store behind it).
+    records_failures: bool
+
+    def clock(self) -> float: ...
+    def takeover_s(self) -> float: ...
+    def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock: ...
+    def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None: ...
+    def write_token(
+        self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
+    ) -> None: ...
+    def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None: ...
+    def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None: ...
+
+
 # -- one flight: a store, one app key, one lock --------------------------------------------------
 class Flight:
     """One call's view of the store: the credentials, the timings and the issuance lock."""
 
     __slots__ = ("_lock", "api_key", "api_secret", "storage")
 
-    def __init__(self, storage: TokenStorage, api_key: str, api_secret: str) -> None:
+    def __init__(self, storage: Store, api_key: str, api_secret: str) -> None:
         self.storage = storage
         self.api_key = api_key
         self.api_secret = api_secret
@@ -230,6 +249,8 @@ def raise_if_held(flight: Flight, previous: IssueFailure | None) -> None:
 def _issue_recording(flight: Flight) -> Protocol:
     """Issue holding the lock, unless a recent failure says KIS is not worth asking yet; record
     a failure for the fleet (or, if it is this host's own, for this process)."""
+    if not flight.storage.records_failures:
+        return checked_token((yield ISSUE))
     previous = yield from current_failure(flight)
     raise_if_held(flight, previous)
     try:

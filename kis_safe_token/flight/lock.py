@@ -132,15 +132,22 @@ class LocalIssuanceLock(IssuanceLock):
     """A lock within this process only: all a storage written to the seed's four methods can
     offer (single flight among its threads and tasks, not across processes)."""
 
-    def __init__(self, api_key: str) -> None:
-        self._lock = _local_lock(api_key)
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        lock: threading.Lock | None = None,
+        waiting_on: str = "this process's own issuance",
+    ) -> None:
+        self._lock = _local_lock(api_key) if lock is None else lock
+        self._waiting_on = waiting_on
         self._held = False
 
     def attempt(self) -> Attempt:
         if self._lock.acquire(blocking=False):
             self._held = True
             return HELD
-        return Busy(jittered(LOCAL_POLL_S), "this process's own issuance")
+        return Busy(jittered(LOCAL_POLL_S), self._waiting_on)
 
     def release(self) -> None:
         if self._held:

@@ -146,8 +146,9 @@ class ClientToken(SharedToken):
         still holds it (compare-and-delete) and serve the fleet's next one (one issuance for all
         the processes that saw it rejected); whether that is another token."""
         rejected: str | None = getattr(self._served, "bearer", None)
-        if rejected is None and self._token is not None:
-            rejected = self._token.bearer
+        held = self.in_memory()
+        if rejected is None and held is not None:
+            rejected = held.bearer
         if rejected:
             self.invalidate(rejected)
         return self.serve() != rejected

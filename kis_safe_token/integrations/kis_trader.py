@@ -142,10 +142,6 @@ class _TraderToken(SharedToken):
     def base_url(self, value: str) -> None:
         """``SharedToken.__init__`` sets it; kis-trader's endpoint table is the one used."""
 
-    def in_memory(self) -> Token | None:
-        """The token held in memory (never fetches one)."""
-        return self._token
-
     def call(self, path: str, body: Mapping[str, str]) -> tuple[int, Any]:
         """POST ``body`` to ``path`` of the environment's host, through the manager's ``post``
         if one was given, else through our session with our timeout."""

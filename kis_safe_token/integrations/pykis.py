@@ -163,10 +163,6 @@ class _DomainToken(SharedToken):
         if isinstance(session, _Session):
             session.meter = CallMeter(self)
 
-    def in_memory(self) -> Token | None:
-        """The token held in memory (never fetches one)."""
-        return self._token
-
     def now(self) -> float:
         """The clock the token's expiry is read against."""
         return self._clock()

@@ -66,6 +66,8 @@ class TokenStorage(ABC):
 
     refresh_margin_s: float = REFRESH_MARGIN_S
     wait_timeout: float = default_wait_timeout()
+    #: The store records failed issuances and sits out ``EGW00133`` (see the engine).
+    records_failures: bool = True
     clock: Callable[[], float] = staticmethod(time.time)
     _lease: SeedLease | None = None  # the seed-protocol lease, where a backend has one
 
