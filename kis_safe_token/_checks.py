@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
-__all__ = ["check_seconds"]
+__all__ = ["check_seconds", "note_short_wait"]
+
+logger = logging.getLogger("kis_safe_token")
 
 
 def check_seconds(name: str, value: float, *, low: float = 0.0, high: float = 86_400.0) -> float:
@@ -14,3 +17,25 @@ def check_seconds(name: str, value: float, *, low: float = 0.0, high: float = 86
     if not (math.isfinite(value) and low < value <= high):
         raise ValueError(f"{name} must be more than {low:g} and at most {high:g} seconds")
     return float(value)
+
+
+def note_short_wait(store: object, need_s: float, worst_case: str) -> None:
+    """Log once per ``store`` (at INFO) that its ``wait_timeout`` is shorter than ``need_s``, the
+    holder's worst case (``worst_case`` says what it is made of). A short wait is the caller's
+    choice (a web request with a 5 s budget): its waiter raises ``TokenStorageError`` when the
+    wait runs out, holding nothing, while the holder goes on and the fleet still issues once."""
+    wait_s = float(getattr(store, "wait_timeout", 0.0))
+    if wait_s >= need_s or getattr(store, "_short_wait_noted", False):
+        return
+    try:
+        store._short_wait_noted = True  # type: ignore[attr-defined]
+    except AttributeError:  # a store with __slots__: noted every time, still correct
+        pass
+    logger.info(
+        "%s: wait_timeout %.1f s is shorter than a holder's worst case, %.1f s (%s): a caller "
+        "that waits longer raises TokenStorageError and holds nothing; the holder goes on",
+        type(store).__name__,
+        wait_s,
+        need_s,
+        worst_case,
+    )

@@ -21,7 +21,6 @@ from .client import (
 )
 from .kis import (
     HTTP_TIMEOUT_S,
-    ISSUE_WINDOW_S,
     PRICE_PATH,
     PRICE_TR_ID,
     verdict_of,
@@ -51,7 +50,7 @@ class AsyncKoreaInvestment(ClientSettings):
     Every ``/uapi/`` call first waits (``asyncio.sleep``, never blocking the loop) for a slot
     of the app key's fleet-wide call-rate limit, the very limiter sync processes on the same
     store use, so a mixed fleet counts once: ``calls_per_second=None`` is
-    ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 18/s real, 1.8/s virtual; a number overrides;
+    ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 20/s real, 2/s virtual; a number overrides;
     ``0`` turns it off; ``rate_limiter=`` injects one. On a Redis store the slot is one script
     on ``redis.asyncio``. An ``EGW00201`` that comes anyway is re-sent as
     :mod:`kis_safe_token.policy` says, then raised as :class:`KisApiError`.
@@ -77,7 +76,7 @@ class AsyncKoreaInvestment(ClientSettings):
         redis_client: Any = None,
         clock: Callable[[], float] = time.time,
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
-        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        rate_limit_wait_s: float | None = None,
         custtype: str = "P",
     ) -> None:
         check_header_value("custtype", custtype)

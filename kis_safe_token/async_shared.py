@@ -21,7 +21,6 @@ from .flight.aio import AsyncStore
 from .kis import (
     APPROVAL_PATH,
     HTTP_TIMEOUT_S,
-    ISSUE_WINDOW_S,
     REVOKE_PATH,
     TOKEN_PATH,
     TOO_MANY_CALLS,
@@ -88,7 +87,7 @@ class AsyncSharedToken(TokenSettings):
         redis_client: Any = None,
         clock: Callable[[], float] = time.time,
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
-        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        rate_limit_wait_s: float | None = None,
         calls_per_second: float | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:

@@ -26,6 +26,7 @@ from .keyring_secrets import (
     resolve_api_secret,
     set_api_secret,
 )
+from .kis import ISSUE_WINDOW_ENV, ISSUE_WINDOW_S, resolve_issue_window_s
 from .oauth import revoke_token
 from .ratelimit import (
     CALLS_PER_SECOND_ENV,
@@ -146,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument(
         "--force", action="store_true", help="drop the stored token first (default: off)"
     )
+    issue.add_argument(
+        "--issue-window",
+        type=float,
+        metavar="SECONDS",
+        help="how long to sit out KIS's EGW00133 before asking again "
+        f"(default: ${ISSUE_WINDOW_ENV} or {ISSUE_WINDOW_S:g})",
+    )
     sub.add_parser(
         "revoke",
         parents=[keyed],
@@ -178,6 +186,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="N processes share one token against the simulator")
     demo.add_argument(
         "--workers", type=int, default=8, help="processes, 1 to 256 (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--issue-window",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the simulator's one-issue window, which the workers sit out after EGW00133 "
+        f"(they get it as ${ISSUE_WINDOW_ENV}) (default: %(default)s, as KIS)",
     )
     demo.add_argument(
         "--storage",
@@ -345,15 +361,22 @@ def _rate_info(storage: TokenStorage, api_key: str) -> dict[str, Any]:
     return info
 
 
-def _client(args: argparse.Namespace) -> KoreaInvestment:
-    api_key = _api_key(args)
-    return KoreaInvestment(
-        api_key, _secret(args, api_key), token_storage=_storage(args), base_url=args.base_url
-    )
+def _issue_window(args: argparse.Namespace) -> float | None:
+    """``--issue-window`` checked (``None``: not given, the environment's or KIS's)."""
+    given = args.issue_window
+    return None if given is None else resolve_issue_window_s(given, name="--issue-window")
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    api_key = _api_key(args)
+    client = KoreaInvestment(
+        api_key,
+        _secret(args, api_key),
+        token_storage=_storage(args),
+        base_url=args.base_url,
+        rate_limit_wait_s=_issue_window(args),
+    )
+    with client:
         token = client.issue_access_token(force=args.force)
         _print_info(_describe(token, client.token_storage), False)
     return 0
@@ -432,7 +455,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if not 1 <= args.workers <= 256:
         raise _Usage("--workers must be between 1 and 256")
-    return run_demo(args.workers, args.storage)
+    window = _issue_window(args)  # --issue-window has a default: always given
+    return run_demo(args.workers, args.storage, 60.0 if window is None else window)
 
 
 COMMANDS = {

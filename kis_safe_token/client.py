@@ -13,7 +13,6 @@ from .auth import KisAuth
 from .errors import KisApiError
 from .kis import (
     HTTP_TIMEOUT_S,
-    ISSUE_WINDOW_S,
     PRICE_PATH,
     PRICE_TR_ID,
     REAL_BASE_URL,
@@ -95,8 +94,8 @@ class KoreaInvestment(ClientSettings):
     ``$KOREA_INVESTMENT_BASE_URL``, else the real host, or the virtual-trading host for
     ``mock=True``. :meth:`from_shared` builds a client on an existing :class:`SharedToken`.
 
-    ``calls_per_second`` (``None``: ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 18/s real,
-    1.8/s virtual; ``0``: off) and ``rate_limiter`` set the fleet-wide call-rate limit that
+    ``calls_per_second`` (``None``: ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 20/s real,
+    2/s virtual; ``0``: off) and ``rate_limiter`` set the fleet-wide call-rate limit that
     every call waits for (see :class:`SharedToken`); an ``EGW00201`` that comes anyway is
     retried after a back-off, bounded, then raised as :class:`KisApiError`.
     """
@@ -113,7 +112,7 @@ class KoreaInvestment(ClientSettings):
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
-        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        rate_limit_wait_s: float | None = None,
         custtype: str = "P",
         calls_per_second: float | None = None,
         rate_limiter: RateLimiter | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import BASE_URL_ENV, KoreaInvestment
+from .kis import ISSUE_WINDOW_ENV
 from .storage.factory import FILE_ENV, REDIS_URL_ENV, STORAGE_ENV
 from .testing import KisSimulator
 
@@ -48,11 +49,17 @@ def _progress(label: str, done: int, total: int) -> None:
         print(line, flush=True)
 
 
-def run_demo(workers: int, storage: str) -> int:
-    """Run the demo; 0 if exactly one token was issued and every worker got a price."""
+def run_demo(workers: int, storage: str, issue_window_s: float = 60.0) -> int:
+    """Run the demo; 0 if exactly one token was issued and every worker got a price.
+    ``issue_window_s``: the simulator's one-issue window, which the workers sit out after
+    ``EGW00133`` (as ``$KOREA_INVESTMENT_ISSUE_WINDOW_S``)."""
     with ExitStack() as stack:
-        sim = stack.enter_context(KisSimulator(issue_latency_s=0.2))
-        env = {BASE_URL_ENV: sim.base_url, STORAGE_ENV: storage}
+        sim = stack.enter_context(KisSimulator(issue_latency_s=0.2, issue_window_s=issue_window_s))
+        env = {
+            BASE_URL_ENV: sim.base_url,
+            STORAGE_ENV: storage,
+            ISSUE_WINDOW_ENV: f"{issue_window_s:g}",
+        }
         where: str
         if storage == "file":
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="kis-demo-"))

@@ -5,6 +5,8 @@ once for every client and integration."""
 from __future__ import annotations
 
 import enum
+import math
+import os
 import re
 from collections.abc import Mapping
 from datetime import timezone
@@ -12,6 +14,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
+from ._checks import check_seconds
 from .token import Token
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "BAD_APP_SECRET",
     "CLOCK_TOLERANCE_S",
     "HTTP_TIMEOUT_S",
+    "ISSUE_WINDOW_ENV",
     "ISSUE_WINDOW_S",
     "PRICE_PATH",
     "PRICE_TR_ID",
@@ -43,6 +47,7 @@ __all__ = [
     "kis_message",
     "kis_time",
     "origin",
+    "resolve_issue_window_s",
     "verdict",
     "verdict_of",
 ]
@@ -53,6 +58,37 @@ VIRTUAL_BASE_URL: Final = "https://openapivts.koreainvestment.com:29443"
 #: KIS allows one token issuance per app key per minute (``EGW00133`` otherwise); a holder that
 #: meets ``EGW00133`` sits out this long (a second more than the minute, for clock granularity).
 ISSUE_WINDOW_S: Final = 61.0
+#: The environment variable that sets it for a whole fleet (a simulator's or a gateway's window).
+ISSUE_WINDOW_ENV: Final = "KOREA_INVESTMENT_ISSUE_WINDOW_S"
+#: The longest window accepted: a holder sits it out holding the fleet's issuance lock.
+MAX_ISSUE_WINDOW_S: Final = 3600.0
+
+
+def resolve_issue_window_s(
+    value: float | None = None,
+    *,
+    name: str = "rate_limit_wait_s",
+    env: Mapping[str, str] | None = None,
+) -> float:
+    """How long a holder sits out ``EGW00133`` before asking KIS again: ``value`` if given, else
+    ``$KOREA_INVESTMENT_ISSUE_WINDOW_S``, else :data:`ISSUE_WINDOW_S` (61 s). ``ValueError``
+    naming the argument (``name``) or the variable unless more than 0 and at most 3600 s."""
+    if value is not None:
+        return check_seconds(name, value, high=MAX_ISSUE_WINDOW_S)
+    raw = (os.environ if env is None else env).get(ISSUE_WINDOW_ENV, "").strip()
+    if not raw:
+        return ISSUE_WINDOW_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_ISSUE_WINDOW_S):
+        raise ValueError(
+            f"{ISSUE_WINDOW_ENV} must be a number of seconds, more than 0 and at most "
+            f"{MAX_ISSUE_WINDOW_S:g} (KIS's own window: {ISSUE_WINDOW_S:g})"
+        )
+    return seconds
+
 
 #: The client's default (connect, read) timeout of one KIS call, in seconds.
 HTTP_TIMEOUT_S: Final = (3.05, 10.0)

@@ -21,10 +21,10 @@ from .flight.memory import InMemory
 from .keyring_secrets import resolve_api_secret
 from .kis import (
     HTTP_TIMEOUT_S,
-    ISSUE_WINDOW_S,
     REAL_BASE_URL,
     TOO_MANY_CALLS,
     VIRTUAL_BASE_URL,
+    resolve_issue_window_s,
 )
 from .oauth import Timeout, issue_approval_key, issue_token, revoke_token
 from .policy import RETRY_BUDGET_S
@@ -75,15 +75,13 @@ class TokenSettings:
         base_url: str | None = None,
         clock: Callable[[], float] = time.time,
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
-        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        rate_limit_wait_s: float | None = None,
         calls_per_second: float | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:
         check_header_value("api_key", api_key)
         self.timeout: Timeout = _checked_timeout(timeout)
-        self.rate_limit_wait_s = check_seconds(
-            "rate_limit_wait_s", rate_limit_wait_s, high=MAX_WAIT_S
-        )
+        self.rate_limit_wait_s = resolve_issue_window_s(rate_limit_wait_s)
         self.api_key = api_key
         self.api_secret = resolve_api_secret(api_key, api_secret)
         check_header_value("api_secret", self.api_secret)
@@ -133,7 +131,7 @@ class SharedToken(TokenSettings):
 
     KIS calls per second are limited for the whole fleet by :attr:`rate_limiter` (see
     :meth:`throttle`): ``calls_per_second=None`` is ``$KOREA_INVESTMENT_CALLS_PER_SECOND`` if
-    set, else 90 % of KIS's limit for the account type (18/s real, 1.8/s with ``mock=True``); a
+    set, else KIS's limit for the account type (20/s real, 2/s with ``mock=True``); a
     number overrides; ``0`` turns the limiter off. The limiter comes from the store
     (``token_storage.rate_limiter``: a file beside the token file, a key beside the token in
     Redis, this process only for other stores), unless one is given as ``rate_limiter=``.
@@ -153,7 +151,7 @@ class SharedToken(TokenSettings):
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
         timeout: float | tuple[float, float] = HTTP_TIMEOUT_S,
-        rate_limit_wait_s: float = ISSUE_WINDOW_S,
+        rate_limit_wait_s: float | None = None,
         calls_per_second: float | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:

@@ -124,7 +124,7 @@ def run_mixed_herd(
 ) -> MixedHerd:
     """Start one spawned process per entry of ``kinds`` (``"async"`` or ``"sync"``), release
     them together, and gather what they saw. ``calls_per_second``: the clients' fleet-wide
-    call-rate limit (``None``: KIS's default, 18/s; a herd about issuance sets it high, or its
+    call-rate limit (``None``: KIS's default, 20/s; a herd about issuance sets it high, or its
     calls queue for the limit)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(kinds) + 1)

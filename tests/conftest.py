@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +82,17 @@ def redis_server() -> Iterator[RedisServer]:
         pytest.skip(message)
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port where nothing listens, and nothing can start to while the test runs: a
+    socket bound to it without ``listen`` (connect is refused at once). A port that is merely
+    free may be taken meanwhile by a server of a parallel test (a simulator, a redis-server),
+    which turns "connection refused" into a server that never answers Redis."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 @pytest.fixture

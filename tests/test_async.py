@@ -54,7 +54,7 @@ from kis_safe_token.testing.redis_server import RedisServer, free_port
 T = TypeVar("T")
 BACKENDS = ["file", "redis"]
 #: A call-rate limit that keeps the limiter in every call's path without making tests about the
-#: token queue for KIS's 18/s (200 calls would take 11 s).
+#: token queue for KIS's 20/s (200 calls would take 10 s).
 FAST = 1000.0
 
 
@@ -481,8 +481,8 @@ def test_a_fleet_of_async_processes_keeps_to_the_limit(
     kinds: list[str],
     tasks: int,
 ) -> None:
-    # Every task fires at once; at 18/s each process alone would be under KIS's 20/s, so only
-    # one limit shared by both processes (sync and async alike) keeps the pair under it.
+    # Every task fires at once; each process alone keeps to KIS's 20/s, so only one limit
+    # shared by both processes (sync and async alike) keeps the pair under it.
     herd = run_mixed_herd(kinds, spec_of(backend), metered_sim.base_url, tasks=tasks)
     assert herd.errors == []
     assert herd.calls == len(kinds) * tasks == metered_sim.counts["uapi_calls"]

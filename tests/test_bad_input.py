@@ -143,7 +143,7 @@ def build(tmp: str, session: requests.Session, **kwargs: Any) -> KoreaInvestment
     return KoreaInvestment(
         KEY,
         SECRET,
-        # wait_timeout must outlast two calls and the window (checked); canned answers never wait
+        # canned answers never wait
         token_storage=FileTokenStorage(Path(tmp) / "t.json", wait_timeout=30),
         base_url="http://127.0.0.1:9",
         session=session,

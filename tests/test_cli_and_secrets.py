@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -287,6 +288,28 @@ def test_every_cli_command_works_and_leaks_nothing(
     usage = run("issue", "--storage", "sqlite", code=2)
     assert "invalid choice" in usage.stderr
     assert_nothing_leaked(sim, *outputs)
+
+
+def test_issue_sits_out_the_window_the_user_sets(cli_env: dict[str, str]) -> None:
+    """``kis-token issue --force`` against a KIS whose window ends with its first refusal: the
+    CLI sits out ``--issue-window`` (or ``$KOREA_INVESTMENT_ISSUE_WINDOW_S``), not 61 s."""
+    assert kis_token(cli_env, "secret", "set", APP_KEY, stdin=SECRET + "\n").returncode == 0
+    with KisSimulator(apps={APP_KEY: SECRET}, refusals_per_window=1, issue_latency_s=0) as sim:
+        env = {**cli_env, "KOREA_INVESTMENT_BASE_URL": sim.base_url}
+        assert kis_token(env, "issue").returncode == 0
+        for args, extra in (
+            (["--issue-window", "1"], {}),
+            ([], {"KOREA_INVESTMENT_ISSUE_WINDOW_S": "1"}),
+        ):
+            started = time.monotonic()
+            result = kis_token({**env, **extra}, "issue", "--force", *args, timeout=40)
+            assert result.returncode == 0, result.stderr
+            assert time.monotonic() - started < 30  # 61 s without the setting
+            assert "retrying in 1.0 s" in result.stderr
+        assert sim.issued == 3 and sim.rate_limited == 2
+        bad = kis_token(env, "issue", "--issue-window", "0")
+        assert bad.returncode == 1 and "--issue-window must be" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_four_processes_with_secret_from_the_keyring_share_one_issuance(

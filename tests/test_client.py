@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -16,8 +18,11 @@ from kis_safe_token import (
     KisApiError,
     KoreaInvestment,
     LockedRedisTokenStorage,
+    SharedToken,
     TokenIssueError,
+    TokenStorageError,
 )
+from kis_safe_token.kis import ISSUE_WINDOW_ENV
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import format_kst
 
@@ -143,18 +148,81 @@ def test_rate_limited_issue_backs_off_rechecks_and_retries(token_path: Path) -> 
         assert 1.0 <= time.monotonic() - started < 10
 
 
-def test_a_wait_timeout_shorter_than_the_holders_worst_case_is_refused(token_path: Path) -> None:
-    # A waiter must outlast a holder that meets EGW00133: one call, the window, a second call.
-    with pytest.raises(ValueError, match="wait_timeout") as info:
-        KoreaInvestment(
-            APP_KEY,
-            SECRET,
-            token_storage=FileTokenStorage(token_path, wait_timeout=60),
-            base_url="http://127.0.0.1:9",
-        )
-    assert "issue window" in str(info.value)
-    storage = FileTokenStorage(token_path, wait_timeout=60)
-    storage.check_timing(http_timeout_s=2.0, issue_window_s=50.0)  # 54 s needed: fine
+NOWHERE = "http://127.0.0.1:9"  # never called: these clients are only built
+
+
+def test_a_short_wait_is_accepted_and_noted_once_per_store(
+    token_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A web request with a 5 s budget may say so: the trade-off is logged, not refused.
+    storage = FileTokenStorage(token_path, wait_timeout=5)
+    with caplog.at_level(logging.INFO, logger="kis_safe_token"):
+        for _ in range(2):
+            SharedToken(APP_KEY, SECRET, storage, base_url=NOWHERE)
+    notes = [r.getMessage() for r in caplog.records if "shorter than a holder" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("FileTokenStorage: wait_timeout 5.0 s")
+    assert "KIS issue window 61.0 s" in notes[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kis_safe_token"):  # the default covers it: silent
+        SharedToken(APP_KEY, SECRET, FileTokenStorage(token_path), base_url=NOWHERE)
+    assert not [r for r in caplog.records if "shorter than a holder" in r.getMessage()]
+    for nonsense in (0, -1, float("nan"), float("inf"), 10**9):
+        with pytest.raises(ValueError, match="wait_timeout"):
+            FileTokenStorage(token_path, wait_timeout=nonsense)
+
+
+def test_a_short_waiter_gives_up_holding_nothing_while_the_holder_goes_on(
+    token_path: Path,
+) -> None:
+    """The holder meets EGW00133 and sits out the window holding the lock; a caller with a
+    0.5 s budget raises TokenStorageError saying so, and the fleet still issues once."""
+    with KisSimulator(apps={APP_KEY: SECRET}, refusals_per_window=1, issue_latency_s=0) as sim:
+        issue_elsewhere(sim)
+        answers: list[object] = []
+
+        def hold() -> None:
+            answers.append(client(sim, token_path, rate_limit_wait_s=3.0).fetch_price("005930"))
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        short = FileTokenStorage(token_path, wait_timeout=0.5)
+        try:
+            assert sim.wait_for(lambda s: s.rate_limited == 1)  # the holder is sitting it out
+            started = time.monotonic()
+            with pytest.raises(TokenStorageError) as info:
+                KoreaInvestment(APP_KEY, SECRET, token_storage=short, base_url=sim.base_url)
+            assert time.monotonic() - started < 5
+            message = str(info.value)
+            assert "wait_timeout" in message and "EGW00133" in message
+            assert "holds nothing" in message and "tokens.json" in message
+            assert sim.issued == 1  # the waiter never asked KIS
+        finally:
+            thread.join(30)
+        assert answers and answers[0]["rt_cd"] == "0"  # type: ignore[index]
+        assert sim.issued == 2 and sim.rate_limited == 1  # elsewhere, then the holder: once
+        waiter = KoreaInvestment(APP_KEY, SECRET, token_storage=short, base_url=sim.base_url)
+        assert waiter.fetch_price("005930")["rt_cd"] == "0"  # the holder's token
+        assert sim.issued == 2
+
+
+def test_the_issue_window_is_a_setting(token_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KIS (a simulator, a gateway) with a short window: the client sits out what the
+    environment says, not 61 s. (The simulator's window ends with its first refusal, so the
+    sit-out measured is the client's own.)"""
+    monkeypatch.setenv(ISSUE_WINDOW_ENV, "1.5")
+    with KisSimulator(apps={APP_KEY: SECRET}, refusals_per_window=1, issue_latency_s=0) as sim:
+        issue_elsewhere(sim)
+        started = time.monotonic()
+        broker = client(sim, token_path)  # issues: refused, sits out 1.5 s, asks again
+        assert 1.5 <= time.monotonic() - started < 15
+        assert broker.rate_limit_wait_s == 1.5
+        assert broker.fetch_price("005930")["rt_cd"] == "0"
+        assert sim.issued == 2 and sim.rate_limited == 1
+    assert client(sim, token_path, rate_limit_wait_s=2).rate_limit_wait_s == 2.0  # argument wins
+    for bad in ("0", "-3", "soon", "nan", "1e9"):
+        monkeypatch.setenv(ISSUE_WINDOW_ENV, bad)
+        with pytest.raises(ValueError, match=ISSUE_WINDOW_ENV):
+            client(sim, token_path)
 
 
 def test_base_url_comes_from_the_environment(

@@ -6,6 +6,7 @@ parameters at their edges. Real processes, a real redis-server, the simulator ov
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing as mp
 import threading
@@ -398,11 +399,16 @@ def test_edge_timings_of_the_file_backend_are_refused(tmp_path: Path) -> None:
             FileTokenStorage(tmp_path / "t.json", **{name: value})
 
 
-def test_a_wait_timeout_a_dead_holders_lock_outlives_is_refused() -> None:
+def test_a_wait_shorter_than_a_dead_holders_lock_is_the_callers_choice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     import fakeredis
 
-    with pytest.raises(ValueError, match="wait_timeout"):
-        LockedRedisTokenStorage(client=fakeredis.FakeRedis(), lock_ttl=30, wait_timeout=20)
+    storage = LockedRedisTokenStorage(client=fakeredis.FakeRedis(), lock_ttl=20, wait_timeout=5)
+    with caplog.at_level(logging.INFO, logger="kis_safe_token"):
+        storage.check_timing(http_timeout_s=13.05)
+    assert "wait_timeout 5.0 s is shorter than a holder's worst case" in caplog.text
+    assert "takeover 20.0 s" in caplog.text
 
 
 def test_a_tiny_lock_ttl_within_bounds_works(redis_url: str, key_prefix: str) -> None:

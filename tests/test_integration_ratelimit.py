@@ -35,7 +35,7 @@ from kis_safe_token.testing.simulator import REAL_CALLS_PER_SECOND
 
 CLIENTS = UPSTREAM_CLIENTS
 PROCESSES, CALLS = 4, 15
-DEFAULT_RATE = 18.0  # 90 % of KIS's 20/s for a real account
+DEFAULT_RATE = 20.0  # KIS's 20/s for a real account
 
 
 def _require(name: str) -> None:
@@ -210,7 +210,7 @@ def test_a_process_mixing_our_client_and_an_integration_counts_once(
 ) -> None:
     """Two threads at full demand, one on ``kis_safe_token.KoreaInvestment``, one on the
     integration, same storage: one limiter (the file beside the token file) spaces both, so
-    the pair keeps to 18/s together (two limiters would let 36/s through)."""
+    the pair keeps to 20/s together (two limiters would let 40/s through)."""
     _require(name)
     client, shared = build(name, ctx)
     ours = OurKoreaInvestment(
@@ -245,7 +245,7 @@ def test_a_process_mixing_our_client_and_an_integration_counts_once(
     assert metered_sim.too_many_calls == 0
     assert metered_sim.counts["uapi_calls"] == 2 * per_thread
     assert metered_sim.peak_calls_per_second[UPSTREAM_APP_KEY] <= REAL_CALLS_PER_SECOND
-    # Slots 1/18 s apart for both threads: 60 calls cannot take less than 59 intervals.
+    # Slots 1/20 s apart (or a little more) for both threads: 60 calls take 59 intervals.
     assert elapsed >= 0.95 * (2 * per_thread - 1) / DEFAULT_RATE
 
 
@@ -379,7 +379,7 @@ def test_rate_keywords_reach_the_shared_token(name: str, ctx: ScenarioContext) -
 
 def test_pykis_rate_keywords_set_the_traded_domain(ctx: ScenarioContext) -> None:
     """In virtual mode the keywords set the virtual app key's limit (KIS's virtual default
-    1.8/s otherwise); the real domain (quotes) keeps 18/s unless the limit is turned off."""
+    2/s otherwise); the real domain (quotes) keeps 20/s unless the limit is turned off."""
     _require("pykis")
     from kis_safe_token.integrations.pykis import PyKis
 
@@ -393,6 +393,6 @@ def test_pykis_rate_keywords_set_the_traded_domain(ctx: ScenarioContext) -> None
         real, virtual = (kis._kst_tokens[d].rate_limiter for d in ("real", "virtual"))
         return (real and real.rate, virtual and virtual.rate)
 
-    assert limits() == (DEFAULT_RATE, 1.8)
+    assert limits() == (DEFAULT_RATE, 2.0)
     assert limits(calls_per_second=5) == (DEFAULT_RATE, 5)
     assert limits(calls_per_second=0) == (None, None)

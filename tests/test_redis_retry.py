@@ -236,11 +236,9 @@ def fail() -> Token:
     raise AssertionError("a waiter must not issue")
 
 
-def test_a_store_down_for_good_fails_after_retry_timeout(key_prefix: str) -> None:
-    from kis_safe_token.testing.redis_server import free_port
-
+def test_a_store_down_for_good_fails_after_retry_timeout(key_prefix: str, dead_port: int) -> None:
     storage = LockedRedisTokenStorage(
-        f"redis://127.0.0.1:{free_port()}/0", key_prefix=key_prefix, retry_timeout_s=0.5
+        f"redis://127.0.0.1:{dead_port}/0", key_prefix=key_prefix, retry_timeout_s=0.5
     )
     started = time.monotonic()
     with pytest.raises(TokenStorageError, match="after"):

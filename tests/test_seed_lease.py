@@ -351,8 +351,8 @@ def test_lease_options_are_validated(tmp_path: Path) -> None:
         FileTokenStorage(path, seed_lease=True, lease_ttl=0)
     with pytest.raises(ValueError, match="issue_window_s"):
         FileTokenStorage(path, seed_lease=True, issue_window_s=-1)
-    with pytest.raises(ValueError, match="wait_timeout"):
-        FileTokenStorage(path, seed_lease=True, wait_timeout=30)  # < KIS's 61 s window
+    # A wait shorter than KIS's 61 s window is the caller's choice: accepted (and logged).
+    assert FileTokenStorage(path, seed_lease=True, wait_timeout=30).seed_lease
     with pytest.raises(ValueError, match="seed_lease"):
         FileTokenStorage(path, seed_lease="yes")  # type: ignore[arg-type]
 
@@ -377,11 +377,9 @@ def test_bad_lease_variables_are_named(tmp_path: Path, name: str, value: str) ->
         create_token_storage(env)
 
 
-def test_unreachable_store_is_a_storage_error_not_a_grant() -> None:
-    from kis_safe_token.testing.redis_server import free_port
-
+def test_unreachable_store_is_a_storage_error_not_a_grant(dead_port: int) -> None:
     storage = LockedRedisTokenStorage(
-        f"redis://127.0.0.1:{free_port()}/0",
+        f"redis://127.0.0.1:{dead_port}/0",
         seed_lease=True,
         connect_timeout_s=0.2,
         lock_ttl=0.5,
@@ -477,7 +475,10 @@ def test_get_or_issue_waits_for_a_seed_holders_save_instead_of_issuing(make: Bui
 
 
 def test_a_seed_client_waits_while_get_or_issue_issues(make: Build) -> None:
-    seed, ours = make(), make()
+    # Ours holds its Redis lock through the whole slow issue: with the fixture's 0.5 s lock_ttl
+    # a loaded machine let it lapse mid-issue, the save was refused, and the seed client was
+    # granted the lease instead of the token.
+    seed, ours = make(), make(lock_ttl=30.0)
     asked, answer = threading.Event(), threading.Event()
 
     def slow_issue() -> Token:

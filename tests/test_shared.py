@@ -113,7 +113,7 @@ def test_bad_arguments_are_named_value_errors(token_path: Path) -> None:
         SharedToken(APP_KEY, "bad secret", storage)
     assert "bad secret" not in str(info.value)
     with pytest.raises(ValueError, match="wait_timeout"):
-        SharedToken(APP_KEY, SECRET, FileTokenStorage(token_path, wait_timeout=10))
+        SharedToken(APP_KEY, SECRET, FileTokenStorage(token_path, wait_timeout=float("nan")))
 
 
 def test_child_forked_mid_refresh_gets_its_own_lock_and_session(token_path: Path) -> None:

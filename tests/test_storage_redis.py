@@ -21,7 +21,7 @@ from kis_safe_token import (
 )
 from kis_safe_token.storage.factory import create_token_storage
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.redis_server import RedisServer, free_port
+from kis_safe_token.testing.redis_server import RedisServer
 from kis_safe_token.token import Token
 
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + "r" * 120
@@ -258,8 +258,8 @@ def test_wait_for_a_stuck_holder_ends_in_storage_error(redis_url: str, key_prefi
     assert len(calls) == 2  # the holder kept its lock through the sit-out and asked again
 
 
-def test_nothing_listening_is_a_storage_error_within_bounded_time() -> None:
-    storage = LockedRedisTokenStorage(f"redis://127.0.0.1:{free_port()}/0", key_prefix="dead")
+def test_nothing_listening_is_a_storage_error_within_bounded_time(dead_port: int) -> None:
+    storage = LockedRedisTokenStorage(f"redis://127.0.0.1:{dead_port}/0", key_prefix="dead")
     started = time.monotonic()
     with pytest.raises(TokenStorageError):
         storage.get_or_issue("key1", "secret1", lambda: pytest.fail("must not issue"))

@@ -223,7 +223,10 @@ def _acquire(flight: Flight) -> Protocol:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TokenStorageError(
-                f"timed out after {wait_timeout:.1f} s waiting for {got.waiting_on}"
+                f"timed out after {wait_timeout:.1f} s (wait_timeout) waiting for "
+                f"{got.waiting_on}: it is issuing the token, or sitting out KIS's "
+                f"one-issue-per-minute window (EGW00133) before asking again; this caller "
+                "holds nothing and the holder goes on"
             )
         seen = yield Wait(got, max(0.001, min(left, got.poll_s)))
         if seen is not None and not isinstance(seen, Busy):

@@ -23,7 +23,7 @@ What changes (install with ``pip install 'kis-safe-token[korea-investment-stock]
   ``$KOREA_INVESTMENT_BASE_URL``, else upstream's (the real KIS host).
 - ``check_access_token()`` only reads the store (upstream's would issue through our bridge).
 - **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
-  :class:`kis_safe_token.KoreaInvestment`: ``None`` is 18/s for a real account, ``0`` off): every
+  :class:`kis_safe_token.KoreaInvestment`: ``None`` is 20/s for a real account, ``0`` off): every
   send of ``_request_with_token_refresh`` (the one path of every REST method) takes a slot of
   the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage, the re-send
   after an expired token included (taken in ``issue_access_token(force=True)``, which upstream

@@ -41,18 +41,16 @@ CALLS_PER_SECOND_ENV: Final = "KOREA_INVESTMENT_CALLS_PER_SECOND"
 #: KIS's documented limits per app key: REST calls per second.
 KIS_CALLS_PER_SECOND_REAL: Final = 20.0
 KIS_CALLS_PER_SECOND_VIRTUAL: Final = 2.0
-#: The share of KIS's limit the fleet uses by default. KIS counts calls when they reach it,
-#: we space them when they leave: calls spaced evenly at 90 % arrive with 10 % of an interval
-#: of slack each (5.6 ms at 18/s, 56 ms at 1.8/s), so network jitter has to bunch two or more
-#: extra calls into one second (>= 110 ms of spread at 18/s) before KIS counts 21. It also leaves
-#: room for a second of clock disagreement between the Redis (or host) clock and KIS's counter,
-#: at a cost of 10 % of throughput.
-SAFETY_MARGIN: Final = 0.9
+#: The share of KIS's limit the fleet is configured for by default: all of it. The limiter
+#: itself keeps any one-second window to ``rate`` calls as they arrive, with
+#: :data:`~kis_safe_token.ratelimit.base.ARRIVAL_JITTER_S` of slack (see
+#: :mod:`kis_safe_token.ratelimit.base`), so KIS's own limit is safe: about 96 % of it is sent.
+SAFETY_MARGIN: Final = 1.0
 
 
 def default_calls_per_second(mock: bool) -> float:
-    """What ``calls_per_second=None`` means: 90 % of KIS's limit for the account type
-    (real 20/s -> 18/s, virtual 2/s -> 1.8/s)."""
+    """What ``calls_per_second=None`` means: KIS's limit for the account type (real 20/s,
+    virtual 2/s), which the limiter never exceeds in any one-second window."""
     base = KIS_CALLS_PER_SECOND_VIRTUAL if mock else KIS_CALLS_PER_SECOND_REAL
     return base * SAFETY_MARGIN
 

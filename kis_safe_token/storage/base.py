@@ -16,14 +16,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, TypeGuard
 
-from .._checks import check_seconds
+from .._checks import check_seconds, note_short_wait
 from ..crypto import Sealer
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..flight import engine
 from ..flight.drivers import run_sync
 from ..flight.lock import IssuanceLock, LocalIssuanceLock, _local_lock, jittered
-from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S
+from ..kis import HTTP_TIMEOUT_S, resolve_issue_window_s
 from ..ratelimit.base import RateLimiter
 from ..ratelimit.memory import MemoryRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
@@ -53,7 +53,7 @@ def default_wait_timeout(takeover_s: float = 0.0) -> float:
     KIS call, an ``EGW00133`` window sat out, and a second KIS call. A waiter that gave up sooner
     would fail while the fleet is about to hold a token.
     """
-    return takeover_s + ISSUE_WINDOW_S + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
+    return takeover_s + resolve_issue_window_s() + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
 
 
 class TokenStorage(ABC):
@@ -93,23 +93,23 @@ class TokenStorage(ABC):
         """How long a dead holder can keep others from issuing (0: its lock dies with it)."""
         return 0.0
 
-    def check_timing(
-        self, *, http_timeout_s: float, issue_window_s: float = ISSUE_WINDOW_S
-    ) -> None:
-        """``ValueError`` unless a waiter outlasts a holder's worst case with these timings.
+    def check_timing(self, *, http_timeout_s: float, issue_window_s: float | None = None) -> None:
+        """Note (once per store, at INFO) a ``wait_timeout`` shorter than a holder's worst case.
 
         The worst case: a dead holder taken over (:meth:`takeover_s`), one KIS call of up to
         ``http_timeout_s``, an ``EGW00133`` window of ``issue_window_s`` sat out, a second call.
+        A shorter wait is allowed (a request with a budget of its own): such a waiter raises
+        :class:`TokenStorageError` when it runs out. The default ``wait_timeout`` covers it.
         Clients call this with their HTTP timeout; call it yourself when you issue by hand.
         """
-        need = self.takeover_s() + issue_window_s + 2 * http_timeout_s
-        if self.wait_timeout < need:
-            raise ValueError(
-                f"wait_timeout ({self.wait_timeout:.1f} s) must be at least {need:.1f} s: "
-                f"takeover {self.takeover_s():.1f} s + KIS issue window {issue_window_s:.1f} s "
-                f"+ 2 x HTTP timeout {http_timeout_s:.1f} s, or a waiter gives up while the "
-                "fleet is about to hold a token"
-            )
+        window = resolve_issue_window_s(issue_window_s, name="issue_window_s")
+        takeover = self.takeover_s()
+        note_short_wait(
+            self,
+            takeover + window + 2 * http_timeout_s,
+            f"takeover {takeover:.1f} s + KIS issue window {window:.1f} s "
+            f"+ 2 x HTTP timeout {http_timeout_s:.1f} s",
+        )
 
     # -- the call-rate limit -----------------------------------------------------------------------
     def rate_limiter(self, api_key: str, calls_per_second: float) -> RateLimiter:
@@ -235,7 +235,7 @@ class SealedTokenStorage(TokenStorage):
         clock: Callable[[], float] = time.time,
         seed_lease: bool = False,
         lease_ttl: float | None = None,
-        issue_window_s: float = ISSUE_WINDOW_S,
+        issue_window_s: float | None = None,
     ) -> None:
         self._encryption_keys = tuple(encryption_keys)
         self.refresh_margin_s = (

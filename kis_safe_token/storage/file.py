@@ -27,7 +27,6 @@ from ..crypto import key_id
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..flight.lock import HELD, Attempt, Busy, IssuanceLock, jittered
-from ..kis import ISSUE_WINDOW_S
 from ..ratelimit.file import FileRateLimiter, shared_file_rate_limiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
@@ -101,7 +100,7 @@ class FileTokenStorage(SealedTokenStorage):
         clock: Callable[[], float] = time.time,
         seed_lease: bool = False,
         lease_ttl: float | None = None,
-        issue_window_s: float = ISSUE_WINDOW_S,
+        issue_window_s: float | None = None,
     ) -> None:
         super().__init__(
             encryption_keys=encryption_keys,

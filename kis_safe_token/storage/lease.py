@@ -67,11 +67,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
-from .._checks import check_seconds
+from .._checks import check_seconds, note_short_wait
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..flight.engine import Flight
 from ..flight.lock import Attempt, Busy, IssuanceLock, Seen, jittered
+from ..kis import resolve_issue_window_s
 from ..token import Token
 
 if TYPE_CHECKING:
@@ -259,20 +260,21 @@ class SeedLease:
 
 
 def new_seed_lease(
-    storage: SealedTokenStorage, lease_ttl: float | None, issue_window_s: float
+    storage: SealedTokenStorage, lease_ttl: float | None, issue_window_s: float | None
 ) -> SeedLease:
     """The lease of ``storage``; ``ValueError`` naming the argument if a timing is unusable."""
     ttl = LEASE_TTL_S if lease_ttl is None else lease_ttl
     ttl = check_seconds("lease_ttl", ttl, high=MAX_LEASE_TTL_S)
-    window = 0.0 if issue_window_s == 0 else issue_window_s
-    if window:
-        window = check_seconds("issue_window_s", window, high=MAX_LEASE_TTL_S)
-    if storage.wait_timeout <= max(ttl, window):
-        raise ValueError(
-            f"wait_timeout ({storage.wait_timeout:.1f} s) must exceed lease_ttl ({ttl:.1f} s) "
-            f"and issue_window_s ({window:.1f} s), or a waiter gives up before the next holder "
-            "may issue"
-        )
+    window = (
+        0.0
+        if issue_window_s == 0
+        else resolve_issue_window_s(issue_window_s, name="issue_window_s")
+    )
+    note_short_wait(
+        storage,
+        max(ttl, window) + 0.001,
+        f"lease_ttl {ttl:.1f} s, issue_window_s {window:.1f} s: the next holder may issue after",
+    )
     return SeedLease(storage, ttl, window)
 
 

@@ -27,15 +27,21 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without pytest
     raise ImportError("kis_safe_token.testing.ratelimit_contract requires pytest") from exc
 
-from ..ratelimit.base import SLOWDOWN_FACTOR, RateLimiter, RateLimitTimeout
+from ..ratelimit.base import (
+    ARRIVAL_JITTER_S,
+    SLOWDOWN_FACTOR,
+    RateLimiter,
+    RateLimitTimeout,
+    slot_interval_s,
+)
 
 __all__ = ["LimiterFactory", "RateLimiterContract"]
 
 LimiterFactory = Callable[[str, float], RateLimiter]
 
-#: 10 calls/s: slots 100 ms apart.
+#: 10 calls/s: slots just over 100 ms apart (:func:`slot_interval_s`).
 RATE = 10.0
-INTERVAL_S = 1 / RATE
+INTERVAL_S = slot_interval_s(RATE)
 #: Clock resolution and float rounding: a wait may exceed its slot's offset by no more.
 EPSILON_S = 0.001
 
@@ -51,9 +57,10 @@ def new_name() -> str:
 
 
 class RateLimiterContract:
-    """Slots spaced ``1 / rate`` apart, shared by every object on the same state, independent
-    per name; ``try_acquire`` never reserves past ``max_wait_s``; ``acquire`` times out at once;
-    ``penalize`` halves the rate, started once; threads get distinct slots."""
+    """Slots spaced :func:`slot_interval_s` apart (no more than ``rate`` in any second), shared
+    by every object on the same state, independent per name; ``try_acquire`` never reserves
+    past ``max_wait_s``; ``acquire`` times out at once; ``penalize`` halves the rate, started
+    once; threads get distinct slots."""
 
     @pytest.fixture
     def make_limiter(self) -> LimiterFactory:
@@ -83,7 +90,7 @@ class RateLimiterContract:
         assert limiter.try_acquire(0.0) is None  # the next slot is ~1 s away
         assert limiter.try_acquire(0.0) is None
         wait = limiter.try_acquire(2.0)  # the refusals reserved nothing: this is slot 2, not 4
-        assert wait is not None and wait <= 1.0 + EPSILON_S
+        assert wait is not None and wait <= limiter.interval_s + EPSILON_S
 
     def test_two_objects_on_one_name_share_the_rate(self, make_limiter: LimiterFactory) -> None:
         name = new_name()
@@ -150,4 +157,18 @@ class RateLimiterContract:
         # No update lost: the 80 slots are consumed, so the next one is 80 intervals after the
         # first (less the time that passed), not fewer.
         nxt = limiter.try_acquire(5.0)
-        assert nxt is not None and nxt >= 80 / rate - since(started)
+        assert nxt is not None and nxt >= 80 * slot_interval_s(rate) - since(started)
+
+    def test_no_second_holds_more_than_rate_slots_from_a_burst(
+        self, make_limiter: LimiterFactory
+    ) -> None:
+        """``rate + 1`` slots taken at once span more than a second: KIS, counting any
+        one-second window, sees no more than ``rate``; the last begins at least half the
+        jitter allowance after the first's second (the other half is this test's clock)."""
+        for rate in (2.0, 5.0, 20.0):
+            limiter = make_limiter(new_name(), rate)
+            started = time.monotonic()
+            waits = [limiter.try_acquire(5.0) for _ in range(int(rate) + 1)]
+            assert all(wait is not None for wait in waits)
+            assert waits[-1] is not None
+            assert waits[-1] >= 1.0 + ARRIVAL_JITTER_S / 2 - since(started)

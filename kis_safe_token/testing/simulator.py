@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -98,7 +98,7 @@ class KisSimulator:
     answers instead of after ``issue_window_s`` (as if the minute had passed while the client
     sat it out): a test of a sit-out then races no wall clock, however loaded the machine.
     ``clock``: the simulator's time, for expiries and for the HTTP ``Date`` of every answer.
-    ``calls_per_second``: calls allowed per app key in each second of ``clock``, on every
+    ``calls_per_second``: calls allowed per app key in any one second of ``clock``, on every
     ``/uapi/`` path and on ``/oauth2/Approval`` (one window per app key for both); beyond it
     HTTP 500 ``EGW00201`` as KIS answers it. ``"kis"`` (:data:`KIS_LIMITS`) or ``True``: KIS's
     own limits, :data:`REAL_CALLS_PER_SECOND` for a real account's app key and
@@ -118,7 +118,7 @@ class KisSimulator:
 
     Counters (:attr:`counts`): ``uapi_calls`` (``/uapi/`` calls answered within the limit),
     ``EGW00201``, ``approval_requests``, ``approvals_issued``; :attr:`peak_calls_per_second`:
-    the most calls of each app key answered in one second (Approval included).
+    the most calls of each app key in any one second (Approval included).
     """
 
     def __init__(
@@ -140,7 +140,7 @@ class KisSimulator:
         self.calls_per_second = _checked_rate(calls_per_second)
         self.mock = mock
         self.virtual_apps = frozenset(_checked_apps(virtual_apps))
-        self._window: dict[str, tuple[int, int]] = {}
+        self._window: dict[str, deque[float]] = {}
         self._refuse_next = 0
         self.peak_calls_per_second: Counter[str] = Counter()
         self.approval_keys: list[str] = []
@@ -266,10 +266,9 @@ class KisSimulator:
     def outside_calls(self, app_key: str, calls: int) -> None:
         """Count ``calls`` ``/uapi/`` calls of ``app_key`` in the current second, as a program
         outside the fleet using the same app key would (needs ``calls_per_second``)."""
-        second = int(self.clock())
+        now = self.clock()
         with self._cond:
-            start, count = self._window.get(app_key, (second, 0))
-            self._window[app_key] = (second, (count if start == second else 0) + calls)
+            self._last_second(app_key, now).extend([now] * calls)
 
     def refuse_calls(self, calls: int) -> None:
         """Answer the next ``calls`` ``/uapi/`` calls with ``EGW00201`` whatever the rate: an
@@ -280,17 +279,17 @@ class KisSimulator:
     def _metered(self, app_key: str, *, uapi: bool = True) -> tuple[int, dict[str, Any]] | None:
         """``EGW00201`` if this call of ``app_key`` (a ``/uapi/`` one, else ``Approval``) is over
         the app key's limit, else ``None``."""
-        second = int(self.clock())
+        now = self.clock()
         limit = self.limit_for(app_key)
         with self._cond:
             refused = self._refuse_next > 0 and uapi
             if refused:
                 self._refuse_next -= 1
             elif limit is not None:
-                start, count = self._window.get(app_key, (second, 0))
-                count = (count if start == second else 0) + 1
-                self._window[app_key] = (second, count)
-                refused = count > limit
+                window = self._last_second(app_key, now)
+                refused = len(window) >= limit
+                if not refused:  # a refused call is not counted against the next ones
+                    window.append(now)
             if refused:
                 self.counts[TOO_MANY_CALLS] += 1
                 self._count_app_key(app_key, TOO_MANY_CALLS)
@@ -305,9 +304,18 @@ class KisSimulator:
                 self._count_app_key(app_key, "calls")
             if limit is not None:
                 peak = self.peak_calls_per_second
-                peak[app_key] = max(peak[app_key], self._window[app_key][1])
+                peak[app_key] = max(peak[app_key], len(self._window[app_key]))
             self._cond.notify_all()
         return None
+
+    def _last_second(self, app_key: str, now: float) -> deque[float]:
+        """The metered calls of ``app_key`` in the second up to ``now`` (call with the lock
+        held). KIS counts any one-second window, not calendar seconds: two bursts either side
+        of a second's edge are one second's calls."""
+        window = self._window.setdefault(app_key, deque())
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        return window
 
     def issued_tokens(self) -> list[str]:
         with self._cond:

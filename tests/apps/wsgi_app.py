@@ -2,7 +2,8 @@
 ``KoreaInvestment`` per worker process (built at import, so ``--preload`` builds it in the master).
 
 Configured by the environment: ``KOREA_INVESTMENT_*`` for storage and host, plus
-``KIS_TEST_APP_KEY`` / ``KIS_TEST_APP_SECRET``.
+``KIS_TEST_APP_KEY`` / ``KIS_TEST_APP_SECRET``; ``KIS_TEST_READY_DIR``: a folder where each
+worker leaves a file named by its pid once it has imported the app.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def _broker() -> KoreaInvestment:
 
 if os.environ.get("KIS_TEST_BUILD_AT_IMPORT") == "1":
     _broker()
+
+# A worker says it is up (without --preload every worker imports the app after the fork), so a
+# test can wait for the whole fleet rather than the first worker that answers.
+if os.environ.get("KIS_TEST_READY_DIR"):
+    open(os.path.join(os.environ["KIS_TEST_READY_DIR"], str(os.getpid())), "w").close()
 
 
 def app(environ, start_response):  # type: ignore[no-untyped-def]
