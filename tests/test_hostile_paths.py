@@ -10,6 +10,7 @@ limit, so a regression fails the test instead of hanging or starving the suite.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -26,7 +27,7 @@ from typing import Any
 import filelock
 import pytest
 
-from kis_safe_token import FileTokenStorage, TokenStorageError
+from kis_safe_token import FileTokenStorage, TokenStorageError, create_token_storage
 from kis_safe_token.token import Token
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file types and modes")
@@ -171,12 +172,87 @@ def token_dir(token_path: Path) -> Path:
 # -- the token path ------------------------------------------------------------------------
 
 
+def refuse_then_touch_nothing(path: str) -> dict[str, Any]:
+    """Every operation on a token path that is not the library's own file: an error or a miss
+    in bounded time, nothing written there or beside it."""
+    storage = FileTokenStorage(path, wait_timeout=5)
+    started = time.monotonic()
+    result: dict[str, Any] = {"loaded": storage.load_token("key1", "secret1")}
+    result["saved"] = storage.save_token(token_data())
+    errors = []
+    for attempt in (
+        lambda: storage.get_or_issue("key1", "secret1", fail_issue),
+        lambda: storage.rate_limiter("key1", 20),
+        lambda: storage.invalidate_token("key1", "secret1", TOKEN_A),
+    ):
+        try:
+            attempt()
+            errors.append("no error")
+        except TokenStorageError as exc:
+            errors.append(str(exc))
+    result["errors"] = errors
+    result["elapsed_s"] = time.monotonic() - started
+    return result
+
+
+def assert_refused_and_untouched(result: dict[str, Any], path: Path, kind: str) -> None:
+    assert result["loaded"] is None and result["saved"] is False
+    assert len(result["errors"]) == 3
+    for message in result["errors"]:
+        assert f"is {kind}, not a token file" in message and str(path) in message, message
+    assert result["elapsed_s"] < OPERATION_BOUND_S
+    siblings = sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+    assert siblings == [], siblings  # no lock, rate or temporary file beside it
+
+
 @pytest.mark.timeout(120)
-def test_fifo_at_the_token_path_is_a_miss_and_is_replaced(
+def test_fifo_at_the_token_path_is_refused_and_left_alone(
     token_dir: Path, token_path: Path
 ) -> None:
     os.mkfifo(token_path, 0o600)
-    assert_miss_then_replaced(run_bounded(load_then_issue, token_path), token_path)
+    assert_refused_and_untouched(
+        run_bounded(refuse_then_touch_nothing, token_path), token_path, "a FIFO"
+    )
+    assert stat.S_ISFIFO(os.lstat(token_path).st_mode)
+
+
+@pytest.mark.timeout(120)
+def test_device_node_at_the_token_path_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """Pointed at a device node (``/dev/null`` as root): the node stays a node, and nothing
+    is created in its folder. A node of our own in a private folder stands in for ``/dev``."""
+    folder = tmp_path / "dev"
+    folder.mkdir(mode=0o700)
+    node = folder / "null"
+    try:
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    except PermissionError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("mknod needs root")
+    assert_refused_and_untouched(
+        run_bounded(refuse_then_touch_nothing, node), node, "a character device"
+    )
+    assert stat.S_ISCHR(os.lstat(node).st_mode)
+    # The same through the real path, read-only checks only: /dev gets no sibling either.
+    with pytest.raises(TokenStorageError, match="character device"):
+        FileTokenStorage("/dev/null").get_or_issue("key1", "secret1", fail_issue)
+    assert not Path("/dev/null.lock").exists()
+
+
+def test_relative_file_path_is_made_absolute_once_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="kis_safe_token"):
+        storage = FileTokenStorage("cache/tokens.json")
+    assert storage.token_file == tmp_path / "cache" / "tokens.json"
+    assert f"is {tmp_path / 'cache' / 'tokens.json'}" in caplog.text
+    monkeypatch.chdir("/")  # a later chdir() does not move the store
+    assert storage.save_token(token_data())
+    assert (tmp_path / "cache" / "tokens.json").is_file()
+    monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_FILE", "cache/tokens.json")
+    with pytest.raises(ValueError, match="KOREA_INVESTMENT_TOKEN_FILE must be an absolute path"):
+        create_token_storage()
 
 
 @pytest.mark.timeout(120)
@@ -189,14 +265,17 @@ def test_symlink_to_a_device_is_a_miss_and_is_replaced(
     assert stat.S_ISCHR(os.stat(device).st_mode)
 
 
-def test_unix_socket_at_the_token_path_is_a_miss_and_is_replaced(
+def test_unix_socket_at_the_token_path_is_refused_and_left_alone(
     token_dir: Path, token_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(token_dir)  # a socket's path must be short
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(token_path.name)
         assert stat.S_ISSOCK(os.lstat(token_path).st_mode)
-        assert_miss_then_replaced(load_then_issue(str(token_path)), token_path)
+        assert_refused_and_untouched(
+            refuse_then_touch_nothing(str(token_path)), token_path, "a socket"
+        )
+        assert stat.S_ISSOCK(os.lstat(token_path).st_mode)
 
 
 def test_symlink_to_a_token_file_elsewhere_is_not_followed(

@@ -112,9 +112,13 @@ class FileTokenStorage(SealedTokenStorage):
             issue_window_s=issue_window_s,
         )
         try:
-            self.token_file = Path(file_path).expanduser() if file_path else default_token_path()
+            path = Path(file_path).expanduser() if file_path else default_token_path()
         except RuntimeError:  # "~nosuchuser/...": no such home directory
             raise ValueError("file_path names the home of a user this host does not know") from None
+        if not path.is_absolute():  # made absolute once: a later chdir() changes nothing
+            logger.info("FileTokenStorage: relative file_path %s is %s", path, path.absolute())
+            path = path.absolute()
+        self.token_file = path
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
         self.poll_interval_s = check_seconds("poll_interval_s", poll_interval_s, high=1.0)
         # One lock object per storage, made here and not lazily: two threads racing to create it
@@ -161,6 +165,7 @@ class FileTokenStorage(SealedTokenStorage):
             return None
         except OSError as exc:
             raise TokenStorageError(f"cannot stat token file {self.token_file}: {exc}") from exc
+        _refuse_foreign(self.token_file, st.st_mode)
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _entries(self, sig: _Signature, *, fresh: bool = False) -> dict[str, str]:
@@ -317,7 +322,9 @@ class FileTokenStorage(SealedTokenStorage):
 
     # -- the issuance lock -------------------------------------------------------------------
     def _lock(self) -> filelock.FileLock:
-        """The issuance lock (re-entrant in one thread), its folder created if missing."""
+        """The issuance lock (re-entrant in one thread), its folder created if missing; nothing
+        is created beside a token path that is not the library's own file."""
+        self._signature()  # TokenStorageError for a device, FIFO, socket or directory there
         try:
             _make_private_dir(self.lock_file.parent)
         except OSError as exc:
@@ -332,6 +339,7 @@ class FileTokenStorage(SealedTokenStorage):
     def rate_limiter(self, api_key: str, calls_per_second: float) -> FileRateLimiter:
         """Host-wide: a 16-byte record in ``<token file>.rate-<key id>``, beside the token file
         (one limiter object per file and rate in a process)."""
+        self._signature()  # no sibling beside a device, FIFO, socket or directory
         path = self.token_file.with_name(f"{self.token_file.name}.rate-{key_id(api_key)}")
         return shared_file_rate_limiter(path, calls_per_second)
 
@@ -416,6 +424,29 @@ def _parse_document(raw: bytes, path: Path) -> dict[str, str]:
 def _failure_id(api_key: str) -> str:
     """The entry of an app key's failure record (beside its token's, in the same document)."""
     return key_id(api_key) + ":failure"
+
+
+_FOREIGN_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _refuse_foreign(path: Path, mode: int) -> None:
+    """:class:`TokenStorageError` naming what is at ``path`` unless it is a regular file or a
+    link (a link is a miss, and a save replaces the link itself, never its target): the
+    library reads, writes, replaces and creates siblings only where its own file is or will be.
+    """
+    for test, kind in _FOREIGN_KINDS:
+        if test(mode):
+            raise TokenStorageError(
+                f"token path {path} is {kind}, not a token file: nothing was read or written "
+                "there; give the storage a file path of its own (file_path= or "
+                "KOREA_INVESTMENT_TOKEN_FILE)"
+            )
 
 
 def _why_not_opened(path: Path) -> str | None:
