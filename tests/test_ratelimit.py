@@ -406,3 +406,62 @@ def test_acquire_async_awaits_the_slot() -> None:
 
     first, second = asyncio.run(two())
     assert first == 0.0 and 0.25 <= second <= limiter.interval_s + 0.001
+
+
+# -- a wall-clock step on the host ---------------------------------------------------------------
+
+_STEPPED_CHILD = r"""
+import json, sys, time
+offset, path, rate, calls = float(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+real = time.time
+time.time = lambda: real() + offset  # this process reads the wall clock after (or before) a step
+from kis_safe_token.ratelimit.file import FileRateLimiter
+limiter = FileRateLimiter(path, rate)
+print("ready", flush=True)
+sys.stdin.readline()
+stamps = []
+for _ in range(calls):
+    limiter.acquire(10)
+    stamps.append(time.monotonic())
+print(json.dumps(stamps), flush=True)
+"""
+
+
+@pytest.mark.parametrize("step_s", [3.0, 40.0, -40.0])
+def test_a_wall_clock_step_costs_no_burst_and_no_stall(tmp_path: Path, step_s: float) -> None:
+    """Two processes on one host share a file limiter; one reads the wall clock ``step_s``
+    away from the other (the clock stepped between their reads). On the wall clock the step
+    put slots in the past (a burst: 14 EGW00201 at +3 s) or 40 s ahead (no call for 40 s)."""
+    import json
+    import subprocess
+    import sys
+
+    rate, calls = 10.0, 15
+    path = tmp_path / "rate-shared"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STEPPED_CHILD, str(offset), str(path), str(rate), str(calls)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for offset in (0.0, step_s)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for proc in procs:  # released together
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        outs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    stamps = sorted(t for out, _ in outs for t in json.loads(out))
+    assert len(stamps) == 2 * calls
+    most = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
+    assert most <= rate + 1, most  # spaced as one fleet (+1 for a late wake on a busy host)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) < 1.5, max(gaps)  # nobody waits for a slot the step put in its future

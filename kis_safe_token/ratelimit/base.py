@@ -8,7 +8,7 @@ one number, the TAT (theoretical arrival time of the next free slot); a caller t
 ``max(TAT, now)``, moves the TAT one interval on, and sleeps until its slot. Why GCRA rather than
 a sliding window of call times:
 
-- one number of state, read and written in one step (one Lua call, one 16-byte record), so the
+- one number of state, read and written in one step (one Lua call, one 24-byte record), so the
   cost per call does not grow with the rate or the fleet;
 - a reservation tells the caller how long to sleep, so nobody polls: no herd of retries, and
   slots go out first come, first served (fair: no process starves);

@@ -1,11 +1,18 @@
 """``FileRateLimiter``: the rate limit of every process of this user on this host.
 
-The state is one 16-byte record (the TAT and the end of a slowdown, two little-endian doubles,
-epoch seconds) in a small file beside the token file, updated under ``flock`` on that same file:
+The state is one 24-byte record (the TAT and the end of a slowdown, two little-endian doubles
+in seconds of :func:`host_clock`, and the boot they belong to) in a small file beside the token
+file, updated under ``flock`` on that same file:
 ``flock`` + ``pread`` + ``pwrite`` + unlock, a few microseconds, no fsync (a lost record after a
 crash costs at most one early call). Bounded in size (the record is rewritten in place, never
 appended) and in time (the lock is held for two page-cache syscalls; the kernel frees a dead
 holder's lock at once).
+
+Time is the host's clock that never steps (``CLOCK_BOOTTIME`` on Linux, ``time.monotonic``
+elsewhere: one clock for every process of the host), not the wall clock: a wall clock stepped
+forward would put slots in the past (a burst KIS refuses), stepped back it would leave every
+process waiting for a TAT in its future. A record of another boot (the clock restarted at 0)
+is started afresh.
 """
 
 from __future__ import annotations
@@ -30,9 +37,32 @@ except ImportError:  # pragma: no cover - Windows: a filelock on a sibling file 
     fcntl = None  # type: ignore[assignment]
     import filelock
 
-__all__ = ["FileRateLimiter", "shared_file_rate_limiter"]
+__all__ = ["FileRateLimiter", "host_clock", "shared_file_rate_limiter"]
 
-_RECORD: Final = struct.Struct("<dd")
+_RECORD: Final = struct.Struct("<ddQ")
+
+
+def _host_clock() -> Callable[[], float]:
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:  # pragma: no cover - not Linux: monotonic is host-wide there too
+        return time.monotonic
+    return lambda: time.clock_gettime(boottime)
+
+
+#: Seconds of the host's clock that never steps, shared by every process of the host.
+host_clock: Final = _host_clock()
+
+
+def _boot_tag() -> int:
+    """This boot of the host, as 64 bits (Linux's ``boot_id``; 0 where there is none)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return int(fh.read().strip().replace("-", "")[:16], 16)
+    except (OSError, ValueError):  # pragma: no cover - not Linux
+        return 0
+
+
+_BOOT: Final = _boot_tag()
 _OPEN_FLAGS: Final = (
     os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 )
@@ -50,7 +80,7 @@ class FileRateLimiter(RateLimiter):
     inline = True
 
     def __init__(
-        self, path: Path | str, calls_per_second: float, *, clock: Callable[[], float] = time.time
+        self, path: Path | str, calls_per_second: float, *, clock: Callable[[], float] = host_clock
     ) -> None:
         self.rate = check_rate(calls_per_second)
         self.path = Path(path)
@@ -114,14 +144,14 @@ class FileRateLimiter(RateLimiter):
                     self._winlock.acquire()
                 try:
                     raw = os.pread(fd, _RECORD.size, 0)
-                    tat, slow_until = (
-                        _RECORD.unpack(raw) if len(raw) == _RECORD.size else (0.0, 0.0)
+                    tat, slow_until, boot = (
+                        _RECORD.unpack(raw) if len(raw) == _RECORD.size else (0.0, 0.0, _BOOT)
                     )
-                    if not (math.isfinite(tat) and math.isfinite(slow_until)):
-                        tat, slow_until = 0.0, 0.0  # a torn or foreign record: start afresh
+                    if boot != _BOOT or not (math.isfinite(tat) and math.isfinite(slow_until)):
+                        tat, slow_until = 0.0, 0.0  # another boot's, torn or foreign: afresh
                     new = step(tat, slow_until, self._clock())
                     if new is not None:
-                        os.pwrite(fd, _RECORD.pack(*new), 0)
+                        os.pwrite(fd, _RECORD.pack(*new, _BOOT), 0)
                 finally:
                     if fcntl is not None:
                         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -337,7 +337,7 @@ class FileTokenStorage(SealedTokenStorage):
 
     # -- the call-rate limit -------------------------------------------------------------------
     def rate_limiter(self, api_key: str, calls_per_second: float) -> FileRateLimiter:
-        """Host-wide: a 16-byte record in ``<token file>.rate-<key id>``, beside the token file
+        """Host-wide: a 24-byte record in ``<token file>.rate-<key id>``, beside the token file
         (one limiter object per file and rate in a process)."""
         self._signature()  # no sibling beside a device, FIFO, socket or directory
         path = self.token_file.with_name(f"{self.token_file.name}.rate-{key_id(api_key)}")
