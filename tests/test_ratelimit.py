@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -76,13 +77,16 @@ def test_a_tat_far_ahead_of_the_clock_is_reset_not_obeyed() -> None:
 
 def test_a_torn_rate_file_starts_afresh(tmp_path: Path) -> None:
     path = tmp_path / "rate"
-    path.write_bytes(b"\xff" * 16)  # two NaNs
+    path.write_bytes(b"\xff" * 24)  # two NaNs and a boot that is not this one
     limiter = FileRateLimiter(path, 10)
     assert limiter.try_acquire(0) == 0.0
-    assert path.stat().st_size == 16
+    assert path.stat().st_size == 24
     for _ in range(50):
         limiter.try_acquire(60)
-    assert path.stat().st_size == 16  # bounded: rewritten in place, never appended
+    assert path.stat().st_size == 24  # bounded: rewritten in place, never appended
+    old = tmp_path / "rate-of-an-older-version"
+    old.write_bytes(struct.pack("<dd", time.time() + 50, 0.0))  # wall-clock seconds, no boot
+    assert FileRateLimiter(old, 10).try_acquire(0) == 0.0
 
 
 def test_default_rate_is_kis_limit_for_the_account_type() -> None:
