@@ -46,3 +46,53 @@ def test_an_injected_client_redis_ha_did_not_build_still_needs_redis_client() ->
     storage = LockedRedisTokenStorage(client=redis.Redis(port=1))
     with pytest.raises(ValueError, match="redis_client="):
         storage.async_client()
+
+
+@pytest.mark.parametrize("sentinels", [1, 2, 3])
+def test_dead_sentinels_fail_within_the_retry_bound(
+    sentinels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sentinel on a closed port, ``KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT=0.5``: sync and
+    asyncio fail within the bound plus a second (before: 3.9 / 8.1 / 13.4 s, the sentinels'
+    own connections kept redis-py's default retries), in one line naming the cause."""
+    import asyncio
+    import socket
+    import time
+
+    from kis_safe_token import TokenStorageError
+    from kis_safe_token.flight.aio import AsyncStore
+
+    held = [socket.socket() for _ in range(sentinels)]
+    try:
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))  # bound, never listening: connect is refused at once
+        addresses = ",".join(f"127.0.0.1:{sock.getsockname()[1]}" for sock in held)
+        monkeypatch.setenv("KOREA_INVESTMENT_TOKEN_STORAGE", "redis")
+        monkeypatch.setenv("KOREA_INVESTMENT_REDIS_MODE", "sentinel")
+        monkeypatch.setenv("KOREA_INVESTMENT_REDIS_SENTINELS", addresses)
+        monkeypatch.setenv("KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT", "0.5")
+
+        def never() -> None:
+            raise AssertionError("must not issue")
+
+        storage = create_token_storage()
+        started = time.monotonic()
+        with pytest.raises(TokenStorageError) as info:
+            storage.get_or_issue("key1", "secret1", never)  # type: ignore[arg-type]
+        assert time.monotonic() - started < 1.5
+        assert "No master found" in str(info.value) and "<redis." not in str(info.value)
+
+        async def async_get() -> float:
+            store = AsyncStore(create_token_storage())
+            began = time.monotonic()
+            try:
+                with pytest.raises(TokenStorageError):
+                    await store.get_or_issue("key1", "secret1", never)  # type: ignore[arg-type]
+            finally:
+                await store.aclose()
+            return time.monotonic() - began
+
+        assert asyncio.run(async_get()) < 1.5
+    finally:
+        for sock in held:
+            sock.close()

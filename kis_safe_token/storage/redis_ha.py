@@ -161,10 +161,14 @@ def sentinel_client(
     data_kwargs: dict[str, Any] = {**timeouts, **tls_options}
     if password:
         data_kwargs["password"] = password
+    # No retries of redis-py's, for the sentinels' connections too (their default retries
+    # with backoff made one attempt of ours take 4 s per dead sentinel): one of ours asks the
+    # sentinels again (redis_retry), within the caller's deadline.
     manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(sentinels), sentinel_kwargs=sentinel_kwargs, **data_kwargs
+        list(sentinels),
+        sentinel_kwargs={**sentinel_kwargs, "retry": Retry(NoBackoff(), 0)},
+        **data_kwargs,
     )
-    # No retries of redis-py's: one of ours asks the sentinels again (redis_retry).
     client = manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
     setattr(
         client,
@@ -185,7 +189,9 @@ def _async_sentinel(
     from redis.backoff import NoBackoff
 
     manager = AsyncSentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs=sentinel_kwargs, **data_kwargs
+        sentinels,
+        sentinel_kwargs={**sentinel_kwargs, "retry": AsyncRetry(NoBackoff(), 0)},
+        **data_kwargs,
     )
     return manager.master_for(service_name, retry=AsyncRetry(NoBackoff(), 0))
 

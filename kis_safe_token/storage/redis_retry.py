@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -185,6 +186,17 @@ async def redis_retry_async(
             await asyncio.sleep(_pause_or_raise(exc, attempts, started, deadline, what, where))
 
 
+def brief(exc: BaseException) -> str:
+    """``exc``'s message, short: redis-py's "No master found" lists a client repr per sentinel
+    (hundreds of characters each); that becomes the causes alone."""
+    text = str(exc)
+    head, sep, tail = text.partition(" : <redis.")
+    if sep:
+        causes = sorted(set(re.findall(r" - (\w+:\w+)", tail)))
+        text = f"{head} (from each sentinel: {', '.join(causes) or 'no answer'})"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _pause_or_raise(
     exc: BaseException, attempts: int, started: float, deadline: float, what: str, where: str
 ) -> float:
@@ -192,15 +204,19 @@ def _pause_or_raise(
     is not transient or the deadline has passed."""
     now = time.monotonic()
     if not is_transient(exc):
-        raise TokenStorageError(f"Redis {what} failed ({where}): {exc}") from exc
+        raise TokenStorageError(f"Redis {what} failed ({where}): {brief(exc)}") from exc
     if now >= deadline:
         raise TokenStorageError(
             f"Redis {what} failed ({where}) after {attempts} attempt(s) in "
-            f"{now - started:.1f} s: {exc}"
+            f"{now - started:.1f} s: {brief(exc)}"
         ) from exc
     if attempts == 1:
         logger.warning(
-            "Redis %s failed (%s), retrying for up to %.1f s: %s", what, where, deadline - now, exc
+            "Redis %s failed (%s), retrying for up to %.1f s: %s",
+            what,
+            where,
+            deadline - now,
+            brief(exc),
         )
     bound = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(attempts - 1, 16))
     return min(random.uniform(bound / 2, bound), max(0.0, deadline - now))
