@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -102,3 +103,38 @@ def test_gunicorn_fleet_under_load_gets_no_egw00201(
     assert metered_sim.counts["uapi_calls"] >= 64  # (and the start-up probes)
     assert metered_sim.peak_calls_per_second[APP_KEY] <= REAL_CALLS_PER_SECOND
     assert (tmp_path / "cache" / f"tokens.json.rate-{key_id(APP_KEY)}").exists()
+
+
+def test_redis_state_lost_mid_run_costs_no_egw00201(metered_sim: KisSimulator) -> None:
+    """``FLUSHALL`` while 8 processes call at the default rate (the same as a restart without
+    persistence, or a failover to a replica that never got the key): the slots handed out
+    before the loss keep their second, so KIS sees no more than its limit (before: the TAT
+    restarted at "now" beside them, 8 EGW00201 within 2 s at 16 processes)."""
+    import threading
+
+    import redis
+
+    from kis_safe_token.testing.redis_server import RedisServer
+
+    with RedisServer() as server:  # its own: FLUSHALL must not touch other tests' keys
+        spec = {"kind": "redis", "url": server.url, "key_prefix": "lost"}
+        outcome: list[tuple[float, list[dict[str, Any]], list[str]]] = []
+        herd = threading.Thread(
+            target=lambda: outcome.append(
+                run_call_herd(PROCESSES, CALLS, spec, metered_sim.base_url)
+            )
+        )
+        herd.start()
+        try:
+            assert metered_sim.wait_for(lambda s: s.counts["uapi_calls"] >= 60, timeout=60)
+            client = redis.Redis.from_url(server.url)
+            assert client.keys("lost:*:rate")  # the limiter's state is there ...
+            client.flushall()  # ... and is gone
+            client.close()
+        finally:
+            herd.join(120)
+    _, reports, errors = outcome[0]
+    assert errors == []
+    assert [r["answered"] for r in reports] == [CALLS] * PROCESSES
+    assert metered_sim.too_many_calls == 0
+    assert metered_sim.peak_calls_per_second[HERD_APP_KEY] <= REAL_CALLS_PER_SECOND

@@ -120,7 +120,7 @@ def test_redis_limiter_never_begins_more_than_rate_slots_in_a_second(
 
 
 def test_the_default_rate_is_kis_own_limit() -> None:
-    """Safe at KIS's limit, so the default is the limit: the fleet reaches ~96 % of it."""
+    """Safe at KIS's limit, so the default is the limit: the fleet reaches ~95 % of it."""
     assert default_calls_per_second(mock=False) == 20.0
     assert default_calls_per_second(mock=True) == 2.0
 

@@ -44,7 +44,7 @@ KIS_CALLS_PER_SECOND_VIRTUAL: Final = 2.0
 #: The share of KIS's limit the fleet is configured for by default: all of it. The limiter
 #: itself keeps any one-second window to ``rate`` calls as they arrive, with
 #: :data:`~kis_safe_token.ratelimit.base.ARRIVAL_JITTER_S` of slack (see
-#: :mod:`kis_safe_token.ratelimit.base`), so KIS's own limit is safe: about 96 % of it is sent.
+#: :mod:`kis_safe_token.ratelimit.base`), so KIS's own limit is safe: about 95 % of it is sent.
 SAFETY_MARGIN: Final = 1.0
 
 

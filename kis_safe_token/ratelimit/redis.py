@@ -9,6 +9,12 @@ A slot costs one round trip: one ``EVALSHA`` of :data:`RESERVE_LUA`. The script 
 server's own clock (``TIME``), so the hosts of a fleet need no clock agreement: the caller gets
 back a *relative* wait. Both keys expire by themselves (the TAT one interval after it is reached,
 the slowdown after its hold), so an idle app key leaves nothing behind.
+
+State lost mid-run (``FLUSHALL``, a restart without persistence, a failover to a replica that
+never got the key) must not restart the slots at "now" while slots already handed out are still
+to come: each caller passes the queue it last saw ahead of it (while that observation is
+recent), and a missing TAT is re-seeded that far ahead of now, so the slots given out before
+the loss keep their second to themselves.
 """
 
 from __future__ import annotations
@@ -27,14 +33,17 @@ _US: Final = 1_000_000
 RESERVE_LUA: Final = """
 -- KEYS[1] the TAT (integer microseconds, Redis clock), KEYS[2] the slowdown flag.
 -- ARGV[1] interval in us, ARGV[2] longest wait in us the caller accepts, ARGV[3] slowdown factor,
--- ARGV[4] how far ahead a TAT may be before it is taken for a clock step and reset (us).
+-- ARGV[4] how far ahead a TAT may be before it is taken for a clock step and reset (us),
+-- ARGV[5] the queue (us) the caller last saw, for a TAT that is missing (the state was lost).
 -- Returns {reserved (1/0), wait in us}: reserved, the caller's slot begins after the wait.
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then interval = interval * tonumber(ARGV[3]) end
-local tat = tonumber(redis.call('GET', KEYS[1])) or 0
+local raw = redis.call('GET', KEYS[1])
+local tat = 0
+if raw then tat = tonumber(raw) or 0 else tat = now + tonumber(ARGV[5]) end
 if tat > now + tonumber(ARGV[4]) then tat = now end
 local start = math.max(tat, now)
 local wait = start - now
@@ -80,6 +89,10 @@ class RedisRateLimiter(RateLimiter):
         self._redis_where = where
         self._retry_timeout_s = retry_timeout_s
         self._scripts: dict[tuple[int, str], Any] = {}
+        # The queue this process last saw ahead of its slot, and until when (monotonic) that
+        # observation still describes slots handed out: what a lost TAT is re-seeded with.
+        self._seen_queue_s = 0.0
+        self._seen_until = 0.0
 
     def _script(self, client: Any, source: str) -> Any:
         cache_key = (id(client), source)
@@ -133,6 +146,10 @@ class RedisRateLimiter(RateLimiter):
         keys, args = self.reserve_call(max_wait_s)
         return self.reserve_result(self._eval("reserve", RESERVE_LUA, keys, args, deadline))
 
+    def _recent_queue_s(self) -> float:
+        """The queue last seen, while slots handed out then may still be ahead; else 0."""
+        return self._seen_queue_s if time.monotonic() < self._seen_until else 0.0
+
     def reserve_call(self, max_wait_s: float) -> tuple[list[str], list[Any]]:
         """``(keys, args)`` of :data:`RESERVE_LUA` for one reservation: an asyncio client runs
         the same script on ``redis.asyncio`` with them, then reads :meth:`reserve_result`."""
@@ -141,6 +158,7 @@ class RedisRateLimiter(RateLimiter):
             int(min(max(0.0, max_wait_s), MAX_WAIT_S) * _US),
             SLOWDOWN_FACTOR,
             int(STALE_AHEAD_S * _US),
+            int(self._recent_queue_s() * _US),
         ]
         return [self._key, self._slow_key], args
 
@@ -174,11 +192,16 @@ class RedisRateLimiter(RateLimiter):
         """How long a transient Redis error (a failover) is retried."""
         return self._retry_timeout_s
 
-    @staticmethod
-    def reserve_result(reply: Any) -> float | None:
-        """The wait in seconds that :data:`RESERVE_LUA`'s reply grants, or ``None``."""
+    def reserve_result(self, reply: Any) -> float | None:
+        """The wait in seconds that :data:`RESERVE_LUA`'s reply grants, or ``None``; a granted
+        one is remembered as the queue seen (see the module's docstring)."""
         reserved, wait_us = reply
-        return int(wait_us) / _US if int(reserved) else None
+        if not int(reserved):
+            return None
+        wait = int(wait_us) / _US
+        self._seen_queue_s = wait + self.interval_s
+        self._seen_until = time.monotonic() + self._seen_queue_s + 1.0
+        return wait
 
     def _slow_down(self, hold_s: float) -> bool:
         return self._slow_down_by(hold_s, None)
