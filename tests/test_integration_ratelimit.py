@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HERD_CALLS_PER_SECOND
 from upstream_herd import (
     UPSTREAM_APP_KEY,
     UPSTREAM_CLIENTS,
@@ -185,7 +186,9 @@ def test_a_herd_of_each_integration_gets_no_egw00201(
     name: str, metered_sim: KisSimulator, tmp_path: Path
 ) -> None:
     _require(name)
-    errors = _herd(name, metered_sim, tmp_path)
+    errors = _herd(
+        name, metered_sim, tmp_path, env={CALLS_PER_SECOND_ENV: str(HERD_CALLS_PER_SECOND)}
+    )
     assert errors == []
     assert metered_sim.too_many_calls == 0
     assert metered_sim.counts["uapi_calls"] == PROCESSES * CALLS  # every call answered, once

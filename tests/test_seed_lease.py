@@ -746,3 +746,50 @@ def test_sync_seed_code_on_the_loop_thread_is_not_the_async_holder(make: Build) 
 
     assert asyncio.run(main()).access_token == token("ours").access_token
     assert issued == ["ours"]
+
+
+@pytest.mark.parametrize("asked_kis", [False, True], ids=["before-kis", "during-kis"])
+def test_a_task_cancelled_with_the_lease_keeps_the_fleet_out_only_if_kis_was_asked(
+    make: Build, asked_kis: bool
+) -> None:
+    """Cancelled after its grant but before asking KIS, a task leaves no quiet mark: nothing can
+    have been issued, so the next caller issues at once (before: the fleet waited out the 61 s
+    window). Cancelled while asking KIS, the mark stays: KIS may have issued, and a new ask
+    within the window would be an EGW00133."""
+    window = 30.0
+    storage = make(issue_window_s=window)
+    read = storage.read_token
+
+    def cancelled_at_the_fresh_read(*args: Any, fresh: bool = False) -> Token | None:
+        if fresh and not asked_kis:
+            raise asyncio.CancelledError  # as a cancel delivered at the read after the grant
+        return read(*args, fresh=fresh)
+
+    storage.read_token = cancelled_at_the_fresh_read  # type: ignore[method-assign]
+    asked: list[str] = []
+
+    async def issue() -> Token:
+        asked.append("ours")
+        raise asyncio.CancelledError  # cancelled while the request is out at KIS
+
+    async def main() -> None:
+        ours = AsyncStore(storage)
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await ours.get_or_issue(K, S, issue)
+        finally:
+            await ours.aclose()
+
+    in_thread(asyncio.run, main()).result(timeout=10)
+    assert asked == (["ours"] if asked_kis else [])
+    other = make(issue_window_s=window, wait_timeout=2.0)
+    started = time.monotonic()
+    if asked_kis:
+        with pytest.raises(TokenStorageError, match="KIS issue window"):
+            other.get_or_issue(K, S, lambda: pytest.fail("asked KIS within the window"))
+    else:
+        assert (
+            other.get_or_issue(K, S, lambda: token("next")).access_token
+            == token("next").access_token
+        )
+    assert time.monotonic() - started < 5

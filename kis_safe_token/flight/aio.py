@@ -92,6 +92,7 @@ class AsyncStore:
             return await asyncio.sleep(step.seconds)
         if step is ISSUE:
             assert issue is not None
+            flight.lock.issuing()
             return await issue()
         if step is RELEASE:
             return await asyncio.shield(self._run(flight.lock.release))

@@ -76,6 +76,7 @@ def run_sync(flight: Flight, protocol: Protocol, issue: Callable[[], Token] | No
                 time.sleep(step.seconds)
             elif step is ISSUE:
                 assert issue is not None
+                flight.lock.issuing()
                 reply = issue()
             else:
                 reply = io_call(flight, step)()

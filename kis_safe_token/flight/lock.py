@@ -91,6 +91,10 @@ class IssuanceLock(ABC):
         """Said by the asyncio driver before the first attempt: this lock serves one task, not
         the thread it runs on (a lock whose owner is otherwise the thread takes a task's own)."""
 
+    def issuing(self) -> None:  # noqa: B027 - most locks do not care
+        """Said by the driver right before the holder asks KIS: from here on, a release must
+        assume KIS may have issued (the seed lease keeps its quiet mark then, and only then)."""
+
     def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
         """Keep holding a lock that expires by itself (called while the holder works)."""
 

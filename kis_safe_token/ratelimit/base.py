@@ -42,6 +42,7 @@ __all__ = [
     "ACQUIRE_TIMEOUT_S",
     "ARRIVAL_JITTER_S",
     "LATE_WAKE_S",
+    "MAX_RETAKES",
     "MAX_CALLS_PER_SECOND",
     "MAX_WAIT_S",
     "MIN_CALLS_PER_SECOND",
@@ -71,6 +72,8 @@ ARRIVAL_JITTER_S: Final = 0.05
 #: A caller that wakes later than this after its slot takes a new one (see
 #: :meth:`RateLimiter.acquire`): half the jitter allowance, the other half is the network's.
 LATE_WAKE_S: Final = ARRIVAL_JITTER_S / 2
+#: How many slots in a row a late caller lets go before it goes on its reply's time.
+MAX_RETAKES: Final = 3
 #: After ``EGW00201`` the fleet's interval is multiplied by this (the rate halves) ...
 SLOWDOWN_FACTOR: Final = 2.0
 #: ... for this long (extended by every further ``EGW00201``).
@@ -170,25 +173,27 @@ class RateLimiter(ABC):
         """Block until this caller's slot; the seconds slept. :class:`RateLimitTimeout` if no
         slot is free within ``timeout_s`` (at once if the queue is longer than that).
 
-        A caller that wakes more than :data:`LATE_WAKE_S` after its slot (a CPU-starved host
-        oversleeps) lets the slot go and takes a new one: sent now, its call would bunch with the
-        next callers' and KIS could count ``rate + 1`` in one second. Within it, it goes: the
-        lateness is inside the :data:`ARRIVAL_JITTER_S` the slots are spaced for.
+        A caller that wakes more than :data:`LATE_WAKE_S` after its slot may have begun (a
+        CPU-starved host oversleeps, or the reservation's reply came back late: the slot is
+        counted from when it was asked for) lets the slot go and takes a new one: sent now, its
+        call would bunch with the next callers' and KIS could count ``rate + 1`` in one second.
+        Within it, it goes: the lateness is inside the :data:`ARRIVAL_JITTER_S` the slots are
+        spaced for. After :data:`MAX_RETAKES` such misses it goes on the reply's time.
         """
         deadline = time.monotonic() + max(0.0, timeout_s)
-        slept = 0.0
+        slept, misses = 0.0, 0
         while True:
-            left = deadline - time.monotonic()
-            wait = self._reserve_by(min(max(0.0, left), MAX_WAIT_S), deadline)
+            asked = time.monotonic()
+            wait = self._reserve_by(min(max(0.0, deadline - asked), MAX_WAIT_S), deadline)
             if wait is None:
                 raise self._no_slot(timeout_s)
-            if wait <= 0:
-                return slept
-            slot = time.monotonic() + wait
-            self.sleep(wait)
-            slept += wait
+            slot = self.slot_start(asked, wait, misses)
+            if wait > 0:
+                self.sleep(wait)
+                slept += wait
             if not self.missed(time.monotonic() - slot):
                 return slept
+            misses += 1
 
     async def acquire_async(
         self,
@@ -204,22 +209,23 @@ class RateLimiter(ABC):
         import asyncio  # here: a sync user of the library never imports asyncio
 
         deadline = time.monotonic() + max(0.0, timeout_s)
-        slept = 0.0
+        slept, misses = 0.0, 0
         while True:
-            max_wait_s = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S)
+            asked = time.monotonic()
+            max_wait_s = min(max(0.0, deadline - asked), MAX_WAIT_S)
             if try_acquire is None:
                 wait = self._reserve_by(max_wait_s, deadline)
             else:
                 wait = await try_acquire(max_wait_s, deadline)
             if wait is None:
                 raise self._no_slot(timeout_s)
-            if wait <= 0:
-                return slept
-            slot = time.monotonic() + wait
-            await asyncio.sleep(wait)
-            slept += wait
+            slot = self.slot_start(asked, wait, misses)
+            if wait > 0:
+                await asyncio.sleep(wait)
+                slept += wait
             if not self.missed(time.monotonic() - slot):
                 return slept
+            misses += 1
 
     async def try_acquire_async(
         self, max_wait_s: float, deadline: float | None = None, async_client: Any = None
@@ -256,6 +262,13 @@ class RateLimiter(ABC):
             f"no KIS call slot within {timeout_s:.1f} s at {self.rate:g} calls/s "
             f"({self.where}): too many callers share this app key's limit"
         )
+
+    @staticmethod
+    def slot_start(asked: float, wait: float, misses: int) -> float:
+        """When (``time.monotonic()``) a slot granted with ``wait`` may have begun: counted from
+        when it was ``asked`` for (the reply may come back late), or, after
+        :data:`MAX_RETAKES` misses in a row, from now (the host is that slow: go anyway)."""
+        return (asked if misses < MAX_RETAKES else time.monotonic()) + wait
 
     def missed(self, late_s: float) -> bool:
         """Whether a caller that woke ``late_s`` after its slot must take a new one (see

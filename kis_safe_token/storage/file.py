@@ -611,7 +611,7 @@ class FileLeaseRecords(LeaseRecords):
         lease = self._peek(api_key)
         return lease is not None and lease.active(self._storage.clock()) and lease.owner != owner
 
-    def release(self, api_key: str, owner: str) -> None:
+    def release(self, api_key: str, owner: str, *, unmark: bool = False) -> None:
         peek = self._peek(api_key)
         if peek is None or peek.owner != owner:
             return
@@ -620,7 +620,8 @@ class FileLeaseRecords(LeaseRecords):
             lease = _FileLease.loads(entries.get(_id(api_key)))
             if lease is None or lease.owner != owner:
                 return False
-            ended = _FileLease(None, lease.at, 0.0, lease.mark, lease.window)
+            ours = unmark and lease.mark == lease.at  # the mark our grant set, not a save's
+            ended = _FileLease(None, lease.at, 0.0, 0.0 if ours else lease.mark, lease.window)
             entries[_id(api_key)] = ended.dumps()
             return True
 

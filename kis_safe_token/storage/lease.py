@@ -127,8 +127,9 @@ class LeaseRecords(ABC):
         """Whether someone other than ``owner`` holds an active lease."""
 
     @abstractmethod
-    def release(self, api_key: str, owner: str) -> None:
-        """End ``owner``'s lease if it still holds it (the quiet mark stays)."""
+    def release(self, api_key: str, owner: str, *, unmark: bool = False) -> None:
+        """End ``owner``'s lease if it still holds it; the quiet mark stays unless ``unmark``
+        and it is the one ``owner``'s grant set (it never asked KIS)."""
 
     @abstractmethod
     def save_newest(
@@ -254,9 +255,12 @@ class SeedLease:
                 "saved (both are valid at KIS)"
             )
 
-    def released_by_delete(self, api_key: str, owner: str | None = None) -> None:
-        """``delete_token`` by the holder ends its lease (``owner``: default this thread's)."""
-        self._records.release(api_key, thread_owner() if owner is None else owner)
+    def released_by_delete(
+        self, api_key: str, owner: str | None = None, *, unmark: bool = False
+    ) -> None:
+        """``delete_token`` by the holder ends its lease (``owner``: default this thread's);
+        ``unmark``: the holder never asked KIS, so its grant's quiet mark goes too."""
+        self._records.release(api_key, thread_owner() if owner is None else owner, unmark=unmark)
 
 
 def new_seed_lease(
@@ -344,6 +348,7 @@ class LeasedLock(IssuanceLock):
         self._owner = thread_owner()
         self._stage = 0
         self._held_lease = False
+        self._asked_kis = False
         self._retry_at = 0.0
         self._waiting_on = "a token"
 
@@ -399,6 +404,10 @@ class LeasedLock(IssuanceLock):
             return await self._lock.wait_async(busy, timeout_s)
         return await super().wait_async(busy, timeout_s)
 
+    def issuing(self) -> None:
+        self._asked_kis = True
+        self._lock.issuing()
+
     def extend(self) -> None:
         self._lock.extend()
 
@@ -416,4 +425,9 @@ class LeasedLock(IssuanceLock):
         finally:
             if self._held_lease:  # a no-op after our save, which ended it
                 self._held_lease = False
-                self._lease.released_by_delete(self._api_key, self._owner)
+                # Never asked KIS (cancelled, or the store failed first): nothing can have been
+                # issued, so our grant's quiet mark goes too and the next caller is not kept
+                # out for KIS's window.
+                self._lease.released_by_delete(
+                    self._api_key, self._owner, unmark=not self._asked_kis
+                )

@@ -596,9 +596,12 @@ return {1, 0, 0}
 """
 
 RELEASE_LEASE_LUA = """
--- KEYS[1] lease; ARGV[1] owner: delete the lease only if this owner still holds it.
+-- KEYS[1] lease, KEYS[2] quiet mark; ARGV[1] owner: delete the lease only if this owner still
+-- holds it; ARGV[2] '1': the holder never asked KIS, so the quiet mark goes too if its grant set
+-- it (the mark holds the granted owner id; a save's mark is a different value).
 local holder = redis.call('get', KEYS[1])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
+  if ARGV[2] == '1' and redis.call('get', KEYS[2]) == holder then redis.call('del', KEYS[2]) end
   return redis.call('del', KEYS[1])
 end
 return 0
@@ -658,12 +661,12 @@ class RedisLeaseRecords(LeaseRecords):
         text = holder.decode() if isinstance(holder, bytes) else str(holder)
         return text.rsplit(":", 1)[0] != owner  # the holder's id ends in ':<its ttl ms>'
 
-    def release(self, api_key: str, owner: str) -> None:
+    def release(self, api_key: str, owner: str, *, unmark: bool = False) -> None:
         storage = self._storage
         script = storage._script(RELEASE_LEASE_LUA)
-        lease_key = self._keys(api_key)[0]
-        args = [owner]
-        storage._call("lease release", lambda: script(keys=[lease_key], args=args))
+        keys = list(self._keys(api_key))
+        args = [owner, "1" if unmark else "0"]
+        storage._call("lease release", lambda: script(keys=keys, args=args))
 
     def save_newest(
         self,
