@@ -330,12 +330,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     storage = _storage(args)
     token = _load(storage, api_key, secret)
     info = _describe(token, storage)
-    info["rate_limit"] = _rate_info(storage, api_key)
+    info["rate_limit"] = _rate_info(storage, api_key, secret)
     _print_info(info, args.json)
     return 0
 
 
-def _rate_info(storage: TokenStorage, api_key: str) -> dict[str, Any]:
+def _rate_info(storage: TokenStorage, api_key: str, api_secret: str) -> dict[str, Any]:
     """The call-rate limit clients of this app key use here (``$KOREA_INVESTMENT_CALLS_PER_SECOND``
     or the default), where it is shared, and a learned slowdown in force."""
     real = resolve_calls_per_second(None, mock=False)
@@ -349,7 +349,7 @@ def _rate_info(storage: TokenStorage, api_key: str) -> dict[str, Any]:
     if real is None or virtual is None:
         info["text"] = f"off ({CALLS_PER_SECOND_ENV}=0)"
         return info
-    limiter = storage.rate_limiter(api_key, real)
+    limiter = storage.rate_limiter(api_key, real, api_secret=api_secret)
     left = limiter.slowdown_left_s()
     info.update(shared_by=limiter.where, slowdown_left_s=round(left, 1))
     info["text"] = (

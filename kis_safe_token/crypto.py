@@ -58,6 +58,15 @@ def derive_key(api_key: str, api_secret: str) -> bytes:
 
 
 @lru_cache(maxsize=64)
+def state_key(api_key: str, api_secret: str) -> bytes:
+    """The key (HMAC-SHA256 of the secret) that authenticates the fleet's shared state in Redis
+    (the rate limiter's keys): a value written without the secret is ignored and replaced."""
+    return hmac.new(
+        api_secret.encode(), FORMAT_VERSION + b"|state|" + api_key.encode(), "sha256"
+    ).digest()
+
+
+@lru_cache(maxsize=64)
 def fingerprint(api_key: str, api_secret: str) -> str:
     """HMAC-SHA256 keyed by the secret over the app key: whose entry this is, secret not stored."""
     mac = hmac.new(api_secret.encode(), FORMAT_VERSION + b"|fp|" + api_key.encode(), "sha256")

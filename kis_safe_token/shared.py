@@ -102,7 +102,9 @@ class TokenSettings:
         else:
             rate = resolve_calls_per_second(calls_per_second, mock=mock)
             self.rate_limiter = (
-                None if rate is None else self.token_storage.rate_limiter(api_key, rate)
+                None
+                if rate is None
+                else self.token_storage.rate_limiter(api_key, rate, api_secret=self.api_secret)
             )
 
     def __repr__(self) -> str:

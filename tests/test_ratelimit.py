@@ -469,3 +469,90 @@ def test_a_wall_clock_step_costs_no_burst_and_no_stall(tmp_path: Path, step_s: f
     assert most <= rate + 1, most  # spaced as one fleet (+1 for a late wake on a busy host)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert max(gaps) < 1.5, max(gaps)  # nobody waits for a slot the step put in its future
+
+
+# -- shared keys written by someone without the secret ------------------------------------------
+
+
+def _limiter_keys(storage: LockedRedisTokenStorage) -> tuple[str, str]:
+    token_key = storage._get_redis_key(APP_KEY)
+    return f"{token_key}:rate", f"{token_key}:rate:slow"
+
+
+@pytest.mark.parametrize("forged", ["far-ahead", "list", "nan", "garbage", "copied"])
+def test_a_rate_key_not_written_by_a_holder_of_the_secret_is_ignored(
+    redis_url: str, key_prefix: str, forged: str
+) -> None:
+    """The TAT set 95 s ahead with no TTL (before: no call for ~95 s, renewable), a list or "nan"
+    (before: every call a TokenStorageError), garbage, or a value copied from another app key's
+    limiter: ignored and overwritten, calls go on at once."""
+    storage = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix)
+    client = storage.redis_client
+    rate_key, _ = _limiter_keys(storage)
+    seconds, micros = client.time()
+    ahead_us = (seconds + 95) * 1_000_000 + micros
+    if forged == "far-ahead":
+        client.set(rate_key, str(ahead_us))
+    elif forged == "list":
+        client.rpush(rate_key, "x")
+    elif forged == "nan":
+        client.set(rate_key, "nan")
+    elif forged == "garbage":
+        client.set(rate_key, f"{ahead_us}:{'ab' * 20}", px=90_000)
+    else:  # a genuine value, but another app key's (its MAC binds its own key name)
+        other_key = storage._get_redis_key("PSotherAppKey0000000000000000000000")
+        other = RedisRateLimiter(lambda: client, f"{other_key}:rate", 0.1, mac_key=b"k" * 32)
+        other.try_acquire(0)
+        other.try_acquire(100)  # its TAT 10 s ahead
+        client.set(rate_key, client.get(f"{other_key}:rate"), px=20_000)
+    limiter = storage.rate_limiter(APP_KEY, 5, api_secret=SECRET)
+    assert limiter.try_acquire(0) == 0.0  # not kept out by the forged state
+    assert limiter.acquire(2) < 1.0  # and the next slot is the next interval's
+    assert client.type(rate_key) == b"string"
+    assert 0 < client.pttl(rate_key) <= 1_001 + 1_000 * limiter.interval_s  # ours, expiring
+
+
+def test_a_slowdown_flag_not_written_by_a_holder_of_the_secret_is_ignored(
+    redis_url: str, key_prefix: str, token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``:rate:slow=1`` with no TTL: before, 9.2/s for ever while ``status`` reported no
+    slowdown. Now the limiter ignores and deletes it, and status says what the limiter does; a
+    slowdown a holder of the secret started is honoured and reported."""
+    storage = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix)
+    client = storage.redis_client
+    _, slow_key = _limiter_keys(storage)
+    client.set(slow_key, "1")  # no TTL
+    limiter = storage.rate_limiter(APP_KEY, 10, api_secret=SECRET)
+    assert limiter.slowdown_left_s() == 0.0
+    assert not client.exists(slow_key)
+    client.set(slow_key, "1")
+    limiter.try_acquire(0)
+    assert limiter.try_acquire(10) == pytest.approx(limiter.interval_s, abs=0.01)  # not doubled
+    assert not client.exists(slow_key)
+    assert limiter.penalize(5.0)  # a genuine slowdown: started here, reported, honoured
+    assert 4.0 < limiter.slowdown_left_s() <= 5.0
+    assert not limiter.penalize(5.0)  # already in force: extended, not started again
+    client.persist(slow_key)  # a genuine value, its TTL removed: cut, never for ever
+    assert limiter.slowdown_left_s() == 0.0 and not client.exists(slow_key)
+
+
+@pytest.mark.parametrize("entry", ["token", "approval"])
+def test_a_wrong_type_at_a_token_or_approval_entry_is_a_miss_then_replaced(
+    redis_url: str, key_prefix: str, sim: KisSimulator, entry: str
+) -> None:
+    """A list at the token's or the approval key's entry (before: WRONGTYPE on every call)."""
+    storage = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix)
+    client = storage.redis_client
+    suffix = "" if entry == "token" else APPROVAL_SUFFIX
+    key = storage._get_redis_key(APP_KEY + suffix)
+    client.rpush(key, "not a token")
+    client.hset(f"{key}:lock", "x", "y")
+    client.rpush(f"{key}:failure", "z")
+    shared = SharedToken(APP_KEY, SECRET, storage, base_url=sim.base_url)
+    if entry == "token":
+        assert shared.bearer.startswith("Bearer ")
+        assert sim.issued == 1
+    else:
+        assert shared.approval_key in sim.approval_keys
+        assert sim.counts["approvals_issued"] == 1
+    assert client.type(key) == b"string"  # replaced by the sealed entry

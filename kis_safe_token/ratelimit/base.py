@@ -47,6 +47,7 @@ __all__ = [
     "MAX_WAIT_S",
     "MIN_CALLS_PER_SECOND",
     "SLOWDOWN_FACTOR",
+    "MAX_SLOWDOWN_S",
     "SLOWDOWN_S",
     "STALE_AHEAD_S",
     "RateLimitTimeout",
@@ -78,6 +79,8 @@ MAX_RETAKES: Final = 3
 SLOWDOWN_FACTOR: Final = 2.0
 #: ... for this long (extended by every further ``EGW00201``).
 SLOWDOWN_S: Final = 60.0
+#: The longest slowdown one ``EGW00201`` may impose (a shared flag claiming more is cut to it).
+MAX_SLOWDOWN_S: Final = 600.0
 #: A TAT further ahead than any reservation can make (``MAX_WAIT_S`` plus a slowed interval at
 #: the lowest rate) was written before a clock step back or a reboot: it is reset, not obeyed.
 STALE_AHEAD_S: Final = MAX_WAIT_S + 2 * SLOWDOWN_FACTOR / MIN_CALLS_PER_SECOND

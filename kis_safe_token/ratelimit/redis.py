@@ -19,48 +19,125 @@ the loss keep their second to themselves.
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .base import MAX_WAIT_S, SLOWDOWN_FACTOR, STALE_AHEAD_S, RateLimiter, check_rate
+from .base import (
+    MAX_SLOWDOWN_S,
+    MAX_WAIT_S,
+    SLOWDOWN_FACTOR,
+    STALE_AHEAD_S,
+    RateLimiter,
+    check_rate,
+)
 
-__all__ = ["PENALIZE_LUA", "RESERVE_LUA", "RedisRateLimiter"]
+__all__ = ["GET_LUA", "PENALIZE_LUA", "RESERVE_LUA", "SLOWDOWN_LEFT_LUA", "RedisRateLimiter"]
 
 _US: Final = 1_000_000
+_MAX_HOLD_MS: Final = int(MAX_SLOWDOWN_S * 1000)
 
-RESERVE_LUA: Final = """
--- KEYS[1] the TAT (integer microseconds, Redis clock), KEYS[2] the slowdown flag.
+#: Prepended to every script that reads a key: a key of another type (a list or hash someone
+#: wrote there by hand) reads as absent, and the script's SET then replaces it, instead of every
+#: call failing with WRONGTYPE.
+GET_LUA: Final = """
+local function get(key)
+  local value = redis.pcall('get', key)
+  if type(value) == 'table' and value.err then return false end
+  return value
+end
+"""
+
+#: HMAC-SHA1 in Lua (``redis.sha1hex`` twice): ARGV[6] and ARGV[7] are the key xor ipad / opad,
+#: precomputed by the caller, so the script only hashes.
+_MAC_LUA: Final = """
+local function hex2bin(h)
+  return (h:gsub('..', function(c) return string.char(tonumber(c, 16)) end))
+end
+local function mac(msg) return redis.sha1hex(ARGV[7] .. hex2bin(redis.sha1hex(ARGV[6] .. msg))) end
+"""
+
+#: The slowdown flag is trusted only with the value a holder of the secret writes and a TTL no
+#: longer than the longest hold; anything else (a stray SET, no TTL) is deleted. KEYS[n] the flag,
+#: ARGV[a] its value, ARGV[b] the longest hold in ms. Sets ``slow`` (true while it lasts).
+_SLOW_LUA: Final = """
+local function slowed(key, value, max_ms)
+  local flag = get(key)
+  if not flag then return false end
+  local left = redis.call('pttl', key)
+  if flag == value and left > 0 and left <= tonumber(max_ms) then return left end
+  redis.call('del', key)
+  return false
+end
+"""
+
+RESERVE_LUA: Final = (
+    GET_LUA
+    + _MAC_LUA
+    + _SLOW_LUA
+    + """
+-- KEYS[1] the TAT ('<integer microseconds, Redis clock>:<HMAC>'), KEYS[2] the slowdown flag.
 -- ARGV[1] interval in us, ARGV[2] longest wait in us the caller accepts, ARGV[3] slowdown factor,
 -- ARGV[4] how far ahead a TAT may be before it is taken for a clock step and reset (us),
--- ARGV[5] the queue (us) the caller last saw, for a TAT that is missing (the state was lost).
+-- ARGV[5] the queue (us) the caller last saw, for a TAT that is missing (the state was lost) or
+-- not written by a holder of the secret, ARGV[6]/[7] the MAC key pads, ARGV[8] the slowdown
+-- flag's value, ARGV[9] the longest hold in ms.
 -- Returns {reserved (1/0), wait in us}: reserved, the caller's slot begins after the wait.
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then interval = interval * tonumber(ARGV[3]) end
-local raw = redis.call('GET', KEYS[1])
-local tat = 0
-if raw then tat = tonumber(raw) or 0 else tat = now + tonumber(ARGV[5]) end
-if tat > now + tonumber(ARGV[4]) then tat = now end
+local ahead = tonumber(ARGV[4])
+if slowed(KEYS[2], ARGV[8], ARGV[9]) then interval = interval * tonumber(ARGV[3]) end
+local tat = nil
+local raw = get(KEYS[1])
+if raw then
+  local value, tag = string.match(raw, '^(%d+):(%x+)$')
+  local left = redis.call('pttl', KEYS[1])
+  if value and tag == mac(KEYS[1] .. '|' .. value) and left > 0 and left <= ahead / 1000 + 1000 then
+    tat = tonumber(value)
+  end
+end
+if tat == nil then tat = now + tonumber(ARGV[5]) end
+if tat > now + ahead then tat = now end
 local start = math.max(tat, now)
 local wait = start - now
 if wait > tonumber(ARGV[2]) then return {0, wait} end
-local new = start + interval
 -- %.0f: Lua's own number-to-string keeps 14 digits, and epoch microseconds have 16.
-redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+local new = string.format('%.0f', start + interval)
+redis.call('SET', KEYS[1], new .. ':' .. mac(KEYS[1] .. '|' .. new), 'PX',
+  math.ceil((start + interval - now) / 1000) + 1000)
 return {1, wait}
 """
+)
 
-PENALIZE_LUA: Final = """
--- KEYS[1] the slowdown flag; ARGV[1] hold in ms. Returns 1 if this call started the slowdown
--- (the one caller that logs it), 0 if it only extended a slowdown already in force.
-if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then return 1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 0
+PENALIZE_LUA: Final = (
+    GET_LUA
+    + _SLOW_LUA
+    + """
+-- KEYS[1] the slowdown flag; ARGV[1] hold in ms, ARGV[2] the flag's value, ARGV[3] the longest
+-- hold in ms. Returns 1 if this call started the slowdown (the one caller that logs it), 0 if it
+-- only extended a slowdown already in force.
+if slowed(KEYS[1], ARGV[2], ARGV[3]) then
+  redis.call('pexpire', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[1])
+return 1
 """
+)
+
+SLOWDOWN_LEFT_LUA: Final = (
+    GET_LUA
+    + _SLOW_LUA
+    + """
+-- KEYS[1] the slowdown flag; ARGV[1] its value, ARGV[2] the longest hold in ms: the ms left of a
+-- slowdown the limiter honours (what ``kis-token status`` reports), 0 if none.
+return slowed(KEYS[1], ARGV[1], ARGV[2]) or 0
+"""
+)
 
 
 class RedisRateLimiter(RateLimiter):
@@ -80,8 +157,16 @@ class RedisRateLimiter(RateLimiter):
         *,
         where: str = "Redis",
         retry_timeout_s: float = 0.0,
+        mac_key: bytes = b"",
     ) -> None:
         self.rate = check_rate(calls_per_second)
+        # The state is authenticated with ``mac_key`` (the storage passes one derived from the
+        # secret): HMAC-SHA1 pads for the TAT, the slowdown flag's one valid value.
+        if len(mac_key) > 64:
+            raise ValueError("mac_key must be at most 64 bytes (one SHA-1 block)")
+        padded = mac_key.ljust(64, b"\0")
+        self._pads = (bytes(b ^ 0x36 for b in padded), bytes(b ^ 0x5C for b in padded))
+        self._slow_value = "1:" + hmac.new(mac_key, f"{key}:slow".encode(), "sha256").hexdigest()
         self._client = client
         self._key = key
         self._slow_key = f"{key}:slow"
@@ -159,6 +244,9 @@ class RedisRateLimiter(RateLimiter):
             SLOWDOWN_FACTOR,
             int(STALE_AHEAD_S * _US),
             int(self._recent_queue_s() * _US),
+            *self._pads,
+            self._slow_value,
+            _MAX_HOLD_MS,
         ]
         return [self._key, self._slow_key], args
 
@@ -207,10 +295,14 @@ class RedisRateLimiter(RateLimiter):
         return self._slow_down_by(hold_s, None)
 
     def _slow_down_by(self, hold_s: float, deadline: float | None) -> bool:
-        hold_ms = math.ceil(hold_s * 1000)
-        started = self._eval("penalize", PENALIZE_LUA, [self._slow_key], [hold_ms], deadline)
+        hold_ms = min(math.ceil(hold_s * 1000), _MAX_HOLD_MS)
+        args = [hold_ms, self._slow_value, _MAX_HOLD_MS]
+        started = self._eval("penalize", PENALIZE_LUA, [self._slow_key], args, deadline)
         return bool(int(started))
 
     def slowdown_left_s(self) -> float:
-        left_ms = self._run("PTTL", lambda client: client.pttl(self._slow_key))
+        """The slowdown the limiter honours: a flag not written by a holder of the secret, or
+        with no expiry, is deleted and reported as none."""
+        args = [self._slow_value, _MAX_HOLD_MS]
+        left_ms = self._eval("slowdown", SLOWDOWN_LEFT_LUA, [self._slow_key], args)
         return max(0, int(left_ms)) / 1000

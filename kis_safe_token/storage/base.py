@@ -112,8 +112,11 @@ class TokenStorage(ABC):
         )
 
     # -- the call-rate limit -----------------------------------------------------------------------
-    def rate_limiter(self, api_key: str, calls_per_second: float) -> RateLimiter:
-        """The limiter of KIS calls for ``api_key``, shared as widely as this store shares tokens.
+    def rate_limiter(
+        self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
+    ) -> RateLimiter:
+        """The limiter of KIS calls for ``api_key``, shared as widely as this store shares tokens
+        (``api_secret``: for a backend that authenticates the shared state with it).
 
         This default counts within this process only (logged once per store class): a store
         that every process of the fleet reaches should override it with a limiter on that same

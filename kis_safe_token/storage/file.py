@@ -336,7 +336,9 @@ class FileTokenStorage(SealedTokenStorage):
         return self._leased(FileIssuanceLock(self, api_key, api_secret), api_key, api_secret)
 
     # -- the call-rate limit -------------------------------------------------------------------
-    def rate_limiter(self, api_key: str, calls_per_second: float) -> FileRateLimiter:
+    def rate_limiter(
+        self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
+    ) -> FileRateLimiter:
         """Host-wide: a 24-byte record in ``<token file>.rate-<key id>``, beside the token file
         (one limiter object per file and rate in a process)."""
         self._signature()  # no sibling beside a device, FIFO, socket or directory

@@ -25,11 +25,11 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from .._fork import renew_after_fork
-from ..crypto import key_id
+from ..crypto import key_id, state_key
 from ..errors import TokenStorageError
 from ..failure import IssueFailure
 from ..flight.lock import HELD, Attempt, Busy, IssuanceLock, Seen, jittered
-from ..ratelimit.redis import RedisRateLimiter
+from ..ratelimit.redis import GET_LUA, RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
 from .lease import MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
@@ -267,14 +267,19 @@ class RedisTokenStorage(SealedTokenStorage):
             lock = super().issuance_lock(api_key, api_secret)
         return self._leased(lock, api_key, api_secret)
 
-    def rate_limiter(self, api_key: str, calls_per_second: float) -> RedisRateLimiter:
-        """Fleet-wide: ``<token key>:rate`` on this store's Redis, under the token's hash tag."""
+    def rate_limiter(
+        self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
+    ) -> RedisRateLimiter:
+        """Fleet-wide: ``<token key>:rate`` on this store's Redis, under the token's hash tag;
+        authenticated with a key derived from ``api_secret`` (a value written without it is
+        ignored and replaced; without ``api_secret`` only its form and expiry are checked)."""
         return RedisRateLimiter(
             lambda: self.redis_client,
             f"{self._get_redis_key(api_key)}:rate",
             calls_per_second,
             where=self._where,
             retry_timeout_s=self.retry_timeout_s,
+            mac_key=b"" if api_secret is None else state_key(api_key, api_secret),
         )
 
     def _lease_records(self) -> RedisLeaseRecords:
@@ -299,7 +304,7 @@ class RedisTokenStorage(SealedTokenStorage):
 
     # -- primitives ------------------------------------------------------------------------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
-        raw = self._call("GET", lambda: self.redis_client.get(self._get_redis_key(api_key)))
+        raw = self._call("GET", lambda: _value(self.redis_client, self._get_redis_key(api_key)))
         return self._sealer(api_key, api_secret).open(raw)
 
     def write_token(
@@ -329,7 +334,7 @@ class RedisTokenStorage(SealedTokenStorage):
 
     def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         key = f"{self._get_redis_key(api_key)}:failure"
-        raw = self._call("GET", lambda: self.redis_client.get(key))
+        raw = self._call("GET", lambda: _value(self.redis_client, key))
         return self._sealer(api_key, api_secret).open_failure(raw)
 
     def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
@@ -343,7 +348,7 @@ class RedisTokenStorage(SealedTokenStorage):
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         key = self._get_redis_key(api_key)
-        raw = self._call("GET", lambda: self.redis_client.get(key))
+        raw = self._call("GET", lambda: _value(self.redis_client, key))
         token = self._sealer(api_key, api_secret).open(raw)
         if token is None or token.access_token != access_token:
             return False
@@ -351,6 +356,30 @@ class RedisTokenStorage(SealedTokenStorage):
         # between our GET and now, and that one must survive.
         script = self._script(COMPARE_AND_DELETE_LUA)
         return bool(self._call("compare-and-delete", lambda: script(keys=[key], args=[raw])))
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return type(exc).__name__ == "ResponseError" and str(exc).startswith("WRONGTYPE")
+
+
+def _value(client: Any, key: str) -> Any:
+    """``GET key``, a key of another type (written by hand, not by this library) read as
+    absent: a miss, which the next save replaces, not a failure of every call."""
+    try:
+        return client.get(key)
+    except Exception as exc:
+        if _wrong_type(exc):
+            return None
+        raise
+
+
+def _absent_if_wrong_type(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies (run with ``raise_on_error=False``): WRONGTYPE as absent, any other
+    error raised."""
+    for reply in replies:
+        if isinstance(reply, Exception) and not _wrong_type(reply):
+            raise reply
+    return [None if isinstance(r, Exception) else r for r in replies]
 
 
 def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
@@ -362,18 +391,23 @@ def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
     return redis.asyncio.from_url(redis_url, **{**options, "retry": AsyncRetry(NoBackoff(), 0)})
 
 
-COMPARE_AND_DELETE_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+COMPARE_AND_DELETE_LUA = (
+    GET_LUA
+    + """
+if get(KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+)
 
-ACQUIRE_LUA = """
+ACQUIRE_LUA = (
+    GET_LUA
+    + """
 -- KEYS[1] lock, KEYS[2] token, KEYS[3] failure record; ARGV[1] owner id, ARGV[2] lock_ttl in ms,
 -- ARGV[3] the longest lock_ttl in ms this library allows.
 -- Returns {acquired (1/0), holder or false, sealed token or false, sealed failure or false}:
 -- one round trip tries the lock and tells a waiter what it needs to decide its next step.
 local ttl = tonumber(ARGV[2])
-local holder = redis.call('get', KEYS[1])
+local holder = get(KEYS[1])
 if not holder then
   redis.call('set', KEYS[1], ARGV[1], 'PX', ttl)
   return {1, ARGV[1], false, false}
@@ -392,22 +426,29 @@ local left = redis.call('pttl', KEYS[1])
 if left == -1 or left > declared then
   redis.call('pexpire', KEYS[1], ttl)
 end
-return {0, holder, redis.call('get', KEYS[2]) or false, redis.call('get', KEYS[3]) or false}
+return {0, holder, get(KEYS[2]) or false, get(KEYS[3]) or false}
 """
+)
 
-RELEASE_LUA = """
+RELEASE_LUA = (
+    GET_LUA
+    + """
 -- Wake the waiters of this holder first, then delete the lock only if we still own it: a holder
 -- whose lock expired must never free the lock its successor now holds.
 for i = 1, tonumber(ARGV[2]) do redis.call('rpush', KEYS[2], '1') end
 redis.call('pexpire', KEYS[2], ARGV[3])
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+if get(KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+)
 
-EXTEND_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+EXTEND_LUA = (
+    GET_LUA
+    + """
+if get(KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+)
 
 
 class LockedRedisTokenStorage(RedisTokenStorage):
@@ -501,7 +542,7 @@ class RedisIssuanceLock(IssuanceLock):
             pipe.pexpire(wake_key, WAKE_TTL_MS)  # the push may re-create an expired list
             pipe.get(self._token_key)
             pipe.get(self._failure_key)
-            return pipe.execute()
+            return _absent_if_wrong_type(pipe.execute(raise_on_error=False))
 
         _, _, raw, raw_failure = storage._call("GET", pass_on_and_read, self._deadline)
         seen = self._seen(raw, raw_failure)
@@ -565,13 +606,15 @@ class RedisIssuanceLock(IssuanceLock):
 
 
 # -- the seed-protocol lease -----------------------------------------------------------------------
-GRANT_LUA = """
+GRANT_LUA = (
+    GET_LUA
+    + """
 -- KEYS[1] lease (value: owner id ending in ':<its lease ttl in ms>', PX lease ttl),
 -- KEYS[2] quiet mark (PX window: no grant while it lives).
 -- ARGV[1] owner with its ttl, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl
 -- in ms allowed, ARGV[5] the owner (the thread), whatever ttl it declared.
 -- Returns {granted 1/0, ms until worth trying again, 1 if another holds the lease}.
-local holder = redis.call('get', KEYS[1])
+local holder = get(KEYS[1])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[5] then return {1, 0, 0} end
 if holder then
   -- A lease longer than its holder declared (a stray SET, no TTL) is cut to our ttl.
@@ -594,35 +637,42 @@ redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[3]) end
 return {1, 0, 0}
 """
+)
 
-RELEASE_LEASE_LUA = """
+RELEASE_LEASE_LUA = (
+    GET_LUA
+    + """
 -- KEYS[1] lease, KEYS[2] quiet mark; ARGV[1] owner: delete the lease only if this owner still
 -- holds it; ARGV[2] '1': the holder never asked KIS, so the quiet mark goes too if its grant set
 -- it (the mark holds the granted owner id; a save's mark is a different value).
-local holder = redis.call('get', KEYS[1])
+local holder = get(KEYS[1])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
-  if ARGV[2] == '1' and redis.call('get', KEYS[2]) == holder then redis.call('del', KEYS[2]) end
+  if ARGV[2] == '1' and get(KEYS[2]) == holder then redis.call('del', KEYS[2]) end
   return redis.call('del', KEYS[1])
 end
 return 0
 """
+)
 
-SAVE_NEWEST_LUA = """
+SAVE_NEWEST_LUA = (
+    GET_LUA
+    + """
 -- KEYS[1] token, KEYS[2] failure record, KEYS[3] lease, KEYS[4] quiet mark.
 -- ARGV[1] the sealed token the caller read ('' = none), ARGV[2] the sealed token to store
 -- ('' = keep the stored one), ARGV[3] its ttl ms, ARGV[4] owner, ARGV[5] window ms.
 -- Returns 1 stored, 0 kept, -1 the token changed since the caller read it (read and decide again).
-local current = redis.call('get', KEYS[1]) or ''
+local current = get(KEYS[1]) or ''
 -- Our own sealed value already there: a retry whose first run's reply was lost; go on.
 if current ~= ARGV[1] and (ARGV[2] == '' or current ~= ARGV[2]) then return -1 end
 if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
-local holder = redis.call('get', KEYS[3])
+local holder = get(KEYS[3])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[4] then redis.call('del', KEYS[3]) end
 if ARGV[2] == '' then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('del', KEYS[2])
 return 1
 """
+)
 
 
 class RedisLeaseRecords(LeaseRecords):
@@ -655,7 +705,7 @@ class RedisLeaseRecords(LeaseRecords):
 
     def held_by_other(self, api_key: str, owner: str) -> bool:
         lease_key = self._keys(api_key)[0]
-        holder = self._storage._call("GET", lambda: self._storage.redis_client.get(lease_key))
+        holder = self._storage._call("GET", lambda: _value(self._storage.redis_client, lease_key))
         if holder is None:
             return False
         text = holder.decode() if isinstance(holder, bytes) else str(holder)
@@ -685,7 +735,7 @@ class RedisLeaseRecords(LeaseRecords):
         script = storage._script(SAVE_NEWEST_LUA)
         sealed = sealer.seal(token)
         for _ in range(8):  # another save between our GET and the script: decide again
-            raw = storage._call("GET", lambda: client.get(token_key), deadline)
+            raw = storage._call("GET", lambda: _value(client, token_key), deadline)
             now = storage.clock()
             newer = replaces(token, sealer.open(raw), now)
             ttl_ms = int((token.expires_at - now) * 1000)
