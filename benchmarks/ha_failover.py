@@ -26,15 +26,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import redis  # noqa: E402
-from herd import HERD_APP_KEY, HERD_SECRET, run_herd  # noqa: E402
-
-from kis_safe_token.crypto import key_id  # noqa: E402
-from kis_safe_token.testing import KisSimulator  # noqa: E402
-from kis_safe_token.testing.redis_ha import (  # noqa: E402
+from ha_servers import (  # noqa: E402
     FailoverDuringIssuance,
     LocalRedisCluster,
     LocalSentinelSet,
 )
+from herd import HERD_APP_KEY, HERD_SECRET, run_herd  # noqa: E402
+
+from kis_safe_token.crypto import key_id  # noqa: E402
+from kis_safe_token.testing import KisSimulator  # noqa: E402
 
 
 def one_run(

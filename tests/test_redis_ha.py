@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 import redis
 from conftest import IN_CI
+from ha_servers import (
+    FailoverDuringIssuance,
+    LocalRedisCluster,
+    LocalSentinelSet,
+)
 from herd import HERD_APP_KEY, HERD_SECRET, HerdResult, run_herd
 
 from kis_safe_token import LockedRedisTokenStorage, create_token_storage
 from kis_safe_token.cli import _parser, _storage
 from kis_safe_token.crypto import key_id
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.redis_ha import (
-    FailoverDuringIssuance,
-    LocalRedisCluster,
-    LocalSentinelSet,
-)
 from kis_safe_token.testing.redis_server import find_redis_server
 from kis_safe_token.token import Token
 

@@ -1,5 +1,6 @@
-"""Highly available Redis on loopback, for tests and benchmarks: a Cluster with replicas and a
-Sentinel set, both with short failure detection, both able to lose a primary and heal.
+"""Highly available Redis on loopback, for the tests and benchmarks (not part of the package):
+a Cluster with replicas and a Sentinel set, both with short failure detection, both able to lose
+a primary and heal.
 
 ``with LocalRedisCluster() as cluster:`` 3 primaries + 3 replicas (``cluster-node-timeout``
 1 s); ``with LocalSentinelSet() as sentinels:`` 1 primary + 1 replica + 3 sentinels
@@ -16,10 +17,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .redis_server import RedisServer, free_port
+from kis_safe_token.testing.redis_server import RedisServer, free_port
 
 if TYPE_CHECKING:
-    from .simulator import KisSimulator
+    from kis_safe_token.testing.simulator import KisSimulator
 
 __all__ = ["FailoverDuringIssuance", "LocalRedisCluster", "LocalSentinelSet", "wait_until"]
 
