@@ -75,6 +75,10 @@ def build_storage(spec: dict[str, Any]) -> TokenStorage:
         else:
             client = cluster_client([(h, int(p)) for h, p in spec["nodes"]])
         return LockedRedisTokenStorage(client=client, key_prefix=spec["key_prefix"], **options)
+    if kind == "sqlite":  # a backend written to the public protocol alone (tests/sqlite_backend.py)
+        from sqlite_backend import SqliteTokenStorage
+
+        return SqliteTokenStorage(spec["path"], **options)
     raise ValueError(f"unknown storage kind {kind!r}")
 
 
