@@ -10,6 +10,12 @@ server's own clock (``TIME``), so the hosts of a fleet need no clock agreement: 
 back a *relative* wait. Both keys expire by themselves (the TAT one interval after it is reached,
 the slowdown after its hold), so an idle app key leaves nothing behind.
 
+Both are authenticated, since anyone who can write the Redis could otherwise stall or slow the
+fleet: the TAT is stored with an HMAC of its key name and value (HMAC-SHA1 computed by the
+script with ``redis.sha1hex``, keyed by a key derived from the api_secret), the slowdown flag
+holds the one value a holder of the secret writes; either must carry a TTL within its bounds.
+Anything else is ignored and replaced.
+
 State lost mid-run (``FLUSHALL``, a restart without persistence, a failover to a replica that
 never got the key) must not restart the slots at "now" while slots already handed out are still
 to come: each caller passes the queue it last saw ahead of it (while that observation is
@@ -59,9 +65,9 @@ end
 local function mac(msg) return redis.sha1hex(ARGV[7] .. hex2bin(redis.sha1hex(ARGV[6] .. msg))) end
 """
 
-#: The slowdown flag is trusted only with the value a holder of the secret writes and a TTL no
-#: longer than the longest hold; anything else (a stray SET, no TTL) is deleted. KEYS[n] the flag,
-#: ARGV[a] its value, ARGV[b] the longest hold in ms. Sets ``slow`` (true while it lasts).
+#: ``slowed(key, value, max_ms)``: the ms left of the slowdown flag at ``key``, trusted only with
+#: the ``value`` a holder of the secret writes and a TTL no longer than ``max_ms``; anything else
+#: (a stray SET, a copied value with its TTL removed) is deleted and ``false`` returned.
 _SLOW_LUA: Final = """
 local function slowed(key, value, max_ms)
   local flag = get(key)
