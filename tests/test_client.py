@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -395,3 +396,22 @@ def test_simulator_date_header_follows_its_clock() -> None:
     with KisSimulator(issue_latency_s=0, clock=lambda: 1_000_000_000.0) as sim:
         answer = requests.get(f"{sim.base_url}/nowhere", timeout=5)
     assert parsedate_to_datetime(answer.headers["Date"]).timestamp() == 1_000_000_000.0
+
+
+def test_the_issue_window_variable_is_read_when_a_store_is_built_not_at_import(
+    token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    bad = {**os.environ, ISSUE_WINDOW_ENV: "soon"}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import kis_safe_token"], env=bad, capture_output=True, text=True
+    )
+    assert imported.returncode == 0, imported.stderr  # a bad setting never breaks the import
+    monkeypatch.setenv(ISSUE_WINDOW_ENV, "soon")
+    with pytest.raises(ValueError, match=ISSUE_WINDOW_ENV):
+        FileTokenStorage(token_path)
+    monkeypatch.setenv(ISSUE_WINDOW_ENV, "5")  # the default wait follows the window
+    assert FileTokenStorage(token_path).wait_timeout == pytest.approx(5 + 2 * 13.05 + 5)
+    assert FileTokenStorage(token_path, wait_timeout=3).wait_timeout == 3.0

@@ -23,7 +23,7 @@ from ..failure import IssueFailure
 from ..flight import engine
 from ..flight.drivers import run_sync
 from ..flight.lock import IssuanceLock, LocalIssuanceLock, _local_lock, jittered
-from ..kis import HTTP_TIMEOUT_S, resolve_issue_window_s
+from ..kis import HTTP_TIMEOUT_S, ISSUE_WINDOW_S, resolve_issue_window_s
 from ..ratelimit.base import RateLimiter
 from ..ratelimit.memory import MemoryRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
@@ -46,14 +46,15 @@ WAIT_SLACK_S = 5.0
 IssueFn = Callable[[], Token]
 
 
-def default_wait_timeout(takeover_s: float = 0.0) -> float:
+def default_wait_timeout(takeover_s: float = 0.0, issue_window_s: float | None = None) -> float:
     """How long a waiter waits for another's issuance by default: the holder's worst case.
 
     A holder may need ``takeover_s`` to be replaced if it died (a Redis lock's ``lock_ttl``), one
     KIS call, an ``EGW00133`` window sat out, and a second KIS call. A waiter that gave up sooner
     would fail while the fleet is about to hold a token.
     """
-    return takeover_s + resolve_issue_window_s() + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
+    window = resolve_issue_window_s() if issue_window_s is None else issue_window_s
+    return takeover_s + window + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
 
 
 class TokenStorage(ABC):
@@ -65,7 +66,8 @@ class TokenStorage(ABC):
     """
 
     refresh_margin_s: float = REFRESH_MARGIN_S
-    wait_timeout: float = default_wait_timeout()
+    # KIS's own window here (read at import): a store built later reads the environment's.
+    wait_timeout: float = default_wait_timeout(issue_window_s=ISSUE_WINDOW_S)
     #: The store records failed issuances and sits out ``EGW00133`` (see the engine).
     records_failures: bool = True
     clock: Callable[[], float] = staticmethod(time.time)
