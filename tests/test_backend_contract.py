@@ -18,8 +18,11 @@ from sqlite_backend import SqliteTokenStorage
 from kis_safe_token import TokenIssueError
 from kis_safe_token.storage import HELD
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.contract import StorageFactory, TokenStorageContract
 from kis_safe_token.token import Token
+
+# Before the import: the contract's asserts then report values, as a test module's do.
+pytest.register_assert_rewrite("kis_safe_token.testing.contract")
+from kis_safe_token.testing.contract import StorageFactory, TokenStorageContract  # noqa: E402
 
 SOURCE = Path(__file__).with_name("sqlite_backend.py")
 
