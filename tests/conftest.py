@@ -84,12 +84,14 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-#: The rate the fleet tests' herds keep to against a simulator metering KIS's 20/s: 10 % under
-#: it, the margin a host running three times more processes than cores needs for the delay
-#: between a slot and its request's arrival (tens of ms under such load). That the default, KIS's
-#: own limit, is safe is proven on a fake clock (test_ratelimit_window.py) and measured with real
-#: processes on a quiet host (benchmarks/ratelimit.py: 0 EGW00201 at 8 and 32 processes).
-HERD_CALLS_PER_SECOND = 18.0
+#: The rate the fleet tests' herds keep to against a simulator metering KIS's 20/s: a quarter
+#: under it. Beside CPU burners the simulator runs in a starved process too, and stamps a backlog
+#: of requests that left on time as one burst (seen: 1 EGW00201 at 18/s in a gunicorn fleet); a
+#: herd is about the limit being shared (without it 4 workers send 4 times the rate), and 5 calls
+#: of slack per second keep that proof from depending on the harness's own scheduling. That the
+#: default, KIS's own limit, is safe is proven on a fake clock (test_ratelimit_window.py) and
+#: measured with real processes on a quiet host (benchmarks/ratelimit.py: 0 EGW00201 at 8 and 32).
+HERD_CALLS_PER_SECOND = 15.0
 
 
 @pytest.fixture
