@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
-__all__ = ["check_seconds", "note_short_wait"]
+__all__ = ["check_seconds", "env_seconds", "note_short_wait"]
 
 logger = logging.getLogger("kis_safe_token")
 
@@ -17,6 +18,24 @@ def check_seconds(name: str, value: float, *, low: float = 0.0, high: float = 86
     if not (math.isfinite(value) and low < value <= high):
         raise ValueError(f"{name} must be more than {low:g} and at most {high:g} seconds")
     return float(value)
+
+
+def env_seconds(
+    env: Mapping[str, str], name: str, default: float, *, high: float = 3600.0
+) -> float:
+    """``$name`` as seconds in (0, ``high``], ``default`` if unset; ``ValueError`` naming it."""
+    text = (env.get(name) or "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= high):
+        raise ValueError(
+            f"{name}={text[:20]!r} must be a number of seconds, more than 0, <= {high:g}"
+        )
+    return value
 
 
 def note_short_wait(store: object, need_s: float, worst_case: str) -> None:

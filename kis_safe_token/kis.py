@@ -5,7 +5,6 @@ once for every client and integration."""
 from __future__ import annotations
 
 import enum
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -14,7 +13,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
-from ._checks import check_seconds
+from ._checks import check_seconds, env_seconds
 from .token import Token
 
 __all__ = [
@@ -75,19 +74,8 @@ def resolve_issue_window_s(
     naming the argument (``name``) or the variable unless more than 0 and at most 3600 s."""
     if value is not None:
         return check_seconds(name, value, high=MAX_ISSUE_WINDOW_S)
-    raw = (os.environ if env is None else env).get(ISSUE_WINDOW_ENV, "").strip()
-    if not raw:
-        return ISSUE_WINDOW_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_ISSUE_WINDOW_S):
-        raise ValueError(
-            f"{ISSUE_WINDOW_ENV} must be a number of seconds, more than 0 and at most "
-            f"{MAX_ISSUE_WINDOW_S:g} (KIS's own window: {ISSUE_WINDOW_S:g})"
-        )
-    return seconds
+    environ = os.environ if env is None else env
+    return env_seconds(environ, ISSUE_WINDOW_ENV, ISSUE_WINDOW_S, high=MAX_ISSUE_WINDOW_S)
 
 
 #: The client's default (connect, read) timeout of one KIS call, in seconds.

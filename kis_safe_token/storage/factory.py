@@ -10,13 +10,13 @@ two passwords (sentinels', data nodes') into one string that ends up in logs and
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .._checks import env_seconds
 from .base import TokenStorage
 from .file import FileTokenStorage
 from .lease import MAX_LEASE_TTL_S
@@ -95,22 +95,6 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     )
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float, *, high: float = 3600.0) -> float:
-    """A number of seconds in (0, ``high``], ``default`` if unset; ``ValueError`` naming it."""
-    text = (env.get(name) or "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= high):
-        raise ValueError(
-            f"{name}={text[:20]!r} must be a number of seconds, more than 0, <= {high:g}"
-        )
-    return value
-
-
 def redis_mode(env: Mapping[str, str]) -> str:
     """``KOREA_INVESTMENT_REDIS_MODE``, checked: one of :data:`REDIS_MODES`."""
     mode = (env.get(REDIS_MODE_ENV) or "standalone").strip().lower()
@@ -142,7 +126,7 @@ def redis_client_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any
                 f"{REDIS_TLS_ENV} is for {REDIS_MODE_ENV}=sentinel or cluster; "
                 f"a standalone server takes a rediss:// URL in {REDIS_URL_ENV}"
             )
-        return None, _seconds(env, REDIS_RETRY_TIMEOUT_ENV, RETRY_TIMEOUT_S)
+        return None, env_seconds(env, REDIS_RETRY_TIMEOUT_ENV, RETRY_TIMEOUT_S)
     if (env.get(REDIS_URL_ENV) or "").strip():
         raise ValueError(
             f"{REDIS_URL_ENV} is for {REDIS_MODE_ENV}=standalone; {mode} takes "
@@ -152,7 +136,7 @@ def redis_client_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any
         raise ValueError(f"{REDIS_TLS_CA_FILE_ENV} needs {REDIS_TLS_ENV}=true")
     if ca_file and not os.path.isfile(ca_file):
         raise ValueError(f"{REDIS_TLS_CA_FILE_ENV} names no readable file")
-    retry_timeout = _seconds(env, REDIS_RETRY_TIMEOUT_ENV, HA_RETRY_TIMEOUT_S)
+    retry_timeout = env_seconds(env, REDIS_RETRY_TIMEOUT_ENV, HA_RETRY_TIMEOUT_S)
     password = env.get(REDIS_PASSWORD_ENV) or None
     if mode == "sentinel":
         if (env.get(REDIS_CLUSTER_NODES_ENV) or "").strip():
@@ -231,7 +215,7 @@ def _lease_options(env: Mapping[str, str]) -> dict[str, Any]:
     """``seed_lease`` and ``lease_ttl`` from the environment; ``ValueError`` naming the variable."""
     options: dict[str, Any] = {"seed_lease": _flag(env, SEED_LEASE_ENV)}
     if (env.get(SEED_LEASE_TTL_ENV) or "").strip():
-        options["lease_ttl"] = _seconds(env, SEED_LEASE_TTL_ENV, 0.0, high=MAX_LEASE_TTL_S)
+        options["lease_ttl"] = env_seconds(env, SEED_LEASE_TTL_ENV, 0.0, high=MAX_LEASE_TTL_S)
     return options
 
 
