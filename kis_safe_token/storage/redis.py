@@ -302,9 +302,24 @@ class RedisTokenStorage(SealedTokenStorage):
             deadline = time.monotonic() + self.retry_timeout_s
         return redis_retry(fn, deadline=deadline, what=what, where=self._where)
 
+    def _get(self, key: str, deadline: float | None = None) -> Any:
+        """``GET key`` through :meth:`_call`, a key of another type (written by hand, not by
+        this library) read as absent: a miss, which the next save replaces, not a failure of
+        every call."""
+
+        def get() -> Any:
+            try:
+                return self.redis_client.get(key)
+            except Exception as exc:
+                if _wrong_type(exc):
+                    return None
+                raise
+
+        return self._call("GET", get, deadline)
+
     # -- primitives ------------------------------------------------------------------------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
-        raw = self._call("GET", lambda: _value(self.redis_client, self._get_redis_key(api_key)))
+        raw = self._get(self._get_redis_key(api_key))
         return self._sealer(api_key, api_secret).open(raw)
 
     def write_token(
@@ -334,7 +349,7 @@ class RedisTokenStorage(SealedTokenStorage):
 
     def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
         key = f"{self._get_redis_key(api_key)}:failure"
-        raw = self._call("GET", lambda: _value(self.redis_client, key))
+        raw = self._get(key)
         return self._sealer(api_key, api_secret).open_failure(raw)
 
     def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
@@ -348,7 +363,7 @@ class RedisTokenStorage(SealedTokenStorage):
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         key = self._get_redis_key(api_key)
-        raw = self._call("GET", lambda: _value(self.redis_client, key))
+        raw = self._get(key)
         token = self._sealer(api_key, api_secret).open(raw)
         if token is None or token.access_token != access_token:
             return False
@@ -359,18 +374,10 @@ class RedisTokenStorage(SealedTokenStorage):
 
 
 def _wrong_type(exc: BaseException) -> bool:
-    return type(exc).__name__ == "ResponseError" and str(exc).startswith("WRONGTYPE")
+    """Whether ``exc`` is Redis's WRONGTYPE reply (redis-py is loaded: a client raised it)."""
+    from redis.exceptions import ResponseError
 
-
-def _value(client: Any, key: str) -> Any:
-    """``GET key``, a key of another type (written by hand, not by this library) read as
-    absent: a miss, which the next save replaces, not a failure of every call."""
-    try:
-        return client.get(key)
-    except Exception as exc:
-        if _wrong_type(exc):
-            return None
-        raise
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _absent_if_wrong_type(replies: list[Any]) -> list[Any]:
@@ -705,7 +712,7 @@ class RedisLeaseRecords(LeaseRecords):
 
     def held_by_other(self, api_key: str, owner: str) -> bool:
         lease_key = self._keys(api_key)[0]
-        holder = self._storage._call("GET", lambda: _value(self._storage.redis_client, lease_key))
+        holder = self._storage._get(lease_key)
         if holder is None:
             return False
         text = holder.decode() if isinstance(holder, bytes) else str(holder)
@@ -728,14 +735,13 @@ class RedisLeaseRecords(LeaseRecords):
         deadline: float | None = None,
     ) -> bool:
         storage = self._storage
-        client = storage.redis_client
         sealer = storage._sealer(api_key, api_secret)
         token_key = storage._get_redis_key(api_key)
         keys = [token_key, f"{token_key}:failure", *self._keys(api_key)]
         script = storage._script(SAVE_NEWEST_LUA)
         sealed = sealer.seal(token)
         for _ in range(8):  # another save between our GET and the script: decide again
-            raw = storage._call("GET", lambda: _value(client, token_key), deadline)
+            raw = storage._get(token_key, deadline)
             now = storage.clock()
             newer = replaces(token, sealer.open(raw), now)
             ttl_ms = int((token.expires_at - now) * 1000)
