@@ -455,8 +455,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if not 1 <= args.workers <= 256:
         raise _Usage("--workers must be between 1 and 256")
-    window = _issue_window(args)  # --issue-window has a default: always given
-    return run_demo(args.workers, args.storage, 60.0 if window is None else window)
+    window = resolve_issue_window_s(args.issue_window, name="--issue-window")  # has a default
+    return run_demo(args.workers, args.storage, window)
 
 
 COMMANDS = {
