@@ -95,6 +95,26 @@ HERD_CALLS_PER_SECOND = 15.0
 
 
 @pytest.fixture
+def spec_of(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str], dict[str, Any]]:
+    """The storage spec of a backend for spawned processes (``herd.build_storage``): ``file``,
+    ``redis`` (this test's own key prefix on the worker's server, started only if asked for) or
+    ``sqlite`` (the public-protocol backend of ``sqlite_backend.py``)."""
+
+    def spec(backend: str) -> dict[str, Any]:
+        if backend == "file":
+            return {"kind": "file", "path": str(tmp_path / "cache" / "tokens.json")}
+        if backend == "sqlite":
+            return {"kind": "sqlite", "path": str(tmp_path / "tokens.sqlite")}
+        return {
+            "kind": "redis",
+            "url": request.getfixturevalue("redis_url"),
+            "key_prefix": request.getfixturevalue("key_prefix"),
+        }
+
+    return spec
+
+
+@pytest.fixture
 def dead_port() -> Iterator[int]:
     """A loopback port where nothing listens, and nothing can start to while the test runs: a
     socket bound to it without ``listen`` (connect is refused at once). A port that is merely

@@ -59,22 +59,6 @@ BACKENDS = ["file", "redis"]
 FAST = 1000.0
 
 
-@pytest.fixture
-def spec_of(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str], dict[str, Any]]:
-    """The storage spec of a backend (Redis: this test's own key prefix on the worker's server)."""
-
-    def spec(backend: str) -> dict[str, Any]:
-        if backend == "file":
-            return {"kind": "file", "path": str(tmp_path / "cache" / "tokens.json")}
-        return {
-            "kind": "redis",
-            "url": request.getfixturevalue("redis_url"),
-            "key_prefix": request.getfixturevalue("key_prefix"),
-        }
-
-    return spec
-
-
 def client(storage: TokenStorage, sim: KisSimulator, **kwargs: Any) -> AsyncKoreaInvestment:
     return AsyncKoreaInvestment(
         HERD_APP_KEY, HERD_SECRET, token_storage=storage, base_url=sim.base_url, **kwargs

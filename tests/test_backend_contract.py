@@ -42,16 +42,6 @@ class TestSqliteTokenStorage(TokenStorageContract):
         return make
 
 
-@pytest.fixture
-def spec_of(tmp_path: Path, redis_url: str, key_prefix: str) -> Callable[[str], dict[str, Any]]:
-    specs = {
-        "file": {"kind": "file", "path": str(tmp_path / "cache" / "tokens.json")},
-        "redis": {"kind": "redis", "url": redis_url, "key_prefix": key_prefix},
-        "sqlite": {"kind": "sqlite", "path": str(tmp_path / "tokens.sqlite")},
-    }
-    return specs.__getitem__
-
-
 @pytest.mark.parametrize("backend", ["file", "redis", "sqlite"])
 def test_four_sync_and_four_asyncio_processes_issue_once(
     backend: str, spec_of: Callable[[str], dict[str, Any]]
