@@ -442,6 +442,8 @@ def _refuse_foreign(path: Path, mode: int) -> None:
     link (a link is a miss, and a save replaces the link itself, never its target): the
     library reads, writes, replaces and creates siblings only where its own file is or will be.
     """
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):  # the warm path: one test, then done
+        return
     for test, kind in _FOREIGN_KINDS:
         if test(mode):
             raise TokenStorageError(
