@@ -48,13 +48,19 @@ def test_an_injected_client_redis_ha_did_not_build_still_needs_redis_client() ->
         storage.async_client()
 
 
+#: The retry bound (0.5 s) plus what a CPU-starved host may add to the last attempt.
+BOUND_S = 3.0
+
+
 @pytest.mark.parametrize("sentinels", [1, 2, 3])
 def test_dead_sentinels_fail_within_the_retry_bound(
     sentinels: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every sentinel on a closed port, ``KOREA_INVESTMENT_REDIS_RETRY_TIMEOUT=0.5``: sync and
-    asyncio fail within the bound plus a second (before: 3.9 / 8.1 / 13.4 s, the sentinels'
-    own connections kept redis-py's default retries), in one line naming the cause."""
+    asyncio fail within the bound (0.5 s measured on a quiet host; before: 4.7 / 8.3 / 13.6 s,
+    the sentinels' own connections kept redis-py's default retries), in one line naming the
+    cause. The test allows the last attempt 2.5 s of a CPU-starved host (1.9 s seen beside two
+    CPU burners), still under the 4.7 s one dead sentinel cost before."""
     import asyncio
     import socket
     import time
@@ -79,7 +85,7 @@ def test_dead_sentinels_fail_within_the_retry_bound(
         started = time.monotonic()
         with pytest.raises(TokenStorageError) as info:
             storage.get_or_issue("key1", "secret1", never)  # type: ignore[arg-type]
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < BOUND_S
         assert "No master found" in str(info.value) and "<redis." not in str(info.value)
 
         async def async_get() -> float:
@@ -92,7 +98,7 @@ def test_dead_sentinels_fail_within_the_retry_bound(
                 await store.aclose()
             return time.monotonic() - began
 
-        assert asyncio.run(async_get()) < 1.5
+        assert asyncio.run(async_get()) < BOUND_S
     finally:
         for sock in held:
             sock.close()
