@@ -1,4 +1,4 @@
-"""Issue 13, measured: a Redis primary SIGKILLed in the middle of an issuance, K times each on a
+"""Measured: a Redis primary SIGKILLed in the middle of an issuance, K times each on a
 Sentinel set (1 primary + 1 replica + 3 sentinels) and a Cluster (3 primaries + 3 replicas).
 
 Each run: a fresh KIS simulator (its tokenP answer held by the issue gate), a herd of N spawned

@@ -31,6 +31,7 @@ from .oauth import (
     approval_request,
     approval_request_failed,
     check_revoked,
+    note_revoked,
     revoke_request,
     token_from_answer,
     token_request,
@@ -165,6 +166,7 @@ class AsyncSharedToken(TokenSettings):
             raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
         check_revoked(resp)
         await self.invalidate(token.access_token)
+        note_revoked(self.api_key, self.token_storage)
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     async def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:

@@ -9,6 +9,7 @@ holding the fleet's issuance lock). Neither the secret nor a token appears in an
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -32,7 +33,7 @@ from .kis import (
     origin,
     verdict,
 )
-from .token import Token, header_safe
+from .token import Token, header_safe, mask
 
 __all__ = [
     "CLOCK_TOLERANCE_S",
@@ -179,6 +180,15 @@ def revoke_token(
 def revoke_request(api_key: str, api_secret: str, access_token: str) -> dict[str, str]:
     """The JSON body of a ``revokeP`` call."""
     return {"appkey": api_key, "appsecret": api_secret, "token": access_token}
+
+
+def note_revoked(api_key: str, storage: object) -> None:
+    """The log line of a revoke, the same for the sync and the asyncio token holder."""
+    logging.getLogger("kis_safe_token").info(
+        "%s, app key %s: revoked the token at KIS and dropped it from the store",
+        type(storage).__name__,
+        mask(api_key, 4),
+    )
 
 
 def check_revoked(resp: Answer) -> None:

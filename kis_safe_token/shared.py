@@ -26,7 +26,7 @@ from .kis import (
     VIRTUAL_BASE_URL,
     resolve_issue_window_s,
 )
-from .oauth import Timeout, issue_approval_key, issue_token, revoke_token
+from .oauth import Timeout, issue_approval_key, issue_token, note_revoked, revoke_token
 from .policy import RETRY_BUDGET_S
 from .ratelimit import RateLimiter, resolve_calls_per_second
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
@@ -257,6 +257,7 @@ class SharedToken(TokenSettings):
         )
         self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
         self._memory.forget(token.access_token)
+        note_revoked(self.api_key, self.token_storage)
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:

@@ -410,7 +410,7 @@ def test_asyncio_timeout_around_a_call_gives_up_and_the_client_still_works(
     assert lock_is_free(spec)
 
 
-# -- the fleet's call-rate limit (issue 12 on the asyncio side) ------------------------------------
+# -- the fleet's call-rate limit (the asyncio side) ------------------------------------
 class CountingLimiter(MemoryRateLimiter):
     """A process-local limiter that counts the slots it hands out."""
 
@@ -564,7 +564,7 @@ def test_egw00201_that_does_not_stop_is_a_clear_error_after_bounded_re_sends(
     assert pauses == list(range(RETRY_ATTEMPTS))
 
 
-# -- the websocket approval key (issue 12 on the asyncio side) ------------------------------------
+# -- the websocket approval key (the asyncio side) ------------------------------------
 def _sync_approval(spec: dict[str, Any], base_url: str, barrier: Any, out: Any) -> None:
     try:
         storage = build_storage(spec)

@@ -1,4 +1,4 @@
-"""What production does to single flight (issue 9): a holder that dies after KIS answered, with
+"""What production does to single flight: a holder that dies after KIS answered, with
 the library's defaults and KIS's real one-minute window; fork() mid-refresh; KIS down for a
 while; Redis keys written by someone without the secret; a host whose clock is far off;
 parameters at their edges. Real processes, a real redis-server, the simulator over HTTP.

@@ -1,4 +1,4 @@
-"""The four client integrations keep to the fleet-wide call-rate limit (issue 12): every KIS REST
+"""The four client integrations keep to the fleet-wide call-rate limit: every KIS REST
 call they route through upstream code takes a slot of the same limiter ``KoreaInvestment`` and
 ``KisAuth`` use (the file beside the token file here), and an ``EGW00201`` answer is penalized
 and re-sent, bounded. Real upstream packages, forked processes, the simulator metering 20

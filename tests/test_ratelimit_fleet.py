@@ -61,10 +61,14 @@ def test_eight_processes_keep_to_the_limit_together(
     # Fair: slots go out first come, first served, so every process finishes near the end.
     rates = [CALLS / (r["ended"] - released) for r in reports]
     assert min(rates) >= 0.8 * max(rates), rates
-    # ... and the fleet used its rate: 200 calls take about 11 s, not much more.
+    # ... and the fleet used its rate: 200 calls take about 14 s at 15/s with the arrival guard,
+    # not much more. The bound is 2x: on a starved host a caller that wakes late for its slot
+    # takes a new one (by design, so it never bunches with the next), and 1.5x was missed once
+    # (20.2 s, 4 xdist workers beside an install on 2 cores). A limiter that lost the shared
+    # state (8 x 15/s) would be far faster, one that serialised on a lock far slower.
     assert (
         max(r["ended"] for r in reports) - released
-        < 1.5 * PROCESSES * CALLS / HERD_CALLS_PER_SECOND
+        < 2.0 * PROCESSES * CALLS / HERD_CALLS_PER_SECOND
     )
 
 

@@ -1,4 +1,4 @@
-"""Redis retries bounded by the caller's own deadline (issue 13 review): a rate-limit slot or an
+"""Redis retries bounded by the caller's own deadline: a rate-limit slot or an
 ``EGW00201`` slowdown on a dead Redis gives up within the caller's budget, not after the
 storage's ``retry_timeout_s`` (40 s in HA mode); a holder saving the token KIS just gave
 retries until its own deadline, not for ``retry_timeout_s`` only."""

@@ -2,7 +2,7 @@
 Cluster of 3 primaries + 3 replicas and a Sentinel set of 1 primary + 1 replica + 3 sentinels.
 
 Herds of 16 processes make one issuance on each; a primary SIGKILLed while the holder waits for
-KIS and 15 waiters wait for it still leaves every process with the token (issue 13).
+KIS and 15 waiters wait for it still leaves every process with the token.
 Each topology is started once per test process (session fixtures) and healed after a failover.
 """
 

@@ -1,4 +1,4 @@
-"""Configuration of the highly available Redis clients, without servers (issue 13 review):
+"""Configuration of the highly available Redis clients, without servers:
 an address list never echoes an entry (it may hold a password), and an injected client that
 ``redis_ha`` did not build still asks for its asyncio twin by name."""
 

@@ -1,4 +1,4 @@
-"""The opt-in seed-protocol lease (issue 11, item 5): single flight for clients that only call the
+"""The opt-in seed-protocol lease: single flight for clients that only call the
 seed's four methods. Every behaviour runs on both backends (a real file, a real redis-server);
 the last tests start 16 real processes through the real korea-investment-stock 0.19.0.
 """

@@ -49,7 +49,7 @@ def test_a_quote_carries_the_fields_the_upstream_clients_parse(sim: KisSimulator
     assert int(output["stck_llam"]) <= int(output["stck_prpr"]) <= int(output["stck_mxpr"])
 
 
-# -- the call-rate limit per app key (issue 12 item 5) ------------------------------------------
+# -- the call-rate limit per app key ------------------------------------------
 FROZEN = 1_000.5  # one second of the simulator's clock for the whole test: no window rolls over
 
 

@@ -24,7 +24,7 @@ from typing import Protocol as Shape
 
 from ..errors import TokenIssueError, TokenStorageError
 from ..failure import IssueFailure
-from ..token import Token
+from ..token import Token, mask
 from .lock import Busy, IssuanceLock
 
 __all__ = [
@@ -188,36 +188,74 @@ def get_or_issue(flight: Flight) -> Protocol:
     """A usable token: the cached one, or one issued by exactly one caller fleet-wide."""
     token = yield Read()
     if flight.usable(token):
+        if _told(flight):
+            logger.debug("%s: loaded the token", _about(flight))
         return token
     return (yield from _issue_flight(flight))
 
 
+def _told(flight: Flight) -> bool:
+    """Whether this flight's story is logged: a store's, not the in-process tier in front."""
+    return flight.storage.records_failures
+
+
+def _about(flight: Flight) -> str:
+    """Who is speaking, for a log line: the store and the app key, masked."""
+    return f"{type(flight.storage).__name__}, app key {mask(flight.api_key, 4)}"
+
+
 def _issue_flight(flight: Flight) -> Protocol:
+    started = time.monotonic()
+    waited_on: list[str] = []
     try:
-        got = yield from _acquire(flight)
+        got = yield from _acquire(flight, waited_on)
+        waited_ms = (time.monotonic() - started) * 1000
         if isinstance(got, Token):
+            if _told(flight):
+                logger.debug(
+                    "%s: waited %.0f ms for %s and reloaded its token",
+                    _about(flight),
+                    waited_ms,
+                    waited_on[-1] if waited_on else "the holder",
+                )
             return got
         if isinstance(got, IssueFailure):
             raise got.error(flight.storage.clock())
         token = yield Read(fresh=True)  # another caller may have saved one just before we locked
         if not flight.usable(token):
-            token = yield from _issue_recording(flight)
+            if waited_on and _told(flight):
+                logger.info(
+                    "%s: took over the issuance lock after %.1f s from %s, which left no token "
+                    "(it died, or its save was lost)",
+                    _about(flight),
+                    waited_ms / 1000,
+                    waited_on[-1],
+                )
+            token = yield from _issue_recording(flight, waited_ms)
             local_failures.pop(flight.failure_key, None)
             yield from _save_issued(flight, token)
+        elif _told(flight):
+            logger.debug(
+                "%s: took the lock and found the token another caller saved", _about(flight)
+            )
         return token
     finally:
         yield RELEASE
 
 
-def _acquire(flight: Flight) -> Protocol:
+def _acquire(flight: Flight, waited_on: list[str]) -> Protocol:
     """Attempt until held, or a usable token or an active failure shows up; each stage of the
-    lock gets the store's full ``wait_timeout``."""
+    lock gets the store's full ``wait_timeout``. What it waited on is appended to ``waited_on``."""
     wait_timeout = flight.storage.wait_timeout
     stage, deadline = 0, time.monotonic() + wait_timeout
     while True:
         got = yield ATTEMPT
         if not isinstance(got, Busy):
             return got
+        if not waited_on:
+            waited_on.append(got.waiting_on)
+            if _told(flight):
+                logger.debug("%s: waiting for %s", _about(flight), got.waiting_on)
         if got.stage != stage:
             stage, deadline = got.stage, time.monotonic() + wait_timeout
         left = deadline - time.monotonic()
@@ -249,7 +287,7 @@ def raise_if_held(flight: Flight, previous: IssueFailure | None) -> None:
         raise previous.error(now)
 
 
-def _issue_recording(flight: Flight) -> Protocol:
+def _issue_recording(flight: Flight, waited_ms: float = 0.0) -> Protocol:
     """Issue holding the lock, unless a recent failure says KIS is not worth asking yet; record
     a failure for the fleet (or, if it is this host's own, for this process)."""
     if not flight.storage.records_failures:
@@ -257,7 +295,16 @@ def _issue_recording(flight: Flight) -> Protocol:
     previous = yield from current_failure(flight)
     raise_if_held(flight, previous)
     try:
-        return (yield from _issue_holding(flight))
+        started = time.monotonic()
+        token = yield from _issue_holding(flight)
+        logger.info(
+            "%s: issued a token (expires %s KST) in %.0f ms, after %.0f ms for the lock",
+            _about(flight),
+            token.expired_kst,
+            (time.monotonic() - started) * 1000,
+            waited_ms,
+        )
+        return token
     except TokenIssueError as exc:
         failure = IssueFailure.after(exc, flight.storage.clock(), previous)
         if exc.local:
@@ -278,8 +325,10 @@ def _issue_holding(flight: Flight) -> Protocol:
     except TokenIssueError as exc:
         if exc.retry_after_s is None:
             raise
-        logger.warning(
-            "KIS refused issuance (%s); re-checking the cache, retrying in %.1f s",
+        logger.info(
+            "%s: KIS refused issuance (%s); sitting out its window: re-checking the cache, "
+            "asking again in %.1f s",
+            _about(flight),
             exc.code,
             exc.retry_after_s,
         )

@@ -9,7 +9,7 @@ the client's own cache:
 - :mod:`kis_safe_token.integrations.mojito` (extra ``[mojito2]``)
 - :mod:`kis_safe_token.integrations.kis_trader` (extra ``[kis-trader]``)
 
-Each also keeps to the fleet-wide call-rate limit of its app key (issue 12): every KIS REST call
+Each also keeps to the fleet-wide call-rate limit of its app key: every KIS REST call
 it routes through the client's own HTTP code takes a slot of the limiter ``KoreaInvestment`` and
 ``KisAuth`` use, and ``EGW00201`` is penalized and re-sent, bounded (``_client_token``; where
 each client is hooked: its module docstring).

@@ -111,7 +111,7 @@ class KisSimulator:
     benchmarks would collect ``EGW00201`` answers, or would have to be slowed to KIS's pace,
     for something they are not about. The tests of the rate limit turn it on.
 
-    ``Approval`` is metered because issue 12 says KIS counts it, and we could not confirm it
+    ``Approval`` is metered because KIS is reported to count it, and we could not confirm it
     does not: counting it is the cautious side (a fleet keeping to the limit with it counted
     keeps to it either way). The tokenP/revokeP calls are not metered (KIS limits ``tokenP`` by
     its one-a-minute window, ``EGW00133``).
