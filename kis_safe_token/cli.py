@@ -367,18 +367,33 @@ def _issue_window(args: argparse.Namespace) -> float | None:
     return None if given is None else resolve_issue_window_s(given, name="--issue-window")
 
 
+@contextmanager
+def _story_on_stderr() -> Iterator[None]:
+    """The library's INFO lines (an issuance, an ``EGW00133`` sit-out, a takeover) on stderr while
+    a command that may wait a minute runs, so the user sees why."""
+    log = logging.getLogger("kis_safe_token")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def _cmd_issue(args: argparse.Namespace) -> int:
     api_key = _api_key(args)
-    client = KoreaInvestment(
-        api_key,
-        _secret(args, api_key),
-        token_storage=_storage(args),
-        base_url=args.base_url,
-        rate_limit_wait_s=_issue_window(args),
-    )
-    with client:
-        token = client.issue_access_token(force=args.force)
-        _print_info(_describe(token, client.token_storage), False)
+    secret, storage, window = _secret(args, api_key), _storage(args), _issue_window(args)
+    with _story_on_stderr():
+        client = KoreaInvestment(
+            api_key, secret, token_storage=storage, base_url=args.base_url, rate_limit_wait_s=window
+        )
+        with client:
+            token = client.issue_access_token(force=args.force)
+    _print_info(_describe(token, client.token_storage), False)
     return 0
 
 

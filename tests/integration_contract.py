@@ -238,7 +238,7 @@ class IntegrationContract:
     # -- packaging and the upstream version --------------------------------------------------------
     def test_upstream_is_the_version_the_overrides_were_written_for(self) -> None:
         """Fails loudly when an upgrade moves what the overrides depend on (the integration
-        module's docstring)."""
+        manual, docs/integrations.md)."""
         installed = importlib.metadata.version(self.DISTRIBUTION)
         assert installed == self.INTEGRATION.UPSTREAM_VERSION == self.PINNED_VERSION
         self.assert_upstream_unmoved()

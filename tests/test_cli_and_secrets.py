@@ -305,7 +305,8 @@ def test_issue_sits_out_the_window_the_user_sets(cli_env: dict[str, str]) -> Non
             result = kis_token({**env, **extra}, "issue", "--force", *args, timeout=40)
             assert result.returncode == 0, result.stderr
             assert time.monotonic() - started < 30  # 61 s without the setting
-            assert "retrying in 1.0 s" in result.stderr
+            assert "sitting out its window" in result.stderr
+            assert "asking again in 1.0 s" in result.stderr
         assert sim.issued == 3 and sim.rate_limited == 2
         bad = kis_token(env, "issue", "--issue-window", "0")
         assert bad.returncode == 1 and "--issue-window must be" in bad.stderr

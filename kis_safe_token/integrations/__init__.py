@@ -1,21 +1,8 @@
-"""Single flight for the KIS clients people already run.
-
-One module per client, each a thin subclass of the client's own class that takes its token from a
-:class:`~kis_safe_token.storage.TokenStorage` (one issuance per app key, fleet-wide) instead of
-the client's own cache:
-
-- :mod:`kis_safe_token.integrations.korea_investment_stock` (extra ``[korea-investment-stock]``)
-- :mod:`kis_safe_token.integrations.pykis` (extra ``[python-kis]``)
-- :mod:`kis_safe_token.integrations.mojito` (extra ``[mojito2]``)
-- :mod:`kis_safe_token.integrations.kis_trader` (extra ``[kis-trader]``)
-
-Each also keeps to the fleet-wide call-rate limit of its app key: every KIS REST call
-it routes through the client's own HTTP code takes a slot of the limiter ``KoreaInvestment`` and
-``KisAuth`` use, and ``EGW00201`` is penalized and re-sent, bounded (``_client_token``; where
-each client is hooked: its module docstring).
-
-Nothing here is imported by ``kis_safe_token`` itself; each module imports its client when it is
-imported, and says which extra to install when the client is missing.
+"""Single flight for the KIS clients people already run: one module per client, each a thin
+subclass of the client's own class that takes its token from one of our storages and keeps to
+the fleet's call rate (``korea_investment_stock``, ``pykis``, ``mojito``, ``kis_trader``; one
+extra each). Nothing here is imported by ``kis_safe_token`` itself; a missing client is an
+``ImportError`` naming the extra. The manual: ``docs/integrations.md``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """What the client integrations share: the token a third-party client object reads, through our
-single flight, issued at the client's own host.
+single flight, issued at the client's own host, and the call policy applied to its answers.
 
-Clients such as korea-investment-stock and mojito2 build every request's ``authorization`` header
-from ``self.access_token``. The integrations make that attribute a property served by a
-:class:`ClientToken`: a :class:`~kis_safe_token.shared.SharedToken` that issues at the client's
-current ``base_url`` (read at issuance, so ``set_base_url`` or a subclass redirects it, as in the
-client itself) and remembers, per thread, the token it served last, so the one a rejected call
-sent is the one dropped (compare-and-delete), never a fresh one another thread already got.
-
-The call policy is applied here too (:mod:`kis_safe_token.policy`: the fleet-wide call-rate
-limit, ``EGW00201`` re-sends within the budget, one re-send after a rejected token). Each
-integration takes one slot of its token's fleet-wide limiter (the one ``KoreaInvestment`` and
-``KisAuth`` use for the same app key and storage) right before every KIS REST call the upstream
-code sends, and :meth:`CallMeter.run` acts on each answer as the policy says.
+A :class:`ClientToken` issues at the client's current ``base_url`` (read at issuance, so
+``set_base_url`` or a subclass redirects it) and remembers, per thread, the token it served
+last, so the one a rejected call sent is the one dropped (compare-and-delete), never a fresh one
+another thread already got. :class:`CallMeter` takes a slot of the fleet's limiter before each
+REST call and acts on each answer as :mod:`kis_safe_token.policy` says.
 """
 
 from __future__ import annotations

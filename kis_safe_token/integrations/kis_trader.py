@@ -1,57 +1,9 @@
 """kis-trader's ``TokenManager`` and ``RequestsTransport``, the token shared through our storage.
 
-Wiring (``KISClient`` builds its own transport only when none is given)::
-
-    from kis_trader import KISClient
-    from kis_safe_token.integrations.kis_trader import RequestsTransport, TokenManager
-
-    tokens = TokenManager(app_key=key, app_secret=secret, environment="real")  # token_storage=
-    client = KISClient(app_key=key, app_secret=secret, environment="real",
-                       transport=RequestsTransport(token_manager=tokens))
-
-- :class:`TokenManager` takes kis-trader's keyword names (``app_key``, ``app_secret``,
-  ``environment``, ``post``, ``clock``) plus ``token_storage`` (default: ours from the
-  environment), ``calls_per_second`` and ``rate_limiter`` (below). ``environment``: ``'real'``,
-  ``'virtual'`` or kis-trader's own ``'paper'`` (the same thing). Its ``access_token()`` comes
-  from the storage's single flight: a fleet makes one ``tokenP`` call, issued at the host
-  kis-trader's endpoint table gives for the environment, through its ``post`` (kis-trader's
-  ``requests.post`` with ``timeout=10`` by default). It never reads or writes kis-trader's token
-  file (``~/.cache/kis-trader/tokens``). Unlike upstream it accepts tokens that live 600 s or less
-  (upstream refuses them, ``_auth.py:152-153``); they are refreshed in the last tenth of their
-  life (:meth:`kis_safe_token.Token.refresh_at`). ``EGW00133`` makes the holder sit out KIS's
-  window instead of failing; a refused issuance reaches the caller as kis-trader's
-  ``KISAuthError``. ``revoke()`` revokes the token at KIS and drops it from the storage
-  (compare-and-delete).
-- **Refresh after EGW00123**: a token manager never sees responses, and kis-trader's transport
-  only retries the same token (``_http.py:223``) and raises ``KISError(msg_cd='EGW00123')``. The
-  hook is the transport's ``send`` (the narrowest seam kis-trader injects): :func:`refreshing_send`
-  wraps one so that an answer ``EGW00123``/``EGW00121`` drops the token the request carried, by
-  compare-and-delete (a late process never deletes the fresh token), and sends once more with
-  the fleet's next token: one issuance fleet-wide. :class:`RequestsTransport` is kis-trader's
-  with that wrapper applied, and ``app_key``/``app_secret``/``environment`` defaulting to the
-  manager's. To keep your own transport, pass ``send=refreshing_send(tokens, your_send)``. The
-  repeated call is made inside the attempt that got the rejection, so it does not take a second
-  slot of the transport's own (per-process) ``rate_limiter``.
-- **The fleet's call-rate limit**: ``TokenManager(..., calls_per_second=, rate_limiter=)`` (as
-  in :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the environment,
-  ``0`` off). The same ``send`` wrapper takes a slot of the token's fleet-wide limiter (the one
-  ``KoreaInvestment``/``KisAuth`` use for the same app key and storage) before every send, the
-  refresh re-send included. ``EGW00201`` is re-sent as :mod:`kis_safe_token.policy` says, for
-  writes too (KIS refuses it before it processes a request); the last answer goes back to
-  kis-trader, which repeats a refused idempotent GET up to its ``max_attempts`` (each through
-  the wrapper again) and then raises ``KISRateLimitError``.
-- With ``transport=`` given, ``KISClient`` does not throttle (``client.py:258``); the fleet's
-  limit above does. A transport ``rate_limiter=`` (kis-trader's, per process) still applies
-  per attempt if you give one.
-
-Depends on kis-trader 0.12.2 (``UPSTREAM_VERSION``; ``tests/test_integration_kis_trader.py``
-fails if another version is installed or these move), paths under ``site-packages/kis_trader/``:
-``_internal/_auth.py:24`` ``TokenPoster``, ``:27-32`` ``_requests_post``, ``:47-70``
-``TokenManager.__init__`` (keywords), ``:156`` ``access_token()`` and ``:177`` ``revoke()``
-(overridden); ``_internal/_http.py:38-53`` the sender signature, ``:58`` ``_requests_send``,
-``:130-156`` ``RequestsTransport.__init__`` (keywords), ``:182-196`` the token read once per
-request into ``headers['authorization']``; ``_internal/_endpoints.py:10-21`` the endpoint table
-and ``base_url()``; ``transport.py:22`` the environment names.
+Hand our :class:`TokenManager` to our :class:`RequestsTransport`, and that to ``KISClient(...,
+transport=)``; :func:`refreshing_send` wraps a transport ``send`` of your own. What changes
+against upstream and the upstream lines the overrides depend on (version 0.12.2): the manual,
+``docs/integrations.md``.
 """
 
 from __future__ import annotations

@@ -1,60 +1,9 @@
 """korea-investment-stock's ``KoreaInvestment`` with the fleet's single flight.
 
-Change one import line and nothing else::
-
-    # from korea_investment_stock import KoreaInvestment
-    from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment
-
-    broker = KoreaInvestment(api_key, api_secret, "12345678-01")          # upstream's arguments
-    broker = KoreaInvestment(..., token_storage=FileTokenStorage(path))    # or one of our storages
-    broker = KoreaInvestment(..., base_url=sim.base_url)                   # or another host
-
-What changes (install with ``pip install 'kis-safe-token[korea-investment-stock]'``):
-
-- The token, at start and on upstream's refresh path (``issue_access_token(force=True)`` after an
-  answer saying the token expired), comes through the storage's single flight: a fleet of
-  processes makes one ``tokenP`` call, and a token KIS rejected is dropped by compare-and-delete,
-  so N processes seeing it rejected make one new issuance. ``access_token`` is read from the
-  shared token at every request (refreshed ahead of expiry, like our own client).
-- ``token_storage`` must be one of ours; ``None`` builds it from the environment
-  (:func:`~kis_safe_token.storage.create_token_storage`). Upstream's own storages
-  (``~/.cache/kis/token.key``, a pickle holding the api_secret) are never built, read or written.
-- ``base_url=`` (keyword): the host, for all calls including ``tokenP``; else
-  ``$KOREA_INVESTMENT_BASE_URL``, else upstream's (the real KIS host).
-- ``check_access_token()`` only reads the store (upstream's would issue through our bridge).
-- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
-  :class:`kis_safe_token.KoreaInvestment`: ``None`` is 20/s for a real account, ``0`` off): every
-  send of ``_request_with_token_refresh`` (the one path of every REST method) takes a slot of
-  the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage, the re-send
-  after an expired token included (taken in ``issue_access_token(force=True)``, which upstream
-  calls right before it). ``EGW00201``: the whole path is run again as
-  :mod:`kis_safe_token.policy` says; then upstream's answer is returned.
-  ``issue_hashkey`` (``POST /uapi/hashkey`` through upstream's ``requests.post``) takes a slot
-  too; upstream raises on its refusal, so it is not re-sent. Not throttled: the master-file
-  downloads (``download_master_file``, another host, not metered by KIS) and the module-level
-  function ``korea_investment_stock.ipo.fetch_ipo_schedule`` (it is handed a token, not this
-  broker; the broker's own ``fetch_ipo_schedule`` goes through the limited path). Upstream's
-  per-process ``RateLimitedKoreaInvestment`` still composes on top.
-- The rest is upstream's: its methods, and its wrappers ``RateLimitedKoreaInvestment(broker)``
-  and ``CachedKoreaInvestment(broker)``, which compose a broker and work on this one unchanged.
-
-Upstream offers no hook for any of this; the overrides depend on korea-investment-stock
-**0.19.0** (:data:`UPSTREAM_VERSION`; a different version warns at import), at these places
-(``tests/test_integration_korea_investment_stock.py`` fails if an upgrade moves them):
-
-- ``korea_investment_stock.py:127``: ``__init__`` assigns the hard-coded host to
-  ``self.base_url`` before building its ``TokenManager`` (``:145``) with it; our ``base_url``
-  property ignores that one assignment.
-- ``:142``: ``storage = token_storage or create_token_storage(...)``, ``:156``:
-  ``self.access_token = self._token_manager.get_valid_token()``, and ``token/manager.py:80-101``
-  (``check_token_valid`` True, then ``load_token(...)["access_token"]``): at construction
-  upstream gets a seed-protocol bridge answering from our single flight, so it never POSTs.
-- ``:174-184`` ``issue_access_token(force)``, ``:245-255``
-  ``check_access_token``/``load_access_token``: overridden; ``:206-243``
-  ``_request_with_token_refresh`` (``requests.get``/``post`` per attempt, an expired answer ->
-  ``issue_access_token(force=True)`` -> ``headers["authorization"] = self.access_token`` ->
-  the next attempt) and ``:257-266`` ``issue_hashkey``: wrapped (the slots).
-- every REST method reads ``self.access_token`` for its header: a property here.
+``from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment`` instead of
+upstream's, same arguments, plus ``token_storage=`` (ours; default from the environment),
+``base_url=``, ``calls_per_second=`` and ``rate_limiter=``. What changes against upstream and the
+upstream lines the overrides depend on (version 0.19.0): the manual, ``docs/integrations.md``.
 """
 
 from __future__ import annotations

@@ -1,60 +1,9 @@
 """mojito2's ``KoreaInvestment`` with the fleet's single flight and the token refresh mojito lacks.
 
-Change one import line and add the storage::
-
-    # from mojito import KoreaInvestment
-    from kis_safe_token.integrations.mojito import KoreaInvestment
-
-    broker = KoreaInvestment(api_key, api_secret, "12345678-01", token_storage=storage)
-    broker = KoreaInvestment(..., base_url=sim.base_url)    # or another host (keyword)
-
-What changes (install with ``pip install 'kis-safe-token[mojito2]'``):
-
-- The token comes through the storage's single flight (``token_storage=None``: ours from the
-  environment, :func:`~kis_safe_token.storage.create_token_storage`): a fleet makes one ``tokenP``
-  call. mojito's ``token.dat`` (a pickle of the token *and the api_secret* in the working
-  directory, unpickled at start) is never read or written.
-- Issuance goes to ``self.base_url``, read when issuing, as mojito does: ``set_base_url(mock)``
-  or a subclass overriding it redirects it. ``base_url=`` (keyword), else
-  ``$KOREA_INVESTMENT_BASE_URL``, replaces the host ``set_base_url`` picks.
-- mojito has no token refresh: its REST methods return KIS's answer as a dict, an expired token's
-  ``EGW00123`` included. Here every upstream method that reads ``self.access_token`` (the ones
-  building a request; :data:`REFRESHING_METHODS`) is wrapped: on an answer rejecting the token
-  (``EGW00123``/``EGW00121``, or a message saying the token expired) it drops the token that
-  call sent from the store if the store still holds it (compare-and-delete: N processes seeing
-  it rejected make one new issuance), takes the fleet's next one and makes the call once more.
-  Nested calls (``fetch_price`` calls ``fetch_domestic_price``) retry at most once per
-  outermost call. A method that parses a rejected answer before returning (and raises) is not
-  retried.
-- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, keywords, as in
-  :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the account type,
-  virtual with ``mock=True``; ``0`` off): every request a wrapped method sends takes a slot of
-  the limiter ``KoreaInvestment``/``KisAuth`` use for the same app key and storage. The slot
-  is taken where the method reads ``self.access_token`` for its header (mojito reads it once
-  per request, right before ``requests.get``/``post``), after the token is in hand, so
-  nested wrapped calls (``fetch_balance_oversea`` calls ``fetch_oversea_day_night``) take one
-  slot per HTTP call, not one per wrapper level, and the refresh re-send takes its own.
-  ``EGW00201``: the method is called again as :mod:`kis_safe_token.policy` says (one budget per
-  outermost call); then mojito's answer is returned. ``issue_hashkey`` (``POST
-  /uapi/hashkey``, made by the order methods) reads no token and takes its slot itself.
-  ``download_master_file`` (another host) is not throttled.
-- ``check_access_token()`` reads the store (never issues); ``load_access_token()`` and
-  ``issue_access_token()`` take the fleet's token (issuing through the single flight only if the
-  store has none). ``access_token`` is read from the shared token at every request, refreshed
-  ahead of expiry like our own client.
-
-The overrides depend on mojito2 **0.1.6** (:data:`UPSTREAM_VERSION`; a different version warns at
-import), ``mojito/koreainvestment.py`` (``tests/test_integration_mojito.py`` fails if an upgrade
-moves them):
-
-- ``:340-368`` ``__init__(api_key, api_secret, acc_no, exchange, mock)``: ``set_base_url(mock)``
-  first, then ``self.access_token = None`` and ``check_access_token()`` -> ``load_access_token()``
-  or ``issue_access_token()``;
-- ``:370-378`` ``set_base_url`` sets ``self.base_url``; ``:380-436`` the three token methods
-  (overridden: they read and write ``token.dat``);
-- every REST method (``fetch_domestic_price`` ``:472-494`` and the others) builds its header
-  from ``self.access_token`` (a property here), once, right before its one ``requests`` call,
-  and returns ``resp.json()``; ``:438-455`` ``issue_hashkey`` (wrapped: its slot).
+``from kis_safe_token.integrations.mojito import KoreaInvestment`` instead of mojito's, same
+arguments, plus ``token_storage=``, ``base_url=``, ``calls_per_second=`` and ``rate_limiter=``.
+What changes against upstream and the upstream lines the overrides depend on (version 0.1.6):
+the manual, ``docs/integrations.md``.
 """
 
 from __future__ import annotations

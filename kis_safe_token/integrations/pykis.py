@@ -1,61 +1,9 @@
 """``PyKis``: python-kis's client, its access token shared by the fleet through our storage.
 
 ``from kis_safe_token.integrations.pykis import PyKis`` instead of ``from pykis import PyKis``,
-same arguments plus ``token_storage=`` (default: ours from the environment,
-:func:`~kis_safe_token.create_token_storage`). Every token the client sends comes through the
-storage's single flight: 16 processes starting at once make one ``tokenP`` call between them.
-
-What changes against upstream, and why:
-
-- **Issuance** still goes through pykis's own ``token_issue`` (its ``request`` loop, so pykis's
-  host, session and rate limiter apply), but only from inside ``get_or_issue``, holding the
-  fleet's issuance lock. The ``tokenP`` call gets our HTTP timeout (pykis sets none): an untimed
-  call would hold the issuance lock for ever. Other pykis calls keep pykis's (lack of) timeout.
-  An ``EGW00133`` refusal becomes a :class:`~kis_safe_token.TokenIssueError` with
-  ``retry_after_s``, so the holder sits out KIS's one-minute window instead of crashing.
-- **Refresh after EGW00123**: pykis's request loop answers an expired token by setting
-  ``self._token = None`` (or ``self._virtual_token``) and trying again, without a bound. Here
-  ``_token`` is a property: that assignment drops, by compare-and-delete, the token this thread
-  sent (remembered per thread, so a thread late to see its rejection never deletes the fresh
-  token another just got), and the loop's next ``self.token`` comes from the single flight. The
-  stale token is never served again, so the loop ends after one more call.
-- **No plaintext cache**: ``keep_token`` (pykis's JSON token file, ``~/.pykis/cache``) is
-  refused with a ``ValueError``, as are ``token=``/``virtual_token=``: the storage holds the
-  token (encrypted), and a token handed in would bypass the fleet's single flight.
-- **Virtual trading** (``virtual_appkey``/``virtual_secretkey``) works the same way: the
-  virtual app key has its own shared token (``primary_token``).
-- **The fleet's call-rate limit** (``calls_per_second=``/``rate_limiter=``, as in
-  :class:`kis_safe_token.KoreaInvestment`: ``None`` is KIS's default for the account type,
-  ``0`` off; they set the limit of the domain pykis trades on, the virtual one in virtual
-  mode, where the real domain, used for quotes, keeps its default unless ``0``): every
-  ``/uapi/`` send of pykis's ``request`` loop takes a slot of the domain's fleet-wide limiter
-  (the one ``KoreaInvestment``/``KisAuth`` use for the same app key and storage), in the
-  domain's session, so each attempt of pykis's re-sending loop takes its own. pykis's own
-  per-process limiter still runs first. ``EGW00201``: pykis re-sends it after 0.1 s, for ever;
-  here :mod:`kis_safe_token.policy` backs off first, and raises ``KisHTTPError`` (as pykis
-  does for any other code) when its budget is spent. Token calls
-  (``/oauth2/``) take no slot: KIS does not meter them, and one holds the issuance lock.
-- ``discard()`` revokes through pykis's ``token_revoke`` and then compare-and-deletes the token
-  from the storage, so the fleet does not keep serving a revoked token; another process still
-  holding it meets ``EGW00121``, which pykis raises: ``request`` answers it like ``EGW00123``
-  (drops the token this thread sent, and calls once more).
-
-Depends on python-kis 2.1.6 (``UPSTREAM_VERSION``; ``tests/test_integration_pykis.py`` fails if
-another version is installed or these move), paths under ``site-packages/pykis/``:
-
-- ``kis.py:329-345`` ``PyKis.__init__`` (keyword names; ``keep_token``, ``token``,
-  ``virtual_token``), ``:419-424`` ``self._token = ...`` / ``self._virtual_token = ...`` at init,
-  ``:425-431`` ``self._sessions`` (``{"real", "virtual"}`` of ``requests.Session``).
-- ``kis.py:555-593`` the ``request`` loop: ``self.token``/``self.primary_token`` read per attempt
-  (``:559``), ``session.request`` without timeout, once per attempt (``:561``; our session takes
-  the slot there), ``EGW00201`` -> ``sleep(0.1)`` and again (``:580-584``), ``EGW00123`` ->
-  ``self._token = None`` / ``self._virtual_token = None`` (``:586-591``).
-- ``kis.py:505-517`` ``request``'s keywords (``domain``, ``auth``), ``:593-594`` any other
-  code raised as ``KisHTTPError``.
-- ``kis.py:664-707`` the ``token`` / ``primary_token`` properties (replaced here),
-  ``:709-719`` ``discard`` (replaced), ``:47-49`` ``virtual``.
-- ``api/auth/token.py:21-31`` ``KisAccessToken`` fields, ``:72-90`` ``token_issue``,
-  ``:93-114`` ``token_revoke``; ``client/exceptions.py:69`` ``KisHTTPError(response)``.
+same arguments plus ``token_storage=``, ``calls_per_second=`` and ``rate_limiter=``. What changes
+against upstream and the upstream lines the overrides depend on (version 2.1.6): the manual,
+``docs/integrations.md``.
 """
 
 from __future__ import annotations

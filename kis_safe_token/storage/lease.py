@@ -1,57 +1,12 @@
 """The seed-protocol lease: single flight for clients that only call the seed's four methods.
 
-A third-party client written against the seed (korea-investment-stock 0.19.0 and its kin) never
-calls :meth:`~kis_safe_token.storage.TokenStorage.get_or_issue`: it asks
-``check_token_valid``, and on ``False`` issues the token itself and calls ``save_token``. Started
-by N processes at once, N of them see ``False``, N ask KIS, N-1 crash on ``EGW00133``. With the
-lease on (``seed_lease=True``, off by default) ``check_token_valid`` answering ``False`` means
-*you hold the issuance lease: issue and ``save_token``*; every other caller blocks in
-``check_token_valid`` until that save and then gets ``True``.
-
-What a prototype showed goes wrong, and what prevents it here:
-
-- **A caller that checks and never issues** (a status display) must not block the fleet for as
-  long as it lives, so the lease is a *record* with an owner and an expiry (``lease_ttl``), never
-  a held lock; the file backend has no lock with a TTL, so its lease is an entry in the token
-  document, written under the file lock held only for that write.
-- **Re-entrant per thread**: the owner is one id per thread (fresh in a forked child), so the
-  holder asking again gets ``False`` again (it still holds the lease) while another thread of
-  the same process waits like any other process.
-- **``load_token`` never grants**: it waits while someone else holds an active lease (so a
-  reader right behind the holder gets its token), then answers what is stored.
-- **A holder that issued and then failed or crashed before ``save_token``**: KIS counts its
-  token, so whoever issues next within the minute gets ``EGW00133`` (and seed clients crash on
-  it). Every grant and every save leaves a *quiet mark*: no new lease is granted until
-  ``issue_window_s`` (KIS's window, :data:`~kis_safe_token.kis.ISSUE_WINDOW_S`) has passed since
-  the last grant or save. The storage cannot tell a status display from a holder that crashed
-  after KIS answered, so a lease that ends without a save keeps the fleet waiting at most
-  ``max(lease_ttl, issue_window_s)`` from its grant, and never longer.
-- **A lease shorter than an untimed upstream POST**: the quiet mark keeps the next grant away
-  for the whole window, so only a POST longer than the window can meet a second holder. Then
-  both tokens are valid at KIS and each save keeps the *newest*: a save whose token expires no
-  later than the stored valid one is dropped (the caller still holds a valid token in memory).
-  Unlike last-save-wins, a late save can never replace the fleet's token with an older one; unlike
-  first-save-wins, the fleet converges on the token that lives longest, whatever order the saves
-  land in.
-- **Bounded waits**: ``delete_token`` by the holder releases its lease (the quiet mark stays). A
-  waiter in ``check_token_valid`` that sees no token within the storage's ``wait_timeout`` gets a
-  :class:`~kis_safe_token.errors.TokenStorageError` (as it does when the store is unreachable):
-  answering ``False`` would send it to KIS into ``EGW00133``, answering ``True`` would hand the
-  client no token. ``load_token`` keeps the seed's ``None``.
-
-The backends supply the records (:class:`LeaseRecords`): :class:`FileLeaseRecords` (one JSON
-entry beside the token, clocks of the one host) and :class:`RedisLeaseRecords` (two keys whose
-Redis TTLs are the lease and the quiet mark, so hosts' clocks do not matter). A record holds an
-owner id (host, pid, a random part) and times, nothing secret; one forged by someone who can
-write the store blocks issuance for at most its declared ``lease_ttl`` (capped at an hour).
-
-Scope: the four seed methods, and :meth:`get_or_issue` and its asyncio twin
-(:class:`~kis_safe_token.storage.aio.AsyncStore`; this library's clients and integrations):
-with the lease on, the caller about to issue under the storage's issuance lock also takes the
-lease (or waits in it for a seed holder's save; a recorded active failure is raised instead of
-waiting), and its save ends the lease and marks the window, so a fleet mixing seed clients with
-ours on one store issues once. A ``save_token``
-without the lease (a client's own refresh path) is kept-newest and moves the quiet mark too.
+With ``seed_lease=True``, ``check_token_valid`` answering ``False`` means *you hold the issuance
+lease: issue and ``save_token``*; every other caller waits in ``check_token_valid`` until that
+save. The lease is a record with an owner and an expiry, never a held lock; every grant and
+save leaves a quiet mark for KIS's window; a save keeps the token that expires later. The
+backends supply the records (:class:`LeaseRecords`); :class:`LeasedLock` puts the lease in
+front of a store's issuance lock for this library's own callers. Why each rule: the manual,
+``docs/seed-lease.md``.
 """
 
 from __future__ import annotations
