@@ -185,7 +185,7 @@ class AsyncKoreaInvestment(ClientSettings):
             "appsecret": shared.api_secret,
         }
         try:
-            return await shared.http.request(
+            return await (await shared.http_client()).request(
                 call.method,
                 f"{shared.base_url}{call.path}",
                 headers=headers,

@@ -10,6 +10,8 @@ to build a client.
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -105,15 +107,20 @@ class AsyncSharedToken(TokenSettings):
             rate_limiter=rate_limiter,
         )
         self._own_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.AsyncClient()
+        self._http = http_client  # our own is built at the first call: see http_client()
         self._store = AsyncStore(self.token_storage, redis_client=redis_client)
         self._token: Token | None = None
         self._fresh_until = float("-inf")
         self._approval: Token | None = None
 
-    @property
-    def http(self) -> httpx.AsyncClient:
-        """The ``httpx.AsyncClient`` of the OAuth calls; clients send their calls through it."""
+    async def http_client(self) -> httpx.AsyncClient:
+        """The ``httpx.AsyncClient`` of the OAuth calls; clients send their calls through it.
+        Our own is built at the first call, with the process's one TLS context: loading the CA
+        bundle takes ~60 ms, done once per process in a worker thread, never on the loop."""
+        if self._http is None:
+            context = await _tls_context()
+            if self._http is None:  # another task may have built it meanwhile
+                self._http = httpx.AsyncClient(verify=context)
         return self._http
 
     # -- the token -------------------------------------------------------------------------------
@@ -157,7 +164,7 @@ class AsyncSharedToken(TokenSettings):
         if token is None:
             return
         try:
-            resp = await self._http.post(
+            resp = await (await self.http_client()).post(
                 f"{self.base_url}{REVOKE_PATH}",
                 json=revoke_request(self.api_key, self.api_secret, token.access_token),
                 timeout=httpx_timeout(self.timeout),
@@ -244,7 +251,7 @@ class AsyncSharedToken(TokenSettings):
     async def _issue(self) -> Token:
         """Ask KIS for a token (called by the store, holding the issuance lock)."""
         try:
-            resp = await self._http.post(
+            resp = await (await self.http_client()).post(
                 f"{self.base_url}{TOKEN_PATH}",
                 json=token_request(self.api_key, self.api_secret),
                 timeout=httpx_timeout(self.timeout),
@@ -257,7 +264,7 @@ class AsyncSharedToken(TokenSettings):
         """Ask KIS for an approval key (called by the store, holding the issuance lock); an
         ``EGW00201`` answer slows the fleet's rate down (the store sits it out, asks once more)."""
         try:
-            resp = await self._http.post(
+            resp = await (await self.http_client()).post(
                 f"{self.base_url}{APPROVAL_PATH}",
                 json=approval_request(self.api_key, self.api_secret),
                 timeout=httpx_timeout(self.timeout),
@@ -274,7 +281,7 @@ class AsyncSharedToken(TokenSettings):
     # -- lifecycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:
         """Close the HTTP client and the Redis client, if this object built them."""
-        if self._own_http:
+        if self._own_http and self._http is not None:
             await self._http.aclose()
         await self._store.aclose()
 
@@ -288,3 +295,15 @@ class AsyncSharedToken(TokenSettings):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+_tls: ssl.SSLContext | None = None
+
+
+async def _tls_context() -> ssl.SSLContext:
+    """The verifying TLS context httpx would build for each client, built once per process in a
+    worker thread."""
+    global _tls
+    if _tls is None:
+        _tls = await asyncio.to_thread(httpx.create_ssl_context)
+    return _tls

@@ -171,11 +171,13 @@ class RedisRateLimiter(RateLimiter):
         if len(mac_key) > 64:
             raise ValueError("mac_key must be at most 64 bytes (one SHA-1 block)")
         padded = mac_key.ljust(64, b"\0")
-        self._pads = (bytes(b ^ 0x36 for b in padded), bytes(b ^ 0x5C for b in padded))
+        pads = (bytes(b ^ 0x36 for b in padded), bytes(b ^ 0x5C for b in padded))
         self._slow_value = "1:" + hmac.new(mac_key, f"{key}:slow".encode(), "sha256").hexdigest()
+        self._constant_args = (*pads, self._slow_value, _MAX_HOLD_MS)
         self._client = client
         self._key = key
         self._slow_key = f"{key}:slow"
+        self._keys = [key, self._slow_key]
         self.where = f"every process using {where}"
         self._redis_where = where
         self._retry_timeout_s = retry_timeout_s
@@ -235,7 +237,12 @@ class RedisRateLimiter(RateLimiter):
 
     def _reserve_by(self, max_wait_s: float, deadline: float | None) -> float | None:
         keys, args = self.reserve_call(max_wait_s)
-        return self.reserve_result(self._eval("reserve", RESERVE_LUA, keys, args, deadline))
+        client = self._client()
+        try:  # the common case, one attempt, straight through (no retry loop to set up)
+            reply = self._script(client, RESERVE_LUA)(keys=keys, args=args, client=client)
+        except Exception:  # noqa: BLE001 - retried, or raised as TokenStorageError, by _eval
+            reply = self._eval("reserve", RESERVE_LUA, keys, args, deadline)
+        return self.reserve_result(reply)
 
     def _recent_queue_s(self) -> float:
         """The queue last seen, while slots handed out then may still be ahead; else 0."""
@@ -250,11 +257,9 @@ class RedisRateLimiter(RateLimiter):
             SLOWDOWN_FACTOR,
             int(STALE_AHEAD_S * _US),
             int(self._recent_queue_s() * _US),
-            *self._pads,
-            self._slow_value,
-            _MAX_HOLD_MS,
+            *self._constant_args,
         ]
-        return [self._key, self._slow_key], args
+        return self._keys, args
 
     async def try_acquire_async(
         self, max_wait_s: float, deadline: float | None = None, async_client: Any = None

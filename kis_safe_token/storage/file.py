@@ -16,10 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
-
-import filelock
-import platformdirs
+from typing import TYPE_CHECKING, Any, Final
 
 from .._faults import fault_point
 from .._fork import renew_after_fork
@@ -31,6 +28,9 @@ from ..ratelimit.file import FileRateLimiter, shared_file_rate_limiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
 from .lease import CLOCK_SKEW_S, MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
+
+if TYPE_CHECKING:  # filelock and platformdirs are imported when first needed: a warm read
+    import filelock  # needs neither
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -57,6 +57,8 @@ _Signature = tuple[int, int, int]
 
 def default_token_path() -> Path:
     """``<user cache dir>/kis_safe_token/tokens.json`` (``~/.cache/...`` on Linux)."""
+    import platformdirs
+
     return Path(platformdirs.user_cache_dir("kis_safe_token", appauthor=False)) / "tokens.json"
 
 
@@ -123,7 +125,7 @@ class FileTokenStorage(SealedTokenStorage):
         self.poll_interval_s = check_seconds("poll_interval_s", poll_interval_s, high=1.0)
         # One lock object per storage, made here and not lazily: two threads racing to create it
         # would each lock a different object and the holder's re-entrant write would deadlock.
-        self._flock = self._new_flock()
+        self._flock: filelock.FileLock | None = None  # made by _lock(), when first needed
         renew_after_fork(self)
         self._doc: tuple[_Signature, dict[str, str]] | None = None
         self._opened: dict[tuple[str, str], tuple[_Signature, Token | None]] = {}
@@ -132,6 +134,8 @@ class FileTokenStorage(SealedTokenStorage):
         return f"FileTokenStorage({str(self.token_file)!r})"
 
     def _new_flock(self) -> filelock.FileLock:
+        import filelock
+
         return filelock.FileLock(
             self.lock_file, mode=0o600, preserve_lock_file=True, poll_interval=self.poll_interval_s
         )
@@ -140,7 +144,7 @@ class FileTokenStorage(SealedTokenStorage):
         # A lock the parent held at fork() is the parent's: filelock raises RuntimeError on an
         # inherited lock object for the child's whole life. (filelock itself closes the child's
         # copy of the parent's descriptor.)
-        self._flock = self._new_flock()
+        self._flock = None
 
     # -- reading -----------------------------------------------------------------------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
@@ -271,6 +275,8 @@ class FileTokenStorage(SealedTokenStorage):
 
     def _update(self, change: Callable[[dict[str, str]], bool]) -> bool:
         """Read-modify-write the document under the lock; write only if ``change`` says so."""
+        import filelock
+
         lock = self._lock()
         try:
             lock.acquire(timeout=self.wait_timeout)
@@ -329,6 +335,8 @@ class FileTokenStorage(SealedTokenStorage):
             _make_private_dir(self.lock_file.parent)
         except OSError as exc:
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
+        if self._flock is None:
+            self._flock = self._new_flock()
         return self._flock
 
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
@@ -374,6 +382,8 @@ class FileIssuanceLock(IssuanceLock):
         the store, else :class:`Busy` (look again after ``poll_interval_s``, jittered)."""
         storage = self._storage
         if time.monotonic() >= self._next_try:
+            import filelock
+
             flock = storage._lock()
             try:
                 flock.acquire(timeout=0)

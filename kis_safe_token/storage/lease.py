@@ -16,7 +16,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -250,7 +249,7 @@ def thread_owner() -> str:
     """
     owner: str | None = getattr(_owners, "id", None)
     if owner is None:
-        owner = _owners.id = f"{_process_tag}:{uuid.uuid4().hex[:16]}"
+        owner = _owners.id = f"{_process_tag}:{os.urandom(8).hex()}"
     return owner
 
 
@@ -308,7 +307,7 @@ class LeasedLock(IssuanceLock):
         self._waiting_on = "a token"
 
     def for_task(self) -> None:
-        self._owner = f"{thread_owner()}:{uuid.uuid4().hex[:8]}"
+        self._owner = f"{thread_owner()}:{os.urandom(4).hex()}"
         self._lock.for_task()
 
     def attempt(self) -> Attempt:

@@ -18,7 +18,6 @@ import math
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar
@@ -494,7 +493,7 @@ class RedisIssuanceLock(IssuanceLock):
         self._ttl_ms = math.ceil(storage.lock_ttl * 1000)
         self._deadline = time.monotonic() + storage.wait_timeout
         host = socket.gethostname()
-        self._owner = f"{host}:{os.getpid()}:{uuid.uuid4().hex}:{self._ttl_ms}"
+        self._owner = f"{host}:{os.getpid()}:{os.urandom(16).hex()}:{self._ttl_ms}"
         self._held = False
         self._spurious: str | None = None  # a wake-up list that woke us without a token
 
