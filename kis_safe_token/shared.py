@@ -170,7 +170,7 @@ class SharedToken(TokenSettings):
             rate_limiter=rate_limiter,
         )
         self._own_session = session is None
-        self._session = session if session is not None else requests.Session()
+        self._session = session  # our own is made when first needed: a waiter never needs it
         memory = partial(
             InMemory,
             wait_timeout=self.token_storage.wait_timeout,
@@ -207,6 +207,8 @@ class SharedToken(TokenSettings):
     def session(self) -> requests.Session:
         """The ``requests.Session`` of the OAuth calls (a fresh one in a forked child, if it is
         this object's own); clients may send their calls through it too."""
+        if self._session is None:
+            self._session = requests.Session()
         return self._session
 
     def issue(self, force: bool = False) -> Token:
@@ -248,7 +250,7 @@ class SharedToken(TokenSettings):
         if token is None:
             return
         revoke_token(
-            self._session,
+            self.session,
             self.base_url,
             api_key=self.api_key,
             api_secret=self.api_secret,
@@ -305,7 +307,7 @@ class SharedToken(TokenSettings):
         ``EGW00201`` answer slows the fleet's rate down (the store sits it out, asks once more)."""
         try:
             return issue_approval_key(
-                self._session,
+                self.session,
                 self.base_url,
                 api_key=self.api_key,
                 api_secret=self.api_secret,
@@ -338,7 +340,7 @@ class SharedToken(TokenSettings):
         """Ask KIS for a token (called by the store, holding the issuance lock)."""
         fault_point("issue.before_kis")
         token = issue_token(
-            self._session,
+            self.session,
             self.base_url,
             api_key=self.api_key,
             api_secret=self.api_secret,
@@ -356,12 +358,12 @@ class SharedToken(TokenSettings):
         self._memory.renew_after_fork()
         self._approvals.renew_after_fork()
         if self._own_session:
-            self._session = requests.Session()
+            self._session = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the session, if it is this object's own."""
-        if self._own_session:
+        if self._own_session and self._session is not None:
             self._session.close()
 
     def __enter__(self) -> SharedToken:

@@ -39,7 +39,11 @@ logger = logging.getLogger("kis_safe_token")
 FILE_FORMAT = "kis_safe_token"
 FILE_VERSION = 1
 POLL_INTERVAL_S = 0.004
-LOCK_RETRY_S = 0.05
+LOCK_RETRY_S = 0.2
+#: A waiter's looks start ``poll_interval_s`` apart and spread out (x1.5 each) to this: a quick
+#: save is seen within milliseconds, and a herd waiting out a slow KIS does not take the CPU
+#: the holder needs.
+MAX_POLL_S = 0.02
 #: Reads stop past this many bytes. One app key's sealed entry is about 0.5 KB, so a token file
 #: is a few KB; a bigger one was not written by us (planted, or something else's file) and is a
 #: miss, instead of memory, CPU and an fsync of all of it spent on every read and every save.
@@ -149,15 +153,19 @@ class FileTokenStorage(SealedTokenStorage):
     # -- reading -----------------------------------------------------------------------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
         sig = self._signature()
-        if sig is None:
-            return None
-        creds = (api_key, api_secret)
-        seen = self._opened.get(creds)
-        if seen is not None and seen[0] == sig and not fresh:
-            return seen[1]
-        entries = self._entries(sig, fresh=fresh)
-        token = self._sealer(api_key, api_secret).open(entries.get(key_id(api_key)))
-        self._opened[creds] = (sig, token)
+        token = None
+        if sig is not None:
+            creds = (api_key, api_secret)
+            seen = self._opened.get(creds)
+            if seen is not None and seen[0] == sig and not fresh:
+                return seen[1]
+            entries = self._entries(sig, fresh=fresh)
+            token = self._sealer(api_key, api_secret).open(entries.get(key_id(api_key)))
+            self._opened[creds] = (sig, token)
+        if token is None:  # a miss: waiting comes next; derive the keys and get the lock ready
+            self._sealer(api_key, api_secret)
+            if self._flock is None:
+                self._flock = self._new_flock()
         return token
 
     def _signature(self) -> _Signature | None:
@@ -376,6 +384,7 @@ class FileIssuanceLock(IssuanceLock):
         self._api_secret = api_secret
         self._flock: filelock.FileLock | None = None
         self._next_try = 0.0
+        self._poll_s = storage.poll_interval_s
 
     def attempt(self) -> Attempt:
         """The lock if a try is due and it is free, else a usable token or an active failure in
@@ -399,10 +408,9 @@ class FileIssuanceLock(IssuanceLock):
         failure = storage.read_failure(self._api_key, self._api_secret)
         if failure is not None and failure.active(storage.clock()):
             return failure
-        return Busy(
-            jittered(storage.poll_interval_s),
-            f"the issuing process holding {storage.lock_file}",
-        )
+        poll_s = self._poll_s
+        self._poll_s = min(poll_s * 1.5, max(storage.poll_interval_s, MAX_POLL_S))
+        return Busy(jittered(poll_s), f"the issuing process holding {storage.lock_file}")
 
     def release(self) -> None:
         if self._flock is not None:
