@@ -15,20 +15,26 @@ from typing import Any
 
 import pytest
 import redis
+from async_herd import run_mixed_herd
 from conftest import IN_CI
 from ha_servers import (
     FailoverDuringIssuance,
     LocalRedisCluster,
     LocalSentinelSet,
 )
-from herd import HERD_APP_KEY, HERD_SECRET, HerdResult, run_herd
+from herd import HERD_APP_KEY, HERD_SECRET, HerdResult, build_storage, run_herd
 
 from kis_safe_token import LockedRedisTokenStorage, create_token_storage
 from kis_safe_token.cli import _parser, _storage
 from kis_safe_token.crypto import key_id
+from kis_safe_token.storage import HELD
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import find_redis_server
 from kis_safe_token.token import Token
+
+# Before the import: the contract's asserts then report values, as a test module's do.
+pytest.register_assert_rewrite("kis_safe_token.testing.contract")
+from kis_safe_token.testing.contract import StorageFactory, TokenStorageContract  # noqa: E402
 
 HERD = 16
 #: A failover herd must end within this (detection ~1 s, promotion ~1-2 s, KIS answer, wake-up).
@@ -301,3 +307,83 @@ def test_cluster_client_leaves_retries_to_us(
     with pytest.raises(redis.exceptions.ConnectionError):
         client.get(key)
     assert time.monotonic() - started < 1.0
+
+
+# -- the backend contract on Sentinel and Cluster -------------------------------------------------
+# The promises test_backend_contract holds file, Redis and SQLite to, on the HA topologies: the
+# contract's single-process suite, one issuance for 4 sync and 4 asyncio processes, and a dead
+# holder's lock taken over after its ttl.
+
+
+def _factory(spec: dict[str, Any]) -> StorageFactory:
+    def make(clock: Callable[[], float] = time.time) -> LockedRedisTokenStorage:
+        storage = build_storage(spec)
+        storage.clock = clock  # type: ignore[method-assign]
+        assert isinstance(storage, LockedRedisTokenStorage)
+        return storage
+
+    return make
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+class TestSentinelContract(TokenStorageContract):
+    @pytest.fixture
+    def make_storage(self, sentinel_set: LocalSentinelSet, key_prefix: str) -> StorageFactory:
+        return _factory(sentinel_spec(sentinel_set, key_prefix))
+
+
+@pytest.mark.xdist_group("redis-cluster")
+class TestClusterContract(TokenStorageContract):
+    @pytest.fixture
+    def make_storage(self, redis_cluster: LocalRedisCluster, key_prefix: str) -> StorageFactory:
+        return _factory(cluster_spec(redis_cluster, key_prefix))
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_sentinel_four_sync_and_four_asyncio_processes_issue_once(
+    sentinel_set: LocalSentinelSet, herd_sim: KisSimulator, key_prefix: str
+) -> None:
+    assert_mixed_herd_issues_once(sentinel_spec(sentinel_set, key_prefix), herd_sim)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_cluster_four_sync_and_four_asyncio_processes_issue_once(
+    redis_cluster: LocalRedisCluster, herd_sim: KisSimulator, key_prefix: str
+) -> None:
+    assert_mixed_herd_issues_once(cluster_spec(redis_cluster, key_prefix), herd_sim)
+
+
+def assert_mixed_herd_issues_once(spec: dict[str, Any], sim: KisSimulator) -> None:
+    herd = run_mixed_herd(
+        ["sync"] * 4 + ["async"] * 4, spec, sim.base_url, tasks=5, calls_per_second=1000
+    )
+    assert herd.errors == []
+    assert herd.calls == 8 * 5
+    assert sim.issued == 1 and sim.rate_limited == 0
+    assert len(herd.tokens) == 1
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_sentinel_dead_holders_lock_is_taken_over_after_its_ttl(
+    sentinel_set: LocalSentinelSet, key_prefix: str
+) -> None:
+    assert_dead_holder_taken_over(sentinel_spec(sentinel_set, key_prefix))
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_cluster_dead_holders_lock_is_taken_over_after_its_ttl(
+    redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    assert_dead_holder_taken_over(cluster_spec(redis_cluster, key_prefix))
+
+
+def assert_dead_holder_taken_over(spec: dict[str, Any]) -> None:
+    spec = {**spec, "options": {"lock_ttl": 1.0}}
+    dead = build_storage(spec).issuance_lock(HERD_APP_KEY, HERD_SECRET)
+    assert dead.attempt() is HELD  # and never released nor extended: its holder died
+    started = time.monotonic()
+    got = build_storage(spec).get_or_issue(
+        HERD_APP_KEY, HERD_SECRET, lambda: Token("next-" + "x" * 40, time.time() + 86_400)
+    )
+    assert got.access_token == "next-" + "x" * 40
+    assert 0.9 <= time.monotonic() - started < 10
