@@ -2,6 +2,7 @@
 
     python benchmarks/cold_start.py            # 15 interleaved rounds
     python benchmarks/cold_start.py --rounds 5
+    python benchmarks/cold_start.py --before /tmp/base   # also an older checkout (git worktree)
 
 - one-call script: a fresh interpreter that makes one price call with a warm token, through
   ``KoreaInvestment`` on a warm token file, against a plain ``requests`` script sending the same
@@ -67,6 +68,14 @@ answer.json()
 """
 
 
+def from_checkout(path: str, code: str) -> str:
+    """``code`` importing kis_safe_token from the checkout at ``path``, not this venv's."""
+    return (
+        "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in "
+        f"repr(f).lower()]; sys.path.insert(0, {path!r})\n" + code
+    )
+
+
 def run_script(code: str) -> tuple[float, int]:
     started = time.perf_counter()
     done = subprocess.run(
@@ -105,8 +114,11 @@ async def async_construction_ms(url: str, path: str, rounds: int = 30) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--before", help="a checkout of an earlier commit to measure too")
     args = parser.parse_args()
     compileall.compile_dir(str(ROOT / "kis_safe_token"), quiet=1)
+    if args.before:
+        compileall.compile_dir(str(Path(args.before) / "kis_safe_token"), quiet=1)
     folder = Path(tempfile.mkdtemp(prefix="kis-cold-"))
     path = str(folder / "tokens.json")
     with KisSimulator(issue_latency_s=0.0) as sim, RedisServer() as redis_server:
@@ -118,14 +130,19 @@ def main() -> None:
         fill = {"key": KEY, "secret": SECRET, "url": sim.base_url, "path": path}
         ours_code = OURS.format(**fill)
         plain_code = PLAIN.format(**fill, token=token, price=PRICE)
-        samples: dict[str, list[tuple[float, int]]] = {
-            k: [] for k in ("ours", "plain", "imp", "req")
+        scripts = {
+            "ours": ours_code,
+            "plain": plain_code,
+            "imp": "import kis_safe_token",
+            "req": "import requests",
         }
-        for _ in range(args.rounds):  # interleaved, so a noisy moment hits both
-            samples["ours"].append(run_script(ours_code))
-            samples["plain"].append(run_script(plain_code))
-            samples["imp"].append(run_script("import kis_safe_token"))
-            samples["req"].append(run_script("import requests"))
+        if args.before:
+            scripts["before"] = from_checkout(args.before, ours_code)
+            scripts["imp_before"] = from_checkout(args.before, "import kis_safe_token")
+        samples: dict[str, list[tuple[float, int]]] = {k: [] for k in scripts}
+        for _ in range(args.rounds):  # interleaved, so a noisy moment hits every script
+            for name, code in scripts.items():
+                samples[name].append(run_script(code))
         wall = {k: statistics.median(s[0] for s in v) * 1000 for k, v in samples.items()}
         rss = {k: statistics.median(s[1] for s in v) / 1024 for k, v in samples.items()}
         build = {
@@ -156,6 +173,15 @@ def main() -> None:
         f"{'import, wall ms (interpreter included)':44} {wall['imp']:9.1f} {wall['req']:9.1f} "
         f"{wall['imp'] / wall['req']:6.2f}x"
     )
+    if args.before:
+        print(
+            f"{'one-call script, wall ms, --before':44} {wall['before']:9.1f} {wall['plain']:9.1f} "
+            f"{wall['before'] / wall['plain']:6.2f}x"
+        )
+        print(
+            f"{'import, wall ms, --before':44} {wall['imp_before']:9.1f} {wall['req']:9.1f} "
+            f"{wall['imp_before'] / wall['req']:6.2f}x"
+        )
     for name, ms in build.items():
         print(f"{'construction ms: ' + name:44} {ms:9.2f}")
     out = HERE / "results" / "cold_start.json"

@@ -146,3 +146,23 @@ def test_a_missing_extra_is_an_import_error_naming_it() -> None:
     assert len(lines) == 4, result.stdout
     assert all("pip install 'kis-safe-token[redis]'" in line for line in lines[:3])
     assert "pip install 'kis-safe-token[async]'" in lines[3]
+
+
+def test_a_warm_read_loads_no_lock_library(sim: KisSimulator, tmp_path: Path) -> None:
+    """A cold start with a warm token file (a cron job's one call) needs no lock: filelock,
+    platformdirs (the default path) and uuid come only when a miss or a default path needs them."""
+    path = str(tmp_path / "t.json")
+    warm = f"""
+        from kis_safe_token import FileTokenStorage, KoreaInvestment
+        KoreaInvestment({APP_KEY!r}, {SECRET!r}, base_url={sim.base_url!r},
+                        token_storage=FileTokenStorage({path!r})).fetch_price("005930")
+        import sys
+        print([m for m in ("filelock", "platformdirs", "uuid") if m in sys.modules])
+    """
+    first = run_python(warm)  # the miss: the lock is needed, and loaded
+    assert first.returncode == 0, first.stderr
+    assert "filelock" in first.stdout
+    again = run_python(warm)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == "[]"
+    assert sim.issued == 1

@@ -42,8 +42,8 @@ POLL_INTERVAL_S = 0.004
 LOCK_RETRY_S = 0.2
 #: A waiter's looks start ``poll_interval_s`` apart and spread out (x1.5 each) to this: a quick
 #: save is seen within milliseconds, and a herd waiting out a slow KIS does not take the CPU
-#: the holder needs.
-MAX_POLL_S = 0.02
+#: the holder needs (4 ms, 6 ms, then 8 ms apart, jittered).
+MAX_POLL_S = 0.008
 #: Reads stop past this many bytes. One app key's sealed entry is about 0.5 KB, so a token file
 #: is a few KB; a bigger one was not written by us (planted, or something else's file) and is a
 #: miss, instead of memory, CPU and an fsync of all of it spent on every read and every save.
