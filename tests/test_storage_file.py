@@ -5,6 +5,7 @@ import multiprocessing as mp
 import os
 import pickle
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -214,3 +215,32 @@ def test_invalidating_an_already_replaced_token_takes_no_lock(token_path: Path) 
             storage.invalidate_token("key1", "secret1", TOKEN_B)  # this one needs the lock
     assert storage.invalidate_token("key1", "secret1", TOKEN_B) is True
     assert storage.load_token("key1", "secret1") is None
+
+
+def test_two_threads_making_the_lock_at_once_get_one_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock object is made on first use (a warm read imports no filelock), under a guard:
+    two objects on one file would let a holder's re-entrant write deadlock on itself."""
+    made: list[object] = []
+    both_inside = threading.Barrier(2)
+    real = filelock.FileLock
+
+    def slow_lock(*args: Any, **kwargs: Any) -> Any:
+        try:
+            both_inside.wait(0.5)  # a second maker arrives only without the guard
+        except threading.BrokenBarrierError:
+            pass
+        lock = real(*args, **kwargs)
+        made.append(lock)
+        return lock
+
+    monkeypatch.setattr(filelock, "FileLock", slow_lock)
+    storage = FileTokenStorage(tmp_path / "tokens.json")
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(storage._lock())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(made) == 1 and got == [made[0], made[0]]

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,9 +128,11 @@ class FileTokenStorage(SealedTokenStorage):
         self.token_file = path
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
         self.poll_interval_s = check_seconds("poll_interval_s", poll_interval_s, high=1.0)
-        # One lock object per storage, made here and not lazily: two threads racing to create it
-        # would each lock a different object and the holder's re-entrant write would deadlock.
-        self._flock: filelock.FileLock | None = None  # made by _lock(), when first needed
+        # One lock object per storage, made when first needed (a warm read needs none: no
+        # filelock import) and under a guard: two threads racing to create it would each lock a
+        # different object, and the holder's re-entrant write would deadlock.
+        self._flock: filelock.FileLock | None = None
+        self._flock_guard = threading.Lock()
         renew_after_fork(self)
         self._doc: tuple[_Signature, dict[str, str]] | None = None
         self._opened: dict[tuple[str, str], tuple[_Signature, Token | None]] = {}
@@ -137,18 +140,29 @@ class FileTokenStorage(SealedTokenStorage):
     def __repr__(self) -> str:
         return f"FileTokenStorage({str(self.token_file)!r})"
 
-    def _new_flock(self) -> filelock.FileLock:
-        import filelock
+    def _ready_flock(self) -> filelock.FileLock:
+        """This storage's one lock object, made on first use."""
+        flock = self._flock
+        if flock is None:
+            with self._flock_guard:
+                if self._flock is None:
+                    import filelock
 
-        return filelock.FileLock(
-            self.lock_file, mode=0o600, preserve_lock_file=True, poll_interval=self.poll_interval_s
-        )
+                    self._flock = filelock.FileLock(
+                        self.lock_file,
+                        mode=0o600,
+                        preserve_lock_file=True,
+                        poll_interval=self.poll_interval_s,
+                    )
+                flock = self._flock
+        return flock
 
     def _after_fork(self) -> None:
         # A lock the parent held at fork() is the parent's: filelock raises RuntimeError on an
         # inherited lock object for the child's whole life. (filelock itself closes the child's
-        # copy of the parent's descriptor.)
+        # copy of the parent's descriptor.) A guard a parent's thread held is renewed too.
         self._flock = None
+        self._flock_guard = threading.Lock()
 
     # -- reading -----------------------------------------------------------------------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
@@ -164,8 +178,7 @@ class FileTokenStorage(SealedTokenStorage):
             self._opened[creds] = (sig, token)
         if token is None:  # a miss: waiting comes next; derive the keys and get the lock ready
             self._sealer(api_key, api_secret)
-            if self._flock is None:
-                self._flock = self._new_flock()
+            self._ready_flock()
         return token
 
     def _signature(self) -> _Signature | None:
@@ -343,9 +356,7 @@ class FileTokenStorage(SealedTokenStorage):
             _make_private_dir(self.lock_file.parent)
         except OSError as exc:
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
-        if self._flock is None:
-            self._flock = self._new_flock()
-        return self._flock
+        return self._ready_flock()
 
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
         """The host-wide ``filelock`` on ``<file>.lock`` (behind the seed lease, if on)."""
