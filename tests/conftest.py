@@ -3,6 +3,7 @@ cache folder, an in-memory keyring. Every test gets its own paths, key prefix an
 
 from __future__ import annotations
 
+import compileall
 import os
 import select
 import signal
@@ -33,6 +34,17 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 APP_KEY = "PStestAppKey0000000000000000000000"
 SECRET = "test-secret-" + "t" * 40
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-compile the package and the test helpers once, in the controller: the suite spawns
+    hundreds of interpreters (herds, CLI runs, examples), and with ``PYTHONDONTWRITEBYTECODE``
+    set, as on this project's machines, each would otherwise compile ~11k lines of an editable
+    install from source. The flag stops writing bytecode, not reading it."""
+    if not hasattr(config, "workerinput"):
+        root = Path(__file__).resolve().parent.parent
+        for folder in ("kis_safe_token", "tests"):
+            compileall.compile_dir(str(root / folder), quiet=1)
 
 
 @pytest.fixture(autouse=True)
