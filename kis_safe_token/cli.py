@@ -450,17 +450,22 @@ def _cmd_simulator(args: argparse.Namespace) -> int:
         issue_window_s=args.issue_window,
         calls_per_second=args.calls_per_second,
     ) as sim:
-        print(f"KIS simulator listening on {sim.base_url}  (Ctrl-C to stop)", flush=True)
-        print(f"  export {BASE_URL_ENV}={sim.base_url}", flush=True)
-        print(f"  what it counted: GET {sim.base_url}{STATS_PATH}", flush=True)
+        # Ctrl-C stops it even when started in the background of a script, which leaves SIGINT
+        # ignored in the process (Python then installs no KeyboardInterrupt for it). Before the
+        # URL is printed: whoever reads it may signal at once.
         previous = signal.signal(signal.SIGTERM, _stop)
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            print(f"KIS simulator listening on {sim.base_url}  (Ctrl-C to stop)", flush=True)
+            print(f"  export {BASE_URL_ENV}={sim.base_url}", flush=True)
+            print(f"  what it counted: GET {sim.base_url}{STATS_PATH}", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         print(sim.summary(), flush=True)
     return 0
 
