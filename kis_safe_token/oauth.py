@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import requests
 
 from .errors import KisApiError, TokenIssueError
+from .flight.engine import about
 from .kis import (
     APPROVAL_KEY_LIFETIME_S,
     APPROVAL_PATH,
@@ -33,7 +34,7 @@ from .kis import (
     origin,
     verdict,
 )
-from .token import Token, header_safe, mask
+from .token import Token, header_safe
 
 __all__ = [
     "CLOCK_TOLERANCE_S",
@@ -185,9 +186,7 @@ def revoke_request(api_key: str, api_secret: str, access_token: str) -> dict[str
 def note_revoked(api_key: str, storage: object) -> None:
     """The log line of a revoke, the same for the sync and the asyncio token holder."""
     logging.getLogger("kis_safe_token").info(
-        "%s, app key %s: revoked the token at KIS and dropped it from the store",
-        type(storage).__name__,
-        mask(api_key, 4),
+        "%s: revoked the token at KIS and dropped it from the store", about(storage, api_key)
     )
 
 

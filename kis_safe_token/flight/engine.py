@@ -200,8 +200,12 @@ def _told(flight: Flight) -> bool:
 
 
 def _about(flight: Flight) -> str:
+    return about(flight.storage, flight.api_key)
+
+
+def about(storage: object, api_key: str) -> str:
     """Who is speaking, for a log line: the store and the app key, masked."""
-    return f"{type(flight.storage).__name__}, app key {mask(flight.api_key, 4)}"
+    return f"{type(storage).__name__}, app key {mask(api_key, 4)}"
 
 
 def _issue_flight(flight: Flight) -> Protocol:
@@ -287,7 +291,7 @@ def raise_if_held(flight: Flight, previous: IssueFailure | None) -> None:
         raise previous.error(now)
 
 
-def _issue_recording(flight: Flight, waited_ms: float = 0.0) -> Protocol:
+def _issue_recording(flight: Flight, waited_ms: float) -> Protocol:
     """Issue holding the lock, unless a recent failure says KIS is not worth asking yet; record
     a failure for the fleet (or, if it is this host's own, for this process)."""
     if not flight.storage.records_failures:
