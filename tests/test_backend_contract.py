@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from async_herd import run_mixed_herd
+from backend_promises import assert_dead_holder_taken_over, assert_mixed_herd_issues_once
 from herd import HERD_APP_KEY, HERD_SECRET, build_storage
 from sqlite_backend import SqliteTokenStorage
 
 from kis_safe_token import TokenIssueError
-from kis_safe_token.storage import HELD
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.token import Token
 
@@ -49,13 +48,7 @@ def test_four_sync_and_four_asyncio_processes_issue_once(
     spec = spec_of(backend)
     build_storage(spec)  # created once before the herd (a SQLite schema, a folder)
     with KisSimulator(apps={HERD_APP_KEY: HERD_SECRET}, issue_latency_s=0.2) as sim:
-        herd = run_mixed_herd(
-            ["sync"] * 4 + ["async"] * 4, spec, sim.base_url, tasks=5, calls_per_second=1000
-        )
-        assert herd.errors == []
-        assert herd.calls == 8 * 5
-        assert sim.issued == 1 and sim.rate_limited == 0
-        assert len(herd.tokens) == 1
+        assert_mixed_herd_issues_once(spec, sim)
 
 
 def make_token(name: str = "tok") -> Token:
@@ -69,15 +62,7 @@ def test_a_dead_holders_lock_is_taken_over_after_its_ttl(
     """A holder that died holding the lock (never released, never extended): the next caller
     issues after the lock's ttl, not never. (The file lock dies with its process: the kernel
     frees it, as ``test_hardening`` shows with killed processes.)"""
-    spec = spec_of(backend)
-    options = {"lock_ttl": 1.0}
-    dead = build_storage({**spec, "options": options}).issuance_lock(HERD_APP_KEY, HERD_SECRET)
-    assert dead.attempt() is HELD
-    storage = build_storage({**spec, "options": options})
-    started = time.monotonic()
-    got = storage.get_or_issue(HERD_APP_KEY, HERD_SECRET, lambda: make_token("next"))
-    assert got.access_token == make_token("next").access_token
-    assert 0.9 <= time.monotonic() - started < 10
+    assert_dead_holder_taken_over(spec_of(backend))
 
 
 @pytest.mark.parametrize("backend", ["file", "redis", "sqlite"])

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from async_herd import run_mixed_herd
+from backend_promises import assert_dead_holder_taken_over, assert_mixed_herd_issues_once
 from conftest import IN_CI
 from ha_servers import (
     FailoverDuringIssuance,
@@ -27,7 +27,6 @@ from herd import HERD_APP_KEY, HERD_SECRET, HerdResult, build_storage, run_herd
 from kis_safe_token import LockedRedisTokenStorage, create_token_storage
 from kis_safe_token.cli import _parser, _storage
 from kis_safe_token.crypto import key_id
-from kis_safe_token.storage import HELD
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import find_redis_server
 from kis_safe_token.token import Token
@@ -353,16 +352,6 @@ def test_cluster_four_sync_and_four_asyncio_processes_issue_once(
     assert_mixed_herd_issues_once(cluster_spec(redis_cluster, key_prefix), herd_sim)
 
 
-def assert_mixed_herd_issues_once(spec: dict[str, Any], sim: KisSimulator) -> None:
-    herd = run_mixed_herd(
-        ["sync"] * 4 + ["async"] * 4, spec, sim.base_url, tasks=5, calls_per_second=1000
-    )
-    assert herd.errors == []
-    assert herd.calls == 8 * 5
-    assert sim.issued == 1 and sim.rate_limited == 0
-    assert len(herd.tokens) == 1
-
-
 @pytest.mark.xdist_group("redis-sentinel")
 def test_sentinel_dead_holders_lock_is_taken_over_after_its_ttl(
     sentinel_set: LocalSentinelSet, key_prefix: str
@@ -375,15 +364,3 @@ def test_cluster_dead_holders_lock_is_taken_over_after_its_ttl(
     redis_cluster: LocalRedisCluster, key_prefix: str
 ) -> None:
     assert_dead_holder_taken_over(cluster_spec(redis_cluster, key_prefix))
-
-
-def assert_dead_holder_taken_over(spec: dict[str, Any]) -> None:
-    spec = {**spec, "options": {"lock_ttl": 1.0}}
-    dead = build_storage(spec).issuance_lock(HERD_APP_KEY, HERD_SECRET)
-    assert dead.attempt() is HELD  # and never released nor extended: its holder died
-    started = time.monotonic()
-    got = build_storage(spec).get_or_issue(
-        HERD_APP_KEY, HERD_SECRET, lambda: Token("next-" + "x" * 40, time.time() + 86_400)
-    )
-    assert got.access_token == "next-" + "x" * 40
-    assert 0.9 <= time.monotonic() - started < 10
