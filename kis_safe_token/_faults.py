@@ -1,24 +1,12 @@
 """Fault points for crash tests: stop a process at a precise step instead of a lucky sleep.
 
-When a process reaches an armed point it SIGKILLs itself. The names in use:
-``issue.before_kis``, ``issue.after_kis`` (KIS answered, nothing saved), ``file.before_replace``
-(temp file written, not yet renamed in), ``storage.after_save`` (token saved, waiters not woken,
-lock not released).
-
-Arming takes two things a deployment does not get by accident, because a variable copied from a
-test config into a service's environment must not kill its workers:
-
-- ``KIS_SAFE_TOKEN_FAULT=<name>:<path>`` in the process's environment, where ``<path>`` is
-  absolute, and
-- at ``<path>`` a regular file (not a symlink) owned by this user, writable by no one else,
-  whose content is exactly ``<name>``. :func:`arm_fault` creates it in a test's temporary folder
-  under a random name (the nonce) and returns the environment entry to give the victim.
-
-The first process that reaches the armed point deletes the file, then dies: one arming kills one
-process, once, and the same value copied anywhere later finds no file. Any other value (a bare
-``KIS_SAFE_TOKEN_FAULT=issue.after_kis``, a missing or foreign file) is ignored, with one warning
-per process. The environment is read at each call, so a spawned child armed after import works.
-Unset (always, in production) a fault point costs one dict lookup on a cold path.
+A process that reaches an armed point (:data:`FAULT_POINTS`) SIGKILLs itself. Arming takes
+``KIS_SAFE_TOKEN_FAULT=<name>:<absolute path>`` and, at that path, a regular file owned by this
+user, writable by no one else, containing exactly ``<name>`` (:func:`arm_fault` makes one); the
+first process to reach the point deletes it, then dies. Any other value is ignored with one
+warning per process, so a variable copied into a service's environment kills nothing
+(``docs/security.md``). The environment is read at each call (a spawned child armed after import
+works); unset, a fault point costs one dict lookup.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Fresh in-process state in a forked child.
 
-``fork()`` copies a process with every lock in the state some thread of the parent left it: a
-thread refreshing the token at that moment leaves its ``threading.Lock`` held forever in the
-child (which has no such thread), and ``filelock`` refuses an inherited lock with
-``RuntimeError``. Objects that hold such state register here and get their ``_after_fork()``
-called in the child, before any of its code runs (``os.register_at_fork``).
+``fork()`` copies every lock as some parent thread left it (a refresh's ``threading.Lock`` held
+for ever; ``filelock`` refuses an inherited lock): registered objects get ``_after_fork()`` in
+the child before any of its code runs (``os.register_at_fork``).
 """
 
 from __future__ import annotations

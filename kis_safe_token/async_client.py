@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import httpx
 
 from .async_shared import AsyncSharedToken, httpx_timeout
-from .client import (
-    ClientSettings,
-    check_request_line,
-    payload_of,
-    price_params,
-    request_failed,
-    request_headers,
-)
-from .kis import (
-    HTTP_TIMEOUT_S,
-    PRICE_PATH,
-    PRICE_TR_ID,
-    verdict_of,
-)
+from .client import ClientSettings, check_request_line, payload_of, price_params, request_headers
+from .errors import KisApiError
+from .kis import HTTP_TIMEOUT_S, PRICE_PATH, PRICE_TR_ID, verdict_of
+from .oauth import no_answer
 from .policy import CallPolicy, backoff_s, drive_async
 from .ratelimit import RateLimiter
-from .shared import check_header_value
+from .shared import AsyncClosing, check_header_value
 from .storage.base import TokenStorage
 from .token import Token
 
@@ -37,25 +25,17 @@ __all__ = ["AsyncKoreaInvestment"]
 THROTTLED_PREFIX = "/uapi/"
 
 
-class AsyncKoreaInvestment(ClientSettings):
+class AsyncKoreaInvestment(ClientSettings[AsyncSharedToken], AsyncClosing):
     """:class:`~kis_safe_token.KoreaInvestment` for asyncio: ``await fetch_price(...)``, one
     token shared with every sync and async process on the same store, and no call that blocks
     the event loop while another process issues.
 
     ``async with AsyncKoreaInvestment(...) as kis:`` fetches the token on entry (a wrong
     secret or an unreachable store fails there) and closes the HTTP and Redis clients on exit.
-    A call whose token KIS rejects (``EGW00121``/``EGW00123``) is sent once more with a fresh
-    one, through the store's single flight.
-
-    Every ``/uapi/`` call first waits (``asyncio.sleep``, never blocking the loop) for a slot
-    of the app key's fleet-wide call-rate limit, the very limiter sync processes on the same
-    store use, so a mixed fleet counts once: ``calls_per_second=None`` is
-    ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 20/s real, 2/s virtual; a number overrides;
-    ``0`` turns it off; ``rate_limiter=`` injects one. On a Redis store the slot is one script
-    on ``redis.asyncio``. An ``EGW00201`` that comes anyway is re-sent as
-    :mod:`kis_safe_token.policy` says, then raised as :class:`KisApiError`.
-    ``await kis.approval_key()`` is the websocket approval key, one for the fleet (sync and
-    async), through the store's single flight.
+    Every ``/uapi/`` call first waits (never blocking the loop) for a slot of the fleet-wide
+    call-rate limit the sync processes on the same store use too; token rejections and
+    ``EGW00201`` are handled as by the sync client. ``await kis.approval_key()`` is the
+    fleet's websocket approval key.
 
     The arguments are :class:`~kis_safe_token.KoreaInvestment`'s, plus ``http_client`` and
     ``redis_client`` (see :class:`AsyncSharedToken`).
@@ -106,16 +86,6 @@ class AsyncKoreaInvestment(ClientSettings):
         client._setup(shared, acc_no, custtype, owned=False)
         return client
 
-    shared_token: AsyncSharedToken
-
-    def _setup(
-        self, shared: AsyncSharedToken, acc_no: str | None, custtype: str, *, owned: bool
-    ) -> None:
-        self.shared_token = shared
-        self.acc_no = acc_no
-        self.custtype = custtype
-        self._owned = owned
-
     # -- the token -------------------------------------------------------------------------------
     async def access_token(self) -> str:
         """``Bearer <token>``, refreshed through the store when near its expiry."""
@@ -145,13 +115,27 @@ class AsyncKoreaInvestment(ClientSettings):
         :class:`KisApiError` on any other failure (or an ``EGW00201`` that does not stop), and
         ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
         check_request_line(method, path)
-        call = _Call(method, path, request_headers(tr_id, self.custtype), params, body)
+        headers = request_headers(tr_id, self.custtype)
         shared = self.shared_token
-        policy = CallPolicy(backoff=backoff_s)  # looked up here: tests make it quick
+        # backoff_s looked up here: tests make it quick
+        policy = CallPolicy(backoff=backoff_s, on_refusal=shared.refused)
         sent = await shared.token()
 
-        async def resend(_last: httpx.Response) -> httpx.Response:
-            return await self._send(call, sent, policy.left_s())
+        async def send(_last: httpx.Response | None = None) -> httpx.Response:
+            if path.startswith(THROTTLED_PREFIX):
+                await shared.throttle(policy.left_s())
+            credentials = {"appkey": shared.api_key, "appsecret": shared.api_secret}
+            try:
+                return await (await shared.http_client()).request(
+                    method,
+                    f"{shared.base_url}{path}",
+                    headers={**headers, "authorization": sent.bearer, **credentials},
+                    params=params,
+                    json=body,
+                    timeout=httpx_timeout(shared.timeout),
+                )
+            except httpx.HTTPError as exc:
+                raise KisApiError(no_answer(path, exc)) from None
 
         async def refresh(_last: httpx.Response) -> bool:
             nonlocal sent
@@ -162,39 +146,15 @@ class AsyncKoreaInvestment(ClientSettings):
             sent = fresh
             return True
 
-        first = await self._send(call, sent, policy.left_s())
+        first = await send()
         resp = await drive_async(
-            policy, first, verdict_of, resend, penalize=shared.penalize, refresh=refresh
+            policy, first, verdict_of, send, penalize=shared.penalize, refresh=refresh
         )
         return payload_of(resp, path, resends=policy.resends)
 
     async def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
         return await self.request("GET", PRICE_PATH, tr_id=PRICE_TR_ID, params=price_params(symbol))
-
-    async def _send(self, call: _Call, token: Token, slot_timeout_s: float) -> httpx.Response:
-        """Send ``call`` with ``token``, after a slot of the fleet's call-rate limit (waited
-        for, without blocking the loop, within ``slot_timeout_s``) for a ``/uapi/`` path."""
-        shared = self.shared_token
-        if call.path.startswith(THROTTLED_PREFIX):
-            await shared.throttle(slot_timeout_s)
-        headers = {
-            **call.headers,
-            "authorization": token.bearer,
-            "appkey": shared.api_key,
-            "appsecret": shared.api_secret,
-        }
-        try:
-            return await (await shared.http_client()).request(
-                call.method,
-                f"{shared.base_url}{call.path}",
-                headers=headers,
-                params=call.params,
-                json=call.body,
-                timeout=httpx_timeout(shared.timeout),
-            )
-        except httpx.HTTPError as exc:
-            raise request_failed(call.path, exc) from None
 
     # -- the websocket approval key ----------------------------------------------------------------
     async def approval_key(self) -> str:
@@ -220,22 +180,3 @@ class AsyncKoreaInvestment(ClientSettings):
             await self.aclose()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One request as the caller gave it, sent again as is after a refusal."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    params: Mapping[str, str] | None
-    body: Mapping[str, Any] | None

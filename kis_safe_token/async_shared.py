@@ -1,12 +1,5 @@
-"""``AsyncSharedToken``: :class:`~kis_safe_token.SharedToken` for asyncio code.
-
-The same token, store and single flight as the sync side (a sync and an async process share one
-token), with waits that never block the event loop (:mod:`kis_safe_token.flight.aio`) and KIS's
-OAuth calls made with ``httpx`` (the ``[async]`` extra). httpx rather than aiohttp: its API is
-requests' own (the answer parsing of :mod:`kis_safe_token.oauth` serves both unchanged, and the
-``(connect, read)`` timeouts map one to one), it is pure Python, and it needs no running loop
-to build a client.
-"""
+"""``AsyncSharedToken``: :class:`~kis_safe_token.SharedToken` for asyncio code (the same token,
+store and single flight; waits that never block the loop; OAuth calls with ``httpx``)."""
 
 from __future__ import annotations
 
@@ -15,18 +8,11 @@ import ssl
 import time
 from collections.abc import Callable
 from functools import partial
-from types import TracebackType
 from typing import Any
 
-from .errors import KisApiError, TokenIssueError
+from .errors import TokenIssueError
 from .flight.aio import AsyncStore
-from .kis import (
-    APPROVAL_PATH,
-    HTTP_TIMEOUT_S,
-    REVOKE_PATH,
-    TOKEN_PATH,
-    TOO_MANY_CALLS,
-)
+from .kis import APPROVAL_PATH, HTTP_TIMEOUT_S, REVOKE_PATH, TOKEN_PATH, TOO_MANY_CALLS
 from .oauth import (
     Timeout,
     approval_key_from_answer,
@@ -35,6 +21,7 @@ from .oauth import (
     check_revoked,
     note_revoked,
     revoke_request,
+    revoke_request_failed,
     token_from_answer,
     token_request,
     token_request_failed,
@@ -42,7 +29,7 @@ from .oauth import (
 from .policy import RETRY_BUDGET_S
 from .ratelimit import RateLimiter
 from .ratelimit.base import ACQUIRE_TIMEOUT_S
-from .shared import APPROVAL_SUFFIX, TokenSettings
+from .shared import APPROVAL_SUFFIX, AsyncClosing, TokenSettings
 from .storage.base import TokenStorage
 from .token import Token
 
@@ -62,20 +49,17 @@ def httpx_timeout(timeout: Timeout) -> httpx.Timeout:
     return httpx.Timeout(read, connect=connect)
 
 
-class AsyncSharedToken(TokenSettings):
+class AsyncSharedToken(TokenSettings, AsyncClosing):
     """The access token of one app key for coroutines, shared with every process (sync or
     async) that uses the same store.
 
     ``await shared.token()`` / ``await shared.bearer()`` cost a clock read while the token is
-    fresh; near its expiry, or after :meth:`invalidate`, a new one comes through the store's
-    single flight. Tasks of one event loop needing a token at once make one store round and at
-    most one ``tokenP`` between them. Nothing is fetched at construction.
-
-    The arguments are :class:`~kis_safe_token.SharedToken`'s, plus ``http_client`` (an
-    ``httpx.AsyncClient`` for the OAuth calls; one of its own by default, closed by
-    :meth:`aclose`) and ``redis_client`` (the ``redis.asyncio`` client a
-    :class:`~kis_safe_token.LockedRedisTokenStorage` is waited on with; by default one built
-    from the storage's URL, password and timeouts).
+    fresh; tasks of one loop needing a new one at once make one store round and at most one
+    ``tokenP``. Nothing is fetched at construction. The arguments are
+    :class:`~kis_safe_token.SharedToken`'s, plus ``http_client`` (the ``httpx.AsyncClient`` of
+    the OAuth calls; by default its own, closed by :meth:`aclose`) and ``redis_client`` (the
+    ``redis.asyncio`` client a :class:`~kis_safe_token.LockedRedisTokenStorage` is waited on
+    with; by default one built from the storage's settings).
     """
 
     def __init__(
@@ -115,8 +99,8 @@ class AsyncSharedToken(TokenSettings):
 
     async def http_client(self) -> httpx.AsyncClient:
         """The ``httpx.AsyncClient`` of the OAuth calls; clients send their calls through it.
-        Our own is built at the first call, with the process's one TLS context: loading the CA
-        bundle takes ~60 ms, done once per process in a worker thread, never on the loop."""
+        Our own is built at the first call, with the process's one TLS context (never loaded on
+        the loop)."""
         if self._http is None:
             context = await _tls_context()
             if self._http is None:  # another task may have built it meanwhile
@@ -163,32 +147,23 @@ class AsyncSharedToken(TokenSettings):
         token = self._token
         if token is None:
             return
-        try:
-            resp = await (await self.http_client()).post(
-                f"{self.base_url}{REVOKE_PATH}",
-                json=revoke_request(self.api_key, self.api_secret, token.access_token),
-                timeout=httpx_timeout(self.timeout),
-            )
-        except httpx.HTTPError as exc:
-            raise KisApiError(f"KIS request {REVOKE_PATH} failed: {type(exc).__name__}") from None
-        check_revoked(resp)
+        body = revoke_request(self.api_key, self.api_secret, token.access_token)
+        check_revoked(await self._post(REVOKE_PATH, body, revoke_request_failed))
         await self.invalidate(token.access_token)
         note_revoked(self.api_key, self.token_storage)
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     async def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
-        """Wait, without blocking the loop, for a slot of the fleet-wide call-rate limit (the
-        one sync processes on the same store take theirs from); the seconds waited. Await it
-        before every KIS REST call not sent by :class:`AsyncKoreaInvestment` (which does).
-        A no-op without a limiter; :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no
-        slot is free within ``timeout_s``. On a Redis store the reservation runs on
-        ``redis.asyncio``; a file or memory limiter's runs inline (microseconds)."""
+        """Wait, without blocking the loop, for a slot of the fleet-wide call-rate limit (shared
+        with sync processes on the same store); the seconds waited. Await it before every KIS
+        REST call not sent by :class:`AsyncKoreaInvestment` (which does). A no-op without a
+        limiter; :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no slot is free within
+        ``timeout_s``."""
         limiter = self.rate_limiter
         if limiter is None:
-            return 0.0
-        return await limiter.acquire_async(
-            timeout_s, try_acquire=partial(self._store.try_acquire, limiter)
-        )
+            return self.sent(0.0)
+        try_acquire = partial(self._store.try_acquire, limiter)
+        return self.sent(await limiter.acquire_async(timeout_s, try_acquire=try_acquire))
 
     async def penalize(self, timeout_s: float | None = None) -> None:
         """KIS answered ``EGW00201`` anyway: slow the fleet's rate down for a while (see
@@ -199,20 +174,16 @@ class AsyncSharedToken(TokenSettings):
             await self._store.penalize(limiter, timeout_s)
 
     async def approval_key(self) -> str:
-        """The websocket approval key (``POST /oauth2/Approval``), shared like the token and
-        with the sync side: the same sealed entry, lock and failure record as
-        ``SharedToken.approval_key``, so one process of the whole fleet (sync or async) asks
-        KIS and the others read it. Tasks of one loop asking at once make one store round.
-        Kept in memory; :meth:`invalidate_approval_key` when KIS rejects it."""
+        """The websocket approval key (``POST /oauth2/Approval``), shared like the token and with
+        the sync side (``SharedToken.approval_key``'s entry, lock and failure record); tasks of
+        one loop make one store round. :meth:`invalidate_approval_key` when KIS rejects it."""
         current = self._approval
         if current is None or not current.is_valid(self._clock(), self._margin_s):
             current = self._approval = await self._fetch_approval()
         return current.access_token
 
     async def _fetch_approval(self) -> Token:
-        """As ``SharedToken._fetch_approval``: the stored key, or (in a rate-limit slot taken
-        before the store's issuance lock, never while holding it) one through the single
-        flight."""
+        # As SharedToken._fetch_approval: the rate-limit slot comes before the issuance lock.
         key = self.api_key + APPROVAL_SUFFIX
         stored = await self._store.load_token(key, self.api_secret)
         if stored is not None:
@@ -222,8 +193,7 @@ class AsyncSharedToken(TokenSettings):
 
     async def invalidate_approval_key(self, approval_key: str) -> bool:
         """KIS rejected ``approval_key``: drop it from the store only if the store still holds
-        it (compare-and-delete), and from memory if it is the current one; the next
-        :meth:`approval_key` gets a new one through the single flight. Whether the store
+        it (compare-and-delete), and from memory if it is the current one. Whether the store
         deleted it."""
         deleted = await self._store.invalidate_token(
             self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
@@ -248,29 +218,28 @@ class AsyncSharedToken(TokenSettings):
         self._fresh_until = float("-inf")
         self._token = None
 
-    async def _issue(self) -> Token:
-        """Ask KIS for a token (called by the store, holding the issuance lock)."""
+    async def _post(
+        self, path: str, body: dict[str, str], failed: Callable[[Exception], Exception]
+    ) -> httpx.Response:
+        """POST ``body`` to KIS's OAuth ``path``; ``failed(exc)`` is raised if no answer came."""
         try:
-            resp = await (await self.http_client()).post(
-                f"{self.base_url}{TOKEN_PATH}",
-                json=token_request(self.api_key, self.api_secret),
-                timeout=httpx_timeout(self.timeout),
+            return await (await self.http_client()).post(
+                f"{self.base_url}{path}", json=body, timeout=httpx_timeout(self.timeout)
             )
         except httpx.HTTPError as exc:
-            raise token_request_failed(exc) from None
+            raise failed(exc) from None
+
+    async def _issue(self) -> Token:
+        """Ask KIS for a token (called by the store, holding the issuance lock)."""
+        body = token_request(self.api_key, self.api_secret)
+        resp = await self._post(TOKEN_PATH, body, token_request_failed)
         return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
 
     async def _issue_approval(self) -> Token:
         """Ask KIS for an approval key (called by the store, holding the issuance lock); an
-        ``EGW00201`` answer slows the fleet's rate down (the store sits it out, asks once more)."""
-        try:
-            resp = await (await self.http_client()).post(
-                f"{self.base_url}{APPROVAL_PATH}",
-                json=approval_request(self.api_key, self.api_secret),
-                timeout=httpx_timeout(self.timeout),
-            )
-        except httpx.HTTPError as exc:
-            raise approval_request_failed(exc) from None
+        ``EGW00201`` slows the fleet's rate down (the store sits it out, asks once more)."""
+        body = approval_request(self.api_key, self.api_secret)
+        resp = await self._post(APPROVAL_PATH, body, approval_request_failed)
         try:
             return approval_key_from_answer(resp, clock=self._clock)
         except TokenIssueError as exc:
@@ -278,23 +247,11 @@ class AsyncSharedToken(TokenSettings):
                 await self.penalize(RETRY_BUDGET_S)
             raise
 
-    # -- lifecycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:
         """Close the HTTP client and the Redis client, if this object built them."""
         if self._own_http and self._http is not None:
             await self._http.aclose()
         await self._store.aclose()
-
-    async def __aenter__(self) -> AsyncSharedToken:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 _tls: ssl.SSLContext | None = None

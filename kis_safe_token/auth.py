@@ -133,7 +133,7 @@ class _Resend:
             return r
         stream = bool(kwargs.get("stream"))
         return drive(
-            CallPolicy(),
+            CallPolicy(on_refusal=self.shared.refused),
             r,
             lambda answer: verdict_of(answer, stream=stream),
             lambda last: self._send_again(last, kwargs),

@@ -1,5 +1,4 @@
-"""``kis-token``: store the secret, inspect, issue, revoke and clear the shared token; run the
-offline simulator and the demo. Exit codes: 0 ok, 1 failure (one line on stderr), 2 usage."""
+"""``kis-token``: the secret, the shared token, the offline simulator and the demo (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -14,12 +13,13 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from logging.handlers import BufferingHandler
 from types import FrameType
 from typing import Any, NoReturn
 
 from . import __version__
 from .client import BASE_URL_ENV, KoreaInvestment
-from .errors import KisTokenError, TokenStorageError
+from .errors import KisTokenError, SecretNotFoundError, TokenStorageError
 from .keyring_secrets import (
     ALLOW_INSECURE_KEYRING_ENV,
     delete_api_secret,
@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "status", parents=[keyed], help="show the stored token (masked); never issues one"
     )
     status.add_argument("--json", action="store_true", help="machine-readable (default: text)")
+    status.add_argument(
+        "--fleet",
+        action="store_true",
+        help="every app key in the store: tokens, locks, leases, rate limits; --api-key may "
+        "name several, comma-separated, to unseal theirs (default: off)",
+    )
     issue = sub.add_parser("issue", parents=[keyed], help="get a token (single flight)")
     issue.add_argument(
         "--force", action="store_true", help="drop the stored token first (default: off)"
@@ -205,35 +211,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _storage(args: argparse.Namespace) -> TokenStorage:
-    env = dict(os.environ)
-    if args.storage:
-        env[STORAGE_ENV] = args.storage
-    flags = (
-        (args.redis_url, REDIS_URL_ENV),
-        (args.redis_mode, REDIS_MODE_ENV),
-        (args.redis_sentinels, REDIS_SENTINELS_ENV),
-        (args.redis_sentinel_service, REDIS_SENTINEL_SERVICE_ENV),
-        (args.redis_cluster_nodes, REDIS_CLUSTER_NODES_ENV),
-    )
-    for value, name in flags:
-        if value:
-            env[name] = value
-    return create_token_storage(env)
+    flags = {
+        STORAGE_ENV: args.storage,
+        REDIS_URL_ENV: args.redis_url,
+        REDIS_MODE_ENV: args.redis_mode,
+        REDIS_SENTINELS_ENV: args.redis_sentinels,
+        REDIS_SENTINEL_SERVICE_ENV: args.redis_sentinel_service,
+        REDIS_CLUSTER_NODES_ENV: args.redis_cluster_nodes,
+    }
+    return create_token_storage({**os.environ, **{k: v for k, v in flags.items() if v}})
 
 
-def _api_key(args: argparse.Namespace) -> str:
+def _app(args: argparse.Namespace) -> tuple[str, str, TokenStorage]:
+    """The app key, its secret and the token store the flags and the environment name."""
     if not args.api_key:
         raise _Usage(f"--api-key is required (or set {API_KEY_ENV})")
-    return str(args.api_key)
-
-
-def _allow_insecure(args: argparse.Namespace) -> bool | None:
-    """``True`` with the flag; else ``None``: the environment decides."""
-    return True if args.allow_insecure_keyring else None
-
-
-def _secret(args: argparse.Namespace, api_key: str) -> str:
-    return resolve_api_secret(api_key, allow_insecure_keyring=_allow_insecure(args))
+    # Without the flag ``None``, not ``False``: the environment decides.
+    secret = resolve_api_secret(
+        args.api_key, allow_insecure_keyring=args.allow_insecure_keyring or None
+    )
+    return str(args.api_key), secret, _storage(args)
 
 
 class _Usage(Exception):
@@ -251,7 +248,8 @@ def _cmd_secret(args: argparse.Namespace) -> int:
         secret = sys.stdin.readline().strip()
     if not secret:
         raise _Usage("no secret given (type it at the prompt, or pipe one line on stdin)")
-    backend = set_api_secret(args.app_key, secret, allow_insecure_keyring=_allow_insecure(args))
+    insecure = args.allow_insecure_keyring or None
+    backend = set_api_secret(args.app_key, secret, allow_insecure_keyring=insecure)
     print(f"secret stored in the keyring for app key {mask(args.app_key, 4)} (backend: {backend})")
     return 0
 
@@ -288,33 +286,22 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
     print(f"left:     {hours}h {rest // 60:02d}m" + ("" if info["valid"] else " (expired)"))
 
 
-class _StoreFailures(logging.Handler):
-    """Collects what a storage logs when one of the seed's methods meets a store it cannot
-    reach: ``load_token`` then answers ``None`` and ``delete_token`` ``False``, the log says
-    why (once, with its cause)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(" ".join(record.getMessage().split()))
-
-
 @contextmanager
 def _store_failure() -> Iterator[None]:
     """:class:`TokenStorageError` (one line, the store's own words) if the store failed in
-    the block, instead of a "none stored" that would hide a Redis that is down. The retry
-    warnings before it are not printed either."""
-    handler = _StoreFailures()
+    the block, instead of a "none stored" that would hide a Redis that is down: the seed's
+    methods answer ``None``/``False`` then and log why."""
+    handler = BufferingHandler(capacity=1_000)
+    handler.setLevel(logging.ERROR)
     log = logging.getLogger("kis_safe_token")
     log.addHandler(handler)
     try:
         yield
     finally:
         log.removeHandler(handler)
-    if handler.messages:
-        raise TokenStorageError(f"the token store failed: {handler.messages[0]}")
+    if handler.buffer:
+        message = " ".join(handler.buffer[0].getMessage().split())
+        raise TokenStorageError(f"the token store failed: {message}")
 
 
 def _load(storage: TokenStorage, api_key: str, secret: str) -> Token | None:
@@ -325,13 +312,31 @@ def _load(storage: TokenStorage, api_key: str, secret: str) -> Token | None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    api_key = _api_key(args)
-    secret = _secret(args, api_key)
-    storage = _storage(args)
-    token = _load(storage, api_key, secret)
-    info = _describe(token, storage)
+    if args.fleet:
+        return _fleet_status(args)
+    api_key, secret, storage = _app(args)
+    info = _describe(_load(storage, api_key, secret), storage)
     info["rate_limit"] = _rate_info(storage, api_key, secret)
     _print_info(info, args.json)
+    return 0
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    from .fleet import fleet_report, format_fleet
+
+    credentials: dict[str, str | None] = {}
+    for api_key in filter(None, (k.strip() for k in (args.api_key or "").split(","))):
+        try:
+            credentials[api_key] = resolve_api_secret(
+                api_key, allow_insecure_keyring=args.allow_insecure_keyring or None
+            )
+        except SecretNotFoundError:
+            credentials[api_key] = None  # named, not unsealed
+    try:
+        report = fleet_report(_storage(args), credentials)
+    except NotImplementedError as exc:
+        raise _Usage(str(exc)) from None
+    print(json.dumps(report, ensure_ascii=False) if args.json else format_fleet(report))
     return 0
 
 
@@ -361,12 +366,6 @@ def _rate_info(storage: TokenStorage, api_key: str, api_secret: str) -> dict[str
     return info
 
 
-def _issue_window(args: argparse.Namespace) -> float | None:
-    """``--issue-window`` checked (``None``: not given, the environment's or KIS's)."""
-    given = args.issue_window
-    return None if given is None else resolve_issue_window_s(given, name="--issue-window")
-
-
 @contextmanager
 def _story_on_stderr() -> Iterator[None]:
     """The library's INFO lines (an issuance, an ``EGW00133`` sit-out, a takeover) on stderr while
@@ -385,8 +384,9 @@ def _story_on_stderr() -> Iterator[None]:
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
-    api_key = _api_key(args)
-    secret, storage, window = _secret(args, api_key), _storage(args), _issue_window(args)
+    api_key, secret, storage = _app(args)
+    given = args.issue_window  # None: the environment's or KIS's
+    window = None if given is None else resolve_issue_window_s(given, name="--issue-window")
     with _story_on_stderr():
         client = KoreaInvestment(
             api_key, secret, token_storage=storage, base_url=args.base_url, rate_limit_wait_s=window
@@ -398,9 +398,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
-    api_key = _api_key(args)
-    secret = _secret(args, api_key)
-    storage = _storage(args)
+    api_key, secret, storage = _app(args)
     token = _load(storage, api_key, secret)
     if token is None:  # a client would issue one here, only for us to revoke it
         print(f"no valid token stored in {storage!r}: nothing to revoke")
@@ -421,9 +419,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    api_key = _api_key(args)
-    secret = _secret(args, api_key)
-    storage = _storage(args)
+    api_key, secret, storage = _app(args)
     token = _load(storage, api_key, secret)
     with _store_failure():
         deleted = storage.delete_token(api_key, secret)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import Any
+from functools import cached_property
+from typing import Any, Generic, TypeVar
 
 import requests
 
@@ -26,18 +26,26 @@ from .kis import (
 )
 from .oauth import Timeout, no_answer
 from .ratelimit import RateLimiter
-from .shared import BASE_URL_ENV, SharedToken, TokenSettings, check_header_value
+from .shared import BASE_URL_ENV, Closing, SharedToken, TokenSettings, check_header_value
 from .storage.base import TokenStorage
 from .token import Token, header_safe, mask
 
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
+S = TypeVar("S", bound=TokenSettings)
 
-class ClientSettings:
+
+class ClientSettings(Generic[S]):
     """What a client's token holder was built with, read through it (the sync and the asyncio
     client alike): the credentials, the host, the store and the timings."""
 
-    shared_token: TokenSettings
+    shared_token: S
+
+    def _setup(self, shared: S, acc_no: str | None, custtype: str, *, owned: bool) -> None:
+        self.shared_token = shared
+        self.acc_no = acc_no
+        self.custtype = custtype
+        self._owned = owned
 
     def __repr__(self) -> str:
         return (
@@ -79,25 +87,18 @@ class ClientSettings:
         return self.shared_token.rate_limiter
 
 
-class KoreaInvestment(ClientSettings):
+class KoreaInvestment(ClientSettings[SharedToken], Closing):
     """A KIS client whose access token is shared with every other process using the same store.
 
-    The token is a :class:`SharedToken` (in memory, checked locally, refreshed through the
-    store's single flight); every call carries it through :class:`KisAuth`, which re-sends a
-    call once with a fresh token when KIS says ``EGW00121``/``EGW00123``. Unlike a bare
-    :class:`SharedToken`, the client fetches its token at construction, so a wrong secret or an
-    unreachable store fails here.
+    The token is a :class:`SharedToken`; every call carries it through :class:`KisAuth` (one
+    re-send with a fresh token on ``EGW00121``/``EGW00123``, bounded re-sends after back-off on
+    ``EGW00201``, then :class:`KisApiError`). Unlike a bare :class:`SharedToken`, the client
+    fetches its token at construction, so a wrong secret or an unreachable store fails here.
 
-    The arguments other than ``acc_no`` and ``custtype`` are :class:`SharedToken`'s:
-    ``api_secret=None`` reads the keyring, then ``$KOREA_INVESTMENT_API_SECRET``;
-    ``token_storage=None`` comes from the environment; ``base_url=None`` is
-    ``$KOREA_INVESTMENT_BASE_URL``, else the real host, or the virtual-trading host for
-    ``mock=True``. :meth:`from_shared` builds a client on an existing :class:`SharedToken`.
-
-    ``calls_per_second`` (``None``: ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 20/s real,
-    2/s virtual; ``0``: off) and ``rate_limiter`` set the fleet-wide call-rate limit that
-    every call waits for (see :class:`SharedToken`); an ``EGW00201`` that comes anyway is
-    retried after a back-off, bounded, then raised as :class:`KisApiError`.
+    ``acc_no``: the account number; ``custtype``: KIS's customer type header (``"P"``: a
+    person). The other arguments are :class:`SharedToken`'s (``calls_per_second`` and
+    ``rate_limiter``: the fleet-wide call-rate limit every call waits for).
+    :meth:`from_shared` builds a client on an existing :class:`SharedToken`.
     """
 
     def __init__(
@@ -148,16 +149,9 @@ class KoreaInvestment(ClientSettings):
         client._setup(shared, acc_no, custtype, owned=False)
         return client
 
-    shared_token: SharedToken
-
-    def _setup(
-        self, shared: SharedToken, acc_no: str | None, custtype: str, *, owned: bool
-    ) -> None:
-        self.shared_token = shared
-        self.acc_no = acc_no
-        self.custtype = custtype
-        self._owned = owned
-        self._auth = KisAuth.from_shared(shared)
+    @cached_property
+    def _auth(self) -> KisAuth:
+        return KisAuth.from_shared(self.shared_token)
 
     @property
     def approval_key(self) -> str:
@@ -180,9 +174,8 @@ class KoreaInvestment(ClientSettings):
         return self.shared_token.issue(force)
 
     def check_access_token(self) -> bool:
-        """Whether the store holds a valid token for these credentials. A pure read: on a store
-        with the seed-protocol lease on it never takes the lease (which the seed's
-        ``check_token_valid`` would)."""
+        """Whether the store holds a valid token for these credentials: a pure read that never
+        takes the seed-protocol lease (which the seed's ``check_token_valid`` would)."""
         return self.token_storage.load_token(self.api_key, self.api_secret) is not None
 
     def load_access_token(self) -> None:
@@ -220,34 +213,17 @@ class KoreaInvestment(ClientSettings):
                 auth=self._auth,
             )
         except requests.RequestException as exc:
-            raise request_failed(path, exc) from None
+            raise KisApiError(no_answer(path, exc)) from None
         return payload_of(resp, path, resends=len(resp.history))
 
     def fetch_price(self, symbol: str) -> dict[str, Any]:
         """Current price of a domestic stock (``FHKST01010100``): the decoded KIS JSON."""
-        return self.request(
-            "GET",
-            PRICE_PATH,
-            tr_id=PRICE_TR_ID,
-            params=price_params(symbol),
-        )
+        return self.request("GET", PRICE_PATH, tr_id=PRICE_TR_ID, params=price_params(symbol))
 
-    # -- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the :class:`SharedToken`'s session, if this client built it."""
         if self._owned:
             self.shared_token.close()
-
-    def __enter__(self) -> KoreaInvestment:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def request_headers(tr_id: str, custtype: str) -> dict[str, str]:
@@ -259,12 +235,6 @@ def request_headers(tr_id: str, custtype: str) -> dict[str, str]:
 def price_params(symbol: str) -> dict[str, str]:
     """The query of the domestic price quote (``FHKST01010100``) of ``symbol``."""
     return {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": symbol}
-
-
-def request_failed(path: str, exc: BaseException) -> KisApiError:
-    """The error of a call to ``path`` that got no answer (:func:`~kis_safe_token.oauth.no_answer`:
-    KIS's host and the cause, never the exception's message, which may quote the request)."""
-    return KisApiError(no_answer(path, exc))
 
 
 def payload_of(resp: Answer, path: str, *, resends: int = 0) -> dict[str, Any]:

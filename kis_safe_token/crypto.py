@@ -1,9 +1,8 @@
 """Keys, fingerprints and sealing of cache entries.
 
-The Fernet key is derived from the api_secret with HKDF-SHA256, its salt and info binding the app
-key and a format version, so a reader of the cache file, of Redis or of a backup learns nothing
-without the secret. A credential fingerprint (HMAC-SHA256 keyed by the secret over the app key)
-tells whether an entry belongs to these credentials without storing the secret.
+The Fernet key is HKDF-SHA256 of the api_secret, salt and info binding the app key and a format
+version; a credential fingerprint (HMAC-SHA256 keyed by the secret over the app key) tells whose
+an entry is without storing the secret.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from .client import BASE_URL_ENV, KoreaInvestment
 from .kis import ISSUE_WINDOW_ENV
@@ -60,20 +61,14 @@ def run_demo(workers: int, storage: str, issue_window_s: float = 60.0) -> int:
             STORAGE_ENV: storage,
             ISSUE_WINDOW_ENV: f"{issue_window_s:g}",
         }
-        where: str
         if storage == "file":
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="kis-demo-"))
-            env[FILE_ENV] = str(Path(folder) / "cache" / "tokens.json")
-            where = env[FILE_ENV]
+            env[FILE_ENV] = where = str(Path(folder) / "cache" / "tokens.json")
         else:
             from .testing.redis_server import RedisServer
 
-            server = stack.enter_context(RedisServer())
-            env[REDIS_URL_ENV] = server.url
-            where = server.url
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        stack.callback(_restore, saved)
+            env[REDIS_URL_ENV] = where = stack.enter_context(RedisServer()).url
+        stack.enter_context(mock.patch.dict(os.environ, env))  # the spawned workers read it
 
         print(f"KIS simulator: {sim.base_url}   storage: {storage} ({where})")
         print(f"starting {workers} processes that each build a KoreaInvestment and fetch {SYMBOL}")
@@ -122,11 +117,3 @@ def run_demo(workers: int, storage: str, issue_window_s: float = 60.0) -> int:
     ok = sim.issued == 1 and sim.rate_limited == 0 and distinct == 1 and not errors
     print("OK: one issuance shared by every worker" if ok else "FAILED: see above")
     return 0 if ok else 1
-
-
-def _restore(saved: dict[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value

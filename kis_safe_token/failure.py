@@ -1,11 +1,7 @@
 """The record of a failed issuance, shared with the fleet so that an outage costs KIS a few calls.
 
-When the process holding the issuance lock fails to get a token (KIS down, a garbage answer, a
-wrong secret), it stores an :class:`IssueFailure` next to the token, sealed like the token. Its
-waiters and every later caller re-raise it at once instead of each asking KIS in turn, until its
-hold ends; the hold doubles with each consecutive failure (5, 10, 20, 30, 30 … s), so during an
-outage the whole fleet sends a handful of ``tokenP`` calls a minute per app key, not one per
-process. A successful issuance clears it.
+Stored (sealed) next to the token by the lock holder that failed; everyone re-raises it until its
+hold ends, the hold doubling per consecutive failure (5, 10, 20, 30 s). A success clears it.
 """
 
 from __future__ import annotations

@@ -1,32 +1,12 @@
 """The api_secret in the OS keyring (service ``kis_safe_token``, user = the app key).
 
-Resolution order for a client built with ``api_secret=None``: the keyring, then the environment
-variable ``KOREA_INVESTMENT_API_SECRET`` (containers usually have no keyring daemon).
-
-Only a keyring backend that protects the secret is used. ``pip install keyrings.alt`` on a
-headless Linux box makes ``keyrings.alt.file.PlaintextKeyring`` the active backend: the secret
-then sits base64-encoded in ``~/.local/share/python_keyring/keyring_pass.cfg`` for anyone who can
-read that file. Refused, for setting and for getting (a secret stored there earlier is not
-silently used; resolution goes on to the environment variable):
-
-- plaintext file keyrings (any backend class with ``Plaintext`` in its name);
-- the null and fail backends, which store nothing;
-- any other backend whose ``priority`` is below 1, keyring's mark for "not recommended" --
-  except the encrypted file keyrings that ask for a password (:data:`ENCRYPTED_FILE_KEYRINGS`),
-  which keyring ranks below the OS keyrings only because they prompt.
-
-keyring's chainer (the default when several backends are viable) would read from any member, so
-it is judged member by member: only its members that protect the secret are read or written, in
-the chainer's order. ``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (``kis-token
---allow-insecure-keyring``, or ``allow_insecure_keyring=True``) opts in to an unprotected
-backend that can store; the null and fail backends are never used.
-
-A backend that asks for its own password on the terminal (:data:`PROMPTING_KEYRINGS`, the
-default of ``pip install keyrings.alt`` with pycryptodome) is not asked in a process that has
-no terminal (a pipe, a service, a gunicorn worker): where its prompt would end in ``EOFError``
-or wait forever on a stdin nobody writes, :class:`SecretNotFoundError` says at once how out.
-
-keyring itself is imported on the first lookup, not with this module.
+Resolution for ``api_secret=None``: the keyring, then ``$KOREA_INVESTMENT_API_SECRET``. Only a
+backend that protects the secret is used, for setting and for getting: plaintext file keyrings,
+the null and fail backends, and any other backend of ``priority`` below 1 (except
+:data:`ENCRYPTED_FILE_KEYRINGS`) are refused, a chainer member by member, unless
+``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (never the null and fail backends). A backend that
+would prompt (:data:`PROMPTING_KEYRINGS`) in a process without a terminal is not asked. The
+rules and why: ``docs/security.md``. keyring itself is imported on the first lookup.
 """
 
 from __future__ import annotations
@@ -34,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from .errors import InsecureKeyringError, SecretNotFoundError
@@ -241,10 +222,35 @@ def _prompt_refused(backend: KeyringBackend) -> SecretNotFoundError:
     )
 
 
-def _check_prompt(backend: KeyringBackend, method: str) -> None:
-    """:func:`_prompt_refused` before a call that would prompt where nobody can answer."""
-    if _would_prompt(backend, method) and not _has_terminal():
-        raise _prompt_refused(backend)
+def _each_backend(
+    allow_insecure_keyring: bool | None, method: str, call: Callable[[KeyringBackend], str | None]
+) -> tuple[str, KeyringBackend] | None:
+    """The first answer of ``call(backend)`` over the usable backends, with its backend; ``None``
+    if none answered. A backend that would prompt where nobody can answer is skipped (its error
+    raised if no other answers), as is one that lacks ``method`` (``NotImplementedError``, as
+    keyring's chainer does)."""
+    refused: SecretNotFoundError | None = None
+    try:
+        for backend in _usable_backends(allow_insecure_keyring):
+            try:
+                if _would_prompt(backend, method) and not _has_terminal():
+                    raise _prompt_refused(backend)
+                answer = call(backend)
+            except NotImplementedError:
+                continue
+            except SecretNotFoundError as exc:
+                refused = refused or exc
+                continue
+            except EOFError:  # a prompt that read an empty stdin all the same
+                refused = refused or _prompt_refused(backend)
+                continue
+            if answer:
+                return answer, backend
+    except _keyring_errors() as exc:
+        raise _no_backend(exc) from None
+    if refused is not None:
+        raise refused
+    return None
 
 
 def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | None = None) -> str:
@@ -258,56 +264,30 @@ def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | 
     _check_app_key(api_key)
     if not isinstance(secret, str) or not secret.strip():
         raise ValueError("secret must be a non-empty string")
-    refused: SecretNotFoundError | None = None
-    try:
-        for backend in _usable_backends(allow_insecure_keyring):
-            try:
-                _check_prompt(backend, "set_password")
-                backend.set_password(KEYRING_SERVICE, api_key, secret)
-            except NotImplementedError:  # as keyring's chainer does: try the next one
-                continue
-            except SecretNotFoundError as exc:  # a prompt nobody can answer: the next one
-                refused = refused or exc
-                continue
-            except EOFError:  # a prompt that read an empty stdin all the same
-                refused = refused or _prompt_refused(backend)
-                continue
-            _log.info(
-                "api_secret for app key %s stored in keyring backend %s",
-                mask(api_key, 4),
-                _name(backend),
-            )
-            return _name(backend)
-    except _keyring_errors() as exc:
-        raise _no_backend(exc) from None
-    raise refused or _no_backend(NotImplementedError())
+
+    def store(backend: KeyringBackend) -> str:
+        backend.set_password(KEYRING_SERVICE, api_key, secret)
+        return _name(backend)
+
+    stored = _each_backend(allow_insecure_keyring, "set_password", store)
+    if stored is None:
+        raise _no_backend(NotImplementedError())
+    _log.info("api_secret for app key %s stored in keyring backend %s", mask(api_key, 4), stored[0])
+    return stored[0]
 
 
 def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | None:
-    refused: SecretNotFoundError | None = None
-    try:
-        for backend in _usable_backends(allow_insecure_keyring):
-            try:
-                _check_prompt(backend, "get_password")
-                secret = backend.get_password(KEYRING_SERVICE, api_key)
-            except SecretNotFoundError as exc:  # a prompt nobody can answer: the next one
-                refused = refused or exc
-                continue
-            except EOFError:  # a prompt that read an empty stdin all the same
-                refused = refused or _prompt_refused(backend)
-                continue
-            if secret:
-                _log.debug(
-                    "api_secret for app key %s read from keyring backend %s",
-                    mask(api_key, 4),
-                    _name(backend),
-                )
-                return secret
-    except _keyring_errors() as exc:
-        raise _no_backend(exc) from None
-    if refused is not None:
-        raise refused
-    return None
+    found = _each_backend(
+        allow_insecure_keyring,
+        "get_password",
+        lambda backend: backend.get_password(KEYRING_SERVICE, api_key),
+    )
+    if found is None:
+        return None
+    _log.debug(
+        "api_secret for app key %s read from keyring backend %s", mask(api_key, 4), _name(found[1])
+    )
+    return found[0]
 
 
 def get_api_secret(api_key: str, *, allow_insecure_keyring: bool | None = None) -> str:

@@ -1,10 +1,9 @@
-"""KIS's OAuth endpoints: issue a token (``tokenP``), revoke one (``revokeP``), and get the
-websocket approval key (``Approval``); and the reading of their answers, written once for every
-token holder (sync, asyncio) and integration (python-kis, kis-trader).
+"""KIS's OAuth endpoints (``tokenP``, ``revokeP``, ``Approval``) and the reading of their
+answers, written once for every token holder (sync, asyncio) and integration.
 
-Plain functions over an injected ``requests.Session``: no memory, no storage, no lock. Whoever
-calls :func:`issue_token` decides when (:class:`~kis_safe_token.SharedToken` calls it only while
-holding the fleet's issuance lock). Neither the secret nor a token appears in an error message.
+Plain functions over an injected ``requests.Session``: no memory, no storage, no lock; the caller
+decides when (:class:`~kis_safe_token.SharedToken` issues only while holding the fleet's issuance
+lock). Neither the secret nor a token appears in an error message.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any, TypeAlias
 import requests
 
 from .errors import KisApiError, TokenIssueError
+from .events import Kind, emit
 from .flight.engine import about
 from .kis import (
     APPROVAL_KEY_LIFETIME_S,
@@ -47,6 +47,7 @@ __all__ = [
     "issue_token",
     "no_answer",
     "revoke_request",
+    "revoke_request_failed",
     "revoke_token",
     "token_from",
     "token_from_answer",
@@ -56,6 +57,9 @@ __all__ = [
 
 Timeout: TypeAlias = tuple[float, float]
 """requests' ``(connect, read)`` timeout, in seconds."""
+
+#: How long an approval-key holder sits out an ``EGW00201`` before asking once more.
+APPROVAL_RATE_LIMITED_WAIT_S = 1.0
 
 
 def _NO_AUTH(request: requests.PreparedRequest) -> requests.PreparedRequest:  # noqa: N802
@@ -102,16 +106,15 @@ def token_request_failed(exc: BaseException) -> TokenIssueError:
 
 def no_answer(what: str, exc: BaseException) -> str:
     """``"KIS <what> request to <host>:<port> failed: <cause>"`` for a call that raised ``exc``:
-    the host of the request ``exc`` carries (``requests`` and ``httpx`` keep it), the cause
-    from its chain and type (``connection refused (ConnectionError)``, ``timed out
-    (ReadTimeout)``), never its message, which may quote the request."""
+    the cause from its chain and type (``timed out (ReadTimeout)``), never its message, which
+    may quote the request."""
     return f"KIS {what} request{_where(exc)} failed: {_cause(exc)}"
 
 
 def token_from_answer(
     resp: Answer, *, clock: Callable[[], float], rate_limit_wait_s: float
 ) -> Token:
-    """The token in KIS's answer to ``tokenP`` (from ``requests`` or ``httpx``); the errors
+    """The token in KIS's answer to ``tokenP`` (``requests`` or ``httpx``); the errors
     :func:`issue_token` describes."""
     return token_from(
         resp.status_code,
@@ -131,9 +134,8 @@ def token_from(
     rate_limit_wait_s: float,
 ) -> Token:
     """The token in KIS's ``tokenP`` answer given as its HTTP ``status``, its JSON object
-    (``None``: it had none) and KIS's clock (its ``Date``; ``None``: unknown, so a clock skew
-    reads as an unusable token), for clients that hand over no more (kis-trader's poster); the
-    errors :func:`issue_token` describes."""
+    (``None``: none) and KIS's clock (its ``Date``; ``None``: unknown, so a clock skew reads as
+    an unusable token); the errors :func:`issue_token` describes."""
     now = clock()
     kind = verdict(payload, status, now=now, kis_now=kis_now)
     if kind is Verdict.CLOCK_SKEW and kis_now is not None:
@@ -174,7 +176,7 @@ def revoke_token(
     try:
         resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
     except requests.RequestException as exc:
-        raise KisApiError(no_answer("revoke", exc)) from None
+        raise revoke_request_failed(exc) from None
     check_revoked(resp)
 
 
@@ -183,8 +185,14 @@ def revoke_request(api_key: str, api_secret: str, access_token: str) -> dict[str
     return {"appkey": api_key, "appsecret": api_secret, "token": access_token}
 
 
+def revoke_request_failed(exc: BaseException) -> KisApiError:
+    """The error of a ``revokeP`` call that got no answer (:func:`no_answer`)."""
+    return KisApiError(no_answer("revoke", exc))
+
+
 def note_revoked(api_key: str, storage: object) -> None:
-    """The log line of a revoke, the same for the sync and the asyncio token holder."""
+    """The log line and event of a revoke, the same for the sync and the asyncio token holder."""
+    emit(Kind.REVOKED, storage, api_key)
     logging.getLogger("kis_safe_token").info(
         "%s: revoked the token at KIS and dropped it from the store", about(storage, api_key)
     )
@@ -232,12 +240,8 @@ def approval_request_failed(exc: BaseException) -> TokenIssueError:
     return TokenIssueError(no_answer("approval key", exc))
 
 
-APPROVAL_RATE_LIMITED_WAIT_S = 1.0
-"""How long an approval-key holder sits out an ``EGW00201`` before asking once more."""
-
-
 def approval_key_from_answer(resp: Answer, *, clock: Callable[[], float]) -> Token:
-    """The approval key in KIS's answer to ``Approval`` (from ``requests`` or ``httpx``), as
+    """The approval key in KIS's answer to ``Approval`` (``requests`` or ``httpx``), as
     :func:`issue_approval_key` describes it; :class:`TokenIssueError` if there is none."""
     payload = json_or_none(resp)
     key = payload.get("approval_key") if payload else None

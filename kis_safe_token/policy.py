@@ -1,13 +1,9 @@
 """The one call policy of every KIS client and integration, free of I/O.
 
-``EGW00201`` (too many calls per second: a program outside the fleet uses the app key): tell the
-fleet's limiter (it halves the rate for a while), back off with jitter, send again in a new slot;
-at most :data:`RETRY_ATTEMPTS` re-sends within :data:`RETRY_BUDGET_S` of the first refusal, the
-limiter's ``penalize`` and slot waits included. ``EGW00121``/``EGW00123``: drop the token that
-was sent, only that one (compare-and-delete: a late process never deletes the fresh token another
-saved), and send once more with the fleet's next one. :class:`CallPolicy` answers each
-:class:`~kis_safe_token.kis.Verdict` with a :class:`Step`; :func:`drive` and :func:`drive_async`
-are the only loops that sleep and send.
+:class:`CallPolicy` answers each :class:`~kis_safe_token.kis.Verdict` with a :class:`Step`
+(``EGW00201``: penalize the fleet's limiter, back off, re-send within :data:`RETRY_BUDGET_S`;
+``EGW00121``/``EGW00123``: drop the token sent, compare-and-delete, send once more);
+:func:`drive` and :func:`drive_async` are the only loops that sleep and send.
 """
 
 from __future__ import annotations
@@ -73,7 +69,9 @@ class CallPolicy:
         *,
         backoff: Callable[[int], float] = backoff_s,
         clock: Callable[[], float] = time.monotonic,
+        on_refusal: Callable[[Verdict], object] | None = None,
     ) -> None:
+        self._on_refusal = on_refusal  # told of each EGW00201 and rejected token (the events)
         self._backoff = backoff
         self._clock = clock
         self._first_refusal: float | None = None
@@ -82,6 +80,9 @@ class CallPolicy:
 
     def after(self, verdict: Verdict) -> Step:
         """The step after an answer of ``verdict``."""
+        refused = verdict in (Verdict.TOKEN_REJECTED, Verdict.TOO_MANY_CALLS)
+        if refused and self._on_refusal is not None:
+            self._on_refusal(verdict)
         if verdict is Verdict.TOKEN_REJECTED and not self.refreshed:
             self.refreshed = True
             return Step(Action.REFRESH)

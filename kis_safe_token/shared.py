@@ -1,22 +1,18 @@
-"""``SharedToken``: one app key's access token, held in memory and shared through a store.
-
-Every client builds on it (:class:`~kis_safe_token.KoreaInvestment`,
-:class:`~kis_safe_token.KisAuth`): it owns the credentials, the KIS host, the store, the token in
-memory with its refresh margin, single-flight refresh, compare-and-delete, and fork safety.
-"""
+"""``SharedToken``: one app key's access token, held in memory and shared through a store."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from functools import partial
-from types import TracebackType
+from typing import TypeVar
 
 import requests
 
 from ._faults import fault_point
 from ._fork import renew_after_fork
 from .errors import TokenIssueError
+from .events import Kind, emit
 from .flight.memory import InMemory
 from .keyring_secrets import resolve_api_secret
 from .kis import (
@@ -24,8 +20,10 @@ from .kis import (
     REAL_BASE_URL,
     TOO_MANY_CALLS,
     VIRTUAL_BASE_URL,
+    Verdict,
     resolve_issue_window_s,
 )
+from .metrics import from_environment as metrics_from_environment
 from .oauth import Timeout, issue_approval_key, issue_token, note_revoked, revoke_token
 from .policy import RETRY_BUDGET_S
 from .ratelimit import RateLimiter, resolve_calls_per_second
@@ -53,17 +51,43 @@ MAX_WAIT_S = 3600.0
 """The longest HTTP timeout or ``EGW00133`` back-off accepted: an issue call holds the fleet's
 issuance lock that long, and far larger numbers overflow the socket layer."""
 
+_T = TypeVar("_T")
+
+
+class Closing:
+    """A context manager that calls ``close()`` on exit."""
+
+    def close(self) -> None:
+        """Release what this object owns."""
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClosing:
+    """An async context manager that awaits ``aclose()`` on exit."""
+
+    async def aclose(self) -> None:
+        """Release what this object owns."""
+
+    async def __aenter__(self: _T) -> _T:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+#: The ``code`` of a rejected token's events: KIS's two codes for it are one verdict.
+TOKEN_REJECTED_LABEL = "EGW00121/EGW00123"
+
 
 class TokenSettings:
     """What a token holder needs, checked once: the credentials, the KIS host, the store and the
-    HTTP timings. The base of :class:`SharedToken` and of its asyncio twin
-    :class:`~kis_safe_token.AsyncSharedToken`, so both read their arguments the same way.
-
-    ``ValueError`` names an argument that cannot be used (a credential that cannot go in an
-    HTTP header, a bad timeout, timings the store's waiters would not outlast, a bad rate).
-    ``calls_per_second``/``rate_limiter``: the fleet's call-rate limit (see
-    :mod:`kis_safe_token.ratelimit`; ``None``: KIS's default for the account type, ``0``: off).
-    """
+    HTTP timings; the base of :class:`SharedToken` and :class:`~kis_safe_token.AsyncSharedToken`.
+    ``ValueError`` names an argument that cannot be used."""
 
     def __init__(
         self,
@@ -95,17 +119,32 @@ class TokenSettings:
         )
         self._clock = clock
         self._margin_s = self.token_storage.refresh_margin_s
-        if rate_limiter is not None:
-            if calls_per_second is not None:
-                raise ValueError("give calls_per_second or rate_limiter, not both")
-            self.rate_limiter: RateLimiter | None = rate_limiter
-        else:
+        metrics_from_environment()
+        if rate_limiter is None:
             rate = resolve_calls_per_second(calls_per_second, mock=mock)
-            self.rate_limiter = (
-                None
-                if rate is None
-                else self.token_storage.rate_limiter(api_key, rate, api_secret=self.api_secret)
-            )
+            if rate is not None:
+                rate_limiter = self.token_storage.rate_limiter(
+                    api_key, rate, api_secret=self.api_secret
+                )
+        elif calls_per_second is not None:
+            raise ValueError("give calls_per_second or rate_limiter, not both")
+        self.rate_limiter: RateLimiter | None = rate_limiter
+
+    def sent(self, waited_s: float) -> float:
+        """A call goes to KIS after ``waited_s`` for its rate slot (for the events)."""
+        if waited_s > 0:
+            emit(Kind.RATE_WAITED, self.token_storage, self.api_key, seconds=waited_s)
+        emit(Kind.KIS_CALL, self.token_storage, self.api_key)
+        return waited_s
+
+    def refused(self, verdict: Verdict) -> None:
+        """KIS refused a call with ``EGW00201`` or refused its token (for the events)."""
+        storage, key = self.token_storage, self.api_key
+        if verdict is Verdict.TOO_MANY_CALLS:
+            emit(Kind.KIS_ERROR, storage, key, code=TOO_MANY_CALLS)
+        else:
+            emit(Kind.KIS_ERROR, storage, key, code=TOKEN_REJECTED_LABEL)
+            emit(Kind.REJECTED, storage, key, code=TOKEN_REJECTED_LABEL)
 
     def __repr__(self) -> str:
         return (
@@ -114,32 +153,23 @@ class TokenSettings:
         )
 
 
-class SharedToken(TokenSettings):
+class SharedToken(TokenSettings, Closing):
     """The access token of one app key, shared with every process that uses the same store.
 
-    The token lives in memory and is checked against its expiry locally: :attr:`bearer` costs a
-    clock read and a comparison while the token is fresh. The store is touched on first use,
-    near expiry (the store's ``refresh_margin_s``), and after :meth:`invalidate`; a new token
-    comes through the store's single flight (``get_or_issue``), so a fleet makes one issuance.
-    Nothing is fetched at construction: the first :attr:`bearer` or :attr:`token` does it.
+    Kept in memory and checked locally (:attr:`bearer` is a clock read while the token is
+    fresh); the store is touched on first use, near expiry (its ``refresh_margin_s``) and after
+    :meth:`invalidate`, and a new token comes through its single flight. Nothing is fetched at
+    construction.
 
     ``api_secret=None``: the keyring, then ``$KOREA_INVESTMENT_API_SECRET``
-    (:class:`SecretNotFoundError` otherwise). ``token_storage=None``: from the environment
-    (:func:`create_token_storage`). ``base_url=None``: ``$KOREA_INVESTMENT_BASE_URL``, else the
-    real host, or the virtual-trading host for ``mock=True``. ``session``: the
-    ``requests.Session`` for the OAuth calls (one of its own by default, closed by
-    :meth:`close`). ``timeout``: seconds per KIS call, or a ``(connect, read)`` pair.
-    ``rate_limit_wait_s``: how long to sit out an ``EGW00133``.
-
-    KIS calls per second are limited for the whole fleet by :attr:`rate_limiter` (see
-    :meth:`throttle`): ``calls_per_second=None`` is ``$KOREA_INVESTMENT_CALLS_PER_SECOND`` if
-    set, else KIS's limit for the account type (20/s real, 2/s with ``mock=True``); a
-    number overrides; ``0`` turns the limiter off. The limiter comes from the store
-    (``token_storage.rate_limiter``: a file beside the token file, a key beside the token in
-    Redis, this process only for other stores), unless one is given as ``rate_limiter=``.
-
-    ``ValueError`` names an argument that cannot be used (a credential that cannot go in an HTTP
-    header, a bad timeout or rate, timings the store's waiters would not outlast).
+    (:class:`SecretNotFoundError` otherwise). ``token_storage=None``: :func:`create_token_storage`.
+    ``base_url=None``: ``$KOREA_INVESTMENT_BASE_URL``, else the real host, or the virtual one for
+    ``mock=True``. ``session``: the ``requests.Session`` of the OAuth calls (by default its own,
+    closed by :meth:`close`). ``timeout``: seconds per KIS call, or ``(connect, read)``.
+    ``rate_limit_wait_s``: how long to sit out an ``EGW00133``. ``calls_per_second``: the fleet's
+    call-rate limit (``None``: ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 20/s real, 2/s with
+    ``mock=True``; ``0``: off), kept by the store's limiter unless ``rate_limiter`` is given (see
+    :meth:`throttle`). ``ValueError`` names an argument that cannot be used.
     """
 
     def __init__(
@@ -224,14 +254,11 @@ class SharedToken(TokenSettings):
         return self._refresh()
 
     def invalidate(self, access_token: str) -> bool:
-        """KIS rejected ``access_token`` (``EGW00121``/``EGW00123``): drop it from the store only
-        if the store still holds it, and from memory if it is the current one.
-
-        N processes that saw the same token rejected make one deletion and then one issuance
-        between them; one that comes late never deletes the fresh token another one saved.
-        ``access_token`` may be given with its ``Bearer `` prefix. Returns whether the store
-        deleted it. Raises :class:`TokenStorageError` if the store cannot be reached.
-        """
+        """KIS rejected ``access_token`` (``EGW00121``/``EGW00123``, with or without its
+        ``Bearer `` prefix): drop it from the store only if the store still holds it
+        (compare-and-delete: N processes that saw it rejected make one deletion, then one
+        issuance), and from memory if it is the current one. Whether the store deleted it;
+        :class:`TokenStorageError` if the store cannot be reached."""
         current = self._memory.token
         if current is not None and access_token == current.bearer:
             access_token = current.access_token
@@ -263,28 +290,25 @@ class SharedToken(TokenSettings):
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
-        """Wait for this process's turn to call KIS (a slot of the fleet-wide rate limit); the
-        seconds waited. Call it right before every REST call to KIS that does not go through
-        :class:`KisAuth` or :class:`KoreaInvestment` (they call it themselves). A no-op without a
-        limiter. :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no slot is free within
-        ``timeout_s``."""
+        """Wait for a slot of the fleet-wide call-rate limit; the seconds waited. Call it before
+        every KIS REST call not sent by :class:`KisAuth` or :class:`KoreaInvestment` (they do).
+        A no-op without a limiter; :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no
+        slot is free within ``timeout_s``."""
         limiter = self.rate_limiter
-        return 0.0 if limiter is None else limiter.acquire(timeout_s)
+        return self.sent(0.0 if limiter is None else limiter.acquire(timeout_s))
 
     @property
     def approval_key(self) -> str:
-        """The websocket approval key (``POST /oauth2/Approval``), shared like the token: one
-        process of the fleet asks KIS, the others read it from the store (its own sealed entry).
-        Kept in memory; :meth:`invalidate_approval_key` when KIS rejects it."""
+        """The websocket approval key (``POST /oauth2/Approval``), shared like the token (its own
+        sealed entry in the store); :meth:`invalidate_approval_key` when KIS rejects it."""
         current = self._approvals.token
         if current is not None and current.is_valid(self._clock(), self._margin_s):
             return current.access_token
         return self._approvals.get(self._fetch_approval).access_token
 
     def _fetch_approval(self) -> Token:
-        """The stored approval key, or (in a slot of the fleet's rate limit: KIS meters the
-        Approval call with the REST calls) one through the store's single flight. The slot is
-        taken before the store's issuance lock, never while holding it."""
+        # KIS meters Approval with the REST calls: the slot is taken before the store's issuance
+        # lock, never while holding it.
         key = self.api_key + APPROVAL_SUFFIX
         stored = self.token_storage.load_token(key, self.api_secret)
         if stored is not None:
@@ -294,8 +318,7 @@ class SharedToken(TokenSettings):
 
     def invalidate_approval_key(self, approval_key: str) -> bool:
         """KIS rejected ``approval_key``: drop it from the store only if the store still holds it
-        (compare-and-delete), and from memory; the next :attr:`approval_key` gets a new one
-        through the single flight. Returns whether the store deleted it."""
+        (compare-and-delete), and from memory. Whether the store deleted it."""
         deleted = self.token_storage.invalidate_token(
             self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
         )
@@ -303,8 +326,8 @@ class SharedToken(TokenSettings):
         return deleted
 
     def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock); an
-        ``EGW00201`` answer slows the fleet's rate down (the store sits it out, asks once more)."""
+        """Ask KIS for an approval key (the store calls it holding the issuance lock); an
+        ``EGW00201`` slows the fleet's rate down (the store sits it out, asks once more)."""
         try:
             return issue_approval_key(
                 self.session,
@@ -330,9 +353,8 @@ class SharedToken(TokenSettings):
 
     # -- internals -------------------------------------------------------------------------------
     def _refresh(self) -> Token:
-        """The token through this process's tier (one thread at a time; bounded like the store's
-        own wait, so threads queued behind a refresh that times out do not each wait a full
-        ``wait_timeout`` in turn), then the store's single flight."""
+        """The token through this process's tier (one thread at a time, bounded like the store's
+        own wait so queued threads do not each wait a full ``wait_timeout``), then the store."""
         storage, key, secret = self.token_storage, self.api_key, self.api_secret
         return self._memory.get(partial(storage.get_or_issue, key, secret, self._issue))
 
@@ -360,22 +382,10 @@ class SharedToken(TokenSettings):
         if self._own_session:
             self._session = None
 
-    # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the session, if it is this object's own."""
         if self._own_session and self._session is not None:
             self._session.close()
-
-    def __enter__(self) -> SharedToken:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def check_header_value(name: str, value: object) -> None:
@@ -391,11 +401,8 @@ def _checked_timeout(timeout: object) -> Timeout:
     """``timeout`` as requests' ``(connect, read)`` pair; one number stands for both."""
     pair = timeout if isinstance(timeout, (tuple, list)) else (timeout, timeout)
     try:
-        if len(pair) != 2:
-            raise ValueError
-        return check_seconds("timeout", pair[0], high=MAX_WAIT_S), check_seconds(
-            "timeout", pair[1], high=MAX_WAIT_S
-        )
+        connect, read = (check_seconds("timeout", part, high=MAX_WAIT_S) for part in pair)
+        return connect, read
     except ValueError:
         raise ValueError(
             f"timeout must be a number of seconds (more than 0, at most {MAX_WAIT_S:.0f}) or a "

@@ -1,12 +1,7 @@
 """The token record, KST expiry parsing and masking.
 
-KIS states a token's expiry as ``YYYY-MM-DD HH:MM:SS`` in Korea Standard Time (UTC+9, no DST).
-Reading that string as the host's local time is the classic bug: a server in UTC would then
-trust a dead token for nine hours. Everything here converts with an explicit KST offset.
-
-A :class:`Token` is usable by construction: its value can travel in an HTTP header and its
-expiry is a representable time. :meth:`Token.from_kis_response` also refuses what KIS should
-never have issued (already expired, or "valid" for years), so such a token is never stored.
+KIS's expiry is KST (UTC+9): read as local time, a server in UTC would trust a dead token for
+nine hours, so everything here converts with an explicit offset (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -32,26 +27,17 @@ __all__ = [
 
 KST = timezone(timedelta(hours=9), "KST")
 KST_FORMAT = "%Y-%m-%d %H:%M:%S"
+#: A token this close to its expiry is treated as expired: no request leaves with a dying one.
 REFRESH_MARGIN_S = 300.0
-"""A token this close to its expiry is treated as expired, so that no request leaves with a
-token that dies on the way."""
-
+#: A token living shorter than ``REFRESH_MARGIN_S / MARGIN_FRACTION`` (50 min) is refreshed in
+#: the last tenth of its life instead (docs/design.md, "The token record").
 MARGIN_FRACTION = 0.1
-"""A token that lives shorter than ``REFRESH_MARGIN_S / MARGIN_FRACTION`` (50 min) is refreshed
-in the last tenth of its life instead of ``REFRESH_MARGIN_S`` before its expiry. KIS's tokens
-live 24 h, so they keep the full margin. A short-lived one (a simulator, a KIS change) is used
-for 90 % of its life instead of being re-issued on every access: one issuance per 0.9 lifetimes,
-so any token living over 67 s is refreshed at most once per KIS's one-minute issue window, while
-the tenth kept in reserve (12 s of a 2-minute token) still covers a request in flight."""
+#: KIS's answer is refused if the token expires sooner than this after it (already expired)...
 MIN_LIFETIME_S = 1.0
-"""A token that KIS says expires sooner than this after it answered is refused as already
-expired: storing it would make every process re-issue on its next access."""
+#: ... or later than this (KIS's live a day: garbage, or this host's clock far behind).
 MAX_LIFETIME_S = 366 * 86_400.0
-"""A token that KIS says is valid for more than a year is refused: KIS's live a day, so the
-answer is garbage (or this host's clock is far behind), and it would be trusted far too long."""
+#: 3000-01-01 00:00 UTC: within ``datetime``, every ``time_t`` and Redis TTLs, never overflowing.
 MAX_EXPIRES_AT = 32_503_680_000.0
-"""3000-01-01 00:00 UTC: beyond any real token, within what ``datetime``, every platform's
-``time_t`` and Redis TTLs represent, so formatting or storing an expiry never overflows."""
 
 PAYLOAD_VERSION = 1
 
@@ -83,12 +69,8 @@ def format_kst(epoch_s: float) -> str:
 
 
 def header_safe(value: object) -> bool:
-    """Whether ``value`` is a non-empty string of visible ASCII (no space, no control character).
-
-    Such a value travels unchanged in an HTTP header. Latin-1 letters would too, as bytes, but
-    servers differ in how they decode them, and KIS's tokens (JWTs), app keys and secrets are
-    ASCII: a non-ASCII one is a corrupted answer or a copy-paste accident, not a credential.
-    """
+    """Whether ``value`` is a non-empty string of visible ASCII (no space, no control character),
+    which travels unchanged in an HTTP header (KIS's tokens, app keys and secrets are ASCII)."""
     return isinstance(value, str) and _VISIBLE_ASCII.fullmatch(value) is not None
 
 
@@ -168,11 +150,7 @@ class Token:
 
     def refresh_at(self, margin_s: float = REFRESH_MARGIN_S) -> float:
         """When to stop using the token: ``margin_s`` before its expiry, or, if it was issued
-        for less than ``margin_s / MARGIN_FRACTION``, the last ``MARGIN_FRACTION`` of its life.
-
-        Without the second rule a token KIS issued for less than the margin would look expired
-        the moment it arrived, and every access would issue another one.
-        """
+        for less than ``margin_s / MARGIN_FRACTION``, the last ``MARGIN_FRACTION`` of its life."""
         margin = margin_s
         if self.issued_at is not None:
             margin = min(margin_s, MARGIN_FRACTION * (self.expires_at - self.issued_at))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import APP_KEY, SECRET
+from conftest import APP_KEY, HERD_CALLS_PER_SECOND, SECRET
 
 from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.redis_server import RedisServer, free_port
@@ -179,3 +179,44 @@ def test_celery_prefork_worker_makes_one_issuance_per_expiry(
     assert {r["token"] for r in second} != {r["token"] for r in first}
     assert sim.issued == 2 and sim.rate_limited == 0
     assert sim.counts["EGW00123"] >= 1
+
+
+@pytest.mark.parametrize("storage", ["file", "redis"])
+def test_gunicorn_fleet_metrics_match_what_kis_counted(
+    sim: KisSimulator, tmp_path: Path, private_redis: RedisServer, storage: str
+) -> None:
+    """4 gthread workers under load, scraped through prometheus_client's multi-process
+    collector: the fleet's counters are the simulator's (issuances, calls, EGW00201)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    env = fleet_env(sim, storage, tmp_path, private_redis)
+    env["KOREA_INVESTMENT_METRICS"] = "prometheus"
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prometheus")
+    env["KOREA_INVESTMENT_CALLS_PER_SECOND"] = str(HERD_CALLS_PER_SECOND)
+    (tmp_path / "prometheus").mkdir()
+    port = free_port()
+    args = [sys.executable, "-m", "gunicorn", "-w", "4", "-k", "gthread", "--threads", "4"]
+    args += ["-b", f"127.0.0.1:{port}", "--log-level", "warning", "wsgi_app:app"]
+    proc = subprocess.Popen(args, env=env, cwd=APPS)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(f"{url}/005930", proc)
+        sim.refuse_calls(3)  # an outside program: three EGW00201, re-sent by the clients
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: requests.get(f"{url}/005930", timeout=60), range(48)))
+        scraped = requests.get(f"{url}/metrics", timeout=30).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert [a.status_code for a in answers] == [200] * 48
+    totals: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(scraped):
+        for sample in family.samples:
+            key = (sample.name, sample.labels.get("code", sample.labels.get("event", "")))
+            totals[key] = totals.get(key, 0.0) + sample.value
+            assert APP_KEY not in str(sample.labels) and SECRET not in str(sample.labels)
+    assert sim.issued == 1 and sim.too_many_calls == 3
+    assert totals[("kis_token_issuances_total", "")] == sim.issued
+    assert totals[("kis_token_kis_calls_total", "")] == sim.counts["uapi_calls"] + 3
+    assert totals[("kis_token_kis_errors_total", "EGW00201")] == 3
+    assert totals[("kis_token_events_total", "issued")] == 1

@@ -182,3 +182,19 @@ def test_the_rest_methods_are_wrapped() -> None:
     assert not wrapped & {"__init__", "issue_access_token", "check_access_token", "fetch_price"}
     for name in wrapped:
         assert getattr(KoreaInvestment, name).__wrapped__ is getattr(mojito.KoreaInvestment, name)
+
+
+def test_its_calls_and_refusals_are_events(usim: KisSimulator, tmp_path: Path) -> None:
+    from kis_safe_token.events import Event, Kind, subscribe
+
+    seen: list[Event] = []
+    unsubscribe = subscribe(seen.append)
+    try:
+        broker = broker_for(usim, FileTokenStorage(tmp_path / "tokens.json"))
+        usim.refuse_calls(1)
+        assert price_ok(broker.fetch_price("005930"))
+    finally:
+        unsubscribe()
+    kinds = [e.kind for e in seen]
+    assert kinds.count(Kind.ISSUED) == 1 and kinds.count(Kind.KIS_CALL) == 2
+    assert [e.code for e in seen if e.kind is Kind.KIS_ERROR] == ["EGW00201"]

@@ -27,7 +27,18 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TokenStorageError
 from ..token import Token
 from .drivers import io_call
-from .engine import ATTEMPT, ISSUE, RELEASE, Flight, Protocol, Sleep, Step, Wait, get_or_issue
+from .engine import (
+    ATTEMPT,
+    ISSUE,
+    RELEASE,
+    Flight,
+    Protocol,
+    Sleep,
+    Step,
+    Wait,
+    get_or_issue,
+    noted,
+)
 from .lock import HELD
 
 if TYPE_CHECKING:
@@ -83,7 +94,7 @@ class AsyncStore:
             try:
                 reply = await self._perform(flight, step, issue)
             except BaseException as exc:  # noqa: BLE001 - thrown into the protocol
-                error = exc
+                error = noted(flight, exc)
 
     async def _perform(self, flight: Flight, step: Step, issue: AsyncIssueFn | None) -> Any:
         if isinstance(step, Wait):

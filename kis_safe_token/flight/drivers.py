@@ -28,6 +28,7 @@ from .engine import (
     Sleep,
     Step,
     Wait,
+    noted,
 )
 
 __all__ = ["io_call", "run_sync"]
@@ -81,4 +82,4 @@ def run_sync(flight: Flight, protocol: Protocol, issue: Callable[[], Token] | No
             else:
                 reply = io_call(flight, step)()
         except BaseException as exc:  # noqa: BLE001 - thrown into the protocol, which decides
-            error = exc
+            error = noted(flight, exc)

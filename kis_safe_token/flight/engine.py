@@ -23,6 +23,7 @@ from typing import Any, Final, TypeAlias
 from typing import Protocol as Shape
 
 from ..errors import TokenIssueError, TokenStorageError
+from ..events import Kind, emit
 from ..failure import IssueFailure
 from ..token import Token, mask
 from .lock import Busy, IssuanceLock
@@ -190,6 +191,7 @@ def get_or_issue(flight: Flight) -> Protocol:
     if flight.usable(token):
         if _told(flight):
             logger.debug("%s: loaded the token", _about(flight))
+            _emit(flight, Kind.RELOADED, token, waited_s=0.0)
         return token
     return (yield from _issue_flight(flight))
 
@@ -203,9 +205,30 @@ def _about(flight: Flight) -> str:
     return about(flight.storage, flight.api_key)
 
 
+def _emit(
+    flight: Flight, kind: Kind, token: Token | None = None, *, seconds: float = 0.0, waited_s: float
+) -> None:
+    expires_at = None if token is None else token.expires_at
+    emit(
+        kind,
+        flight.storage,
+        flight.api_key,
+        seconds=seconds,
+        waited_s=waited_s,
+        expires_at=expires_at,
+    )
+
+
 def about(storage: object, api_key: str) -> str:
     """Who is speaking, for a log line: the store and the app key, masked."""
     return f"{type(storage).__name__}, app key {mask(api_key, 4)}"
+
+
+def noted(flight: Flight, exc: BaseException) -> BaseException:
+    """What a step raised, for a driver to throw in: a store error is an event first."""
+    if isinstance(exc, TokenStorageError) and _told(flight):
+        emit(Kind.STORE_ERROR, flight.storage, flight.api_key, code=type(exc).__name__)
+    return exc
 
 
 def _issue_flight(flight: Flight) -> Protocol:
@@ -222,6 +245,7 @@ def _issue_flight(flight: Flight) -> Protocol:
                     waited_ms,
                     waited_on[-1] if waited_on else "the holder",
                 )
+                _emit(flight, Kind.RELOADED, got, waited_s=waited_ms / 1000)
             return got
         if isinstance(got, IssueFailure):
             raise got.error(flight.storage.clock())
@@ -235,6 +259,7 @@ def _issue_flight(flight: Flight) -> Protocol:
                     waited_ms / 1000,
                     waited_on[-1],
                 )
+                _emit(flight, Kind.TOOK_OVER, waited_s=waited_ms / 1000)
             token = yield from _issue_recording(flight, waited_ms)
             local_failures.pop(flight.failure_key, None)
             yield from _save_issued(flight, token)
@@ -301,15 +326,19 @@ def _issue_recording(flight: Flight, waited_ms: float) -> Protocol:
     try:
         started = time.monotonic()
         token = yield from _issue_holding(flight)
+        kis_s = time.monotonic() - started
+        _emit(flight, Kind.ISSUED, token, seconds=kis_s, waited_s=waited_ms / 1000)
         logger.info(
             "%s: issued a token (expires %s KST) in %.0f ms, after %.0f ms for the lock",
             _about(flight),
             token.expired_kst,
-            (time.monotonic() - started) * 1000,
+            kis_s * 1000,
             waited_ms,
         )
         return token
     except TokenIssueError as exc:
+        if exc.code:
+            emit(Kind.KIS_ERROR, flight.storage, flight.api_key, code=exc.code)
         failure = IssueFailure.after(exc, flight.storage.clock(), previous)
         if exc.local:
             flight.keep_local(failure)
@@ -329,12 +358,20 @@ def _issue_holding(flight: Flight) -> Protocol:
     except TokenIssueError as exc:
         if exc.retry_after_s is None:
             raise
+        emit(Kind.KIS_ERROR, flight.storage, flight.api_key, code=exc.code or "")
         logger.info(
             "%s: KIS refused issuance (%s); sitting out its window: re-checking the cache, "
             "asking again in %.1f s",
             _about(flight),
             exc.code,
             exc.retry_after_s,
+        )
+        emit(
+            Kind.SAT_OUT,
+            flight.storage,
+            flight.api_key,
+            seconds=exc.retry_after_s,
+            code=exc.code or "",
         )
         resume = time.monotonic() + exc.retry_after_s
     # A third of a lock that expires by itself, so it never lapses meanwhile.

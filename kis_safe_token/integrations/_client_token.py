@@ -46,7 +46,7 @@ class CallMeter:
             yield current
             return
         # backoff_s is looked up here, at each call: tests make it quick.
-        self._local.policy = current = CallPolicy(backoff=backoff_s)
+        self._local.policy = current = CallPolicy(backoff=backoff_s, on_refusal=self.shared.refused)
         try:
             yield current
         finally:

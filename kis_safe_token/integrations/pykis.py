@@ -1,9 +1,7 @@
 """``PyKis``: python-kis's client, its access token shared by the fleet through our storage.
 
-``from kis_safe_token.integrations.pykis import PyKis`` instead of ``from pykis import PyKis``,
-same arguments plus ``token_storage=``, ``calls_per_second=`` and ``rate_limiter=``. What changes
-against upstream and the upstream lines the overrides depend on (version 2.1.6): the manual,
-``docs/integrations.md``.
+Same arguments as ``pykis.PyKis`` plus ``token_storage=``, ``calls_per_second=`` and
+``rate_limiter=``; what changes and the upstream lines it depends on: ``docs/integrations.md``.
 """
 
 from __future__ import annotations
@@ -96,13 +94,12 @@ class _DomainToken(SharedToken):
         key = kis.appkey if domain == "real" else kis.virtual_appkey
         self._kis = kis
         self._domain: Domain = domain
-        host = pykis.kis.REAL_DOMAIN if domain == "real" else pykis.kis.VIRTUAL_DOMAIN
         session = kis._sessions[domain]
         super().__init__(
             key.appkey,
             key.secretkey,
             storage,
-            base_url=host,
+            base_url=pykis.kis.REAL_DOMAIN if domain == "real" else pykis.kis.VIRTUAL_DOMAIN,
             session=session,
             mock=domain == "virtual",
             calls_per_second=calls_per_second,
@@ -111,9 +108,17 @@ class _DomainToken(SharedToken):
         if isinstance(session, _Session):
             session.meter = CallMeter(self)
 
-    def now(self) -> float:
-        """The clock the token's expiry is read against."""
-        return self._clock()
+    def wrap(self, token: Token) -> Any:
+        """``token`` as pykis's ``KisAccessToken``."""
+        return KisObject.transform_(
+            {
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "access_token_token_expired": token.expired_kst,
+                "expires_in": max(0, int(token.expires_at - self._clock())),
+            },
+            KisAccessToken,
+        )
 
     def _issue(self) -> Token:
         """``tokenP`` through pykis's own request path (called by the store, holding the lock),
@@ -134,6 +139,18 @@ class _DomainToken(SharedToken):
         if isinstance(resp, requests.Response):
             return token_from_answer(resp, clock=clock, rate_limit_wait_s=wait_s)
         return token_from(200, answer.raw(), None, clock=clock, rate_limit_wait_s=wait_s)
+
+
+def _refuse(kis: PyKis, token: Any) -> None:
+    raise ValueError("the token comes from token_storage and cannot be set")
+
+
+def _held(domain: Domain) -> property:
+    """pykis's ``_token`` (or ``_virtual_token``): the token in memory, as pykis's type;
+    pykis assigns ``None`` at construction, and again after ``EGW00123``."""
+    return property(
+        lambda kis: kis._kst_current(domain), lambda kis, value: kis._kst_dropped(domain, value)
+    )
 
 
 class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type information
@@ -196,50 +213,25 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         """The storage the tokens come from."""
         return self._kst_tokens["real"].token_storage
 
-    # -- the tokens pykis reads ------------------------------------------------------------------
-    @property
-    def token(self) -> Any:
-        """The real domain's access token (``KisAccessToken``), from the fleet's single flight."""
-        return self._kst_serve("real")
-
-    @token.setter
-    def token(self, token: Any) -> None:
-        raise ValueError("the token comes from token_storage and cannot be set")
-
-    @property
-    def primary_token(self) -> Any:
-        """The virtual domain's access token in virtual mode, else :attr:`token`."""
-        if not self.virtual:
-            return self.token
-        return self._kst_serve("virtual")
-
-    @primary_token.setter
-    def primary_token(self, token: Any) -> None:
-        raise ValueError("the token comes from token_storage and cannot be set")
-
-    @property
-    def _token(self) -> Any:
-        return self._kst_current("real")
-
-    @_token.setter
-    def _token(self, value: Any) -> None:
-        self._kst_dropped("real", value)
-
-    @property
-    def _virtual_token(self) -> Any:
-        return self._kst_current("virtual")
-
-    @_virtual_token.setter
-    def _virtual_token(self, value: Any) -> None:
-        self._kst_dropped("virtual", value)
+    token = property(
+        lambda kis: kis._kst_serve("real"),
+        _refuse,
+        doc="The real domain's access token (``KisAccessToken``), from the fleet's single flight.",
+    )
+    primary_token = property(
+        lambda kis: kis._kst_serve("virtual" if kis.virtual else "real"),
+        _refuse,
+        doc="The virtual domain's access token in virtual mode, else :attr:`token`.",
+    )
+    _token = _held("real")
+    _virtual_token = _held("virtual")
 
     def request(self, path: str, **kwargs: Any) -> Any:
         """pykis's ``request``, its ``/uapi/`` sends in slots of the domain's fleet-wide rate
-        limit (one per attempt: pykis re-sends), ``EGW00201`` re-sends bounded as in
+        limit (one per attempt), ``EGW00201`` re-sends bounded as in
         :class:`~kis_safe_token.KisAuth` (then ``KisHTTPError``); an ``EGW00121`` answer (a token
-        KIS does not know, say one that another process revoked with :meth:`discard`) drops the
-        token this thread sent, as pykis does for ``EGW00123``, and the call is made once more
-        (pykis raises it)."""
+        KIS does not know, say one another process revoked) drops the token this thread sent, as
+        pykis does for ``EGW00123``, and the call is made once more."""
         domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
         session = self._sessions["virtual" if domain == "virtual" else "real"]
         meter = session.meter if isinstance(session, _Session) else None
@@ -260,16 +252,12 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
     def discard(self, domain: Domain | None = None) -> None:
         """Revoke the tokens in memory at KIS (pykis's ``token_revoke``), then drop them from
         the storage (compare-and-delete) and from memory."""
-        for name in DOMAINS:
-            shared = self._kst_tokens.get(name)
-            if shared is None or domain not in (None, name):
-                continue
-            current = shared.in_memory()
+        for name, shared in self._kst_tokens.items():
+            current = shared.in_memory() if domain in (None, name) else None
             if current is not None:
                 token_revoke(self, current.access_token)
                 shared.invalidate(current.access_token)
 
-    # -- internals -------------------------------------------------------------------------------
     def _kst_serve(self, domain: Domain) -> Any:
         token = self._kst_tokens[domain].token
         setattr(self._kst_served, domain, token.access_token)
@@ -278,19 +266,9 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
     def _kst_wrap(self, domain: Domain, token: Token) -> Any:
         """``token`` as pykis's ``KisAccessToken`` (built once per token)."""
         cached = self._kst_wrapped.get(domain)
-        if cached is not None and cached[0] is token:
-            return cached[1]
-        wrapped = KisObject.transform_(
-            {
-                "access_token": token.access_token,
-                "token_type": token.token_type,
-                "access_token_token_expired": token.expired_kst,
-                "expires_in": max(0, int(token.expires_at - self._kst_tokens[domain].now())),
-            },
-            KisAccessToken,
-        )
-        self._kst_wrapped[domain] = (token, wrapped)
-        return wrapped
+        if cached is None or cached[0] is not token:
+            cached = self._kst_wrapped[domain] = (token, self._kst_tokens[domain].wrap(token))
+        return cached[1]
 
     def _kst_current(self, domain: Domain) -> Any:
         shared = self.__dict__.get("_kst_tokens", {}).get(domain)
@@ -298,10 +276,8 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         return self._kst_wrap(domain, token) if token is not None else None
 
     def _kst_dropped(self, domain: Domain, value: Any) -> None:
-        """pykis assigned ``self._token`` (or ``_virtual_token``): ``None`` at construction, and
-        ``None`` again when KIS answered ``EGW00123`` to the token this thread sent."""
         if value is not None:
-            raise ValueError("the token comes from token_storage and cannot be set")
+            _refuse(self, value)
         shared = self.__dict__.get("_kst_tokens", {}).get(domain)
         if shared is None:
             return  # pykis.__init__ initialising the attribute

@@ -1,22 +1,15 @@
 """``FileRateLimiter``: the rate limit of every process of this user on this host.
 
-The state is one 24-byte record (the TAT and the end of a slowdown, two little-endian doubles
-in seconds of :func:`host_clock`, and the boot they belong to) in a small file beside the token
-file, updated under ``flock`` on that same file:
-``flock`` + ``pread`` + ``pwrite`` + unlock, a few microseconds, no fsync (a lost record after a
-crash costs at most one early call). Bounded in size (the record is rewritten in place, never
-appended) and in time (the lock is held for two page-cache syscalls; the kernel frees a dead
-holder's lock at once).
-
-Time is the host's clock that never steps (``CLOCK_BOOTTIME`` on Linux, ``time.monotonic``
-elsewhere: one clock for every process of the host), not the wall clock: a wall clock stepped
-forward would put slots in the past (a burst KIS refuses), stepped back it would leave every
-process waiting for a TAT in its future. A record of another boot (the clock restarted at 0)
-is started afresh.
+The state is one 24-byte record (the TAT and the end of a slowdown in seconds of
+:func:`host_clock`, and the boot they belong to) beside the token file, updated in place under
+``flock`` with ``pread``/``pwrite`` and no fsync (a record lost in a crash costs one early call).
+The clock never steps, so a wall-clock step neither bursts nor stalls the fleet; a record of
+another boot is started afresh. See ``docs/fleet.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -24,8 +17,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from .._fork import renew_after_fork
 from ..errors import TokenStorageError
@@ -40,17 +34,19 @@ except ImportError:  # pragma: no cover - Windows: a filelock on a sibling file 
 __all__ = ["FileRateLimiter", "host_clock", "shared_file_rate_limiter"]
 
 _RECORD: Final = struct.Struct("<ddQ")
+_T = TypeVar("_T")
+#: ``step(tat, slow_until, now)`` of :meth:`FileRateLimiter._update`: the new record (``None``:
+#: unchanged) and the caller's answer.
+_Step = Callable[[float, float, float], tuple[tuple[float, float] | None, _T]]
 
 
-def _host_clock() -> Callable[[], float]:
-    boottime = getattr(time, "CLOCK_BOOTTIME", None)
-    if boottime is None:  # pragma: no cover - not Linux: monotonic is host-wide there too
-        return time.monotonic
-    return lambda: time.clock_gettime(boottime)
-
-
-#: Seconds of the host's clock that never steps, shared by every process of the host.
-host_clock: Final = _host_clock()
+#: Seconds of the host's clock that never steps, shared by every process of the host
+#: (``CLOCK_BOOTTIME``; elsewhere than Linux ``time.monotonic``, host-wide there too).
+host_clock: Final[Callable[[], float]] = (
+    partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
 
 
 def _boot_tag() -> int:
@@ -71,10 +67,8 @@ _OPEN_FLAGS: Final = (
 class FileRateLimiter(RateLimiter):
     """Slots shared through the record in ``path`` (created 0600 on first use).
 
-    One descriptor per limiter, reopened in a forked child: ``flock`` belongs to the open file
-    description, so a parent and a child sharing one would not exclude each other. Threads of
-    one process share the descriptor and are serialized by a ``threading.Lock`` first (``flock``
-    does not exclude holders of the same description either).
+    ``flock`` belongs to the open file description, so the descriptor is reopened in a forked
+    child, and threads sharing it are serialized by a ``threading.Lock`` first.
     """
 
     inline = True
@@ -94,35 +88,25 @@ class FileRateLimiter(RateLimiter):
 
     def _after_fork(self) -> None:
         self._guard = threading.Lock()
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                os.close(fd)  # the parent's description: closing our copy leaves theirs
-            except OSError:
-                pass
+        self._close()  # our copy of the parent's description: theirs stays open
 
     def close(self) -> None:
         with self._guard:
-            fd, self._fd = self._fd, None
-            if fd is not None:
+            self._close()
+
+    def _close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    __del__ = _close
 
     def _open(self) -> int:
         if self._fd is None:
-            try:
-                try:
-                    fd = os.open(self.path, _OPEN_FLAGS, 0o600)
-                except FileNotFoundError:  # no token saved yet: its folder may not exist
-                    self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+            try:  # no token saved yet: its folder may not exist
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self.path, _OPEN_FLAGS, 0o600)
             except OSError as exc:
                 raise TokenStorageError(f"cannot open rate-limit file {self.path}: {exc}") from exc
             st = os.fstat(fd)
@@ -132,9 +116,9 @@ class FileRateLimiter(RateLimiter):
             self._fd = fd
         return self._fd
 
-    def _update(self, step: Callable[[float, float, float], tuple[float, float] | None]) -> None:
-        """Read the record, let ``step(tat, slow_until, now)`` return a new one (or ``None``:
-        unchanged), write it back; all under the thread lock and ``flock``."""
+    def _update(self, step: _Step[_T]) -> _T:
+        """Read the record, write back what ``step`` makes of it; under the thread lock and
+        ``flock``. Returns the step's answer."""
         with self._guard:
             fd = self._open()
             try:
@@ -149,9 +133,10 @@ class FileRateLimiter(RateLimiter):
                     )
                     if boot != _BOOT or not (math.isfinite(tat) and math.isfinite(slow_until)):
                         tat, slow_until = 0.0, 0.0  # another boot's, torn or foreign: afresh
-                    new = step(tat, slow_until, self._clock())
+                    new, answer = step(tat, slow_until, self._clock())
                     if new is not None:
                         os.pwrite(fd, _RECORD.pack(*new, _BOOT), 0)
+                    return answer
                 finally:
                     if fcntl is not None:
                         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -161,36 +146,22 @@ class FileRateLimiter(RateLimiter):
                 raise TokenStorageError(f"rate-limit file {self.path}: {exc}") from exc
 
     def try_acquire(self, max_wait_s: float = 0.0) -> float | None:
-        result: list[float | None] = [None]
         limit = min(max_wait_s, MAX_WAIT_S)
 
-        def step(tat: float, slow_until: float, now: float) -> tuple[float, float] | None:
+        def step(
+            tat: float, slow_until: float, now: float
+        ) -> tuple[tuple[float, float] | None, float | None]:
             interval = self.interval_s * (SLOWDOWN_FACTOR if now < slow_until else 1.0)
             wait, new_tat = reserve(tat, now, interval, limit)
-            result[0] = wait
-            return None if wait is None else (new_tat, slow_until)
+            return (None if wait is None else (new_tat, slow_until)), wait
 
-        self._update(step)
-        return result[0]
+        return self._update(step)
 
     def _slow_down(self, hold_s: float) -> bool:
-        started = [False]
-
-        def step(tat: float, slow_until: float, now: float) -> tuple[float, float]:
-            started[0] = now >= slow_until
-            return tat, now + hold_s
-
-        self._update(step)
-        return started[0]
+        return self._update(lambda tat, slow_until, now: ((tat, now + hold_s), now >= slow_until))
 
     def slowdown_left_s(self) -> float:
-        left = [0.0]
-
-        def step(tat: float, slow_until: float, now: float) -> None:
-            left[0] = max(0.0, slow_until - now)
-
-        self._update(step)
-        return left[0]
+        return self._update(lambda tat, slow_until, now: (None, max(0.0, slow_until - now)))
 
 
 _shared: dict[tuple[Path, float], FileRateLimiter] = {}

@@ -1,6 +1,5 @@
-"""Token storage backends, and the protocol a backend of your own implements: a
-:class:`TokenStorage` whose ``issuance_lock`` returns an :class:`IssuanceLock` (``attempt`` answers
-:data:`HELD`, a token or failure already stored, or :class:`Busy`)."""
+"""Token storage backends, and the protocol (:class:`TokenStorage`, :class:`IssuanceLock`) a
+backend of your own implements."""
 
 from ..failure import IssueFailure
 from ..flight.lock import HELD, Attempt, Busy, IssuanceLock

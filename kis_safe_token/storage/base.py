@@ -1,12 +1,6 @@
-"""The storage interface: the seed's four methods, ``get_or_issue`` and the backend protocol.
-
-A backend supplies records (``read_token``, ``write_token``, ``read_failure``,
-``write_failure``, ``invalidate_token``), an issuance lock object
-(:meth:`TokenStorage.issuance_lock`, an :class:`~kis_safe_token.flight.lock.IssuanceLock`) and,
-optionally, a rate limiter (:meth:`TokenStorage.rate_limiter`). The
-single-flight protocol itself lives once in :mod:`kis_safe_token.flight.engine`;
-``get_or_issue`` runs it with the blocking driver, the asyncio client with the asyncio one.
-"""
+"""The storage interface: the seed's four methods, ``get_or_issue`` and the backend protocol
+(records, an :class:`~kis_safe_token.flight.lock.IssuanceLock`, optionally a rate limiter). The
+single-flight protocol itself lives once in :mod:`kis_safe_token.flight.engine`."""
 
 from __future__ import annotations
 
@@ -47,12 +41,9 @@ IssueFn = Callable[[], Token]
 
 
 def default_wait_timeout(takeover_s: float = 0.0, issue_window_s: float | None = None) -> float:
-    """How long a waiter waits for another's issuance by default: the holder's worst case.
-
-    A holder may need ``takeover_s`` to be replaced if it died (a Redis lock's ``lock_ttl``), one
-    KIS call, an ``EGW00133`` window sat out, and a second KIS call. A waiter that gave up sooner
-    would fail while the fleet is about to hold a token.
-    """
+    """How long a waiter waits for another's issuance by default: the holder's worst case, a
+    takeover of ``takeover_s`` (a dead Redis holder's ``lock_ttl``), a KIS call, an ``EGW00133``
+    window sat out and a second call."""
     window = resolve_issue_window_s() if issue_window_s is None else issue_window_s
     return takeover_s + window + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
 
@@ -60,9 +51,8 @@ def default_wait_timeout(takeover_s: float = 0.0, issue_window_s: float | None =
 class TokenStorage(ABC):
     """Where tokens live between processes: the seed's four methods plus ``get_or_issue``.
 
-    A subclass that implements only the seed's four methods still works with ``get_or_issue``,
-    single-flight within its process (an in-process lock). The built-in backends override the
-    primitives to make it single-flight across processes and hosts.
+    A subclass with only the seed's four methods is single-flight within its process; the
+    built-in backends override the primitives to be single-flight across processes and hosts.
     """
 
     refresh_margin_s: float = REFRESH_MARGIN_S
@@ -96,14 +86,9 @@ class TokenStorage(ABC):
         return 0.0
 
     def check_timing(self, *, http_timeout_s: float, issue_window_s: float | None = None) -> None:
-        """Note (once per store, at INFO) a ``wait_timeout`` shorter than a holder's worst case.
-
-        The worst case: a dead holder taken over (:meth:`takeover_s`), one KIS call of up to
-        ``http_timeout_s``, an ``EGW00133`` window of ``issue_window_s`` sat out, a second call.
-        A shorter wait is allowed (a request with a budget of its own): such a waiter raises
-        :class:`TokenStorageError` when it runs out. The default ``wait_timeout`` covers it.
-        Clients call this with their HTTP timeout; call it yourself when you issue by hand.
-        """
+        """Note (once per store, at INFO) a ``wait_timeout`` shorter than a holder's worst case:
+        a takeover (:meth:`takeover_s`), two KIS calls of up to ``http_timeout_s`` and an
+        ``EGW00133`` window of ``issue_window_s`` between them. Clients call this."""
         window = resolve_issue_window_s(issue_window_s, name="issue_window_s")
         takeover = self.takeover_s()
         note_short_wait(
@@ -113,59 +98,52 @@ class TokenStorage(ABC):
             f"+ 2 x HTTP timeout {http_timeout_s:.1f} s",
         )
 
+    def fleet(self) -> dict[str, dict[str, Any]]:
+        """What the store holds, by key id (:func:`~kis_safe_token.crypto.key_id` of an app key,
+        or of ``<app key>:approval``), read without any secret: ``records`` (``token``,
+        ``failure``, ``lease``, ...), ``lock_held`` (``None``: unknown), ``lock_held_s`` (for how
+        long, where the store knows) and ``token_ttl_s`` (until the store drops the token, where
+        it expires records). For ``kis-token status --fleet``; ``NotImplementedError`` for a store
+        that cannot list what it holds."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list the app keys it holds")
+
     # -- the call-rate limit -----------------------------------------------------------------------
     def rate_limiter(
         self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
     ) -> RateLimiter:
         """The limiter of KIS calls for ``api_key``, shared as widely as this store shares tokens
-        (``api_secret``: for a backend that authenticates the shared state with it).
-
-        This default counts within this process only (logged once per store class): a store
-        that every process of the fleet reaches should override it with a limiter on that same
-        backend, or clients be given ``rate_limiter=``. ``ValueError`` for a rate out of range.
-        """
-        if type(self) not in _noted_per_process:
-            _noted_per_process.add(type(self))
-            logger.info(
-                "%s has no shared rate limiter: KIS calls are limited per process "
-                "(pass rate_limiter= to share one across the fleet)",
-                type(self).__name__,
-            )
+        (``api_secret``: for a backend that authenticates the shared state with it). This default
+        counts in this process only (logged once). ``ValueError`` for a rate out of range."""
+        _note_once(
+            _noted_per_process,
+            self,
+            "has no shared rate limiter: KIS calls are limited per process "
+            "(pass rate_limiter= to share one across the fleet)",
+        )
         return MemoryRateLimiter(api_key, calls_per_second)
 
     # -- single flight ---------------------------------------------------------------------------
     def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
         """A usable token: the cached one, or one issued by exactly one caller fleet-wide.
 
-        ``issue`` calls KIS and returns the :class:`Token`; it runs only while holding the
-        issuance lock and only if, looking again under the lock, no usable token is stored. If it
-        raises :class:`TokenIssueError` with ``retry_after_s`` (KIS said ``EGW00133``: someone,
-        perhaps a holder that died after KIS answered, issued within the minute), the holder
-        keeps the lock, re-checks the cache while it sits out the window, and asks once more.
-        Any other failure is recorded for the fleet (:mod:`kis_safe_token.failure`): waiters and
-        later callers get the same :class:`TokenIssueError` at once instead of each asking KIS.
-        The protocol: :mod:`kis_safe_token.flight.engine`.
-
-        Raises :class:`TokenStorageError` if the store is unreachable or the wait exceeds
-        ``wait_timeout``, and :class:`TokenIssueError` if KIS refuses.
+        ``issue`` calls KIS and returns the :class:`Token`; it runs only under the issuance lock
+        and only if no usable token is stored. On ``EGW00133`` the holder sits out the window and
+        asks once more; any other failure is recorded for the fleet, whose callers get the same
+        error at once (``docs/design.md``). Raises :class:`TokenStorageError` if the store is
+        unreachable or the wait exceeds ``wait_timeout``, :class:`TokenIssueError` if KIS refuses.
         """
         flight = engine.Flight(self, api_key, api_secret)
         token: Token = run_sync(flight, engine.get_or_issue(flight), issue)
         return token
 
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
-        """The lock guarding issuance for this app key, for both drivers.
-
-        This default locks within this process only (logged once per store class): all that a
-        store written to the seed's four methods can offer. A store every process of the fleet
-        reaches overrides it with a lock on that same backend.
-        """
-        if type(self) not in _noted_local_lock:
-            _noted_local_lock.add(type(self))
-            logger.info(
-                "%s has no fleet-wide issuance lock: single flight within this process only",
-                type(self).__name__,
-            )
+        """The lock guarding issuance for this app key, for both drivers. This default locks in
+        this process only (logged once), all that the seed's four methods can offer."""
+        _note_once(
+            _noted_local_lock,
+            self,
+            "has no fleet-wide issuance lock: single flight within this process only",
+        )
         return LocalIssuanceLock(api_key)
 
     def usable(self, token: Token | None) -> TypeGuard[Token]:
@@ -175,18 +153,16 @@ class TokenStorage(ABC):
     # -- primitives; the defaults build on the seed methods and an in-process lock -------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
         """The stored token (valid or not), or ``None``; ``fresh``: not from a cache of the last
-        read. :class:`TokenStorageError` if the store cannot be reached (unlike the seed's
-        ``load_token``). By default through the seed's ``load_token``."""
+        read. :class:`TokenStorageError` if the store cannot be reached."""
         data = self.load_token(api_key, api_secret)
         return Token.from_token_data(data) if data else None
 
     def write_token(
         self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
     ) -> None:
-        """Store ``token`` and clear the failure record (a success ends an outage's hold),
-        retried through transient errors until ``deadline`` (``time.monotonic()``; ``None``:
-        the store's default) where the store retries at all. :class:`TokenStorageError` if it
-        could not be stored. By default through the seed's ``save_token``."""
+        """Store ``token`` and clear the failure record, retried through transient errors until
+        ``deadline`` (``time.monotonic()``; ``None``: the store's default) where the store
+        retries. :class:`TokenStorageError` if it could not be stored."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
 
@@ -195,17 +171,13 @@ class TokenStorage(ABC):
         return None
 
     def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
-        """Share ``failure`` (a failed issuance) with the fleet; by default with this process
-        only."""
+        """Share ``failure`` (a failed issuance) with the fleet (by default: this process)."""
         engine.Flight(self, api_key, api_secret).keep_local(failure)
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
-        """Delete the stored token only if it is still ``access_token`` (compare-and-delete).
-
-        N workers that saw the same token rejected make one deletion, not N; a worker that is
-        late never deletes the fresh token another one just saved. Returns whether it deleted.
-        By default under this process's lock, through the seed's methods.
-        """
+        """Delete the stored token only if it is still ``access_token`` (compare-and-delete: N
+        workers that saw it rejected make one deletion, and a late one never deletes a fresh
+        token). Returns whether it deleted."""
         with _local_lock(api_key):
             token = self.read_token(api_key, api_secret, fresh=True)
             if token is None or token.access_token != access_token:
@@ -217,18 +189,20 @@ _noted_per_process: set[type[TokenStorage]] = set()
 _noted_local_lock: set[type[TokenStorage]] = set()
 
 
+def _note_once(noted: set[type[TokenStorage]], store: TokenStorage, what: str) -> None:
+    if type(store) not in noted:
+        noted.add(type(store))
+        logger.info("%s %s", type(store).__name__, what)
+
+
 class SealedTokenStorage(TokenStorage):
-    """Shared by the built-in backends: the seed's methods on top of encrypted primitives.
+    """Shared by the built-in backends: the seed's methods on top of encrypted primitives (an
+    unreachable backend is logged once with its cause, and the seed's bool/None returned).
 
-    The seed's bool/None returns stay, but an unreachable backend is logged once with its cause
-    (not swallowed silently) and ``get_or_issue`` raises :class:`TokenStorageError`.
-
-    ``seed_lease=True`` (off by default) turns on the seed-protocol lease of
-    :mod:`kis_safe_token.storage.lease` for clients that only call the four seed methods:
-    ``check_token_valid`` answering ``False`` then means "you hold the issuance lease: issue and
-    ``save_token``", and other callers wait in it for that save. ``lease_ttl``: how long a lease
-    lasts; ``issue_window_s``: KIS's one-issue-per-minute window, during which no new lease is
-    granted after a grant or a save.
+    ``seed_lease=True`` turns on the seed-protocol lease (``docs/seed-lease.md``): a ``False``
+    from ``check_token_valid`` then means "you hold the lease: issue and ``save_token``".
+    ``lease_ttl``: how long a lease lasts; ``issue_window_s``: KIS's window, during which no new
+    lease is granted after a grant or a save.
     """
 
     def __init__(
@@ -265,13 +239,12 @@ class SealedTokenStorage(TokenStorage):
         return self._lease is not None
 
     def _leased(self, lock: IssuanceLock, api_key: str, api_secret: str) -> IssuanceLock:
-        """``lock``, behind the seed-protocol lease where it is on (:class:`.lease.LeasedLock`)."""
+        """``lock``, behind the seed-protocol lease where it is on."""
         if self._lease is None:
             return lock
-        return LeasedLock(self, self._lease, api_key, api_secret, lock)
+        return LeasedLock(self._lease, api_key, api_secret, lock)
 
     def _lease_records(self) -> LeaseRecords:
-        """The backend's records of the seed-protocol lease (see :mod:`.lease`)."""
         raise NotImplementedError(f"{type(self).__name__} has no seed-protocol lease")
 
     def _sealer(self, api_key: str, api_secret: str) -> Sealer:
@@ -284,15 +257,13 @@ class SealedTokenStorage(TokenStorage):
             )
         return sealer
 
-    def _failed(self, action: str, exc: BaseException) -> None:
-        if not self._failing:
-            self._failing = True
+    def _reached(self, action: str = "", exc: BaseException | None = None) -> None:
+        """Log the first failure to reach the store (``exc``), and the first success after it."""
+        if exc is not None and not self._failing:
             logger.error("%s: %s failed: %s", type(self).__name__, action, exc)
-
-    def _succeeded(self) -> None:
-        if self._failing:
-            self._failing = False
+        elif exc is None and self._failing:
             logger.info("%s: store reachable again", type(self).__name__)
+        self._failing = exc is not None
 
     # -- the seed's interface on top of the primitives ---------------------------------------
     def save_token(self, token_data: dict[str, Any]) -> bool:
@@ -301,7 +272,8 @@ class SealedTokenStorage(TokenStorage):
             token = Token.from_token_data(token_data)
             self._sealer(api_key, api_secret)
         except (KeyError, TypeError, ValueError) as exc:
-            logger.error("save_token: token_data rejected: %s", _key_error_text(exc))
+            why = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else exc
+            logger.error("save_token: token_data rejected: %s", why)
             return False
         if not token.is_valid(self.clock()):
             # Not a store failure: this host's clock (or the caller) says the token is dead.
@@ -315,9 +287,9 @@ class SealedTokenStorage(TokenStorage):
             else:
                 self.write_token(api_key, api_secret, token)
         except TokenStorageError as exc:
-            self._failed("save_token", exc)
+            self._reached("save_token", exc)
             return False
-        self._succeeded()
+        self._reached()
         return True
 
     def load_token(self, api_key: str, api_secret: str) -> dict[str, Any] | None:
@@ -327,9 +299,9 @@ class SealedTokenStorage(TokenStorage):
             else:
                 token = self.read_token(api_key, api_secret)
         except TokenStorageError as exc:
-            self._failed("load_token", exc)
+            self._reached("load_token", exc)
             return None
-        self._succeeded()
+        self._reached()
         if token is None or not token.is_valid(self.clock()):
             return None
         return token.to_token_data(api_key, api_secret)
@@ -345,9 +317,9 @@ class SealedTokenStorage(TokenStorage):
             if self._lease is not None:
                 self._lease.released_by_delete(api_key)
         except TokenStorageError as exc:
-            self._failed("delete_token", exc)
+            self._reached("delete_token", exc)
             return False
-        self._succeeded()
+        self._reached()
         return True
 
     @abstractmethod
@@ -361,9 +333,3 @@ class SealedTokenStorage(TokenStorage):
     def write_token(
         self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
     ) -> None: ...
-
-
-def _key_error_text(exc: BaseException) -> str:
-    if isinstance(exc, KeyError):
-        return f"missing field {exc.args[0]!r}"
-    return str(exc)

@@ -1,12 +1,7 @@
 """``create_token_storage()``: the backend named by the seed's environment variables.
 
-Where Redis runs is its own setting, ``KOREA_INVESTMENT_REDIS_MODE`` (``standalone``, the
-default, ``sentinel`` or ``cluster``), not a new storage type: the topology is a property of the
-Redis deployment, so the same variables serve every part of the library that talks to Redis,
-and ``KOREA_INVESTMENT_TOKEN_STORAGE`` keeps the seed's two values. A multi-host URL scheme
-(``redis+sentinel://h1,h2/name``) was not chosen: redis-py does not parse one, and it would put
-two passwords (sentinels', data nodes') into one string that ends up in logs and ``ps``.
-"""
+Sentinel and Cluster are ``KOREA_INVESTMENT_REDIS_MODE``, not storage types or URL schemes (why:
+``docs/storages.md``)."""
 
 from __future__ import annotations
 
@@ -95,26 +90,17 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     )
 
 
-def redis_mode(env: Mapping[str, str]) -> str:
-    """``KOREA_INVESTMENT_REDIS_MODE``, checked: one of :data:`REDIS_MODES`."""
+def redis_client_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any, float]:
+    """The Redis client a Sentinel or Cluster environment describes, with its retry budget
+    (``None`` for ``standalone``: the storage builds its client from the URL). ``ValueError``
+    naming the variable on bad input."""
+    env = os.environ if environ is None else environ
     mode = (env.get(REDIS_MODE_ENV) or "standalone").strip().lower()
     if mode not in REDIS_MODES:
         raise ValueError(
             f"{REDIS_MODE_ENV}={mode[:40]!r} is not a Redis mode; allowed values: "
             + ", ".join(REDIS_MODES)
         )
-    return mode
-
-
-def redis_client_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any, float]:
-    """The Redis client a Sentinel or Cluster environment describes, with its retry budget.
-
-    For ``standalone`` (the URL) returns ``(None, RETRY_TIMEOUT_S)``: the storage builds its own
-    client from the URL. Other parts of the library that talk to Redis (a rate limiter) use the
-    same variables through this function. ``ValueError`` naming the variable on bad input.
-    """
-    env = os.environ if environ is None else environ
-    mode = redis_mode(env)
     tls = _flag(env, REDIS_TLS_ENV)
     ca_file = (env.get(REDIS_TLS_CA_FILE_ENV) or "").strip() or None
     if mode == "standalone":
@@ -174,18 +160,14 @@ def redis_client_from_env(environ: Mapping[str, str] | None = None) -> tuple[Any
 
 
 def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStorage:
-    """The storage the environment asks for (the seed's variables and defaults).
-
-    ``KOREA_INVESTMENT_TOKEN_STORAGE``: ``file`` (default) or ``redis`` (the locked backend);
-    ``KOREA_INVESTMENT_TOKEN_FILE``; ``KOREA_INVESTMENT_REDIS_URL``;
-    ``KOREA_INVESTMENT_REDIS_PASSWORD``; for Sentinel or Cluster, ``KOREA_INVESTMENT_REDIS_MODE``
-    and the variables :func:`redis_client_from_env` reads; ``KOREA_INVESTMENT_SEED_LEASE``
-    (``1``/``true``/``yes``/``on`` turns on the seed-protocol lease, default off) and
-    ``KOREA_INVESTMENT_SEED_LEASE_TTL`` (its ``lease_ttl`` in seconds). A bad value raises
-    ``ValueError`` naming the variable.
+    """The storage the environment (default ``os.environ``) asks for: see
+    ``docs/configuration.md`` for the variables (``KOREA_INVESTMENT_TOKEN_STORAGE``: ``file``,
+    the default, or ``redis``). A bad value raises ``ValueError`` naming the variable.
     """
     env = os.environ if environ is None else environ
-    lease = _lease_options(env)
+    lease: dict[str, Any] = {"seed_lease": _flag(env, SEED_LEASE_ENV)}
+    if (env.get(SEED_LEASE_TTL_ENV) or "").strip():
+        lease["lease_ttl"] = env_seconds(env, SEED_LEASE_TTL_ENV, 0.0, high=MAX_LEASE_TTL_S)
     kind = (env.get(STORAGE_ENV) or "file").strip().lower()
     if kind == "file":
         return FileTokenStorage(token_file_from_env(env), **lease)
@@ -211,21 +193,9 @@ def create_token_storage(environ: Mapping[str, str] | None = None) -> TokenStora
     )
 
 
-def _lease_options(env: Mapping[str, str]) -> dict[str, Any]:
-    """``seed_lease`` and ``lease_ttl`` from the environment; ``ValueError`` naming the variable."""
-    options: dict[str, Any] = {"seed_lease": _flag(env, SEED_LEASE_ENV)}
-    if (env.get(SEED_LEASE_TTL_ENV) or "").strip():
-        options["lease_ttl"] = env_seconds(env, SEED_LEASE_TTL_ENV, 0.0, high=MAX_LEASE_TTL_S)
-    return options
-
-
 def token_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None:
-    """``KOREA_INVESTMENT_TOKEN_FILE`` as an absolute path (``~`` expanded), ``None`` if unset.
-
-    ``ValueError`` naming the variable for a relative path (processes started in different
-    folders would each use a file of their own, and issue a token each), a ``~user`` this host
-    does not know, or a NUL character.
-    """
+    """``KOREA_INVESTMENT_TOKEN_FILE`` as an absolute path (``~`` expanded), ``None`` if unset;
+    ``ValueError`` for a relative path, an unknown ``~user`` or a NUL character."""
     env = os.environ if environ is None else environ
     raw = (env.get(FILE_ENV) or "").strip()
     if not raw:
@@ -248,12 +218,9 @@ def token_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None
 
 
 # -- the KIS host ------------------------------------------------------------------------------
-
-
 def check_base_url(value: str, source: str = "base_url") -> str:
     """``value`` without a trailing ``/`` if it is ``http(s)://host[:port]``; else a
-    ``ValueError`` naming ``source`` (quoting nothing of ``value`` but a scheme: a proxy URL
-    may carry a password)."""
+    ``ValueError`` naming ``source`` (quoting nothing but a scheme: it may hold a password)."""
     expected = "expected http(s)://host[:port], e.g. https://openapi.koreainvestment.com:9443"
     text = value.strip() if isinstance(value, str) else ""
     try:

@@ -1,12 +1,10 @@
-"""File backend: one Fernet-sealed JSON document, written atomically, guarded by ``filelock``.
-
-Layout: ``{"format": "kis_safe_token", "version": 1, "entries": {<key id>: <fernet token>}}``;
-each entry is sealed with its own app key's secret-derived key, so one file serves several app
-keys without them evicting each other, and nobody without a secret can read its entry.
-"""
+"""File backend: one JSON document of Fernet-sealed entries (one per app key, sealed with its own
+secret), replaced atomically, guarded by ``filelock``. Layout and hardening: ``docs/storages.md``,
+``docs/security.md``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,8 +28,8 @@ from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
 from .lease import CLOCK_SKEW_S, MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
 
-if TYPE_CHECKING:  # filelock and platformdirs are imported when first needed: a warm read
-    import filelock  # needs neither
+if TYPE_CHECKING:  # filelock and platformdirs are imported when first needed
+    import filelock
 
 __all__ = ["FileTokenStorage", "default_token_path"]
 
@@ -41,13 +39,10 @@ FILE_FORMAT = "kis_safe_token"
 FILE_VERSION = 1
 POLL_INTERVAL_S = 0.004
 LOCK_RETRY_S = 0.2
-#: A waiter's looks start ``poll_interval_s`` apart and spread out (x1.5 each) to this: a quick
-#: save is seen within milliseconds, and a herd waiting out a slow KIS does not take the CPU
-#: the holder needs (4 ms, 6 ms, then 8 ms apart, jittered).
+#: A waiter's looks spread out (x1.5 each) from ``poll_interval_s`` to this: a quick save is seen
+#: within milliseconds, and a herd does not take the CPU the holder needs.
 MAX_POLL_S = 0.008
-#: Reads stop past this many bytes. One app key's sealed entry is about 0.5 KB, so a token file
-#: is a few KB; a bigger one was not written by us (planted, or something else's file) and is a
-#: miss, instead of memory, CPU and an fsync of all of it spent on every read and every save.
+#: Reads stop past this many bytes (an entry is ~0.5 KB): a bigger file is not ours, and a miss.
 MAX_TOKEN_FILE_BYTES: Final = 1 << 20
 #: A link is not followed (ELOOP); a FIFO opens at once instead of waiting for a writer.
 _OPEN_FLAGS: Final = (
@@ -70,30 +65,14 @@ def default_token_path() -> Path:
 class FileTokenStorage(SealedTokenStorage):
     """Tokens in one local file, shared by every process of this user on this host.
 
-    Issuance is guarded by an exclusive ``filelock`` on ``<file>.lock`` (kept, never deleted:
-    deleting a lock file lets two processes lock two different inodes). Writes go to a temp file
-    in the same folder, are fsynced and ``os.replace``-d in, so a reader sees the old document or
-    the new one, never half. Reads take no lock and skip decrypting while the file's
-    ``(mtime_ns, size, inode)`` is unchanged.
-
-    What is at the token path is checked on the opened descriptor, never trusted by name: the
-    file is opened without following a link and without blocking, and read only if it is a
-    regular file owned by this user (``os.geteuid()``, root included: root does not trust a file
-    another account planted) and at most :data:`MAX_TOKEN_FILE_BYTES` long. Anything else is a
-    cache miss, logged once with the path (never the contents): a symlink (to a device, or to a
-    file elsewhere, which is left untouched), a FIFO, socket or device, another user's file, an
-    oversized file. The next save's ``os.replace`` swaps the directory entry itself for a fresh
-    0600 file (rename never follows a link). A directory at the token path cannot be replaced,
-    so it is a :class:`TokenStorageError`, raised before anything is issued. The lock file is
-    opened by filelock (>= 4.3) with ``O_NOFOLLOW | O_NONBLOCK``: a symlink or a directory there
-    is a :class:`TokenStorageError` at once (nothing is followed, and the lock file is never
-    replaced, since waiters must share its inode); a FIFO there locks like a file (``flock``
-    needs no read or write).
+    Issuance is guarded by a ``filelock`` on ``<file>.lock``; saves replace the file atomically.
+    Only a regular file of this user's is read; anything else there is a miss, or a
+    :class:`TokenStorageError` if a save could not replace it (``docs/security.md``).
 
     ``file_path``: default :func:`default_token_path`. ``encryption_keys``: optional explicit
     Fernet keys (first encrypts). ``wait_timeout``: how long to wait for another's issuance.
-    ``seed_lease``, ``lease_ttl``, ``issue_window_s``: the opt-in seed-protocol lease
-    (:mod:`kis_safe_token.storage.lease`).
+    ``poll_interval_s``: a waiter's first look. ``seed_lease``, ``lease_ttl``,
+    ``issue_window_s``: the opt-in seed-protocol lease (:mod:`kis_safe_token.storage.lease`).
     """
 
     def __init__(
@@ -128,9 +107,8 @@ class FileTokenStorage(SealedTokenStorage):
         self.token_file = path
         self.lock_file = self.token_file.with_name(self.token_file.name + ".lock")
         self.poll_interval_s = check_seconds("poll_interval_s", poll_interval_s, high=1.0)
-        # One lock object per storage, made when first needed (a warm read needs none: no
-        # filelock import) and under a guard: two threads racing to create it would each lock a
-        # different object, and the holder's re-entrant write would deadlock.
+        # One lock object per storage, made under a guard: two threads racing to create it would
+        # each lock a different object, and the holder's re-entrant write would deadlock.
         self._flock: filelock.FileLock | None = None
         self._flock_guard = threading.Lock()
         renew_after_fork(self)
@@ -141,26 +119,21 @@ class FileTokenStorage(SealedTokenStorage):
         return f"FileTokenStorage({str(self.token_file)!r})"
 
     def _ready_flock(self) -> filelock.FileLock:
-        """This storage's one lock object, made on first use."""
-        flock = self._flock
-        if flock is None:
-            with self._flock_guard:
-                if self._flock is None:
-                    import filelock
+        with self._flock_guard:
+            if self._flock is None:
+                import filelock
 
-                    self._flock = filelock.FileLock(
-                        self.lock_file,
-                        mode=0o600,
-                        preserve_lock_file=True,
-                        poll_interval=self.poll_interval_s,
-                    )
-                flock = self._flock
-        return flock
+                self._flock = filelock.FileLock(
+                    self.lock_file,
+                    mode=0o600,
+                    preserve_lock_file=True,
+                    poll_interval=self.poll_interval_s,
+                )
+            return self._flock
 
     def _after_fork(self) -> None:
-        # A lock the parent held at fork() is the parent's: filelock raises RuntimeError on an
-        # inherited lock object for the child's whole life. (filelock itself closes the child's
-        # copy of the parent's descriptor.) A guard a parent's thread held is renewed too.
+        # filelock raises RuntimeError on a lock object inherited from the parent (it closes the
+        # child's copy of the descriptor itself); a guard a parent's thread held is renewed too.
         self._flock = None
         self._flock_guard = threading.Lock()
 
@@ -182,8 +155,7 @@ class FileTokenStorage(SealedTokenStorage):
         return token
 
     def _signature(self) -> _Signature | None:
-        # lstat, as cheap as stat: the warm-path cache keys on the entry a read would open, so a
-        # link whose target changes stays the miss the read made of it.
+        # lstat: the cache keys on the entry a read would open, so a link stays a miss.
         try:
             st = os.lstat(self.token_file)
         except FileNotFoundError:
@@ -202,11 +174,7 @@ class FileTokenStorage(SealedTokenStorage):
         return entries
 
     def _read_file(self, sig: _Signature) -> bytes | None:
-        """The token file's bytes; ``None`` if it is gone or is not ours to read (a miss).
-
-        Bounded whatever is there: the open neither follows a link nor waits on a FIFO, and at
-        most ``MAX_TOKEN_FILE_BYTES + 1`` bytes are read, only from a regular file.
-        """
+        """The token file's bytes; ``None`` if it is gone or is not ours to read (a miss)."""
         path = self.token_file
         try:
             fd = os.open(path, _OPEN_FLAGS)
@@ -226,7 +194,8 @@ class FileTokenStorage(SealedTokenStorage):
                 )
             problem = _not_a_private_file(st)
             if problem is None:
-                raw = _read_capped(fd)
+                with open(fd, "rb", closefd=False) as fh:  # one past the cap: a file that grew
+                    raw = fh.read(MAX_TOKEN_FILE_BYTES + 1)
                 if len(raw) <= MAX_TOKEN_FILE_BYTES:
                     return raw
                 problem = f"it is larger than {MAX_TOKEN_FILE_BYTES} bytes"
@@ -258,12 +227,12 @@ class FileTokenStorage(SealedTokenStorage):
 
         self._update(put)
 
-    def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+    def _entry(self, entry_id: str) -> str | None:
         sig = self._signature()
-        if sig is None:
-            return None
-        sealed = self._entries(sig).get(_failure_id(api_key))
-        return self._sealer(api_key, api_secret).open_failure(sealed)
+        return None if sig is None else self._entries(sig).get(entry_id)
+
+    def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
+        return self._sealer(api_key, api_secret).open_failure(self._entry(_failure_id(api_key)))
 
     def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
         sealed = self._sealer(api_key, api_secret).seal_failure(failure).decode()
@@ -278,15 +247,13 @@ class FileTokenStorage(SealedTokenStorage):
         self._update(lambda entries: entries.pop(key_id(api_key), None) is not None)
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
-        # A fresh read: the warm cache keys on (mtime, size, inode), which a quick replace on a
-        # filesystem with coarse timestamps can repeat; invalidation is rare, so it pays.
+        # A fresh read: a quick replace on coarse timestamps can repeat (mtime, size, inode).
         stored = self.read_token(api_key, api_secret, fresh=True)
         if stored is None or stored.access_token != access_token:
             return False  # already replaced: N workers seeing one failure lock the file once
 
         def drop_if_same(entries: dict[str, str]) -> bool:
-            sealed = entries.get(key_id(api_key))
-            token = self._sealer(api_key, api_secret).open(sealed)
+            token = self._sealer(api_key, api_secret).open(entries.get(key_id(api_key)))
             if token is None or token.access_token != access_token:
                 return False
             del entries[key_id(api_key)]
@@ -296,17 +263,11 @@ class FileTokenStorage(SealedTokenStorage):
 
     def _update(self, change: Callable[[dict[str, str]], bool]) -> bool:
         """Read-modify-write the document under the lock; write only if ``change`` says so."""
-        import filelock
-
-        lock = self._lock()
-        try:
-            lock.acquire(timeout=self.wait_timeout)
-        except filelock.Timeout:
+        lock = self._acquire(self.wait_timeout)
+        if lock is None:
             raise TokenStorageError(
                 f"timed out after {self.wait_timeout:.1f} s waiting for {self.lock_file}"
-            ) from None
-        except OSError as exc:
-            raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
+            )
         try:
             sig = self._signature()
             entries = dict(self._entries(sig, fresh=True)) if sig else {}
@@ -337,15 +298,18 @@ class FileTokenStorage(SealedTokenStorage):
             fault_point("file.before_replace")
             os.replace(tmp, self.token_file)
             tmp = None
-            _fsync_dir(folder)
+            with contextlib.suppress(OSError):  # the rename itself, made durable where possible
+                dir_fd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
         except OSError as exc:
             raise TokenStorageError(f"cannot write token file {self.token_file}: {exc}") from exc
         finally:
             if tmp is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
 
     # -- the issuance lock -------------------------------------------------------------------
     def _lock(self) -> filelock.FileLock:
@@ -358,16 +322,28 @@ class FileTokenStorage(SealedTokenStorage):
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
         return self._ready_flock()
 
+    def _acquire(self, timeout: float) -> filelock.FileLock | None:
+        """The issuance lock, taken within ``timeout``; ``None`` if another holds it."""
+        import filelock
+
+        lock = self._lock()
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            return None
+        except OSError as exc:
+            raise TokenStorageError(f"cannot lock {self.lock_file}: {exc}") from exc
+        return lock
+
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
         """The host-wide ``filelock`` on ``<file>.lock`` (behind the seed lease, if on)."""
         return self._leased(FileIssuanceLock(self, api_key, api_secret), api_key, api_secret)
 
-    # -- the call-rate limit -------------------------------------------------------------------
     def rate_limiter(
         self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
     ) -> FileRateLimiter:
-        """Host-wide: a 24-byte record in ``<token file>.rate-<key id>``, beside the token file
-        (one limiter object per file and rate in a process)."""
+        """Host-wide: a 24-byte record in ``<token file>.rate-<key id>`` (one limiter object per
+        file and rate in a process)."""
         self._signature()  # no sibling beside a device, FIFO, socket or directory
         path = self.token_file.with_name(f"{self.token_file.name}.rate-{key_id(api_key)}")
         return shared_file_rate_limiter(path, calls_per_second)
@@ -375,19 +351,30 @@ class FileTokenStorage(SealedTokenStorage):
     def _lease_records(self) -> FileLeaseRecords:
         return FileLeaseRecords(self)
 
+    def fleet(self) -> dict[str, dict[str, Any]]:
+        """Every entry of the token file; the lock is one for the whole file (held: another
+        process holds it now; since when, a file lock does not say)."""
+        sig = self._signature()
+        entries = {} if sig is None else self._entries(sig, fresh=True)
+        held = self._acquire(0)
+        if held is not None:
+            held.release()
+        view: dict[str, dict[str, Any]] = {}
+        for name in sorted(entries):
+            ident, _, kind = name.partition(":")
+            info = view.setdefault(ident, {"records": [], "lock_held": held is None})
+            info.update(lock_held_s=None, token_ttl_s=None)
+            info["records"].append(kind or "token")
+        return view
+
     #: Reads are a ``stat`` (a Fernet open when the file changed): the asyncio driver performs
     #: this store's steps on the event loop, whose thread then holds the ``filelock``.
     inline_io = True
 
 
 class FileIssuanceLock(IssuanceLock):
-    """The storage's ``filelock`` on ``<file>.lock``, and a watch on the token file meanwhile.
-
-    A waiter sees the holder's save by a ``stat`` every ``poll_interval_s`` (~2 us); the lock,
-    which costs ~50 us a try, is retried only every ``LOCK_RETRY_S``, to notice a holder that
-    gave up or died (the kernel frees a dead process's lock at once). Dozens of waiters on two
-    cores would otherwise burn the CPU the holder needs.
-    """
+    """The storage's ``filelock`` on ``<file>.lock``, and a watch on the token file meanwhile: a
+    ``stat`` every poll, the lock (dearer) only every ``LOCK_RETRY_S`` (``docs/storages.md``)."""
 
     def __init__(self, storage: FileTokenStorage, api_key: str, api_secret: str) -> None:
         self._storage = storage
@@ -399,20 +386,13 @@ class FileIssuanceLock(IssuanceLock):
 
     def attempt(self) -> Attempt:
         """The lock if a try is due and it is free, else a usable token or an active failure in
-        the store, else :class:`Busy` (look again after ``poll_interval_s``, jittered)."""
+        the store, else :class:`Busy`."""
         storage = self._storage
         if time.monotonic() >= self._next_try:
-            import filelock
-
-            flock = storage._lock()
-            try:
-                flock.acquire(timeout=0)
-                self._flock = flock
+            self._flock = storage._acquire(0)
+            if self._flock is not None:
                 return HELD
-            except filelock.Timeout:
-                self._next_try = time.monotonic() + jittered(LOCK_RETRY_S)
-            except OSError as exc:
-                raise TokenStorageError(f"cannot lock {storage.lock_file}: {exc}") from exc
+            self._next_try = time.monotonic() + jittered(LOCK_RETRY_S)
         token = storage.read_token(self._api_key, self._api_secret)
         if storage.usable(token):
             return token
@@ -453,42 +433,38 @@ def _parse_document(raw: bytes, path: Path) -> dict[str, str]:
 
 
 def _failure_id(api_key: str) -> str:
-    """The entry of an app key's failure record (beside its token's, in the same document)."""
     return key_id(api_key) + ":failure"
 
 
-_FOREIGN_KINDS: Final = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
+def _lease_id(api_key: str) -> str:
+    return key_id(api_key) + ":lease"
+
+
+_FOREIGN_KINDS: Final = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 def _refuse_foreign(path: Path, mode: int) -> None:
     """:class:`TokenStorageError` naming what is at ``path`` unless it is a regular file or a
-    link (a link is a miss, and a save replaces the link itself, never its target): the
-    library reads, writes, replaces and creates siblings only where its own file is or will be.
-    """
-    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):  # the warm path: one test, then done
-        return
-    for test, kind in _FOREIGN_KINDS:
-        if test(mode):
-            raise TokenStorageError(
-                f"token path {path} is {kind}, not a token file: nothing was read or written "
-                "there; give the storage a file path of its own (file_path= or "
-                "KOREA_INVESTMENT_TOKEN_FILE)"
-            )
+    link (a miss, which a save replaces): nothing is read, written or created beside it."""
+    kind = _FOREIGN_KINDS.get(stat.S_IFMT(mode))
+    if kind is not None:
+        raise TokenStorageError(
+            f"token path {path} is {kind}, not a token file: nothing was read or written "
+            "there; give the storage a file path of its own (file_path= or "
+            "KOREA_INVESTMENT_TOKEN_FILE)"
+        )
 
 
 def _why_not_opened(path: Path) -> str | None:
-    """Why a failed open is a miss, or ``None`` if it is an error a save would not mend.
-
-    A link fails with ELOOP (EMLINK or EFTYPE on some BSDs), a socket or a driverless device
-    with ENXIO, another user's file with EACCES: the next save replaces each of them. A
-    directory, or our own file we may not read, is a real fault.
-    """
+    """Why a failed open is a miss the next save replaces (a link: ELOOP, EMLINK or EFTYPE; a
+    socket or driverless device: ENXIO; another user's file: EACCES), or ``None`` for a real
+    fault (a directory, our own file we may not read)."""
     try:
         st = os.lstat(path)
     except OSError:
@@ -504,32 +480,16 @@ def _not_a_private_file(st: os.stat_result) -> str | None:
     """Why a token path is not read, or ``None`` if it is a private regular file."""
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file (a FIFO, socket or device)"
-    if _geteuid is not None and st.st_uid != _geteuid():
+    if _geteuid is not None and st.st_uid != _geteuid():  # root too: not a file others planted
         return f"it is owned by uid {st.st_uid}, not by this user"
     if st.st_size > MAX_TOKEN_FILE_BYTES:
         return f"it is larger than {MAX_TOKEN_FILE_BYTES} bytes"
     return None
 
 
-def _read_capped(fd: int) -> bytes:
-    """Up to ``MAX_TOKEN_FILE_BYTES + 1`` bytes: one past the cap tells a file that grew."""
-    chunks: list[bytes] = []
-    left = MAX_TOKEN_FILE_BYTES + 1
-    while left > 0:
-        chunk = os.read(fd, left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _make_private_dir(folder: Path) -> None:
-    """Create the token folder and each missing parent, every one 0700 whatever the umask.
-
-    ``mkdir(parents=True)`` makes the parents ``0777 & ~umask``: 0755 or even 0777, listing
-    the token folder to everyone. An existing folder is the user's and is left as it is.
-    """
+    """Create the folder and each missing parent 0700 whatever the umask (``mkdir(parents=True)``
+    would make the parents ``0777 & ~umask``); an existing folder is left as it is."""
     missing: list[Path] = []
     while not folder.is_dir():
         missing.append(folder)
@@ -542,19 +502,6 @@ def _make_private_dir(folder: Path) -> None:
         except FileExistsError:
             continue  # made meanwhile by another process, which sets its mode
         os.chmod(level, 0o700)  # the umask may have taken bits off: 0o277 would leave 0500
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- the seed-protocol lease -----------------------------------------------------------------------
@@ -571,13 +518,8 @@ class _FileLease:
     def active(self, now: float) -> bool:
         return self.owner is not None and self.at - CLOCK_SKEW_S <= now < self.at + self.ttl
 
-    def quiet(self, now: float) -> bool:
-        return self.mark - CLOCK_SKEW_S <= now < self.mark + self.window
-
     def dumps(self) -> str:
-        body = {"owner": self.owner, "at": self.at, "ttl": self.ttl}
-        body.update(mark=self.mark, window=self.window)
-        return json.dumps(body, separators=(",", ":"))
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def loads(cls, raw: str | None) -> _FileLease | None:
@@ -587,25 +529,25 @@ class _FileLease:
         try:
             body: Any = json.loads(raw)
             owner = body["owner"]
-            numbers = [float(body[k]) for k in ("at", "ttl", "mark", "window")]
+            at, ttl, mark, window = (float(body[k]) for k in ("at", "ttl", "mark", "window"))
         except (ValueError, TypeError, KeyError):
             return None
         if owner is not None and not isinstance(owner, str):
             return None
-        at, ttl, mark, window = numbers
         if not 0 <= ttl <= MAX_LEASE_TTL_S or not 0 <= window <= MAX_LEASE_TTL_S:
             return None
         return cls(owner, at, ttl, mark, window)
 
 
-def _decide(lease: _FileLease | None, owner: str, now: float) -> LeaseState:
+def _refusal(lease: _FileLease | None, owner: str, now: float) -> LeaseState | None:
+    """The answer that needs no write (refused, or ``owner``'s already), or ``None``: grant."""
     if lease is not None and lease.active(now):
         if lease.owner == owner:
             return LeaseState(True)
         return LeaseState(False, lease.at + lease.ttl - now, held=True)
-    if lease is not None and lease.quiet(now):
-        return LeaseState(False, lease.mark + lease.window - now)
-    return LeaseState(True)
+    if lease is not None and lease.mark - CLOCK_SKEW_S <= now < lease.mark + lease.window:
+        return LeaseState(False, lease.mark + lease.window - now)  # the quiet mark lives
+    return None
 
 
 class FileLeaseRecords(LeaseRecords):
@@ -616,29 +558,25 @@ class FileLeaseRecords(LeaseRecords):
         self._storage = storage
 
     def _peek(self, api_key: str) -> _FileLease | None:
-        storage = self._storage
-        sig = storage._signature()
-        return None if sig is None else _FileLease.loads(storage._entries(sig).get(_id(api_key)))
+        return _FileLease.loads(self._storage._entry(_lease_id(api_key)))
 
     def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
         storage = self._storage
-        peek, now = self._peek(api_key), storage.clock()
-        state = _decide(peek, owner, now)
-        if not state.granted or peek is not None and peek.active(now):
-            return state  # refused without taking the file lock, or ours already
-        decided = [state]
+        refused = _refusal(self._peek(api_key), owner, storage.clock())
+        if refused is not None:
+            return refused  # without taking the file lock
+        decided: list[LeaseState | None] = [None]
 
         def take(entries: dict[str, str]) -> bool:
             now = storage.clock()
-            lease = _FileLease.loads(entries.get(_id(api_key)))
-            decided[0] = _decide(lease, owner, now)
-            if not decided[0].granted or lease is not None and lease.active(now):
-                return False  # refused, or ours already
-            entries[_id(api_key)] = _FileLease(owner, now, ttl_s, now, window_s).dumps()
+            decided[0] = _refusal(_FileLease.loads(entries.get(_lease_id(api_key))), owner, now)
+            if decided[0] is not None:
+                return False
+            entries[_lease_id(api_key)] = _FileLease(owner, now, ttl_s, now, window_s).dumps()
             return True
 
         storage._update(take)
-        return decided[0]
+        return decided[0] or LeaseState(True)
 
     def held_by_other(self, api_key: str, owner: str) -> bool:
         lease = self._peek(api_key)
@@ -650,12 +588,12 @@ class FileLeaseRecords(LeaseRecords):
             return
 
         def drop(entries: dict[str, str]) -> bool:
-            lease = _FileLease.loads(entries.get(_id(api_key)))
+            lease = _FileLease.loads(entries.get(_lease_id(api_key)))
             if lease is None or lease.owner != owner:
                 return False
             ours = unmark and lease.mark == lease.at  # the mark our grant set, not a save's
             ended = _FileLease(None, lease.at, 0.0, 0.0 if ours else lease.mark, lease.window)
-            entries[_id(api_key)] = ended.dumps()
+            entries[_lease_id(api_key)] = ended.dumps()
             return True
 
         self._storage._update(drop)
@@ -680,18 +618,13 @@ class FileLeaseRecords(LeaseRecords):
                 entries[key_id(api_key)] = sealed
                 entries.pop(_failure_id(api_key), None)
                 written[0] = True
-            lease = _FileLease.loads(entries.get(_id(api_key)))
-            mine = lease is not None and lease.owner == owner
-            if lease is None or mine or not lease.active(now):
+            lease = _FileLease.loads(entries.get(_lease_id(api_key)))
+            if lease is None or lease.owner == owner or not lease.active(now):
                 lease = _FileLease(None, now, 0.0, now, window_s)
             else:  # another holder's active lease stays; only the mark moves
                 lease = _FileLease(lease.owner, lease.at, lease.ttl, now, window_s)
-            entries[_id(api_key)] = lease.dumps()
+            entries[_lease_id(api_key)] = lease.dumps()
             return True
 
         storage._update(put)
         return written[0]
-
-
-def _id(api_key: str) -> str:
-    return key_id(api_key) + ":lease"

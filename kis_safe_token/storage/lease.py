@@ -1,12 +1,9 @@
 """The seed-protocol lease: single flight for clients that only call the seed's four methods.
 
 With ``seed_lease=True``, ``check_token_valid`` answering ``False`` means *you hold the issuance
-lease: issue and ``save_token``*; every other caller waits in ``check_token_valid`` until that
-save. The lease is a record with an owner and an expiry, never a held lock; every grant and
-save leaves a quiet mark for KIS's window; a save keeps the token that expires later. The
-backends supply the records (:class:`LeaseRecords`); :class:`LeasedLock` puts the lease in
-front of a store's issuance lock for this library's own callers. Why each rule: the manual,
-``docs/seed-lease.md``.
+lease: issue and ``save_token``*; other callers wait in it for that save. Backends supply the
+records (:class:`LeaseRecords`); :class:`LeasedLock` puts the lease in front of a store's lock.
+The rules and the races they prevent: ``docs/seed-lease.md``.
 """
 
 from __future__ import annotations
@@ -19,10 +16,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Final
 
 from .._checks import check_seconds, note_short_wait
 from ..errors import TokenStorageError
+from ..events import Kind, emit
 from ..failure import IssueFailure
 from ..flight.engine import Flight
 from ..flight.lock import Attempt, Busy, IssuanceLock, Seen, jittered
@@ -44,24 +43,21 @@ __all__ = [
 
 logger = logging.getLogger("kis_safe_token")
 
-#: How long a lease lasts: the longest a holder that never saves (a status display) keeps the
-#: lease. Short on purpose: the quiet mark, not the lease, protects a slow issuer.
+#: The longest a holder that never saves keeps the lease (the quiet mark protects a slow issuer).
 LEASE_TTL_S: Final = 15.0
 MAX_LEASE_TTL_S: Final = 3600.0
 #: How often a waiter looks for the holder's token (a ``stat`` or a ``GET``), jittered.
 LEASE_POLL_S: Final = 0.02
-#: How often a waiter asks for the lease again before the holder's would end: a holder that
-#: lets go early (``delete_token``) frees its waiters within this, not at its lease's end.
+#: How often a waiter asks for the lease again: a holder that lets go early frees it within this.
 LEASE_RETRY_S: Final = 0.25
-#: A file record stamped this far ahead of our clock was written before the clock stepped back:
-#: it is ignored rather than allowed to block the fleet.
+#: A file record stamped this far ahead of our clock (a clock stepped back) is ignored.
 CLOCK_SKEW_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseState:
-    """The answer to a grant attempt: ``granted``, else how long until it is worth trying again
-    and whether another caller holds an active lease (as opposed to the quiet window)."""
+    """A grant attempt's answer: ``granted``, else when to try again and whether another caller
+    ``held`` an active lease (rather than the quiet window)."""
 
     granted: bool
     retry_in_s: float = 0.0
@@ -95,9 +91,9 @@ class LeaseRecords(ABC):
         window_s: float,
         deadline: float | None = None,
     ) -> bool:
-        """Atomically: store ``token`` unless the stored one is valid and expires no earlier,
-        set the quiet mark to now, end ``owner``'s lease. Returns whether ``token`` was stored.
-        ``deadline``: until when a store that retries transient errors keeps trying."""
+        """Atomically: store ``token`` unless the stored one is valid and expires no earlier, set
+        the quiet mark, end ``owner``'s lease; whether ``token`` was stored. ``deadline``: until
+        when a store that retries transient errors keeps trying."""
 
 
 class SeedLease:
@@ -107,44 +103,40 @@ class SeedLease:
         self._storage = storage
         self.ttl_s = ttl_s
         self.window_s = window_s
-        self._records_cache: LeaseRecords | None = None
+        self._waiting: set[str] = set()  # owners refused by an active holder's lease
 
-    @property
+    @cached_property
     def _records(self) -> LeaseRecords:
-        # Made on first use: the backend's own attributes do not exist yet in its __init__.
-        if self._records_cache is None:
-            self._records_cache = self._storage._lease_records()
-        return self._records_cache
+        return self._storage._lease_records()  # not in __init__: the backend's is not done yet
 
-    def _stored(self, api_key: str, api_secret: str) -> Token | None:
+    def stored(self, api_key: str, api_secret: str) -> Token | None:
+        """The stored token if it is valid."""
         token = self._storage.read_token(api_key, api_secret)
-        if token is not None and token.is_valid(self._storage.clock()):
-            return token
-        return None
+        return token if token is not None and token.is_valid(self._storage.clock()) else None
 
     def try_grant(
         self, api_key: str, api_secret: str, owner: str | None = None
     ) -> bool | LeaseState:
         """One look, never waiting: ``True`` if a valid token is stored, ``False`` if ``owner``
-        (default: this thread) now holds the lease, else the refusal (when to look again).
-
-        The step both the blocking :meth:`wait_for_grant` and the asyncio side's loop take
-        (``owner`` passed by the latter: its looks may run in worker threads).
-        """
-        if self._stored(api_key, api_secret) is not None:
-            return True
+        (default: this thread) now holds the lease, else the refusal (when to look again)."""
         owner = thread_owner() if owner is None else owner
+        if self.stored(api_key, api_secret) is not None:
+            self._waiting.discard(owner)
+            return True
         state = self._records.grant(api_key, owner, self.ttl_s, self.window_s)
-        return False if state.granted else state
-
-    def stored_valid(self, api_key: str, api_secret: str) -> bool:
-        """Whether a valid token is stored (a waiter's look between grant attempts)."""
-        return self._stored(api_key, api_secret) is not None
+        if not state.granted:
+            if state.held:
+                self._waiting.add(owner)
+            return state
+        if owner in self._waiting:  # the holder's grant ran out and it saved no token
+            self._waiting.discard(owner)
+            emit(Kind.LEASE_EXPIRED, self._storage, api_key)
+        emit(Kind.LEASE_GRANTED, self._storage, api_key)
+        return False
 
     @staticmethod
     def retry_in_s(state: LeaseState) -> float:
-        """How long a refused caller waits before asking for the lease again (looking for the
-        holder's token meanwhile)."""
+        """How long a refused caller waits (looking for a token) before asking again."""
         return min(max(state.retry_in_s, LEASE_POLL_S), LEASE_RETRY_S)
 
     def waiting_on(self, state: LeaseState) -> str:
@@ -154,10 +146,8 @@ class SeedLease:
 
     def check_token_valid(self, api_key: str, api_secret: str) -> bool:
         """``True`` once a valid token is stored; ``False``: the calling thread holds the lease.
-
-        Raises :class:`TokenStorageError` if the store is unreachable or no token shows up within
-        the storage's ``wait_timeout``.
-        """
+        :class:`TokenStorageError` if the store is unreachable or no token shows up within
+        ``wait_timeout``."""
         deadline = time.monotonic() + self._storage.wait_timeout
         while True:
             step = self.try_grant(api_key, api_secret)
@@ -171,7 +161,7 @@ class SeedLease:
                         f"{self.waiting_on(step)}"
                     )
                 time.sleep(min(retry_at - now, deadline - now, jittered(LEASE_POLL_S)))
-                if self.stored_valid(api_key, api_secret):
+                if self.stored(api_key, api_secret) is not None:
                     return True
 
     def load_token(self, api_key: str, api_secret: str) -> Token | None:
@@ -180,13 +170,12 @@ class SeedLease:
         owner = thread_owner()
         deadline = time.monotonic() + self._storage.wait_timeout
         while True:
-            token = self._stored(api_key, api_secret)
+            token = self.stored(api_key, api_secret)
             if token is not None:
                 return token
             if time.monotonic() >= deadline or not self._records.held_by_other(api_key, owner):
-                # Looked once more: the holder's save may have landed (and ended its lease)
-                # between the look above and this one.
-                return self._stored(api_key, api_secret)
+                # Once more: the holder's save (ending its lease) may have landed in between.
+                return self.stored(api_key, api_secret)
             time.sleep(jittered(LEASE_POLL_S))
 
     def save(
@@ -212,8 +201,8 @@ class SeedLease:
     def released_by_delete(
         self, api_key: str, owner: str | None = None, *, unmark: bool = False
     ) -> None:
-        """``delete_token`` by the holder ends its lease (``owner``: default this thread's);
-        ``unmark``: the holder never asked KIS, so its grant's quiet mark goes too."""
+        """End ``owner``'s (default: this thread's) lease; ``unmark``: it never asked KIS, so its
+        grant's quiet mark goes too."""
         self._records.release(api_key, thread_owner() if owner is None else owner, unmark=unmark)
 
 
@@ -238,26 +227,21 @@ def new_seed_lease(
 
 # -- owners: one per thread, new in a forked child -----------------------------------------------
 _owners = threading.local()
-_process_tag = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def thread_owner() -> str:
-    """This thread's lease owner id (host, pid, a random part): re-entrant for this thread only.
-
-    A random part, not the thread ident: idents are reused once a thread ends, and a new thread
-    must not inherit a dead one's lease.
-    """
+    """This thread's lease owner id (host, pid, a random part, not the thread ident: idents are
+    reused, and a new thread must not inherit a dead one's lease)."""
     owner: str | None = getattr(_owners, "id", None)
     if owner is None:
-        owner = _owners.id = f"{_process_tag}:{os.urandom(8).hex()}"
+        owner = _owners.id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(8).hex()}"
     return owner
 
 
 def _fresh_owners() -> None:
     """In a forked child: the forking thread's id is its parent's, and so would be its lease."""
-    global _owners, _process_tag
+    global _owners
     _owners = threading.local()
-    _process_tag = f"{socket.gethostname()}:{os.getpid()}"
 
 
 if hasattr(os, "register_at_fork"):
@@ -266,35 +250,20 @@ if hasattr(os, "register_at_fork"):
 
 def replaces(token: Token, stored: Token | None, now: float) -> bool:
     """Keep-the-newest: ``token`` replaces ``stored`` unless that is valid and expires no
-    earlier (both backends' ``save_newest``)."""
+    earlier."""
     return stored is None or not stored.is_valid(now) or stored.expires_at < token.expires_at
 
 
 class LeasedLock(IssuanceLock):
     """The seed-protocol lease in front of the store's issuance lock, as one lock for the engine.
 
-    Stage 0 takes the lease, or waits in it for a seed holder's save; a recorded active failure
-    is handed back at once, as without the lease (a failed holder leaves the quiet mark, and
-    waiting in it would keep callers for the whole window). Stage 1 is the store's own lock,
-    with a fresh ``wait_timeout``. A token still valid but inside the refresh margin is renewed
-    under the lock alone: seed clients, which still see it valid, do not issue. The save keeps
-    the newest token, marks the window and ends the lease; :meth:`release` ends a lease held
-    without a save.
-
-    The owner is the calling thread's (:func:`thread_owner`), so a seed method on the same
-    thread is the same holder; for the asyncio driver (:meth:`for_task`) it is this call's own,
-    so two tasks of one event loop are two owners, as are the worker threads a Redis look runs on.
+    Stage 0 takes the lease, or waits in it for a seed holder's save (an active failure is handed
+    back at once); stage 1 is the store's own lock. The owner is the calling thread's, or, for
+    the asyncio driver (:meth:`for_task`), this call's own. See ``docs/seed-lease.md``.
     """
 
-    def __init__(
-        self,
-        storage: SealedTokenStorage,
-        lease: SeedLease,
-        api_key: str,
-        api_secret: str,
-        lock: IssuanceLock,
-    ) -> None:
-        self._storage = storage
+    def __init__(self, lease: SeedLease, api_key: str, api_secret: str, lock: IssuanceLock) -> None:
+        self._storage = lease._storage
         self._lease = lease
         self._api_key = api_key
         self._api_secret = api_secret
@@ -327,7 +296,7 @@ class LeasedLock(IssuanceLock):
                 self._retry_at = now + lease.retry_in_s(step)
                 self._waiting_on = lease.waiting_on(step)
                 return Busy(min(jittered(LEASE_POLL_S), self._retry_at - now), self._waiting_on)
-        elif not lease.stored_valid(key, secret):
+        elif lease.stored(key, secret) is None:
             return Busy(min(jittered(LEASE_POLL_S), self._retry_at - now), self._waiting_on)
         token = self._storage.read_token(key, secret, fresh=True)
         if self._storage.usable(token):
@@ -379,9 +348,8 @@ class LeasedLock(IssuanceLock):
         finally:
             if self._held_lease:  # a no-op after our save, which ended it
                 self._held_lease = False
-                # Never asked KIS (cancelled, or the store failed first): nothing can have been
-                # issued, so our grant's quiet mark goes too and the next caller is not kept
-                # out for KIS's window.
+                # Never asked KIS: nothing was issued, so our grant's quiet mark goes too and
+                # the next caller is not kept out for KIS's window.
                 self._lease.released_by_delete(
                     self._api_key, self._owner, unmark=not self._asked_kis
                 )

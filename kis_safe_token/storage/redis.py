@@ -1,14 +1,7 @@
 """Redis backends: ``RedisTokenStorage`` (seed-compatible) and ``LockedRedisTokenStorage``.
 
-Keys share a Redis Cluster hash tag so a token and its lock live on one slot::
-
-    korea_investment:token:{<sha256(app key)[:12]>}              sealed token, TTL = time to expiry
-    korea_investment:token:{<...>}:lock                         owner id, PX lock_ttl
-    korea_investment:token:{<...>}:lock:wake:<owner>            wake-up list of that holder
-    korea_investment:token:{<...>}:failure                      sealed failed-issuance record
-
-A value is one Fernet token (the secret-derived key of :mod:`kis_safe_token.crypto`); Redis never
-sees the access token or the api_secret in clear. A warm ``load_token`` is one ``GET``.
+The keys of one app key share a Cluster hash tag (layout: docs/storages.md); a value is one
+Fernet token, so Redis never sees the access token or the api_secret in clear.
 """
 
 from __future__ import annotations
@@ -16,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -32,11 +26,11 @@ from ..ratelimit.redis import GET_LUA, RedisRateLimiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
 from .lease import MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
-from .redis_ha import async_builder_of, check_host
+from .redis_ha import _options, async_builder_of, check_host, no_retries
 from .redis_retry import redis_retry, require_redis
 
-# redis-py is imported where a client is built (require_redis), not here: ``import
-# kis_safe_token`` (which names these classes) must cost a file-storage user nothing of it.
+# redis-py is imported where a client is built (require_redis): ``import kis_safe_token`` must
+# cost a file-storage user nothing of it.
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -56,10 +50,8 @@ DEFAULT_KEY_PREFIX = "korea_investment:token"
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
 LOCK_TTL_S = 30.0
-#: How long one Redis operation keeps retrying transient errors when no caller deadline is
-#: longer: enough for a dropped connection or a restart. Set ``retry_timeout_s`` above your
-#: failover time for Sentinel or Cluster (waiters and a holder saving its token use their own,
-#: longer deadline anyway).
+#: How long one Redis operation retries transient errors when no caller deadline is longer:
+#: enough for a restart; set ``retry_timeout_s`` above your failover time for Sentinel or Cluster.
 RETRY_TIMEOUT_S = 3.0
 POLL_INTERVAL_S = 0.25
 WAKE_FANOUT = 64
@@ -72,11 +64,8 @@ MAX_LOCK_TTL_MS = int(MAX_LOCK_TTL_S * 1000)
 
 def validate_redis_url(url: str, source: str = "redis_url") -> str:
     """``url`` if it is a usable ``redis://``, ``rediss://`` or ``unix://`` URL; else a
-    ``ValueError`` naming ``source`` and the allowed forms.
-
-    The message quotes nothing of the URL but a scheme written as ``scheme://``: a password
-    holding a raw ``/``, ``?``, ``#`` or ``@`` moves part of itself into what urlsplit calls
-    the host, port, path or query (``redis://u:pw@LEAK/TAIL@host/0``)."""
+    ``ValueError`` naming ``source`` and the allowed forms, quoting nothing of the URL but its
+    scheme (a password with a raw ``/``, ``?``, ``#`` or ``@`` leaks into host, path or query)."""
     allowed = "redis://[user:password@]host[:port][/db], rediss://… or unix:///path/to/socket"
     text = url.strip() if isinstance(url, str) else ""
     try:
@@ -134,18 +123,13 @@ def _text(value: Any) -> str | None:
 class RedisTokenStorage(SealedTokenStorage):
     """Tokens in Redis, readable by every process on every host that has the secret.
 
-    Built with ``redis.from_url(redis_url, password=...)`` (the password goes in as a keyword,
-    never spliced into the URL, so ``rediss://user:pass@…`` and ``unix://`` work) or with an
-    injected ``client`` (``Redis``, ``RedisCluster``, a Sentinel master; decoding or not).
-    Every operation retries connection and timeout errors (:func:`.redis_retry.redis_retry`),
-    letting a Sentinel or Cluster client find the new primary, for ``retry_timeout_s`` (a waiter:
-    until its ``wait_timeout``; a holder saving the token KIS just gave it: at least that long),
-    then raises :class:`TokenStorageError`.
-
-    This class issues under an in-process lock only (the seed's behaviour):
-    :class:`LockedRedisTokenStorage` is the same store with a fleet-wide lock, and the only user
-    of ``lock_ttl`` and ``poll_interval_s``. ``seed_lease``, ``lease_ttl``, ``issue_window_s``:
-    the opt-in seed-protocol lease (:mod:`kis_safe_token.storage.lease`), on either class.
+    Built with ``redis.from_url(redis_url, password=...)`` (the password is a keyword, never
+    spliced into the URL) or on an injected ``client`` (``Redis``, ``RedisCluster``, a Sentinel
+    master). Every operation retries transient errors for ``retry_timeout_s`` (a waiter: until
+    its ``wait_timeout``), then raises :class:`TokenStorageError`. This class issues under an
+    in-process lock only (the seed's behaviour); :class:`LockedRedisTokenStorage` adds the
+    fleet-wide lock, the only user of ``lock_ttl`` and ``poll_interval_s``. ``seed_lease``,
+    ``lease_ttl``, ``issue_window_s``: the opt-in seed lease (:mod:`kis_safe_token.storage.lease`).
     """
 
     #: Whether issuance takes the fleet-wide :class:`RedisIssuanceLock`.
@@ -173,8 +157,7 @@ class RedisTokenStorage(SealedTokenStorage):
     ) -> None:
         self.lock_ttl = check_seconds("lock_ttl", lock_ttl, low=MIN_LOCK_TTL_S, high=MAX_LOCK_TTL_S)
         self.retry_timeout_s = check_seconds("retry_timeout_s", retry_timeout_s, high=3600.0)
-        # A BLPOP waits up to 1.5 x poll_interval_s (jitter): it must end before the socket
-        # timeout, or every wait would fail as a dead connection.
+        # A BLPOP waits up to 1.5 x poll_interval_s: it must end before the socket timeout.
         self.poll_interval_s = check_seconds(
             "poll_interval_s", poll_interval_s, high=min(SOCKET_TIMEOUT_S, socket_timeout_s) / 2
         )
@@ -192,19 +175,11 @@ class RedisTokenStorage(SealedTokenStorage):
         self.key_prefix = key_prefix
         if client is None:
             redis = require_redis()
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
             validate_redis_url(redis_url)
-            options: dict[str, Any] = {
-                "socket_connect_timeout": connect_timeout_s,
-                "socket_timeout": socket_timeout_s,
-                # Attempts are ours (redis_retry, bounded by a deadline), not redis-py's.
-                "retry": Retry(NoBackoff(), 0),
-            }
-            if password:
-                options["password"] = password
-            self._connect: Callable[[], Any] | None = partial(redis.from_url, redis_url, **options)
+            options = _options(connect_timeout_s, socket_timeout_s, password)
+            self._connect: Callable[[], Any] | None = partial(
+                redis.from_url, redis_url, **options, retry=no_retries()
+            )
             self._async_connect: Callable[[], Any] | None = partial(
                 _async_client, redis_url, options
             )
@@ -223,9 +198,8 @@ class RedisTokenStorage(SealedTokenStorage):
         return f"{type(self).__name__}({self._where!r}, key_prefix={self.key_prefix!r})"
 
     def _after_fork(self) -> None:
-        # A client this storage built gets fresh connections and pool locks in a forked child
-        # (a pool lock held by a parent's thread at fork() would never be released). An injected
-        # client is the caller's: redis-py resets its pool on the first use in the child.
+        # A built client is rebuilt in a forked child (a pool lock a parent's thread held at
+        # fork() is never released); redis-py resets an injected client's pool itself.
         if self._connect is not None:
             self.redis_client = self._connect()
             self._scripts = {}
@@ -234,13 +208,9 @@ class RedisTokenStorage(SealedTokenStorage):
         return self.lock_ttl if self.fleet_lock else 0.0
 
     def async_client(self) -> Any:
-        """A new ``redis.asyncio`` client on this storage's server, with its password and
-        timeouts, for the asyncio side (:mod:`kis_safe_token.storage.aio`); its connections
-        belong to the event loop that first uses them. A storage built on a client of
-        :func:`.redis_ha.sentinel_client` or :func:`.redis_ha.cluster_client` (as the
-        environment's Sentinel and Cluster modes are) gets the matching asyncio Sentinel or
-        Cluster client. ``ValueError`` for any other injected ``client``: pass the matching
-        asyncio client yourself."""
+        """A new ``redis.asyncio`` client on this storage's server (password, timeouts; on a
+        client of :mod:`.redis_ha`, the matching asyncio Sentinel or Cluster client), for the
+        asyncio side. ``ValueError`` for any other injected ``client``."""
         if self._async_connect is None:
             raise ValueError(
                 "this storage was built on an injected client: pass the matching "
@@ -258,8 +228,8 @@ class RedisTokenStorage(SealedTokenStorage):
         super().check_timing(http_timeout_s=http_timeout_s, issue_window_s=issue_window_s)
 
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
-        """:class:`LockedRedisTokenStorage`: the fleet-wide :class:`RedisIssuanceLock`; this
-        class: this process's lock only (the seed's behaviour). Behind the seed lease, if on."""
+        """The fleet-wide :class:`RedisIssuanceLock` if :attr:`fleet_lock`, else this process's
+        lock only; behind the seed lease, if on."""
         if self.fleet_lock:
             lock: IssuanceLock = RedisIssuanceLock(self, api_key, api_secret)
         else:
@@ -269,9 +239,8 @@ class RedisTokenStorage(SealedTokenStorage):
     def rate_limiter(
         self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
     ) -> RedisRateLimiter:
-        """Fleet-wide: ``<token key>:rate`` on this store's Redis, under the token's hash tag;
-        authenticated with a key derived from ``api_secret`` (a value written without it is
-        ignored and replaced; without ``api_secret`` only its form and expiry are checked)."""
+        """Fleet-wide, at ``<token key>:rate``; its state is authenticated with a key derived
+        from ``api_secret`` (without one, only its form and expiry are checked)."""
         return RedisRateLimiter(
             lambda: self.redis_client,
             f"{self._get_redis_key(api_key)}:rate",
@@ -284,27 +253,54 @@ class RedisTokenStorage(SealedTokenStorage):
     def _lease_records(self) -> RedisLeaseRecords:
         return RedisLeaseRecords(self)
 
+    def fleet(self) -> dict[str, dict[str, Any]]:
+        """Every key under ``key_prefix`` (a SCAN), with the token's and the lock's PTTL."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.key_prefix) + ":{*}*"
+        client = self.redis_client
+        names = self._call("SCAN", lambda: [str(_text(k)) for k in client.scan_iter(pattern, 500)])
+        view: dict[str, dict[str, Any]] = {}
+        for name in sorted(names):
+            ident, _, kind = name[len(self.key_prefix) + 2 :].partition("}")
+            records = view.setdefault(ident, {"records": []})["records"]
+            kind = kind.lstrip(":").split(":")[0] or "token"  # lock:wake:... is the lock's
+            if kind not in records:
+                records.append(kind)
+        for ident, info in view.items():
+            token_key = f"{self.key_prefix}:{{{ident}}}"
+            pttl = self._call("PTTL", partial(client.pttl, token_key))
+            lock_pttl = self._call("PTTL", partial(client.pttl, f"{token_key}:lock"))
+            info["token_ttl_s"] = pttl / 1000 if pttl > 0 else None
+            info["lock_held"] = lock_pttl > 0
+            info["lock_held_s"] = self.lock_ttl - lock_pttl / 1000 if lock_pttl > 0 else None
+        return view
+
     def _get_redis_key(self, api_key: str) -> str:
         """The token key of an app key (the seed's name; braces make it a Cluster hash tag)."""
         return f"{self.key_prefix}:{{{key_id(api_key)}}}"
 
-    def _script(self, source: str) -> Any:
-        script = self._scripts.get(source)
-        if script is None:
-            script = self._scripts[source] = self.redis_client.register_script(source)
-        return script
-
     def _call(self, what: str, fn: Callable[[], Any], deadline: float | None = None) -> Any:
-        """``fn()`` retried through transient errors until ``deadline`` (default: in
-        ``retry_timeout_s``); :class:`TokenStorageError` after it."""
+        """``fn()`` retried until ``deadline`` (default: in ``retry_timeout_s``)."""
         if deadline is None:
             deadline = time.monotonic() + self.retry_timeout_s
         return redis_retry(fn, deadline=deadline, what=what, where=self._where)
 
+    def _eval(
+        self,
+        what: str,
+        source: str,
+        keys: list[str],
+        args: list[Any],
+        deadline: float | None = None,
+    ) -> Any:
+        """A Lua script (registered once per client) through :meth:`_call`."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.redis_client.register_script(source)
+        return self._call(what, partial(script, keys=keys, args=args), deadline)
+
     def _get(self, key: str, deadline: float | None = None) -> Any:
-        """``GET key`` through :meth:`_call`, a key of another type (written by hand, not by
-        this library) read as absent: a miss, which the next save replaces, not a failure of
-        every call."""
+        """``GET key`` through :meth:`_call`; a key of another type reads as absent (a miss the
+        next save replaces, not a failure of every call)."""
 
         def get() -> Any:
             try:
@@ -325,11 +321,8 @@ class RedisTokenStorage(SealedTokenStorage):
         self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
     ) -> None:
         """Save ``token`` with a TTL of its time left and clear the failure record, retried
-        until ``deadline`` (default: ``retry_timeout_s`` from now).
-
-        A token this host's clock already sees as expired is refused, never written as a
-        delete: a host whose clock runs a day fast must not wipe the fleet's good token.
-        """
+        until ``deadline``. A token this host's clock sees as expired is refused, not written
+        as a delete: a host whose clock runs fast must not wipe the fleet's good token."""
         ttl_ms = int((token.expires_at - self.clock()) * 1000)
         if ttl_ms <= 0:
             raise TokenStorageError(
@@ -338,7 +331,7 @@ class RedisTokenStorage(SealedTokenStorage):
         key = self._get_redis_key(api_key)
         sealed = self._sealer(api_key, api_secret).seal(token)
 
-        def save() -> Any:  # a new pipeline per attempt: redis-py empties one that failed
+        def save() -> Any:  # a new pipeline per try: redis-py empties a failed one
             pipe = self.redis_client.pipeline(transaction=False)
             pipe.set(key, sealed, px=ttl_ms)
             pipe.delete(f"{key}:failure")
@@ -347,8 +340,7 @@ class RedisTokenStorage(SealedTokenStorage):
         self._call("SET", save, deadline)
 
     def read_failure(self, api_key: str, api_secret: str) -> IssueFailure | None:
-        key = f"{self._get_redis_key(api_key)}:failure"
-        raw = self._get(key)
+        raw = self._get(f"{self._get_redis_key(api_key)}:failure")
         return self._sealer(api_key, api_secret).open_failure(raw)
 
     def write_failure(self, api_key: str, api_secret: str, failure: IssueFailure) -> None:
@@ -366,22 +358,19 @@ class RedisTokenStorage(SealedTokenStorage):
         token = self._sealer(api_key, api_secret).open(raw)
         if token is None or token.access_token != access_token:
             return False
-        # Delete only the exact value we decrypted: another process may have saved a new token
-        # between our GET and now, and that one must survive.
-        script = self._script(COMPARE_AND_DELETE_LUA)
-        return bool(self._call("compare-and-delete", lambda: script(keys=[key], args=[raw])))
+        # Delete only the value we decrypted: a token saved since our GET must survive.
+        return bool(self._eval("compare-and-delete", COMPARE_AND_DELETE_LUA, [key], [raw]))
 
 
 def _wrong_type(exc: BaseException) -> bool:
-    """Whether ``exc`` is Redis's WRONGTYPE reply (redis-py is loaded: a client raised it)."""
+    """Whether ``exc`` is Redis's WRONGTYPE reply."""
     from redis.exceptions import ResponseError
 
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 def _absent_if_wrong_type(replies: list[Any]) -> list[Any]:
-    """A pipeline's replies (run with ``raise_on_error=False``): WRONGTYPE as absent, any other
-    error raised."""
+    """A pipeline's replies (``raise_on_error=False``), WRONGTYPE as absent, other errors raised."""
     for reply in replies:
         if isinstance(reply, Exception) and not _wrong_type(reply):
             raise reply
@@ -390,11 +379,8 @@ def _absent_if_wrong_type(replies: list[Any]) -> list[Any]:
 
 def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
     import redis.asyncio
-    from redis.asyncio.retry import Retry as AsyncRetry
-    from redis.backoff import NoBackoff
 
-    # As for the sync client, attempts are ours (redis_retry_async), not redis-py's.
-    return redis.asyncio.from_url(redis_url, **{**options, "retry": AsyncRetry(NoBackoff(), 0)})
+    return redis.asyncio.from_url(redis_url, **options, retry=no_retries(asyncio=True))
 
 
 COMPARE_AND_DELETE_LUA = (
@@ -410,8 +396,7 @@ ACQUIRE_LUA = (
     + """
 -- KEYS[1] lock, KEYS[2] token, KEYS[3] failure record; ARGV[1] owner id, ARGV[2] lock_ttl in ms,
 -- ARGV[3] the longest lock_ttl in ms this library allows.
--- Returns {acquired (1/0), holder or false, sealed token or false, sealed failure or false}:
--- one round trip tries the lock and tells a waiter what it needs to decide its next step.
+-- Returns {acquired (1/0), holder or false, sealed token or false, sealed failure or false}.
 local ttl = tonumber(ARGV[2])
 local holder = get(KEYS[1])
 if not holder then
@@ -419,13 +404,12 @@ if not holder then
   return {1, ARGV[1], false, false}
 end
 if holder == ARGV[1] then
-  -- Our own SET went through but its reply was lost (a retried command): we hold it.
+  -- Our own SET went through but its reply was lost (a retry): we hold it.
   return {1, holder, false, false}
 end
--- A holder of this library ends its owner id with its own lock_ttl in ms (capped by ARGV[3]):
--- a lock with no expiry, or one longer than its holder declared (a stray SET, a RESTORE with
--- TTL 0, a forged value), is bounded to our lock_ttl so it cannot block the fleet for ever,
--- while a live holder configured with a longer lock_ttl than ours is left alone.
+-- An owner id ends with its holder's lock_ttl in ms (capped by ARGV[3]): a lock with no expiry
+-- or longer than declared (a stray SET, a forged value) is cut to our lock_ttl; a live holder
+-- with a longer lock_ttl than ours is left alone.
 local declared = tonumber(string.match(holder, ':(%d+)$'))
 if declared == nil or declared > tonumber(ARGV[3]) then declared = ttl end
 local left = redis.call('pttl', KEYS[1])
@@ -439,8 +423,8 @@ return {0, holder, get(KEYS[2]) or false, get(KEYS[3]) or false}
 RELEASE_LUA = (
     GET_LUA
     + """
--- Wake the waiters of this holder first, then delete the lock only if we still own it: a holder
--- whose lock expired must never free the lock its successor now holds.
+-- Wake this holder's waiters, then delete the lock only if still ours: a holder whose lock
+-- expired must never free its successor's lock.
 for i = 1, tonumber(ARGV[2]) do redis.call('rpush', KEYS[2], '1') end
 redis.call('pexpire', KEYS[2], ARGV[3])
 if get(KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -461,10 +445,9 @@ class LockedRedisTokenStorage(RedisTokenStorage):
     """:class:`RedisTokenStorage` with a fleet-wide issuance lock (:class:`RedisIssuanceLock`):
     one process issues, the rest wait and reload.
 
-    Every wait ends in :class:`TokenStorageError` after ``wait_timeout`` (default: long enough
-    for a takeover after ``lock_ttl``, a KIS call, an ``EGW00133`` window sat out and a second
-    call; see :meth:`check_timing`). ``lock_ttl`` must exceed the HTTP timeout of the issue
-    call (clients check it).
+    A wait ends in :class:`TokenStorageError` after ``wait_timeout`` (default: long enough for a
+    takeover, a KIS call and an ``EGW00133`` window). ``lock_ttl`` must exceed the HTTP timeout
+    of the issue call (clients check it).
     """
 
     fleet_lock = True
@@ -473,15 +456,10 @@ class LockedRedisTokenStorage(RedisTokenStorage):
 class RedisIssuanceLock(IssuanceLock):
     """``SET <key>:lock <owner> NX PX lock_ttl``, with wake-ups instead of polling.
 
-    The attempt is a Lua script that also reads the token and the failure record (one round
-    trip). Release and extend are Lua compare-and-set on the owner id, unique per acquisition
-    (so threads and forked children never share one). A lock found without an expiry, or with
-    one beyond the ``lock_ttl`` its holder declared in its owner id, was not set by a live holder
-    of this library and is cut to ``lock_ttl``. Waiters
-    block in ``BLPOP`` on the holder's wake-up list, which the holder fills the moment the token
-    is saved (each waiter passes one wake-up on, so any number wake within milliseconds); the
-    ``BLPOP`` timeout, ``poll_interval_s`` with jitter, is only the fallback that notices a
-    holder that died: its lock then expires after ``lock_ttl`` and one waiter takes over.
+    Acquire, release and extend are Lua scripts on the owner id, unique per acquisition (the
+    races each prevents: docs/design.md). Waiters block in ``BLPOP`` on the holder's wake-up
+    list, filled when the token is saved (each waiter passes one wake-up on); the ``BLPOP``
+    timeout, ``poll_interval_s`` with jitter, only notices a holder that died.
     """
 
     def __init__(self, storage: RedisTokenStorage, api_key: str, api_secret: str) -> None:
@@ -503,14 +481,12 @@ class RedisIssuanceLock(IssuanceLock):
     def attempt(self) -> Attempt:
         """One round trip: the lock, or the token and failure record a waiter decides on."""
         storage = self._storage
-        script = storage._script(ACQUIRE_LUA)
         keys = [self._lock_key, self._token_key, self._failure_key]
         args = [self._owner, self._ttl_ms, MAX_LOCK_TTL_MS]
-        # Every call retries until this waiter's own deadline: a failover that outlasts
-        # retry_timeout_s still ends well for a waiter, which was ready to wait that long.
-        # Retried after a lost reply, the script finds its own owner id: the lock is ours.
-        acquired, holder, raw, raw_failure = storage._call(
-            "lock", lambda: script(keys=keys, args=args), self._deadline
+        # Retried until this waiter's own deadline (it was ready to wait that long); retried
+        # after a lost reply, the script finds its own owner id: the lock is ours.
+        acquired, holder, raw, raw_failure = storage._eval(
+            "lock", ACQUIRE_LUA, keys, args, self._deadline
         )
         if acquired:
             self._held = True
@@ -531,8 +507,7 @@ class RedisIssuanceLock(IssuanceLock):
 
     def wait(self, busy: Busy, timeout_s: float) -> Seen | None:
         """``BLPOP`` on the holder's wake-up list; woken, pass one wake-up on and read the token
-        and the failure record in one round trip, instead of racing the other waiters for the
-        (now free) lock first."""
+        and failure record in one round trip (not race the other waiters for the lock)."""
         if busy.wake is None:
             return super().wait(busy, timeout_s)
         storage, client, wake_key = self._storage, self._storage.redis_client, busy.wake
@@ -568,14 +543,11 @@ class RedisIssuanceLock(IssuanceLock):
         return None
 
     def extend(self) -> None:
-        """Keep the lock; retried until this holder's deadline (at least ``retry_timeout_s``
-        from now). Called right before saving a token KIS just gave: a failover then delays the
-        save instead of losing the token, which KIS would not issue again within the minute."""
+        """Keep the lock, retried until :meth:`save_deadline`: called right before saving a
+        token KIS just gave, so a failover delays the save instead of losing the token."""
         storage = self._storage
-        script = storage._script(EXTEND_LUA)
-        keys, args = [self._lock_key], [self._owner, self._ttl_ms]
-        kept = storage._call("PEXPIRE", lambda: script(keys=keys, args=args), self.save_deadline())
-        if not kept:
+        args = [self._owner, self._ttl_ms]
+        if not storage._eval("PEXPIRE", EXTEND_LUA, [self._lock_key], args, self.save_deadline()):
             logger.warning(
                 "the issuance lock was lost while held (lock_ttl %.1f s too short, or a Redis "
                 "failover before it was replicated?); saving the token anyway",
@@ -583,8 +555,7 @@ class RedisIssuanceLock(IssuanceLock):
             )
 
     def save_deadline(self) -> float:
-        """This holder's deadline, at least ``retry_timeout_s`` from now: the extend and the
-        save of a token KIS just gave retry a failover that long."""
+        """This holder's deadline, at least ``retry_timeout_s`` from now."""
         return max(self._deadline, time.monotonic() + self._storage.retry_timeout_s)
 
     def release(self) -> None:
@@ -593,32 +564,27 @@ class RedisIssuanceLock(IssuanceLock):
             return
         self._held = False
         storage = self._storage
-        script = storage._script(RELEASE_LUA)
         keys = [self._lock_key, self._wake_key(self._owner)]
         args = [self._owner, WAKE_FANOUT, WAKE_TTL_MS]
         # Retried no longer than the lock would live: past that, it has expired by itself.
         deadline = time.monotonic() + min(storage.retry_timeout_s, storage.lock_ttl)
         try:
-            storage._call("release", lambda: script(keys=keys, args=args), deadline)
+            storage._eval("release", RELEASE_LUA, keys, args, deadline)
         except TokenStorageError as exc:
-            self.release_failed(exc)
-
-    def release_failed(self, exc: BaseException) -> None:
-        logger.warning(
-            "could not release the issuance lock (it expires by itself in %.0f s): %s",
-            self._storage.lock_ttl,
-            exc,
-        )
+            logger.warning(
+                "could not release the issuance lock (it expires by itself in %.0f s): %s",
+                storage.lock_ttl,
+                exc,
+            )
 
 
 # -- the seed-protocol lease -----------------------------------------------------------------------
 GRANT_LUA = (
     GET_LUA
     + """
--- KEYS[1] lease (value: owner id ending in ':<its lease ttl in ms>', PX lease ttl),
--- KEYS[2] quiet mark (PX window: no grant while it lives).
+-- KEYS[1] lease (owner id ending in ':<its ttl ms>'), KEYS[2] quiet mark (no grant while it lives).
 -- ARGV[1] owner with its ttl, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl
--- in ms allowed, ARGV[5] the owner (the thread), whatever ttl it declared.
+-- ms allowed, ARGV[5] the owner (the thread) whatever ttl it declared.
 -- Returns {granted 1/0, ms until worth trying again, 1 if another holds the lease}.
 local holder = get(KEYS[1])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[5] then return {1, 0, 0} end
@@ -648,9 +614,8 @@ return {1, 0, 0}
 RELEASE_LEASE_LUA = (
     GET_LUA
     + """
--- KEYS[1] lease, KEYS[2] quiet mark; ARGV[1] owner: delete the lease only if this owner still
--- holds it; ARGV[2] '1': the holder never asked KIS, so the quiet mark goes too if its grant set
--- it (the mark holds the granted owner id; a save's mark is a different value).
+-- KEYS[1] lease, KEYS[2] quiet mark; ARGV[1] owner (the lease goes only if still theirs);
+-- ARGV[2] '1': the holder never asked KIS, so the quiet mark its grant set goes too.
 local holder = get(KEYS[1])
 if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
   if ARGV[2] == '1' and get(KEYS[2]) == holder then redis.call('del', KEYS[2]) end
@@ -666,9 +631,9 @@ SAVE_NEWEST_LUA = (
 -- KEYS[1] token, KEYS[2] failure record, KEYS[3] lease, KEYS[4] quiet mark.
 -- ARGV[1] the sealed token the caller read ('' = none), ARGV[2] the sealed token to store
 -- ('' = keep the stored one), ARGV[3] its ttl ms, ARGV[4] owner, ARGV[5] window ms.
--- Returns 1 stored, 0 kept, -1 the token changed since the caller read it (read and decide again).
+-- Returns 1 stored, 0 kept, -1 the token changed since the caller read it (decide again).
 local current = get(KEYS[1]) or ''
--- Our own sealed value already there: a retry whose first run's reply was lost; go on.
+-- Our own sealed value already there: a retry after a lost reply; go on.
 if current ~= ARGV[1] and (ARGV[2] == '' or current ~= ARGV[2]) then return -1 end
 if tonumber(ARGV[5]) > 0 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
 local holder = get(KEYS[3])
@@ -682,47 +647,31 @@ return 1
 
 
 class RedisLeaseRecords(LeaseRecords):
-    """The lease as ``<token key>:lease`` (owner id ending in ``:<its lease_ttl in ms>``, so a
-    waiter honours a holder's longer lease and cuts a stray one; PX ``lease_ttl``; re-entrant for
-    the thread whatever ttl it declared) and the quiet mark as
-    ``<token key>:lease:quiet`` (PX window): Redis expires both, so no host's clock is read.
-    Same hash tag as the token, so all live on one Cluster slot."""
+    """The lease as ``<token key>:lease`` (owner id ending in ``:<its lease_ttl in ms>``, PX
+    ``lease_ttl``) and the quiet mark as ``<token key>:lease:quiet`` (PX window): Redis expires
+    both, so no host's clock is read."""
 
     def __init__(self, storage: RedisTokenStorage) -> None:
         self._storage = storage
 
-    def _keys(self, api_key: str) -> tuple[str, str]:
+    def _keys(self, api_key: str) -> list[str]:
         token_key = self._storage._get_redis_key(api_key)
-        return f"{token_key}:lease", f"{token_key}:lease:quiet"
-
-    @staticmethod
-    def _owner(owner: str, ttl_s: float) -> str:
-        return f"{owner}:{round(ttl_s * 1000)}"
+        return [f"{token_key}:lease", f"{token_key}:lease:quiet"]
 
     def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
-        storage = self._storage
-        script = storage._script(GRANT_LUA)
-        args = [self._owner(owner, ttl_s), round(ttl_s * 1000), round(window_s * 1000)]
+        ttl_ms = round(ttl_s * 1000)
+        args = [f"{owner}:{ttl_ms}", ttl_ms, round(window_s * 1000)]
         args += [round(MAX_LEASE_TTL_S * 1000), owner]
-        granted, left_ms, held = storage._call(
-            "lease", lambda: script(keys=list(self._keys(api_key)), args=args)
-        )
+        granted, left_ms, held = self._storage._eval("lease", GRANT_LUA, self._keys(api_key), args)
         return LeaseState(bool(granted), max(0, int(left_ms)) / 1000, bool(held))
 
     def held_by_other(self, api_key: str, owner: str) -> bool:
-        lease_key = self._keys(api_key)[0]
-        holder = self._storage._get(lease_key)
-        if holder is None:
-            return False
-        text = holder.decode() if isinstance(holder, bytes) else str(holder)
-        return text.rsplit(":", 1)[0] != owner  # the holder's id ends in ':<its ttl ms>'
+        holder = _text(self._storage._get(self._keys(api_key)[0]))
+        return holder is not None and holder.rsplit(":", 1)[0] != owner  # ends in ':<ttl ms>'
 
     def release(self, api_key: str, owner: str, *, unmark: bool = False) -> None:
-        storage = self._storage
-        script = storage._script(RELEASE_LEASE_LUA)
-        keys = list(self._keys(api_key))
         args = [owner, "1" if unmark else "0"]
-        storage._call("lease release", lambda: script(keys=keys, args=args))
+        self._storage._eval("lease release", RELEASE_LEASE_LUA, self._keys(api_key), args)
 
     def save_newest(
         self,
@@ -737,7 +686,6 @@ class RedisLeaseRecords(LeaseRecords):
         sealer = storage._sealer(api_key, api_secret)
         token_key = storage._get_redis_key(api_key)
         keys = [token_key, f"{token_key}:failure", *self._keys(api_key)]
-        script = storage._script(SAVE_NEWEST_LUA)
         sealed = sealer.seal(token)
         for _ in range(8):  # another save between our GET and the script: decide again
             raw = storage._get(token_key, deadline)
@@ -750,7 +698,7 @@ class RedisLeaseRecords(LeaseRecords):
                 )
             args = [raw or "", sealed if newer else "", max(ttl_ms, 1)]
             args += [owner, round(window_s * 1000)]
-            done = storage._call("SET", partial(script, keys=keys, args=args), deadline)
+            done = storage._eval("SET", SAVE_NEWEST_LUA, keys, args, deadline)
             if int(done) >= 0:
                 return bool(done)
         raise TokenStorageError("the stored token kept changing while saving; try again")

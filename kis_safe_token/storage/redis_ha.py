@@ -1,9 +1,7 @@
 """Clients for highly available Redis: a Sentinel-managed primary, or a Redis Cluster.
 
-The token storage takes any of them as ``client=``; :func:`create_token_storage` builds them
-from the environment. Both are made the way :func:`.redis_retry.redis_retry` expects: short
-timeouts and no retries of redis-py's own against a cached address, so each attempt of ours
-re-resolves the primary (Sentinel) or the slot owner (Cluster).
+Built with short timeouts and none of redis-py's own retries, so each attempt of
+:func:`.redis_retry.redis_retry` re-resolves the primary (Sentinel) or the slot owner (Cluster).
 """
 
 from __future__ import annotations
@@ -31,15 +29,13 @@ DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_CLUSTER_PORT = 6379
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 5.0
-#: The longest node list :func:`parse_nodes` reads (some 60 ``host:port`` entries): a longer
-#: value is a mistake, not a deployment.
+#: The longest node list :func:`parse_nodes` reads (some 60 ``host:port`` entries).
 MAX_NODES_CHARS = 2048
 #: A DNS name: at most 253 characters, labels of 1-63 letters, digits, ``-`` or ``_``.
 _MAX_HOST_CHARS = 253
 _MAX_LABEL_CHARS = 63
 
-#: The attribute a client built here carries: a builder of the matching ``redis.asyncio``
-#: client (same nodes, passwords, TLS, timeouts; no redis-py retries either).
+#: The attribute a client built here carries: a builder of its ``redis.asyncio`` twin.
 _ASYNC_BUILDER = "_kis_safe_token_async_builder"
 
 
@@ -51,10 +47,8 @@ def async_builder_of(client: Any) -> Callable[[], Any] | None:
 
 
 def check_host(host: str, source: str) -> str:
-    """``host`` if it is an IP address or a DNS name the resolver takes; else a ``ValueError``
-    naming ``source`` (never ``host``: a password with a raw ``/`` or ``@`` may have ended up
-    in it). Checked here, when the configuration is read, so that a bad name is not an idna
-    codec error at the first connection instead."""
+    """``host`` if it is an IP address or a DNS name; else a ``ValueError`` naming ``source``
+    (never ``host``: a password with a raw ``/`` or ``@`` may have ended up in it)."""
     error = ValueError(f"{source} has a host that is neither an IP address nor a DNS name")
     try:
         ipaddress.ip_address(host)
@@ -78,9 +72,8 @@ def check_host(host: str, source: str) -> str:
 def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
     """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs.
 
-    ``ValueError`` naming ``source``, the entry's position and the expected form if ``value``
-    is empty or malformed; never the entry itself, which may hold a password
-    (``redis://:pw@host``, ``user:pw@host``).
+    ``ValueError`` naming ``source`` and the entry's position if ``value`` is empty or
+    malformed; never the entry itself, which may hold a password.
     """
     expected = f"expected host[:port][,host[:port]…], e.g. 10.0.0.1:{default_port},10.0.0.2"
     if len(value or "") > MAX_NODES_CHARS:
@@ -115,6 +108,19 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
     return nodes
 
 
+def _options(
+    connect_timeout_s: float, socket_timeout_s: float, password: str | None, **tls: Any
+) -> dict[str, Any]:
+    """redis-py connection keywords: timeouts, the password if any, TLS options."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": socket_timeout_s,
+    }
+    if password:
+        options["password"] = password
+    return {**options, **tls}
+
+
 def _tls_options(tls: bool, tls_ca_file: str | None) -> dict[str, Any]:
     if not tls:
         if tls_ca_file:
@@ -126,6 +132,19 @@ def _tls_options(tls: bool, tls_ca_file: str | None) -> dict[str, Any]:
             raise ValueError(f"tls_ca_file {tls_ca_file[:200]!r} is not a readable file")
         options["ssl_ca_certs"] = tls_ca_file
     return options
+
+
+def no_retries(asyncio: bool = False) -> Any:
+    """A redis-py ``Retry`` of no attempts: every attempt is ours, bounded by a deadline."""
+    from redis.backoff import NoBackoff
+
+    if asyncio:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRetry(NoBackoff(), 0)
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 0)
 
 
 def sentinel_client(
@@ -145,31 +164,21 @@ def sentinel_client(
     ``tls`` applies to both. ``ImportError`` naming the ``[redis]`` extra without redis-py.
     """
     require_redis()
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
     from redis.sentinel import Sentinel
 
     if not sentinels:
         raise ValueError("sentinels must name at least one sentinel")
     if not service_name or not isinstance(service_name, str):
         raise ValueError("service_name must be a non-empty string (the sentinels' master name)")
-    timeouts = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": socket_timeout_s}
-    tls_options = _tls_options(tls, tls_ca_file)
-    sentinel_kwargs: dict[str, Any] = {**timeouts, **tls_options}
-    if sentinel_password:
-        sentinel_kwargs["password"] = sentinel_password
-    data_kwargs: dict[str, Any] = {**timeouts, **tls_options}
-    if password:
-        data_kwargs["password"] = password
-    # No retries of redis-py's, for the sentinels' connections too (their default retries
-    # with backoff made one attempt of ours take 4 s per dead sentinel): one of ours asks the
-    # sentinels again (redis_retry), within the caller's deadline.
+    timeouts, tls_options = (connect_timeout_s, socket_timeout_s), _tls_options(tls, tls_ca_file)
+    sentinel_kwargs = _options(*timeouts, sentinel_password, **tls_options)
+    data_kwargs = _options(*timeouts, password, **tls_options)
+    # No retries of redis-py's for the sentinels' connections either (they made one attempt of
+    # ours take 4 s per dead sentinel): one of ours asks the sentinels again.
     manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(sentinels),
-        sentinel_kwargs={**sentinel_kwargs, "retry": Retry(NoBackoff(), 0)},
-        **data_kwargs,
+        list(sentinels), sentinel_kwargs={**sentinel_kwargs, "retry": no_retries()}, **data_kwargs
     )
-    client = manager.master_for(service_name, retry=Retry(NoBackoff(), 0))  # type: ignore[no-untyped-call]
+    client = manager.master_for(service_name, retry=no_retries())  # type: ignore[no-untyped-call]
     setattr(
         client,
         _ASYNC_BUILDER,
@@ -184,16 +193,13 @@ def _async_sentinel(
     sentinel_kwargs: dict[str, Any],
     data_kwargs: dict[str, Any],
 ) -> Any:
-    from redis.asyncio.retry import Retry as AsyncRetry
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-    from redis.backoff import NoBackoff
 
+    retry = {"retry": no_retries(asyncio=True)}
     manager = AsyncSentinel(  # type: ignore[no-untyped-call]
-        sentinels,
-        sentinel_kwargs={**sentinel_kwargs, "retry": AsyncRetry(NoBackoff(), 0)},
-        **data_kwargs,
+        sentinels, sentinel_kwargs={**sentinel_kwargs, **retry}, **data_kwargs
     )
-    return manager.master_for(service_name, retry=AsyncRetry(NoBackoff(), 0))
+    return manager.master_for(service_name, **retry)
 
 
 def cluster_client(
@@ -207,45 +213,35 @@ def cluster_client(
 ) -> Any:
     """A ``RedisCluster`` that learns the slot table from the first seed of ``nodes`` it reaches.
 
-    Connects at once (raises ``redis.exceptions.RedisClusterException`` or ``ConnectionError``
-    when no seed answers). redis-py's cluster-level retries (10 by default, with backoff) are
-    off: one attempt of ours must not outlast the caller's deadline. ``ImportError`` naming the
-    ``[redis]`` extra without redis-py.
+    Connects at once (``RedisClusterException`` or ``ConnectionError`` when no seed answers),
+    with redis-py's cluster-level retries off. ``ImportError`` naming the ``[redis]`` extra
+    without redis-py.
     """
     require_redis()
     from redis.cluster import ClusterNode, RedisCluster
-    from redis.retry import Retry
 
     if not nodes:
         raise ValueError("nodes must name at least one cluster node")
-    options: dict[str, Any] = {
-        "socket_connect_timeout": connect_timeout_s,
-        "socket_timeout": socket_timeout_s,
-        **_tls_options(tls, tls_ca_file),
-    }
-    if password:
-        options["password"] = password
-    seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-    client = RedisCluster(
-        startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, Retry)
+    options = _options(
+        connect_timeout_s, socket_timeout_s, password, **_tls_options(tls, tls_ca_file)
     )
+    seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+    client = RedisCluster(startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster))
     setattr(client, _ASYNC_BUILDER, partial(_async_cluster, list(nodes), options))
     return client
 
 
-def _no_cluster_retries(cluster_class: Any, retry_class: Any) -> dict[str, Any]:
-    """``cluster_class`` options that turn redis-py's own cluster-level retries off: a
-    ``retry`` of 0 (which redis-py 6+ uses for them, ignoring the deprecated
-    ``cluster_error_retry_attempts``) and, for redis-py 5, ``cluster_error_retry_attempts=0``."""
+def _no_cluster_retries(cluster_class: Any, asyncio: bool = False) -> dict[str, Any]:
+    """``cluster_class`` options that turn redis-py's cluster-level retries off: a ``retry`` of
+    0 (redis-py 6+) or ``cluster_error_retry_attempts=0`` (redis-py 5)."""
     import inspect
 
     import redis
-    from redis.backoff import NoBackoff
 
     options: dict[str, Any] = {}
     parameters = inspect.signature(cluster_class.__init__).parameters
     if "retry" in parameters:
-        options["retry"] = retry_class(NoBackoff(), 0)
+        options["retry"] = no_retries(asyncio)
     if int(redis.__version__.split(".")[0]) < 6 or "retry" not in parameters:
         options["cluster_error_retry_attempts"] = 0  # pragma: no cover - redis-py 5
     return options
@@ -253,9 +249,6 @@ def _no_cluster_retries(cluster_class: Any, retry_class: Any) -> dict[str, Any]:
 
 def _async_cluster(nodes: list[tuple[str, int]], options: dict[str, Any]) -> Any:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
-    from redis.asyncio.retry import Retry as AsyncRetry
 
     seeds = [ClusterNode(host, port) for host, port in nodes]
-    return RedisCluster(
-        startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, AsyncRetry)
-    )
+    return RedisCluster(startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, True))

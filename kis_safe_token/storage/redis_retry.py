@@ -1,20 +1,10 @@
 """``redis_retry``: one Redis operation, retried through a failover until the caller's deadline.
 
-Every Redis call of this library (token, lock, wake-up; rate limit and approval key too) goes
-through :func:`redis_retry`. Why not redis-py's own ``Retry``: it retries inside one command,
-often against the address the client cached before the failure (a dead Sentinel primary), and
-it applies only to clients a library builds itself, never to an injected ``client=``. Here the
-whole operation is called again, so the client gets to re-resolve between attempts:
-
-- a Sentinel ``master_for`` client asks the sentinels for the primary on every reconnect;
-- a ``RedisCluster`` re-reads the slot table after a connection error or ``MOVED``;
-- a plain ``Redis`` reconnects to its (restarted) server.
-
-Only transient errors are retried: connection and timeout errors, a Cluster that is down or says
-``TRYAGAIN``, a demoted primary (``READONLY``, ``UNBLOCKED``), a replica still loading. Anything
-else (a wrong password, a script error, a wrong type) fails at once. Whatever is retried must be
-safe to run twice: build a pipeline inside ``fn`` (redis-py empties a pipeline that failed), and
-make a Lua script recognise its own earlier effect (the lock script sees its own owner id).
+Every Redis call of this library goes through it. Unlike redis-py's ``Retry`` (inside one
+command, against a cached address, and never on an injected client) the whole operation runs
+again, so the client re-resolves the primary or slot table between attempts. Only transient
+errors are retried. What is retried must be safe to run twice: build a pipeline inside ``fn``
+(redis-py empties a failed one); a Lua script must recognise its own earlier effect.
 """
 
 from __future__ import annotations
@@ -46,14 +36,13 @@ logger = logging.getLogger("kis_safe_token")
 
 T = TypeVar("T")
 
-#: First pause between attempts; pauses double up to :data:`BACKOFF_CAP_S`, each drawn at
-#: random between half its bound and its bound, so a herd does not hit the new primary in step.
+#: First pause between attempts; pauses double up to :data:`BACKOFF_CAP_S`, jittered (x0.5-1)
+#: so a herd does not hit the new primary in step.
 BACKOFF_FIRST_S: Final = 0.05
 #: Longest pause: a failover is noticed within half a second of its end.
 BACKOFF_CAP_S: Final = 0.5
 
-#: Replies a primary that was just demoted (or a node mid-failover) gives instead of running
-#: the command: ``UNBLOCKED`` ends a ``BLPOP`` when its server turns replica.
+#: Replies of a demoted primary or a node mid-failover (``UNBLOCKED`` ends a ``BLPOP``).
 _TRANSIENT_REPLIES: Final = ("UNBLOCKED", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN")
 
 #: How a missing ``[redis]`` extra is named in an ``ImportError``.
@@ -63,8 +52,7 @@ Errors = tuple[type[BaseException], ...]
 
 
 def require_redis() -> ModuleType:
-    """redis-py, imported on first use (``import kis_safe_token`` loads none of it: a
-    file-storage user pays nothing); ``ImportError`` naming the extra if it is missing."""
+    """redis-py, imported on first use; ``ImportError`` naming the extra if it is missing."""
     try:
         import redis
     except ImportError:
@@ -73,9 +61,8 @@ def require_redis() -> ModuleType:
 
 
 def _classes() -> tuple[Errors, Errors, Errors, type[BaseException] | None]:
-    """``(failed, transient, never, ResponseError)``. Before redis-py is loaded, nothing it
-    raises can exist: ``OSError`` alone, and redis-py stays unloaded (a file-storage user's
-    process never loads it)."""
+    """``(failed, transient, never, ResponseError)``; ``OSError`` alone while redis-py is not
+    loaded (nothing it raises can exist yet, and it stays unloaded)."""
     redis = sys.modules.get("redis")
     if redis is None:
         return (OSError,), (OSError,), (), None
@@ -106,15 +93,12 @@ def _redis_classes(redis: ModuleType) -> tuple[Errors, Errors, Errors, type[Base
 
 
 def failed_errors() -> Errors:
-    """What a Redis call raises when it fails: redis-py's errors and ``OSError`` (what
-    :func:`redis_retry` catches)."""
+    """What a Redis call raises when it fails (what :func:`redis_retry` catches)."""
     return _classes()[0]
 
 
 def __getattr__(name: str) -> Errors:
-    # ``FAILED`` (that tuple, for an ``except`` elsewhere) stays importable from this module
-    # without redis-py being imported along with it: it is looked up, and redis-py loaded if
-    # installed, on first use.
+    # ``FAILED`` (that tuple, for an ``except`` elsewhere), loading redis-py on first use only.
     if name == "FAILED":
         try:
             import redis  # noqa: F401 - loaded so that the tuple holds its errors
@@ -148,14 +132,10 @@ def redis_retry(
 ) -> T:
     """``fn()``, called again after each transient Redis error until ``deadline``.
 
-    ``deadline`` is a ``time.monotonic()`` instant: ``fn`` runs at least once, the last
-    attempt starts at the deadline at the latest (and may overrun it by one socket timeout).
-    Pauses between attempts grow from :data:`BACKOFF_FIRST_S` to :data:`BACKOFF_CAP_S`,
-    jittered. ``what`` (``"GET"``, ``"lock"``) and ``where`` (a URL without its password) go
-    into the error.
-
-    Raises :class:`TokenStorageError` (with the Redis error as its cause) at once for an error
-    that is not transient, and after the deadline for one that is.
+    ``deadline`` is a ``time.monotonic()`` instant (``fn`` runs at least once); ``what``
+    (``"GET"``) and ``where`` (a URL without its password) go into the error. Raises
+    :class:`TokenStorageError` at once for an error that is not transient, else after the
+    deadline.
     """
     attempts, started = 0, time.monotonic()
     while True:
@@ -173,8 +153,7 @@ async def redis_retry_async(
     what: str = "command",
     where: str = "Redis",
 ) -> T:
-    """:func:`redis_retry` for ``redis.asyncio``: ``await fn()`` again after each transient
-    error until ``deadline``, pausing with ``asyncio.sleep`` (the loop keeps running)."""
+    """:func:`redis_retry` for ``redis.asyncio``, pausing with ``asyncio.sleep``."""
     import asyncio  # here: ``import kis_safe_token`` loads no asyncio
 
     attempts, started = 0, time.monotonic()
@@ -187,8 +166,7 @@ async def redis_retry_async(
 
 
 def brief(exc: BaseException) -> str:
-    """``exc``'s message, short: redis-py's "No master found" lists a client repr per sentinel
-    (hundreds of characters each); that becomes the causes alone."""
+    """``exc``'s message, short (redis-py's "No master found" reduced to its causes)."""
     text = str(exc)
     head, sep, tail = text.partition(" : <redis.")
     if sep:
@@ -200,8 +178,7 @@ def brief(exc: BaseException) -> str:
 def _pause_or_raise(
     exc: BaseException, attempts: int, started: float, deadline: float, what: str, where: str
 ) -> float:
-    """The pause before the next attempt after ``exc``; :class:`TokenStorageError` if the error
-    is not transient or the deadline has passed."""
+    """The pause before the next attempt; :class:`TokenStorageError` if none is due."""
     now = time.monotonic()
     if not is_transient(exc):
         raise TokenStorageError(f"Redis {what} failed ({where}): {brief(exc)}") from exc

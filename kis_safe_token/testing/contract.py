@@ -1,30 +1,12 @@
 """The behaviour every :class:`~kis_safe_token.TokenStorage` must show, as a pytest test class.
 
-Requires pytest (the ``[dev]`` extra, or ``pip install pytest``). Subclass
-:class:`TokenStorageContract` in a test module under a name pytest collects (``Test…``) and
-override the ``make_storage`` fixture: it returns a factory whose every call builds a *new*
-storage object on the same store of the current test (the contract checks that one object reads
-what another saved) and passes ``clock`` on to the backend::
-
-    import time, pytest
-    from kis_safe_token.testing.contract import TokenStorageContract
-
-    class TestMyTokenStorage(TokenStorageContract):
-        @pytest.fixture
-        def make_storage(self, tmp_path):
-            return lambda clock=time.time: MyTokenStorage(tmp_path / "tokens.db", clock=clock)
-
-A backend that cannot take a clock sets ``takes_clock = False``: the tests that move time skip.
-For assertion messages that show values, call
-``pytest.register_assert_rewrite("kis_safe_token.testing.contract")`` in your ``conftest.py``
-(or before the import).
-The built-in backends and a dict-backed subclass implementing only the seed's four methods run
-this contract in the project's own test suite (``tests/test_contract.py``). Each test uses its own
-freshly made app key, so a store shared between tests does not let one test see another's token.
+Requires pytest. Subclass :class:`TokenStorageContract` under a name pytest collects and override
+its ``make_storage`` fixture (docs/storages.md shows one).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -157,11 +139,7 @@ class TokenStorageContract:
         if not self.takes_clock:
             pytest.skip("the backend takes no clock (takes_clock = False)")
         clock = ManualClock()
-
-        def make() -> TokenStorage:
-            return make_storage(clock=clock)
-
-        return clock, make
+        return clock, functools.partial(make_storage, clock=clock)
 
     # -- the seed's four methods -----------------------------------------------------------------
     def test_saved_token_loads_back_in_the_seed_shape(self, make_storage: StorageFactory) -> None:

