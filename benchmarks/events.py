@@ -8,7 +8,7 @@
 - one ``emit`` with no subscriber, one no-op subscriber, and the metrics;
 - a store reload (a new ``SharedToken`` reading a warm token file): none against metrics on.
 
-Medians of 7 rounds; results in ``benchmarks/results/events.json``.
+Medians of 7 interleaved rounds; results in ``benchmarks/results/events.json``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import timeit
 from collections.abc import Callable
 from pathlib import Path
 
+import prometheus_client
 from prometheus_client import CollectorRegistry
 
 from kis_safe_token import FileTokenStorage, SharedToken
-from kis_safe_token.events import Kind, emit, subscribe
-from kis_safe_token.metrics import enable_prometheus
+from kis_safe_token.events import Event, Kind, emit, subscribe
+from kis_safe_token.metrics import _Metrics
 from kis_safe_token.testing import KisSimulator
 
 HERE = Path(__file__).resolve().parent
@@ -33,12 +34,13 @@ APP_KEY, SECRET = "PSbenchEventsAppKey00000000000000001", "bench-secret-" + "s" 
 ROUNDS = 7
 
 
-def ns_per_call(fn: Callable[[], object], number: int) -> float:
-    return statistics.median(timeit.repeat(fn, number=number, repeat=ROUNDS)) / number * 1e9
+def ns_per_call(stmt: str, number: int, **names: object) -> float:
+    """``stmt`` timed by ``timeit`` (no function call around it), in ns per run."""
+    return timeit.Timer(stmt, globals=names).timeit(number) / number * 1e9
 
 
 def main() -> None:
-    results: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, KisSimulator(apps={APP_KEY: SECRET}) as sim:
         path = Path(tmp) / "tokens.json"
         shared = SharedToken(APP_KEY, SECRET, FileTokenStorage(path), base_url=sim.base_url)
@@ -48,19 +50,29 @@ def main() -> None:
         def reload() -> None:
             assert SharedToken(APP_KEY, SECRET, storage, base_url=sim.base_url).bearer
 
-        def measure(state: str) -> None:
-            results[f"warm bearer, {state} (ns)"] = ns_per_call(lambda: shared.bearer, 200_000)
-            results[f"emit, {state} (ns)"] = ns_per_call(
-                lambda: emit(Kind.KIS_CALL, storage, APP_KEY), 100_000
-            )
-            results[f"store reload, {state} (us)"] = ns_per_call(reload, 300) / 1000
-
-        measure("no subscriber")
-        unsubscribe = subscribe(lambda event: None)
-        measure("one no-op subscriber")
-        unsubscribe()
-        enable_prometheus(CollectorRegistry())
-        measure("metrics on")
+        emitting = {"emit": emit, "call": Kind.KIS_CALL, "storage": storage, "key": APP_KEY}
+        metrics = _Metrics(prometheus_client, CollectorRegistry())
+        states: dict[str, Callable[[Event], object] | None] = {
+            "no subscriber": None,
+            "one no-op subscriber": lambda event: None,
+            "metrics on": metrics.record,
+        }
+        for _ in range(ROUNDS):  # interleaved: a noisy moment hits every state
+            for state, subscriber in states.items():
+                unsubscribe = subscribe(subscriber) if subscriber is not None else None
+                rows = {
+                    f"warm bearer, {state} (ns)": ns_per_call("s.bearer", 200_000, s=shared),
+                    f"emit, {state} (ns)": ns_per_call(
+                        "emit(call, storage, key)", 20_000, **emitting
+                    ),
+                    f"store reload, {state} (us)": ns_per_call("reload()", 200, reload=reload)
+                    / 1000,
+                }
+                for name, value in rows.items():
+                    samples.setdefault(name, []).append(value)
+                if unsubscribe is not None:
+                    unsubscribe()
+    results = {name: statistics.median(values) for name, values in samples.items()}
     width = max(map(len, results))
     for name, value in results.items():
         print(f"{name:<{width}}  {value:10.1f}")
