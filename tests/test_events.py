@@ -282,3 +282,61 @@ def test_a_lease_that_runs_out_then_is_granted(token_path: Path, events: list[Ev
     with ThreadPoolExecutor(1) as pool:  # another thread: another owner
         assert pool.submit(waiter.check_token_valid, APP_KEY, SECRET).result(30) is False
     assert kinds(events) == [Kind.LEASE_GRANTED, Kind.LEASE_EXPIRED, Kind.LEASE_GRANTED]
+
+
+def test_every_event_and_metric_label_leaks_nothing(
+    token_path: Path, redis_url: str, key_prefix: str, dead_port: int
+) -> None:
+    registry = CollectorRegistry()
+    enable_prometheus(registry)
+    seen: list[Event] = []
+    unsubscribe = subscribe(seen.append)
+    try:
+        with KisSimulator(apps={APP_KEY: SECRET}, issue_window_s=2.0, issue_latency_s=0) as sim:
+            first, second = token_path, token_path.with_name("second.json")
+            SharedToken(APP_KEY, SECRET, FileTokenStorage(first), base_url=sim.base_url).token
+            broker = KoreaInvestment(  # EGW00133 at once: sat out, then issued
+                APP_KEY,
+                SECRET,
+                token_storage=FileTokenStorage(second),
+                base_url=sim.base_url,
+                calls_per_second=5,
+                rate_limit_wait_s=2.0,
+            )
+            SharedToken(APP_KEY, SECRET, FileTokenStorage(second), base_url=sim.base_url).token
+            sim.refuse_calls(1)
+            for _ in range(3):
+                broker.fetch_price("005930")
+            sim.expire_tokens()  # rejected, refreshed
+            broker.fetch_price("005930")
+            broker.revoke_access_token()
+            sim.expire_tokens()  # a fresh window for the takeover's issue
+            redis = LockedRedisTokenStorage(redis_url, key_prefix=key_prefix, lock_ttl=1)
+            assert redis.issuance_lock(APP_KEY, SECRET).attempt() is True
+            SharedToken(APP_KEY, SECRET, redis, base_url=sim.base_url, timeout=0.4).token
+            dead = LockedRedisTokenStorage(
+                f"redis://127.0.0.1:{dead_port}/0", key_prefix=key_prefix, retry_timeout_s=0.5
+            )
+            with pytest.raises(TokenStorageError):
+                SharedToken(APP_KEY, SECRET, dead, base_url=sim.base_url).token
+            tokens = sim.issued_tokens()
+        lease_path = token_path.with_name("lease.json")
+        holder = FileTokenStorage(lease_path, seed_lease=True, lease_ttl=0.5, issue_window_s=0)
+        assert holder.check_token_valid(APP_KEY, SECRET) is False
+        waiter = FileTokenStorage(
+            lease_path, seed_lease=True, lease_ttl=0.5, issue_window_s=0, wait_timeout=30
+        )
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(waiter.check_token_valid, APP_KEY, SECRET).result(30) is False
+    finally:
+        unsubscribe()
+    assert {e.kind for e in seen} == set(Kind)  # every kind, in one run
+    from prometheus_client import generate_latest
+
+    text = generate_latest(registry).decode() + "\n".join(map(repr, seen))
+    assert SECRET not in text and APP_KEY not in text
+    assert len(tokens) >= 4
+    for token in tokens:
+        assert token not in text and token[-12:] not in text
