@@ -363,6 +363,8 @@ def test_holder_killed_while_kis_is_slow_one_waiter_takes_over(
             w.join(10)
         assert [r[0] for r in results] == ["ok"] * 3, results
         assert len({r[1] for r in results}) == 1
-        assert max(r[2] for r in results) - killed_at < lock_ttl + 5
+        # The lock lapses after lock_ttl, then one waiter sits out KIS's 1 s window and issues:
+        # about 4 s on a quiet host, 8.8 s seen beside two CPU burners; well under a wait_timeout.
+        assert max(r[2] for r in results) - killed_at < lock_ttl + 10
         # The dead holder's issuance went through at KIS and was lost; exactly one more followed.
         assert sim.issued == 2
