@@ -18,7 +18,7 @@ from .events import app_key_label
 from .ratelimit import resolve_calls_per_second
 from .shared import APPROVAL_SUFFIX
 from .storage.base import TokenStorage
-from .token import Token, mask
+from .token import mask
 
 __all__ = ["fleet_report", "format_fleet"]
 
@@ -46,8 +46,7 @@ def fleet_report(storage: TokenStorage, credentials: Mapping[str, str | None]) -
 
 
 def _unsealed(storage: TokenStorage, api_key: str, secret: str) -> dict[str, Any]:
-    data = storage.load_token(api_key, secret)
-    token = None if data is None else Token.from_token_data(data)
+    token = storage.read_token(api_key, secret)  # the record itself: never waits on a lease
     info: dict[str, Any] = {"token": None}
     if token is not None:
         info["token"] = {
