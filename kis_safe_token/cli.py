@@ -226,11 +226,12 @@ def _app(args: argparse.Namespace) -> tuple[str, str, TokenStorage]:
     """The app key, its secret and the token store the flags and the environment name."""
     if not args.api_key:
         raise _Usage(f"--api-key is required (or set {API_KEY_ENV})")
+    return str(args.api_key), _secret(args, args.api_key), _storage(args)
+
+
+def _secret(args: argparse.Namespace, api_key: str) -> str:
     # Without the flag ``None``, not ``False``: the environment decides.
-    secret = resolve_api_secret(
-        args.api_key, allow_insecure_keyring=args.allow_insecure_keyring or None
-    )
-    return str(args.api_key), secret, _storage(args)
+    return resolve_api_secret(api_key, allow_insecure_keyring=args.allow_insecure_keyring or None)
 
 
 class _Usage(Exception):
@@ -327,9 +328,7 @@ def _fleet_status(args: argparse.Namespace) -> int:
     credentials: dict[str, str | None] = {}
     for api_key in filter(None, (k.strip() for k in (args.api_key or "").split(","))):
         try:
-            credentials[api_key] = resolve_api_secret(
-                api_key, allow_insecure_keyring=args.allow_insecure_keyring or None
-            )
+            credentials[api_key] = _secret(args, api_key)
         except SecretNotFoundError:
             credentials[api_key] = None  # named, not unsealed
     try:

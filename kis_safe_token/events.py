@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .kis import APPROVAL_SUFFIX
+
 __all__ = ["Event", "Kind", "app_key_label", "emit", "subscribe"]
 
 logger = logging.getLogger("kis_safe_token")
@@ -89,8 +91,8 @@ def emit(
     if not _subscribers:
         return
     what = "token"
-    if api_key.endswith(":approval"):
-        api_key, what = api_key.removesuffix(":approval"), "approval_key"
+    if api_key.endswith(APPROVAL_SUFFIX):
+        api_key, what = api_key.removesuffix(APPROVAL_SUFFIX), "approval_key"
     label, backend = app_key_label(api_key), type(storage).__name__
     event = Event(kind, label, backend, what, seconds, waited_s, code, expires_at)
     for callback in _subscribers:

@@ -51,6 +51,9 @@ __all__ = [
     "verdict_of",
 ]
 
+#: The approval key is stored under the app key plus this suffix: its own sealed entry, lock and
+#: failure record in any store, with the token's single flight and compare-and-delete.
+APPROVAL_SUFFIX: Final = ":approval"
 REAL_BASE_URL: Final = "https://openapi.koreainvestment.com:9443"
 VIRTUAL_BASE_URL: Final = "https://openapivts.koreainvestment.com:29443"
 

@@ -16,6 +16,7 @@ from .events import Kind, emit
 from .flight.memory import InMemory
 from .keyring_secrets import resolve_api_secret
 from .kis import (
+    APPROVAL_SUFFIX,
     HTTP_TIMEOUT_S,
     REAL_BASE_URL,
     TOO_MANY_CALLS,
@@ -42,10 +43,6 @@ __all__ = [
 ]
 
 BASE_URL_ENV = "KOREA_INVESTMENT_BASE_URL"
-
-#: The approval key is stored under the app key plus this suffix: its own sealed entry, lock and
-#: failure record in any store, with the token's single flight and compare-and-delete.
-APPROVAL_SUFFIX = ":approval"
 
 MAX_WAIT_S = 3600.0
 """The longest HTTP timeout or ``EGW00133`` back-off accepted: an issue call holds the fleet's

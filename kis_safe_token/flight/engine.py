@@ -191,7 +191,7 @@ def get_or_issue(flight: Flight) -> Protocol:
     if flight.usable(token):
         if _told(flight):
             logger.debug("%s: loaded the token", _about(flight))
-            _emit(flight, Kind.RELOADED, token, waited_s=0.0)
+            _emit(flight, Kind.RELOADED, token)
         return token
     return (yield from _issue_flight(flight))
 
@@ -206,15 +206,23 @@ def _about(flight: Flight) -> str:
 
 
 def _emit(
-    flight: Flight, kind: Kind, token: Token | None = None, *, seconds: float = 0.0, waited_s: float
+    flight: Flight,
+    kind: Kind,
+    token: Token | None = None,
+    *,
+    seconds: float = 0.0,
+    waited_s: float = 0.0,
+    code: str | None = None,
 ) -> None:
     expires_at = None if token is None else token.expires_at
+    storage, key = flight.storage, flight.api_key
     emit(
         kind,
-        flight.storage,
-        flight.api_key,
+        storage,
+        key,
         seconds=seconds,
         waited_s=waited_s,
+        code=code or "",
         expires_at=expires_at,
     )
 
@@ -227,7 +235,7 @@ def about(storage: object, api_key: str) -> str:
 def noted(flight: Flight, exc: BaseException) -> BaseException:
     """What a step raised, for a driver to throw in: a store error is an event first."""
     if isinstance(exc, TokenStorageError) and _told(flight):
-        emit(Kind.STORE_ERROR, flight.storage, flight.api_key, code=type(exc).__name__)
+        _emit(flight, Kind.STORE_ERROR, code=type(exc).__name__)
     return exc
 
 
@@ -338,7 +346,7 @@ def _issue_recording(flight: Flight, waited_ms: float) -> Protocol:
         return token
     except TokenIssueError as exc:
         if exc.code:
-            emit(Kind.KIS_ERROR, flight.storage, flight.api_key, code=exc.code)
+            _emit(flight, Kind.KIS_ERROR, code=exc.code)
         failure = IssueFailure.after(exc, flight.storage.clock(), previous)
         if exc.local:
             flight.keep_local(failure)
@@ -358,7 +366,7 @@ def _issue_holding(flight: Flight) -> Protocol:
     except TokenIssueError as exc:
         if exc.retry_after_s is None:
             raise
-        emit(Kind.KIS_ERROR, flight.storage, flight.api_key, code=exc.code or "")
+        _emit(flight, Kind.KIS_ERROR, code=exc.code)
         logger.info(
             "%s: KIS refused issuance (%s); sitting out its window: re-checking the cache, "
             "asking again in %.1f s",
@@ -366,13 +374,7 @@ def _issue_holding(flight: Flight) -> Protocol:
             exc.code,
             exc.retry_after_s,
         )
-        emit(
-            Kind.SAT_OUT,
-            flight.storage,
-            flight.api_key,
-            seconds=exc.retry_after_s,
-            code=exc.code or "",
-        )
+        _emit(flight, Kind.SAT_OUT, seconds=exc.retry_after_s, code=exc.code)
         resume = time.monotonic() + exc.retry_after_s
     # A third of a lock that expires by itself, so it never lapses meanwhile.
     takeover = flight.storage.takeover_s()
