@@ -244,3 +244,90 @@ def test_two_threads_making_the_lock_at_once_get_one_object(
     for thread in threads:
         thread.join(10)
     assert len(made) == 1 and got == [made[0], made[0]]
+
+
+class _OtherProcessHolds:
+    """The issuance lock held as another process holds it: ``flock`` on an open file of its own."""
+
+    def __init__(self, storage: FileTokenStorage) -> None:
+        import fcntl
+
+        storage.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(storage.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing the file drops the flock, as a holder's death does
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock: Windows waiters poll")
+def test_a_waiter_is_woken_by_the_release_not_by_its_poll(token_path: Path) -> None:
+    """``wait`` with a 60 s bound returns at the release (a sleeping waiter would take 60 s), and
+    the next attempt takes the lock at once instead of at its next lock retry."""
+    storage = FileTokenStorage(token_path)
+    holder = _OtherProcessHolds(storage)
+    lock = storage.issuance_lock("key1", "secret1")
+    busy = lock.attempt()
+    assert busy is not True and getattr(busy, "wake", None) is not None
+    waiter = threading.Thread(target=lock.wait, args=(busy, 60.0))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # not woken before the release
+    holder.release()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert lock.attempt() is True
+    lock.release()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock: Windows waiters poll")
+def test_an_asyncio_waiter_is_woken_by_the_release_on_the_loop(token_path: Path) -> None:
+    import asyncio
+
+    storage = FileTokenStorage(token_path)
+    holder = _OtherProcessHolds(storage)
+    lock = storage.issuance_lock("key1", "secret1")
+
+    async def wait_for_the_release() -> object:
+        busy = lock.attempt()
+        assert busy is not True and getattr(busy, "wake", None) is not None
+        threads = threading.active_count()
+        waiting = asyncio.ensure_future(lock.wait_async(busy, 60.0))  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)
+        assert not waiting.done() and threading.active_count() == threads  # no worker thread
+        holder.release()
+        await asyncio.wait_for(waiting, 10)
+        return lock.attempt()
+
+    assert asyncio.run(wait_for_the_release()) is True
+    lock.release()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="flock: Windows waiters poll")
+def test_a_waiter_does_not_poll_the_token_file_while_the_holder_works(
+    token_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One second behind a holder: a handful of looks (about one per lock retry), where polling
+    every 4-8 ms made over a hundred; the holder's save is what the waiter then gets."""
+    storage = FileTokenStorage(token_path)
+    lock_class = type(storage.issuance_lock("key1", "secret1"))
+    real_attempt = lock_class.attempt
+    attempts = 0
+
+    def counted(self: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        return real_attempt(self)
+
+    got: list[Token] = []
+    with HeldIssuance(FileTokenStorage(token_path), make_token) as held:
+        monkeypatch.setattr(lock_class, "attempt", counted)
+        waiter = threading.Thread(
+            target=lambda: got.append(storage.get_or_issue("key1", "secret1", make_token))
+        )
+        waiter.start()
+        time.sleep(1.0)  # the holder at work: the waiter's looks meanwhile are what is counted
+        held.finish()
+        waiter.join(10)
+    assert not waiter.is_alive() and got[0].access_token == TOKEN_A
+    assert 1 <= attempts <= 20

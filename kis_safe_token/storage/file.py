@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +28,9 @@ from ..ratelimit.file import FileRateLimiter, shared_file_rate_limiter
 from ..token import REFRESH_MARGIN_S, Token
 from .base import SealedTokenStorage, check_seconds
 from .lease import CLOCK_SKEW_S, MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
+
+if sys.platform != "win32":
+    import fcntl
 
 if TYPE_CHECKING:  # filelock and platformdirs are imported when first needed
     import filelock
@@ -372,9 +376,71 @@ class FileTokenStorage(SealedTokenStorage):
     inline_io = True
 
 
+class _ReleaseWatch:
+    """A thread blocked in a shared ``flock`` on the lock file, which the kernel grants the moment
+    the holder lets go (saved, failed or died): the waiter wakes then, instead of polling the
+    token file every few milliseconds while KIS answers (a herd of pollers takes the CPU the
+    holder needs). Started after the waiter's own try failed, so no release is missed."""
+
+    def __init__(self, fd: int) -> None:
+        self.released = threading.Event()
+        self._guard = threading.Lock()
+        self._on_release: list[Callable[[], None]] = []
+        threading.Thread(target=self._watch, args=(fd,), daemon=True).start()
+
+    @classmethod
+    def start(cls, lock_file: Path) -> _ReleaseWatch | None:
+        """A watch on ``lock_file``; ``None`` where there is no ``flock`` (Windows: polling)."""
+        if sys.platform == "win32":
+            return None
+        try:
+            fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        return cls(fd)
+
+    def _watch(self, fd: int) -> None:
+        try:
+            if sys.platform != "win32":
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            with self._guard:
+                self.released.set()
+                callbacks, self._on_release = self._on_release, []
+            for callback in callbacks:
+                callback()
+
+    async def wait_async(self, timeout_s: float) -> None:
+        """Until released or ``timeout_s``, on the event loop (no worker thread per wait)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle)
+
+        with self._guard:
+            pending = not self.released.is_set()
+            if pending:
+                self._on_release.append(wake)
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken, timeout_s)
+
+
 class FileIssuanceLock(IssuanceLock):
-    """The storage's ``filelock`` on ``<file>.lock``, and a watch on the token file meanwhile: a
-    ``stat`` every poll, the lock (dearer) only every ``LOCK_RETRY_S`` (``docs/storages.md``)."""
+    """The storage's ``filelock`` on ``<file>.lock``. A waiter is woken by the holder's release
+    (:class:`_ReleaseWatch`) and tries the lock again only every ``LOCK_RETRY_S`` meanwhile; where
+    there is no ``flock``, it ``stat``s the token file every poll (``docs/storages.md``)."""
 
     def __init__(self, storage: FileTokenStorage, api_key: str, api_secret: str) -> None:
         self._storage = storage
@@ -383,25 +449,56 @@ class FileIssuanceLock(IssuanceLock):
         self._flock: filelock.FileLock | None = None
         self._next_try = 0.0
         self._poll_s = storage.poll_interval_s
+        self._watch: _ReleaseWatch | None = None
 
     def attempt(self) -> Attempt:
         """The lock if a try is due and it is free, else a usable token or an active failure in
         the store, else :class:`Busy`."""
         storage = self._storage
+        if self._watch is not None and self._watch.released.is_set():
+            self._watch = None  # the holder let go: what it left first, then the lock at once
+            seen = self._seen()
+            if seen is not None:
+                return seen
+            self._next_try = 0.0
         if time.monotonic() >= self._next_try:
             self._flock = storage._acquire(0)
             if self._flock is not None:
                 return HELD
             self._next_try = time.monotonic() + jittered(LOCK_RETRY_S)
+            if self._watch is None:
+                self._watch = _ReleaseWatch.start(storage.lock_file)
+        seen = self._seen()
+        if seen is not None:
+            return seen
+        waiting_on = f"the issuing process holding {storage.lock_file}"
+        if self._watch is not None:
+            return Busy(jittered(LOCK_RETRY_S), waiting_on, wake=str(storage.lock_file))
+        poll_s = self._poll_s
+        self._poll_s = min(poll_s * 1.5, max(storage.poll_interval_s, MAX_POLL_S))
+        return Busy(jittered(poll_s), waiting_on)
+
+    def _seen(self) -> Token | IssueFailure | None:
+        storage = self._storage
         token = storage.read_token(self._api_key, self._api_secret)
         if storage.usable(token):
             return token
         failure = storage.read_failure(self._api_key, self._api_secret)
         if failure is not None and failure.active(storage.clock()):
             return failure
-        poll_s = self._poll_s
-        self._poll_s = min(poll_s * 1.5, max(storage.poll_interval_s, MAX_POLL_S))
-        return Busy(jittered(poll_s), f"the issuing process holding {storage.lock_file}")
+        return None
+
+    def wait(self, busy: Busy, timeout_s: float) -> None:
+        if self._watch is None:
+            time.sleep(timeout_s)
+        else:
+            self._watch.released.wait(timeout_s)
+
+    async def wait_async(self, busy: Busy, timeout_s: float) -> None:
+        if self._watch is None:
+            await super().wait_async(busy, timeout_s)
+        else:
+            await self._watch.wait_async(timeout_s)
 
     def release(self) -> None:
         if self._flock is not None:
