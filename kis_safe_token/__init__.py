@@ -9,6 +9,7 @@ imported when a Redis storage (or limiter client) is built, keyring on the first
 httpx and asyncio with the asyncio side; a missing extra is an ``ImportError`` naming it.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .auth import KisAuth
@@ -60,21 +61,18 @@ __all__ = [
 ]
 
 
+_LAZY = {"AsyncKoreaInvestment": "async_client", "AsyncSharedToken": "async_shared"}
+
+
 def __getattr__(name: str) -> Any:
-    # Imported here, not above: ``import kis_safe_token`` loads no httpx and no asyncio.
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
-        if name == "AsyncKoreaInvestment":
-            from .async_client import AsyncKoreaInvestment
-
-            return AsyncKoreaInvestment
-        if name == "AsyncSharedToken":
-            from .async_shared import AsyncSharedToken
-
-            return AsyncSharedToken
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
     except ModuleNotFoundError as exc:
         if exc.name != "httpx":
             raise
         raise ImportError(
             f"{name} needs httpx: pip install 'kis-safe-token[async]'", name=exc.name
         ) from None
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)

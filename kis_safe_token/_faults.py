@@ -1,16 +1,13 @@
 """Fault points for crash tests: stop a process at a precise step instead of a lucky sleep.
 
-A process that reaches an armed point (:data:`FAULT_POINTS`) SIGKILLs itself. Arming takes
-``KIS_SAFE_TOKEN_FAULT=<name>:<absolute path>`` and, at that path, a regular file owned by this
-user, writable by no one else, containing exactly ``<name>`` (:func:`arm_fault` makes one); the
-first process to reach the point deletes it, then dies. Any other value is ignored with one
-warning per process, so a variable copied into a service's environment kills nothing
-(``docs/security.md``). The environment is read at each call (a spawned child armed after import
-works); unset, a fault point costs one dict lookup.
+A process that reaches a point armed by :func:`arm_fault` SIGKILLs itself, once; any other
+value of ``KIS_SAFE_TOKEN_FAULT`` is ignored with one warning (docs/security.md). The
+environment is read at each call, so a spawned child armed after import works.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -27,14 +24,11 @@ FAULT_POINTS: Final = frozenset(
 )
 
 _log = logging.getLogger(__name__)
-_warned = False
 
 
 def arm_fault(name: str, folder: str | os.PathLike[str]) -> dict[str, str]:
-    """Arm the fault point ``name`` once: the environment entry to give the victim process.
-
-    Writes the arming file into ``folder`` (the test's temporary folder, which must exist).
-    Raises :class:`ValueError` for a name that is not in :data:`FAULT_POINTS`.
+    """Arm the fault point ``name`` once, with an arming file in ``folder``: the environment
+    entry to give the victim process. :class:`ValueError` for a name not in :data:`FAULT_POINTS`.
     """
     if name not in FAULT_POINTS:
         raise ValueError(f"unknown fault point {name!r}; known: {', '.join(sorted(FAULT_POINTS))}")
@@ -45,7 +39,7 @@ def arm_fault(name: str, folder: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process if the harness armed the fault ``name`` (see the module docstring)."""
+    """SIGKILL this process if the harness armed the fault ``name``."""
     value = os.environ.get(FAULT_ENV)
     if not value:
         return
@@ -68,16 +62,18 @@ def _use_up_arming_file(name: str, path: str) -> bool:
         return False
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return False
-        if hasattr(os, "getuid") and st.st_uid != os.getuid():
-            return False
-        if os.read(fd, len(name) + 1) != name.encode():
-            return False
+        valid = (
+            stat.S_ISREG(st.st_mode)
+            and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
+            and os.read(fd, len(name) + 1) == name.encode()
+        )
     except OSError:
         return False
     finally:
         os.close(fd)
+    if not valid:
+        return False
     try:
         os.unlink(path)  # the claim: of two processes racing here, one wins
     except OSError:
@@ -85,12 +81,11 @@ def _use_up_arming_file(name: str, path: str) -> bool:
     return True
 
 
+@functools.cache
 def _warn_ignored() -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        _log.warning(
-            "%s is set but was not armed by a test harness (it needs an arming file; see "
-            "kis_safe_token._faults); ignored. Remove it from this environment.",
-            FAULT_ENV,
-        )
+    """Once per process."""
+    _log.warning(
+        "%s is set but was not armed by a test harness (it needs an arming file; see "
+        "kis_safe_token._faults); ignored. Remove it from this environment.",
+        FAULT_ENV,
+    )

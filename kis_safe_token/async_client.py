@@ -26,19 +26,13 @@ THROTTLED_PREFIX = "/uapi/"
 
 
 class AsyncKoreaInvestment(ClientSettings[AsyncSharedToken], AsyncClosing):
-    """:class:`~kis_safe_token.KoreaInvestment` for asyncio: ``await fetch_price(...)``, one
-    token shared with every sync and async process on the same store, and no call that blocks
-    the event loop while another process issues.
+    """:class:`~kis_safe_token.KoreaInvestment` for asyncio (docs/asyncio.md): the same token,
+    store and call rate as the sync side, and no wait that blocks the loop.
 
-    ``async with AsyncKoreaInvestment(...) as kis:`` fetches the token on entry (a wrong
-    secret or an unreachable store fails there) and closes the HTTP and Redis clients on exit.
-    Every ``/uapi/`` call first waits (never blocking the loop) for a slot of the fleet-wide
-    call-rate limit the sync processes on the same store use too; token rejections and
-    ``EGW00201`` are handled as by the sync client. ``await kis.approval_key()`` is the
-    fleet's websocket approval key.
-
-    The arguments are :class:`~kis_safe_token.KoreaInvestment`'s, plus ``http_client`` and
-    ``redis_client`` (see :class:`AsyncSharedToken`).
+    ``async with`` fetches the token on entry (a wrong secret or an unreachable store fails
+    there) and closes the HTTP and Redis clients on exit. The arguments are
+    :class:`~kis_safe_token.KoreaInvestment`'s, plus ``http_client`` and ``redis_client`` (see
+    :class:`AsyncSharedToken`).
     """
 
     def __init__(
@@ -76,16 +70,6 @@ class AsyncKoreaInvestment(ClientSettings[AsyncSharedToken], AsyncClosing):
         )
         self._setup(shared, acc_no, custtype, owned=True)
 
-    @classmethod
-    def from_shared(
-        cls, shared: AsyncSharedToken, acc_no: str | None = None, *, custtype: str = "P"
-    ) -> AsyncKoreaInvestment:
-        """A client on ``shared`` (which stays the caller's to close); fetches nothing."""
-        check_header_value("custtype", custtype)
-        client = cls.__new__(cls)
-        client._setup(shared, acc_no, custtype, owned=False)
-        return client
-
     # -- the token -------------------------------------------------------------------------------
     async def access_token(self) -> str:
         """``Bearer <token>``, refreshed through the store when near its expiry."""
@@ -109,11 +93,8 @@ class AsyncKoreaInvestment(ClientSettings[AsyncSharedToken], AsyncClosing):
         params: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Call a KIS endpoint with the token headers, after a slot of the fleet's call-rate
-        limit for a ``/uapi/`` path; one re-send with a fresh token on
-        ``EGW00121``/``EGW00123``; bounded re-sends after back-off on ``EGW00201``. Raises
-        :class:`KisApiError` on any other failure (or an ``EGW00201`` that does not stop), and
-        ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
+        """Call a KIS endpoint as :meth:`KoreaInvestment.request` does (a rate slot first for a
+        ``/uapi/`` path); the decoded JSON. Raises what it raises."""
         check_request_line(method, path)
         headers = request_headers(tr_id, self.custtype)
         shared = self.shared_token
@@ -146,9 +127,8 @@ class AsyncKoreaInvestment(ClientSettings[AsyncSharedToken], AsyncClosing):
             sent = fresh
             return True
 
-        first = await send()
         resp = await drive_async(
-            policy, first, verdict_of, send, penalize=shared.penalize, refresh=refresh
+            policy, await send(), verdict_of, send, penalize=shared.penalize, refresh=refresh
         )
         return payload_of(resp, path, resends=policy.resends)
 
@@ -158,13 +138,11 @@ class AsyncKoreaInvestment(ClientSettings[AsyncSharedToken], AsyncClosing):
 
     # -- the websocket approval key ----------------------------------------------------------------
     async def approval_key(self) -> str:
-        """The websocket approval key, issued once for the fleet (sync and async processes
-        alike) and shared through the store (:meth:`AsyncSharedToken.approval_key`)."""
+        """The websocket approval key, issued once for the fleet (sync and async alike)."""
         return await self.shared_token.approval_key()
 
     async def invalidate_approval_key(self, approval_key: str) -> bool:
-        """KIS rejected ``approval_key``: compare-and-delete it, so the next
-        :meth:`approval_key` gets a new one (:meth:`AsyncSharedToken.invalidate_approval_key`)."""
+        """KIS rejected ``approval_key``: compare-and-delete it; whether the store deleted it."""
         return await self.shared_token.invalidate_approval_key(approval_key)
 
     # -- lifecycle ---------------------------------------------------------------------------------

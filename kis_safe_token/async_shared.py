@@ -50,16 +50,12 @@ def httpx_timeout(timeout: Timeout) -> httpx.Timeout:
 
 
 class AsyncSharedToken(TokenSettings, AsyncClosing):
-    """The access token of one app key for coroutines, shared with every process (sync or
-    async) that uses the same store.
-
-    ``await shared.token()`` / ``await shared.bearer()`` cost a clock read while the token is
-    fresh; tasks of one loop needing a new one at once make one store round and at most one
-    ``tokenP``. Nothing is fetched at construction. The arguments are
-    :class:`~kis_safe_token.SharedToken`'s, plus ``http_client`` (the ``httpx.AsyncClient`` of
-    the OAuth calls; by default its own, closed by :meth:`aclose`) and ``redis_client`` (the
-    ``redis.asyncio`` client a :class:`~kis_safe_token.LockedRedisTokenStorage` is waited on
-    with; by default one built from the storage's settings).
+    """The access token of one app key for coroutines, shared with every sync or async process
+    on the same store; tasks of one loop needing a new one make one store round. Nothing is
+    fetched at construction. The arguments are :class:`~kis_safe_token.SharedToken`'s, plus
+    ``http_client`` (the ``httpx.AsyncClient`` of the OAuth calls; by default its own, closed by
+    :meth:`aclose`) and ``redis_client`` (the ``redis.asyncio`` client a Redis store is waited
+    on with; by default one built from the storage's settings).
     """
 
     def __init__(
@@ -93,14 +89,9 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
         self._own_http = http_client is None
         self._http = http_client  # our own is built at the first call: see http_client()
         self._store = AsyncStore(self.token_storage, redis_client=redis_client)
-        self._token: Token | None = None
-        self._fresh_until = float("-inf")
-        self._approval: Token | None = None
 
     async def http_client(self) -> httpx.AsyncClient:
-        """The ``httpx.AsyncClient`` of the OAuth calls; clients send their calls through it.
-        Our own is built at the first call, with the process's one TLS context (never loaded on
-        the loop)."""
+        """The ``httpx.AsyncClient`` of the OAuth calls (clients send theirs through it too)."""
         if self._http is None:
             context = await _tls_context()
             if self._http is None:  # another task may have built it meanwhile
@@ -110,10 +101,11 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
     # -- the token -------------------------------------------------------------------------------
     async def token(self) -> Token:
         """The current :class:`Token`, refreshed through the store when near its expiry."""
-        token = self._token
-        if token is not None and self._clock() < self._fresh_until:
-            return token
-        return self._set(await self._store.get_or_issue(self.api_key, self.api_secret, self._issue))
+        token = self._held(self._memory)
+        if token is None:
+            token = await self._store.get_or_issue(self.api_key, self.api_secret, self._issue)
+            self._memory.write_token(self.api_key, self.api_secret, token)
+        return token
 
     async def bearer(self) -> str:
         """``Bearer <token>`` for the ``authorization`` header."""
@@ -128,7 +120,7 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
                 await self._store.invalidate_token(
                     self.api_key, self.api_secret, stored.access_token
                 )
-            self._forget()
+            self._memory.forget()
         return await self.token()
 
     async def invalidate(self, access_token: str) -> bool:
@@ -136,15 +128,13 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
         it, and from memory if it is the current one (see ``SharedToken.invalidate``)."""
         access_token = access_token.removeprefix("Bearer ")
         deleted = await self._store.invalidate_token(self.api_key, self.api_secret, access_token)
-        current = self._token
-        if current is not None and current.access_token == access_token:
-            self._forget()
+        self._memory.forget(access_token)
         return deleted
 
     async def revoke(self) -> None:
         """Revoke the token in memory at KIS, then drop it from the store and from memory
         (nothing to do before a token was fetched). :class:`KisApiError` if KIS refuses."""
-        token = self._token
+        token = self._memory.token
         if token is None:
             return
         body = revoke_request(self.api_key, self.api_secret, token.access_token)
@@ -154,11 +144,7 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     async def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
-        """Wait, without blocking the loop, for a slot of the fleet-wide call-rate limit (shared
-        with sync processes on the same store); the seconds waited. Await it before every KIS
-        REST call not sent by :class:`AsyncKoreaInvestment` (which does). A no-op without a
-        limiter; :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no slot is free within
-        ``timeout_s``."""
+        """:meth:`SharedToken.throttle` without blocking the loop (the same fleet-wide rate)."""
         limiter = self.rate_limiter
         if limiter is None:
             return self.sent(0.0)
@@ -166,20 +152,19 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
         return self.sent(await limiter.acquire_async(timeout_s, try_acquire=try_acquire))
 
     async def penalize(self, timeout_s: float | None = None) -> None:
-        """KIS answered ``EGW00201`` anyway: slow the fleet's rate down for a while (see
-        :meth:`RateLimiter.penalize`; ``timeout_s``: the caller's budget left); a no-op without
-        a limiter."""
+        """KIS answered ``EGW00201`` anyway: :meth:`RateLimiter.penalize` (``timeout_s``: the
+        caller's budget left); a no-op without a limiter."""
         limiter = self.rate_limiter
         if limiter is not None:
             await self._store.penalize(limiter, timeout_s)
 
     async def approval_key(self) -> str:
-        """The websocket approval key (``POST /oauth2/Approval``), shared like the token and with
-        the sync side (``SharedToken.approval_key``'s entry, lock and failure record); tasks of
-        one loop make one store round. :meth:`invalidate_approval_key` when KIS rejects it."""
-        current = self._approval
-        if current is None or not current.is_valid(self._clock(), self._margin_s):
-            current = self._approval = await self._fetch_approval()
+        """The websocket approval key, shared with the sync side (``SharedToken.approval_key``'s
+        entry, lock and failure record); :meth:`invalidate_approval_key` when KIS rejects it."""
+        current = self._held(self._approvals)
+        if current is None:
+            current = await self._fetch_approval()
+            self._approvals.write_token(self.api_key, self.api_secret, current)
         return current.access_token
 
     async def _fetch_approval(self) -> Token:
@@ -192,32 +177,21 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
         return await self._store.get_or_issue(key, self.api_secret, self._issue_approval)
 
     async def invalidate_approval_key(self, approval_key: str) -> bool:
-        """KIS rejected ``approval_key``: drop it from the store only if the store still holds
-        it (compare-and-delete), and from memory if it is the current one. Whether the store
-        deleted it."""
+        """KIS rejected ``approval_key``: compare-and-delete it; whether the store deleted it."""
         deleted = await self._store.invalidate_token(
             self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
         )
-        current = self._approval
-        if current is not None and current.access_token == approval_key:
-            self._approval = None
+        self._approvals.forget(approval_key)
         return deleted
 
     async def load(self) -> Token | None:
         """Take the stored token into memory if the store holds a valid one; never issues."""
         token = await self._store.load_token(self.api_key, self.api_secret)
-        return self._set(token) if token is not None else None
-
-    # -- internals -------------------------------------------------------------------------------
-    def _set(self, token: Token) -> Token:
-        self._token = token
-        self._fresh_until = token.refresh_at(self._margin_s)
+        if token is not None:
+            self._memory.write_token(self.api_key, self.api_secret, token)
         return token
 
-    def _forget(self) -> None:
-        self._fresh_until = float("-inf")
-        self._token = None
-
+    # -- internals -------------------------------------------------------------------------------
     async def _post(
         self, path: str, body: dict[str, str], failed: Callable[[Exception], Exception]
     ) -> httpx.Response:
@@ -236,8 +210,7 @@ class AsyncSharedToken(TokenSettings, AsyncClosing):
         return token_from_answer(resp, clock=self._clock, rate_limit_wait_s=self.rate_limit_wait_s)
 
     async def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (called by the store, holding the issuance lock); an
-        ``EGW00201`` slows the fleet's rate down (the store sits it out, asks once more)."""
+        """Ask KIS for an approval key (holding the issuance lock); ``EGW00201`` slows the fleet."""
         body = approval_request(self.api_key, self.api_secret)
         resp = await self._post(APPROVAL_PATH, body, approval_request_failed)
         try:
@@ -258,8 +231,7 @@ _tls: ssl.SSLContext | None = None
 
 
 async def _tls_context() -> ssl.SSLContext:
-    """The verifying TLS context httpx would build for each client, built once per process in a
-    worker thread."""
+    """httpx's verifying TLS context, built once per process in a worker thread (off the loop)."""
     global _tls
     if _tls is None:
         _tls = await asyncio.to_thread(httpx.create_ssl_context)

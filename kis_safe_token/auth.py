@@ -1,9 +1,4 @@
-"""``KisAuth``: the fleet's one KIS token for any ``requests`` code.
-
-``session.auth = KisAuth(api_key)`` and every request of that session carries the KIS token
-headers; when KIS rejects the token (``EGW00121``/``EGW00123``), the request is sent once more
-with a fresh one, the way ``requests.auth.HTTPDigestAuth`` answers a 401 challenge.
-"""
+"""``KisAuth``: the fleet's one KIS token for any ``requests`` code (``session.auth = ...``)."""
 
 from __future__ import annotations
 
@@ -26,24 +21,14 @@ CREDENTIAL_HEADERS = ("authorization", "appkey", "appsecret")
 
 
 class KisAuth(AuthBase):
-    """A ``requests`` auth that sends the shared KIS token: ``authorization``, ``appkey`` and
-    ``appsecret`` on every request (headers such as ``tr_id`` and ``custtype`` are the caller's).
+    """A ``requests`` auth that sends the shared KIS token (``authorization``, ``appkey``,
+    ``appsecret``) on every request, in a slot of the fleet's call rate (docs/clients.md).
 
-    If KIS answers that the token is invalid or expired, the token that was sent is dropped from
-    the store only if the store still holds it (compare-and-delete), a fresh one comes through the
-    store's single flight, and the request is re-sent once with it: N processes that meet the
-    same expiry make one issuance. The response the caller gets is the re-sent request's, with
-    the rejected one in its ``history``.
-
-    Every request first takes a slot of the fleet-wide call-rate limit
-    (:meth:`SharedToken.throttle`). If KIS still answers ``EGW00201``, the request is re-sent
-    as :mod:`kis_safe_token.policy` says (bounded, within its budget); the last answer is
-    returned.
-
-    The credentials go only to the KIS host (``base_url``'s scheme, host and port): a request to
-    another host is a ``ValueError``, and a redirect loses the credential headers. The arguments
-    are :class:`SharedToken`'s; nothing is fetched until the first request. Use
-    :meth:`from_shared` to share one :class:`SharedToken` with other clients in this process.
+    A rejected token (``EGW00121``/``EGW00123``) is compare-and-deleted and the request re-sent
+    once with the fleet's next one (the rejected answer in ``history``); ``EGW00201`` is re-sent
+    as :mod:`kis_safe_token.policy` says. A request to another origin (scheme, host, port) than
+    ``base_url``'s is a ``ValueError``; a redirect loses the credential headers. The arguments
+    are :class:`SharedToken`'s; nothing is fetched until the first request.
     """
 
     def __init__(
@@ -107,8 +92,7 @@ class KisAuth(AuthBase):
 
 
 class _Resend:
-    """The response hook of one request: the :mod:`~kis_safe_token.policy` re-sends, on the
-    connection of the answer they follow.
+    """The response hook of one request: the policy's re-sends, on the answer's connection.
 
     ``PreparedRequest.copy()`` shares the hook list, so a redirect reaches this same object,
     whose ``done`` stops a second round of re-sends.
@@ -152,9 +136,8 @@ class _Resend:
         return True
 
     def _send_again(self, r: requests.Response, kwargs: dict[str, Any]) -> requests.Response | None:
-        """Send a copy of ``r``'s request with the token to send now, on ``r``'s connection,
-        with ``r`` in the new response's history; ``None`` if it cannot be sent again (no
-        connection, a spent stream)."""
+        """A copy of ``r``'s request sent with the current token on ``r``'s connection (``r`` in
+        its history); ``None`` if it cannot be sent again (no connection, a spent stream)."""
         connection = getattr(r, "connection", None)
         if connection is None:
             return None

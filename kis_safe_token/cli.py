@@ -243,10 +243,8 @@ def _cmd_secret(args: argparse.Namespace) -> int:
         existed = delete_api_secret(args.app_key)
         print("secret deleted" if existed else "no secret was stored")
         return 0
-    if sys.stdin.isatty():
-        secret = getpass.getpass(f"api_secret for {mask(args.app_key, 4)}: ")
-    else:
-        secret = sys.stdin.readline().strip()
+    prompt = f"api_secret for {mask(args.app_key, 4)}: "
+    secret = getpass.getpass(prompt) if sys.stdin.isatty() else sys.stdin.readline().strip()
     if not secret:
         raise _Usage("no secret given (type it at the prompt, or pipe one line on stdin)")
     insecure = args.allow_insecure_keyring or None
@@ -259,12 +257,11 @@ def _describe(token: Token | None, storage: TokenStorage) -> dict[str, Any]:
     info: dict[str, Any] = {"storage": repr(storage), "token": None}
     if token is not None:
         left = token.expires_at - time.time()
+        local = datetime.fromtimestamp(token.expires_at).astimezone()
         info.update(
             token=mask(token.access_token),
             expires_kst=token.expired_kst,
-            expires_local=datetime.fromtimestamp(token.expires_at)
-            .astimezone()
-            .isoformat(" ", "seconds"),
+            expires_local=local.isoformat(" ", "seconds"),
             seconds_left=int(left),
             valid=left > 0,
         )
@@ -289,9 +286,8 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 
 @contextmanager
 def _store_failure() -> Iterator[None]:
-    """:class:`TokenStorageError` (one line, the store's own words) if the store failed in
-    the block, instead of a "none stored" that would hide a Redis that is down: the seed's
-    methods answer ``None``/``False`` then and log why."""
+    """:class:`TokenStorageError` (the store's logged words) if the store failed in the block: the
+    seed's methods answer ``None``/``False`` then, a "none stored" that would hide a Redis down."""
     handler = BufferingHandler(capacity=1_000)
     handler.setLevel(logging.ERROR)
     log = logging.getLogger("kis_safe_token")
@@ -340,8 +336,7 @@ def _fleet_status(args: argparse.Namespace) -> int:
 
 
 def _rate_info(storage: TokenStorage, api_key: str, api_secret: str) -> dict[str, Any]:
-    """The call-rate limit clients of this app key use here (``$KOREA_INVESTMENT_CALLS_PER_SECOND``
-    or the default), where it is shared, and a learned slowdown in force."""
+    """The call-rate limit this app key's clients use here, where it is shared, and a slowdown."""
     real = resolve_calls_per_second(None, mock=False)
     virtual = resolve_calls_per_second(None, mock=True)
     info: dict[str, Any] = {
@@ -351,8 +346,7 @@ def _rate_info(storage: TokenStorage, api_key: str, api_secret: str) -> dict[str
         "kis_limit_virtual": KIS_CALLS_PER_SECOND_VIRTUAL,
     }
     if real is None or virtual is None:
-        info["text"] = f"off ({CALLS_PER_SECOND_ENV}=0)"
-        return info
+        return {**info, "text": f"off ({CALLS_PER_SECOND_ENV}=0)"}
     limiter = storage.rate_limiter(api_key, real, api_secret=api_secret)
     left = limiter.slowdown_left_s()
     info.update(shared_by=limiter.where, slowdown_left_s=round(left, 1))
@@ -445,9 +439,8 @@ def _cmd_simulator(args: argparse.Namespace) -> int:
         issue_window_s=args.issue_window,
         calls_per_second=args.calls_per_second,
     ) as sim:
-        # Ctrl-C stops it even when started in the background of a script, which leaves SIGINT
-        # ignored in the process (Python then installs no KeyboardInterrupt for it). Before the
-        # URL is printed: whoever reads it may signal at once.
+        # Ctrl-C stops it even started in a script's background, which leaves SIGINT ignored (no
+        # KeyboardInterrupt). Before the URL is printed: whoever reads it may signal at once.
         previous = signal.signal(signal.SIGTERM, _stop)
         previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
@@ -496,4 +489,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KisTokenError, ValueError, ImportError, OSError) as exc:
         print(f"kis-token: error: {exc}", file=sys.stderr)
         return 1
-    return 1

@@ -33,13 +33,23 @@ from .token import Token, header_safe, mask
 __all__ = ["BASE_URL_ENV", "REAL_BASE_URL", "VIRTUAL_BASE_URL", "KoreaInvestment"]
 
 S = TypeVar("S", bound=TokenSettings)
+C = TypeVar("C", bound="ClientSettings[Any]")
 
 
 class ClientSettings(Generic[S]):
-    """What a client's token holder was built with, read through it (the sync and the asyncio
-    client alike): the credentials, the host, the store and the timings."""
+    """The settings of a client's token holder, read through it (sync and asyncio clients)."""
 
     shared_token: S
+
+    @classmethod
+    def from_shared(
+        cls: type[C], shared: S, acc_no: str | None = None, *, custtype: str = "P"
+    ) -> C:
+        """A client on ``shared`` (which stays the caller's to close); fetches nothing."""
+        check_header_value("custtype", custtype)
+        client = cls.__new__(cls)
+        client._setup(shared, acc_no, custtype, owned=False)
+        return client
 
     def _setup(self, shared: S, acc_no: str | None, custtype: str, *, owned: bool) -> None:
         self.shared_token = shared
@@ -90,15 +100,10 @@ class ClientSettings(Generic[S]):
 class KoreaInvestment(ClientSettings[SharedToken], Closing):
     """A KIS client whose access token is shared with every other process using the same store.
 
-    The token is a :class:`SharedToken`; every call carries it through :class:`KisAuth` (one
-    re-send with a fresh token on ``EGW00121``/``EGW00123``, bounded re-sends after back-off on
-    ``EGW00201``, then :class:`KisApiError`). Unlike a bare :class:`SharedToken`, the client
-    fetches its token at construction, so a wrong secret or an unreachable store fails here.
-
-    ``acc_no``: the account number; ``custtype``: KIS's customer type header (``"P"``: a
-    person). The other arguments are :class:`SharedToken`'s (``calls_per_second`` and
-    ``rate_limiter``: the fleet-wide call-rate limit every call waits for).
-    :meth:`from_shared` builds a client on an existing :class:`SharedToken`.
+    Every call carries the :class:`SharedToken` through :class:`KisAuth`. The token is fetched at
+    construction, so a wrong secret or an unreachable store fails here. ``acc_no``: the account
+    number; ``custtype``: KIS's customer type header (``"P"``: a person); the other arguments are
+    :class:`SharedToken`'s. :meth:`from_shared` builds a client on an existing one.
     """
 
     def __init__(
@@ -139,16 +144,6 @@ class KoreaInvestment(ClientSettings[SharedToken], Closing):
             self.close()
             raise
 
-    @classmethod
-    def from_shared(
-        cls, shared: SharedToken, acc_no: str | None = None, *, custtype: str = "P"
-    ) -> KoreaInvestment:
-        """A client on ``shared`` (which stays the caller's to close); fetches nothing."""
-        check_header_value("custtype", custtype)
-        client = cls.__new__(cls)
-        client._setup(shared, acc_no, custtype, owned=False)
-        return client
-
     @cached_property
     def _auth(self) -> KisAuth:
         return KisAuth.from_shared(self.shared_token)
@@ -174,8 +169,8 @@ class KoreaInvestment(ClientSettings[SharedToken], Closing):
         return self.shared_token.issue(force)
 
     def check_access_token(self) -> bool:
-        """Whether the store holds a valid token for these credentials: a pure read that never
-        takes the seed-protocol lease (which the seed's ``check_token_valid`` would)."""
+        """Whether the store holds a valid token: a pure read, never the seed lease (which
+        the seed's ``check_token_valid`` takes)."""
         return self.token_storage.load_token(self.api_key, self.api_secret) is not None
 
     def load_access_token(self) -> None:
@@ -196,10 +191,8 @@ class KoreaInvestment(ClientSettings[SharedToken], Closing):
         params: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Call a KIS endpoint with the token headers, in a slot of the fleet's rate limit; one
-        retry with a fresh token on ``EGW00121``/``EGW00123``, bounded retries with back-off on
-        ``EGW00201``. Raises :class:`KisApiError` on any other failure, and
-        ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
+        """Call a KIS endpoint through :class:`KisAuth`; the decoded JSON. :class:`KisApiError`
+        on failure; ``ValueError`` naming ``method``, ``path`` or ``tr_id`` if it cannot be sent."""
         check_request_line(method, path)
         headers = request_headers(tr_id, self.custtype)
         try:
@@ -238,9 +231,8 @@ def price_params(symbol: str) -> dict[str, str]:
 
 
 def payload_of(resp: Answer, path: str, *, resends: int = 0) -> dict[str, Any]:
-    """The decoded JSON of KIS's answer to ``path`` (``requests`` or ``httpx``), or
-    :class:`KisApiError` with KIS's code if it is not a success (``resends``: how many times the
-    call was re-sent after ``EGW00201``, for the message)."""
+    """The decoded JSON of KIS's answer to ``path``, or :class:`KisApiError` with KIS's code
+    (``resends``: the re-sends after ``EGW00201``, for the message)."""
     payload = json_or_none(resp)
     if payload is None:
         raise KisApiError(

@@ -29,8 +29,7 @@ _Record = TypeVar("_Record", Token, IssueFailure)
 
 
 def utf8(value: str, name: str) -> bytes:
-    """``value`` as UTF-8; a ``ValueError`` naming ``name`` (and not echoing the value) if it
-    is not a non-empty string that UTF-8 can encode."""
+    """``value`` as UTF-8; else a ``ValueError`` naming ``name`` (never echoing the value)."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name} must be a non-empty string")
     try:
@@ -75,9 +74,8 @@ def fingerprint(api_key: str, api_secret: str) -> str:
 class Sealer:
     """Seals tokens for one set of credentials; opens them or says they are not ours.
 
-    ``keys`` are optional explicit Fernet keys (the first encrypts; all decrypt, for rotation).
-    Without them the key derived from the secret is used. Opening also tries the derived key,
-    so entries written before explicit keys were configured stay readable.
+    ``keys``: explicit Fernet keys (the first encrypts; all decrypt, for rotation); the key
+    derived from the secret always decrypts too, so older entries stay readable.
     """
 
     __slots__ = ("_fernet", "_fingerprint")

@@ -52,15 +52,11 @@ def _progress(label: str, done: int, total: int) -> None:
 
 def run_demo(workers: int, storage: str, issue_window_s: float = 60.0) -> int:
     """Run the demo; 0 if exactly one token was issued and every worker got a price.
-    ``issue_window_s``: the simulator's one-issue window, which the workers sit out after
-    ``EGW00133`` (as ``$KOREA_INVESTMENT_ISSUE_WINDOW_S``)."""
+    ``issue_window_s``: the simulator's one-issue window, which the workers sit out too."""
     with ExitStack() as stack:
         sim = stack.enter_context(KisSimulator(issue_latency_s=0.2, issue_window_s=issue_window_s))
-        env = {
-            BASE_URL_ENV: sim.base_url,
-            STORAGE_ENV: storage,
-            ISSUE_WINDOW_ENV: f"{issue_window_s:g}",
-        }
+        window = f"{issue_window_s:g}"
+        env = {BASE_URL_ENV: sim.base_url, STORAGE_ENV: storage, ISSUE_WINDOW_ENV: window}
         if storage == "file":
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="kis-demo-"))
             env[FILE_ENV] = where = str(Path(folder) / "cache" / "tokens.json")
@@ -103,15 +99,13 @@ def run_demo(workers: int, storage: str, issue_window_s: float = 60.0) -> int:
 
     print("(token id: the first 8 hex digits of the token's SHA-256, not the token)")
     print(f"{'worker':>6}  {'pid':>7}  {'latency ms':>10}  {'token id':<10}  price")
-    for index in sorted(rows):
-        pid, ms, token_id, price = rows[index]
+    for index, (pid, ms, token_id, price) in sorted(rows.items()):
         print(f"{index:>6}  {pid:>7}  {ms:>10.1f}  {token_id:<10}  {price}")
     for line in errors:
         print(line)
     distinct = len({row[2] for row in rows.values()})
-    print()
     print(
-        f"tokens issued by KIS: {sim.issued}   EGW00133 refusals: {sim.rate_limited}   "
+        f"\ntokens issued by KIS: {sim.issued}   EGW00133 refusals: {sim.rate_limited}   "
         f"distinct tokens held: {distinct}   wall time: {wall_ms:.0f} ms"
     )
     ok = sim.issued == 1 and sim.rate_limited == 0 and distinct == 1 and not errors

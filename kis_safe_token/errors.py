@@ -31,10 +31,9 @@ class TokenStorageError(KisTokenError):
 class TokenIssueError(KisTokenError):
     """KIS refused to issue (or answered garbage to) a token request.
 
-    ``code`` is KIS's ``error_code`` / ``msg_cd`` (for example ``EGW00133``), ``status`` the HTTP
-    status, and ``retry_after_s`` how long to wait before asking again when KIS rate-limited us.
-    ``local``: the failure is this host's own (its clock, say), not KIS's, so a storage keeps it
-    to this process instead of sharing it with the fleet.
+    ``code``: KIS's ``error_code`` / ``msg_cd``; ``status``: the HTTP status; ``retry_after_s``:
+    when to ask again after a rate limit; ``local``: the failure is this host's own (its clock),
+    so a storage keeps it to this process instead of sharing it with the fleet.
     """
 
     def __init__(
@@ -69,9 +68,7 @@ class SecretNotFoundError(KisTokenError, LookupError):
 class InsecureKeyringError(SecretNotFoundError):
     """The active keyring backend does not protect the api_secret, so it was not used.
 
-    A plaintext file keyring, the null or fail backend, or one keyring ranks "not recommended".
-    ``backend`` names it (``module.Class``, what ``PYTHON_KEYRING_BACKEND`` takes); the message
-    says how to choose a real one, or how to opt in.
+    ``backend`` names it (``module.Class``, what ``PYTHON_KEYRING_BACKEND`` takes).
     """
 
     def __init__(self, message: str, *, backend: str | None = None) -> None:

@@ -1,14 +1,12 @@
-"""What the library does with the fleet's token, rate and waits, as one typed event stream.
+"""One typed event stream per process: what the library does with the token, rate and waits.
 
-``subscribe(callback)`` sees every :class:`Event` this process emits; the Prometheus metrics of
-:mod:`kis_safe_token.metrics` are one such subscriber. A callback runs in the thread that emits
-(for asyncio code: on the event loop), so it must be quick and must not block; one that raises is
-logged once and never breaks a token path. With no subscriber, emitting costs one truth test.
-An event names the app key masked and the backend by class, never a secret or a whole token.
+A callback runs in the emitting thread and must not block; one that raises is logged once
+(docs/observability.md). Events name the app key masked, never a secret or a whole token.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -90,10 +88,9 @@ def emit(
     """Tell every subscriber; a subscriber that raises is logged (once) and skipped."""
     if not _subscribers:
         return
-    what = "token"
-    if api_key.endswith(APPROVAL_SUFFIX):
-        api_key, what = api_key.removesuffix(APPROVAL_SUFFIX), "approval_key"
-    label, backend = app_key_label(api_key), type(storage).__name__
+    bare = api_key.removesuffix(APPROVAL_SUFFIX)
+    what = "token" if bare == api_key else "approval_key"
+    label, backend = app_key_label(bare), type(storage).__name__
     event = Event(kind, label, backend, what, seconds, waited_s, code, expires_at)
     for callback in _subscribers:
         try:
@@ -104,15 +101,9 @@ def emit(
                 logger.warning("event subscriber %r raised %s; ignored", callback, type(exc))
 
 
-_labels: dict[str, str] = {}
-
-
+@functools.cache
 def app_key_label(api_key: str) -> str:
     """The app key as events and metrics show it: its first 4 characters and 6 hex digits of its
     SHA-256 (KIS app keys share their first characters; the digest tells them apart)."""
-    label = _labels.get(api_key)
-    if label is None:
-        digest = hashlib.sha256(api_key.encode()).hexdigest()[:6]
-        shown = api_key[:4] if len(api_key) > 8 else ""
-        label = _labels[api_key] = f"{shown}…{digest}"
-    return label
+    digest = hashlib.sha256(api_key.encode()).hexdigest()[:6]
+    return f"{api_key[:4] if len(api_key) > 8 else ''}…{digest}"

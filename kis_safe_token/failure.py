@@ -23,6 +23,7 @@ FAILURE_HOLD_MAX_S: Final = 30.0
 FAILURE_MEMORY_S: Final = 120.0
 
 PAYLOAD_KIND = "issue-failure"
+_FIELDS = ("message", "code", "status", "at", "hold_s", "count")  # stored, in this order
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,17 +71,8 @@ class IssueFailure:
         )
 
     def to_payload(self, fingerprint: str) -> bytes:
-        body = {
-            "v": 1,
-            "kind": PAYLOAD_KIND,
-            "fp": fingerprint,
-            "message": self.message,
-            "code": self.code,
-            "status": self.status,
-            "at": self.at,
-            "hold_s": self.hold_s,
-            "count": self.count,
-        }
+        body = {"v": 1, "kind": PAYLOAD_KIND, "fp": fingerprint}
+        body.update((name, getattr(self, name)) for name in _FIELDS)
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -92,8 +84,8 @@ class IssueFailure:
             raise ValueError("payload is not JSON") from None
         if not isinstance(body, dict) or body.get("kind") != PAYLOAD_KIND or body.get("v") != 1:
             raise ValueError("payload is not a failure record")
-        fp, message, code, status = (body.get(k) for k in ("fp", "message", "code", "status"))
-        at, hold, count = (body.get(k) for k in ("at", "hold_s", "count"))
+        fp = body.get("fp")
+        message, code, status, at, hold, count = (body.get(k) for k in _FIELDS)
         if not (
             isinstance(fp, str)
             and isinstance(message, str)

@@ -1,10 +1,7 @@
-"""``kis-token status --fleet``: every app key a store holds, and what the fleet does with it.
+"""``kis-token status --fleet``: every app key a store holds (docs/observability.md).
 
-The store lists its records by key id (a digest of the app key) without any secret
-(:meth:`TokenStorage.fleet`). An app key given here, with its secret found (the keyring or
-``$KOREA_INVESTMENT_API_SECRET``), is matched to its key id and shown in full: the token (masked,
-KST expiry, time left), its approval key, its rate limiter. Any other key id is shown as the store
-sees it. No secret, whole app key or whole token is ever shown.
+Key ids come from :meth:`TokenStorage.fleet`; an app key given with its secret is shown in full.
+No secret, whole app key or whole token is ever shown.
 """
 
 from __future__ import annotations
@@ -79,16 +76,13 @@ def format_fleet(report: Mapping[str, Any]) -> str:
         token = entry.get("token")
         if token is not None:
             hours, rest = divmod(max(0, token["seconds_left"]), 3600)
-            left = f"{hours}h {rest // 60:02d}m left"
-            lines.append(
-                f"  token:    {token['token']}, expires {token['expires_kst']} KST, {left}"
-            )
+            expires = f"expires {token['expires_kst']} KST, {hours}h {rest // 60:02d}m left"
+            lines.append(f"  token:    {token['token']}, {expires}")
         elif entry.get("token_ttl_s") is not None:
             lines.append(f"  token:    sealed, the store drops it in {entry['token_ttl_s']:.0f} s")
         if "approval_key" in entry:
             lines.append(f"  approval: {'stored' if entry['approval_key'] else 'none'}")
-        held = entry.get("lock_held")
-        since = entry.get("lock_held_s")
+        held, since = entry.get("lock_held"), entry.get("lock_held_s")
         lock = "unknown" if held is None else ("held" if held else "free")
         lines.append(f"  lock:     {lock}" + (f" (for {since:.1f} s)" if since else ""))
         lines.append(f"  lease:    {'held or marked' if 'lease' in entry['records'] else 'none'}")

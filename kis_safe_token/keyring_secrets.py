@@ -1,12 +1,8 @@
 """The api_secret in the OS keyring (service ``kis_safe_token``, user = the app key).
 
-Resolution for ``api_secret=None``: the keyring, then ``$KOREA_INVESTMENT_API_SECRET``. Only a
-backend that protects the secret is used, for setting and for getting: plaintext file keyrings,
-the null and fail backends, and any other backend of ``priority`` below 1 (except
-:data:`ENCRYPTED_FILE_KEYRINGS`) are refused, a chainer member by member, unless
-``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1`` (never the null and fail backends). A backend that
-would prompt (:data:`PROMPTING_KEYRINGS`) in a process without a terminal is not asked. The
-rules and why: ``docs/security.md``. keyring itself is imported on the first lookup.
+Only a backend that protects the secret is used, for setting and for getting, unless
+``KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING=1``; one that would prompt without a terminal is not
+asked. The rules and why: ``docs/security.md``. keyring itself is imported on the first lookup.
 """
 
 from __future__ import annotations
@@ -47,9 +43,8 @@ ENCRYPTED_FILE_KEYRINGS: Final = frozenset(
         "keyrings.cryptfile.file.EncryptedKeyring",
     }
 )
-#: File keyrings that ask for their own password (``getpass``) the first time a process uses
-#: them, unless it was given to them (``backend.keyring_key = ...``; for keyrings.cryptfile also
-#: ``$KEYRING_CRYPTFILE_PASSWORD``).
+#: File keyrings that prompt (``getpass``) for their password in each process, unless given it
+#: (``backend.keyring_key = ...``; for keyrings.cryptfile also ``$KEYRING_CRYPTFILE_PASSWORD``).
 PROMPTING_KEYRINGS: Final = frozenset(
     {
         "keyrings.alt.file.EncryptedKeyring",
@@ -64,14 +59,8 @@ _STORE_NOTHING: Final = frozenset(
 
 _log = logging.getLogger(__name__)
 
-_HOW_TO_STORE = (
-    "store it once with `kis-token secret set {app_key}` (it prompts for the secret), "
-    "call kis_safe_token.set_api_secret(app_key, secret), pass api_secret=..., "
-    f"or set the environment variable {SECRET_ENV}"
-)
 _CHOOSE_BACKEND = (
-    "pick a backend that protects the secret (PYTHON_KEYRING_BACKEND or keyring's config "
-    "file): "
+    "pick a backend that protects the secret (PYTHON_KEYRING_BACKEND or keyring's config file): "
     "Secret Service (GNOME Keyring, KWallet; needs a D-Bus session) on Linux, "
     "the macOS Keychain, the Windows Credential Locker, or an encrypted file keyring with a "
     "password (`pip install keyrings.cryptfile`, "
@@ -82,6 +71,14 @@ _CHOOSE_BACKEND = (
 _OPT_IN = (
     f"; to use it anyway, set {ALLOW_INSECURE_KEYRING_ENV}=1 (kis-token: --allow-insecure-keyring)"
 )
+
+
+def _not_stored(api_key: str, what: str) -> SecretNotFoundError:
+    return SecretNotFoundError(
+        f"{what} for this app key: store it once with `kis-token secret set {api_key}` (it "
+        "prompts for the secret), call kis_safe_token.set_api_secret(app_key, secret), pass "
+        f"api_secret=..., or set the environment variable {SECRET_ENV}"
+    )
 
 
 def _check_app_key(api_key: str) -> None:
@@ -128,18 +125,13 @@ def _allowed(allow_insecure_keyring: bool | None) -> bool:
 
 
 def _usable_backends(allow_insecure_keyring: bool | None) -> list[KeyringBackend]:
-    """The backends to read and write, in keyring's order; refuses if none protects the secret.
-
-    Raises :class:`InsecureKeyringError` naming the active backend (for the chainer, its members).
-    """
+    """The backends to read and write, in keyring's order; :class:`InsecureKeyringError` naming
+    the active backend (for the chainer, its members) if none protects the secret."""
     import keyring
     from keyring.backends.chainer import ChainerBackend
 
     active = keyring.get_keyring()
-    chained = isinstance(active, ChainerBackend)
-    members: list[KeyringBackend] = (
-        list(active.backends) if isinstance(active, ChainerBackend) else [active]
-    )
+    members = list(active.backends) if isinstance(active, ChainerBackend) else [active]
     allow = _allowed(allow_insecure_keyring)
     usable, refused = [], []
     for backend in members:
@@ -157,14 +149,11 @@ def _usable_backends(allow_insecure_keyring: bool | None) -> list[KeyringBackend
             + _CHOOSE_BACKEND,
             backend=_name(active),
         )
-    if chained:
+    head = f"the keyring backend {_name(active)} does not protect the api_secret ({refused[0][1]})"
+    if isinstance(active, ChainerBackend):
         details = "; ".join(f"{_name(b)}: {why}" for b, why in refused)
         head = f"keyring's chainer {_name(active)} holds no backend that protects the api_secret"
         head += f" ({details})"
-    else:
-        head = (
-            f"the keyring backend {_name(active)} does not protect the api_secret ({refused[0][1]})"
-        )
     raise InsecureKeyringError(
         head + ", so kis_safe_token does not use it; " + _CHOOSE_BACKEND + _OPT_IN,
         backend=_name(active),
@@ -184,24 +173,21 @@ def _keyring_errors() -> tuple[type[BaseException], ...]:
 
 
 def _would_prompt(backend: KeyringBackend, method: str) -> bool:
-    """Whether ``backend.<method>`` may ask for the keyring's password on the terminal: one of
-    :data:`PROMPTING_KEYRINGS` running its own file code (not a subclass that stores elsewhere)
-    that has not been given its password."""
+    """Whether ``backend.<method>`` may prompt: one of :data:`PROMPTING_KEYRINGS`, not given its
+    password, running its own file code (not a subclass that stores elsewhere)."""
     names = _class_names(backend)
     if not names & PROMPTING_KEYRINGS or "keyring_key" in getattr(backend, "__dict__", {}):
         return False
-    if any(n.startswith("keyrings.cryptfile.") for n in names) and os.environ.get(
-        _CRYPTFILE_PASSWORD_ENV
-    ):
+    cryptfile = any(n.startswith("keyrings.cryptfile.") for n in names)
+    if cryptfile and os.environ.get(_CRYPTFILE_PASSWORD_ENV):
         return False
     owner = next((c for c in type(backend).__mro__ if method in vars(c)), object)
     return owner.__module__.startswith(("keyrings.alt.", "keyrings.cryptfile."))
 
 
 def _has_terminal() -> bool:
-    """Whether ``getpass`` could ask someone: a controlling terminal (POSIX ``/dev/tty``) or, on
-    Windows, a console on stdin. Without one, getpass reads stdin: ``EOFError`` on a closed or
-    empty pipe, a wait without end on one left open."""
+    """Whether ``getpass`` could ask someone (``/dev/tty``; on Windows a console on stdin), rather
+    than read stdin: ``EOFError`` on a closed pipe, a wait without end on one left open."""
     if os.name != "posix":
         return sys.stdin is not None and sys.stdin.isatty()
     try:
@@ -225,21 +211,18 @@ def _prompt_refused(backend: KeyringBackend) -> SecretNotFoundError:
 def _each_backend(
     allow_insecure_keyring: bool | None, method: str, call: Callable[[KeyringBackend], str | None]
 ) -> tuple[str, KeyringBackend] | None:
-    """The first answer of ``call(backend)`` over the usable backends, with its backend; ``None``
-    if none answered. A backend that would prompt where nobody can answer is skipped (its error
-    raised if no other answers), as is one that lacks ``method`` (``NotImplementedError``, as
-    keyring's chainer does)."""
+    """The first answer of ``call(backend)`` over the usable backends, with its backend, or
+    ``None``. Skipped: a backend lacking ``method`` (as keyring's chainer does) and one that would
+    prompt where nobody can answer (its error raised if no other answers)."""
     refused: SecretNotFoundError | None = None
     try:
         for backend in _usable_backends(allow_insecure_keyring):
+            if _would_prompt(backend, method) and not _has_terminal():
+                refused = refused or _prompt_refused(backend)
+                continue
             try:
-                if _would_prompt(backend, method) and not _has_terminal():
-                    raise _prompt_refused(backend)
                 answer = call(backend)
             except NotImplementedError:
-                continue
-            except SecretNotFoundError as exc:
-                refused = refused or exc
                 continue
             except EOFError:  # a prompt that read an empty stdin all the same
                 refused = refused or _prompt_refused(backend)
@@ -254,12 +237,11 @@ def _each_backend(
 
 
 def set_api_secret(api_key: str, secret: str, *, allow_insecure_keyring: bool | None = None) -> str:
-    """Store ``secret`` for ``api_key`` in the OS keyring; returns the backend's name.
+    """Store ``secret`` for ``api_key`` in the OS keyring; returns the backend's ``module.Class``.
 
-    The name is ``module.Class`` (``keyring.backends.SecretService.Keyring``, say).
     ``allow_insecure_keyring``: accept a backend that does not protect the secret (``None``:
     ``$KIS_SAFE_TOKEN_ALLOW_INSECURE_KEYRING``). Raises :class:`InsecureKeyringError` for such a
-    backend and :class:`SecretNotFoundError` (with how to pick a backend) when there is none.
+    backend, :class:`SecretNotFoundError` (how to pick a backend) when there is none.
     """
     _check_app_key(api_key)
     if not isinstance(secret, str) or not secret.strip():
@@ -291,27 +273,17 @@ def _keyring_secret(api_key: str, allow_insecure_keyring: bool | None) -> str | 
 
 
 def get_api_secret(api_key: str, *, allow_insecure_keyring: bool | None = None) -> str:
-    """The api_secret stored for ``api_key`` in the keyring.
-
-    ``allow_insecure_keyring`` as for :func:`set_api_secret`. Raises :class:`SecretNotFoundError`
-    saying how to store one (or how to pick a backend), :class:`InsecureKeyringError` if the
-    backend does not protect the secret.
-    """
+    """The api_secret stored for ``api_key`` in the keyring (``allow_insecure_keyring`` and
+    errors as for :func:`set_api_secret`; :class:`SecretNotFoundError` says how to store one)."""
     _check_app_key(api_key)
     secret = _keyring_secret(api_key, allow_insecure_keyring)
     if not secret:
-        raise SecretNotFoundError(
-            "no api_secret in the keyring for this app key: "
-            + _HOW_TO_STORE.format(app_key=api_key)
-        )
+        raise _not_stored(api_key, "no api_secret in the keyring")
     return secret
 
 
 def delete_api_secret(api_key: str) -> bool:
-    """Remove the stored secret; ``False`` if there was none.
-
-    Works on any backend, a plaintext one included: removing a secret exposes nothing.
-    """
+    """Remove the stored secret, from any backend (removing exposes nothing); ``False`` if none."""
     _check_app_key(api_key)
     import keyring
     import keyring.errors
@@ -330,9 +302,8 @@ def resolve_api_secret(
 ) -> str:
     """The explicit secret, else the keyring's, else ``$KOREA_INVESTMENT_API_SECRET``.
 
-    A keyring that is missing or refused (see the module docstring) counts as holding nothing;
-    its error is raised only if the environment variable is not set either. A value of the
-    variable that cannot go in an HTTP header is a ``ValueError`` naming the variable.
+    A missing or refused keyring's error is raised only if the variable is unset too; a value of
+    it that cannot go in an HTTP header is a ``ValueError``.
     """
     if api_secret:
         return api_secret
@@ -360,7 +331,4 @@ def resolve_api_secret(
         return from_env
     if backend_error is not None:
         raise backend_error
-    raise SecretNotFoundError(
-        "no api_secret given and none in the keyring for this app key: "
-        + _HOW_TO_STORE.format(app_key=api_key)
-    )
+    raise _not_stored(api_key, "no api_secret given and none in the keyring")

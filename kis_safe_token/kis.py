@@ -1,6 +1,5 @@
-"""What KIS is: its hosts, paths, error codes and limits, written once for the client and the
-simulator; and how to read a KIS answer (its code, message, clock and :class:`Verdict`), written
-once for every client and integration."""
+"""What KIS is (its hosts, paths, error codes and limits) and how to read a KIS answer (its code,
+message, clock and :class:`Verdict`), written once for every client, integration and simulator."""
 
 from __future__ import annotations
 
@@ -51,8 +50,7 @@ __all__ = [
     "verdict_of",
 ]
 
-#: The approval key is stored under the app key plus this suffix: its own sealed entry, lock and
-#: failure record in any store, with the token's single flight and compare-and-delete.
+#: The approval key is stored under the app key plus this suffix (its own entry, lock and record).
 APPROVAL_SUFFIX: Final = ":approval"
 REAL_BASE_URL: Final = "https://openapi.koreainvestment.com:9443"
 VIRTUAL_BASE_URL: Final = "https://openapivts.koreainvestment.com:29443"
@@ -121,8 +119,7 @@ TOO_MANY_CALLS_MESSAGE: Final = "초당 거래건수를 초과하였습니다."
 #: A ``tr_id`` KIS does not serve.
 UNKNOWN_SERVICE: Final = "OPSQ0002"
 #: How long an approval key (``/oauth2/Approval``) is used: KIS documents 24 h, like the access
-#: token, and states no expiry in the answer. Refreshed with the store's refresh margin, and
-#: dropped (compare-and-delete) as soon as KIS rejects it.
+#: token, and states no expiry in the answer.
 APPROVAL_KEY_LIFETIME_S: Final = 86_400.0
 #: Unknown app key / wrong app secret.
 BAD_APP_KEY: Final = "EGW00103"
@@ -158,20 +155,16 @@ def json_or_none(resp: Answer) -> dict[str, Any] | None:
 
 def kis_code(payload: Mapping[str, Any] | None) -> str | None:
     """KIS's code in an answer: ``error_code`` (OAuth endpoints) or ``msg_cd`` (REST ones)."""
-    if not payload:
-        return None
-    code = payload.get("error_code") or payload.get("msg_cd")
+    code = payload and (payload.get("error_code") or payload.get("msg_cd"))
     return str(code) if code else None
 
 
 def kis_message(payload: Mapping[str, Any] | None) -> str | None:
     """``"<code>: <KIS's text>"`` (at most 200 characters of text), or ``None`` without text."""
-    if not payload:
-        return None
-    text = payload.get("error_description") or payload.get("msg1")
-    code = kis_code(payload)
+    text = payload and (payload.get("error_description") or payload.get("msg1"))
     if not text:
         return None
+    code = kis_code(payload)
     return f"{code}: {str(text)[:200]}" if code else str(text)[:200]
 
 
@@ -246,9 +239,8 @@ _RT_CD_OK: Final = re.compile(rb'"rt_cd"\s*:\s*"0"')
 
 
 def verdict_of(resp: Answer, *, stream: bool = False) -> Verdict:
-    """:func:`verdict` of an HTTP answer (``requests`` or ``httpx``), on every call's path: an
-    HTTP success is decoded only if a byte search says it may be a refusal, and left unread if
-    ``stream``."""
+    """:func:`verdict` of an HTTP answer, on every call's path: an HTTP success is decoded only if
+    a byte search says it may be a refusal, and left unread if ``stream``."""
     status = resp.status_code
     if status < 400 and (stream or _plain(resp.content)):
         return Verdict.OK
@@ -262,8 +254,7 @@ def _plain(body: bytes) -> bool:
 
 
 def _skewed(payload: Mapping[str, Any], now: float, kis_now: float) -> bool:
-    """Whether the token in ``payload`` is unusable at ``now`` only because this host's clock is
-    far from KIS's ``kis_now``: it is usable by KIS's clock."""
+    """Whether the token in ``payload`` is unusable at ``now`` but usable by KIS's ``kis_now``."""
     return (
         abs(now - kis_now) > CLOCK_TOLERANCE_S
         and not _usable(payload, now)

@@ -1,10 +1,7 @@
-"""Prometheus metrics from the event stream (the ``[prometheus]`` extra, ``prometheus_client``).
+"""Prometheus metrics from the event stream (the ``[prometheus]`` extra; docs/observability.md).
 
-On when ``KOREA_INVESTMENT_METRICS=prometheus`` (read when the first client is built) or after
-:func:`enable_prometheus`. Each process counts its own; in gunicorn's multi-process mode
-(``PROMETHEUS_MULTIPROC_DIR`` set before the workers start) prometheus_client writes them to
-files that a ``MultiProcessCollector`` sums at scrape time. Every metric is labelled by the
-masked app key (:func:`~kis_safe_token.events.app_key_label`) and the backend.
+Each process counts its own (gunicorn: prometheus_client's multi-process mode); every metric is
+labelled by the masked app key (:func:`~kis_safe_token.events.app_key_label`) and the backend.
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ from .events import Event, Kind, subscribe
 __all__ = ["METRICS_ENV", "enable_prometheus", "from_environment"]
 
 METRICS_ENV: Final = "KOREA_INVESTMENT_METRICS"
-_ALLOWED = ("prometheus", "off")
 _guard = threading.Lock()
 _enabled: dict[int, Any] = {}
-_from_environment = False
 
 #: Buckets (s) for waits and KIS latency: a warm wait is milliseconds, an EGW00133 sit-out a minute.
 BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -30,20 +25,16 @@ BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
 def from_environment() -> None:
     """Turn the metrics on if ``$KOREA_INVESTMENT_METRICS`` says ``prometheus`` (every client
     construction asks); ``ValueError`` naming the variable for any other value but ``off``."""
-    global _from_environment
     value = os.environ.get(METRICS_ENV, "").strip().lower()
-    if value in ("", "off") or (value == "prometheus" and _from_environment):
-        return
-    if value != "prometheus":
-        raise ValueError(f"{METRICS_ENV} must be one of {', '.join(_ALLOWED)} (or unset)")
-    enable_prometheus()
-    _from_environment = True
+    if value == "prometheus":
+        enable_prometheus()  # a no-op once the default registry is fed
+    elif value not in ("", "off"):
+        raise ValueError(f"{METRICS_ENV} must be one of prometheus, off (or unset)")
 
 
 def enable_prometheus(registry: Any = None) -> None:
-    """Register the metrics in ``registry`` (prometheus_client's default one if ``None``) and
-    feed them from the events of this process; calling it again for the same registry is a
-    no-op."""
+    """Feed metrics in ``registry`` (``None``: prometheus_client's default) from this process's
+    events; again for the same registry: a no-op."""
     try:
         import prometheus_client as prom
     except ImportError as exc:
@@ -54,8 +45,8 @@ def enable_prometheus(registry: Any = None) -> None:
     with _guard:
         if id(registry) in _enabled:
             return
-        _enabled[id(registry)] = _Metrics(prom, registry)
-        subscribe(_enabled[id(registry)].record)
+        metrics = _enabled[id(registry)] = _Metrics(prom, registry)
+        subscribe(metrics.record)
 
 
 class _Metrics:

@@ -1,9 +1,6 @@
 """KIS's OAuth endpoints (``tokenP``, ``revokeP``, ``Approval``) and the reading of their
-answers, written once for every token holder (sync, asyncio) and integration.
-
-Plain functions over an injected ``requests.Session``: no memory, no storage, no lock; the caller
-decides when (:class:`~kis_safe_token.SharedToken` issues only while holding the fleet's issuance
-lock). Neither the secret nor a token appears in an error message.
+answers, written once for every token holder and integration: plain functions over an injected
+``requests.Session``, no memory, storage or lock. No error message holds the secret or a token.
 """
 
 from __future__ import annotations
@@ -68,6 +65,20 @@ def _NO_AUTH(request: requests.PreparedRequest) -> requests.PreparedRequest:  # 
     return request
 
 
+def _post(
+    session: requests.Session,
+    url: str,
+    body: dict[str, str],
+    timeout: Timeout,
+    failed: Callable[[BaseException], Exception],
+) -> requests.Response:
+    """POST ``body`` to ``url`` without the session's ``auth``; ``failed(exc)`` if no answer."""
+    try:
+        return session.post(url, json=body, timeout=timeout, auth=_NO_AUTH)
+    except requests.RequestException as exc:
+        raise failed(exc) from None
+
+
 def issue_token(
     session: requests.Session,
     base_url: str,
@@ -82,15 +93,11 @@ def issue_token(
 
     Raises :class:`TokenIssueError` carrying KIS's code and HTTP status if KIS refuses (with
     ``retry_after_s=rate_limit_wait_s`` for ``EGW00133``), if the call fails (naming KIS's host
-    and the cause), or if the answer is a token that cannot be used (expired on arrival,
-    unsendable, living for years). A token refused only because this host's clock is far from
-    KIS's is a ``local`` error naming the clock.
+    and the cause), or if the answer is a token that cannot be used. A token refused only because
+    this host's clock is far from KIS's is a ``local`` error naming the clock.
     """
     body = token_request(api_key, api_secret)
-    try:
-        resp = session.post(f"{base_url}{TOKEN_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
-    except requests.RequestException as exc:
-        raise token_request_failed(exc) from None
+    resp = _post(session, f"{base_url}{TOKEN_PATH}", body, timeout, token_request_failed)
     return token_from_answer(resp, clock=clock, rate_limit_wait_s=rate_limit_wait_s)
 
 
@@ -106,22 +113,17 @@ def token_request_failed(exc: BaseException) -> TokenIssueError:
 
 def no_answer(what: str, exc: BaseException) -> str:
     """``"KIS <what> request to <host>:<port> failed: <cause>"`` for a call that raised ``exc``:
-    the cause from its chain and type (``timed out (ReadTimeout)``), never its message, which
-    may quote the request."""
+    the cause from its chain and type, never its message, which may quote the request."""
     return f"KIS {what} request{_where(exc)} failed: {_cause(exc)}"
 
 
 def token_from_answer(
     resp: Answer, *, clock: Callable[[], float], rate_limit_wait_s: float
 ) -> Token:
-    """The token in KIS's answer to ``tokenP`` (``requests`` or ``httpx``); the errors
-    :func:`issue_token` describes."""
+    """The token in KIS's answer to ``tokenP``; the errors :func:`issue_token` describes."""
+    payload = json_or_none(resp)
     return token_from(
-        resp.status_code,
-        json_or_none(resp),
-        kis_time(resp),
-        clock=clock,
-        rate_limit_wait_s=rate_limit_wait_s,
+        resp.status_code, payload, kis_time(resp), clock=clock, rate_limit_wait_s=rate_limit_wait_s
     )
 
 
@@ -133,9 +135,9 @@ def token_from(
     clock: Callable[[], float],
     rate_limit_wait_s: float,
 ) -> Token:
-    """The token in KIS's ``tokenP`` answer given as its HTTP ``status``, its JSON object
-    (``None``: none) and KIS's clock (its ``Date``; ``None``: unknown, so a clock skew reads as
-    an unusable token); the errors :func:`issue_token` describes."""
+    """The token in KIS's ``tokenP`` answer: its HTTP ``status``, JSON object and clock (its
+    ``Date``; ``None``: unknown, a skew reads as an unusable token); errors as :func:`issue_token`.
+    """
     now = clock()
     kind = verdict(payload, status, now=now, kis_now=kis_now)
     if kind is Verdict.CLOCK_SKEW and kis_now is not None:
@@ -173,11 +175,7 @@ def revoke_token(
 ) -> None:
     """Revoke ``access_token`` at KIS (``POST /oauth2/revokeP``); :class:`KisApiError` if not."""
     body = revoke_request(api_key, api_secret, access_token)
-    try:
-        resp = session.post(f"{base_url}{REVOKE_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
-    except requests.RequestException as exc:
-        raise revoke_request_failed(exc) from None
-    check_revoked(resp)
+    check_revoked(_post(session, f"{base_url}{REVOKE_PATH}", body, timeout, revoke_request_failed))
 
 
 def revoke_request(api_key: str, api_secret: str, access_token: str) -> dict[str, str]:
@@ -219,14 +217,10 @@ def issue_approval_key(
     clock: Callable[[], float],
 ) -> Token:
     """Ask KIS for a websocket approval key (``POST /oauth2/Approval``), as a :class:`Token`
-    whose ``access_token`` is the key, valid :data:`~kis_safe_token.kis.APPROVAL_KEY_LIFETIME_S`
-    (KIS states no expiry). :class:`TokenIssueError` with KIS's code if it refuses, or if the
-    answer holds no key that can be sent."""
+    valid :data:`~kis_safe_token.kis.APPROVAL_KEY_LIFETIME_S`. :class:`TokenIssueError` with
+    KIS's code if it refuses, or if the answer holds no key that can be sent."""
     body = approval_request(api_key, api_secret)
-    try:
-        resp = session.post(f"{base_url}{APPROVAL_PATH}", json=body, timeout=timeout, auth=_NO_AUTH)
-    except requests.RequestException as exc:
-        raise approval_request_failed(exc) from None
+    resp = _post(session, f"{base_url}{APPROVAL_PATH}", body, timeout, approval_request_failed)
     return approval_key_from_answer(resp, clock=clock)
 
 
@@ -241,8 +235,7 @@ def approval_request_failed(exc: BaseException) -> TokenIssueError:
 
 
 def approval_key_from_answer(resp: Answer, *, clock: Callable[[], float]) -> Token:
-    """The approval key in KIS's answer to ``Approval`` (``requests`` or ``httpx``), as
-    :func:`issue_approval_key` describes it; :class:`TokenIssueError` if there is none."""
+    """The approval key in KIS's answer to ``Approval``, as :func:`issue_approval_key` says."""
     payload = json_or_none(resp)
     key = payload.get("approval_key") if payload else None
     kind = verdict(payload, resp.status_code)
@@ -274,7 +267,7 @@ _CAUSES: tuple[tuple[type[BaseException], str], ...] = (
 
 def _cause(exc: BaseException) -> str:
     """``"<cause> (<type of exc>)"``, the cause found in the chain of ``exc`` (``__cause__``,
-    ``__context__``, urllib3's ``reason``, wrapped exceptions in ``args``); else the type."""
+    ``__context__``, urllib3's ``reason``, ``args``); else the type."""
     name = type(exc).__name__
     todo, seen = [exc], set[int]()
     while todo and len(seen) < 20:

@@ -1,9 +1,6 @@
-"""The one call policy of every KIS client and integration, free of I/O.
-
-:class:`CallPolicy` answers each :class:`~kis_safe_token.kis.Verdict` with a :class:`Step`
-(``EGW00201``: penalize the fleet's limiter, back off, re-send within :data:`RETRY_BUDGET_S`;
-``EGW00121``/``EGW00123``: drop the token sent, compare-and-delete, send once more);
-:func:`drive` and :func:`drive_async` are the only loops that sleep and send.
+"""The one call policy of every KIS client and integration: :class:`CallPolicy`, free of I/O,
+answers each :class:`~kis_safe_token.kis.Verdict` with a :class:`Step`; :func:`drive` and
+:func:`drive_async` are the only loops that sleep and send.
 """
 
 from __future__ import annotations
@@ -53,7 +50,7 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """What to do after one answer; first, with ``penalize_s`` set, tell the fleet's limiter of
+    """What to do after one answer; first, if ``penalize_s`` is set, tell the fleet's limiter of
     the ``EGW00201`` within that much of the budget."""
 
     action: Action
@@ -91,10 +88,7 @@ class CallPolicy:
         if self._first_refusal is None:
             self._first_refusal = self._clock()
         left = self.left_s()
-        if self.resends >= RETRY_ATTEMPTS:
-            return Step(Action.DELIVER, penalize_s=left)
-        pause = self._backoff(self.resends)
-        if left - pause <= 0:
+        if self.resends >= RETRY_ATTEMPTS or left - (pause := self._backoff(self.resends)) <= 0:
             return Step(Action.DELIVER, penalize_s=left)
         self.resends += 1
         return Step(Action.RESEND, pause_s=pause, penalize_s=left)

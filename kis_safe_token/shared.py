@@ -82,9 +82,8 @@ TOKEN_REJECTED_LABEL = "EGW00121/EGW00123"
 
 
 class TokenSettings:
-    """What a token holder needs, checked once: the credentials, the KIS host, the store and the
-    HTTP timings; the base of :class:`SharedToken` and :class:`~kis_safe_token.AsyncSharedToken`.
-    ``ValueError`` names an argument that cannot be used."""
+    """What :class:`SharedToken` and :class:`~kis_safe_token.AsyncSharedToken` share: the checked
+    settings and the tokens in memory. ``ValueError`` names an argument that cannot be used."""
 
     def __init__(
         self,
@@ -115,7 +114,14 @@ class TokenSettings:
             http_timeout_s=sum(self.timeout), issue_window_s=self.rate_limit_wait_s
         )
         self._clock = clock
-        self._margin_s = self.token_storage.refresh_margin_s
+        memory = partial(
+            InMemory,
+            wait_timeout=self.token_storage.wait_timeout,
+            refresh_margin_s=self.token_storage.refresh_margin_s,
+            clock=clock,
+        )
+        self._memory = memory()
+        self._approvals = memory(what="another thread's approval key")
         metrics_from_environment()
         if rate_limiter is None:
             rate = resolve_calls_per_second(calls_per_second, mock=mock)
@@ -136,12 +142,16 @@ class TokenSettings:
 
     def refused(self, verdict: Verdict) -> None:
         """KIS refused a call with ``EGW00201`` or refused its token (for the events)."""
-        storage, key = self.token_storage, self.api_key
-        if verdict is Verdict.TOO_MANY_CALLS:
-            emit(Kind.KIS_ERROR, storage, key, code=TOO_MANY_CALLS)
-        else:
-            emit(Kind.KIS_ERROR, storage, key, code=TOKEN_REJECTED_LABEL)
-            emit(Kind.REJECTED, storage, key, code=TOKEN_REJECTED_LABEL)
+        code = TOO_MANY_CALLS if verdict is Verdict.TOO_MANY_CALLS else TOKEN_REJECTED_LABEL
+        emit(Kind.KIS_ERROR, self.token_storage, self.api_key, code=code)
+        if code == TOKEN_REJECTED_LABEL:
+            emit(Kind.REJECTED, self.token_storage, self.api_key, code=code)
+
+    def _held(self, memory: InMemory) -> Token | None:
+        """``memory``'s token while it is fresh (never fetches one)."""
+        fresh_until = memory.fresh_until  # read before the token: a refresh sets it after
+        token = memory.token
+        return token if token is not None and self._clock() < fresh_until else None
 
     def __repr__(self) -> str:
         return (
@@ -153,20 +163,11 @@ class TokenSettings:
 class SharedToken(TokenSettings, Closing):
     """The access token of one app key, shared with every process that uses the same store.
 
-    Kept in memory and checked locally (:attr:`bearer` is a clock read while the token is
-    fresh); the store is touched on first use, near expiry (its ``refresh_margin_s``) and after
-    :meth:`invalidate`, and a new token comes through its single flight. Nothing is fetched at
-    construction.
-
-    ``api_secret=None``: the keyring, then ``$KOREA_INVESTMENT_API_SECRET``
-    (:class:`SecretNotFoundError` otherwise). ``token_storage=None``: :func:`create_token_storage`.
-    ``base_url=None``: ``$KOREA_INVESTMENT_BASE_URL``, else the real host, or the virtual one for
-    ``mock=True``. ``session``: the ``requests.Session`` of the OAuth calls (by default its own,
-    closed by :meth:`close`). ``timeout``: seconds per KIS call, or ``(connect, read)``.
-    ``rate_limit_wait_s``: how long to sit out an ``EGW00133``. ``calls_per_second``: the fleet's
-    call-rate limit (``None``: ``$KOREA_INVESTMENT_CALLS_PER_SECOND``, else 20/s real, 2/s with
-    ``mock=True``; ``0``: off), kept by the store's limiter unless ``rate_limiter`` is given (see
-    :meth:`throttle`). ``ValueError`` names an argument that cannot be used.
+    Kept in memory (:attr:`bearer` is a clock read while fresh); the store is touched on first
+    use, near expiry and after :meth:`invalidate`; nothing is fetched at construction. The
+    arguments are described in docs/configuration.md; ``session`` is the ``requests.Session`` of
+    the OAuth calls (by default its own, closed by :meth:`close`). :class:`SecretNotFoundError`
+    without an ``api_secret`` anywhere; ``ValueError`` names an argument that cannot be used.
     """
 
     def __init__(
@@ -198,14 +199,6 @@ class SharedToken(TokenSettings, Closing):
         )
         self._own_session = session is None
         self._session = session  # our own is made when first needed: a waiter never needs it
-        memory = partial(
-            InMemory,
-            wait_timeout=self.token_storage.wait_timeout,
-            refresh_margin_s=self._margin_s,
-            clock=self._clock,
-        )
-        self._memory = memory()
-        self._approvals = memory(what="another thread's approval key")
         renew_after_fork(self)
 
     # -- the token -------------------------------------------------------------------------------
@@ -220,11 +213,7 @@ class SharedToken(TokenSettings, Closing):
     @property
     def token(self) -> Token:
         """The current :class:`Token` (refreshed through the store when near expiry)."""
-        fresh_until = self._memory.fresh_until  # read before the token: a refresh sets it after
-        token = self._memory.token
-        if token is not None and self._clock() < fresh_until:
-            return token
-        return self._refresh()
+        return self._held(self._memory) or self._refresh()
 
     def in_memory(self) -> Token | None:
         """The token held in memory (never fetches one)."""
@@ -251,11 +240,9 @@ class SharedToken(TokenSettings, Closing):
         return self._refresh()
 
     def invalidate(self, access_token: str) -> bool:
-        """KIS rejected ``access_token`` (``EGW00121``/``EGW00123``, with or without its
-        ``Bearer `` prefix): drop it from the store only if the store still holds it
-        (compare-and-delete: N processes that saw it rejected make one deletion, then one
-        issuance), and from memory if it is the current one. Whether the store deleted it;
-        :class:`TokenStorageError` if the store cannot be reached."""
+        """KIS rejected ``access_token`` (``Bearer `` prefix optional): drop it from the store only
+        if the store still holds it (compare-and-delete: N processes make one issuance), and from
+        memory. Whether the store deleted it; :class:`TokenStorageError` if it is unreachable."""
         current = self._memory.token
         if current is not None and access_token == current.bearer:
             access_token = current.access_token
@@ -281,16 +268,13 @@ class SharedToken(TokenSettings, Closing):
             access_token=token.access_token,
             timeout=self.timeout,
         )
-        self.token_storage.invalidate_token(self.api_key, self.api_secret, token.access_token)
-        self._memory.forget(token.access_token)
+        self.invalidate(token.access_token)
         note_revoked(self.api_key, self.token_storage)
 
     # -- the call-rate limit and the websocket approval key ---------------------------------------
     def throttle(self, timeout_s: float = ACQUIRE_TIMEOUT_S) -> float:
-        """Wait for a slot of the fleet-wide call-rate limit; the seconds waited. Call it before
-        every KIS REST call not sent by :class:`KisAuth` or :class:`KoreaInvestment` (they do).
-        A no-op without a limiter; :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no
-        slot is free within ``timeout_s``."""
+        """Wait for a slot of the fleet's call rate before a KIS call you send yourself (no-op
+        without a limiter); the seconds waited. :class:`RateLimitTimeout` after ``timeout_s``."""
         limiter = self.rate_limiter
         return self.sent(0.0 if limiter is None else limiter.acquire(timeout_s))
 
@@ -298,14 +282,12 @@ class SharedToken(TokenSettings, Closing):
     def approval_key(self) -> str:
         """The websocket approval key (``POST /oauth2/Approval``), shared like the token (its own
         sealed entry in the store); :meth:`invalidate_approval_key` when KIS rejects it."""
-        current = self._approvals.token
-        if current is not None and current.is_valid(self._clock(), self._margin_s):
-            return current.access_token
-        return self._approvals.get(self._fetch_approval).access_token
+        held = self._held(self._approvals)
+        return (held or self._approvals.get(self._fetch_approval)).access_token
 
     def _fetch_approval(self) -> Token:
-        # KIS meters Approval with the REST calls: the slot is taken before the store's issuance
-        # lock, never while holding it.
+        # KIS meters Approval with the REST calls: the slot is taken before the issuance lock,
+        # never while holding it.
         key = self.api_key + APPROVAL_SUFFIX
         stored = self.token_storage.load_token(key, self.api_secret)
         if stored is not None:
@@ -314,8 +296,7 @@ class SharedToken(TokenSettings, Closing):
         return self.token_storage.get_or_issue(key, self.api_secret, self._issue_approval)
 
     def invalidate_approval_key(self, approval_key: str) -> bool:
-        """KIS rejected ``approval_key``: drop it from the store only if the store still holds it
-        (compare-and-delete), and from memory. Whether the store deleted it."""
+        """KIS rejected ``approval_key``: compare-and-delete it; whether the store deleted it."""
         deleted = self.token_storage.invalidate_token(
             self.api_key + APPROVAL_SUFFIX, self.api_secret, approval_key
         )
@@ -323,8 +304,7 @@ class SharedToken(TokenSettings, Closing):
         return deleted
 
     def _issue_approval(self) -> Token:
-        """Ask KIS for an approval key (the store calls it holding the issuance lock); an
-        ``EGW00201`` slows the fleet's rate down (the store sits it out, asks once more)."""
+        """Ask KIS for an approval key (holding the issuance lock); ``EGW00201`` slows the fleet."""
         try:
             return issue_approval_key(
                 self.session,
@@ -350,8 +330,7 @@ class SharedToken(TokenSettings, Closing):
 
     # -- internals -------------------------------------------------------------------------------
     def _refresh(self) -> Token:
-        """The token through this process's tier (one thread at a time, bounded like the store's
-        own wait so queued threads do not each wait a full ``wait_timeout``), then the store."""
+        """The token through this process's tier (one thread at a time), then the store."""
         storage, key, secret = self.token_storage, self.api_key, self.api_secret
         return self._memory.get(partial(storage.get_or_issue, key, secret, self._issue))
 
@@ -371,9 +350,8 @@ class SharedToken(TokenSettings, Closing):
         return token
 
     def _after_fork(self) -> None:
-        # In a child forked while another thread refreshed the token (gunicorn --preload with a
-        # background thread), the inherited lock would stay held for ever; an object built before
-        # fork() must not share pooled sockets with its parent either.
+        # A child forked while another thread refreshed (gunicorn --preload) would inherit a lock
+        # held for ever, and must not share pooled sockets with its parent either.
         self._memory.renew_after_fork()
         self._approvals.renew_after_fork()
         if self._own_session:

@@ -29,8 +29,8 @@ KST = timezone(timedelta(hours=9), "KST")
 KST_FORMAT = "%Y-%m-%d %H:%M:%S"
 #: A token this close to its expiry is treated as expired: no request leaves with a dying one.
 REFRESH_MARGIN_S = 300.0
-#: A token living shorter than ``REFRESH_MARGIN_S / MARGIN_FRACTION`` (50 min) is refreshed in
-#: the last tenth of its life instead (docs/design.md, "The token record").
+#: A token living shorter than ``REFRESH_MARGIN_S / MARGIN_FRACTION`` is refreshed in the last
+#: tenth of its life instead.
 MARGIN_FRACTION = 0.1
 #: KIS's answer is refused if the token expires sooner than this after it (already expired)...
 MIN_LIFETIME_S = 1.0
@@ -59,8 +59,8 @@ _EPOCH_KST = datetime(1970, 1, 1, 9, tzinfo=KST)
 
 
 def format_kst(epoch_s: float) -> str:
-    """The KIS ``YYYY-MM-DD HH:MM:SS`` KST string of an epoch time; ``ValueError`` if that time
-    is not a date between the years 1 and 9999."""
+    """The KIS ``YYYY-MM-DD HH:MM:SS`` KST string of an epoch time; ``ValueError`` if out of
+    the years 1 to 9999."""
     # Epoch arithmetic, not fromtimestamp(): no platform time_t limit (OverflowError, OSError).
     try:
         return (_EPOCH_KST + timedelta(seconds=epoch_s)).strftime(KST_FORMAT)
@@ -69,8 +69,8 @@ def format_kst(epoch_s: float) -> str:
 
 
 def header_safe(value: object) -> bool:
-    """Whether ``value`` is a non-empty string of visible ASCII (no space, no control character),
-    which travels unchanged in an HTTP header (KIS's tokens, app keys and secrets are ASCII)."""
+    """Whether ``value`` is a non-empty string of visible ASCII, which travels unchanged in an
+    HTTP header."""
     return isinstance(value, str) and _VISIBLE_ASCII.fullmatch(value) is not None
 
 
@@ -101,13 +101,10 @@ def _epoch(value: Any, name: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One KIS access token and when it expires (epoch seconds, UTC-based).
+    """One KIS access token and when it expires (epoch seconds); ``issued_at`` if known.
 
-    ``issued_at`` (when KIS issued it, if known) lets a token that lives shorter than the
-    refresh margin be used for most of its life (see :meth:`refresh_at`). ``ValueError`` if the
-    token cannot be sent in an HTTP header (see :func:`header_safe`; an optional ``Bearer ``
-    prefix is allowed), or if a time is not an epoch between 1970 and 3000, or ``issued_at`` is
-    after ``expires_at``.
+    ``ValueError`` if the token is not :func:`header_safe` (after an optional ``Bearer ``), a
+    time is not an epoch between 1970 and 3000, or ``issued_at`` is after ``expires_at``.
     """
 
     access_token: str
@@ -144,33 +141,26 @@ class Token:
     @property
     def bearer(self) -> str:
         """The ``authorization`` header value: ``Bearer <token>``."""
-        if self.access_token.startswith("Bearer "):
-            return self.access_token
-        return f"Bearer {self.access_token}"
+        return f"Bearer {self.access_token.removeprefix('Bearer ')}"
 
     def refresh_at(self, margin_s: float = REFRESH_MARGIN_S) -> float:
-        """When to stop using the token: ``margin_s`` before its expiry, or, if it was issued
-        for less than ``margin_s / MARGIN_FRACTION``, the last ``MARGIN_FRACTION`` of its life."""
+        """When to stop using the token: ``margin_s`` before its expiry, at most the last
+        ``MARGIN_FRACTION`` of its life."""
         margin = margin_s
         if self.issued_at is not None:
             margin = min(margin_s, MARGIN_FRACTION * (self.expires_at - self.issued_at))
         return self.expires_at - margin
 
     def is_valid(self, now: float, margin_s: float = 0.0) -> bool:
-        """Whether the token is still good at ``now`` with ``margin_s`` to spare (at most
-        ``MARGIN_FRACTION`` of its life, see :meth:`refresh_at`)."""
+        """Whether the token is still good at ``now`` (see :meth:`refresh_at`)."""
         return now < self.refresh_at(margin_s)
 
     # -- conversions ---------------------------------------------------------------------------
     @classmethod
     def from_kis_response(cls, payload: Mapping[str, Any], *, now: float) -> Token:
-        """Build from the JSON body of ``POST /oauth2/tokenP`` received at ``now``.
-
-        The KST ``access_token_token_expired`` string is authoritative; ``expires_in`` is used
-        only when the string is missing. ``ValueError`` if the answer is unusable: no token, one
-        that cannot be sent in a header, one that expires less than ``MIN_LIFETIME_S`` after
-        ``now`` (by ``now``'s clock) or more than ``MAX_LIFETIME_S`` after it.
-        """
+        """Build from the JSON body of ``POST /oauth2/tokenP`` received at ``now`` (the KST
+        expiry string wins over ``expires_in``). ``ValueError`` if unusable: no token, not
+        header-safe, or living less than ``MIN_LIFETIME_S`` or more than ``MAX_LIFETIME_S``."""
         if not isinstance(payload, Mapping):
             raise ValueError("token response is not a JSON object")
         access_token = payload.get("access_token")

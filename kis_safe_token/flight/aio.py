@@ -1,19 +1,9 @@
-"""The asyncio driver: the engine's steps performed with ``await``.
+"""The asyncio driver: the engine's steps, on the same store and lock objects, with ``await``.
 
-The same steps on the same store and lock objects as :func:`~.drivers.run_sync`, so a sync and
-an async process take turns on one lock and share one token. Where each step runs:
-
-- a store with ``inline_io`` (the file backend: a ``stat`` while the file is unchanged, ~4 us;
-  a Fernet open, ~60 us; the holder's save, ~1 ms once per issuance) performs its steps on the
-  loop. They must run there: ``filelock`` locks per thread, and the loop's thread holds it;
-- any other store's steps run in a worker thread (``asyncio.to_thread``), and so does a
-  compare-and-delete, which may wait for a lock.
-
-Cancellation: a lock attempt cancelled while it runs in a thread is awaited to its end, and a
-lock it took is given back; the release is shielded, so a second cancellation cannot leave the
-fleet's lock behind. Within one event loop, tasks needing a token for the same store and app key
-queue on one ``asyncio.Lock`` first: one of them goes to the fleet's lock, the others read what
-it saved (a file lock is re-entrant within a thread, so two tasks would otherwise both hold it).
+A store with ``inline_io`` (the file backend, microseconds a step) runs its steps on the loop:
+``filelock`` locks per thread, and the loop's thread holds it. Any other store's run in a worker
+thread. Tasks of one loop queue on one ``asyncio.Lock`` per store and app key first, since a
+file lock is re-entrant within a thread and two tasks would otherwise both hold it.
 """
 
 from __future__ import annotations
@@ -21,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -50,12 +41,10 @@ AsyncIssueFn = Callable[[], Awaitable[Token]]
 
 
 class AsyncStore:
-    """A :class:`~kis_safe_token.storage.TokenStorage` driven from an event loop:
-    ``get_or_issue`` and ``invalidate_token`` as coroutines, on the storage's own records and
-    lock. Cancelled or timed out (``asyncio.timeout``) at any await, it leaves no lock held.
+    """A ``TokenStorage`` driven from an event loop; cancelled at any await, it holds no lock.
 
-    ``redis_client``: the ``redis.asyncio`` client the fleet's Redis rate limiter is reserved
-    on (by default one built from a Redis storage's URL; close it with :meth:`aclose`).
+    ``redis_client``: the ``redis.asyncio`` client for the Redis rate limiter (default: one built
+    from a Redis storage's URL; close it with :meth:`aclose`).
     """
 
     def __init__(self, storage: TokenStorage, *, redis_client: Any = None) -> None:
@@ -64,11 +53,9 @@ class AsyncStore:
         self._client = redis_client
         build = getattr(storage, "async_client", None)
         if redis_client is None and build is not None:
-            try:
+            with suppress(ValueError):  # built on an injected client: no async twin
                 self._client = build()
                 self._own_client = True
-            except ValueError:
-                self._client = None
         self._sync_client = getattr(storage, "redis_client", None)
         self._inline = bool(getattr(storage, "inline_io", False))
 
@@ -105,15 +92,15 @@ class AsyncStore:
             assert issue is not None
             flight.lock.issuing()
             return await issue()
-        if step is RELEASE:
+        if step is RELEASE:  # shielded: a second cancellation cannot leave the lock behind
             return await asyncio.shield(self._run(flight.lock.release))
         if step is ATTEMPT and not self._inline:
             return await self._attempt_in_thread(flight)
         return await self._run(io_call(flight, step))
 
     async def _attempt_in_thread(self, flight: Flight) -> Any:
-        """A lock attempt in a worker thread: cancelled meanwhile, the attempt runs to its end
-        and a lock it took is released (the protocol never learnt that it held it)."""
+        """A lock attempt in a thread; cancelled, it runs to its end and a lock it took is given
+        back (the protocol never learnt that it held it)."""
         attempt = asyncio.ensure_future(asyncio.to_thread(flight.lock.attempt))
         try:
             return await asyncio.shield(attempt)
@@ -132,9 +119,7 @@ class AsyncStore:
 
     # -- the protocol, driven -------------------------------------------------------------------
     async def get_or_issue(self, api_key: str, api_secret: str, issue: AsyncIssueFn) -> Token:
-        """:meth:`TokenStorage.get_or_issue` for a coroutine ``issue``: the same single flight
-        fleet-wide (sync processes included), one issuance per event loop, and no blocking
-        wait. Raises what ``get_or_issue`` raises."""
+        """:meth:`TokenStorage.get_or_issue` for a coroutine ``issue``, never blocking the loop."""
         storage = self.storage
         token: Token | None = await self._run(partial(storage.read_token, api_key, api_secret))
         if storage.usable(token):
@@ -154,10 +139,9 @@ class AsyncStore:
 
     async def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
         """The storage's compare-and-delete, in a worker thread (it may wait for a lock)."""
-        deleted: bool = await asyncio.to_thread(
+        return await asyncio.to_thread(
             self.storage.invalidate_token, api_key, api_secret, access_token
         )
-        return deleted
 
     async def load_token(self, api_key: str, api_secret: str) -> Token | None:
         """The stored token if it is valid (never issues)."""
@@ -168,18 +152,16 @@ class AsyncStore:
     async def try_acquire(
         self, limiter: Any, max_wait_s: float, deadline: float | None = None
     ) -> float | None:
-        """``limiter.try_acquire(max_wait_s)`` without blocking the loop on a network: the
-        limiter's own ``try_acquire_async`` (a Redis limiter runs its script on this store's
-        ``redis.asyncio`` client, a file or memory one inline, any other in a worker thread)."""
+        """``limiter.try_acquire_async`` (a Redis limiter on this store's ``redis.asyncio``
+        client)."""
         client = self._client if limiter.on_client(self._sync_client) else None
         wait: float | None = await limiter.try_acquire_async(max_wait_s, deadline, client)
         return wait
 
     @staticmethod
     async def penalize(limiter: Any, timeout_s: float | None = None) -> bool:
-        """``limiter.penalize()`` (after ``EGW00201``; rare), through the limiter's own
-        ``penalize_async`` (inline for a file or memory limiter, else in a worker thread; a
-        Redis round trip retried for at most ``timeout_s``, the caller's budget left)."""
+        """``limiter.penalize_async(timeout_s)`` (after ``EGW00201``; ``timeout_s``: the caller's
+        budget left)."""
         started: bool = await limiter.penalize_async(timeout_s)
         return started
 
@@ -189,19 +171,16 @@ _guards = weakref.WeakKeyDictionary()
 
 
 def _loop_guard(storage: TokenStorage, api_key: str) -> asyncio.Lock:
-    """The ``asyncio.Lock`` of this event loop for one store and app key (a lock belongs to
-    one loop; keyed by the store object, which lives as long as the clients using it)."""
+    """This loop's ``asyncio.Lock`` for one store (by ``id``: it outlives its clients) and key."""
     per_loop = _guards.setdefault(asyncio.get_running_loop(), {})
     return per_loop.setdefault((id(storage), api_key), asyncio.Lock())
 
 
 async def _acquire_within(lock: asyncio.Lock, timeout_s: float) -> bool:
-    """Whether ``lock`` was acquired within ``timeout_s``.
+    """Whether ``lock`` was acquired within ``timeout_s``; cancelled or timed out, none is held.
 
-    Not ``asyncio.wait_for``: before Python 3.12 it returns the lock, swallowing the
-    cancellation, when the task is cancelled in the loop step that grants it; an
-    ``asyncio.timeout`` around the call would then not fire until the whole refresh was over.
-    Cancelled or timed out, this holds nothing: a lock granted meanwhile is given back.
+    Not ``asyncio.wait_for``: before 3.12 it swallows a cancellation landing in the loop step
+    that grants the lock, so an ``asyncio.timeout`` around the call would not fire in time.
     """
     acquiring = asyncio.ensure_future(lock.acquire())
     try:
@@ -216,8 +195,8 @@ async def _acquire_within(lock: asyncio.Lock, timeout_s: float) -> bool:
 
 
 def _give_back(lock: asyncio.Lock, acquiring: asyncio.Future[Any]) -> None:
-    """Undo an acquire whose caller gave up: release a lock it got, else cancel it (a cancelled
-    ``asyncio.Lock.acquire`` takes nothing and passes a grant on to the next waiter)."""
+    """Undo an acquire whose caller gave up: release a lock it got, else cancel it (which takes
+    nothing and passes a grant on)."""
     if not acquiring.done():
         acquiring.cancel()
     elif not acquiring.cancelled():

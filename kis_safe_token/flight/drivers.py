@@ -1,9 +1,5 @@
-"""The sync driver: the engine's steps performed with blocking calls.
-
-:func:`io_call` maps a step to the call that performs it, for this driver and the asyncio one
-(:mod:`.aio`), which performs the same steps, on the same store and lock objects, with
-``await``: a sync and an async process take turns on one lock and share one token.
-"""
+"""The sync driver: the engine's steps performed with blocking calls; :func:`io_call` serves
+the asyncio driver (:mod:`.aio`) too."""
 
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
-"""The single-flight protocol, written once and free of I/O.
+"""The single-flight protocol, written once and free of I/O (``docs/design.md``).
 
-Read the cached token; take the fleet's lock (or find the token, or the failure, that another
-caller left meanwhile); read again; issue only if still missing; save, to the holder's
-deadline; release, which wakes the waiters. Around it: the ``EGW00133`` sit-out (the holder
-keeps the lock and re-checks the cache until KIS's window ends, then asks once more) and the
-failure hold (a failed issuance is recorded for the fleet, and re-raised to every caller until
-its hold ends, so an outage costs KIS a few calls, not one per process).
-
-The protocol is a generator: it yields a :class:`Step` and is sent what performing it gave
-(or thrown what it raised). It never sleeps, reads a file or touches a socket; the two drivers
-of :mod:`.drivers` do, one with blocking calls and one with ``await`` (cancellation handling
-lives there). Like h11 for HTTP, the decisions can be read, and tested, apart from the waiting.
+A generator: it yields a :class:`Step` and is sent what performing it gave (or thrown what it
+raised); the drivers (:mod:`.drivers`, :mod:`.aio`) do the sleeping and the I/O.
 """
 
 from __future__ import annotations
@@ -66,11 +57,9 @@ class Read(Step):
     fresh: bool = False
 
 
+@dataclass(frozen=True, slots=True)
 class _Named(Step):
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name: str
 
     def __repr__(self) -> str:
         return self.name
@@ -121,8 +110,7 @@ Protocol: TypeAlias = Generator[Step, Any, Any]
 
 
 class Store(Shape):
-    """What the engine asks of a store (a :class:`~kis_safe_token.storage.TokenStorage`, or the
-    in-memory tier in front of one, :class:`~kis_safe_token.flight.memory.InMemory`)."""
+    """What the engine asks of a store: a ``TokenStorage``, or an :class:`.memory.InMemory`."""
 
     refresh_margin_s: float
     wait_timeout: float
@@ -168,8 +156,7 @@ class Flight:
         return local_failures.get(self.failure_key)
 
     def keep_local(self, failure: IssueFailure) -> None:
-        """Record ``failure`` for this process only (its own clock's, or a store's that has no
-        place for it)."""
+        """Record ``failure`` for this process only."""
         local_failures[self.failure_key] = failure
 
     @property
@@ -179,9 +166,9 @@ class Flight:
         return self.api_key, fingerprint(self.api_key, self.api_secret)
 
 
+#: Failures only this process acts on (its own clock's, or a store's with no place for them),
+#: keyed by app key and credential fingerprint (never the secret itself).
 local_failures: dict[tuple[str, str], IssueFailure] = {}
-"""Failures only this process may act on: its own clock's, and those of a store without a
-place for them. Keyed by app key and credential fingerprint (never the secret itself)."""
 
 
 # -- the protocol ---------------------------------------------------------------------------------
@@ -214,16 +201,14 @@ def _emit(
     waited_s: float = 0.0,
     code: str | None = None,
 ) -> None:
-    expires_at = None if token is None else token.expires_at
-    storage, key = flight.storage, flight.api_key
     emit(
         kind,
-        storage,
-        key,
+        flight.storage,
+        flight.api_key,
         seconds=seconds,
         waited_s=waited_s,
         code=code or "",
-        expires_at=expires_at,
+        expires_at=None if token is None else token.expires_at,
     )
 
 
@@ -308,29 +293,18 @@ def _acquire(flight: Flight, waited_on: list[str]) -> Protocol:
             return seen
 
 
-def current_failure(flight: Flight) -> Protocol:
-    """The most recent failure: this process's own while active, else the store's."""
-    local = flight.local_failure()
-    if local is not None and local.active(flight.storage.clock()):
-        return local
-    stored = yield READ_FAILURE
-    return stored or local
-
-
-def raise_if_held(flight: Flight, previous: IssueFailure | None) -> None:
-    """Re-raise ``previous`` while its hold lasts: KIS is not worth asking yet."""
-    now = flight.storage.clock()
-    if previous is not None and previous.active(now):
-        raise previous.error(now)
-
-
 def _issue_recording(flight: Flight, waited_ms: float) -> Protocol:
     """Issue holding the lock, unless a recent failure says KIS is not worth asking yet; record
     a failure for the fleet (or, if it is this host's own, for this process)."""
     if not flight.storage.records_failures:
         return checked_token((yield ISSUE))
-    previous = yield from current_failure(flight)
-    raise_if_held(flight, previous)
+    # The most recent failure: this process's own while active, else the store's.
+    previous = flight.local_failure()
+    if previous is None or not previous.active(flight.storage.clock()):
+        previous = (yield READ_FAILURE) or previous
+    now = flight.storage.clock()
+    if previous is not None and previous.active(now):
+        raise previous.error(now)
     try:
         started = time.monotonic()
         token = yield from _issue_holding(flight)

@@ -1,9 +1,5 @@
-"""The issuance lock protocol: what a backend gives the single-flight engine.
-
-One lock object serves the sync and the asyncio driver (as filelock's async locks reuse the
-sync ``_acquire``): its :meth:`IssuanceLock.attempt` never blocks and says what the caller may
-do next, so the engine decides and only the drivers wait, with ``time.sleep`` or ``await``.
-"""
+"""The issuance lock protocol: what a backend gives the single-flight engine. One lock object
+serves both drivers: :meth:`IssuanceLock.attempt` never blocks, and only the drivers wait."""
 
 from __future__ import annotations
 
@@ -22,15 +18,7 @@ if TYPE_CHECKING:
     from ..failure import IssueFailure
     from ..token import Token
 
-__all__ = [
-    "HELD",
-    "Attempt",
-    "Busy",
-    "IssuanceLock",
-    "LocalIssuanceLock",
-    "Seen",
-    "jittered",
-]
+__all__ = ["HELD", "Attempt", "Busy", "IssuanceLock", "LocalIssuanceLock", "Seen", "jittered"]
 
 #: :meth:`IssuanceLock.attempt` took the lock: the caller holds it now.
 HELD: Final = True
@@ -40,12 +28,10 @@ Seen: TypeAlias = "Token | IssueFailure"
 
 @dataclass(frozen=True, slots=True)
 class Busy:
-    """Someone else holds the lock: look again after ``poll_s`` (a driver may return sooner if
-    :meth:`IssuanceLock.wait` is woken by the holder).
+    """Someone else holds the lock: look again after ``poll_s`` (sooner if woken by the holder).
 
-    ``waiting_on`` names what the caller waits for, for the message of a waiter that gives up;
-    ``stage`` numbers the stages of a lock made of several (the seed lease, then the lock): each
-    stage gets a full ``wait_timeout``."""
+    ``waiting_on``: what the caller waits for, for a timeout's message; ``stage``: the stage of a
+    lock made of several (the seed lease, then the lock), each given a full ``wait_timeout``."""
 
     poll_s: float
     waiting_on: str = "the process holding the issuance lock"
@@ -57,12 +43,9 @@ Attempt: TypeAlias = "Literal[True] | Token | IssueFailure | Busy"
 
 
 class IssuanceLock(ABC):
-    """The lock that lets one caller at a time issue a token for one app key.
-
-    Modelled on redis-py's ``Lock`` and msal-extensions' ``CrossPlatLock``, with one twist: an
-    attempt also looks at the store, so a waiter learns of the holder's token (or its recorded
-    failure) as soon as it is there, instead of taking the lock only to find the work done.
-    """
+    """The lock that lets one caller at a time issue a token for one app key; an attempt also
+    looks at the store, so a waiter learns of the holder's token (or failure) as soon as it is
+    there instead of taking the lock only to find the work done."""
 
     @abstractmethod
     def attempt(self) -> Attempt:
@@ -77,9 +60,8 @@ class IssuanceLock(ABC):
         return None
 
     async def wait_async(self, busy: Busy, timeout_s: float) -> Seen | None:
-        """:meth:`wait` for the asyncio driver: ``asyncio.sleep``, or for a wake-up signal the
-        blocking :meth:`wait` in a worker thread (bounded by ``timeout_s``, so a cancelled
-        waiter's thread ends by itself)."""
+        """:meth:`wait` for the asyncio driver: ``asyncio.sleep``, or for a wake-up signal
+        :meth:`wait` in a thread (bounded by ``timeout_s``: a cancelled waiter's ends by itself)."""
         import asyncio  # here: a sync user of the library never imports asyncio
 
         if busy.wake is None:
@@ -88,24 +70,21 @@ class IssuanceLock(ABC):
         return await asyncio.to_thread(self.wait, busy, timeout_s)
 
     def for_task(self) -> None:  # noqa: B027 - most locks own per attempt, not per thread
-        """Said by the asyncio driver before the first attempt: this lock serves one task, not
-        the thread it runs on (a lock whose owner is otherwise the thread takes a task's own)."""
+        """Said by the asyncio driver before the first attempt: one task owns it, not a thread."""
 
     def issuing(self) -> None:  # noqa: B027 - most locks do not care
-        """Said by the driver right before the holder asks KIS: from here on, a release must
-        assume KIS may have issued (the seed lease keeps its quiet mark then, and only then)."""
+        """Said right before the holder asks KIS: from here on, a release must assume KIS issued
+        (the seed lease keeps its quiet mark then, and only then)."""
 
     def extend(self) -> None:  # noqa: B027 - locks that do not expire need nothing
         """Keep holding a lock that expires by itself (called while the holder works)."""
 
     def save_deadline(self) -> float | None:
-        """Until when (``time.monotonic()``) the holder retries saving the token KIS just gave
-        it; ``None``: the store's own default."""
+        """Until when (``time.monotonic()``) the holder retries its save; ``None``: the store's."""
         return None
 
     def save(self, write: Callable[[Token, float | None], None], token: Token) -> None:
-        """Save the token KIS just issued to this holder: by default the store's ``write``,
-        retried until :meth:`save_deadline` (the seed lease keeps the newest instead)."""
+        """Save the token KIS just issued: by default ``write`` it, to :meth:`save_deadline`."""
         write(token, self.save_deadline())
 
     @abstractmethod
@@ -113,9 +92,8 @@ class IssuanceLock(ABC):
         """Release the lock if held (and wake the waiters, where the backend has any)."""
 
     def acquire(self, deadline: float) -> Literal[True] | Token | IssueFailure:
-        """Attempt until held or a token/failure is seen; :class:`TokenStorageError` past
-        ``deadline`` (``time.monotonic()``). The sync driver's wait, for a caller holding the
-        lock by hand."""
+        """Attempt until held or a token/failure is seen, for a caller holding the lock by hand;
+        :class:`TokenStorageError` past ``deadline`` (``time.monotonic()``)."""
         while True:
             got = self.attempt()
             if not isinstance(got, Busy):
@@ -133,8 +111,7 @@ LOCAL_POLL_S: Final = 0.005
 
 
 class LocalIssuanceLock(IssuanceLock):
-    """A lock within this process only: all a storage written to the seed's four methods can
-    offer (single flight among its threads and tasks, not across processes)."""
+    """A lock within this process only: all a storage with only the seed's four methods offers."""
 
     def __init__(
         self,

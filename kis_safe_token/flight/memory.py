@@ -1,10 +1,6 @@
-"""The in-process tier of single flight: one token held in memory in front of a store.
-
-The engine drives it as it drives a store: a thread needing the token reads it from memory;
-when it is missing or near its expiry, one thread (holding this object's lock) asks the store
-behind it, whose own single flight spans the fleet, while the others wait and then read what it
-kept. Failure records and the ``EGW00133`` sit-out are the store's, so this tier has neither.
-"""
+"""The in-process tier of single flight: one token in memory in front of a store, driven by the
+engine like a store (one thread asks the store behind it; failure records and the ``EGW00133``
+sit-out are that store's)."""
 
 from __future__ import annotations
 
@@ -23,14 +19,12 @@ __all__ = ["InMemory"]
 class InMemory:
     """A token kept in memory, refreshed once at a time by this process's threads.
 
-    ``fresh_until`` and ``bearer`` are read without the lock (the warm path: a clock read and a
-    comparison). They are written in the order :meth:`write_token` gives, so a reader that sees
-    a fresh ``fresh_until`` sees the ``bearer`` that goes with it. ``what`` names the refresh
-    for a thread that gives up waiting on it.
+    ``fresh_until`` and ``bearer`` are read without the lock; :meth:`write_token` writes them in
+    an order that makes a reader seeing a fresh ``fresh_until`` see its ``bearer``. ``what``
+    names the refresh for a thread that gives up waiting on it.
     """
 
     records_failures = False
-    inline_io = True
 
     def __init__(
         self,
@@ -50,8 +44,8 @@ class InMemory:
         self._lock = threading.Lock()
 
     def get(self, fetch: Callable[[], Token]) -> Token:
-        """The token in memory while it is fresh; else ``fetch()`` (the store's single flight),
-        called by one thread at a time. :class:`TokenStorageError` after ``wait_timeout``."""
+        """The token in memory while fresh; else ``fetch()``, by one thread at a time.
+        :class:`TokenStorageError` after ``wait_timeout``."""
         flight = Flight(self, "", "")
         token: Token = run_sync(flight, get_or_issue(flight), fetch)
         return token
@@ -60,9 +54,7 @@ class InMemory:
         """Drop the token in memory (only if it is still ``access_token``, when one is given)."""
         with self._lock:
             current = self.token
-            if access_token is None or (
-                current is not None and current.access_token == access_token
-            ):
+            if access_token is None or (current and current.access_token == access_token):
                 self.fresh_until = float("-inf")
                 self.token = None
 

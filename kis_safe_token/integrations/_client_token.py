@@ -1,11 +1,5 @@
 """What the client integrations share: the token a third-party client object reads, through our
 single flight, issued at the client's own host, and the call policy applied to its answers.
-
-A :class:`ClientToken` issues at the client's current ``base_url`` (read at issuance, so
-``set_base_url`` or a subclass redirects it) and remembers, per thread, the token it served
-last, so the one a rejected call sent is the one dropped (compare-and-delete), never a fresh one
-another thread already got. :class:`CallMeter` takes a slot of the fleet's limiter before each
-REST call and acts on each answer as :mod:`kis_safe_token.policy` says.
 """
 
 from __future__ import annotations
@@ -22,16 +16,15 @@ from ..ratelimit import RateLimiter
 from ..shared import BASE_URL_ENV, SharedToken
 from ..storage.base import TokenStorage
 
-__all__ = ["CallMeter", "ClientToken", "checked_storage", "env_base_url"]
+__all__ = ["CallMeter", "ClientToken", "ClientTokenHolder", "env_base_url"]
 
 R = TypeVar("R")
 
 
 class CallMeter:
     """The :class:`~kis_safe_token.policy.CallPolicy` of the call each thread is making through
-    an upstream client (nested calls of the same thread share the outermost one's: one budget,
-    one refresh), for hooks that see the start of a call and each HTTP send at different
-    places."""
+    an upstream client (nested calls of a thread share the outermost one's: one budget, one
+    refresh)."""
 
     def __init__(self, shared: SharedToken) -> None:
         self.shared = shared
@@ -39,8 +32,7 @@ class CallMeter:
 
     @contextmanager
     def call(self) -> Iterator[CallPolicy]:
-        """The policy of this thread's call: new for an outermost call, else the enclosing
-        one's."""
+        """The policy of this thread's call: new for an outermost call, else the enclosing one's."""
         current: CallPolicy | None = getattr(self._local, "policy", None)
         if current is not None:
             yield current
@@ -53,11 +45,9 @@ class CallMeter:
             self._local.policy = None
 
     def before_send(self) -> None:
-        """A slot for the HTTP send this thread is about to make, if it is inside :meth:`call`
-        (a read of the token outside a call, say by the user, takes none), waited for within
-        what is left of the call's budget. Call it once the send's token is in hand, as
-        ``KisAuth`` does: a slot taken before a refresh would pass unused while the token is
-        issued. :class:`~kis_safe_token.ratelimit.RateLimitTimeout` if no slot comes in time."""
+        """A slot for this thread's next HTTP send, if inside :meth:`call`, within the call's
+        budget (``RateLimitTimeout`` if none comes in time). Call it once the send's token is in
+        hand: a slot taken before a refresh would pass unused while the token is issued."""
         current: CallPolicy | None = getattr(self._local, "policy", None)
         if current is not None:
             self.shared.throttle(current.left_s())
@@ -70,11 +60,9 @@ class CallMeter:
         refresh: Callable[[], bool] | None = None,
         slots: bool = True,
     ) -> R:
-        """``send()`` as this thread's call, acted on as its policy says
-        (:func:`~kis_safe_token.policy.drive`): each send in a slot (``slots=False``: ``send``
-        takes its own, :meth:`before_send`); ``refresh`` drops the token sent after a rejection
-        (``False``: none better to send); ``verdict_of``: of the answer ``send`` returns (default:
-        its parsed JSON)."""
+        """``send()`` as this thread's call, acted on as :func:`~kis_safe_token.policy.drive` says.
+        ``slots=False``: ``send`` takes its own slots (:meth:`before_send`); ``refresh``: drop the
+        rejected token (``False``: none better); ``verdict_of``: of what ``send`` returns."""
         with self.call() as policy:
             if slots:
                 self.before_send()
@@ -90,10 +78,9 @@ class CallMeter:
 
 
 class ClientToken(SharedToken):
-    """The token of one third-party ``client`` object (its ``api_key``/``api_secret`` are passed
-    here), shared through ``token_storage`` (``None``: from the environment). ``mock``,
-    ``calls_per_second`` and ``rate_limiter`` choose the fleet-wide call-rate limit as in
-    :class:`SharedToken`; :attr:`meter` hands out its slots to the client's calls."""
+    """The token of one third-party ``client`` object, shared through ``token_storage``
+    (``None``: from the environment), issued at the client's ``base_url`` as it is at issuance;
+    :attr:`meter` hands out the fleet's call-rate slots to the client's calls."""
 
     def __init__(
         self,
@@ -135,9 +122,10 @@ class ClientToken(SharedToken):
         return bearer
 
     def refresh_rejected(self) -> bool:
-        """KIS rejected the token this thread served last: drop it from the store if the store
-        still holds it (compare-and-delete) and serve the fleet's next one (one issuance for all
-        the processes that saw it rejected); whether that is another token."""
+        """KIS rejected the token this thread served last: drop it (compare-and-delete) and serve
+        the fleet's next one; whether that is another token."""
+        # The token this thread sent, never the one in memory: that may be the fresh token
+        # another thread already got after the same rejection.
         rejected: str | None = getattr(self._served, "bearer", None)
         held = self.in_memory()
         if rejected is None and held is not None:
@@ -147,19 +135,52 @@ class ClientToken(SharedToken):
         return self.serve() != rejected
 
 
-def checked_storage(token_storage: object) -> TokenStorage | None:
-    """``token_storage`` if it is one of ours (or ``None``); ``TypeError`` otherwise."""
-    if token_storage is None or isinstance(token_storage, TokenStorage):
-        return token_storage
-    raise TypeError(
-        "token_storage must be a kis_safe_token storage (FileTokenStorage, "
-        f"LockedRedisTokenStorage, ...) or None, not {type(token_storage).__name__}: a storage "
-        "without get_or_issue cannot make the fleet's single issuance"
-    )
+class ClientTokenHolder:
+    """The token side of a client subclass whose token is a :class:`ClientToken`, made at first
+    use from what :meth:`_kst_setup` kept."""
+
+    api_key: str
+    api_secret: str
+
+    def _kst_setup(self, token_storage: object, **rate: Any) -> None:
+        """Keep the token's arguments; ``TypeError`` unless ``token_storage`` is ours or None."""
+        if token_storage is not None and not isinstance(token_storage, TokenStorage):
+            raise TypeError(
+                "token_storage must be a kis_safe_token storage (FileTokenStorage, "
+                f"LockedRedisTokenStorage, ...) or None, not {type(token_storage).__name__}: a "
+                "storage without get_or_issue cannot make the fleet's single issuance"
+            )
+        self._kst_storage = token_storage
+        self._kst_rate = rate
+        self._kst_token: ClientToken | None = None
+
+    def _kst_shared(self, api_key: str | None = None, api_secret: str | None = None) -> ClientToken:
+        if self._kst_token is None:
+            self._kst_token = ClientToken(
+                self,
+                api_key or self.api_key,
+                api_secret or self.api_secret,
+                self._kst_storage,
+                **self._kst_rate,
+            )
+        return self._kst_token
+
+    def check_access_token(self) -> bool:
+        """Whether the store holds a valid token (a read: never issues, never takes the seed
+        lease of a store that has it on)."""
+        storage = self._kst_shared().token_storage
+        return storage.load_token(self.api_key, self.api_secret) is not None
+
+    def load_access_token(self) -> None:
+        """Take the fleet's token (issued through the single flight if the store has none)."""
+        self._kst_shared().serve()
+
+    def _kst_close(self) -> None:
+        if self._kst_token is not None:
+            self._kst_token.close()
 
 
 def env_base_url(base_url: str | None) -> str | None:
-    """``base_url``, else ``$KOREA_INVESTMENT_BASE_URL``, else ``None`` (the client's own host),
-    without a trailing slash."""
+    """``base_url``, else ``$KOREA_INVESTMENT_BASE_URL``, else ``None``, without a trailing /."""
     chosen = base_url or os.environ.get(BASE_URL_ENV, "").strip()
     return chosen.rstrip("/") if chosen else None

@@ -1,9 +1,7 @@
 """kis-trader's ``TokenManager`` and ``RequestsTransport``, the token shared through our storage.
 
 Hand our :class:`TokenManager` to our :class:`RequestsTransport`, and that to ``KISClient(...,
-transport=)``; :func:`refreshing_send` wraps a transport ``send`` of your own. What changes
-against upstream and the upstream lines the overrides depend on (version 0.12.2): the manual,
-``docs/integrations.md``.
+transport=)``; what changes and the upstream lines it depends on: ``docs/integrations.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from typing import Any, Literal
 
 from ..errors import TokenIssueError
 from ..kis import REVOKE_PATH, TOKEN_PATH, json_or_none, verdict
-from ..oauth import token_from, token_request, token_request_failed
+from ..oauth import revoke_request, token_from, token_request, token_request_failed
 from ..ratelimit import RateLimiter
 from ..shared import SharedToken
 from ..storage.base import TokenStorage
@@ -95,8 +93,7 @@ class _TraderToken(SharedToken):
         """``SharedToken.__init__`` sets it; kis-trader's endpoint table is the one used."""
 
     def call(self, path: str, body: Mapping[str, str]) -> tuple[int, Any]:
-        """POST ``body`` to ``path`` of the environment's host, through the manager's ``post``
-        if one was given, else through our session with our timeout."""
+        """POST ``body`` to ``path`` through the manager's ``post``, else our session."""
         url = self.base_url + path
         if self._post is not None:
             return self._post(url, body)
@@ -104,15 +101,11 @@ class _TraderToken(SharedToken):
         return resp.status_code, json_or_none(resp)
 
     def _issue(self) -> Token:
-        """``tokenP`` (called by the store, holding the issuance lock): through our session,
-        read as every token answer is (:func:`~kis_safe_token.oauth.token_from_answer`: a skewed
-        clock is this host's own failure), or through the manager's ``post``, whose answer has
-        no ``Date``."""
+        """``tokenP`` through our session, or the manager's ``post`` (whose answer has no Date)."""
         if self._post is None:
             return super()._issue()
-        url = self.base_url + TOKEN_PATH
         try:
-            status, payload = self._post(url, token_request(self.api_key, self.api_secret))
+            status, payload = self.call(TOKEN_PATH, token_request(self.api_key, self.api_secret))
         except Exception as exc:  # noqa: BLE001 - whatever the injected post raises
             raise token_request_failed(exc) from None
         answer = payload if isinstance(payload, Mapping) else None
@@ -122,12 +115,10 @@ class _TraderToken(SharedToken):
 
 
 class TokenManager(_auth.TokenManager):
-    """kis-trader's ``TokenManager`` whose token comes from ``token_storage`` (one issuance per
-    app key, fleet-wide). ``environment``: ``'real'``, ``'virtual'`` or ``'paper'``.
-    ``token_storage=None``: ours from the environment. ``post``: kis-trader's token poster
-    (``(url, body) -> (status, json)``). ``calls_per_second``/``rate_limiter``: the fleet-wide
-    call-rate limit :func:`refreshing_send` keeps to (module docstring). ``ValueError`` for an
-    unknown environment.
+    """kis-trader's ``TokenManager`` whose token comes from ``token_storage`` (``None``: ours
+    from the environment). ``environment``: ``'real'``, ``'virtual'`` or ``'paper'`` (else
+    ``ValueError``); ``post``: kis-trader's token poster (``(url, body) -> (status, json)``);
+    ``calls_per_second``/``rate_limiter``: the fleet-wide limit :func:`refreshing_send` keeps to.
     """
 
     def __init__(
@@ -165,9 +156,8 @@ class TokenManager(_auth.TokenManager):
         return self._kst_token.token_storage
 
     def access_token(self) -> str:
-        """The access token (without ``Bearer``), from memory or the fleet's single flight.
-        ``KISAuthError`` if KIS refuses to issue one; ``TokenStorageError`` if the storage
-        cannot be used."""
+        """The access token (without ``Bearer``), from the fleet's single flight. ``KISAuthError``
+        if KIS refuses to issue one; ``TokenStorageError`` if the storage cannot be used."""
         try:
             bearer = self._kst_token.bearer
         except TokenIssueError as exc:
@@ -175,22 +165,19 @@ class TokenManager(_auth.TokenManager):
         return bearer.removeprefix("Bearer ")
 
     def invalidate(self, access_token: str) -> bool:
-        """KIS rejected ``access_token`` (with or without ``Bearer``): drop it from the storage
-        if the storage still holds it (compare-and-delete) and from memory. Returns whether the
-        storage deleted it."""
+        """KIS rejected ``access_token`` (with or without ``Bearer``): drop it (compare-and-delete);
+        whether the storage deleted it."""
         return self._kst_token.invalidate(access_token)
 
     def revoke(self) -> None:
-        """Revoke the current token at KIS (``/oauth2/revokeP``) and drop it from memory and the
-        storage, so the next :meth:`access_token` gets a new one. Nothing to do without a valid
-        token. ``KISAuthError`` if the revocation fails (the token is dropped all the same, as
-        kis-trader does)."""
+        """Revoke the current token at KIS, if there is one, and drop it. ``KISAuthError`` if the
+        revocation fails (the token is dropped all the same, as kis-trader does)."""
         shared = self._kst_token
         token = shared.in_memory() or shared.load()
         if token is None:
             return
         shared.invalidate(token.access_token)
-        body = {"appkey": self.app_key, "appsecret": self.app_secret, "token": token.access_token}
+        body = revoke_request(self.app_key, self.app_secret, token.access_token)
         try:
             status, _payload = shared.call(REVOKE_PATH, body)
         except Exception as err:  # noqa: BLE001 - whatever the injected post raises
@@ -200,12 +187,10 @@ class TokenManager(_auth.TokenManager):
 
 
 def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> Sender:
-    """kis-trader's ``send`` (default: its ``requests`` sender) with the fleet's etiquette: every
-    send takes a slot of the token's fleet-wide rate limit first; an ``EGW00201`` answer is
-    re-sent after a back-off, bounded as :class:`~kis_safe_token.KisAuth` does (the limiter is
-    told, and slows the fleet down for a while); ``EGW00123``/``EGW00121`` drops the rejected
-    token (compare-and-delete) and sends once more with the fleet's next one. Any other answer,
-    and the last one, goes back unchanged (kis-trader raises on it)."""
+    """kis-trader's ``send`` (default: its ``requests`` sender) under the call policy: each send
+    in a slot of the fleet's rate limit, ``EGW00201`` re-sent after a back-off, a rejected token
+    dropped and the call sent once more with the fleet's next one; the last answer goes back
+    unchanged (kis-trader raises on it)."""
     inner: Sender = send if send is not None else _http._requests_send
     meter = CallMeter(token_manager._kst_token)
 
@@ -238,9 +223,9 @@ def refreshing_send(token_manager: TokenManager, send: Sender | None = None) -> 
 
 
 class RequestsTransport(_http.RequestsTransport):
-    """kis-trader's ``RequestsTransport``; with our :class:`TokenManager` its ``send`` is wrapped
-    by :func:`refreshing_send`. ``app_key``, ``app_secret`` and ``environment`` default to the
-    manager's (``environment`` also takes ``'virtual'``); other keywords are kis-trader's."""
+    """kis-trader's ``RequestsTransport``, its ``send`` wrapped by :func:`refreshing_send` with our
+    :class:`TokenManager`, whose ``app_key``, ``app_secret`` and ``environment`` are the
+    defaults (``environment`` also takes ``'virtual'``)."""
 
     def __init__(
         self,

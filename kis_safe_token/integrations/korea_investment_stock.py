@@ -1,9 +1,7 @@
 """korea-investment-stock's ``KoreaInvestment`` with the fleet's single flight.
 
-``from kis_safe_token.integrations.korea_investment_stock import KoreaInvestment`` instead of
-upstream's, same arguments, plus ``token_storage=`` (ours; default from the environment),
-``base_url=``, ``calls_per_second=`` and ``rate_limiter=``. What changes against upstream and the
-upstream lines the overrides depend on (version 0.19.0): the manual, ``docs/integrations.md``.
+Upstream's arguments plus ``token_storage=``, ``base_url=``, ``calls_per_second=`` and
+``rate_limiter=``; what changes and the upstream lines it depends on: ``docs/integrations.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from ..kis import REAL_BASE_URL
 from ..ratelimit import RateLimiter
 from ..storage.base import TokenStorage
 from . import require
-from ._client_token import ClientToken, checked_storage, env_base_url
+from ._client_token import ClientTokenHolder, env_base_url
 
 UPSTREAM_VERSION = "0.19.0"
 """The korea-investment-stock release these overrides were written and tested against."""
@@ -29,8 +27,8 @@ __all__ = ["UPSTREAM_VERSION", "KoreaInvestment"]
 
 
 class _SeedBridge(_SeedTokenStorage):  # type: ignore[misc]
-    """The seed-protocol storage upstream's ``TokenManager`` gets: it answers from the single
-    flight (so upstream takes its check -> load branch and never issues) and stores nothing."""
+    """The storage upstream's ``TokenManager`` gets: it answers from the single flight (so
+    upstream takes its check -> load branch and never issues) and stores nothing."""
 
     def __init__(self, broker: KoreaInvestment) -> None:
         self._broker = broker
@@ -50,11 +48,10 @@ class _SeedBridge(_SeedTokenStorage):  # type: ignore[misc]
         return True
 
 
-class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
-    """korea-investment-stock's ``KoreaInvestment``, its token shared by the fleet (module
-    docstring). Upstream's arguments, plus keywords ``base_url``, ``calls_per_second`` and
-    ``rate_limiter`` (the fleet-wide call-rate limit, as in :class:`kis_safe_token.KoreaInvestment`:
-    ``None`` is KIS's default for a real account, ``0`` turns it off)."""
+class KoreaInvestment(ClientTokenHolder, _UpstreamKoreaInvestment):  # type: ignore[misc]
+    """korea-investment-stock's ``KoreaInvestment``, its token shared by the fleet. Keywords
+    ``calls_per_second``/``rate_limiter``: the fleet-wide call-rate limit, as in
+    :class:`kis_safe_token.KoreaInvestment` (``None``: KIS's default, ``0``: off)."""
 
     def __init__(
         self,
@@ -69,13 +66,8 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         calls_per_second: float | None = None,
         rate_limiter: RateLimiter | None = None,
     ) -> None:
-        self._kst_rate: dict[str, Any] = {
-            "calls_per_second": calls_per_second,
-            "rate_limiter": rate_limiter,
-        }
-        self._kst_storage = checked_storage(token_storage)
+        self._kst_setup(token_storage, calls_per_second=calls_per_second, rate_limiter=rate_limiter)
         self._kst_base_url = env_base_url(base_url) or REAL_BASE_URL
-        self._kst_token: ClientToken | None = None
         self._kst_constructing = True
         try:
             super().__init__(
@@ -84,7 +76,7 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         finally:
             self._kst_constructing = False
         # Upstream keeps the storage here "for compatibility": ours, not the bridge.
-        self.token_storage = self._kst_shared(self.api_key, self.api_secret).token_storage
+        self.token_storage = self._kst_shared().token_storage
 
     # -- the host: upstream hard-codes it in __init__ (:127) ---------------------------------------
     @property
@@ -101,23 +93,16 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
     @property
     def access_token(self) -> str:
         """``Bearer <token>``, the fleet's (refreshed through the store near expiry)."""
-        return self._kst_shared(self.api_key, self.api_secret).serve()
+        return self._kst_shared().serve()
 
     @access_token.setter
     def access_token(self, value: object) -> None:
         """Upstream assigns the token it got (``:156``); the fleet's is the one served."""
 
-    def _kst_shared(self, api_key: str, api_secret: str) -> ClientToken:
-        if self._kst_token is None:
-            self._kst_token = ClientToken(
-                self, api_key, api_secret, self._kst_storage, **self._kst_rate
-            )
-        return self._kst_token
-
     def issue_access_token(self, force: bool = False) -> None:
-        """The fleet's token; ``force`` (upstream calls it after an answer saying the token
-        expired) first drops the token this thread sent, if the store still holds it."""
-        shared = self._kst_shared(self.api_key, self.api_secret)
+        """The fleet's token; ``force`` (upstream's, after an answer saying the token expired)
+        first drops the token this thread sent, if the store still holds it."""
+        shared = self._kst_shared()
         if force:
             shared.refresh_rejected()
             shared.meter.before_send()  # upstream re-sends next (``:234-236``): its slot
@@ -132,30 +117,20 @@ class KoreaInvestment(_UpstreamKoreaInvestment):  # type: ignore[misc]
         params: dict[str, Any] | None = None,
         max_retries: int = 1,
     ) -> Any:
-        """Upstream's request path (every REST method of the broker), each send in a slot of the
-        fleet's rate limit; an ``EGW00201`` answer is re-sent after a back-off, bounded."""
+        """Upstream's request path (every REST method), each send in a slot of the fleet's rate
+        limit; an ``EGW00201`` answer is re-sent after a back-off, bounded."""
         parent = super()._request_with_token_refresh
-        return self._kst_shared(self.api_key, self.api_secret).meter.run(
+        return self._kst_shared().meter.run(
             lambda: parent(method, url, headers, params, max_retries)
         )
 
     def issue_hashkey(self, data: dict[str, Any]) -> str:
-        """Upstream's ``/uapi/hashkey`` call (``token/manager.py:166-176``), in a slot of the
-        fleet's rate limit (KIS counts it; upstream raises on a refusal, so no re-send)."""
-        self._kst_shared(self.api_key, self.api_secret).throttle()
+        """Upstream's ``/uapi/hashkey`` call in a slot of the fleet's rate limit (upstream
+        raises on a refusal: no re-send)."""
+        self._kst_shared().throttle()
         return str(super().issue_hashkey(data))
-
-    def check_access_token(self) -> bool:
-        """Whether the store holds a valid token (a read: never issues, never takes the seed
-        lease of a store that has it on)."""
-        return self.token_storage.load_token(self.api_key, self.api_secret) is not None
-
-    def load_access_token(self) -> None:
-        """Take the fleet's token (issued through the single flight if the store has none)."""
-        self._kst_shared(self.api_key, self.api_secret).serve()
 
     def shutdown(self) -> None:
         """Upstream's clean-up, then close our token's HTTP session."""
         super().shutdown()
-        if self._kst_token is not None:
-            self._kst_token.close()
+        self._kst_close()

@@ -1,7 +1,7 @@
 """``PyKis``: python-kis's client, its access token shared by the fleet through our storage.
 
-Same arguments as ``pykis.PyKis`` plus ``token_storage=``, ``calls_per_second=`` and
-``rate_limiter=``; what changes and the upstream lines it depends on: ``docs/integrations.md``.
+``pykis.PyKis``'s arguments plus ``token_storage=``, ``calls_per_second=`` and ``rate_limiter=``;
+what changes and the upstream lines it depends on: ``docs/integrations.md``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ _token_call = threading.local()
 
 
 class _Session(requests.Session):
-    """pykis's session of one domain: our timeout on the token calls only (pykis sends every call
-    without one, ``kis.py:561``, and an issuance that hangs would hold the fleet's issuance lock),
-    and every ``/uapi/`` send in a slot of the domain's fleet-wide rate limit (``meter``)."""
+    """pykis's session of one domain: every ``/uapi/`` send in a slot of ``meter``, and our
+    timeout on the token calls (pykis sets none, ``kis.py:561``: a hung issuance would hold the
+    fleet's issuance lock)."""
 
     meter: CallMeter | None = None
 
@@ -105,8 +105,7 @@ class _DomainToken(SharedToken):
             calls_per_second=calls_per_second,
             rate_limiter=rate_limiter,
         )
-        if isinstance(session, _Session):
-            session.meter = CallMeter(self)
+        session.meter = CallMeter(self)
 
     def wrap(self, token: Token) -> Any:
         """``token`` as pykis's ``KisAccessToken``."""
@@ -121,8 +120,7 @@ class _DomainToken(SharedToken):
         )
 
     def _issue(self) -> Token:
-        """``tokenP`` through pykis's own request path (called by the store, holding the lock),
-        its answer read as every token answer is (:func:`~kis_safe_token.oauth.token_from`)."""
+        """``tokenP`` through pykis's request path, its answer read as every token answer is."""
         clock, wait_s = self._clock, self.rate_limit_wait_s
         _token_call.timeout = self.timeout
         try:
@@ -146,19 +144,16 @@ def _refuse(kis: PyKis, token: Any) -> None:
 
 
 def _held(domain: Domain) -> property:
-    """pykis's ``_token`` (or ``_virtual_token``): the token in memory, as pykis's type;
-    pykis assigns ``None`` at construction, and again after ``EGW00123``."""
+    """pykis's ``_token`` (or ``_virtual_token``): the token in memory; pykis assigns ``None``
+    at construction, and again after ``EGW00123``."""
     return property(
         lambda kis: kis._kst_current(domain), lambda kis, value: kis._kst_dropped(domain, value)
     )
 
 
 class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type information
-    """``pykis.PyKis`` whose tokens come from ``token_storage`` (one issuance per app key,
-    fleet-wide). Takes pykis's own arguments, except ``keep_token``, ``token`` and
-    ``virtual_token`` (``ValueError``: the storage holds the token); ``token_storage=None`` builds
-    ours from the environment. No network call at construction, as in pykis.
-    """
+    """``pykis.PyKis`` whose tokens come from ``token_storage`` (``None``: ours from the
+    environment). ``ValueError`` for ``keep_token``, ``token`` or ``virtual_token``."""
 
     def __init__(
         self,
@@ -174,7 +169,7 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         rate_limiter: RateLimiter | None = None,
         **kwargs: Any,
     ) -> None:
-        self._sessions: dict[Domain, requests.Session] = {}  # pykis's __del__ closes them
+        self._sessions: dict[Domain, _Session] = {}  # pykis's __del__ closes them
         if keep_token:
             raise ValueError(
                 "keep_token is not supported: pykis would write the token in plain JSON under "
@@ -227,14 +222,11 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
     _virtual_token = _held("virtual")
 
     def request(self, path: str, **kwargs: Any) -> Any:
-        """pykis's ``request``, its ``/uapi/`` sends in slots of the domain's fleet-wide rate
-        limit (one per attempt), ``EGW00201`` re-sends bounded as in
-        :class:`~kis_safe_token.KisAuth` (then ``KisHTTPError``); an ``EGW00121`` answer (a token
-        KIS does not know, say one another process revoked) drops the token this thread sent, as
-        pykis does for ``EGW00123``, and the call is made once more."""
+        """pykis's ``request`` under the call policy: ``EGW00201`` re-sends bounded (then
+        ``KisHTTPError``); ``EGW00121`` (say a token another process revoked) drops the token this
+        thread sent, as pykis does for ``EGW00123``, and the call is made once more."""
         domain = kwargs.get("domain") or ("virtual" if self.virtual else "real")
-        session = self._sessions["virtual" if domain == "virtual" else "real"]
-        meter = session.meter if isinstance(session, _Session) else None
+        meter = self._sessions["virtual" if domain == "virtual" else "real"].meter
         with meter.call() if meter is not None else contextlib.nullcontext(CallPolicy()) as policy:
             try:
                 return super().request(path, **kwargs)
@@ -250,8 +242,8 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
             return super().request(path, **kwargs)
 
     def discard(self, domain: Domain | None = None) -> None:
-        """Revoke the tokens in memory at KIS (pykis's ``token_revoke``), then drop them from
-        the storage (compare-and-delete) and from memory."""
+        """Revoke the tokens in memory at KIS (pykis's ``token_revoke``) and drop them
+        (compare-and-delete)."""
         for name, shared in self._kst_tokens.items():
             current = shared.in_memory() if domain in (None, name) else None
             if current is not None:
@@ -264,7 +256,7 @@ class PyKis(_UpstreamPyKis):  # type: ignore[misc] # pykis ships no type informa
         return self._kst_wrap(domain, token)
 
     def _kst_wrap(self, domain: Domain, token: Token) -> Any:
-        """``token`` as pykis's ``KisAccessToken`` (built once per token)."""
+        """``token`` as pykis's ``KisAccessToken``, built once per token."""
         cached = self._kst_wrapped.get(domain)
         if cached is None or cached[0] is not token:
             cached = self._kst_wrapped[domain] = (token, self._kst_tokens[domain].wrap(token))

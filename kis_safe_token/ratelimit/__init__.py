@@ -1,12 +1,9 @@
 """Fleet-wide KIS call-rate limiters: one limit per app key, shared like the token.
 
-- :class:`RateLimiter` (:mod:`.base`): the protocol; ``try_acquire`` (never sleeps),
-  ``acquire`` (blocks), ``penalize`` (``EGW00201`` seen: halve the rate for a while).
+- :class:`RateLimiter` (:mod:`.base`): the protocol.
 - :class:`FileRateLimiter`: every process of the host (beside the token file).
 - :class:`RedisRateLimiter`: every process of every host on one Redis (one Lua call per slot).
 - :class:`MemoryRateLimiter`: this process only (stores with no shared place).
-
-:func:`default_calls_per_second` is what ``calls_per_second=None`` means.
 """
 
 from __future__ import annotations
@@ -41,16 +38,13 @@ CALLS_PER_SECOND_ENV: Final = "KOREA_INVESTMENT_CALLS_PER_SECOND"
 #: KIS's documented limits per app key: REST calls per second.
 KIS_CALLS_PER_SECOND_REAL: Final = 20.0
 KIS_CALLS_PER_SECOND_VIRTUAL: Final = 2.0
-#: The share of KIS's limit the fleet is configured for by default: all of it. The limiter
-#: itself keeps any one-second window to ``rate`` calls as they arrive, with
-#: :data:`~kis_safe_token.ratelimit.base.ARRIVAL_JITTER_S` of slack (see
-#: :mod:`kis_safe_token.ratelimit.base`), so KIS's own limit is safe: about 95 % of it is sent.
+#: The share of KIS's limit the fleet is configured for by default: all of it (the slots'
+#: :data:`~kis_safe_token.ratelimit.base.ARRIVAL_JITTER_S` slack keeps it safe).
 SAFETY_MARGIN: Final = 1.0
 
 
 def default_calls_per_second(mock: bool) -> float:
-    """What ``calls_per_second=None`` means: KIS's limit for the account type (real 20/s,
-    virtual 2/s), which the limiter never exceeds in any one-second window."""
+    """What ``calls_per_second=None`` means: KIS's limit for the account type."""
     base = KIS_CALLS_PER_SECOND_VIRTUAL if mock else KIS_CALLS_PER_SECOND_REAL
     return base * SAFETY_MARGIN
 

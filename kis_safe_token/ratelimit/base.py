@@ -1,29 +1,9 @@
 """The call-rate limiter protocol and its arithmetic (GCRA), written once for every backend.
 
-KIS meters REST calls per second per app key (real accounts 20/s, virtual 2/s; over it
-``EGW00201``), whatever process sends them. A :class:`RateLimiter` hands out *slots* spaced
-``1 / rate`` seconds apart to every process that shares its state (a file, a Redis key, or this
-process only). It is GCRA, the Generic Cell Rate Algorithm, in its reservation form: the state is
-one number, the TAT (theoretical arrival time of the next free slot); a caller takes the slot at
-``max(TAT, now)``, moves the TAT one interval on, and sleeps until its slot. Why GCRA rather than
-a sliding window of call times:
-
-- one number of state, read and written in one step (one Lua call, one 24-byte record), so the
-  cost per call does not grow with the rate or the fleet;
-- a reservation tells the caller how long to sleep, so nobody polls: no herd of retries, and
-  slots go out first come, first served (fair: no process starves);
-- no burst allowance (``tau = 0``): calls are spaced evenly, even when every process fires
-  at once.
-
-KIS counts calls in any one-second window as they *arrive*; slots evenly ``1 / rate`` apart put
-``rate + 1`` of them in a closed second (one at each edge), and the least jitter makes that a
-refusal. So slots are spaced :func:`slot_interval_s` apart: any ``rate + 1`` consecutive slots
-span one second plus :data:`ARRIVAL_JITTER_S`, and arrivals that drift by less than that (the
-network, a scheduler) still put no more than ``rate`` calls in any one-second window. A
-fractional rate above 1 is held to its whole part in any second (18.5/s: at most 18 in a second).
-
-The core never sleeps: :meth:`RateLimiter.try_acquire` reserves a slot and returns the seconds
-to wait (an asyncio client awaits that); :meth:`RateLimiter.acquire` is the blocking wrapper.
+A :class:`RateLimiter` hands out *slots* :func:`slot_interval_s` apart to every process sharing
+its state; the state is one number, the TAT (theoretical arrival time of the next free slot).
+:meth:`RateLimiter.try_acquire` never sleeps; :meth:`RateLimiter.acquire` blocks. Why GCRA, and
+why the slots leave :data:`ARRIVAL_JITTER_S` of slack: docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -34,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ..errors import KisApiError
 
@@ -58,6 +38,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("kis_safe_token")
+_T = TypeVar("_T")
 
 #: How long :meth:`RateLimiter.acquire` waits for a slot by default.
 ACQUIRE_TIMEOUT_S: Final = 30.0
@@ -65,13 +46,11 @@ ACQUIRE_TIMEOUT_S: Final = 30.0
 MAX_WAIT_S: Final = 60.0
 MIN_CALLS_PER_SECOND: Final = 0.1
 MAX_CALLS_PER_SECOND: Final = 10_000.0
-#: How far apart arrivals at KIS may drift from their slots with no one-second window holding
-#: more than ``rate`` calls: any ``rate + 1`` consecutive slots span one second plus this. It
-#: costs 4.8 % of throughput (20/s configured: 19.05 calls/s sent), and covers the time from a
-#: caller's slot to its request reaching KIS on a busy host (a scheduler's delay, the network).
+#: How far arrivals at KIS may drift from their slots with no one-second window holding more
+#: than ``rate`` calls: any ``rate + 1`` consecutive slots span one second plus this.
 ARRIVAL_JITTER_S: Final = 0.05
-#: A caller that wakes later than this after its slot takes a new one (see
-#: :meth:`RateLimiter.acquire`): half the jitter allowance, the other half is the network's.
+#: A caller that wakes later than this after its slot takes a new one: half the jitter
+#: allowance, the other half is the network's.
 LATE_WAKE_S: Final = ARRIVAL_JITTER_S / 2
 #: How many slots in a row a late caller lets go before it goes on its reply's time.
 MAX_RETAKES: Final = 3
@@ -81,8 +60,8 @@ SLOWDOWN_FACTOR: Final = 2.0
 SLOWDOWN_S: Final = 60.0
 #: The longest slowdown one ``EGW00201`` may impose (a shared flag claiming more is cut to it).
 MAX_SLOWDOWN_S: Final = 600.0
-#: A TAT further ahead than any reservation can make (``MAX_WAIT_S`` plus a slowed interval at
-#: the lowest rate) was written before a clock step back or a reboot: it is reset, not obeyed.
+#: A TAT further ahead than any reservation can make was written before a clock step back or a
+#: reboot: it is reset, not obeyed.
 STALE_AHEAD_S: Final = MAX_WAIT_S + 2 * SLOWDOWN_FACTOR / MIN_CALLS_PER_SECOND
 
 
@@ -105,17 +84,15 @@ def check_rate(calls_per_second: object, name: str = "calls_per_second") -> floa
 
 
 def slot_interval_s(rate: float) -> float:
-    """The spacing of slots at ``rate`` calls/s: ``(1 + ARRIVAL_JITTER_S) / n`` where ``n`` is the
-    most calls any one-second window may hold (the whole part of ``rate``; 1 below 1/s, where
-    the spacing is ``(1 + ARRIVAL_JITTER_S) / rate``)."""
+    """The spacing of slots at ``rate`` calls/s: ``(1 + ARRIVAL_JITTER_S)`` over the whole part
+    of ``rate`` (over ``rate`` itself below 1/s)."""
     per_window = math.floor(rate) if rate >= 1 else rate
     return (1.0 + ARRIVAL_JITTER_S) / per_window
 
 
 def reserve(tat: float, now: float, interval: float, max_wait: float) -> tuple[float | None, float]:
     """One GCRA step in seconds: ``(wait, new_tat)``; ``wait`` is ``None`` (and the TAT
-    unchanged) if the next slot begins more than ``max_wait`` after ``now``. (The Redis limiter
-    runs the same step in Lua, in microseconds of the Redis server's clock.)"""
+    unchanged) if the next slot begins more than ``max_wait`` after ``now``."""
     if not math.isfinite(tat) or tat - now > STALE_AHEAD_S:
         tat = now
     start = max(tat, now)
@@ -128,8 +105,7 @@ def reserve(tat: float, now: float, interval: float, max_wait: float) -> tuple[f
 class RateLimiter(ABC):
     """Slots for calls to KIS, ``rate`` per second, shared by everyone on the same state.
 
-    Subclasses supply :meth:`try_acquire` (never sleeps), :meth:`_slow_down` and
-    :meth:`slowdown_left_s`; :meth:`acquire` and :meth:`penalize` are written here.
+    Subclasses supply :meth:`try_acquire`, :meth:`_slow_down` and :meth:`slowdown_left_s`.
     """
 
     #: The configured calls per second (the slowed-down rate is ``rate / SLOWDOWN_FACTOR``).
@@ -138,8 +114,8 @@ class RateLimiter(ABC):
     where: str = "this process"
     #: How :meth:`acquire` sleeps (replaceable in tests, to play a host that oversleeps).
     sleep: Callable[[float], None] = staticmethod(time.sleep)
-    #: A reservation is microseconds of local work (a file, memory): asyncio callers run it on
-    #: the event loop; any other limiter's runs in a worker thread.
+    #: A reservation is microseconds of local work: asyncio callers run it on the event loop;
+    #: any other limiter's runs in a worker thread.
     inline: bool = False
 
     @property
@@ -150,9 +126,8 @@ class RateLimiter(ABC):
     @abstractmethod
     def try_acquire(self, max_wait_s: float = 0.0) -> float | None:
         """Reserve the next slot if it begins within ``max_wait_s``: the seconds until it does
-        (``0.0``: call now). ``None``: no slot that soon, nothing reserved. Never sleeps; an
-        asyncio caller awaits ``asyncio.sleep`` of the result. :class:`TokenStorageError` if the
-        shared state cannot be reached."""
+        (``0.0``: call now); ``None``: nothing reserved. Never sleeps. :class:`TokenStorageError`
+        if the shared state cannot be reached."""
 
     @abstractmethod
     def _slow_down(self, hold_s: float) -> bool:
@@ -162,10 +137,9 @@ class RateLimiter(ABC):
     def slowdown_left_s(self) -> float:
         """Seconds the learned slowdown still lasts (0: the full rate applies)."""
 
-    def _reserve_by(self, max_wait_s: float, deadline: float) -> float | None:
-        """:meth:`try_acquire` for a caller that must be done by ``deadline``
-        (``time.monotonic()``): a limiter on a network (Redis) retries a failover no longer
-        than that. By default, :meth:`try_acquire`."""
+    def _reserve_by(self, max_wait_s: float, deadline: float | None) -> float | None:
+        """:meth:`try_acquire`, done by ``deadline`` (``time.monotonic()``) where one is given:
+        a limiter on a network (Redis) retries a failover no longer than that."""
         return self.try_acquire(max_wait_s)
 
     def _slow_down_by(self, hold_s: float, deadline: float | None) -> bool:
@@ -176,13 +150,8 @@ class RateLimiter(ABC):
         """Block until this caller's slot; the seconds slept. :class:`RateLimitTimeout` if no
         slot is free within ``timeout_s`` (at once if the queue is longer than that).
 
-        A caller that wakes more than :data:`LATE_WAKE_S` after its slot may have begun (a
-        CPU-starved host oversleeps, or the reservation's reply came back late: the slot is
-        counted from when it was asked for) lets the slot go and takes a new one: sent now, its
-        call would bunch with the next callers' and KIS could count ``rate + 1`` in one second.
-        Within it, it goes: the lateness is inside the :data:`ARRIVAL_JITTER_S` the slots are
-        spaced for. After :data:`MAX_RETAKES` such misses it goes on the reply's time.
-        """
+        A caller waking more than :data:`LATE_WAKE_S` after its slot may have begun takes a new
+        one (its call would bunch with the next callers'), at most :data:`MAX_RETAKES` times."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         slept, misses = 0.0, 0
         while True:
@@ -204,11 +173,9 @@ class RateLimiter(ABC):
         *,
         try_acquire: Callable[[float, float], Awaitable[float | None]] | None = None,
     ) -> float:
-        """:meth:`acquire` for asyncio: the same rules, awaiting ``asyncio.sleep`` instead of
-        blocking. The reservation is :meth:`try_acquire` run inline (microseconds on a file),
-        unless ``try_acquire(max_wait_s, deadline)`` awaits it some other way: the asyncio
-        client runs a Redis limiter's script on ``redis.asyncio`` (see
-        ``AsyncStore.try_acquire``), retried no later than ``deadline``."""
+        """:meth:`acquire` for asyncio, awaiting ``asyncio.sleep``. The reservation runs inline
+        unless ``try_acquire(max_wait_s, deadline)`` awaits it some other way (the asyncio
+        client runs a Redis limiter's script on ``redis.asyncio``)."""
         import asyncio  # here: a sync user of the library never imports asyncio
 
         deadline = time.monotonic() + max(0.0, timeout_s)
@@ -230,34 +197,28 @@ class RateLimiter(ABC):
                 return slept
             misses += 1
 
+    async def _off_loop(self, call: Callable[[], _T]) -> _T:
+        """``call()`` inline for an ``inline`` limiter, else in a worker thread."""
+        if self.inline:
+            return call()
+        import asyncio
+
+        return await asyncio.to_thread(call)
+
     async def try_acquire_async(
         self, max_wait_s: float, deadline: float | None = None, async_client: Any = None
     ) -> float | None:
-        """:meth:`try_acquire` (by ``deadline``) without blocking the loop: inline for an
-        ``inline`` limiter, else in a worker thread. ``async_client``: the caller's
-        ``redis.asyncio`` client, which a limiter on that Redis may run its script on."""
-        reserve = (
-            partial(self.try_acquire, max_wait_s)
-            if deadline is None
-            else partial(self._reserve_by, max_wait_s, deadline)
-        )
-        if self.inline:
-            return reserve()
-        import asyncio
-
-        return await asyncio.to_thread(reserve)
+        """:meth:`try_acquire` (by ``deadline``) without blocking the loop. ``async_client``:
+        the caller's ``redis.asyncio`` client, which a limiter on that Redis may run its
+        script on."""
+        return await self._off_loop(partial(self._reserve_by, max_wait_s, deadline))
 
     async def penalize_async(self, timeout_s: float | None = None) -> bool:
-        """:meth:`penalize` without blocking the loop (inline for an ``inline`` limiter)."""
-        if self.inline:
-            return self.penalize(timeout_s=timeout_s)
-        import asyncio
-
-        return await asyncio.to_thread(partial(self.penalize, timeout_s=timeout_s))
+        """:meth:`penalize` without blocking the loop."""
+        return await self._off_loop(partial(self.penalize, timeout_s=timeout_s))
 
     def on_client(self, client: Any) -> bool:
-        """Whether this limiter's state lives on the Redis ``client`` (see
-        :meth:`try_acquire_async`); no for a limiter that is not on Redis."""
+        """Whether this limiter's state lives on the Redis ``client``."""
         return False
 
     def _no_slot(self, timeout_s: float) -> RateLimitTimeout:
@@ -269,20 +230,17 @@ class RateLimiter(ABC):
     @staticmethod
     def slot_start(asked: float, wait: float, misses: int) -> float:
         """When (``time.monotonic()``) a slot granted with ``wait`` may have begun: counted from
-        when it was ``asked`` for (the reply may come back late), or, after
-        :data:`MAX_RETAKES` misses in a row, from now (the host is that slow: go anyway)."""
+        when it was ``asked`` for, or after :data:`MAX_RETAKES` misses, from now."""
         return (asked if misses < MAX_RETAKES else time.monotonic()) + wait
 
     def missed(self, late_s: float) -> bool:
-        """Whether a caller that woke ``late_s`` after its slot must take a new one (see
-        :meth:`acquire`; an asyncio caller applies the same rule after ``asyncio.sleep``)."""
+        """Whether a caller that woke ``late_s`` after its slot must take a new one."""
         return late_s > LATE_WAKE_S
 
     def penalize(self, hold_s: float = SLOWDOWN_S, *, timeout_s: float | None = None) -> bool:
-        """KIS answered ``EGW00201`` anyway (another program uses the app key): halve the rate
-        for ``hold_s`` for everyone sharing this state. Logged once, by the caller that started
-        the slowdown; whether this call started it. ``timeout_s``: the caller's time budget
-        left, which bounds a Redis limiter's retries through a failover."""
+        """KIS answered ``EGW00201`` anyway: halve the rate for ``hold_s`` for everyone sharing
+        this state (logged once, by the caller that started it); whether this call started it.
+        ``timeout_s``: the caller's time left, which bounds a Redis limiter's retries."""
         deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
         started = self._slow_down_by(hold_s, deadline)
         if started:

@@ -1,10 +1,8 @@
 """``FileRateLimiter``: the rate limit of every process of this user on this host.
 
-The state is one 24-byte record (the TAT and the end of a slowdown in seconds of
-:func:`host_clock`, and the boot they belong to) beside the token file, updated in place under
-``flock`` with ``pread``/``pwrite`` and no fsync (a record lost in a crash costs one early call).
-The clock never steps, so a wall-clock step neither bursts nor stalls the fleet; a record of
-another boot is started afresh. See ``docs/fleet.md``.
+The state is one 24-byte record beside the token file (the TAT and the end of a slowdown in
+seconds of :func:`host_clock`, and the boot they belong to), updated in place under ``flock``
+with no fsync (a record lost in a crash costs one early call). See docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -109,16 +107,15 @@ class FileRateLimiter(RateLimiter):
                 fd = os.open(self.path, _OPEN_FLAGS, 0o600)
             except OSError as exc:
                 raise TokenStorageError(f"cannot open rate-limit file {self.path}: {exc}") from exc
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise TokenStorageError(f"rate-limit file {self.path} is not a regular file")
             self._fd = fd
         return self._fd
 
     def _update(self, step: _Step[_T]) -> _T:
-        """Read the record, write back what ``step`` makes of it; under the thread lock and
-        ``flock``. Returns the step's answer."""
+        """Read the record and write back what ``step`` makes of it, under the thread lock and
+        ``flock``; the step's answer."""
         with self._guard:
             fd = self._open()
             try:

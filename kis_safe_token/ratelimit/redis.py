@@ -1,10 +1,7 @@
 """``RedisRateLimiter``: the rate limit of every process on every host using one Redis.
 
-The state sits beside the token, under its hash tag: ``<token key>:rate`` (the TAT, on the Redis
-clock, with an HMAC keyed from the api_secret) and ``<token key>:rate:slow`` (the slowdown flag).
-A slot is one ``EVALSHA`` of :data:`RESERVE_LUA`; both keys expire by themselves. Why the state
-is authenticated and how a lost TAT is re-seeded: docs/security.md.
-"""
+A slot is one ``EVALSHA`` of :data:`RESERVE_LUA` on ``<token key>:rate`` (the TAT, on the Redis
+clock, with an HMAC) and ``:rate:slow`` (the slowdown flag). Why authenticated: docs/security.md."""
 
 from __future__ import annotations
 
@@ -38,14 +35,6 @@ local function get(key)
 end
 """
 
-#: HMAC-SHA1 in Lua (``redis.sha1hex`` twice); ARGV[6] and ARGV[7] are the key xor ipad / opad.
-_MAC_LUA: Final = """
-local function hex2bin(h)
-  return (h:gsub('..', function(c) return string.char(tonumber(c, 16)) end))
-end
-local function mac(msg) return redis.sha1hex(ARGV[7] .. hex2bin(redis.sha1hex(ARGV[6] .. msg))) end
-"""
-
 #: ``slowed(key, value, max_ms)``: the ms left of the slowdown flag, trusted only with ``value``
 #: and a TTL up to ``max_ms``; anything else is deleted and ``false`` returned.
 _SLOW_LUA: Final = """
@@ -59,17 +48,24 @@ local function slowed(key, value, max_ms)
 end
 """
 
-RESERVE_LUA: Final = (
-    GET_LUA
-    + _MAC_LUA
-    + _SLOW_LUA
-    + """
+
+def _lua(body: str) -> str:
+    """:data:`GET_LUA` and the ``slowed`` helper, then ``body``."""
+    return GET_LUA + _SLOW_LUA + body
+
+
+RESERVE_LUA: Final = _lua("""
 -- KEYS[1] the TAT ('<integer microseconds, Redis clock>:<HMAC>'), KEYS[2] the slowdown flag.
 -- ARGV[1] interval in us, ARGV[2] longest wait in us the caller accepts, ARGV[3] slowdown factor,
 -- ARGV[4] how far ahead a TAT may be before it is taken for a clock step and reset (us),
 -- ARGV[5] the queue (us) the caller last saw, for a missing or unauthenticated TAT,
 -- ARGV[6]/[7] the MAC key pads, ARGV[8] the slowdown flag's value, ARGV[9] the longest hold ms.
 -- Returns {reserved (1/0), wait in us}.
+-- mac(msg): HMAC-SHA1 (redis.sha1hex twice) with the key pads ARGV[6] and ARGV[7].
+local function hex2bin(h)
+  return (h:gsub('..', function(c) return string.char(tonumber(c, 16)) end))
+end
+local function mac(msg) return redis.sha1hex(ARGV[7] .. hex2bin(redis.sha1hex(ARGV[6] .. msg))) end
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -95,13 +91,9 @@ local new = string.format('%.0f', start + interval)
 redis.call('SET', KEYS[1], new .. ':' .. mac(KEYS[1] .. '|' .. new), 'PX',
   math.ceil((start + interval - now) / 1000) + 1000)
 return {1, wait}
-"""
-)
+""")
 
-PENALIZE_LUA: Final = (
-    GET_LUA
-    + _SLOW_LUA
-    + """
+PENALIZE_LUA: Final = _lua("""
 -- KEYS[1] the slowdown flag; ARGV[1] hold in ms, ARGV[2] the flag's value, ARGV[3] the longest
 -- hold in ms. Returns 1 if this call started the slowdown (it logs it), 0 if it extended one.
 if slowed(KEYS[1], ARGV[2], ARGV[3]) then
@@ -110,28 +102,21 @@ if slowed(KEYS[1], ARGV[2], ARGV[3]) then
 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[1])
 return 1
-"""
-)
+""")
 
-SLOWDOWN_LEFT_LUA: Final = (
-    GET_LUA
-    + _SLOW_LUA
-    + """
+SLOWDOWN_LEFT_LUA: Final = _lua("""
 -- KEYS[1] the slowdown flag; ARGV[1] its value, ARGV[2] the longest hold in ms.
 -- Returns the ms left of a slowdown the limiter honours, 0 if none.
 return slowed(KEYS[1], ARGV[1], ARGV[2]) or 0
-"""
-)
+""")
 
 
 class RedisRateLimiter(RateLimiter):
-    """Slots shared through ``key`` (and ``key:slow``) on the Redis that ``client()`` returns.
+    """Slots shared through ``key`` (and ``key:slow``) on the Redis that ``client()`` returns
+    (a callable: it follows its storage's client, rebuilt in a forked child).
 
-    ``client`` is a callable so the limiter follows its storage's client (rebuilt in a forked
-    child). ``where`` names the Redis in errors; transient errors are retried for
-    ``retry_timeout_s`` (0: one attempt), then raised as :class:`TokenStorageError`;
-    ``mac_key`` (at most 64 bytes) authenticates the state.
-    """
+    ``where`` names the Redis in errors; ``retry_timeout_s``: how long transient errors are
+    retried (0: one attempt); ``mac_key`` (at most 64 bytes) authenticates the state."""
 
     def __init__(
         self,
@@ -178,21 +163,15 @@ class RedisRateLimiter(RateLimiter):
         return own if deadline is None else min(own, deadline)
 
     def _eval(
-        self,
-        what: str,
-        source: str,
-        keys: list[str],
-        args: list[Any],
-        deadline: float | None = None,
+        self, what: str, lua: str, keys: list[str], args: list[Any], deadline: float | None = None
     ) -> Any:
-        """One script, one round trip (EVALSHA), retried until :meth:`retry_deadline`: the one
-        place this limiter talks to Redis. A reservation retried after a lost reply may take a
-        slot it does not use: the fleet stays under its limit, never over it."""
+        """One script (EVALSHA), retried until :meth:`retry_deadline`. A reservation retried after
+        a lost reply may take a slot it does not use: the fleet stays under its limit."""
         from ..storage.redis_retry import redis_retry  # here: storage imports this module
 
         def run() -> Any:
             client = self._client()
-            return self._script(client, source)(keys=keys, args=args, client=client)
+            return self._script(client, lua)(keys=keys, args=args, client=client)
 
         return redis_retry(
             run,
@@ -209,8 +188,7 @@ class RedisRateLimiter(RateLimiter):
         return self.reserve_result(self._eval("reserve", RESERVE_LUA, keys, args, deadline))
 
     def reserve_call(self, max_wait_s: float) -> tuple[list[str], list[Any]]:
-        """``(keys, args)`` of :data:`RESERVE_LUA` for one reservation (for the asyncio client
-        too, which then reads :meth:`reserve_result`)."""
+        """``(keys, args)`` of :data:`RESERVE_LUA` for one reservation (the asyncio side's too)."""
         args = [
             math.ceil(self.interval_s * _US),
             int(min(max(0.0, max_wait_s), MAX_WAIT_S) * _US),
@@ -241,13 +219,11 @@ class RedisRateLimiter(RateLimiter):
         return self.reserve_result(reply)
 
     def on_client(self, client: Any) -> bool:
-        """Whether this limiter's state is on ``client`` (so an asyncio client may run
-        :data:`RESERVE_LUA` on its ``redis.asyncio`` twin)."""
+        """Whether this limiter's state is on ``client`` (whose asyncio twin may reserve)."""
         return bool(self._client() is client)
 
     def reserve_result(self, reply: Any) -> float | None:
-        """The wait in seconds :data:`RESERVE_LUA`'s reply grants, or ``None``; a granted one
-        is remembered as the queue seen."""
+        """The wait :data:`RESERVE_LUA`'s reply grants (kept as the queue seen), or ``None``."""
         reserved, wait_us = reply
         if not int(reserved):
             return None

@@ -1,6 +1,5 @@
 """The storage interface: the seed's four methods, ``get_or_issue`` and the backend protocol
-(records, an :class:`~kis_safe_token.flight.lock.IssuanceLock`, optionally a rate limiter). The
-single-flight protocol itself lives once in :mod:`kis_safe_token.flight.engine`."""
+(records, an ``IssuanceLock``, optionally a rate limiter) the engine (``flight/``) drives."""
 
 from __future__ import annotations
 
@@ -41,19 +40,15 @@ IssueFn = Callable[[], Token]
 
 
 def default_wait_timeout(takeover_s: float = 0.0, issue_window_s: float | None = None) -> float:
-    """How long a waiter waits for another's issuance by default: the holder's worst case, a
-    takeover of ``takeover_s`` (a dead Redis holder's ``lock_ttl``), a KIS call, an ``EGW00133``
-    window sat out and a second call."""
+    """How long a waiter waits for another's issuance by default: the holder's worst case (a
+    takeover of ``takeover_s``, two KIS calls and an ``EGW00133`` window between them)."""
     window = resolve_issue_window_s() if issue_window_s is None else issue_window_s
     return takeover_s + window + 2 * sum(HTTP_TIMEOUT_S) + WAIT_SLACK_S
 
 
 class TokenStorage(ABC):
-    """Where tokens live between processes: the seed's four methods plus ``get_or_issue``.
-
-    A subclass with only the seed's four methods is single-flight within its process; the
-    built-in backends override the primitives to be single-flight across processes and hosts.
-    """
+    """Where tokens live between processes: the seed's four methods plus ``get_or_issue``
+    (single flight within the process for a subclass with only the seed's four methods)."""
 
     refresh_margin_s: float = REFRESH_MARGIN_S
     # KIS's own window here (read at import): a store built later reads the environment's.
@@ -86,9 +81,8 @@ class TokenStorage(ABC):
         return 0.0
 
     def check_timing(self, *, http_timeout_s: float, issue_window_s: float | None = None) -> None:
-        """Note (once per store, at INFO) a ``wait_timeout`` shorter than a holder's worst case:
-        a takeover (:meth:`takeover_s`), two KIS calls of up to ``http_timeout_s`` and an
-        ``EGW00133`` window of ``issue_window_s`` between them. Clients call this."""
+        """Note (once per store, at INFO) a ``wait_timeout`` shorter than a holder's worst case
+        (see :func:`default_wait_timeout`) with these timings. Clients call this."""
         window = resolve_issue_window_s(issue_window_s, name="issue_window_s")
         takeover = self.takeover_s()
         note_short_wait(
@@ -99,21 +93,17 @@ class TokenStorage(ABC):
         )
 
     def fleet(self) -> dict[str, dict[str, Any]]:
-        """What the store holds, by key id (:func:`~kis_safe_token.crypto.key_id` of an app key,
-        or of ``<app key>:approval``), read without any secret: ``records`` (``token``,
-        ``failure``, ``lease``, ...), ``lock_held`` (``None``: unknown), ``lock_held_s`` (for how
-        long, where the store knows) and ``token_ttl_s`` (until the store drops the token, where
-        it expires records). For ``kis-token status --fleet``; ``NotImplementedError`` for a store
-        that cannot list what it holds."""
+        """What the store holds, by :func:`~kis_safe_token.crypto.key_id`, read without a secret:
+        ``records`` (``token``, ``failure``, ``lease``...), ``lock_held`` (``None``: unknown),
+        ``lock_held_s`` and ``token_ttl_s`` (where known). ``NotImplementedError`` if unlisted."""
         raise NotImplementedError(f"{type(self).__name__} cannot list the app keys it holds")
 
     # -- the call-rate limit -----------------------------------------------------------------------
     def rate_limiter(
         self, api_key: str, calls_per_second: float, *, api_secret: str | None = None
     ) -> RateLimiter:
-        """The limiter of KIS calls for ``api_key``, shared as widely as this store shares tokens
-        (``api_secret``: for a backend that authenticates the shared state with it). This default
-        counts in this process only (logged once). ``ValueError`` for a rate out of range."""
+        """The limiter of KIS calls for ``api_key``, shared as widely as the tokens (``api_secret``:
+        to authenticate shared state); this default is per process. ``ValueError``: a bad rate."""
         _note_once(
             _noted_per_process,
             self,
@@ -126,19 +116,17 @@ class TokenStorage(ABC):
     def get_or_issue(self, api_key: str, api_secret: str, issue: IssueFn) -> Token:
         """A usable token: the cached one, or one issued by exactly one caller fleet-wide.
 
-        ``issue`` calls KIS and returns the :class:`Token`; it runs only under the issuance lock
-        and only if no usable token is stored. On ``EGW00133`` the holder sits out the window and
-        asks once more; any other failure is recorded for the fleet, whose callers get the same
-        error at once (``docs/design.md``). Raises :class:`TokenStorageError` if the store is
-        unreachable or the wait exceeds ``wait_timeout``, :class:`TokenIssueError` if KIS refuses.
+        ``issue`` calls KIS and returns the :class:`Token`, only under the issuance lock. Raises
+        :class:`TokenStorageError` if the store is unreachable or the wait exceeds
+        ``wait_timeout``, :class:`TokenIssueError` if KIS refuses (now or recently).
         """
         flight = engine.Flight(self, api_key, api_secret)
         token: Token = run_sync(flight, engine.get_or_issue(flight), issue)
         return token
 
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
-        """The lock guarding issuance for this app key, for both drivers. This default locks in
-        this process only (logged once), all that the seed's four methods can offer."""
+        """The lock guarding issuance for this app key, for both drivers (this default: per
+        process, logged once)."""
         _note_once(
             _noted_local_lock,
             self,
@@ -153,16 +141,15 @@ class TokenStorage(ABC):
     # -- primitives; the defaults build on the seed methods and an in-process lock -------------
     def read_token(self, api_key: str, api_secret: str, *, fresh: bool = False) -> Token | None:
         """The stored token (valid or not), or ``None``; ``fresh``: not from a cache of the last
-        read. :class:`TokenStorageError` if the store cannot be reached."""
+        read. :class:`TokenStorageError` if unreachable."""
         data = self.load_token(api_key, api_secret)
         return Token.from_token_data(data) if data else None
 
     def write_token(
         self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
     ) -> None:
-        """Store ``token`` and clear the failure record, retried through transient errors until
-        ``deadline`` (``time.monotonic()``; ``None``: the store's default) where the store
-        retries. :class:`TokenStorageError` if it could not be stored."""
+        """Store ``token`` and clear the failure record, retried until ``deadline``
+        (``time.monotonic()``; ``None``: the store's default). :class:`TokenStorageError`."""
         if not self.save_token(token.to_token_data(api_key, api_secret)):
             raise TokenStorageError(f"{type(self).__name__}.save_token failed")
 
@@ -175,9 +162,8 @@ class TokenStorage(ABC):
         engine.Flight(self, api_key, api_secret).keep_local(failure)
 
     def invalidate_token(self, api_key: str, api_secret: str, access_token: str) -> bool:
-        """Delete the stored token only if it is still ``access_token`` (compare-and-delete: N
-        workers that saw it rejected make one deletion, and a late one never deletes a fresh
-        token). Returns whether it deleted."""
+        """Compare-and-delete: drop the stored token only if it is still ``access_token`` (a late
+        caller never deletes a fresh one); whether it deleted."""
         with _local_lock(api_key):
             token = self.read_token(api_key, api_secret, fresh=True)
             if token is None or token.access_token != access_token:
@@ -196,13 +182,9 @@ def _note_once(noted: set[type[TokenStorage]], store: TokenStorage, what: str) -
 
 
 class SealedTokenStorage(TokenStorage):
-    """Shared by the built-in backends: the seed's methods on top of encrypted primitives (an
-    unreachable backend is logged once with its cause, and the seed's bool/None returned).
-
-    ``seed_lease=True`` turns on the seed-protocol lease (``docs/seed-lease.md``): a ``False``
-    from ``check_token_valid`` then means "you hold the lease: issue and ``save_token``".
-    ``lease_ttl``: how long a lease lasts; ``issue_window_s``: KIS's window, during which no new
-    lease is granted after a grant or a save.
+    """The built-in backends' base: the seed's methods on encrypted primitives (an unreachable
+    store is logged once and the seed's bool/None returned). ``seed_lease``, ``lease_ttl``,
+    ``issue_window_s``: the seed-protocol lease (``docs/seed-lease.md``).
     """
 
     def __init__(
@@ -235,7 +217,7 @@ class SealedTokenStorage(TokenStorage):
 
     @property
     def seed_lease(self) -> bool:
-        """Whether the seed-protocol lease is on (see :mod:`kis_safe_token.storage.lease`)."""
+        """Whether the seed-protocol lease is on."""
         return self._lease is not None
 
     def _leased(self, lock: IssuanceLock, api_key: str, api_secret: str) -> IssuanceLock:
@@ -281,11 +263,9 @@ class SealedTokenStorage(TokenStorage):
                 "save_token: token_data rejected: the token has expired (is the clock right?)"
             )
             return False
+        save = self.write_token if self._lease is None else self._lease.save
         try:
-            if self._lease is not None:
-                self._lease.save(api_key, api_secret, token)
-            else:
-                self.write_token(api_key, api_secret, token)
+            save(api_key, api_secret, token)
         except TokenStorageError as exc:
             self._reached("save_token", exc)
             return False
@@ -293,11 +273,9 @@ class SealedTokenStorage(TokenStorage):
         return True
 
     def load_token(self, api_key: str, api_secret: str) -> dict[str, Any] | None:
+        load = self.read_token if self._lease is None else self._lease.load_token
         try:
-            if self._lease is not None:
-                token = self._lease.load_token(api_key, api_secret)
-            else:
-                token = self.read_token(api_key, api_secret)
+            token = load(api_key, api_secret)
         except TokenStorageError as exc:
             self._reached("load_token", exc)
             return None

@@ -1,9 +1,7 @@
 """The seed-protocol lease: single flight for clients that only call the seed's four methods.
 
-With ``seed_lease=True``, ``check_token_valid`` answering ``False`` means *you hold the issuance
-lease: issue and ``save_token``*; other callers wait in it for that save. Backends supply the
-records (:class:`LeaseRecords`); :class:`LeasedLock` puts the lease in front of a store's lock.
-The rules and the races they prevent: ``docs/seed-lease.md``.
+Backends supply the records (:class:`LeaseRecords`); :class:`LeasedLock` puts the lease in front
+of a store's lock. The rules and the races they prevent: ``docs/seed-lease.md``.
 """
 
 from __future__ import annotations
@@ -56,8 +54,7 @@ CLOCK_SKEW_S: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class LeaseState:
-    """A grant attempt's answer: ``granted``, else when to try again and whether another caller
-    ``held`` an active lease (rather than the quiet window)."""
+    """A grant attempt's answer: ``granted``, else when to retry and whether another ``held`` it."""
 
     granted: bool
     retry_in_s: float = 0.0
@@ -69,8 +66,8 @@ class LeaseRecords(ABC):
 
     @abstractmethod
     def grant(self, api_key: str, owner: str, ttl_s: float, window_s: float) -> LeaseState:
-        """Grant ``owner`` the lease unless another holds an active one or the quiet mark lives;
-        ``owner`` already holding it is granted again (its expiry is not extended)."""
+        """Grant ``owner`` the lease unless another holds an active one or the quiet mark lives
+        (again, its expiry not extended, to an ``owner`` that holds it)."""
 
     @abstractmethod
     def held_by_other(self, api_key: str, owner: str) -> bool:
@@ -91,9 +88,8 @@ class LeaseRecords(ABC):
         window_s: float,
         deadline: float | None = None,
     ) -> bool:
-        """Atomically: store ``token`` unless the stored one is valid and expires no earlier, set
-        the quiet mark, end ``owner``'s lease; whether ``token`` was stored. ``deadline``: until
-        when a store that retries transient errors keeps trying."""
+        """Atomically: store ``token`` if it :func:`replaces` the stored one, set the quiet mark,
+        end ``owner``'s lease; whether it was stored. ``deadline``: as for ``write_token``."""
 
 
 class SeedLease:
@@ -117,8 +113,8 @@ class SeedLease:
     def try_grant(
         self, api_key: str, api_secret: str, owner: str | None = None
     ) -> bool | LeaseState:
-        """One look, never waiting: ``True`` if a valid token is stored, ``False`` if ``owner``
-        (default: this thread) now holds the lease, else the refusal (when to look again)."""
+        """One look: ``True`` if a valid token is stored, ``False`` if ``owner`` (default: this
+        thread) now holds the lease, else the refusal."""
         owner = thread_owner() if owner is None else owner
         if self.stored(api_key, api_secret) is not None:
             self._waiting.discard(owner)
@@ -145,9 +141,8 @@ class SeedLease:
         return f"a token (waiting on the {what})"
 
     def check_token_valid(self, api_key: str, api_secret: str) -> bool:
-        """``True`` once a valid token is stored; ``False``: the calling thread holds the lease.
-        :class:`TokenStorageError` if the store is unreachable or no token shows up within
-        ``wait_timeout``."""
+        """``True`` once a valid token is stored; ``False``: this thread holds the lease.
+        :class:`TokenStorageError` if unreachable or no token shows up within ``wait_timeout``."""
         deadline = time.monotonic() + self._storage.wait_timeout
         while True:
             step = self.try_grant(api_key, api_secret)
@@ -165,8 +160,8 @@ class SeedLease:
                     return True
 
     def load_token(self, api_key: str, api_secret: str) -> Token | None:
-        """The stored valid token; while another holds an active lease, wait for its save (up to
-        ``wait_timeout``). Never grants. Raises :class:`TokenStorageError` if unreachable."""
+        """The stored valid token, waiting (up to ``wait_timeout``) while another holds the lease.
+        Never grants. :class:`TokenStorageError` if unreachable."""
         owner = thread_owner()
         deadline = time.monotonic() + self._storage.wait_timeout
         while True:
@@ -187,8 +182,7 @@ class SeedLease:
         *,
         deadline: float | None = None,
     ) -> None:
-        """Keep the newest token, mark the window, end ``owner``'s (default: this thread's)
-        lease (retried until ``deadline`` where the store retries)."""
+        """Keep the newest token, mark the window, end ``owner``'s lease (default: this thread)."""
         owner = thread_owner() if owner is None else owner
         if not self._records.save_newest(
             api_key, api_secret, token, owner, self.window_s, deadline
@@ -201,8 +195,7 @@ class SeedLease:
     def released_by_delete(
         self, api_key: str, owner: str | None = None, *, unmark: bool = False
     ) -> None:
-        """End ``owner``'s (default: this thread's) lease; ``unmark``: it never asked KIS, so its
-        grant's quiet mark goes too."""
+        """End ``owner``'s (default: this thread's) lease; ``unmark``: its quiet mark too."""
         self._records.release(api_key, thread_owner() if owner is None else owner, unmark=unmark)
 
 
@@ -212,11 +205,9 @@ def new_seed_lease(
     """The lease of ``storage``; ``ValueError`` naming the argument if a timing is unusable."""
     ttl = LEASE_TTL_S if lease_ttl is None else lease_ttl
     ttl = check_seconds("lease_ttl", ttl, high=MAX_LEASE_TTL_S)
-    window = (
-        0.0
-        if issue_window_s == 0
-        else resolve_issue_window_s(issue_window_s, name="issue_window_s")
-    )
+    window = 0.0
+    if issue_window_s != 0:
+        window = resolve_issue_window_s(issue_window_s, name="issue_window_s")
     note_short_wait(
         storage,
         max(ttl, window) + 0.001,
@@ -249,18 +240,14 @@ if hasattr(os, "register_at_fork"):
 
 
 def replaces(token: Token, stored: Token | None, now: float) -> bool:
-    """Keep-the-newest: ``token`` replaces ``stored`` unless that is valid and expires no
-    earlier."""
+    """Keep-the-newest: ``token`` replaces ``stored`` unless that is valid and expires no later."""
     return stored is None or not stored.is_valid(now) or stored.expires_at < token.expires_at
 
 
 class LeasedLock(IssuanceLock):
-    """The seed-protocol lease in front of the store's issuance lock, as one lock for the engine.
-
-    Stage 0 takes the lease, or waits in it for a seed holder's save (an active failure is handed
-    back at once); stage 1 is the store's own lock. The owner is the calling thread's, or, for
-    the asyncio driver (:meth:`for_task`), this call's own. See ``docs/seed-lease.md``.
-    """
+    """The seed-protocol lease in front of the store's issuance lock, as one lock for the engine:
+    stage 0 takes the lease (or waits in it; an active failure is handed back at once), stage 1
+    the store's lock. The owner is the thread's, or (:meth:`for_task`) this call's own."""
 
     def __init__(self, lease: SeedLease, api_key: str, api_secret: str, lock: IssuanceLock) -> None:
         self._storage = lease._storage

@@ -1,8 +1,6 @@
 """Redis backends: ``RedisTokenStorage`` (seed-compatible) and ``LockedRedisTokenStorage``.
 
-The keys of one app key share a Cluster hash tag (layout: docs/storages.md); a value is one
-Fernet token, so Redis never sees the access token or the api_secret in clear.
-"""
+Key layout: docs/storages.md; a value is one Fernet token, never the token or secret in clear."""
 
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ from .lease import MAX_LEASE_TTL_S, LeaseRecords, LeaseState, replaces
 from .redis_ha import _options, async_builder_of, check_host, no_retries
 from .redis_retry import redis_retry, require_redis
 
-# redis-py is imported where a client is built (require_redis): ``import kis_safe_token`` must
-# cost a file-storage user nothing of it.
+# redis-py is imported where a client is built (require_redis): light imports for file users.
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -100,10 +97,8 @@ def validate_redis_url(url: str, source: str = "redis_url") -> str:
 def _display_url(url: str) -> str:
     """``url`` without what may hold a password (user info, query string, fragment)."""
     parts = urlsplit(url.strip())
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def _describe_client(client: Any) -> str:
@@ -123,14 +118,12 @@ def _text(value: Any) -> str | None:
 class RedisTokenStorage(SealedTokenStorage):
     """Tokens in Redis, readable by every process on every host that has the secret.
 
-    Built with ``redis.from_url(redis_url, password=...)`` (the password is a keyword, never
-    spliced into the URL) or on an injected ``client`` (``Redis``, ``RedisCluster``, a Sentinel
-    master). Every operation retries transient errors for ``retry_timeout_s`` (a waiter: until
-    its ``wait_timeout``), then raises :class:`TokenStorageError`. This class issues under an
-    in-process lock only (the seed's behaviour); :class:`LockedRedisTokenStorage` adds the
-    fleet-wide lock, the only user of ``lock_ttl`` and ``poll_interval_s``. ``seed_lease``,
-    ``lease_ttl``, ``issue_window_s``: the opt-in seed lease (:mod:`kis_safe_token.storage.lease`).
-    """
+    ``client``: an injected ``Redis``, ``RedisCluster`` or Sentinel master instead of
+    ``redis_url`` (``password`` is a keyword, never spliced into the URL). Operations retry
+    transient errors for ``retry_timeout_s`` (a waiter: its ``wait_timeout``), then raise
+    :class:`TokenStorageError`. This class issues under an in-process lock only (the seed's);
+    :class:`LockedRedisTokenStorage` adds the fleet-wide one (``lock_ttl``, ``poll_interval_s``).
+    ``seed_lease``, ``lease_ttl``, ``issue_window_s``: :mod:`kis_safe_token.storage.lease`."""
 
     #: Whether issuance takes the fleet-wide :class:`RedisIssuanceLock`.
     fleet_lock: ClassVar[bool] = False
@@ -173,20 +166,18 @@ class RedisTokenStorage(SealedTokenStorage):
         if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
             raise ValueError("key_prefix must be a non-empty string without '{'")
         self.key_prefix = key_prefix
+        self._connect: Callable[[], Any] | None = None
         if client is None:
             redis = require_redis()
             validate_redis_url(redis_url)
             options = _options(connect_timeout_s, socket_timeout_s, password)
-            self._connect: Callable[[], Any] | None = partial(
-                redis.from_url, redis_url, **options, retry=no_retries()
-            )
+            self._connect = partial(redis.from_url, redis_url, **options, retry=no_retries())
             self._async_connect: Callable[[], Any] | None = partial(
                 _async_client, redis_url, options
             )
             client = self._connect()
             self._where = _display_url(redis_url)
         else:
-            self._connect = None
             # A Sentinel or Cluster client of redis_ha carries its redis.asyncio twin's builder.
             self._async_connect = async_builder_of(client)
             self._where = _describe_client(client)
@@ -208,9 +199,8 @@ class RedisTokenStorage(SealedTokenStorage):
         return self.lock_ttl if self.fleet_lock else 0.0
 
     def async_client(self) -> Any:
-        """A new ``redis.asyncio`` client on this storage's server (password, timeouts; on a
-        client of :mod:`.redis_ha`, the matching asyncio Sentinel or Cluster client), for the
-        asyncio side. ``ValueError`` for any other injected ``client``."""
+        """A new ``redis.asyncio`` client on this storage's server (or twin of a :mod:`.redis_ha`
+        client), for the asyncio side. ``ValueError`` for any other injected ``client``."""
         if self._async_connect is None:
             raise ValueError(
                 "this storage was built on an injected client: pass the matching "
@@ -228,8 +218,8 @@ class RedisTokenStorage(SealedTokenStorage):
         super().check_timing(http_timeout_s=http_timeout_s, issue_window_s=issue_window_s)
 
     def issuance_lock(self, api_key: str, api_secret: str) -> IssuanceLock:
-        """The fleet-wide :class:`RedisIssuanceLock` if :attr:`fleet_lock`, else this process's
-        lock only; behind the seed lease, if on."""
+        """:class:`RedisIssuanceLock` if :attr:`fleet_lock`, else this process's; behind the seed
+        lease, if on."""
         if self.fleet_lock:
             lock: IssuanceLock = RedisIssuanceLock(self, api_key, api_secret)
         else:
@@ -285,22 +275,16 @@ class RedisTokenStorage(SealedTokenStorage):
         return redis_retry(fn, deadline=deadline, what=what, where=self._where)
 
     def _eval(
-        self,
-        what: str,
-        source: str,
-        keys: list[str],
-        args: list[Any],
-        deadline: float | None = None,
+        self, what: str, lua: str, keys: list[str], args: list[Any], deadline: float | None = None
     ) -> Any:
         """A Lua script (registered once per client) through :meth:`_call`."""
-        script = self._scripts.get(source)
+        script = self._scripts.get(lua)
         if script is None:
-            script = self._scripts[source] = self.redis_client.register_script(source)
+            script = self._scripts[lua] = self.redis_client.register_script(lua)
         return self._call(what, partial(script, keys=keys, args=args), deadline)
 
     def _get(self, key: str, deadline: float | None = None) -> Any:
-        """``GET key`` through :meth:`_call`; a key of another type reads as absent (a miss the
-        next save replaces, not a failure of every call)."""
+        """``GET key`` through :meth:`_call`; a key of another type reads as absent (a miss)."""
 
         def get() -> Any:
             try:
@@ -320,9 +304,9 @@ class RedisTokenStorage(SealedTokenStorage):
     def write_token(
         self, api_key: str, api_secret: str, token: Token, deadline: float | None = None
     ) -> None:
-        """Save ``token`` with a TTL of its time left and clear the failure record, retried
-        until ``deadline``. A token this host's clock sees as expired is refused, not written
-        as a delete: a host whose clock runs fast must not wipe the fleet's good token."""
+        """Save ``token`` (TTL: its time left) and clear the failure record, retried until
+        ``deadline``. A token this host's clock sees as expired is refused: a host whose clock
+        runs fast must not wipe the fleet's good token."""
         ttl_ms = int((token.expires_at - self.clock()) * 1000)
         if ttl_ms <= 0:
             raise TokenStorageError(
@@ -383,17 +367,17 @@ def _async_client(redis_url: str, options: dict[str, Any]) -> Any:
     return redis.asyncio.from_url(redis_url, **options, retry=no_retries(asyncio=True))
 
 
-COMPARE_AND_DELETE_LUA = (
-    GET_LUA
-    + """
+def _lua(body: str) -> str:
+    """:data:`GET_LUA`, then ``body``: every script reads its keys through ``get``."""
+    return GET_LUA + body
+
+
+COMPARE_AND_DELETE_LUA = _lua("""
 if get(KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
-"""
-)
+""")
 
-ACQUIRE_LUA = (
-    GET_LUA
-    + """
+ACQUIRE_LUA = _lua("""
 -- KEYS[1] lock, KEYS[2] token, KEYS[3] failure record; ARGV[1] owner id, ARGV[2] lock_ttl in ms,
 -- ARGV[3] the longest lock_ttl in ms this library allows.
 -- Returns {acquired (1/0), holder or false, sealed token or false, sealed failure or false}.
@@ -417,50 +401,36 @@ if left == -1 or left > declared then
   redis.call('pexpire', KEYS[1], ttl)
 end
 return {0, holder, get(KEYS[2]) or false, get(KEYS[3]) or false}
-"""
-)
+""")
 
-RELEASE_LUA = (
-    GET_LUA
-    + """
+RELEASE_LUA = _lua("""
 -- Wake this holder's waiters, then delete the lock only if still ours: a holder whose lock
 -- expired must never free its successor's lock.
 for i = 1, tonumber(ARGV[2]) do redis.call('rpush', KEYS[2], '1') end
 redis.call('pexpire', KEYS[2], ARGV[3])
 if get(KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
-"""
-)
+""")
 
-EXTEND_LUA = (
-    GET_LUA
-    + """
+EXTEND_LUA = _lua("""
 if get(KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
-"""
-)
+""")
 
 
 class LockedRedisTokenStorage(RedisTokenStorage):
     """:class:`RedisTokenStorage` with a fleet-wide issuance lock (:class:`RedisIssuanceLock`):
-    one process issues, the rest wait and reload.
-
-    A wait ends in :class:`TokenStorageError` after ``wait_timeout`` (default: long enough for a
-    takeover, a KIS call and an ``EGW00133`` window). ``lock_ttl`` must exceed the HTTP timeout
-    of the issue call (clients check it).
-    """
+    one process issues, the rest wait and reload. ``lock_ttl`` must exceed the HTTP timeout of
+    the issue call; a wait ends in :class:`TokenStorageError` after ``wait_timeout``."""
 
     fleet_lock = True
 
 
 class RedisIssuanceLock(IssuanceLock):
-    """``SET <key>:lock <owner> NX PX lock_ttl``, with wake-ups instead of polling.
+    """``SET <key>:lock <owner> NX PX lock_ttl`` (Lua scripts on the owner id: docs/design.md).
 
-    Acquire, release and extend are Lua scripts on the owner id, unique per acquisition (the
-    races each prevents: docs/design.md). Waiters block in ``BLPOP`` on the holder's wake-up
-    list, filled when the token is saved (each waiter passes one wake-up on); the ``BLPOP``
-    timeout, ``poll_interval_s`` with jitter, only notices a holder that died.
-    """
+    Waiters ``BLPOP`` the holder's wake-up list, filled once the token is saved (each passes
+    one wake-up on); the ``BLPOP`` timeout, ``poll_interval_s`` jittered, notices a dead holder."""
 
     def __init__(self, storage: RedisTokenStorage, api_key: str, api_secret: str) -> None:
         self._storage = storage
@@ -470,8 +440,7 @@ class RedisIssuanceLock(IssuanceLock):
         self._failure_key = f"{self._token_key}:failure"
         self._ttl_ms = math.ceil(storage.lock_ttl * 1000)
         self._deadline = time.monotonic() + storage.wait_timeout
-        host = socket.gethostname()
-        self._owner = f"{host}:{os.getpid()}:{os.urandom(16).hex()}:{self._ttl_ms}"
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(16).hex()}:{self._ttl_ms}"
         self._held = False
         self._spurious: str | None = None  # a wake-up list that woke us without a token
 
@@ -494,15 +463,14 @@ class RedisIssuanceLock(IssuanceLock):
         seen = self._seen(raw, raw_failure)
         if seen is not None:
             return seen
-        wake_key = self._wake_key(_text(holder))
-        # A list that woke us without a token (someone filled it by hand): do not spin on it.
-        wake = None if wake_key == self._spurious else wake_key
         holder_id = _text(holder) or ""
         process = holder_id.rsplit(":", 2)[0] if holder_id.count(":") >= 3 else "another process"
+        wake = self._wake_key(_text(holder))
         return Busy(
             jittered(storage.poll_interval_s),
             f"the issuance lock, held by {process} (host:pid)",
-            wake=wake,
+            # A list that woke us without a token (someone filled it by hand): do not spin on it.
+            wake=None if wake == self._spurious else wake,
         )
 
     def wait(self, busy: Busy, timeout_s: float) -> Seen | None:
@@ -543,8 +511,8 @@ class RedisIssuanceLock(IssuanceLock):
         return None
 
     def extend(self) -> None:
-        """Keep the lock, retried until :meth:`save_deadline`: called right before saving a
-        token KIS just gave, so a failover delays the save instead of losing the token."""
+        """Keep the lock, retried until :meth:`save_deadline` (right before saving KIS's token: a
+        failover delays the save instead of losing the token)."""
         storage = self._storage
         args = [self._owner, self._ttl_ms]
         if not storage._eval("PEXPIRE", EXTEND_LUA, [self._lock_key], args, self.save_deadline()):
@@ -579,9 +547,7 @@ class RedisIssuanceLock(IssuanceLock):
 
 
 # -- the seed-protocol lease -----------------------------------------------------------------------
-GRANT_LUA = (
-    GET_LUA
-    + """
+GRANT_LUA = _lua("""
 -- KEYS[1] lease (owner id ending in ':<its ttl ms>'), KEYS[2] quiet mark (no grant while it lives).
 -- ARGV[1] owner with its ttl, ARGV[2] lease ttl ms, ARGV[3] window ms, ARGV[4] the longest ttl
 -- ms allowed, ARGV[5] the owner (the thread) whatever ttl it declared.
@@ -608,12 +574,9 @@ if quiet > 0 then return {0, quiet, 0} end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if tonumber(ARGV[3]) > 0 then redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[3]) end
 return {1, 0, 0}
-"""
-)
+""")
 
-RELEASE_LEASE_LUA = (
-    GET_LUA
-    + """
+RELEASE_LEASE_LUA = _lua("""
 -- KEYS[1] lease, KEYS[2] quiet mark; ARGV[1] owner (the lease goes only if still theirs);
 -- ARGV[2] '1': the holder never asked KIS, so the quiet mark its grant set goes too.
 local holder = get(KEYS[1])
@@ -622,12 +585,9 @@ if holder and (string.gsub(holder, ':%d+$', '')) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
 return 0
-"""
-)
+""")
 
-SAVE_NEWEST_LUA = (
-    GET_LUA
-    + """
+SAVE_NEWEST_LUA = _lua("""
 -- KEYS[1] token, KEYS[2] failure record, KEYS[3] lease, KEYS[4] quiet mark.
 -- ARGV[1] the sealed token the caller read ('' = none), ARGV[2] the sealed token to store
 -- ('' = keep the stored one), ARGV[3] its ttl ms, ARGV[4] owner, ARGV[5] window ms.
@@ -642,8 +602,7 @@ if ARGV[2] == '' then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('del', KEYS[2])
 return 1
-"""
-)
+""")
 
 
 class RedisLeaseRecords(LeaseRecords):

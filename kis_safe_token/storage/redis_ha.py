@@ -6,6 +6,9 @@ Built with short timeouts and none of redis-py's own retries, so each attempt of
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import ipaddress
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -50,11 +53,8 @@ def check_host(host: str, source: str) -> str:
     """``host`` if it is an IP address or a DNS name; else a ``ValueError`` naming ``source``
     (never ``host``: a password with a raw ``/`` or ``@`` may have ended up in it)."""
     error = ValueError(f"{source} has a host that is neither an IP address nor a DNS name")
-    try:
+    with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
         return host
     try:
         ascii_name = host.encode("idna").decode("ascii")
@@ -70,11 +70,9 @@ def check_host(host: str, source: str) -> str:
 
 
 def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, int]]:
-    """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs.
-
-    ``ValueError`` naming ``source`` and the entry's position if ``value`` is empty or
-    malformed; never the entry itself, which may hold a password.
-    """
+    """``"host[:port],host[:port]"`` (``[v6addr]:port`` too) as ``(host, port)`` pairs; else a
+    ``ValueError`` naming ``source`` and the entry's position (never the entry: it may hold a
+    password)."""
     expected = f"expected host[:port][,host[:port]…], e.g. 10.0.0.1:{default_port},10.0.0.2"
     if len(value or "") > MAX_NODES_CHARS:
         raise ValueError(f"{source} is longer than {MAX_NODES_CHARS} characters; {expected}")
@@ -96,13 +94,9 @@ def parse_nodes(value: str, source: str, default_port: int) -> list[tuple[str, i
         if not host or "/" in host or "@" in host or any(c.isspace() for c in host):
             raise ValueError(f"{entry} is not a host name or address; {expected}")
         check_host(host, entry)
-        if port_text == "":
-            port = default_port
-        elif port_text.isdigit() and 0 < int(port_text) < 65536:
-            port = int(port_text)
-        else:
+        if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
             raise ValueError(f"{entry} has no valid port (1-65535); {expected}")
-        nodes.append((host, port))
+        nodes.append((host, int(port_text) if port_text else default_port))
     if not nodes:
         raise ValueError(f"{source} names no node; {expected}")
     return nodes
@@ -112,13 +106,8 @@ def _options(
     connect_timeout_s: float, socket_timeout_s: float, password: str | None, **tls: Any
 ) -> dict[str, Any]:
     """redis-py connection keywords: timeouts, the password if any, TLS options."""
-    options: dict[str, Any] = {
-        "socket_connect_timeout": connect_timeout_s,
-        "socket_timeout": socket_timeout_s,
-    }
-    if password:
-        options["password"] = password
-    return {**options, **tls}
+    options = {"socket_connect_timeout": connect_timeout_s, "socket_timeout": socket_timeout_s}
+    return {**options, **({"password": password} if password else {}), **tls}
 
 
 def _tls_options(tls: bool, tls_ca_file: str | None) -> dict[str, Any]:
@@ -135,16 +124,12 @@ def _tls_options(tls: bool, tls_ca_file: str | None) -> dict[str, Any]:
 
 
 def no_retries(asyncio: bool = False) -> Any:
-    """A redis-py ``Retry`` of no attempts: every attempt is ours, bounded by a deadline."""
+    """A redis-py ``Retry`` (``asyncio``: redis.asyncio's) of no attempts: every attempt is
+    ours, bounded by a deadline."""
     from redis.backoff import NoBackoff
 
-    if asyncio:
-        from redis.asyncio.retry import Retry as AsyncRetry
-
-        return AsyncRetry(NoBackoff(), 0)
-    from redis.retry import Retry
-
-    return Retry(NoBackoff(), 0)
+    retry = importlib.import_module("redis.asyncio.retry" if asyncio else "redis.retry")
+    return retry.Retry(NoBackoff(), 0)
 
 
 def sentinel_client(
@@ -161,42 +146,38 @@ def sentinel_client(
     """The primary of ``service_name`` as the sentinels know it, re-asked on every reconnect.
 
     ``password`` is the data nodes' (``requirepass``), ``sentinel_password`` the sentinels' own;
-    ``tls`` applies to both. ``ImportError`` naming the ``[redis]`` extra without redis-py.
-    """
+    ``tls`` applies to both. ``ImportError`` naming the ``[redis]`` extra without redis-py."""
     require_redis()
-    from redis.sentinel import Sentinel
-
     if not sentinels:
         raise ValueError("sentinels must name at least one sentinel")
     if not service_name or not isinstance(service_name, str):
         raise ValueError("service_name must be a non-empty string (the sentinels' master name)")
     timeouts, tls_options = (connect_timeout_s, socket_timeout_s), _tls_options(tls, tls_ca_file)
-    sentinel_kwargs = _options(*timeouts, sentinel_password, **tls_options)
-    data_kwargs = _options(*timeouts, password, **tls_options)
-    # No retries of redis-py's for the sentinels' connections either (they made one attempt of
-    # ours take 4 s per dead sentinel): one of ours asks the sentinels again.
-    manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(sentinels), sentinel_kwargs={**sentinel_kwargs, "retry": no_retries()}, **data_kwargs
+    build = partial(
+        _sentinel_master,
+        list(sentinels),
+        service_name,
+        _options(*timeouts, sentinel_password, **tls_options),
+        _options(*timeouts, password, **tls_options),
     )
-    client = manager.master_for(service_name, retry=no_retries())  # type: ignore[no-untyped-call]
-    setattr(
-        client,
-        _ASYNC_BUILDER,
-        partial(_async_sentinel, list(sentinels), service_name, sentinel_kwargs, data_kwargs),
-    )
+    client = build()
+    setattr(client, _ASYNC_BUILDER, partial(build, asyncio=True))
     return client
 
 
-def _async_sentinel(
+def _sentinel_master(
     sentinels: list[tuple[str, int]],
     service_name: str,
     sentinel_kwargs: dict[str, Any],
     data_kwargs: dict[str, Any],
+    asyncio: bool = False,
 ) -> Any:
-    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-
-    retry = {"retry": no_retries(asyncio=True)}
-    manager = AsyncSentinel(  # type: ignore[no-untyped-call]
+    """``master_for(service_name)`` of a redis-py (``asyncio``: redis.asyncio) ``Sentinel``."""
+    module = importlib.import_module("redis.asyncio.sentinel" if asyncio else "redis.sentinel")
+    # No retries of redis-py's for the sentinels' connections either (they made one attempt of
+    # ours take 4 s per dead sentinel): one of ours asks the sentinels again.
+    retry = {"retry": no_retries(asyncio)}
+    manager = module.Sentinel(
         sentinels, sentinel_kwargs={**sentinel_kwargs, **retry}, **data_kwargs
     )
     return manager.master_for(service_name, **retry)
@@ -215,40 +196,29 @@ def cluster_client(
 
     Connects at once (``RedisClusterException`` or ``ConnectionError`` when no seed answers),
     with redis-py's cluster-level retries off. ``ImportError`` naming the ``[redis]`` extra
-    without redis-py.
-    """
+    without redis-py."""
     require_redis()
-    from redis.cluster import ClusterNode, RedisCluster
-
     if not nodes:
         raise ValueError("nodes must name at least one cluster node")
     options = _options(
         connect_timeout_s, socket_timeout_s, password, **_tls_options(tls, tls_ca_file)
     )
-    seeds = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
-    client = RedisCluster(startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster))
-    setattr(client, _ASYNC_BUILDER, partial(_async_cluster, list(nodes), options))
+    client = _cluster(list(nodes), options)
+    setattr(client, _ASYNC_BUILDER, partial(_cluster, list(nodes), options, asyncio=True))
     return client
 
 
-def _no_cluster_retries(cluster_class: Any, asyncio: bool = False) -> dict[str, Any]:
-    """``cluster_class`` options that turn redis-py's cluster-level retries off: a ``retry`` of
-    0 (redis-py 6+) or ``cluster_error_retry_attempts=0`` (redis-py 5)."""
-    import inspect
-
+def _cluster(nodes: list[tuple[str, int]], options: dict[str, Any], asyncio: bool = False) -> Any:
+    """A redis-py (``asyncio``: redis.asyncio) ``RedisCluster`` with its cluster-level retries off:
+    a ``retry`` of 0 (redis-py 6+) or ``cluster_error_retry_attempts=0`` (redis-py 5)."""
     import redis
 
-    options: dict[str, Any] = {}
-    parameters = inspect.signature(cluster_class.__init__).parameters
+    module = importlib.import_module("redis.asyncio.cluster" if asyncio else "redis.cluster")
+    parameters = inspect.signature(module.RedisCluster.__init__).parameters
+    retries: dict[str, Any] = {}
     if "retry" in parameters:
-        options["retry"] = no_retries(asyncio)
+        retries["retry"] = no_retries(asyncio)
     if int(redis.__version__.split(".")[0]) < 6 or "retry" not in parameters:
-        options["cluster_error_retry_attempts"] = 0  # pragma: no cover - redis-py 5
-    return options
-
-
-def _async_cluster(nodes: list[tuple[str, int]], options: dict[str, Any]) -> Any:
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-    seeds = [ClusterNode(host, port) for host, port in nodes]
-    return RedisCluster(startup_nodes=seeds, **options, **_no_cluster_retries(RedisCluster, True))
+        retries["cluster_error_retry_attempts"] = 0  # pragma: no cover - redis-py 5
+    seeds = [module.ClusterNode(host, port) for host, port in nodes]
+    return module.RedisCluster(startup_nodes=seeds, **options, **retries)

@@ -1,14 +1,12 @@
 """``redis_retry``: one Redis operation, retried through a failover until the caller's deadline.
 
-Every Redis call of this library goes through it. Unlike redis-py's ``Retry`` (inside one
-command, against a cached address, and never on an injected client) the whole operation runs
-again, so the client re-resolves the primary or slot table between attempts. Only transient
-errors are retried. What is retried must be safe to run twice: build a pipeline inside ``fn``
-(redis-py empties a failed one); a Lua script must recognise its own earlier effect.
-"""
+Every Redis call of this library goes through it: the whole operation runs again, so the client
+re-resolves the primary or slot table. What is retried must be safe to run twice: build a
+pipeline inside ``fn`` (redis-py empties a failed one); a Lua script must recognise its effect."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
@@ -61,12 +59,9 @@ def require_redis() -> ModuleType:
 
 
 def _classes() -> tuple[Errors, Errors, Errors, type[BaseException] | None]:
-    """``(failed, transient, never, ResponseError)``; ``OSError`` alone while redis-py is not
-    loaded (nothing it raises can exist yet, and it stays unloaded)."""
+    """``(failed, transient, never, ResponseError)``; ``OSError`` alone while redis is unloaded."""
     redis = sys.modules.get("redis")
-    if redis is None:
-        return (OSError,), (OSError,), (), None
-    return _redis_classes(redis)
+    return ((OSError,), (OSError,), (), None) if redis is None else _redis_classes(redis)
 
 
 @cache
@@ -100,10 +95,8 @@ def failed_errors() -> Errors:
 def __getattr__(name: str) -> Errors:
     # ``FAILED`` (that tuple, for an ``except`` elsewhere), loading redis-py on first use only.
     if name == "FAILED":
-        try:
+        with contextlib.suppress(ImportError):  # without the [redis] extra: OSError alone
             import redis  # noqa: F401 - loaded so that the tuple holds its errors
-        except ImportError:  # pragma: no cover - exercised only without the [redis] extra
-            pass
         return failed_errors()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -130,13 +123,11 @@ def redis_retry(
     where: str = "Redis",
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """``fn()``, called again after each transient Redis error until ``deadline``.
+    """``fn()`` (at least once), called again after each transient error until ``deadline``.
 
-    ``deadline`` is a ``time.monotonic()`` instant (``fn`` runs at least once); ``what``
-    (``"GET"``) and ``where`` (a URL without its password) go into the error. Raises
-    :class:`TokenStorageError` at once for an error that is not transient, else after the
-    deadline.
-    """
+    ``deadline``: a ``time.monotonic()`` instant; ``what`` (``"GET"``) and ``where`` (a URL
+    without its password) go into the :class:`TokenStorageError`, raised at once for an error
+    that is not transient, else after ``deadline``."""
     attempts, started = 0, time.monotonic()
     while True:
         attempts += 1
@@ -180,20 +171,17 @@ def _pause_or_raise(
 ) -> float:
     """The pause before the next attempt; :class:`TokenStorageError` if none is due."""
     now = time.monotonic()
+    left = deadline - now
     if not is_transient(exc):
         raise TokenStorageError(f"Redis {what} failed ({where}): {brief(exc)}") from exc
-    if now >= deadline:
+    if left <= 0:
         raise TokenStorageError(
             f"Redis {what} failed ({where}) after {attempts} attempt(s) in "
             f"{now - started:.1f} s: {brief(exc)}"
         ) from exc
     if attempts == 1:
         logger.warning(
-            "Redis %s failed (%s), retrying for up to %.1f s: %s",
-            what,
-            where,
-            deadline - now,
-            brief(exc),
+            "Redis %s failed (%s), retrying for up to %.1f s: %s", what, where, left, brief(exc)
         )
     bound = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(attempts - 1, 16))
-    return min(random.uniform(bound / 2, bound), max(0.0, deadline - now))
+    return min(random.uniform(bound / 2, bound), max(0.0, left))

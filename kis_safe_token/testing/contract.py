@@ -110,6 +110,15 @@ def refuse() -> Token:
     raise AssertionError("issue() was called although a usable token is stored")
 
 
+def issues_once(
+    storage: TokenStorage, key: str, secret: str, name: str, now: float | None = None
+) -> None:
+    """``get_or_issue`` on ``storage`` calls KIS once and returns the token ``name`` issued."""
+    issue = Issuer(make_token(name, now=now))
+    assert storage.get_or_issue(key, secret, issue).access_token == access_token(name)
+    assert issue.calls == 1
+
+
 _GONE = object()
 _JUNK: list[tuple[str, dict[str, Any]]] = [
     ("empty", {k: _GONE for k in SEED_KEYS}),
@@ -143,8 +152,7 @@ class TokenStorageContract:
 
     # -- the seed's four methods -----------------------------------------------------------------
     def test_saved_token_loads_back_in_the_seed_shape(self, make_storage: StorageFactory) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         saved = seed_token_data(key, secret, make_token())
         assert storage.save_token(dict(saved)) is True
         loaded = storage.load_token(key, secret)
@@ -155,15 +163,13 @@ class TokenStorageContract:
     def test_check_token_valid_says_whether_a_token_is_stored(
         self, make_storage: StorageFactory
     ) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         assert storage.check_token_valid(key, secret) is False
         assert storage.save_token(seed_token_data(key, secret, make_token()))
         assert storage.check_token_valid(key, secret) is True
 
     def test_deleted_token_is_gone(self, make_storage: StorageFactory) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         assert storage.save_token(seed_token_data(key, secret, make_token()))
         assert storage.delete_token(key, secret) is True
         assert storage.load_token(key, secret) is None
@@ -173,49 +179,36 @@ class TokenStorageContract:
     def test_expired_token_is_not_loaded_and_get_or_issue_issues(
         self, make_storage: StorageFactory
     ) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         storage.save_token(seed_token_data(key, secret, make_token("old", ttl_s=-60)))
         assert storage.load_token(key, secret) is None
         assert storage.check_token_valid(key, secret) is False
-        issue = Issuer(make_token("new"))
-        assert storage.get_or_issue(key, secret, issue).access_token == access_token("new")
-        assert issue.calls == 1
+        issues_once(storage, key, secret, "new")
 
     def test_token_expiring_while_stored_is_a_miss_and_reissued(
         self, make_storage: StorageFactory
     ) -> None:
         clock, make = self._clocked(make_storage)
-        key, secret = new_app()
-        storage = make()
+        (key, secret), storage = new_app(), make()
         assert storage.save_token(seed_token_data(key, secret, make_token("old", ttl_s=3600)))
         assert storage.load_token(key, secret) is not None
         clock.advance(3601)
         assert storage.load_token(key, secret) is None
         assert storage.check_token_valid(key, secret) is False
-        issue = Issuer(make_token("new", now=clock()))
-        assert storage.get_or_issue(key, secret, issue).access_token == access_token("new")
-        assert issue.calls == 1
+        issues_once(storage, key, secret, "new", now=clock())
 
     @pytest.mark.parametrize("junk", [change for _, change in _JUNK], ids=[n for n, _ in _JUNK])
     def test_junk_token_data_is_refused_without_raising(
         self, make_storage: StorageFactory, junk: dict[str, Any]
     ) -> None:
-        key, secret = new_app()
-        storage = make_storage()
-        data = seed_token_data(key, secret, make_token())
-        for field, value in junk.items():
-            if value is _GONE:
-                del data[field]
-            else:
-                data[field] = value
-        assert storage.save_token(data) is False
+        (key, secret), storage = new_app(), make_storage()
+        data = {**seed_token_data(key, secret, make_token()), **junk}
+        assert storage.save_token({k: v for k, v in data.items() if v is not _GONE}) is False
         assert storage.load_token(key, secret) is None
 
     # -- credentials and stores --------------------------------------------------------------
     def test_wrong_secret_reads_as_a_miss(self, make_storage: StorageFactory) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         assert storage.save_token(seed_token_data(key, secret, make_token()))
         for other in (storage, make_storage()):
             assert other.load_token(key, "not-" + secret) is None
@@ -232,10 +225,8 @@ class TokenStorageContract:
         for storage in (first, second):
             assert stored(storage, key1, secret1) == access_token("A")
             assert stored(storage, key2, secret2) == access_token("B")
-        third = Issuer(make_token("C"))
         key3, secret3 = new_app()
-        assert first.get_or_issue(key3, secret3, third).access_token == access_token("C")
-        assert third.calls == 1
+        issues_once(first, key3, secret3, "C")
         assert first.delete_token(key2, secret2)
         assert second.load_token(key2, secret2) is None
         assert stored(second, key1, secret1) == access_token("A")
@@ -257,8 +248,7 @@ class TokenStorageContract:
     def test_get_or_issue_issues_once_then_serves_the_cache(
         self, make_storage: StorageFactory
     ) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         issued = make_token("A")
         issue = Issuer(issued)
         first = storage.get_or_issue(key, secret, issue)
@@ -317,22 +307,18 @@ class TokenStorageContract:
     def test_issue_returning_a_non_token_is_a_type_error(
         self, make_storage: StorageFactory
     ) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         as_dict = seed_token_data(key, secret, make_token("A"))
         with pytest.raises(TypeError, match="Token"):
             storage.get_or_issue(key, secret, lambda: as_dict)  # type: ignore[arg-type, return-value]
         assert storage.load_token(key, secret) is None
-        issue = Issuer(make_token("B"))  # the lock was released: the next caller issues
-        assert storage.get_or_issue(key, secret, issue).access_token == access_token("B")
-        assert issue.calls == 1
+        issues_once(storage, key, secret, "B")  # the lock was released: the next caller issues
 
     # -- the failure hold --------------------------------------------------------------------
     def test_failed_issuance_is_held_for_the_next_caller(
         self, make_storage: StorageFactory
     ) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         issue = Issuer(error=TokenIssueError("KIS is down", code="EGW00000", status=500))
         with pytest.raises(TokenIssueError, match="KIS is down") as first:
             storage.get_or_issue(key, secret, issue)
@@ -345,8 +331,7 @@ class TokenStorageContract:
 
     def test_after_the_hold_the_next_caller_issues(self, make_storage: StorageFactory) -> None:
         clock, make = self._clocked(make_storage)
-        key, secret = new_app()
-        storage = make()
+        (key, secret), storage = new_app(), make()
         failing = Issuer(error=TokenIssueError("KIS is down", code="EGW00000", status=500))
         with pytest.raises(TokenIssueError):
             storage.get_or_issue(key, secret, failing)
@@ -355,15 +340,12 @@ class TokenStorageContract:
             make().get_or_issue(key, secret, failing)
         assert failing.calls == 1
         clock.advance(2)
-        issue = Issuer(make_token("A", now=clock()))
-        assert make().get_or_issue(key, secret, issue).access_token == access_token("A")
-        assert issue.calls == 1
+        issues_once(make(), key, secret, "A", now=clock())
         assert storage.get_or_issue(key, secret, refuse).access_token == access_token("A")
 
     # -- compare-and-delete ------------------------------------------------------------------
     def test_invalidate_deletes_only_the_matching_token(self, make_storage: StorageFactory) -> None:
-        key, secret = new_app()
-        storage = make_storage()
+        (key, secret), storage = new_app(), make_storage()
         assert storage.invalidate_token(key, secret, access_token("A")) is False  # none stored
         assert storage.save_token(seed_token_data(key, secret, make_token("A")))
         assert storage.invalidate_token(key, secret, access_token("X")) is False

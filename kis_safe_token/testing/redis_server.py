@@ -39,12 +39,8 @@ def free_port() -> int:
 
 class RedisServer:
     """``with RedisServer() as server: redis.from_url(server.url)``; stop/start keep the port
-    and the data folder (a Cluster node keeps its ``nodes.conf``).
-
-    ``args``: more ``--option value`` arguments (``--replicaof``, ``--cluster-enabled``).
-    ``config``: text of a config file written into the data folder and passed first (a sentinel
-    needs one it can rewrite); ``sentinel=True`` starts it with ``--sentinel``.
-    """
+    and the data folder. ``args``: more ``--option value`` arguments; ``config``: text of a
+    config file passed first (a sentinel needs one it can rewrite)."""
 
     def __init__(
         self,
