@@ -140,6 +140,7 @@ class KisSimulator:
         self.counts: Counter[str] = Counter()
         self.peak_calls_per_second: Counter[str] = Counter()
         self.approval_keys: list[str] = []
+        self.approval_owner: dict[str, str] = {}  # approval key -> app key (the websocket's)
         self._window: dict[str, deque[float]] = {}
         self._refuse_next = 0
         self._refusals: Counter[str] = Counter()
@@ -387,6 +388,7 @@ class KisSimulator:
         key = str(uuid.uuid4())
         with self._cond:
             self.approval_keys.append(key)
+            self.approval_owner[key] = str(body.get("appkey"))
             self._count("approvals_issued")
         return 200, {"approval_key": key}
 

@@ -1,0 +1,253 @@
+"""The simulator's websocket half: KIS's realtime protocol on 127.0.0.1 (needs ``[realtime]``).
+
+``with KisSimulator() as sim, RealtimeSimulator(sim) as rt:`` serves ``rt.ws_url``. A session
+registers pairs with an approval key from ``sim``'s ``/oauth2/Approval``; KIS's rules hold: one
+session per app key (a second is answered ``OPSP8996 ALREADY IN USE appkey`` and closed, unless
+``one_session=False``), at most :data:`~kis_safe_token.realtime.frames.SESSION_LIMIT`
+registrations a session (``OPSP0008``), a ``PINGPONG`` every ``ping_interval_s``. :meth:`push`
+sends frames to every session registered for a pair, each record numbered per pair
+(:func:`sequence_of`); ``rate`` pushes that many frames a second to every registered pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.server import Server, ServerConnection, serve
+
+from ..realtime.frames import SESSION_LIMIT, encode_records
+from .simulator import KisSimulator
+
+__all__ = ["RealtimeSimulator", "sent_at", "sequence_of"]
+
+#: Fields of a simulated record: KIS's first three (code, HHMMSS, price), then the simulator's
+#: sequence number and send time (``time.time()``), so tests can tell order, gaps and latency.
+_SEQ, _SENT = 3, 4
+
+
+def sequence_of(fields: tuple[str, ...]) -> int:
+    """The per-pair sequence number of a simulated record (1, 2, ...)."""
+    return int(fields[_SEQ])
+
+
+def sent_at(fields: tuple[str, ...]) -> float:
+    """When the simulator sent a record (its ``time.time()``)."""
+    return float(fields[_SENT])
+
+
+class _Session:
+    def __init__(self, conn: ServerConnection) -> None:
+        self.conn = conn
+        self.app_key: str | None = None
+        self.pairs: set[tuple[str, str]] = set()
+        self.closed = threading.Event()
+        self.sending = threading.Lock()  # a registration's reply goes out before its first frame
+
+
+class RealtimeSimulator:
+    """KIS's realtime websocket for the app keys of one :class:`KisSimulator`."""
+
+    def __init__(
+        self,
+        sim: KisSimulator,
+        *,
+        one_session: bool = True,
+        rate: float = 0.0,
+        ping_interval_s: float = 10.0,
+    ) -> None:
+        self.sim = sim
+        self.one_session = one_session
+        self.rate = rate
+        self.ping_interval_s = ping_interval_s
+        self.counts: Counter[str] = Counter()
+        self._sessions: list[_Session] = []
+        self._sequence: Counter[tuple[str, str]] = Counter()
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._server: Server = serve(self._serve, "127.0.0.1", 0, compression=None)
+        self._threads: list[threading.Thread] = []
+        self._started = 0.0
+
+    @property
+    def ws_url(self) -> str:
+        host, port = self._server.socket.getsockname()[:2]
+        return f"ws://{host}:{port}"
+
+    def __enter__(self) -> RealtimeSimulator:
+        self._started = time.monotonic()
+        targets = [self._server.serve_forever, self._pinger] + ([self._pusher] if self.rate else [])
+        for target in targets:
+            thread = threading.Thread(target=target, name="kis-realtime-sim", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        for thread in self._threads:
+            thread.join(5)
+
+    # -- what tests look at and do -----------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """``sessions_opened``, ``sessions_refused`` (``OPSP8996``), ``sessions_peak``
+        (concurrent), ``registrations`` (now, all sessions), ``registered_total``,
+        ``frames_sent``, ``pongs``."""
+        with self._cond:
+            now = sum(len(s.pairs) for s in self._sessions)
+            return {
+                **{k: self.counts[k] for k in ("sessions_opened", "sessions_refused")},
+                "sessions_peak": self.counts["sessions_peak"],
+                "registrations": now,
+                "registered_total": self.counts["registered_total"],
+                "frames_sent": self.counts["frames_sent"],
+                "pongs": self.counts["pongs"],
+            }
+
+    def registered(self) -> set[tuple[str, str]]:
+        """The pairs registered now, over all sessions."""
+        with self._cond:
+            return {pair for s in self._sessions for pair in s.pairs}
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> bool:
+        """Wait until ``predicate(self)`` is true (woken by every change); its last value."""
+        with self._cond:
+            return bool(self._cond.wait_for(lambda: predicate(self), timeout))
+
+    def push(self, tr_id: str, tr_key: str, frames: int = 1, records: int = 1) -> int:
+        """Send ``frames`` frames of ``records`` records of one pair to every session registered
+        for it; the number of frames sent."""
+        sent = 0
+        for _ in range(frames):
+            with self._cond:
+                rows = []
+                for _ in range(records):
+                    self._sequence[tr_id, tr_key] += 1
+                    seq = self._sequence[tr_id, tr_key]
+                    clock = time.strftime("%H%M%S")
+                    rows.append(
+                        (tr_key, clock, str(70_000 + seq % 100), str(seq), repr(time.time()))
+                    )
+                to = [s for s in self._sessions if (tr_id, tr_key) in s.pairs]
+            frame = encode_records(tr_id, rows)
+            for session in to:
+                try:
+                    with session.sending:
+                        session.conn.send(frame)
+                    sent += 1
+                except ConnectionClosed:
+                    pass
+        with self._cond:
+            self.counts["frames_sent"] += sent
+            self._cond.notify_all()
+        return sent
+
+    # -- the server ----------------------------------------------------------------------------
+    def _serve(self, conn: ServerConnection) -> None:
+        session = _Session(conn)
+        with self._cond:
+            self._sessions.append(session)
+        try:
+            for message in conn:
+                if not self._answer(session, message if isinstance(message, str) else ""):
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            session.closed.set()
+            with self._cond:
+                self._sessions.remove(session)
+                self._cond.notify_all()
+
+    def _answer(self, session: _Session, text: str) -> bool:
+        """Answer one client message; ``False`` ends the session."""
+        try:
+            message = json.loads(text)
+            header, body = message["header"], message.get("body") or {}
+        except (ValueError, KeyError, TypeError):
+            session.conn.send(_reply("", "", "OPSP0001", "JSON PARSING ERROR", ok=False))
+            return True
+        if header.get("tr_id") == "PINGPONG":
+            with self._cond:
+                self.counts["pongs"] += 1
+                self._cond.notify_all()
+            return True
+        pair = body.get("input") or {}
+        tr_id, tr_key = str(pair.get("tr_id", "")), str(pair.get("tr_key", ""))
+        app_key = self.sim.approval_owner.get(str(header.get("approval_key")))
+        if app_key is None:
+            session.conn.send(_reply(tr_id, tr_key, "OPSP0011", "invalid approval", ok=False))
+            return True
+        with session.sending:
+            with self._cond:
+                refused = self._open(session, app_key)
+                if not refused:
+                    answer = self._register(session, tr_id, tr_key, str(header.get("tr_type")))
+                self._cond.notify_all()
+            if refused:
+                session.conn.send(_reply(tr_id, tr_key, "OPSP8996", "ALREADY IN USE appkey", False))
+                session.conn.close()
+                return False
+            session.conn.send(answer)
+        return True
+
+    def _open(self, session: _Session, app_key: str) -> bool:
+        """Bind ``session`` to ``app_key`` on its first registration; whether KIS refuses it."""
+        if session.app_key is not None:
+            return False
+        if self.one_session and any(s.app_key == app_key for s in self._sessions):
+            self.counts["sessions_refused"] += 1
+            return True
+        session.app_key = app_key
+        self.counts["sessions_opened"] += 1
+        live = sum(s.app_key is not None for s in self._sessions)
+        self.counts["sessions_peak"] = max(self.counts["sessions_peak"], live)
+        return False
+
+    def _register(self, session: _Session, tr_id: str, tr_key: str, tr_type: str) -> str:
+        pair = (tr_id, tr_key)
+        if tr_type == "2":
+            session.pairs.discard(pair)
+            return _reply(tr_id, tr_key, "OPSP0001", "UNSUBSCRIBE SUCCESS", ok=True)
+        if pair in session.pairs:
+            return _reply(tr_id, tr_key, "OPSP0002", "ALREADY IN SUBSCRIBE", ok=False)
+        if len(session.pairs) >= SESSION_LIMIT:
+            return _reply(tr_id, tr_key, "OPSP0008", "MAX SUBSCRIBE OVER", ok=False)
+        session.pairs.add(pair)
+        self.counts["registered_total"] += 1
+        return _reply(tr_id, tr_key, "OPSP0000", "SUBSCRIBE SUCCESS", ok=True)
+
+    def _pinger(self) -> None:
+        while not self._stopping.wait(self.ping_interval_s):
+            ping = json.dumps(
+                {"header": {"tr_id": "PINGPONG", "datetime": time.strftime("%Y%m%d%H%M%S")}}
+            )
+            with self._cond:
+                sessions = list(self._sessions)
+            for session in sessions:
+                try:
+                    session.conn.send(ping)
+                except ConnectionClosed:
+                    pass
+
+    def _pusher(self) -> None:
+        for tick in itertools.count(1):
+            if self._stopping.wait(max(0.0, self._started + tick / self.rate - time.monotonic())):
+                return
+            for tr_id, tr_key in sorted(self.registered()):
+                self.push(tr_id, tr_key)
+
+
+def _reply(tr_id: str, tr_key: str, code: str, message: str, ok: bool) -> str:
+    return json.dumps(
+        {
+            "header": {"tr_id": tr_id, "tr_key": tr_key, "encrypt": "N"},
+            "body": {"rt_cd": "0" if ok else "1", "msg_cd": code, "msg1": message},
+        }
+    )
