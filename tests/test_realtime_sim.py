@@ -9,6 +9,7 @@ from contextlib import ExitStack
 
 import pytest
 import requests
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from kis_safe_token.realtime.frames import (
@@ -128,3 +129,16 @@ def test_a_rate_pushes_frames_to_every_registered_pair(sim: KisSimulator) -> Non
             sequence_of(decode_frame(str(ws.recv(timeout=10)), 0.0)[0].fields) for _ in range(20)
         ]
         assert seqs == list(range(seqs[0], seqs[0] + 20))  # numbered, in order, none lost
+
+
+def test_stopping_the_simulator_closes_the_sessions_still_open(sim: KisSimulator) -> None:
+    key = _approval(sim)
+    with ExitStack() as stack:
+        rt = stack.enter_context(RealtimeSimulator(sim))
+        ws = stack.enter_context(connect(rt.ws_url))
+        assert parse_reply(_register(ws, key, "H0STCNT0", "005930")).ok
+        rt.__exit__(None, None, None)
+        stack.pop_all()
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert rt.registered() == set()

@@ -91,6 +91,11 @@ class RealtimeSimulator:
     def __exit__(self, *exc_info: object) -> None:
         self._stopping.set()
         self._server.shutdown()
+        with self._cond:
+            sessions = list(self._sessions)
+        for session in sessions:  # a client still connected sees the server go away
+            session.conn.close()
+            session.closed.wait(5)
         for thread in self._threads:
             thread.join(5)
 
