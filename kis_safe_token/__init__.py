@@ -1,8 +1,9 @@
 """kis_safe_token: one KIS Open API access token, shared safely by a fleet of processes.
 
-The asyncio side, ``AsyncKoreaInvestment`` and ``AsyncSharedToken``, is imported on first use
-(it needs httpx: ``pip install 'kis-safe-token[async]'``), and is left out of ``__all__`` so that
-``from kis_safe_token import *`` works without that extra.
+The asyncio side, ``AsyncKoreaInvestment`` and ``AsyncSharedToken``, and the realtime side,
+``KisRealtime`` and ``AsyncKisRealtime``, are imported on first use (they need httpx:
+``pip install 'kis-safe-token[async]'``, and websockets: ``[realtime]``), and are left out of
+``__all__`` so that ``from kis_safe_token import *`` works without those extras.
 
 Light imports: ``import kis_safe_token`` loads no redis, keyring, httpx or asyncio. redis-py is
 imported when a Redis storage (or limiter client) is built, keyring on the first keyring lookup,
@@ -18,6 +19,8 @@ from .errors import (
     InsecureKeyringError,
     KisApiError,
     KisTokenError,
+    RealtimeError,
+    RealtimeLimitError,
     SecretNotFoundError,
     TokenIssueError,
     TokenStorageError,
@@ -36,6 +39,8 @@ from .token import Token
 if TYPE_CHECKING:
     from .async_client import AsyncKoreaInvestment as AsyncKoreaInvestment
     from .async_shared import AsyncSharedToken as AsyncSharedToken
+    from .realtime.aio import AsyncKisRealtime as AsyncKisRealtime
+    from .realtime.client import KisRealtime as KisRealtime
 
 __version__ = "0.1.0"
 
@@ -47,6 +52,8 @@ __all__ = [
     "KisTokenError",
     "KoreaInvestment",
     "LockedRedisTokenStorage",
+    "RealtimeError",
+    "RealtimeLimitError",
     "RedisTokenStorage",
     "SecretNotFoundError",
     "SharedToken",
@@ -61,18 +68,25 @@ __all__ = [
 ]
 
 
-_LAZY = {"AsyncKoreaInvestment": "async_client", "AsyncSharedToken": "async_shared"}
+#: name: (module, the package it needs, the extra that installs it)
+_LAZY = {
+    "AsyncKoreaInvestment": ("async_client", "httpx", "async"),
+    "AsyncSharedToken": ("async_shared", "httpx", "async"),
+    "KisRealtime": ("realtime.client", "websockets", "realtime"),
+    "AsyncKisRealtime": ("realtime.aio", "websockets", "realtime"),
+}
 
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, package, extra = _LAZY[name]
     try:
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        module = importlib.import_module(f".{module_name}", __name__)
     except ModuleNotFoundError as exc:
-        if exc.name != "httpx":
+        if exc.name != package:
             raise
         raise ImportError(
-            f"{name} needs httpx: pip install 'kis-safe-token[async]'", name=exc.name
+            f"{name} needs {package}: pip install 'kis-safe-token[{extra}]'", name=exc.name
         ) from None
     return getattr(module, name)

@@ -6,6 +6,8 @@
   - KisApiError
   - SecretNotFoundError (also a LookupError)
     - InsecureKeyringError
+  - RealtimeError
+    - RealtimeLimitError
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ __all__ = [
     "InsecureKeyringError",
     "KisApiError",
     "KisTokenError",
+    "RealtimeError",
+    "RealtimeLimitError",
     "SecretNotFoundError",
     "TokenIssueError",
     "TokenStorageError",
@@ -74,3 +78,15 @@ class InsecureKeyringError(SecretNotFoundError):
     def __init__(self, message: str, *, backend: str | None = None) -> None:
         super().__init__(message)
         self.backend = backend
+
+
+class RealtimeError(KisTokenError):
+    """A realtime subscription was refused or not answered; ``code`` is KIS's ``msg_cd``."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RealtimeLimitError(RealtimeError):
+    """The fleet's one session already holds KIS's 41 registrations: this pair was not added."""

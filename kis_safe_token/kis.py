@@ -30,6 +30,7 @@ __all__ = [
     "RATE_LIMITED",
     "RATE_LIMIT_MESSAGE",
     "REAL_BASE_URL",
+    "REAL_WS_URL",
     "REVOKE_PATH",
     "TOKEN_EXPIRED",
     "TOKEN_INVALID",
@@ -39,6 +40,8 @@ __all__ = [
     "TOO_MANY_CALLS_MESSAGE",
     "UNKNOWN_SERVICE",
     "VIRTUAL_BASE_URL",
+    "VIRTUAL_WS_URL",
+    "WS_URL_ENV",
     "Verdict",
     "json_or_none",
     "kis_code",
@@ -54,6 +57,11 @@ __all__ = [
 APPROVAL_SUFFIX: Final = ":approval"
 REAL_BASE_URL: Final = "https://openapi.koreainvestment.com:9443"
 VIRTUAL_BASE_URL: Final = "https://openapivts.koreainvestment.com:29443"
+#: KIS's realtime websocket (one session per app key), real and virtual; the environment's
+#: ``KOREA_INVESTMENT_WS_URL`` comes first.
+REAL_WS_URL: Final = "ws://ops.koreainvestment.com:21000"
+VIRTUAL_WS_URL: Final = "ws://ops.koreainvestment.com:31000"
+WS_URL_ENV: Final = "KOREA_INVESTMENT_WS_URL"
 
 #: KIS allows one token issuance per app key per minute (``EGW00133`` otherwise); a holder that
 #: meets ``EGW00133`` sits out this long (a second more than the minute, for clock granularity).

@@ -23,7 +23,7 @@ import sys
 
 class _Missing:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("redis", "httpx"):
+        if name.split(".")[0] in ("redis", "httpx", "websockets"):
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
@@ -138,14 +138,20 @@ def test_a_missing_extra_is_an_import_error_naming_it() -> None:
             kis_safe_token.AsyncKoreaInvestment
         except ImportError as exc:
             print("async:", exc)
+        for name in ("KisRealtime", "AsyncKisRealtime"):
+            try:
+                getattr(kis_safe_token, name)
+            except ImportError as exc:
+                print("realtime:", exc)
         """
     )
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 4, result.stdout
+    assert len(lines) == 6, result.stdout
     assert all("pip install 'kis-safe-token[redis]'" in line for line in lines[:3])
     assert "pip install 'kis-safe-token[async]'" in lines[3]
+    assert all("pip install 'kis-safe-token[realtime]'" in line for line in lines[4:])
 
 
 def test_a_warm_read_loads_no_lock_library(sim: KisSimulator, tmp_path: Path) -> None:

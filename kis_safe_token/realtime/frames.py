@@ -39,12 +39,17 @@ class FrameError(ValueError):
 @dataclass(frozen=True, slots=True)
 class RealtimeEvent:
     """One record of a data frame: ``fields`` as KIS sent them, in order (for ``H0STCNT0``,
-    ``fields[0]`` is the stock code, ``fields[1]`` the time, ``fields[2]`` the price)."""
+    ``fields[0]`` is the stock code, ``fields[1]`` the time, ``fields[2]`` the price);
+    ``received_at`` is when the fleet's session received it (``time.time()``).
+
+    A ``gap`` event has no fields: events of this pair may have been missed here (the session
+    moved to another process or reconnected, or this subscriber fell behind)."""
 
     tr_id: str
     tr_key: str
     fields: tuple[str, ...]
     received_at: float
+    gap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
