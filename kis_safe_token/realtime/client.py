@@ -145,6 +145,8 @@ class KisRealtime(Closing):
         self._upstream: Leader | Link | None = None
         self.role: str | None = None  # "leader" or "follower" while connected
         self.counts = {"events": 0, "gaps": 0, "elections_won": 0}
+        self._problem = ""  # why this process can neither lead nor follow, while it cannot
+        self._fresh = False  # something came from the session since the last gap
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kis-realtime", daemon=True)
         self._thread.start()
@@ -184,7 +186,8 @@ class KisRealtime(Closing):
             raise RealtimeLimitError(f"{tr_id} {tr_key}: {message}", code=code)
         if code:
             raise RealtimeError(f"KIS refused {tr_id} {tr_key}: {code} {message}", code=code)
-        raise RealtimeError(f"{tr_id} {tr_key}: no answer from the session within {timeout} s")
+        problem = f" ({self._problem})" if self._problem else ""
+        raise RealtimeError(f"{tr_id} {tr_key}: no answer within {timeout} s{problem}")
 
     def unsubscribe(self, sub: Subscription) -> None:
         """What :meth:`Subscription.close` calls."""
@@ -226,6 +229,7 @@ class KisRealtime(Closing):
     # -- what the leader (or this process's link to it) delivers -----------------------------
     def answer(self, pair: Pair, code: str, message: str) -> None:
         with self._lock:
+            self._fresh = True
             if pair in self._subs:
                 self._answers[pair] = (code, message)
                 self._lock.notify_all()
@@ -234,6 +238,7 @@ class KisRealtime(Closing):
 
     def frame(self, received_at: float, text: str, events: list[RealtimeEvent]) -> None:
         with self._lock:
+            self._fresh = True
             for event in events:
                 for sub in self._subs.get((event.tr_id, event.tr_key), ()):
                     sub.put(event)
@@ -242,6 +247,7 @@ class KisRealtime(Closing):
     def gap(self) -> None:
         now = time.time()
         with self._lock:
+            self._fresh = False
             for (tr_id, tr_key), subs in self._subs.items():
                 for sub in subs:
                     sub.put(RealtimeEvent(tr_id, tr_key, (), now, gap=True))
@@ -253,7 +259,9 @@ class KisRealtime(Closing):
             try:
                 self._serve_once()
             except TokenStorageError as exc:
-                logger.error("KisRealtime: %s", exc)
+                if str(exc) != self._problem:
+                    logger.error("KisRealtime: %s", exc)
+                self._problem = str(exc)
                 self._closed.wait(1.0)
             except Exception:  # a bug must not end the fleet's feed silently
                 logger.exception("KisRealtime: the session thread failed; starting again")
@@ -289,6 +297,7 @@ class KisRealtime(Closing):
         return Approval(lambda: shared.approval_key, shared.invalidate_approval_key)
 
     def _attach(self, upstream: Leader | Link, role: str) -> None:
+        self._problem = ""
         with self._lock:
             self._upstream, self.role = upstream, role
             pairs = list(self._subs)
@@ -296,11 +305,13 @@ class KisRealtime(Closing):
             self._want(upstream, pair, True)
 
     def _detach(self) -> None:
+        """The session is lost to this process: a gap, unless nothing came since the last
+        (a leader that died while this process connected to it)."""
         with self._lock:
-            had = self._upstream is not None
             self._upstream, self.role = None, None
             self._answers.clear()
-        if had and not self._closed.is_set():
+            fresh = self._fresh
+        if fresh and not self._closed.is_set():
             self.gap()
 
     def _want(self, upstream: Leader | Link, pair: Pair, on: bool) -> None:

@@ -77,7 +77,7 @@ class Leader:
         self.local = local
         self.ws_url = ws_url
         self.approval = approval
-        self.counts = {"sessions_opened": 0, "sessions_refused": 0, "dropped": 0}
+        self.counts = {"sessions_opened": 0, "sessions_refused": 0, "lines_dropped": 0}
         self._lock = threading.Condition()
         self._wants: dict[Pair, _Want] = {}
         self._ws: ClientConnection | None = None
@@ -187,17 +187,12 @@ class Leader:
                 return
 
     def _open_and_read(self) -> bool:
-        """One KIS session, until it closes; whether KIS refused it (``OPSP8996``)."""
-        try:
-            ws = connect(self.ws_url, open_timeout=10, close_timeout=2, compression=None)
-        except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-            logger.warning("KIS realtime session: cannot connect (%s)", type(exc).__name__)
-            return True
+        """One KIS session, until it closes; whether it failed to open or KIS refused it."""
         try:
             key = self.approval.key()
-        except KisTokenError as exc:
-            logger.warning("KIS realtime session: no approval key (%s)", type(exc).__name__)
-            ws.close()
+            ws = connect(self.ws_url, open_timeout=10, close_timeout=2, compression=None)
+        except (KisTokenError, OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+            logger.warning("KIS realtime session: cannot open (%s)", type(exc).__name__)
             return True
         with self._lock:
             self._ws, self._key, self._aes = ws, key, {}
@@ -206,15 +201,15 @@ class Leader:
             pairs = list(self._wants)
         self.counts["sessions_opened"] += 1
         try:
-            for pair in pairs:
-                ws.send(register_message(key, *pair))
-            return self._read(ws)
+            with ws:
+                for pair in pairs:
+                    ws.send(register_message(key, *pair))
+                return self._read(ws)
         except ConnectionClosed:
             return False
         finally:
             with self._lock:
                 self._ws = None
-            ws.close()
             if not self._stopped.is_set():
                 self._gap_all()
 
@@ -322,7 +317,7 @@ class _Follower:
             self._out.put_nowait(line)
         except queue.Full:
             self._dropped += 1
-            self.leader.counts["dropped"] += 1
+            self.leader.counts["lines_dropped"] += 1
 
     def _read(self) -> None:
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..crypto import key_id
 from ..errors import TokenStorageError
+from ..storage.file import make_private_dir
 
 try:
     import fcntl
@@ -57,6 +58,7 @@ class LocalHub:
         """The descriptor holding the leader's ``flock`` (close it to step down), or ``None``
         while another process leads."""
         try:
+            make_private_dir(self.lock_path.parent)
             fd = os.open(self.lock_path, _LOCK_FLAGS, 0o600)
         except OSError as exc:
             raise _error("open", self.lock_path, exc) from None

@@ -290,7 +290,7 @@ class FileTokenStorage(SealedTokenStorage):
         folder = self.token_file.parent
         tmp: str | None = None
         try:
-            _make_private_dir(folder)
+            make_private_dir(folder)
             fd, tmp = tempfile.mkstemp(
                 dir=folder, prefix=f".{self.token_file.name}.", suffix=".tmp"
             )
@@ -321,7 +321,7 @@ class FileTokenStorage(SealedTokenStorage):
         is created beside a token path that is not the library's own file."""
         self._signature()  # TokenStorageError for a device, FIFO, socket or directory there
         try:
-            _make_private_dir(self.lock_file.parent)
+            make_private_dir(self.lock_file.parent)
         except OSError as exc:
             raise TokenStorageError(f"cannot create {self.lock_file.parent}: {exc}") from exc
         return self._ready_flock()
@@ -584,7 +584,7 @@ def _not_a_private_file(st: os.stat_result) -> str | None:
     return None
 
 
-def _make_private_dir(folder: Path) -> None:
+def make_private_dir(folder: Path) -> None:
     """Create the folder and each missing parent 0700 whatever the umask (``mkdir(parents=True)``
     would make the parents ``0777 & ~umask``); an existing folder is left as it is."""
     missing: list[Path] = []
