@@ -113,7 +113,9 @@ def _member(
 ) -> None:
     import logging
 
-    logging.basicConfig(format=f"[{index}] %(name)s %(levelname)s %(message)s", level=logging.WARNING)
+    logging.basicConfig(
+        format=f"[{index}] %(name)s %(levelname)s %(message)s", level=logging.WARNING
+    )
     try:
         if member.mode == "async":
             asyncio.run(
