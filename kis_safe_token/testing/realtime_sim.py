@@ -6,7 +6,8 @@ session per app key (a second is answered ``OPSP8996 ALREADY IN USE appkey`` and
 ``one_session=False``), at most :data:`~kis_safe_token.realtime.frames.SESSION_LIMIT`
 registrations a session (``OPSP0008``), a ``PINGPONG`` every ``ping_interval_s``. :meth:`push`
 sends frames to every session registered for a pair, each record numbered per pair
-(:func:`sequence_of`); ``rate`` pushes that many frames a second to every registered pair.
+(:func:`sequence_of`); ``rate`` pushes that many frames a second (of ``records`` records) to
+every registered pair, from the start or from :meth:`start_pushing` to :meth:`stop_pushing`.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ class RealtimeSimulator:
         *,
         one_session: bool = True,
         rate: float = 0.0,
+        records: int = 1,
         ping_interval_s: float = 10.0,
     ) -> None:
         self.sim = sim
         self.one_session = one_session
         self.rate = rate
+        self.records = records
         self.ping_interval_s = ping_interval_s
         self.counts: Counter[str] = Counter()
         self._sessions: list[_Session] = []
@@ -72,7 +75,7 @@ class RealtimeSimulator:
         self._stopping = threading.Event()
         self._server: Server = serve(self._serve, "127.0.0.1", 0, compression=None)
         self._threads: list[threading.Thread] = []
-        self._started = 0.0
+        self._pushing: tuple[threading.Thread, threading.Event] | None = None
 
     @property
     def ws_url(self) -> str:
@@ -80,15 +83,31 @@ class RealtimeSimulator:
         return f"ws://{host}:{port}"
 
     def __enter__(self) -> RealtimeSimulator:
-        self._started = time.monotonic()
-        targets = [self._server.serve_forever, self._pinger] + ([self._pusher] if self.rate else [])
-        for target in targets:
+        for target in (self._server.serve_forever, self._pinger):
             thread = threading.Thread(target=target, name="kis-realtime-sim", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.rate:
+            self.start_pushing()
         return self
 
+    def start_pushing(self) -> None:
+        """Push ``rate`` frames a second of ``records`` records to every registered pair."""
+        self.stop_pushing()
+        stop = threading.Event()
+        thread = threading.Thread(target=self._pusher, args=(stop,), daemon=True)
+        self._pushing = (thread, stop)
+        thread.start()
+
+    def stop_pushing(self) -> None:
+        if self._pushing is not None:
+            thread, stop = self._pushing
+            stop.set()
+            thread.join(5)
+            self._pushing = None
+
     def __exit__(self, *exc_info: object) -> None:
+        self.stop_pushing()
         self._stopping.set()
         self._server.shutdown()
         with self._cond:
@@ -241,12 +260,13 @@ class RealtimeSimulator:
                 except ConnectionClosed:
                     pass
 
-    def _pusher(self) -> None:
+    def _pusher(self, stop: threading.Event) -> None:
+        started = time.monotonic()
         for tick in itertools.count(1):
-            if self._stopping.wait(max(0.0, self._started + tick / self.rate - time.monotonic())):
+            if stop.wait(max(0.0, started + tick / self.rate - time.monotonic())):
                 return
             for tr_id, tr_key in sorted(self.registered()):
-                self.push(tr_id, tr_key)
+                self.push(tr_id, tr_key, records=self.records)
 
 
 def _reply(tr_id: str, tr_key: str, code: str, message: str, ok: bool) -> str:
