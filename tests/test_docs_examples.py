@@ -3,8 +3,9 @@
 Each ```python block is run in a fresh interpreter, in a temporary folder that is also its home
 (nothing is written to the real cache), with the placeholders of docs/index.md filled in:
 ``api_key``/``api_secret``/``acc_no`` defined, ``KOREA_INVESTMENT_BASE_URL`` set to a simulator
-started for it, ``redis://localhost:6379/0`` replaced by a redis-server of the suite, and a test
-keyring. A block that includes a file (``--8<-- "path"``) runs with that file's text; a block
+started for it, ``redis://localhost:6379/0`` replaced by a redis-server of the suite, a test
+keyring, and for a realtime example ``KOREA_INVESTMENT_WS_URL`` set to the simulator's
+websocket. A block that includes a file (``--8<-- "path"``) runs with that file's text; a block
 that defines a contract test class is run by pytest.
 """
 
@@ -51,8 +52,19 @@ def doc_sim() -> Iterator[KisSimulator]:
         yield sim
 
 
+@pytest.fixture
+def doc_ws_url(doc_sim: KisSimulator) -> Iterator[str]:
+    """KIS's realtime websocket for the examples, 20 frames a second to each registered pair."""
+    from kis_safe_token.testing.realtime_sim import RealtimeSimulator
+
+    with RealtimeSimulator(doc_sim, rate=20) as rts:
+        yield rts.ws_url
+
+
 @pytest.mark.parametrize("code", list(examples()))
-def test_example_runs(code: str, doc_sim: KisSimulator, tmp_path: Path, redis_url: str) -> None:
+def test_example_runs(
+    code: str, doc_sim: KisSimulator, tmp_path: Path, redis_url: str, request: pytest.FixtureRequest
+) -> None:
     home = tmp_path / "home"
     home.mkdir()
     # Its own app key (its own Redis keys), as long as KIS's: python-kis checks the lengths.
@@ -71,6 +83,8 @@ def test_example_runs(code: str, doc_sim: KisSimulator, tmp_path: Path, redis_ur
         n for n in env if n.startswith("KOREA_INVESTMENT_") and n != "KOREA_INVESTMENT_BASE_URL"
     ]:
         del env[name]
+    if "KisRealtime" in code:
+        env["KOREA_INVESTMENT_WS_URL"] = request.getfixturevalue("doc_ws_url")
     code = code.replace(PLACEHOLDER_REDIS, redis_url)
     if "Contract):" in code and "class Test" in code:
         test_file = home / "test_example.py"
