@@ -114,6 +114,49 @@ def test_gunicorn_workers_share_one_issuance(
     assert sim.rate_limited == 0
 
 
+def test_gunicorn_workers_subscribe_through_the_fleet_s_one_realtime_session(
+    sim: KisSimulator, tmp_path: Path
+) -> None:
+    from kis_safe_token.testing.realtime_sim import RealtimeSimulator
+
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = fleet_env(sim, "file", tmp_path, None)
+    env["KIS_TEST_READY_DIR"] = str(ready)
+    port = free_port()
+    args = [sys.executable, "-m", "gunicorn", "-w", "4", "-k", "sync", "-b", f"127.0.0.1:{port}"]
+    with RealtimeSimulator(sim, rate=50) as rts:
+        env["KOREA_INVESTMENT_WS_URL"] = rts.ws_url
+        proc = subprocess.Popen(
+            [*args, "--log-level", "warning", "wsgi_app:app"], env=env, cwd=APPS
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_serving(f"{url}/005930", proc)
+            deadline = time.monotonic() + 60
+            while len(list(ready.iterdir())) < 4:  # every worker up: the requests spread
+                assert time.monotonic() < deadline, "not every gunicorn worker started"
+                time.sleep(0.05)
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(
+                    pool.map(lambda i: requests.get(f"{url}/rt/005930", timeout=30), range(48))
+                )
+            stats = rts.stats()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert [a.status_code for a in answers] == [200] * 48
+    bodies = [a.json() for a in answers]
+    assert len({b["pid"] for b in bodies}) >= 2  # several workers subscribed
+    assert {b["role"] for b in bodies} <= {"leader", "follower"}
+    assert (stats["sessions_opened"], stats["sessions_peak"], stats["sessions_refused"]) == (
+        1,
+        1,
+        0,
+    )
+    assert stats["registrations"] == 1  # one pair, however many workers want it
+
+
 @pytest.fixture
 def celery_fleet(
     sim: KisSimulator, tmp_path: Path, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch

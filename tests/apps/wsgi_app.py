@@ -50,10 +50,39 @@ def metrics(start_response):  # type: ignore[no-untyped-def]
     return [body]
 
 
+_realtime: dict[str, object] = {}
+
+
+def next_trade(symbol: str) -> dict[str, object]:
+    """``/rt/<code>``: the next trade of ``symbol`` through this worker's ``KisRealtime`` (one
+    per worker; the fleet's one session is the leader's)."""
+    from kis_safe_token import KisRealtime
+    from kis_safe_token.testing.realtime_sim import sequence_of
+
+    with _guard:
+        if "rt" not in _realtime:
+            _realtime["rt"] = KisRealtime(
+                os.environ["KIS_TEST_APP_KEY"], os.environ["KIS_TEST_APP_SECRET"]
+            )
+        rt = _realtime["rt"]
+        if symbol not in _realtime:
+            _realtime[symbol] = rt.subscribe("H0STCNT0", symbol)  # type: ignore[attr-defined]
+        sub = _realtime[symbol]
+    event = sub.get(10)  # type: ignore[attr-defined]
+    while event is not None and event.gap:
+        event = sub.get(10)  # type: ignore[attr-defined]
+    assert event is not None, "no trade within 10 s"
+    return {"pid": os.getpid(), "seq": sequence_of(event.fields), "role": rt.role}  # type: ignore[attr-defined]
+
+
 def app(environ, start_response):  # type: ignore[no-untyped-def]
     symbol = environ.get("PATH_INFO", "/").strip("/") or "005930"
     if symbol == "metrics":
         return metrics(start_response)
+    if symbol.startswith("rt/"):
+        body = json.dumps(next_trade(symbol[3:])).encode()
+        start_response("200 OK", [("content-type", "application/json")])
+        return [body]
     broker = _broker()
     quote = broker.fetch_price(symbol)
     body = json.dumps(
