@@ -20,7 +20,12 @@ from kis_safe_token.realtime.frames import (
     register_message,
 )
 from kis_safe_token.testing import KisSimulator
-from kis_safe_token.testing.realtime_sim import RealtimeSimulator, sent_at, sequence_of
+from kis_safe_token.testing.realtime_sim import (
+    PARSE_ERROR,
+    RealtimeSimulator,
+    sent_at,
+    sequence_of,
+)
 
 
 @pytest.fixture
@@ -111,6 +116,17 @@ def test_an_unknown_approval_key_registers_nothing(sim: KisSimulator) -> None:
     with RealtimeSimulator(sim) as rt, connect(rt.ws_url) as ws:
         assert parse_reply(_register(ws, "not-issued", "H0STCNT0", "005930")).code == "OPSP0011"
         assert rt.registered() == set() and rt.stats()["sessions_opened"] == 0
+
+
+def test_a_message_that_is_not_json_is_answered_with_the_simulator_s_own_code(
+    sim: KisSimulator,
+) -> None:
+    with RealtimeSimulator(sim) as rt, connect(rt.ws_url) as ws:
+        ws.send("{not json")
+        answer = parse_reply(str(ws.recv(timeout=10)))
+        assert (answer.code, answer.ok) == (PARSE_ERROR, False)
+        assert parse_reply(_register(ws, _approval(sim), "H0STCNT0", "005930")).ok  # still open
+        assert rt.registered() == {("H0STCNT0", "005930")}
 
 
 def test_pingpong_arrives_and_the_echo_is_counted(sim: KisSimulator) -> None:

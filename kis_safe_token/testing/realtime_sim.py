@@ -25,11 +25,21 @@ from websockets.sync.server import Server, ServerConnection, serve
 from ..realtime.frames import SESSION_LIMIT, encode_records
 from .simulator import KisSimulator
 
-__all__ = ["RealtimeSimulator", "sent_at", "sequence_of"]
+__all__ = ["PARSE_ERROR", "RealtimeSimulator", "sent_at", "sequence_of"]
 
 #: Fields of a simulated record: KIS's first three (code, HHMMSS, price), then the simulator's
 #: sequence number and send time (``time.time()``), so tests can tell order, gaps and latency.
 _SEQ, _SENT = 3, 4
+_COUNTED = (
+    "sessions_opened",
+    "sessions_refused",
+    "sessions_peak",
+    "registered_total",
+    "frames_sent",
+    "pongs",
+)
+#: The simulator's own answer to a message that is not JSON (KIS's code for it is not known).
+PARSE_ERROR = "OPSP9999"
 
 
 def sequence_of(fields: tuple[str, ...]) -> int:
@@ -124,15 +134,9 @@ class RealtimeSimulator:
         (concurrent), ``registrations`` (now, all sessions), ``registered_total``,
         ``frames_sent``, ``pongs``."""
         with self._cond:
-            now = sum(len(s.pairs) for s in self._sessions)
-            return {
-                **{k: self.counts[k] for k in ("sessions_opened", "sessions_refused")},
-                "sessions_peak": self.counts["sessions_peak"],
-                "registrations": now,
-                "registered_total": self.counts["registered_total"],
-                "frames_sent": self.counts["frames_sent"],
-                "pongs": self.counts["pongs"],
-            }
+            stats = {name: self.counts[name] for name in _COUNTED}
+            stats["registrations"] = sum(len(s.pairs) for s in self._sessions)
+            return stats
 
     def registered(self) -> set[tuple[str, str]]:
         """The pairs registered now, over all sessions."""
@@ -195,7 +199,7 @@ class RealtimeSimulator:
             message = json.loads(text)
             header, body = message["header"], message.get("body") or {}
         except (ValueError, KeyError, TypeError):
-            session.conn.send(_reply("", "", "OPSP0001", "JSON PARSING ERROR", ok=False))
+            session.conn.send(_reply("", "", PARSE_ERROR, "JSON PARSING ERROR", ok=False))
             return True
         if header.get("tr_id") == "PINGPONG":
             with self._cond:
@@ -215,7 +219,9 @@ class RealtimeSimulator:
                     answer = self._register(session, tr_id, tr_key, str(header.get("tr_type")))
                 self._cond.notify_all()
             if refused:
-                session.conn.send(_reply(tr_id, tr_key, "OPSP8996", "ALREADY IN USE appkey", False))
+                session.conn.send(
+                    _reply(tr_id, tr_key, "OPSP8996", "ALREADY IN USE appkey", ok=False)
+                )
                 session.conn.close()
                 return False
             session.conn.send(answer)
@@ -269,7 +275,7 @@ class RealtimeSimulator:
                 self.push(tr_id, tr_key, records=self.records)
 
 
-def _reply(tr_id: str, tr_key: str, code: str, message: str, ok: bool) -> str:
+def _reply(tr_id: str, tr_key: str, code: str, message: str, *, ok: bool) -> str:
     return json.dumps(
         {
             "header": {"tr_id": tr_id, "tr_key": tr_key, "encrypt": "N"},

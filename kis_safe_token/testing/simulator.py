@@ -139,8 +139,7 @@ class KisSimulator:
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self.peak_calls_per_second: Counter[str] = Counter()
-        self.approval_keys: list[str] = []
-        self.approval_owner: dict[str, str] = {}  # approval key -> app key (the websocket's)
+        self.approval_owner: dict[str, str] = {}  # approval key -> app key, in issue order
         self._window: dict[str, deque[float]] = {}
         self._refuse_next = 0
         self._refusals: Counter[str] = Counter()
@@ -155,6 +154,12 @@ class KisSimulator:
         """Set, ``tokenP`` answers HTTP 502 with an HTML page, as a KIS gateway does when down."""
         self._server = _Server((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
+
+    @property
+    def approval_keys(self) -> list[str]:
+        """The approval keys issued, oldest first."""
+        with self._cond:
+            return list(self.approval_owner)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -387,7 +392,6 @@ class KisSimulator:
         time.sleep(self.issue_latency_s)
         key = str(uuid.uuid4())
         with self._cond:
-            self.approval_keys.append(key)
             self.approval_owner[key] = str(body.get("appkey"))
             self._count("approvals_issued")
         return 200, {"approval_key": key}
