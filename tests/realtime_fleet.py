@@ -2,7 +2,7 @@
 (``"sync"``) or an ``AsyncKisRealtime`` (``"async"``), subscribes to its pairs, says it is ready
 (with its pid and role), then reports every event it gets until told to stop.
 
-Test machinery for tests/test_realtime.py and benchmarks/realtime.py. ``reports`` carries
+Test machinery for tests/test_realtime.py and benchmarks/realtime.py. Each pipe carries
 ``("ready", index, pid, role)``, ``("event", index, tr_id, tr_key, seq, latency_s)`` (``seq`` 0
 for a gap), ``("error", index, text)`` and, at the end, ``("done", index, stats)``. With
 ``quiet``, only ``("count", index, events, p50_s, p99_s)`` at the end (for the benchmark).
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from typing import Any
 
 __all__ = ["Fleet", "Member"]
@@ -45,20 +48,39 @@ class Fleet:
     seen: list[tuple[Any, ...]] = field(default_factory=list)  # reports read but not asked for
 
     def __post_init__(self) -> None:
+        # A pipe each, not one shared Queue: a process SIGKILLed while holding a shared queue's
+        # lock would silence every other process.
         ctx = mp.get_context("spawn")
-        self.reports: Any = ctx.Queue()
         self.stop: Any = ctx.Event()
+        self._readers: list[Any] = []
+        self._writers: list[Any] = []
+        self._pending: deque[tuple[Any, ...]] = deque()
         for index, member in enumerate(self.members):
-            args = (index, member, self.token_file, self.base_url, self.ws_url)
-            proc = ctx.Process(
-                target=_member, args=(*args, self.quiet, self.reports, self.stop), daemon=True
+            reader, writer = ctx.Pipe(duplex=False)
+            self._readers.append(reader)
+            self._writers.append(writer)
+            args = (index, member, self.token_file, self.base_url, self.ws_url, self.quiet)
+            self.procs.append(
+                ctx.Process(target=_member, args=(*args, writer, self.stop), daemon=True)
             )
-            self.procs.append(proc)
 
     def __enter__(self) -> Fleet:
         for proc in self.procs:
             proc.start()
+        for writer in self._writers:  # the children's now: a dead child's pipe reads as ended
+            writer.close()
         return self
+
+    def _next(self, timeout: float) -> tuple[Any, ...] | None:
+        """The next report of any process, or ``None`` after ``timeout``."""
+        if not self._pending:
+            for reader in wait(self._readers, timeout):
+                try:
+                    while reader.poll():
+                        self._pending.append(reader.recv())
+                except (EOFError, OSError):
+                    self._readers.remove(reader)  # that process ended (or was killed)
+        return self._pending.popleft() if self._pending else None
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop.set()
@@ -76,9 +98,8 @@ class Fleet:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"{len(found)} of {count} {kind!r} reports in {timeout} s")
-            try:
-                report = self.reports.get(timeout=left)
-            except Exception:  # noqa: BLE001 - queue.Empty
+            report = self._next(left)
+            if report is None:
                 continue
             if report[0] == "error":
                 raise AssertionError(f"process {report[1]}: {report[2]}")
@@ -92,13 +113,24 @@ class Fleet:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"not within {timeout} s; saw {len(self.seen)} reports")
-            try:
-                report = self.reports.get(timeout=min(left, 1.0))
-            except Exception:  # noqa: BLE001 - queue.Empty
+            report = self._next(min(left, 1.0))
+            if report is None:
                 continue
             if report[0] == "error":
                 raise AssertionError(f"process {report[1]}: {report[2]}")
             self.seen.append(report)
+
+
+class _Reporter:
+    """The child's end of its pipe, for several threads."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def put(self, report: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.conn.send(report)
 
 
 def _member(
@@ -108,11 +140,14 @@ def _member(
     base_url: str,
     ws_url: str,
     quiet: bool,
-    reports: Any,
+    conn: Any,
     stop: Any,
 ) -> None:
+    reports = _Reporter(conn)
     import logging
 
+    if not quiet:  # who leads and who follows, in the test's captured output
+        logging.getLogger("kis_safe_token.realtime").setLevel(logging.INFO)
     logging.basicConfig(
         format=f"[{index}] %(name)s %(levelname)s %(message)s", level=logging.WARNING
     )
@@ -169,8 +204,6 @@ def _sync_member(
     reports: Any,
     stop: Any,
 ) -> None:
-    import threading
-
     from kis_safe_token import KisRealtime
 
     tally = _Tally(index, quiet, reports)

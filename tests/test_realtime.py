@@ -228,7 +228,7 @@ def test_the_leader_sigkilled_moves_the_session_and_every_survivor_resumes_after
         os.kill(leader[2], signal.SIGKILL)
         killed, pushed = time.monotonic(), 3
         while not resumed(f.seen):  # a frame every 50 ms until each survivor has one again
-            assert time.monotonic() - killed < 15, by_process(f.seen)
+            assert time.monotonic() - killed < 15, (ready, dict(by_process(f.seen)))
             pushed += 1
             rts.push(*PAIRS[0])
             with contextlib.suppress(AssertionError):

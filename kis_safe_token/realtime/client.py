@@ -298,6 +298,9 @@ class KisRealtime(Closing):
 
     def _attach(self, upstream: Leader | Link, role: str) -> None:
         self._problem = ""
+        logger.info(
+            "KisRealtime: %s for %s", "leading" if role == "leader" else "following", self._hub
+        )
         with self._lock:
             self._upstream, self.role = upstream, role
             pairs = list(self._subs)
