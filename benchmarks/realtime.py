@@ -35,14 +35,15 @@ PAIR = ("H0STCNT0", "005930")
 def run(processes: int, rate: float, records: int, seconds: float, shared: bool) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="kis-rt-bench-"))
     members = [
-        Member("async" if i % 2 else "sync", [PAIR], "" if shared else str(folder / f"{i}.json"))
+        Member("async" if i % 2 else "sync", [PAIR], None if shared else _file(folder / f"{i}"))
         for i in range(processes)
     ]
     with (
         KisSimulator(apps={APP_KEY: SECRET}, issue_latency_s=0) as sim,
         RealtimeSimulator(sim, one_session=shared) as rts,
     ):
-        fleet = Fleet(str(folder / "tokens.json"), sim.base_url, rts.ws_url, members, quiet=True)
+        spec = _file(folder / "tokens")
+        fleet = Fleet(spec, sim.base_url, rts.ws_url, members, quiet=True)
         with fleet:
             fleet.collect("ready", processes, timeout=120)
             rts.rate, rts.records = rate, records
@@ -66,6 +67,10 @@ def run(processes: int, rate: float, records: int, seconds: float, shared: bool)
         "p99_ms": max(c[4] for c in counts) * 1000,
         "sessions": sessions,
     }
+
+
+def _file(stem: Path) -> dict:
+    return {"kind": "file", "path": f"{stem}.json"}
 
 
 def main() -> None:

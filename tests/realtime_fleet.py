@@ -32,14 +32,14 @@ class Member:
 
     mode: str
     pairs: list[tuple[str, str]]
-    token_file: str = ""  # its own file: its own session (the benchmark's baseline)
+    spec: dict[str, Any] | None = None  # its own storage: its own session (a baseline)
 
 
 @dataclass
 class Fleet:
     """The processes of one test and the queue of what they report."""
 
-    token_file: str
+    spec: dict[str, Any]  # the storage of every member (``herd.build_storage``)
     base_url: str
     ws_url: str
     members: list[Member]
@@ -59,7 +59,7 @@ class Fleet:
             reader, writer = ctx.Pipe(duplex=False)
             self._readers.append(reader)
             self._writers.append(writer)
-            args = (index, member, self.token_file, self.base_url, self.ws_url, self.quiet)
+            args = (index, member, self.spec, self.base_url, self.ws_url, self.quiet)
             self.procs.append(
                 ctx.Process(target=_member, args=(*args, writer, self.stop), daemon=True)
             )
@@ -136,7 +136,7 @@ class _Reporter:
 def _member(
     index: int,
     member: Member,
-    token_file: str,
+    spec: dict[str, Any],
     base_url: str,
     ws_url: str,
     quiet: bool,
@@ -153,19 +153,17 @@ def _member(
     )
     try:
         if member.mode == "async":
-            asyncio.run(
-                _async_member(index, member, token_file, base_url, ws_url, quiet, reports, stop)
-            )
+            asyncio.run(_async_member(index, member, spec, base_url, ws_url, quiet, reports, stop))
         else:
-            _sync_member(index, member, token_file, base_url, ws_url, quiet, reports, stop)
+            _sync_member(index, member, spec, base_url, ws_url, quiet, reports, stop)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         reports.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
 
-def _kw(member: Member, token_file: str, base_url: str, ws_url: str) -> dict[str, Any]:
-    from kis_safe_token import FileTokenStorage
+def _kw(member: Member, spec: dict[str, Any], base_url: str, ws_url: str) -> dict[str, Any]:
+    from herd import build_storage
 
-    storage = FileTokenStorage(member.token_file or token_file)
+    storage = build_storage(member.spec or spec)
     return {"token_storage": storage, "base_url": base_url, "ws_url": ws_url}
 
 
@@ -197,7 +195,7 @@ class _Tally:
 def _sync_member(
     index: int,
     member: Member,
-    token_file: str,
+    spec: dict[str, Any],
     base_url: str,
     ws_url: str,
     quiet: bool,
@@ -207,7 +205,7 @@ def _sync_member(
     from kis_safe_token import KisRealtime
 
     tally = _Tally(index, quiet, reports)
-    with KisRealtime(APP_KEY, SECRET, **_kw(member, token_file, base_url, ws_url)) as rt:
+    with KisRealtime(APP_KEY, SECRET, **_kw(member, spec, base_url, ws_url)) as rt:
         subs = [rt.subscribe(*pair) for pair in member.pairs]
         reports.put(("ready", index, mp.current_process().pid, rt.role))
 
@@ -228,7 +226,7 @@ def _sync_member(
 async def _async_member(
     index: int,
     member: Member,
-    token_file: str,
+    spec: dict[str, Any],
     base_url: str,
     ws_url: str,
     quiet: bool,
@@ -238,7 +236,7 @@ async def _async_member(
     from kis_safe_token import AsyncKisRealtime
 
     tally = _Tally(index, quiet, reports)
-    async with AsyncKisRealtime(APP_KEY, SECRET, **_kw(member, token_file, base_url, ws_url)) as rt:
+    async with AsyncKisRealtime(APP_KEY, SECRET, **_kw(member, spec, base_url, ws_url)) as rt:
         subs = [await rt.subscribe(*pair) for pair in member.pairs]
         reports.put(("ready", index, mp.current_process().pid, rt.rt.role))
 

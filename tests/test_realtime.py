@@ -16,11 +16,13 @@ import signal
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import APP_KEY, SECRET
+from herd import build_storage
 from realtime_fleet import Fleet, Member
 
 from kis_safe_token import (
@@ -35,6 +37,7 @@ from kis_safe_token.testing import KisSimulator
 from kis_safe_token.testing.realtime_sim import RealtimeSimulator, sequence_of
 
 TRADES, QUOTES = "H0STCNT0", "H0STASP0"
+BACKENDS = pytest.mark.parametrize("backend", ["file", "redis"])
 
 
 @pytest.fixture
@@ -43,8 +46,11 @@ def rts(sim: KisSimulator) -> Iterator[RealtimeSimulator]:
         yield rts
 
 
-def realtime(sim: KisSimulator, rts: RealtimeSimulator, path: Path, **kw: object) -> KisRealtime:
-    storage = FileTokenStorage(path)
+def realtime(
+    sim: KisSimulator, rts: RealtimeSimulator, where: Path | dict[str, Any], **kw: object
+) -> KisRealtime:
+    """A KisRealtime on the token file ``where``, or the storage spec ``where``."""
+    storage = FileTokenStorage(where) if isinstance(where, Path) else build_storage(where)
     return KisRealtime(
         APP_KEY,
         SECRET,
@@ -92,11 +98,16 @@ def test_a_second_realtime_in_one_process_follows_the_first_and_shares_its_regis
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
 
 
+@BACKENDS
 def test_the_42nd_pair_is_a_clear_error_to_the_process_that_asked(
-    sim: KisSimulator, rts: RealtimeSimulator, token_path: Path
+    sim: KisSimulator,
+    rts: RealtimeSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
 ) -> None:
     codes = [f"{n:06d}" for n in range(SESSION_LIMIT + 1)]
-    with realtime(sim, rts, token_path) as leader, realtime(sim, rts, token_path) as follower:
+    spec = spec_of(backend)
+    with realtime(sim, rts, spec) as leader, realtime(sim, rts, spec) as follower:
         for code in codes[:-2]:
             leader.subscribe(TRADES, code)
         follower.subscribe(TRADES, codes[-2])  # the 41st, from the other side of the socket
@@ -172,8 +183,10 @@ def test_async_realtime_iterates_events(
     assert asyncio.run(main()) == [1, 2, 3]
 
 
-def fleet(sim: KisSimulator, rts: RealtimeSimulator, path: Path, members: list[Member]) -> Fleet:
-    return Fleet(str(path), sim.base_url, rts.ws_url, members)
+def fleet(
+    sim: KisSimulator, rts: RealtimeSimulator, spec: dict[str, Any], members: list[Member]
+) -> Fleet:
+    return Fleet(spec, sim.base_url, rts.ws_url, members)
 
 
 def by_process(reports: list[tuple[object, ...]]) -> dict[int, dict[tuple[str, str], list[int]]]:
@@ -187,13 +200,17 @@ PAIRS = [(TRADES, "005930"), (QUOTES, "005930"), (TRADES, "000660"), (QUOTES, "0
 
 
 @pytest.mark.stress
+@BACKENDS
 def test_eight_processes_sync_and_asyncio_share_one_session_and_every_event(
-    sim: KisSimulator, rts: RealtimeSimulator, token_path: Path
+    sim: KisSimulator,
+    rts: RealtimeSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
 ) -> None:
     members = [
         Member("sync" if i % 2 else "async", [PAIRS[i % 4], PAIRS[(i + 1) % 4]]) for i in range(8)
     ]
-    with fleet(sim, rts, token_path, members) as f:
+    with fleet(sim, rts, spec_of(backend), members) as f:
         f.collect("ready", 8, timeout=60)
         assert rts.registered() == set(PAIRS)
         for pair in PAIRS:
@@ -210,11 +227,15 @@ def test_eight_processes_sync_and_asyncio_share_one_session_and_every_event(
 
 
 @pytest.mark.stress
+@BACKENDS
 def test_the_leader_sigkilled_moves_the_session_and_every_survivor_resumes_after_a_gap(
-    sim: KisSimulator, rts: RealtimeSimulator, token_path: Path
+    sim: KisSimulator,
+    rts: RealtimeSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
 ) -> None:
     members = [Member("sync" if i % 2 else "async", [PAIRS[0], PAIRS[1 + i % 3]]) for i in range(6)]
-    with fleet(sim, rts, token_path, members) as f:
+    with fleet(sim, rts, spec_of(backend), members) as f:
         ready = f.collect("ready", 6, timeout=60)
         leader = next(r for r in ready if r[3] == "leader")
         rts.push(*PAIRS[0], frames=3)
@@ -253,12 +274,18 @@ def test_the_leader_sigkilled_moves_the_session_and_every_survivor_resumes_after
 
 
 @pytest.mark.stress
+@BACKENDS
 def test_a_dead_follower_s_wants_end_with_it(
-    sim: KisSimulator, rts: RealtimeSimulator, token_path: Path
+    sim: KisSimulator,
+    rts: RealtimeSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
 ) -> None:
-    with realtime(sim, rts, token_path) as rt:
-        rt.subscribe(*PAIRS[0])  # this process leads
-        with fleet(sim, rts, token_path, [Member("sync", [PAIRS[1]])]) as f:
+    spec = spec_of(backend)  # Redis: the dead process's heartbeat lapses (5 s)
+    with realtime(sim, rts, spec) as rt:
+        rt.subscribe(*PAIRS[0])
+        assert rts.wait_for(lambda _: rt.role == "leader")  # this process leads
+        with fleet(sim, rts, spec, [Member("sync", [PAIRS[1]])]) as f:
             (ready,) = f.collect("ready", 1, timeout=60)
             assert ready[3] == "follower" and rts.registered() == {PAIRS[0], PAIRS[1]}
             os.kill(ready[2], signal.SIGKILL)

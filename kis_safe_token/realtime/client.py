@@ -20,9 +20,15 @@ from ..errors import RealtimeError, RealtimeLimitError, TokenStorageError
 from ..kis import REAL_WS_URL, VIRTUAL_WS_URL, WS_URL_ENV
 from ..shared import Closing, SharedToken, check_header_value
 from ..storage.base import TokenStorage
+from ..storage.redis import RedisTokenStorage
 from .frames import RealtimeEvent
 from .leader import LIMIT, OK, Approval, Leader, Link, Pair, follow
 from .local import LocalHub
+from .redis_hub import RedisHub, Wants
+from .redis_hub import serve as serve_redis
+
+#: Where this process sends its wants: the leader (this process), or the way to it.
+Upstream = Leader | Link | Wants
 
 __all__ = ["KisRealtime", "Subscription", "resolve_ws_url"]
 
@@ -142,8 +148,9 @@ class KisRealtime(Closing):
         self._lock = threading.Condition()
         self._subs: dict[Pair, list[Subscription]] = {}
         self._answers: dict[Pair, tuple[str, str]] = {}
-        self._upstream: Leader | Link | None = None
-        self.role: str | None = None  # "leader" or "follower" while connected
+        self._upstream: Upstream | None = None
+        self.leading: Leader | None = None  # this process's session, while it leads
+        self._wants_changed = threading.Event()  # a process's wants changed (Redis)
         self.counts = {"events": 0, "gaps": 0, "elections_won": 0}
         self._problem = ""  # why this process can neither lead nor follow, while it cannot
         self._fresh = False  # something came from the session since the last gap
@@ -153,6 +160,14 @@ class KisRealtime(Closing):
 
     def __repr__(self) -> str:
         return f"KisRealtime({self._hub!r}, role={self.role!r})"
+
+    @property
+    def role(self) -> str | None:
+        """``"leader"`` (this process holds the session), ``"follower"``, or ``None`` while
+        it is between leaders."""
+        if self.leading is not None:
+            return "leader"
+        return "follower" if self._upstream is not None else None
 
     # -- subscribing -------------------------------------------------------------------------
     def subscribe(
@@ -208,7 +223,7 @@ class KisRealtime(Closing):
         as leader, also the KIS ``sessions_opened`` and ``sessions_refused``."""
         with self._lock:
             dropped = sum(sub.dropped for subs in self._subs.values() for sub in subs)
-            leader = self._upstream.counts if isinstance(self._upstream, Leader) else {}
+            leader = self.leading.counts if self.leading is not None else {}
         return {"role": self.role, **self.counts, "dropped": dropped, **leader}
 
     def close(self) -> None:
@@ -218,9 +233,9 @@ class KisRealtime(Closing):
             self._lock.notify_all()
             upstream = self._upstream
             subs = [sub for subs in self._subs.values() for sub in subs]
-        if isinstance(upstream, Leader):
-            upstream.stop()
-        elif upstream is not None:
+        if self.leading is not None:
+            self.leading.stop()
+        if upstream is not None and not isinstance(upstream, Leader):
             upstream.close()
         self._thread.join(10)
         for sub in subs:
@@ -245,8 +260,12 @@ class KisRealtime(Closing):
                     self.counts["events"] += 1
 
     def gap(self) -> None:
+        """Events may have been missed: a gap event to each subscription, unless nothing came
+        since the last (as when a follower connected to a leader that was dying)."""
         now = time.time()
         with self._lock:
+            if not self._fresh:
+                return
             self._fresh = False
             for (tr_id, tr_key), subs in self._subs.items():
                 for sub in subs:
@@ -257,7 +276,10 @@ class KisRealtime(Closing):
     def _run(self) -> None:
         while not self._closed.is_set():
             try:
-                self._serve_once()
+                if isinstance(self._hub, LocalHub):
+                    self._serve_local(self._hub)
+                else:
+                    serve_redis(self, self._hub)
             except TokenStorageError as exc:
                 if str(exc) != self._problem:
                     logger.error("KisRealtime: %s", exc)
@@ -267,68 +289,70 @@ class KisRealtime(Closing):
                 logger.exception("KisRealtime: the session thread failed; starting again")
                 self._closed.wait(1.0)
 
-    def _serve_once(self) -> None:
-        fd = self._hub.try_lead()
+    def _serve_local(self, hub: LocalHub) -> None:
+        """Lead (holding the host's lock) or follow the leader, once."""
+        fd = hub.try_lead()
         if fd is not None:
             try:
-                leader = Leader(self._hub, self, self.ws_url, self._approval())
+                self.leading = leader = Leader(self.ws_url, self._approval())
                 self.counts["elections_won"] += 1
-                self._attach(leader, "leader")
+                self.attach(leader)
                 if not self._closed.is_set():
-                    leader.run()
+                    leader.serve(hub)
             finally:
-                self._detach()
+                self.leading = None
+                self.detach()
                 os.close(fd)
             return
-        conn = self._hub.connect()
+        conn = hub.connect()
         if conn is None:  # the new leader is not listening yet
             self._closed.wait(_RETRY_S)
             return
         link = Link(conn)
         try:
-            self._attach(link, "follower")
+            self.attach(link)
             if not self._closed.is_set():
                 follow(link, self)
         finally:
-            self._detach()
+            self.detach()
 
     def _approval(self) -> Approval:
         shared = self._shared
         return Approval(lambda: shared.approval_key, shared.invalidate_approval_key)
 
-    def _attach(self, upstream: Leader | Link, role: str) -> None:
+    def attach(self, upstream: Upstream) -> None:
+        """Send every want to ``upstream`` (the leader, or the way to it) from now on."""
         self._problem = ""
-        logger.info(
-            "KisRealtime: %s for %s", "leading" if role == "leader" else "following", self._hub
-        )
+        role = "leading" if self.leading is not None else "following"
+        logger.info("KisRealtime: %s for %r", role, self._hub)
         with self._lock:
-            self._upstream, self.role = upstream, role
+            self._upstream = upstream
             pairs = list(self._subs)
         for pair in pairs:
             self._want(upstream, pair, True)
 
-    def _detach(self) -> None:
-        """The session is lost to this process: a gap, unless nothing came since the last
-        (a leader that died while this process connected to it)."""
+    def detach(self) -> None:
+        """The way to the session is lost: a gap (see :meth:`gap`)."""
         with self._lock:
-            self._upstream, self.role = None, None
+            self._upstream = None
             self._answers.clear()
-            fresh = self._fresh
-        if fresh and not self._closed.is_set():
+        if not self._closed.is_set():
             self.gap()
 
-    def _want(self, upstream: Leader | Link, pair: Pair, on: bool) -> None:
+    def _want(self, upstream: Upstream, pair: Pair, on: bool) -> None:
         if isinstance(upstream, Leader):
             upstream.want(self, pair, on)
         else:
             upstream.want(pair, on)
 
 
-def _hub_for(storage: TokenStorage, api_key: str) -> LocalHub:
+def _hub_for(storage: TokenStorage, api_key: str) -> LocalHub | RedisHub:
+    if isinstance(storage, RedisTokenStorage):
+        return RedisHub(storage, storage._get_redis_key(api_key))
     token_file = getattr(storage, "token_file", None)
     if token_file is None:
         raise ValueError(
-            f"KisRealtime shares one session through a FileTokenStorage (the processes of one "
-            f"host); {type(storage).__name__} has no realtime hub yet"
+            f"KisRealtime shares one session through a FileTokenStorage (one host) or a "
+            f"RedisTokenStorage (the fleet); {type(storage).__name__} is neither"
         )
     return LocalHub(token_file, api_key)

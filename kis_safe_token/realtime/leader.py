@@ -70,11 +70,10 @@ class _Want:
 
 
 class Leader:
-    """Runs while this process holds the hub's lock: :meth:`run` until :meth:`stop`."""
+    """The KIS session of a process that holds the lease: :meth:`run_session` (and, on one
+    host, :meth:`serve` for the followers) until :meth:`stop`."""
 
-    def __init__(self, hub: LocalHub, local: Holder, ws_url: str, approval: Approval) -> None:
-        self.hub = hub
-        self.local = local
+    def __init__(self, ws_url: str, approval: Approval) -> None:
         self.ws_url = ws_url
         self.approval = approval
         self.counts = {"sessions_opened": 0, "sessions_refused": 0, "lines_dropped": 0}
@@ -127,10 +126,12 @@ class Leader:
             self.want(holder, pair, False)
 
     # -- running ---------------------------------------------------------------------------
-    def run(self) -> None:
-        """Serve followers and keep the KIS session open while anyone wants a pair."""
-        self._server = self.hub.listen()
-        session = threading.Thread(target=self._session, name="kis-realtime-session", daemon=True)
+    def serve(self, hub: LocalHub) -> None:
+        """Serve the host's followers on ``hub`` and keep the KIS session open while anyone
+        wants a pair."""
+        self._server = hub.listen()
+        session = threading.Thread(target=self.run_session, name="kis-realtime-session")
+        session.daemon = True
         session.start()
         try:
             while not self._stopped.is_set():
@@ -148,7 +149,7 @@ class Leader:
         finally:
             self.stop()
             session.join(5)
-            self.hub.unlink()
+            hub.unlink()
             self._server.close()
             with self._lock:
                 followers = list(self._followers)
@@ -172,7 +173,8 @@ class Leader:
         self.drop(follower)
 
     # -- the KIS session ---------------------------------------------------------------------
-    def _session(self) -> None:
+    def run_session(self) -> None:
+        """Keep KIS's session open while a pair is wanted, reopening it when it closes."""
         attempt = 0
         while True:
             with self._lock:
@@ -268,13 +270,13 @@ class Leader:
             holders = {holder for want in wants for holder in want.holders}
         if text[0] == "1":  # followers get it plain: the leader holds the key
             text = encode_records(events[0].tr_id, [event.fields for event in events])
-        for holder in holders:
+        for holder in _by_route(holders):
             holder.frame(received_at, text, events)
 
     def _gap_all(self) -> None:
         with self._lock:
             holders = {h for want in self._wants.values() for h in want.holders}
-        for holder in holders:
+        for holder in _by_route(holders):
             holder.gap()
 
 
@@ -354,6 +356,11 @@ class _Follower:
             pass
         finally:
             self.conn.close()
+
+
+def _by_route(holders: set[Holder]) -> list[Holder]:
+    """One holder per way out: the processes behind one Redis channel hear a line once."""
+    return list({getattr(holder, "route", holder): holder for holder in holders}.values())
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,300 @@
+"""The fleet across hosts: its realtime leader is elected in Redis, and everyone meets there.
+
+Keys beside the app key's token key ``<prefix>:{<key id>}`` (one Cluster hash tag):
+
+- ``…:rt:leader`` the lease: ``SET NX PX`` with this process's id, renewed by the leader with a
+  compare-and-``PEXPIRE`` every :data:`RENEW_S`; ``…:rt:fence`` counts leaders (``INCR`` on
+  winning). A leader that cannot renew (paused past the TTL, cut off) closes its KIS session;
+  every line it published carries its fence, and subscribers drop lines of an older fence, so
+  a paused leader that wakes up is never heard beside the new one.
+- ``…:rt:wants`` a hash: process id → its pairs and the time they expire; each process
+  rewrites its field every :data:`HEARTBEAT_S` (and on a change, with a ``W`` on the channel),
+  so a dead process's wants end :data:`WANTS_TTL_S` later.
+- ``…:rt:ev`` the channel: ``<fence>\\t`` + the lines of :mod:`.local` (``A``, ``D``, ``G``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TokenStorageError
+from .leader import Leader, Pair
+
+if TYPE_CHECKING:
+    from ..storage.redis import RedisTokenStorage
+    from .client import KisRealtime
+
+__all__ = ["RedisHub", "Wants", "serve"]
+
+logger = logging.getLogger("kis_safe_token.realtime")
+
+LEASE_TTL_S = 3.0
+RENEW_S = 0.5
+HEARTBEAT_S = 1.0
+WANTS_TTL_S = 5.0
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RESIGN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisHub:
+    """Where the processes sharing a Redis storage meet for ``api_key``'s session."""
+
+    def __init__(self, storage: RedisTokenStorage, base_key: str) -> None:
+        self.storage = storage
+        self.node = uuid.uuid4().hex
+        self.lease_key = f"{base_key}:rt:leader"
+        self.fence_key = f"{base_key}:rt:fence"
+        self.wants_key = f"{base_key}:rt:wants"
+        self.channel = f"{base_key}:rt:ev"
+
+    def __repr__(self) -> str:
+        return f"RedisHub({self.storage!r}, {self.channel!r})"
+
+    # -- the lease -----------------------------------------------------------------------------
+    def try_lead(self) -> int | None:
+        """This process's fence if it won the lease, else ``None``."""
+        client = self.storage.redis_client
+        ttl_ms = int(LEASE_TTL_S * 1000)
+        won = self.storage._call(
+            "realtime lease", lambda: client.set(self.lease_key, self.node, nx=True, px=ttl_ms)
+        )
+        if not won:
+            return None
+        return int(self.storage._call("realtime fence", lambda: client.incr(self.fence_key)))
+
+    def renew(self) -> bool:
+        args = [self.node, int(LEASE_TTL_S * 1000)]
+        return bool(self.storage._eval("realtime lease", _RENEW, [self.lease_key], args))
+
+    def resign(self) -> None:
+        self.storage._eval("realtime lease", _RESIGN, [self.lease_key], [self.node])
+
+    # -- wants ---------------------------------------------------------------------------------
+    def put_wants(self, pairs: set[Pair], *, changed: bool) -> None:
+        client = self.storage.redis_client
+        value = json.dumps({"pairs": sorted(pairs), "until": time.time() + WANTS_TTL_S})
+        self.storage._call("realtime wants", lambda: client.hset(self.wants_key, self.node, value))
+        if changed:
+            self.storage._call("realtime wants", lambda: client.publish(self.channel, "0\tW"))
+
+    def drop_wants(self) -> None:
+        client = self.storage.redis_client
+        self.storage._call("realtime wants", lambda: client.hdel(self.wants_key, self.node))
+
+    def read_wants(self) -> dict[str, set[Pair]]:
+        """Every live process's wants; expired ones are removed."""
+        client = self.storage.redis_client
+        raw = self.storage._call("realtime wants", lambda: client.hgetall(self.wants_key))
+        now, wants, expired = time.time(), {}, []
+        for node, value in raw.items():
+            try:
+                entry = json.loads(value)
+                until, pairs = float(entry["until"]), {(str(a), str(b)) for a, b in entry["pairs"]}
+            except (ValueError, KeyError, TypeError):
+                until, pairs = 0.0, set()
+            if until < now:
+                expired.append(node)
+            else:
+                wants[node.decode() if isinstance(node, bytes) else str(node)] = pairs
+        if expired:
+            self.storage._call("realtime wants", lambda: client.hdel(self.wants_key, *expired))
+        return wants
+
+    # -- the channel ---------------------------------------------------------------------------
+    def publish(self, fence: int, line: str) -> None:
+        client = self.storage.redis_client
+        self.storage._call(
+            "realtime publish", lambda: client.publish(self.channel, f"{fence}\t{line}")
+        )
+
+    def pubsub(self) -> Any:
+        pubsub = self.storage.redis_client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel)
+        return pubsub
+
+
+class _Remote:
+    """The leader's holder for one process of the fleet: its lines go to the channel."""
+
+    def __init__(self, publisher: _Publisher, node: str) -> None:
+        self.route = publisher
+        self.node = node
+
+    def answer(self, pair: Pair, code: str, message: str) -> None:
+        self.route.line(f"A\t{pair[0]}\t{pair[1]}\t{code}\t{message}".replace("\n", " "))
+
+    def frame(self, received_at: float, text: str, events: list[Any]) -> None:
+        self.route.line(f"D\t{received_at!r}\t{text}")
+
+    def gap(self) -> None:
+        self.route.line("G")
+
+
+class _Publisher:
+    def __init__(self, hub: RedisHub, fence: int) -> None:
+        self.hub, self.fence = hub, fence
+
+    def line(self, line: str) -> None:
+        try:
+            self.hub.publish(self.fence, line)
+        except TokenStorageError as exc:
+            logger.warning("KisRealtime: cannot publish (%s)", exc)
+
+
+def serve(node: KisRealtime, hub: RedisHub) -> None:
+    """Run ``node`` on ``hub`` until it closes: listen on the channel, keep its wants alive,
+    and lead whenever the lease is free."""
+    wants = Wants(hub)
+    threads = [
+        threading.Thread(target=_listen, args=(node, hub, wants), daemon=True),
+        threading.Thread(target=_elect, args=(node, hub), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    while not node._closed.wait(HEARTBEAT_S):
+        wants.beat()
+    for thread in threads:
+        thread.join(10)
+    try:
+        hub.drop_wants()
+    except TokenStorageError:
+        pass
+
+
+class Wants:
+    """This process's wants in the hash: the node's upstream while the channel is heard."""
+
+    def __init__(self, hub: RedisHub) -> None:
+        self.hub = hub
+        self.pairs: set[Pair] = set()
+        self.lock = threading.Lock()
+
+    def want(self, pair: Pair, on: bool) -> None:
+        with self.lock:
+            (self.pairs.add if on else self.pairs.discard)(pair)
+            pairs = set(self.pairs)
+        self._put(pairs, changed=True)
+
+    def beat(self) -> None:
+        with self.lock:
+            pairs = set(self.pairs)
+        self._put(pairs, changed=False)
+
+    def _put(self, pairs: set[Pair], *, changed: bool) -> None:
+        try:
+            self.hub.put_wants(pairs, changed=changed)
+        except TokenStorageError as exc:
+            logger.warning("KisRealtime: cannot write wants (%s)", exc)
+
+    def close(self) -> None:
+        """As :class:`~.leader.Link`: nothing to close (the node's thread ends the beats)."""
+
+
+def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
+    from .frames import decode_frame
+
+    fence = 0
+    while not node._closed.is_set():
+        try:
+            pubsub = hub.pubsub()
+        except Exception as exc:  # noqa: BLE001 - redis-py's errors: retried
+            logger.warning("KisRealtime: cannot subscribe (%s)", type(exc).__name__)
+            node._closed.wait(0.5)
+            continue
+        node.attach(wants)
+        try:
+            while not node._closed.is_set():
+                message = pubsub.get_message(timeout=0.2)
+                if message is None or message.get("type") != "message":
+                    continue
+                data = message["data"]
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                stamp, _, line = text.partition("\t")
+                if int(stamp) and int(stamp) < fence:
+                    continue  # a deposed leader's line
+                fence = max(fence, int(stamp))
+                kind, _, rest = line.partition("\t")
+                if kind == "D":
+                    at, _, frame = rest.partition("\t")
+                    node.frame(float(at), frame, decode_frame(frame, float(at)))
+                elif kind == "A":
+                    tr_id, tr_key, code, msg = (rest.split("\t", 3) + ["", "", ""])[:4]
+                    node.answer((tr_id, tr_key), code, msg)
+                elif kind == "G":
+                    node.gap()
+                elif kind == "W":
+                    node._wants_changed.set()
+        except Exception as exc:  # noqa: BLE001 - a lost connection: subscribe again
+            logger.warning("KisRealtime: the channel was lost (%s)", type(exc).__name__)
+        finally:
+            node.detach()
+            with contextlib.suppress(Exception):  # the connection is gone already
+                pubsub.close()
+
+
+def _elect(node: KisRealtime, hub: RedisHub) -> None:
+    while not node._closed.wait(RENEW_S):
+        try:
+            fence = hub.try_lead()
+        except TokenStorageError as exc:
+            logger.warning("KisRealtime: cannot reach the lease (%s)", exc)
+            continue
+        if fence is not None:
+            _lead(node, hub, fence)
+
+
+def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
+    publisher = _Publisher(hub, fence)
+    leader = Leader(node.ws_url, node._approval())
+    node.counts["elections_won"] += 1
+    node.leading = leader
+    logger.info("KisRealtime: leading for %r (fence %d)", hub, fence)
+    session = threading.Thread(target=leader.run_session, name="kis-realtime-session")
+    session.daemon = True
+    session.start()
+    remotes: dict[str, _Remote] = {}
+    held: dict[str, set[Pair]] = {}
+    publisher.line("G")  # the last leader's events may have stopped short of everyone
+    try:
+        while not node._closed.is_set():
+            if not hub.renew():
+                logger.warning("KisRealtime: the realtime lease was lost; closing the session")
+                break
+            wanted = hub.read_wants()
+            for name in set(held) | set(wanted):
+                remote = remotes.setdefault(name, _Remote(publisher, name))
+                before, after = held.get(name, set()), wanted.get(name, set())
+                for pair in after - before:
+                    leader.want(remote, pair, True)
+                for pair in before - after:
+                    leader.want(remote, pair, False)
+                held[name] = after
+            node._wants_changed.wait(RENEW_S)
+            node._wants_changed.clear()
+    except TokenStorageError as exc:
+        logger.warning("KisRealtime: leading stopped (%s)", exc)
+    finally:
+        leader.stop()
+        session.join(5)
+        node.leading = None
+        try:
+            hub.resign()
+        except TokenStorageError:
+            pass
