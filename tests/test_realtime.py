@@ -290,3 +290,41 @@ def test_a_dead_follower_s_wants_end_with_it(
             assert ready[3] == "follower" and rts.registered() == {PAIRS[0], PAIRS[1]}
             os.kill(ready[2], signal.SIGKILL)
             assert rts.wait_for(lambda s: s.registered() == {PAIRS[0]})
+
+
+@pytest.mark.stress
+def test_a_paused_redis_leader_is_replaced_never_beside_a_second_session_and_never_heard_again(
+    sim: KisSimulator, rts: RealtimeSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    members = [Member("sync" if i % 2 else "async", [PAIRS[0]]) for i in range(3)]
+    with fleet(sim, rts, spec_of("redis"), members) as f:
+        ready = f.collect("ready", 3, timeout=60)
+        leader = next(r for r in ready if r[3] == "leader")
+        others = [i for i in range(3) if i != leader[1]]
+        rts.push(*PAIRS[0], frames=2)
+        f.until(lambda seen: all(by_process(seen)[i][PAIRS[0]] == [1, 2] for i in range(3)))
+        os.kill(leader[2], signal.SIGSTOP)
+        try:
+            # Its lease lapses; the next leader's session is refused while the paused one's is
+            # open, and backs off. What KIS sends meanwhile waits in the paused leader's socket.
+            assert rts.wait_for(lambda s: s.stats()["sessions_refused"] >= 1, timeout=20)
+            rts.push(*PAIRS[0], frames=3)  # 3, 4, 5: to the paused session only
+        finally:
+            os.kill(leader[2], signal.SIGCONT)
+        # Woken, it finds its lease gone and closes its session; the retry then opens one.
+        assert rts.wait_for(lambda s: s.stats()["sessions_opened"] == 2, timeout=20)
+        pushed = 5
+        deadline = time.monotonic() + 15
+        while not all(by_process(f.seen)[i][PAIRS[0]][-1] > 5 for i in others):
+            assert time.monotonic() < deadline, by_process(f.seen)
+            pushed += 1
+            rts.push(*PAIRS[0])
+            with contextlib.suppress(AssertionError):
+                f.until(lambda seen: False, timeout=0.05)
+        stats = rts.stats()
+    assert stats["sessions_peak"] == 1  # never two sessions at once
+    for i in others:
+        got = by_process(f.seen)[i][PAIRS[0]]
+        assert got[:2] == [1, 2] and not {3, 4, 5} & set(got)  # the deposed leader not heard
+        after = got[got.index(0) + 1 :]
+        assert 0 not in after and after == list(range(after[0], after[0] + len(after)))
