@@ -9,6 +9,7 @@ Each topology is started once per test process (session fixtures) and healed aft
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -364,3 +365,50 @@ def test_cluster_dead_holders_lock_is_taken_over_after_its_ttl(
     redis_cluster: LocalRedisCluster, key_prefix: str
 ) -> None:
     assert_dead_holder_taken_over(cluster_spec(redis_cluster, key_prefix))
+
+
+@pytest.mark.xdist_group("redis-sentinel")
+def test_a_realtime_fleet_on_sentinel_resumes_after_the_primary_fails_over(
+    sentinel_set: LocalSentinelSet, key_prefix: str
+) -> None:
+    from realtime_fleet import APP_KEY, SECRET, Fleet, Member
+
+    from kis_safe_token.testing.realtime_sim import RealtimeSimulator
+
+    pair = ("H0STCNT0", "005930")
+
+    def seqs(reports: list[tuple[Any, ...]], index: int) -> list[int]:
+        return [r[4] for r in reports if r[0] == "event" and r[1] == index]
+
+    members = [Member("sync" if i % 2 else "async", [pair]) for i in range(4)]
+    spec = sentinel_spec(sentinel_set, key_prefix)
+    with (
+        KisSimulator(apps={APP_KEY: SECRET}, issue_latency_s=0) as sim,
+        RealtimeSimulator(sim) as rts,
+        Fleet(spec, sim.base_url, rts.ws_url, members) as fleet,
+    ):
+        fleet.collect("ready", 4, timeout=60)
+        rts.push(*pair, frames=2)
+        fleet.until(lambda seen: all(seqs(seen, i) == [1, 2] for i in range(4)))
+        try:
+            sentinel_set.kill_primary()
+            failover_s = sentinel_set.wait_for_failover()
+            pushed, deadline = 2, time.monotonic() + 30
+            while not all(
+                0 in seqs(fleet.seen, i) and seqs(fleet.seen, i)[-1] == pushed for i in range(4)
+            ):
+                assert time.monotonic() < deadline, [seqs(fleet.seen, i) for i in range(4)]
+                pushed += 1
+                rts.push(*pair)
+                with contextlib.suppress(AssertionError):
+                    fleet.until(lambda seen: False, timeout=0.05)
+        finally:
+            sentinel_set.heal()
+        stats = rts.stats()
+    print(f"realtime through a sentinel failover ({failover_s:.1f} s): {stats}")
+    assert stats["sessions_peak"] == 1
+    for i in range(4):
+        got = seqs(fleet.seen, i)
+        assert got[:2] == [1, 2] and 0 in got  # a gap where the channel was lost
+        after = got[len(got) - got[::-1].index(0) :]  # since the last gap: in order, none lost
+        assert after == list(range(after[0], after[0] + len(after))) and after[-1] == pushed
