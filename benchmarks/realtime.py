@@ -4,10 +4,12 @@
     python benchmarks/realtime.py --quick         # 8 processes, 3 s
 
 16 processes (half sync ``KisRealtime``, half ``AsyncKisRealtime``) subscribe to one pair; the
-simulator pushes ``--rate`` frames a second of ``--records`` records each. *shared*: one token
-file, so one leader holds KIS's one session and serves the other 15 over its Unix socket (KIS's
-rule on). *own session*: each process its own token file, so its own session, as only a host
-with KIS's rule off would allow (the simulator's ``one_session=False``). Per process: the events
+simulator pushes ``--rate`` frames a second of ``--records`` records each. *one session, file*:
+one token file, so one leader holds KIS's one session and serves the other 15 over its Unix
+socket (KIS's rule on). *one session, Redis*: a Redis storage (a local redis-server), the
+leader publishing on the app key's channel. *own session each*: each process its own token
+file, so its own session, as only a host with KIS's rule off would allow (the simulator's
+``one_session=False``). Per process: the events
 received of those sent, and the latency from the simulator's send to the subscriber's loop
 (same host clock), p50 and p99 over all events; the ratio is shared / own.
 """
@@ -19,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -28,21 +31,27 @@ from realtime_fleet import APP_KEY, SECRET, Fleet, Member  # noqa: E402
 
 from kis_safe_token.testing import KisSimulator  # noqa: E402
 from kis_safe_token.testing.realtime_sim import RealtimeSimulator  # noqa: E402
+from kis_safe_token.testing.redis_server import RedisServer  # noqa: E402
 
 PAIR = ("H0STCNT0", "005930")
 
 
-def run(processes: int, rate: float, records: int, seconds: float, shared: bool) -> dict:
+def run(
+    processes: int, rate: float, records: int, seconds: float, how: str, redis_url: str
+) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="kis-rt-bench-"))
+    shared = how != "own"
     members = [
         Member("async" if i % 2 else "sync", [PAIR], None if shared else _file(folder / f"{i}"))
         for i in range(processes)
     ]
+    spec = _file(folder / "tokens")
+    if how == "redis":
+        spec = {"kind": "redis", "url": redis_url, "key_prefix": f"bench-{uuid.uuid4().hex}"}
     with (
         KisSimulator(apps={APP_KEY: SECRET}, issue_latency_s=0) as sim,
         RealtimeSimulator(sim, one_session=shared) as rts,
     ):
-        spec = _file(folder / "tokens")
         fleet = Fleet(spec, sim.base_url, rts.ws_url, members, quiet=True)
         with fleet:
             fleet.collect("ready", processes, timeout=120)
@@ -82,18 +91,26 @@ def main() -> None:
     processes, seconds = (8, 3.0) if args.quick else (16, 6.0)
     print(f"{processes} processes, {args.rate:.0f} frames/s x {args.records} records, {seconds} s")
     rows = {}
-    for name, shared in (("shared (one session)", True), ("own session each", False)):
-        rows[name] = r = run(processes, args.rate, args.records, seconds, shared)
-        print(
-            f"{name:22} sessions {r['sessions']:2}  sent {r['rate']:7.0f} ev/s  "
-            f"each got >= {r['per_process_rate']:7.0f} ev/s ({r['min_received']}/{r['sent']})  "
-            f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
-        )
-    a, b = rows["shared (one session)"], rows["own session each"]
-    print(
-        f"ratio shared/own: per-process rate {a['per_process_rate'] / b['per_process_rate']:.2f}x"
-        f"  p50 {a['p50_ms'] / b['p50_ms']:.2f}x  p99 {a['p99_ms'] / b['p99_ms']:.2f}x"
+    ways = (
+        ("one session, file", "file"),
+        ("one session, Redis", "redis"),
+        ("own session each", "own"),
     )
+    with RedisServer() as redis_server:
+        for name, how in ways:
+            rows[name] = r = run(processes, args.rate, args.records, seconds, how, redis_server.url)
+            print(
+                f"{name:22} sessions {r['sessions']:2}  sent {r['rate']:7.0f} ev/s  "
+                f"each got >= {r['per_process_rate']:7.0f} ev/s ({r['min_received']}/{r['sent']})"
+                f"  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
+            )
+    own = rows["own session each"]
+    for name in ("one session, file", "one session, Redis"):
+        a = rows[name]
+        print(
+            f"ratio {name} / own: rate {a['per_process_rate'] / own['per_process_rate']:.2f}x"
+            f"  p50 {a['p50_ms'] / own['p50_ms']:.2f}x  p99 {a['p99_ms'] / own['p99_ms']:.2f}x"
+        )
 
 
 if __name__ == "__main__":
