@@ -412,3 +412,28 @@ def test_a_realtime_fleet_on_sentinel_resumes_after_the_primary_fails_over(
         assert got[:2] == [1, 2] and 0 in got  # a gap where the channel was lost
         after = got[len(got) - got[::-1].index(0) :]  # since the last gap: in order, none lost
         assert after == list(range(after[0], after[0] + len(after))) and after[-1] == pushed
+
+
+@pytest.mark.xdist_group("redis-cluster")
+def test_a_realtime_fleet_on_a_cluster_shares_one_session(
+    redis_cluster: LocalRedisCluster, key_prefix: str
+) -> None:
+    from realtime_fleet import APP_KEY, SECRET, Fleet, Member
+
+    from kis_safe_token.testing.realtime_sim import RealtimeSimulator
+
+    pairs = [("H0STCNT0", "005930"), ("H0STASP0", "005930")]
+    members = [Member("sync" if i % 2 else "async", [pairs[i % 2]]) for i in range(4)]
+    with (
+        KisSimulator(apps={APP_KEY: SECRET}, issue_latency_s=0) as sim,
+        RealtimeSimulator(sim) as rts,
+        Fleet(cluster_spec(redis_cluster, key_prefix), sim.base_url, rts.ws_url, members) as f,
+    ):
+        f.collect("ready", 4, timeout=60)
+        for pair in pairs:
+            rts.push(*pair, frames=5)
+        f.until(lambda seen: sum(r[0] == "event" for r in seen) == 4 * 5, timeout=30)
+        stats = rts.stats()
+    events = sorted((r[1], r[4]) for r in f.seen if r[0] == "event")
+    assert events == [(i, seq) for i in range(4) for seq in range(1, 6)]
+    assert (stats["sessions_opened"], stats["sessions_peak"], stats["registrations"]) == (1, 1, 2)
