@@ -328,3 +328,23 @@ def test_a_paused_redis_leader_is_replaced_never_beside_a_second_session_and_nev
         assert got[:2] == [1, 2] and not {3, 4, 5} & set(got)  # the deposed leader not heard
         after = got[got.index(0) + 1 :]
         assert 0 not in after and after == list(range(after[0], after[0] + len(after)))
+
+
+def test_after_the_redis_channel_is_lost_a_held_pair_is_subscribed_again_at_once(
+    sim: KisSimulator, rts: RealtimeSimulator, spec_of: Callable[[str], dict[str, Any]]
+) -> None:
+    import redis
+
+    spec = spec_of("redis")
+    with realtime(sim, rts, spec) as rt:
+        first = rt.subscribe(TRADES, "005930")
+        rts.push(TRADES, "005930")
+        assert seqs(first, 1) == [1]
+        redis.from_url(spec["url"]).client_kill_filter(_type="pubsub")  # every subscriber's
+        assert seqs(first, 1) == [0]  # the channel was lost: a gap
+        second = rt.subscribe(TRADES, "005930", timeout=5)  # registered all along: at once
+        deadline = time.monotonic() + 10
+        while (event := second.get(0.05)) is None:
+            assert time.monotonic() < deadline, "no event after the channel came back"
+            rts.push(TRADES, "005930")
+        assert not event.gap and sequence_of(event.fields) > 1

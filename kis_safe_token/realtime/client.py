@@ -122,7 +122,8 @@ class Subscription:
 
 class KisRealtime(Closing):
     """One app key's realtime events, through the one KIS session of the processes that share
-    its token storage (a :class:`~kis_safe_token.FileTokenStorage`: the processes of one host).
+    its token storage (a :class:`~kis_safe_token.FileTokenStorage`: the processes of one host; a
+    :class:`~kis_safe_token.RedisTokenStorage`: the fleet).
 
     ``ws_url``: else ``KOREA_INVESTMENT_WS_URL``, else KIS's real (``mock``: virtual) host;
     ``buffer``: events one subscription keeps for a slow reader.
@@ -332,10 +333,10 @@ class KisRealtime(Closing):
             self._want(upstream, pair, True)
 
     def detach(self) -> None:
-        """The way to the session is lost: a gap (see :meth:`gap`)."""
+        """The way to the session is lost: a gap (see :meth:`gap`). The answers stay: the
+        pairs are registered again by whoever holds the session next (and answered anew)."""
         with self._lock:
             self._upstream = None
-            self._answers.clear()
         if not self._closed.is_set():
             self.gap()
 

@@ -389,17 +389,27 @@ def follow(link: Link, local: Holder) -> None:
     try:
         with link.conn.makefile("r", encoding="utf-8", newline="\n") as lines:
             for line in lines:
-                kind, _, rest = line.rstrip("\n").partition("\t")
-                if kind == "D":
-                    stamp, _, text = rest.partition("\t")
-                    received_at = float(stamp)
-                    local.frame(received_at, text, decode_frame(text, received_at))
-                elif kind == "A":
-                    tr_id, tr_key, code, message = (rest.split("\t", 3) + ["", "", ""])[:4]
-                    local.answer((tr_id, tr_key), code, message)
-                elif kind == "G":
-                    local.gap()
-    except (OSError, ValueError):  # FrameError is a ValueError: a leader of another version
+                heard(local, line.rstrip("\n"))
+    except OSError:
         pass
     finally:
         link.conn.close()
+
+
+def heard(local: Holder, line: str) -> str:
+    """Pass one line from the leader (``A``, ``D`` or ``G``, see :mod:`.local`) to ``local``;
+    its kind (a line that does not parse is logged and left: a leader of another version)."""
+    kind, _, rest = line.partition("\t")
+    try:
+        if kind == "D":
+            stamp, _, text = rest.partition("\t")
+            received_at = float(stamp)
+            local.frame(received_at, text, decode_frame(text, received_at))
+        elif kind == "A":
+            tr_id, tr_key, code, message = (rest.split("\t", 3) + ["", "", ""])[:4]
+            local.answer((tr_id, tr_key), code, message)
+        elif kind == "G":
+            local.gap()
+    except ValueError as exc:  # FrameError too
+        logger.warning("KisRealtime: a line from the leader that does not parse (%s)", exc)
+    return kind

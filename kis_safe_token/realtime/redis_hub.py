@@ -24,7 +24,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TokenStorageError
-from .leader import Leader, Pair
+from .leader import Leader, Pair, heard
 
 if TYPE_CHECKING:
     from ..storage.redis import RedisTokenStorage
@@ -208,8 +208,6 @@ class Wants:
 
 
 def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
-    from .frames import decode_frame
-
     fence = 0
     while not node._closed.is_set():
         try:
@@ -227,19 +225,11 @@ def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
                 data = message["data"]
                 text = data.decode() if isinstance(data, bytes) else str(data)
                 stamp, _, line = text.partition("\t")
-                if int(stamp) and int(stamp) < fence:
-                    continue  # a deposed leader's line
-                fence = max(fence, int(stamp))
-                kind, _, rest = line.partition("\t")
-                if kind == "D":
-                    at, _, frame = rest.partition("\t")
-                    node.frame(float(at), frame, decode_frame(frame, float(at)))
-                elif kind == "A":
-                    tr_id, tr_key, code, msg = (rest.split("\t", 3) + ["", "", ""])[:4]
-                    node.answer((tr_id, tr_key), code, msg)
-                elif kind == "G":
-                    node.gap()
-                elif kind == "W":
+                line_fence = int(stamp) if stamp.isdigit() else -1
+                if line_fence < 0 or 0 < line_fence < fence:
+                    continue  # not ours, or a deposed leader's line
+                fence = max(fence, line_fence)
+                if heard(node, line) == "W":
                     node._wants_changed.set()
         except Exception as exc:  # noqa: BLE001 - a lost connection: subscribe again
             logger.warning("KisRealtime: the channel was lost (%s)", type(exc).__name__)
