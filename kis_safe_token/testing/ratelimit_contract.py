@@ -15,6 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without pytest
 
 from ..ratelimit.base import (
     ARRIVAL_JITTER_S,
+    LATE_WAKE_S,
     SLOWDOWN_FACTOR,
     RateLimiter,
     RateLimitTimeout,
@@ -94,7 +95,10 @@ class RateLimiterContract:
     ) -> None:
         limiter = make_limiter(new_name(), RATE)
         started = time.monotonic()
-        assert limiter.acquire(1.0) == 0.0
+        first = limiter.acquire(1.0)
+        # At once, unless its own reservation's answer came late (a loaded box): then it took
+        # the next slot rather than bunch with it, and slept only after that late answer.
+        assert first == 0.0 or (time.monotonic() - started) - first > LATE_WAKE_S
         waited = limiter.acquire(1.0)
         # It returned no earlier than its slot, an interval after the first reservation, and
         # reports what it slept (0 only if this thread got there late, past the slot).
