@@ -348,3 +348,19 @@ def test_after_the_redis_channel_is_lost_a_held_pair_is_subscribed_again_at_once
             assert time.monotonic() < deadline, "no event after the channel came back"
             rts.push(TRADES, "005930")
         assert not event.gap and sequence_of(event.fields) > 1
+
+
+@BACKENDS
+def test_an_encrypted_pair_reaches_every_process_decrypted(
+    sim: KisSimulator,
+    rts: RealtimeSimulator,
+    spec_of: Callable[[str], dict[str, Any]],
+    backend: str,
+) -> None:
+    notices = ("H0STCNI0", "user01")  # execution notices: KIS encrypts them
+    spec = spec_of(backend)
+    with realtime(sim, rts, spec) as a, realtime(sim, rts, spec) as b:
+        subs = [a.subscribe(*notices), b.subscribe(*notices)]
+        rts.push(*notices, frames=2, records=2)
+        for sub in subs:
+            assert seqs(sub, 4) == [1, 2, 3, 4]

@@ -158,3 +158,16 @@ def test_stopping_the_simulator_closes_the_sessions_still_open(sim: KisSimulator
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
         assert rt.registered() == set()
+
+
+def test_an_encrypted_tr_id_gets_a_key_at_registration_and_encrypted_frames(
+    sim: KisSimulator,
+) -> None:
+    with RealtimeSimulator(sim) as rt, connect(rt.ws_url) as ws:
+        reply = parse_reply(_register(ws, _approval(sim), "H0STCNI0", "user01"))
+        assert reply.ok and reply.aes is not None and len(reply.aes[0]) == 32
+        rt.push("H0STCNI0", "user01", records=2)
+        frame = str(ws.recv(timeout=10))
+        assert frame.startswith("1|H0STCNI0|002|") and "user01" not in frame
+        events = decode_frame(frame, 0.0, {"H0STCNI0": reply.aes})
+        assert [sequence_of(e.fields) for e in events] == [1, 2]

@@ -134,13 +134,28 @@ def decode_frame(
     ]
 
 
-def encode_records(tr_id: str, records: Iterable[Sequence[str]]) -> str:
-    """A plain data frame of ``records`` (the simulator's side; each record the same width)."""
+def encode_records(
+    tr_id: str, records: Iterable[Sequence[str]], aes: tuple[bytes, bytes] | None = None
+) -> str:
+    """A data frame of ``records`` (each the same width), plain or encrypted with ``aes``'s
+    (key, iv) (the simulator's side, and the leader's to pass a decrypted frame on)."""
     rows = [list(record) for record in records]
     if not rows or len({len(row) for row in rows}) != 1:
         raise ValueError("a frame needs one or more records of the same number of fields")
     data = "^".join(field for row in rows for field in row)
-    return f"0|{tr_id}|{len(rows):03d}|{data}"
+    if aes is None:
+        return f"0|{tr_id}|{len(rows):03d}|{data}"
+    return f"1|{tr_id}|{len(rows):03d}|{_encrypt(data, *aes)}"
+
+
+def _encrypt(data: str, key: bytes, iv: bytes) -> str:
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(data.encode()) + padder.finalize()
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    return base64.b64encode(encryptor.update(padded) + encryptor.finalize()).decode()
 
 
 def _decrypt(data: str, key: bytes, iv: bytes) -> str:

@@ -8,12 +8,15 @@ registrations a session (``OPSP0008``), a ``PINGPONG`` every ``ping_interval_s``
 sends frames to every session registered for a pair, each record numbered per pair
 (:func:`sequence_of`); ``rate`` pushes that many frames a second (of ``records`` records) to
 every registered pair, from the start or from :meth:`start_pushing` to :meth:`stop_pushing`.
+The tr_ids in ``encrypted`` (``H0STCNI0``, execution notices, by default) are sent as KIS does:
+AES-256-CBC with a key and iv given in the registration's reply.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import threading
 import time
 from collections import Counter
@@ -57,6 +60,7 @@ class _Session:
         self.conn = conn
         self.app_key: str | None = None
         self.pairs: set[tuple[str, str]] = set()
+        self.aes: dict[str, tuple[bytes, bytes]] = {}  # an encrypted tr_id's key and iv
         self.closed = threading.Event()
         self.sending = threading.Lock()  # a registration's reply goes out before its first frame
 
@@ -72,8 +76,10 @@ class RealtimeSimulator:
         rate: float = 0.0,
         records: int = 1,
         ping_interval_s: float = 10.0,
+        encrypted: frozenset[str] = frozenset({"H0STCNI0"}),
     ) -> None:
         self.sim = sim
+        self.encrypted = encrypted
         self.one_session = one_session
         self.rate = rate
         self.records = records
@@ -163,8 +169,10 @@ class RealtimeSimulator:
                         (tr_key, clock, str(70_000 + seq % 100), str(seq), repr(time.time()))
                     )
                 to = [s for s in self._sessions if (tr_id, tr_key) in s.pairs]
-            frame = encode_records(tr_id, rows)
+            plain = encode_records(tr_id, rows)
             for session in to:
+                aes = session.aes.get(tr_id)
+                frame = plain if aes is None else encode_records(tr_id, rows, aes)
                 try:
                     with session.sending:
                         session.conn.send(frame)
@@ -251,7 +259,12 @@ class RealtimeSimulator:
             return _reply(tr_id, tr_key, "OPSP0008", "MAX SUBSCRIBE OVER", ok=False)
         session.pairs.add(pair)
         self.counts["registered_total"] += 1
-        return _reply(tr_id, tr_key, "OPSP0000", "SUBSCRIBE SUCCESS", ok=True)
+        aes = None
+        if tr_id in self.encrypted:  # KIS: a key and iv of the session, for this tr_id
+            aes = session.aes.setdefault(
+                tr_id, (secrets.token_hex(16).encode(), secrets.token_hex(8).encode())
+            )
+        return _reply(tr_id, tr_key, "OPSP0000", "SUBSCRIBE SUCCESS", ok=True, aes=aes)
 
     def _pinger(self) -> None:
         while not self._stopping.wait(self.ping_interval_s):
@@ -275,10 +288,17 @@ class RealtimeSimulator:
                 self.push(tr_id, tr_key, records=self.records)
 
 
-def _reply(tr_id: str, tr_key: str, code: str, message: str, *, ok: bool) -> str:
-    return json.dumps(
-        {
-            "header": {"tr_id": tr_id, "tr_key": tr_key, "encrypt": "N"},
-            "body": {"rt_cd": "0" if ok else "1", "msg_cd": code, "msg1": message},
-        }
-    )
+def _reply(
+    tr_id: str,
+    tr_key: str,
+    code: str,
+    message: str,
+    *,
+    ok: bool,
+    aes: tuple[bytes, bytes] | None = None,
+) -> str:
+    body: dict[str, Any] = {"rt_cd": "0" if ok else "1", "msg_cd": code, "msg1": message}
+    if aes is not None:
+        body["output"] = {"key": aes[0].decode(), "iv": aes[1].decode()}
+    header = {"tr_id": tr_id, "tr_key": tr_key, "encrypt": "N" if aes is None else "Y"}
+    return json.dumps({"header": header, "body": body})
