@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from .failure import IssueFailure
 from .token import Token
 
-__all__ = ["Sealer", "derive_key", "fingerprint", "key_id", "utf8"]
+__all__ = ["Sealer", "channel_key", "derive_key", "fingerprint", "key_id", "utf8"]
 
 FORMAT_VERSION = b"kis_safe_token/v1"
 
@@ -62,6 +62,13 @@ def state_key(api_key: str, api_secret: str) -> bytes:
     return hmac.new(
         api_secret.encode(), FORMAT_VERSION + b"|state|" + api_key.encode(), "sha256"
     ).digest()
+
+
+def channel_key(api_key: str, api_secret: str) -> bytes:
+    """The Fernet key (HMAC-SHA256 of the secret, url-safe base64) of what the realtime leader
+    publishes in Redis that KIS itself sends encrypted (execution notices)."""
+    mac = hmac.new(api_secret.encode(), FORMAT_VERSION + b"|realtime|" + api_key.encode(), "sha256")
+    return base64.urlsafe_b64encode(mac.digest())
 
 
 @lru_cache(maxsize=64)

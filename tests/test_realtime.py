@@ -361,6 +361,16 @@ def test_an_encrypted_pair_reaches_every_process_decrypted(
     spec = spec_of(backend)
     with realtime(sim, rts, spec) as a, realtime(sim, rts, spec) as b:
         subs = [a.subscribe(*notices), b.subscribe(*notices)]
+        if backend == "redis":  # a listener of the channel that is not the fleet's
+            import redis
+
+            spy = redis.from_url(spec["url"]).pubsub(ignore_subscribe_messages=True)
+            spy.subscribe(a._hub.channel)  # type: ignore[union-attr]
+            assert spy.get_message(timeout=5) is None  # subscribed (a confirmation, ignored)
         rts.push(*notices, frames=2, records=2)
         for sub in subs:
             assert seqs(sub, 4) == [1, 2, 3, 4]
+        if backend == "redis":
+            heard = [m["data"] for m in iter(lambda: spy.get_message(timeout=1), None)]
+            frames = [d for d in heard if b"\tS\t" in d]
+            assert len(frames) == 2 and not any(b"user01" in d for d in heard)

@@ -16,6 +16,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
+from cryptography.fernet import Fernet
+
+from ..crypto import channel_key
 from ..errors import RealtimeError, RealtimeLimitError, TokenStorageError
 from ..kis import REAL_WS_URL, VIRTUAL_WS_URL, WS_URL_ENV
 from ..shared import Closing, SharedToken, check_header_value
@@ -316,6 +319,10 @@ class KisRealtime(Closing):
                 follow(link, self)
         finally:
             self.detach()
+
+    def channel_fernet(self) -> Fernet:
+        """What seals the frames KIS encrypts on a Redis channel (a key from the api_secret)."""
+        return Fernet(channel_key(self._shared.api_key, self._shared.api_secret))
 
     def _approval(self) -> Approval:
         shared = self._shared

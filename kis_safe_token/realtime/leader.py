@@ -118,6 +118,10 @@ class Leader:
             with contextlib.suppress(ConnectionClosed):
                 ws.send(register_message(key, *pair, register=register))
 
+    def encrypted(self, tr_id: str) -> bool:
+        """Whether KIS sends ``tr_id`` encrypted on the open session (it gave a key for it)."""
+        return tr_id in self._aes
+
     def drop(self, holder: Holder) -> None:
         """``holder`` is gone: every want of its ends."""
         with self._lock:

@@ -10,7 +10,9 @@ Keys beside the app key's token key ``<prefix>:{<key id>}`` (one Cluster hash ta
 - ``…:rt:wants`` a hash: process id → its pairs and the time they expire; each process
   rewrites its field every :data:`HEARTBEAT_S` (and on a change, with a ``W`` on the channel),
   so a dead process's wants end :data:`WANTS_TTL_S` later.
-- ``…:rt:ev`` the channel: ``<fence>\\t`` + the lines of :mod:`.local` (``A``, ``D``, ``G``).
+- ``…:rt:ev`` the channel: ``<fence>\\t`` + the lines of :mod:`.local` (``A``, ``D``, ``G``);
+  a frame of a tr_id KIS encrypts (execution notices) goes as ``S`` + its ``D`` line sealed
+  with Fernet under a key derived from the api_secret: never in clear in Redis.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
+
+from cryptography.fernet import Fernet, InvalidToken
 
 from ..errors import TokenStorageError
 from .leader import Leader, Pair, heard
@@ -141,15 +145,18 @@ class _Remote:
         self.route.line(f"A\t{pair[0]}\t{pair[1]}\t{code}\t{message}".replace("\n", " "))
 
     def frame(self, received_at: float, text: str, events: list[Any]) -> None:
-        self.route.line(f"D\t{received_at!r}\t{text}")
+        line = f"D\t{received_at!r}\t{text}"
+        if self.route.leader.encrypted(events[0].tr_id):
+            line = "S\t" + self.route.fernet.encrypt(line.encode()).decode()
+        self.route.line(line)
 
     def gap(self) -> None:
         self.route.line("G")
 
 
 class _Publisher:
-    def __init__(self, hub: RedisHub, fence: int) -> None:
-        self.hub, self.fence = hub, fence
+    def __init__(self, hub: RedisHub, fence: int, leader: Leader, fernet: Fernet) -> None:
+        self.hub, self.fence, self.leader, self.fernet = hub, fence, leader, fernet
 
     def line(self, line: str) -> None:
         try:
@@ -208,7 +215,7 @@ class Wants:
 
 
 def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
-    fence = 0
+    fence, fernet = 0, node.channel_fernet()
     while not node._closed.is_set():
         try:
             pubsub = hub.pubsub()
@@ -229,6 +236,8 @@ def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
                 if line_fence < 0 or 0 < line_fence < fence:
                     continue  # not ours, or a deposed leader's line
                 fence = max(fence, line_fence)
+                if line.startswith("S\t"):
+                    line = _unseal(fernet, line[2:])
                 if heard(node, line) == "W":
                     node._wants_changed.set()
         except Exception as exc:  # noqa: BLE001 - a lost connection: subscribe again
@@ -237,6 +246,14 @@ def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
             node.detach()
             with contextlib.suppress(Exception):  # the connection is gone already
                 pubsub.close()
+
+
+def _unseal(fernet: Fernet, sealed: str) -> str:
+    try:
+        return fernet.decrypt(sealed.encode()).decode()
+    except InvalidToken:
+        logger.warning("KisRealtime: a sealed line not ours (another api_secret?) was dropped")
+        return ""
 
 
 def _elect(node: KisRealtime, hub: RedisHub) -> None:
@@ -251,8 +268,8 @@ def _elect(node: KisRealtime, hub: RedisHub) -> None:
 
 
 def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
-    publisher = _Publisher(hub, fence)
     leader = Leader(node.ws_url, node._approval())
+    publisher = _Publisher(hub, fence, leader, node.channel_fernet())
     node.counts["elections_won"] += 1
     node.leading = leader
     logger.info("KisRealtime: leading for %r (fence %d)", hub, fence)
