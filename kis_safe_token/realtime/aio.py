@@ -20,7 +20,8 @@ __all__ = ["AsyncKisRealtime", "AsyncSubscription"]
 
 
 class AsyncSubscription:
-    """The events of one pair: ``async for event in sub``; :meth:`aclose` to stop."""
+    """The events of one pair: ``async for event in sub``; :meth:`aclose` to stop (one task
+    reads a subscription at a time)."""
 
     def __init__(self, sub: Subscription) -> None:
         self.sub = sub
@@ -58,8 +59,9 @@ class AsyncSubscription:
                     raise asyncio.TimeoutError
                 await asyncio.wait_for(woken, left)
             except asyncio.TimeoutError:
-                self.sub.wake = None
                 return None
+            finally:  # timed out or cancelled: no wake-up into a loop that may be gone
+                self.sub.wake = None
         return event
 
     async def aclose(self) -> None:

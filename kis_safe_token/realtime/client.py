@@ -9,6 +9,7 @@ their wants again, and every subscription sees one ``gap`` event in between.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -66,6 +67,7 @@ class Subscription:
         self._buffer = buffer
         self._ready = threading.Condition(threading.Lock())
         self._closed = False
+        self._lost = False  # events were dropped: a gap event comes before the next
         self.wake: Callable[[], object] | None = None  # the asyncio side's one-shot wake-up
 
     def __repr__(self) -> str:
@@ -78,16 +80,26 @@ class Subscription:
             if len(self._events) >= self._buffer:
                 self._events.popleft()
                 self.dropped += 1
+                self._lost = True
             self._events.append(event)
             self._ready.notify()
             wake, self.wake = self.wake, None
         if wake is not None:
-            wake()
+            with contextlib.suppress(RuntimeError):  # its event loop is closed
+                wake()
 
     def pop(self) -> RealtimeEvent | None:
         """The next event if one is here (``None`` otherwise; see :attr:`closed`)."""
         with self._ready:
-            return self._events.popleft() if self._events else None
+            return self._next()
+
+    def _next(self) -> RealtimeEvent | None:
+        if not self._events:
+            return None
+        if self._lost:  # what this reader missed came before what is still here
+            self._lost = False
+            return RealtimeEvent(self.tr_id, self.tr_key, (), time.time(), gap=True)
+        return self._events.popleft()
 
     def ready(self) -> bool:
         """Whether :meth:`get` would return now."""
@@ -103,7 +115,7 @@ class Subscription:
         """The next event, waiting up to ``timeout`` (``None``: closed, or nothing in time)."""
         with self._ready:
             self._ready.wait_for(lambda: self._events or self._closed, timeout)
-            return self._events.popleft() if self._events else None
+            return self._next()
 
     def __iter__(self) -> Iterator[RealtimeEvent]:
         while (event := self.get()) is not None:
@@ -120,7 +132,8 @@ class Subscription:
             self._ready.notify_all()
             wake, self.wake = self.wake, None
         if wake is not None:
-            wake()
+            with contextlib.suppress(RuntimeError):
+                wake()
 
 
 class KisRealtime(Closing):
@@ -147,12 +160,13 @@ class KisRealtime(Closing):
             raise ValueError("buffer must be a whole number of events, 1 or more")
         self.ws_url = resolve_ws_url(ws_url, mock)
         self._shared = SharedToken(api_key, api_secret, token_storage, mock=mock, base_url=base_url)
-        self._hub = _hub_for(self._shared.token_storage, api_key)
+        self._hub = _hub_for(self._shared.token_storage, api_key, self.channel_fernet())
         self._buffer = buffer
         self._lock = threading.Condition()
         self._subs: dict[Pair, list[Subscription]] = {}
         self._answers: dict[Pair, tuple[str, str]] = {}
         self._upstream: Upstream | None = None
+        self._sending = threading.Lock()  # wants go out in the order decided (before _lock)
         self.leading: Leader | None = None  # this process's session, while it leads
         self._wants_changed = threading.Event()  # a process's wants changed (Redis)
         self.counts = {"events": 0, "gaps": 0, "elections_won": 0}
@@ -189,12 +203,13 @@ class KisRealtime(Closing):
             raise RealtimeError("this KisRealtime is closed")
         pair = (tr_id, tr_key)
         sub = Subscription(self, pair, self._buffer)
-        with self._lock:
-            first = pair not in self._subs
-            self._subs.setdefault(pair, []).append(sub)
-            upstream = self._upstream if first else None
-        if upstream is not None:
-            self._want(upstream, pair, True)
+        with self._sending:
+            with self._lock:
+                first = pair not in self._subs
+                self._subs.setdefault(pair, []).append(sub)
+                upstream = self._upstream if first else None
+            if upstream is not None:
+                self._want(upstream, pair, True)
         with self._lock:
             self._lock.wait_for(lambda: pair in self._answers or self._closed.is_set(), timeout)
             code, message = self._answers.get(pair, ("", ""))
@@ -211,16 +226,17 @@ class KisRealtime(Closing):
     def unsubscribe(self, sub: Subscription) -> None:
         """What :meth:`Subscription.close` calls."""
         pair = (sub.tr_id, sub.tr_key)
-        with self._lock:
-            subs = self._subs.get(pair, [])
-            if sub in subs:
-                subs.remove(sub)
-            last = not subs and self._subs.pop(pair, None) is not None
-            if last:
-                self._answers.pop(pair, None)
-            upstream = self._upstream if last else None
-        if upstream is not None:
-            self._want(upstream, pair, False)
+        with self._sending:
+            with self._lock:
+                subs = self._subs.get(pair, [])
+                if sub in subs:
+                    subs.remove(sub)
+                last = not subs and self._subs.pop(pair, None) is not None
+                if last:
+                    self._answers.pop(pair, None)
+                upstream = self._upstream if last else None
+            if upstream is not None:
+                self._want(upstream, pair, False)
 
     def stats(self) -> dict[str, int | str | None]:
         """``role``, ``events`` and ``gaps`` delivered here, ``dropped`` by slow subscribers;
@@ -247,13 +263,22 @@ class KisRealtime(Closing):
 
     # -- what the leader (or this process's link to it) delivers -----------------------------
     def answer(self, pair: Pair, code: str, message: str) -> None:
+        """The session's answer for ``pair``; a refusal (also of a pair registered again after
+        a reconnect) ends its subscriptions, and a :meth:`subscribe` waiting for it raises."""
         with self._lock:
             self._fresh = True
-            if pair in self._subs:
-                self._answers[pair] = (code, message)
-                self._lock.notify_all()
-        if code != OK:
-            logger.info("realtime %s %s refused: %s", pair[0], pair[1], code)
+            if pair not in self._subs:
+                return
+            self._answers[pair] = (code, message)
+            self._lock.notify_all()
+            ended = self._subs.pop(pair) if code != OK else []
+            upstream = self._upstream
+        for sub in ended:
+            sub.end()
+        if ended and isinstance(upstream, Wants):  # not wanted any more (on one host the
+            upstream.want(pair, False)  # leader kept nothing of a refused pair)
+        if ended:
+            logger.warning("realtime %s %s refused (%s): its subscriptions end", *pair, code)
 
     def frame(self, received_at: float, text: str, events: list[RealtimeEvent]) -> None:
         with self._lock:
@@ -316,8 +341,9 @@ class KisRealtime(Closing):
         try:
             self.attach(link)
             if not self._closed.is_set():
-                follow(link, self)
+                follow(link, self)  # closes the connection when it ends
         finally:
+            conn.close()
             self.detach()
 
     def channel_fernet(self) -> Fernet:
@@ -333,11 +359,15 @@ class KisRealtime(Closing):
         self._problem = ""
         role = "leading" if self.leading is not None else "following"
         logger.info("KisRealtime: %s for %r", role, self._hub)
-        with self._lock:
-            self._upstream = upstream
-            pairs = list(self._subs)
-        for pair in pairs:
-            self._want(upstream, pair, True)
+        with self._sending:
+            with self._lock:
+                self._upstream = upstream
+                pairs = list(self._subs)
+            if isinstance(upstream, Wants):  # what was let go while the channel was lost too
+                upstream.replace(set(pairs))
+                return
+            for pair in pairs:
+                self._want(upstream, pair, True)
 
     def detach(self) -> None:
         """The way to the session is lost: a gap (see :meth:`gap`). The answers stay: the
@@ -354,9 +384,9 @@ class KisRealtime(Closing):
             upstream.want(pair, on)
 
 
-def _hub_for(storage: TokenStorage, api_key: str) -> LocalHub | RedisHub:
+def _hub_for(storage: TokenStorage, api_key: str, fernet: Fernet) -> LocalHub | RedisHub:
     if isinstance(storage, RedisTokenStorage):
-        return RedisHub(storage, storage._get_redis_key(api_key))
+        return RedisHub(storage, storage._get_redis_key(api_key), fernet)
     token_file = getattr(storage, "token_file", None)
     if token_file is None:
         raise ValueError(

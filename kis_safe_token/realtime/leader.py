@@ -78,6 +78,7 @@ class Leader:
         self.approval = approval
         self.counts = {"sessions_opened": 0, "sessions_refused": 0, "lines_dropped": 0}
         self._lock = threading.Condition()
+        self._sending = threading.Lock()  # taken before _lock, never while holding it
         self._wants: dict[Pair, _Want] = {}
         self._ws: ClientConnection | None = None
         self._key = ""  # the approval key of the open session
@@ -88,7 +89,12 @@ class Leader:
 
     # -- what holders ask ----------------------------------------------------------------------
     def want(self, holder: Holder, pair: Pair, on: bool) -> None:
-        """``holder`` wants ``pair`` (``on``) or no longer does."""
+        """``holder`` wants ``pair`` (``on``) or no longer does. Decided and sent in one order
+        (``_sending``): a deregistration and a registration of one pair never cross."""
+        with self._sending:
+            self._want(holder, pair, on)
+
+    def _want(self, holder: Holder, pair: Pair, on: bool) -> None:
         register = answer = None
         with self._lock:
             want = self._wants.get(pair)
@@ -117,6 +123,11 @@ class Leader:
         if register is not None and ws is not None:
             with contextlib.suppress(ConnectionClosed):
                 ws.send(register_message(key, *pair, register=register))
+
+    def registered(self) -> list[Pair]:
+        """The pairs registered on the open session."""
+        with self._lock:
+            return [pair for pair, want in self._wants.items() if want.registered]
 
     def encrypted(self, tr_id: str) -> bool:
         """Whether KIS sends ``tr_id`` encrypted on the open session (it gave a key for it)."""
@@ -161,8 +172,8 @@ class Leader:
                 follower.close()
 
     def stop(self) -> None:
-        self._stopped.set()
-        with self._lock:
+        with self._lock:  # with _open_and_read's check: a session opening now is closed at once
+            self._stopped.set()
             self._lock.notify_all()
             ws = self._ws
         if self._server is not None:
@@ -185,7 +196,11 @@ class Leader:
                 self._lock.wait_for(lambda: self._wants or self._stopped.is_set())
             if self._stopped.is_set():
                 return
-            refused = self._open_and_read()
+            try:
+                refused = self._open_and_read()
+            except Exception:  # a bug must not leave the fleet with a leader and no session
+                logger.exception("KIS realtime session failed; opening it again")
+                refused = True
             if self._stopped.is_set():
                 return
             attempt = attempt + 1 if refused else 0
@@ -201,6 +216,9 @@ class Leader:
             logger.warning("KIS realtime session: cannot open (%s)", type(exc).__name__)
             return True
         with self._lock:
+            if self._stopped.is_set():  # stopped while connecting: never registers anything
+                ws.close()
+                return False
             self._ws, self._key, self._aes = ws, key, {}
             for want in self._wants.values():
                 want.registered = False
@@ -260,8 +278,9 @@ class Leader:
                 if reply.aes is not None:
                     self._aes[reply.tr_id] = reply.aes
                 code = OK
-            else:
-                del self._wants[pair]  # refused: every holder was still waiting for it
+            else:  # refused (after a reconnect too): every holder is told
+                del self._wants[pair]
+                waiting |= want.holders
                 code = reply.code
         for holder in waiting:
             holder.answer(pair, code, reply.message)
@@ -336,8 +355,14 @@ class _Follower:
         except (OSError, ValueError):
             pass
         finally:
-            self._out.put(None)  # the writer ends, past whatever is queued
             self.leader.forget(self)
+            while True:  # the writer ends, past what is queued (or the oldest, if full)
+                try:
+                    self._out.put_nowait(None)
+                    break
+                except queue.Full:
+                    with contextlib.suppress(queue.Empty):
+                        self._out.get_nowait()
 
     def _write(self) -> None:
         try:

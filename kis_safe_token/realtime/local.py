@@ -109,6 +109,9 @@ class LocalHub:
         except OSError as exc:
             client.close()
             raise _error("connect to", self.socket_path, exc) from None
+        if not same_user(client):  # a socket another user bound first in a shared folder
+            client.close()
+            raise TokenStorageError(f"{self.socket_path} is served by another user: not followed")
         return client
 
     def unlink(self) -> None:

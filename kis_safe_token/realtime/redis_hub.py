@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.fernet import Fernet, InvalidToken
 
 from ..errors import TokenStorageError
-from .leader import Leader, Pair, heard
+from .leader import OK, Leader, Pair, heard
 
 if TYPE_CHECKING:
     from ..storage.redis import RedisTokenStorage
@@ -60,13 +60,16 @@ return 0
 class RedisHub:
     """Where the processes sharing a Redis storage meet for ``api_key``'s session."""
 
-    def __init__(self, storage: RedisTokenStorage, base_key: str) -> None:
+    def __init__(self, storage: RedisTokenStorage, base_key: str, fernet: Fernet) -> None:
         self.storage = storage
+        self.fernet = fernet  # seals the wants and the lines that name an encrypted tr_id
         self.node = uuid.uuid4().hex
         self.lease_key = f"{base_key}:rt:leader"
         self.fence_key = f"{base_key}:rt:fence"
         self.wants_key = f"{base_key}:rt:wants"
         self.channel = f"{base_key}:rt:ev"
+        #: tr_ids whose pairs name an account (their answers are sealed too)
+        self.sealed_tr_ids = frozenset({"H0STCNI0", "H0STCNI9"})
 
     def __repr__(self) -> str:
         return f"RedisHub({self.storage!r}, {self.channel!r})"
@@ -93,7 +96,8 @@ class RedisHub:
     # -- wants ---------------------------------------------------------------------------------
     def put_wants(self, pairs: set[Pair], *, changed: bool) -> None:
         client = self.storage.redis_client
-        value = json.dumps({"pairs": sorted(pairs), "until": time.time() + WANTS_TTL_S})
+        plain = json.dumps({"pairs": sorted(pairs), "until": time.time() + WANTS_TTL_S})
+        value = self.fernet.encrypt(plain.encode())  # pairs name accounts (H0STCNI0's HTS id)
         self.storage._call("realtime wants", lambda: client.hset(self.wants_key, self.node, value))
         if changed:
             self.storage._call("realtime wants", lambda: client.publish(self.channel, "0\tW"))
@@ -109,8 +113,10 @@ class RedisHub:
         now, wants, expired = time.time(), {}, []
         for node, value in raw.items():
             try:
-                entry = json.loads(value)
+                entry = json.loads(self.fernet.decrypt(value))
                 until, pairs = float(entry["until"]), {(str(a), str(b)) for a, b in entry["pairs"]}
+            except InvalidToken:
+                continue  # sealed with another api_secret: not this fleet's to judge
             except (ValueError, KeyError, TypeError):
                 until, pairs = 0.0, set()
             if until < now:
@@ -130,7 +136,11 @@ class RedisHub:
 
     def pubsub(self) -> Any:
         pubsub = self.storage.redis_client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.channel)
+        try:
+            pubsub.subscribe(self.channel)
+        except BaseException:
+            pubsub.close()  # its connection back to the pool
+            raise
         return pubsub
 
 
@@ -142,23 +152,28 @@ class _Remote:
         self.node = node
 
     def answer(self, pair: Pair, code: str, message: str) -> None:
-        self.route.line(f"A\t{pair[0]}\t{pair[1]}\t{code}\t{message}".replace("\n", " "))
+        self.route.answer(pair, code, message)
 
     def frame(self, received_at: float, text: str, events: list[Any]) -> None:
-        line = f"D\t{received_at!r}\t{text}"
-        if self.route.leader.encrypted(events[0].tr_id):
-            line = "S\t" + self.route.fernet.encrypt(line.encode()).decode()
-        self.route.line(line)
+        tr_id = events[0].tr_id
+        sealed = self.route.leader.encrypted(tr_id) or tr_id in self.route.hub.sealed_tr_ids
+        self.route.line(f"D\t{received_at!r}\t{text}", sealed=sealed)
 
     def gap(self) -> None:
         self.route.line("G")
 
 
 class _Publisher:
-    def __init__(self, hub: RedisHub, fence: int, leader: Leader, fernet: Fernet) -> None:
-        self.hub, self.fence, self.leader, self.fernet = hub, fence, leader, fernet
+    def __init__(self, hub: RedisHub, fence: int, leader: Leader) -> None:
+        self.hub, self.fence, self.leader = hub, fence, leader
 
-    def line(self, line: str) -> None:
+    def answer(self, pair: Pair, code: str, message: str) -> None:
+        line = f"A\t{pair[0]}\t{pair[1]}\t{code}\t{message}".replace("\n", " ")
+        self.line(line, sealed=pair[0] in self.hub.sealed_tr_ids)
+
+    def line(self, line: str, *, sealed: bool = False) -> None:
+        if sealed:
+            line = "S\t" + self.hub.fernet.encrypt(line.encode()).decode()
         try:
             self.hub.publish(self.fence, line)
         except TokenStorageError as exc:
@@ -199,6 +214,12 @@ class Wants:
             pairs = set(self.pairs)
         self._put(pairs, changed=True)
 
+    def replace(self, pairs: set[Pair]) -> None:
+        """Exactly ``pairs`` (on a new channel: what was let go meanwhile is dropped too)."""
+        with self.lock:
+            self.pairs = set(pairs)
+        self._put(pairs, changed=True)
+
     def beat(self) -> None:
         with self.lock:
             pairs = set(self.pairs)
@@ -215,7 +236,7 @@ class Wants:
 
 
 def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
-    fence, fernet = 0, node.channel_fernet()
+    fence = 0
     while not node._closed.is_set():
         try:
             pubsub = hub.pubsub()
@@ -237,7 +258,7 @@ def _listen(node: KisRealtime, hub: RedisHub, wants: Wants) -> None:
                     continue  # not ours, or a deposed leader's line
                 fence = max(fence, line_fence)
                 if line.startswith("S\t"):
-                    line = _unseal(fernet, line[2:])
+                    line = _unseal(hub.fernet, line[2:])
                 if heard(node, line) == "W":
                     node._wants_changed.set()
         except Exception as exc:  # noqa: BLE001 - a lost connection: subscribe again
@@ -269,7 +290,7 @@ def _elect(node: KisRealtime, hub: RedisHub) -> None:
 
 def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
     leader = Leader(node.ws_url, node._approval())
-    publisher = _Publisher(hub, fence, leader, node.channel_fernet())
+    publisher = _Publisher(hub, fence, leader)
     node.counts["elections_won"] += 1
     node.leading = leader
     logger.info("KisRealtime: leading for %r (fence %d)", hub, fence)
@@ -280,6 +301,7 @@ def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
     held: dict[str, set[Pair]] = {}
     publisher.line("G")  # the last leader's events may have stopped short of everyone
     try:
+        woken = False
         while not node._closed.is_set():
             if not hub.renew():
                 logger.warning("KisRealtime: the realtime lease was lost; closing the session")
@@ -293,7 +315,10 @@ def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
                 for pair in before - after:
                     leader.want(remote, pair, False)
                 held[name] = after
-            node._wants_changed.wait(RENEW_S)
+            if woken:  # a want may have gone and come back between two reads: answer again
+                for pair in leader.registered():
+                    publisher.answer(pair, OK, "SUBSCRIBE SUCCESS")
+            woken = node._wants_changed.wait(RENEW_S)
             node._wants_changed.clear()
     except TokenStorageError as exc:
         logger.warning("KisRealtime: leading stopped (%s)", exc)
