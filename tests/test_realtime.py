@@ -406,3 +406,70 @@ def test_on_redis_a_pair_closed_and_subscribed_again_is_answered_at_once(
         again = rt.subscribe(TRADES, "005930", timeout=5)
         rts.push(TRADES, "005930")
         assert seqs(again, 1) != []
+
+
+class _StallingProxy:
+    """A TCP proxy to the simulator's websocket that holds each connection until released."""
+
+    def __init__(self, target: str) -> None:
+        import socket
+        import threading
+
+        host, port = target.removeprefix("ws://").split(":")
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.accepted = threading.Event()
+        self.released = threading.Event()
+        self.finished = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        client, _ = self.server.accept()
+        self.accepted.set()
+        self.released.wait(30)
+        upstream = socket.create_connection(self.target)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := a.recv(65536):
+                    b.sendall(data)
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+
+        there = threading.Thread(target=pipe, args=(client, upstream))
+        there.start()
+        pipe(upstream, client)
+        there.join(10)
+        client.close()
+        upstream.close()
+        self.finished.set()
+
+
+def test_a_leader_closed_while_its_session_is_still_connecting_never_registers(
+    sim: KisSimulator, rts: RealtimeSimulator, token_path: Path
+) -> None:
+    import threading
+
+    proxy = _StallingProxy(rts.ws_url)
+    storage = FileTokenStorage(token_path)
+    rt = KisRealtime(APP_KEY, SECRET, storage, base_url=sim.base_url, ws_url=proxy.url)
+
+    def ask() -> None:
+        with contextlib.suppress(RealtimeError):  # no answer: the session never opens
+            rt.subscribe(TRADES, "005930", timeout=30)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    assert proxy.accepted.wait(10)
+    rt.close()  # the session thread is in connect(), its handshake held by the proxy
+    proxy.released.set()  # now the handshake completes, after the lock was given up
+    assert proxy.finished.wait(20)  # the connection came and went
+    asking.join(10)
+    assert rts.stats()["sessions_opened"] == 0  # it registered nothing: no orphan session

@@ -220,6 +220,8 @@ class KisRealtime(Closing):
             raise RealtimeLimitError(f"{tr_id} {tr_key}: {message}", code=code)
         if code:
             raise RealtimeError(f"KIS refused {tr_id} {tr_key}: {code} {message}", code=code)
+        if self._closed.is_set():
+            raise RealtimeError(f"{tr_id} {tr_key}: this KisRealtime was closed meanwhile")
         problem = f" ({self._problem})" if self._problem else ""
         raise RealtimeError(f"{tr_id} {tr_key}: no answer within {timeout} s{problem}")
 

@@ -216,13 +216,15 @@ class Leader:
             logger.warning("KIS realtime session: cannot open (%s)", type(exc).__name__)
             return True
         with self._lock:
-            if self._stopped.is_set():  # stopped while connecting: never registers anything
-                ws.close()
-                return False
-            self._ws, self._key, self._aes = ws, key, {}
-            for want in self._wants.values():
-                want.registered = False
+            stopped = self._stopped.is_set()  # while connecting: it never registers anything
+            if not stopped:
+                self._ws, self._key, self._aes = ws, key, {}
+                for want in self._wants.values():
+                    want.registered = False
             pairs = list(self._wants)
+        if stopped:
+            with ws:  # closed on the way out (websockets wants connect() used this way)
+                return False
         self.counts["sessions_opened"] += 1
         try:
             with ws:
