@@ -37,7 +37,18 @@ from .frames import (
 )
 from .local import LocalHub, same_user
 
-__all__ = ["LIMIT", "OK", "Holder", "Leader", "Pair", "follow"]
+__all__ = [
+    "GAP_LINE",
+    "LIMIT",
+    "OK",
+    "Holder",
+    "Leader",
+    "Pair",
+    "answer_line",
+    "follow",
+    "frame_line",
+    "heard",
+]
 
 logger = logging.getLogger("kis_safe_token.realtime")
 
@@ -331,13 +342,13 @@ class _Follower:
             self.conn.shutdown(socket.SHUT_RDWR)
 
     def answer(self, pair: Pair, code: str, message: str) -> None:
-        self._put(f"A\t{pair[0]}\t{pair[1]}\t{code}\t{_one_line(message)}\n")
+        self._put(answer_line(pair, code, message) + "\n")
 
     def frame(self, received_at: float, text: str, events: list[RealtimeEvent]) -> None:
-        self._put(f"D\t{received_at!r}\t{text}\n")
+        self._put(frame_line(received_at, text) + "\n")
 
     def gap(self) -> None:
-        self._put("G\n")
+        self._put(GAP_LINE + "\n")
 
     def _put(self, line: str) -> None:
         try:
@@ -381,7 +392,7 @@ class _Follower:
                     lines.append(more)
                 if self._dropped:
                     self._dropped = 0
-                    lines.append("G\n")
+                    lines.append(GAP_LINE + "\n")
                 self.conn.sendall("".join(lines).encode())
         except OSError:
             pass
@@ -394,8 +405,18 @@ def _by_route(holders: set[Holder]) -> list[Holder]:
     return list({getattr(holder, "route", holder): holder for holder in holders}.values())
 
 
-def _one_line(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ")
+#: The leader's lines to the processes it serves (over the host's socket or the Redis channel),
+#: read back by :func:`heard`.
+GAP_LINE = "G"
+
+
+def answer_line(pair: Pair, code: str, message: str) -> str:
+    message = message.replace("\n", " ").replace("\t", " ")
+    return f"A\t{pair[0]}\t{pair[1]}\t{code}\t{message}"
+
+
+def frame_line(received_at: float, text: str) -> str:
+    return f"D\t{received_at!r}\t{text}"
 
 
 class Link:
@@ -439,7 +460,7 @@ def heard(local: Holder, line: str) -> str:
         elif kind == "A":
             tr_id, tr_key, code, message = (rest.split("\t", 3) + ["", "", ""])[:4]
             local.answer((tr_id, tr_key), code, message)
-        elif kind == "G":
+        elif kind == GAP_LINE:
             local.gap()
     except ValueError as exc:  # FrameError too
         logger.warning("KisRealtime: a line from the leader that does not parse (%s)", exc)

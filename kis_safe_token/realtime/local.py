@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..crypto import key_id
 from ..errors import TokenStorageError
-from ..storage.file import make_private_dir
+from ..storage.file import make_private_dir, not_a_private_file
 
 try:
     import fcntl
@@ -63,9 +63,9 @@ class LocalHub:
         except OSError as exc:
             raise _error("open", self.lock_path, exc) from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise TokenStorageError(f"{self.lock_path} is not a regular file of this user")
+            problem = not_a_private_file(os.fstat(fd))
+            if problem is not None:
+                raise TokenStorageError(f"{self.lock_path} is not used: {problem}")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)

@@ -23,12 +23,13 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
 from ..errors import TokenStorageError
-from .leader import OK, Leader, Pair, heard
+from .leader import GAP_LINE, OK, Leader, Pair, answer_line, frame_line, heard
 
 if TYPE_CHECKING:
     from ..storage.redis import RedisTokenStorage
@@ -38,6 +39,8 @@ __all__ = ["RedisHub", "Wants", "serve"]
 
 logger = logging.getLogger("kis_safe_token.realtime")
 
+#: Execution notices (real, virtual): KIS encrypts them, and their tr_key is the HTS id.
+ACCOUNT_TR_IDS = frozenset({"H0STCNI0", "H0STCNI9"})
 LEASE_TTL_S = 3.0
 RENEW_S = 0.5
 HEARTBEAT_S = 1.0
@@ -68,23 +71,25 @@ class RedisHub:
         self.fence_key = f"{base_key}:rt:fence"
         self.wants_key = f"{base_key}:rt:wants"
         self.channel = f"{base_key}:rt:ev"
-        #: tr_ids whose pairs name an account (their answers are sealed too)
-        self.sealed_tr_ids = frozenset({"H0STCNI0", "H0STCNI9"})
 
     def __repr__(self) -> str:
         return f"RedisHub({self.storage!r}, {self.channel!r})"
 
+    def _redis(self, what: str, command: Callable[[Any], Any]) -> Any:
+        """``command(client)`` through the storage's retries (``TokenStorageError`` at last)."""
+        client = self.storage.redis_client
+        return self.storage._call(what, lambda: command(client))
+
     # -- the lease -----------------------------------------------------------------------------
     def try_lead(self) -> int | None:
         """This process's fence if it won the lease, else ``None``."""
-        client = self.storage.redis_client
         ttl_ms = int(LEASE_TTL_S * 1000)
-        won = self.storage._call(
-            "realtime lease", lambda: client.set(self.lease_key, self.node, nx=True, px=ttl_ms)
+        won = self._redis(
+            "realtime lease", lambda r: r.set(self.lease_key, self.node, nx=True, px=ttl_ms)
         )
         if not won:
             return None
-        return int(self.storage._call("realtime fence", lambda: client.incr(self.fence_key)))
+        return int(self._redis("realtime fence", lambda r: r.incr(self.fence_key)))
 
     def renew(self) -> bool:
         args = [self.node, int(LEASE_TTL_S * 1000)]
@@ -95,21 +100,18 @@ class RedisHub:
 
     # -- wants ---------------------------------------------------------------------------------
     def put_wants(self, pairs: set[Pair], *, changed: bool) -> None:
-        client = self.storage.redis_client
         plain = json.dumps({"pairs": sorted(pairs), "until": time.time() + WANTS_TTL_S})
         value = self.fernet.encrypt(plain.encode())  # pairs name accounts (H0STCNI0's HTS id)
-        self.storage._call("realtime wants", lambda: client.hset(self.wants_key, self.node, value))
+        self._redis("realtime wants", lambda r: r.hset(self.wants_key, self.node, value))
         if changed:
-            self.storage._call("realtime wants", lambda: client.publish(self.channel, "0\tW"))
+            self._redis("realtime wants", lambda r: r.publish(self.channel, "0\tW"))
 
     def drop_wants(self) -> None:
-        client = self.storage.redis_client
-        self.storage._call("realtime wants", lambda: client.hdel(self.wants_key, self.node))
+        self._redis("realtime wants", lambda r: r.hdel(self.wants_key, self.node))
 
     def read_wants(self) -> dict[str, set[Pair]]:
         """Every live process's wants; expired ones are removed."""
-        client = self.storage.redis_client
-        raw = self.storage._call("realtime wants", lambda: client.hgetall(self.wants_key))
+        raw = self._redis("realtime wants", lambda r: r.hgetall(self.wants_key))
         now, wants, expired = time.time(), {}, []
         for node, value in raw.items():
             try:
@@ -124,15 +126,12 @@ class RedisHub:
             else:
                 wants[node.decode() if isinstance(node, bytes) else str(node)] = pairs
         if expired:
-            self.storage._call("realtime wants", lambda: client.hdel(self.wants_key, *expired))
+            self._redis("realtime wants", lambda r: r.hdel(self.wants_key, *expired))
         return wants
 
     # -- the channel ---------------------------------------------------------------------------
     def publish(self, fence: int, line: str) -> None:
-        client = self.storage.redis_client
-        self.storage._call(
-            "realtime publish", lambda: client.publish(self.channel, f"{fence}\t{line}")
-        )
+        self._redis("realtime publish", lambda r: r.publish(self.channel, f"{fence}\t{line}"))
 
     def pubsub(self) -> Any:
         pubsub = self.storage.redis_client.pubsub(ignore_subscribe_messages=True)
@@ -155,12 +154,10 @@ class _Remote:
         self.route.answer(pair, code, message)
 
     def frame(self, received_at: float, text: str, events: list[Any]) -> None:
-        tr_id = events[0].tr_id
-        sealed = self.route.leader.encrypted(tr_id) or tr_id in self.route.hub.sealed_tr_ids
-        self.route.line(f"D\t{received_at!r}\t{text}", sealed=sealed)
+        self.route.line(frame_line(received_at, text), tr_id=events[0].tr_id)
 
     def gap(self) -> None:
-        self.route.line("G")
+        self.route.line(GAP_LINE)
 
 
 class _Publisher:
@@ -168,11 +165,11 @@ class _Publisher:
         self.hub, self.fence, self.leader = hub, fence, leader
 
     def answer(self, pair: Pair, code: str, message: str) -> None:
-        line = f"A\t{pair[0]}\t{pair[1]}\t{code}\t{message}".replace("\n", " ")
-        self.line(line, sealed=pair[0] in self.hub.sealed_tr_ids)
+        self.line(answer_line(pair, code, message), tr_id=pair[0])
 
-    def line(self, line: str, *, sealed: bool = False) -> None:
-        if sealed:
+    def line(self, line: str, *, tr_id: str = "") -> None:
+        """Publish ``line``, sealed if it is of a tr_id KIS encrypts or that names an account."""
+        if tr_id in ACCOUNT_TR_IDS or self.leader.encrypted(tr_id):
             line = "S\t" + self.hub.fernet.encrypt(line.encode()).decode()
         try:
             self.hub.publish(self.fence, line)
@@ -194,10 +191,8 @@ def serve(node: KisRealtime, hub: RedisHub) -> None:
         wants.beat()
     for thread in threads:
         thread.join(10)
-    try:
+    with contextlib.suppress(TokenStorageError):  # its heartbeat lapses anyway
         hub.drop_wants()
-    except TokenStorageError:
-        pass
 
 
 class Wants:
@@ -299,7 +294,7 @@ def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
     session.start()
     remotes: dict[str, _Remote] = {}
     held: dict[str, set[Pair]] = {}
-    publisher.line("G")  # the last leader's events may have stopped short of everyone
+    publisher.line(GAP_LINE)  # the last leader's events may have stopped short of everyone
     try:
         woken = False
         while not node._closed.is_set():
@@ -326,7 +321,5 @@ def _lead(node: KisRealtime, hub: RedisHub, fence: int) -> None:
         leader.stop()
         session.join(5)
         node.leading = None
-        try:
+        with contextlib.suppress(TokenStorageError):  # the lease expires anyway
             hub.resign()
-        except TokenStorageError:
-            pass

@@ -196,7 +196,7 @@ class FileTokenStorage(SealedTokenStorage):
                 raise TokenStorageError(
                     f"token path {path} is a directory: move it away or use another file path"
                 )
-            problem = _not_a_private_file(st)
+            problem = not_a_private_file(st)
             if problem is None:
                 with open(fd, "rb", closefd=False) as fh:  # one past the cap: a file that grew
                     raw = fh.read(MAX_TOKEN_FILE_BYTES + 1)
@@ -570,10 +570,10 @@ def _why_not_opened(path: Path) -> str | None:
         return "it is a symbolic link (not followed; point at the real file)"
     if stat.S_ISDIR(st.st_mode):
         return None
-    return _not_a_private_file(st)
+    return not_a_private_file(st)
 
 
-def _not_a_private_file(st: os.stat_result) -> str | None:
+def not_a_private_file(st: os.stat_result) -> str | None:
     """Why a token path is not read, or ``None`` if it is a private regular file."""
     if not stat.S_ISREG(st.st_mode):
         return "it is not a regular file (a FIFO, socket or device)"
