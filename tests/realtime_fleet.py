@@ -152,10 +152,11 @@ def _member(
         format=f"[{index}] %(name)s %(levelname)s %(message)s", level=logging.WARNING
     )
     try:
+        kw, tally = _kw(member, spec, base_url, ws_url), _Tally(index, quiet, reports)
         if member.mode == "async":
-            asyncio.run(_async_member(index, member, spec, base_url, ws_url, quiet, reports, stop))
+            asyncio.run(_async_member(member, kw, tally, stop))
         else:
-            _sync_member(index, member, spec, base_url, ws_url, quiet, reports, stop)
+            _sync_member(member, kw, tally, stop)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         reports.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
@@ -184,6 +185,9 @@ class _Tally:
         else:
             self.reports.put(("event", self.index, event.tr_id, event.tr_key, seq, latency))
 
+    def ready(self, role: str | None) -> None:
+        self.reports.put(("ready", self.index, mp.current_process().pid, role))
+
     def done(self, stats: dict[str, Any]) -> None:
         if self.quiet:
             ordered = sorted(self.latencies) or [0.0]
@@ -192,22 +196,12 @@ class _Tally:
         self.reports.put(("done", self.index, stats))
 
 
-def _sync_member(
-    index: int,
-    member: Member,
-    spec: dict[str, Any],
-    base_url: str,
-    ws_url: str,
-    quiet: bool,
-    reports: Any,
-    stop: Any,
-) -> None:
+def _sync_member(member: Member, kw: dict[str, Any], tally: _Tally, stop: Any) -> None:
     from kis_safe_token import KisRealtime
 
-    tally = _Tally(index, quiet, reports)
-    with KisRealtime(APP_KEY, SECRET, **_kw(member, spec, base_url, ws_url)) as rt:
+    with KisRealtime(APP_KEY, SECRET, **kw) as rt:
         subs = [rt.subscribe(*pair) for pair in member.pairs]
-        reports.put(("ready", index, mp.current_process().pid, rt.role))
+        tally.ready(rt.role)
 
         def drain(sub: Any) -> None:
             while not stop.is_set():
@@ -223,22 +217,12 @@ def _sync_member(
         tally.done(rt.stats())
 
 
-async def _async_member(
-    index: int,
-    member: Member,
-    spec: dict[str, Any],
-    base_url: str,
-    ws_url: str,
-    quiet: bool,
-    reports: Any,
-    stop: Any,
-) -> None:
+async def _async_member(member: Member, kw: dict[str, Any], tally: _Tally, stop: Any) -> None:
     from kis_safe_token import AsyncKisRealtime
 
-    tally = _Tally(index, quiet, reports)
-    async with AsyncKisRealtime(APP_KEY, SECRET, **_kw(member, spec, base_url, ws_url)) as rt:
+    async with AsyncKisRealtime(APP_KEY, SECRET, **kw) as rt:
         subs = [await rt.subscribe(*pair) for pair in member.pairs]
-        reports.put(("ready", index, mp.current_process().pid, rt.rt.role))
+        tally.ready(rt.rt.role)
 
         async def drain(sub: Any) -> None:
             while not stop.is_set():
